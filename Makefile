@@ -1,0 +1,54 @@
+# DreamShot — `make help` lists the targets. Every target that needs the environment builds it first.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXP ?= smoke
+ARGS ?=
+
+.PHONY: help setup demo train test test-full lint format clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@echo "  variables: EXP=<experiment> (train), ARGS='key=value ...' (config overrides)"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install DreamShot (skipped when pyproject.toml is unchanged)
+
+demo: $(STAMP) ## Tiny Wan on the toy world, CPU: train a LoRA, print the loss trend and the outputs
+	$(BIN)/dreamshot train demo $(ARGS)
+
+train: $(STAMP) ## Train an experiment: make train EXP=smoke ARGS='trainer.max_steps=10'
+	$(BIN)/dreamshot train $(EXP) $(ARGS)
+
+STORY ?= examples/story.yaml
+CKPT ?=
+OUT ?= outputs/storyboard
+.PHONY: generate
+generate: $(STAMP) ## Draw a storyboard: make generate STORY=examples/story.yaml CKPT=outputs/demo [OUT=dir] (CKPT: run folder, .safetensors or .ckpt; none: bare model)
+	$(BIN)/dreamshot generate $(STORY) $(ARGS) $(if $(CKPT),$$(test -d $(CKPT) && echo --run || echo --lora) $(CKPT),--base) --out $(OUT)
+
+test: $(STAMP) ## Fast CPU test suite (skips tests marked slow or gpu)
+	$(BIN)/pytest -q -m "not slow and not gpu" $(ARGS)
+
+test-full: $(STAMP) ## Every test, slow ones included (gpu tests run where CUDA is present)
+	$(BIN)/pytest -q $(ARGS)
+
+lint: $(STAMP) ## Ruff lint and format check
+	$(BIN)/ruff check dreamshot tests benchmarks
+	$(BIN)/ruff format --check dreamshot tests benchmarks
+
+format: $(STAMP) ## Apply ruff fixes and formatting
+	$(BIN)/ruff check --fix dreamshot tests benchmarks
+	$(BIN)/ruff format dreamshot tests benchmarks
+
+clean: ## Remove run outputs (keeps .venv)
+	rm -rf outputs .pytest_cache

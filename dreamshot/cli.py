@@ -1,0 +1,49 @@
+"""`dreamshot` command line: one subcommand per module in `dreamshot.commands`.
+
+A `DreamShotError` (bad config, data or weights) is printed as one line on stderr with exit status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dreamshot.utils.errors import DreamShotError
+
+# Subcommand name -> module under dreamshot.commands exposing `add_arguments(parser)` and `run(args)`.
+COMMANDS = {
+    "toyworld": "Write the procedural toy storyboard set as a JSONL manifest with images and masks.",
+    "train": "Train an experiment (LoRA on the Wan DiT).",
+    "plan": "Parameters, tokens, FLOPs and per-GPU memory of an experiment's training step (analytic).",
+    "generate": "Draw a storyboard from a story file (t2s / r2s / s2s), or re-roll some of its shots.",
+    "animate": "Turn a generated storyboard into a video, one Wan image-to-video clip per shot.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamshot", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        _module(name).add_arguments(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _module(args.command).run(args)
+    except DreamShotError as e:
+        print(f"dreamshot {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _module(name: str):
+    return importlib.import_module(f"dreamshot.commands.{name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

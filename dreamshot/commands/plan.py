@@ -1,0 +1,124 @@
+"""`dreamshot plan EXPERIMENT [key=value ...] [options]`: parameters, tokens, FLOPs and per-GPU memory of a
+training step, computed analytically (nothing is allocated, no GPU needed)."""
+
+from __future__ import annotations
+
+import argparse
+
+from dreamshot.config.load import available_experiments, load_config
+from dreamshot.config.schema import Config, PhaseConfig
+from dreamshot.planner.plan import plan_phase
+from dreamshot.planner.report import render
+from dreamshot.planner.shape import model_shape
+from dreamshot.planner.workload import Training, Workload, parse_resolution, tokens_per_frame, zero_stage
+from dreamshot.utils.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "experiment", help=f"a name in experiments/ ({', '.join(available_experiments())}) or a yaml path"
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides: key.sub=value, or group=option (model=wan14b)")
+    parser.add_argument("--shots", type=int, default=8, help="shots per storyboard (default 8)")
+    parser.add_argument("--refs", type=int, default=3, help="reference images per storyboard (default 3)")
+    parser.add_argument(
+        "--resolution",
+        help="HEIGHTxWIDTH, 192p or 480p (default: each curriculum phase's, else data.resolution)",
+    )
+    parser.add_argument("--phase", type=int, help="plan only this curriculum phase (1-based; default: all)")
+    parser.add_argument("--micro-batch", type=int, help="samples per GPU step (default: data.batch_size)")
+    parser.add_argument(
+        "--zero", type=int, choices=range(4), help="DeepSpeed ZeRO stage (default: from trainer.strategy)"
+    )
+    parser.add_argument("--gpus", type=int, help="world size (default: trainer.devices x trainer.num_nodes)")
+    parser.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="gradient checkpointing of the DiT blocks (default: trainer.gradient_checkpointing)",
+    )
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    parser.add_argument(
+        "--racl-queries",
+        type=int,
+        help="|Q|, query rows of one role-attention capture chunk (default: one frame's tokens)",
+    )
+    parser.add_argument(
+        "--encoders",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="count umT5 and the VAE as resident on the GPU (--no-encoders: latents and texts are cached)",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = load_config(args.experiment, args.overrides)
+    _check_counts(args)
+    shape = model_shape(cfg.model)
+    training = _training(cfg, args)
+    phases = cfg.phases()
+    plans = []
+    for i in _chosen_phases(phases, args.phase):
+        height, width = parse_resolution(args.resolution) if args.resolution else phases[i].resolution
+        work = _workload(cfg, args, phases[i], tokens_per_frame(height, width, "resolution"))
+        racl = f"RACL (weight {phases[i].racl_weight:g}) in {work.racl_blocks} blocks" if work.racl_blocks else ""
+        label = f"phase {i + 1}/{len(phases)}: {height}x{width}, {racl or 'no RACL'}"
+        plans.append(plan_phase(label, shape, work, training, args.encoders))
+    print(render(_header(cfg, training, plans[0].work), shape, plans, args.gpu_memory), end="")
+
+
+def _workload(cfg: Config, args: argparse.Namespace, phase: PhaseConfig, per_frame: int) -> Workload:
+    return Workload(
+        frames=args.shots + args.refs,
+        tokens_per_frame=per_frame,
+        text_len=cfg.model.text_len,
+        target_frames=args.shots,
+        micro_batch=args.micro_batch or cfg.data.batch_size,
+        checkpointing=cfg.trainer.gradient_checkpointing if args.checkpointing is None else args.checkpointing,
+        per_token_timestep=cfg.diffusion.timestep_mode == "per_token",
+        activation_bytes=2 if cfg.model.dtype == "bfloat16" or "16" in cfg.trainer.precision else 4,
+        racl_blocks=len(cfg.racl_blocks()) if phase.racl_weight > 0 else 0,
+        racl_queries=per_frame if args.racl_queries is None else args.racl_queries,
+    )
+
+
+def _training(cfg: Config, args: argparse.Namespace) -> Training:
+    return Training(
+        world_size=args.gpus or cfg.trainer.devices * cfg.trainer.num_nodes,
+        zero_stage=zero_stage(cfg.trainer.strategy) if args.zero is None else args.zero,
+        accumulate=cfg.trainer.accumulate_grad_batches,
+        model_bytes=2 if cfg.model.dtype == "bfloat16" else 4,
+        half_precision="16" in cfg.trainer.precision,
+    )
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    minimum = {"shots": 1, "refs": 0, "micro_batch": 1, "gpus": 1, "racl_queries": 0}
+    for key, least in minimum.items():
+        value = getattr(args, key)
+        if value is not None and value < least:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= {least}, got {value}")
+    if args.gpu_memory <= 0:
+        raise ConfigError(f"--gpu-memory must be > 0, got {args.gpu_memory}")
+
+
+def _chosen_phases(phases: list[PhaseConfig], phase: int | None) -> list[int]:
+    if phase is None:
+        return list(range(len(phases)))
+    if not 1 <= phase <= len(phases):
+        raise ConfigError(f"--phase {phase}: the config has {len(phases)} phase(s) (1..{len(phases)})")
+    return [phase - 1]
+
+
+def _header(cfg: Config, training: Training, work: Workload) -> str:
+    lora = cfg.model.lora
+    zero = f"DeepSpeed ZeRO-{training.zero_stage}" if training.zero_stage else "no ZeRO (DDP)"
+    return "\n".join(
+        [
+            f"dreamshot plan: {cfg.name}, model {cfg.model.name} ({cfg.model.dtype}), "
+            f"LoRA rank {lora.rank} on {', '.join(lora.target_modules)}",
+            f"  {training.world_size} GPU(s), {zero}, precision {cfg.trainer.precision}, "
+            f"micro-batch {work.micro_batch}, accumulate {training.accumulate}, "
+            f"gradient checkpointing {'on' if work.checkpointing else 'off'}, "
+            f"{cfg.diffusion.timestep_mode} timesteps, text_len {work.text_len}",
+        ]
+    )

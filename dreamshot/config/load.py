@@ -1,0 +1,158 @@
+"""Compose a run's config: schema defaults, base groups, an experiment file, command-line overrides.
+
+Order (later wins):
+  1. `Config` dataclass defaults;
+  2. one file per base group, `conf/<group>/<option>.yaml`, options chosen by `conf/defaults.yaml`, then by
+     the experiment's `groups:` and by `group=option` on the command line;
+  3. the experiment, `experiments/<name>.yaml` (after the experiment it `extends:`, if any);
+  4. the machine's local overrides, `conf/local.yaml` (git-ignored; another file via $DREAMSHOT_LOCAL_CONFIG),
+     where weight paths and cluster settings belong;
+  5. `key.sub=value` overrides from the command line.
+Every merge is checked against the schema, so an unknown key or a wrong type fails naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dreamshot.config.schema import Config
+from dreamshot.utils.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
+EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+GROUPS = ("model", "data", "trainer", "logger")
+# Keys of an experiment file that steer composition rather than set config values.
+_META_KEYS = ("extends", "groups")
+
+
+def available_experiments() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def load_config(experiment: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The typed, validated config of an experiment (a name in `experiments/` or a yaml path)."""
+    group_choices, dotlist = _split_overrides(overrides or [])
+    chain = _experiment_chain(experiment) if experiment else []
+    groups = _read_yaml(CONF_DIR / "defaults.yaml").get("groups", {})
+    for path, body in chain:
+        groups.update(_groups_of(body, path))
+    groups.update(group_choices)
+
+    cfg = OmegaConf.structured(Config)
+    if chain:
+        cfg.name = chain[-1][0].stem
+    for group, option in groups.items():
+        cfg = _merge(cfg, {group: _read_yaml(_group_file(group, option))}, _group_file(group, option))
+    for path, body in chain:
+        cfg = _merge(cfg, {k: v for k, v in body.items() if k not in _META_KEYS}, path)
+    local = Path(os.environ.get("DREAMSHOT_LOCAL_CONFIG", CONF_DIR / "local.yaml"))
+    if local.is_file():
+        cfg = _merge(cfg, _read_yaml(local), local)
+    cfg = _merge(cfg, OmegaConf.from_dotlist(dotlist), "command line")
+    try:
+        config: Config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config: {_describe(e)}") from None
+    config.validate()
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def _split_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    """`model=wan14b` picks a group option; `a.b=c` (or any non-group key) sets a value."""
+    groups, dotlist = {}, []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key in GROUPS:
+            _group_file(key, value)
+            groups[key] = value
+        else:
+            dotlist.append(item)
+    return groups, dotlist
+
+
+def _experiment_chain(experiment: str | Path) -> list[tuple[Path, dict]]:
+    """The experiment file and the ones it extends, base first."""
+    chain: list[tuple[Path, dict]] = []
+    path = _experiment_file(experiment)
+    while path is not None:
+        if any(path == seen for seen, _ in chain):
+            raise ConfigError(f"{path}: 'extends' forms a cycle")
+        body = _read_yaml(path)
+        chain.insert(0, (path, body))
+        parent = body.get("extends")
+        path = _experiment_file(parent) if parent else None
+    return chain
+
+
+def _experiment_file(experiment: str | Path) -> Path:
+    path = Path(experiment)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path.resolve()
+    path = EXPERIMENTS_DIR / f"{experiment}.yaml"
+    if not path.exists():
+        raise ConfigError(
+            f"experiment {str(experiment)!r} not found in {EXPERIMENTS_DIR}; "
+            f"available: {', '.join(available_experiments())}"
+        )
+    return path
+
+
+def _group_file(group: str, option: str) -> Path:
+    path = CONF_DIR / group / f"{option}.yaml"
+    if not path.exists():
+        raise ConfigError(
+            f"no option {option!r} for group {group!r}; available: {', '.join(group_options(group))}"
+        )
+    return path
+
+
+def _groups_of(body: dict, path: Path) -> dict[str, str]:
+    groups = body.get("groups") or {}
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown group {sorted(unknown)[0]!r} under 'groups' (groups: {', '.join(GROUPS)})"
+        )
+    for group, option in groups.items():
+        _group_file(group, option)
+    return dict(groups)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        body = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid yaml ({str(e).splitlines()[0]})") from None
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return body
+
+
+def _merge(cfg: DictConfig, update: Any, source: Path | str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, update)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    message = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    return f"{message} (key: {key})" if key and key not in message else message

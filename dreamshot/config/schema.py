@@ -1,0 +1,350 @@
+"""Typed configuration of a DreamShot run.
+
+Every field has a default and a docstring-like comment; yaml files in `conf/` and `experiments/` only override.
+The structured schema makes omegaconf reject unknown keys and wrong types; cross-field rules are checked in
+`Config.validate` (called by the loader), so a bad combination fails at load time, not at step 5,000.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dreamshot.models.layout import POSITION_MODES
+from dreamshot.utils.errors import ConfigError
+
+
+@dataclass
+class TransformerConfig:
+    """Dimensions of diffusers' `WanTransformer3DModel` (used when no pretrained path is given)."""
+
+    num_layers: int = 2
+    num_attention_heads: int = 2
+    # Wan splits a head into temporal / height / width RoPE parts: t = d - 4*(d//6), h = w = 2*(d//6).
+    attention_head_dim: int = 24
+    ffn_dim: int = 96
+    text_dim: int = 32
+    freq_dim: int = 32
+    in_channels: int = 16
+    rope_max_seq_len: int = 1024
+
+
+@dataclass
+class VaeConfig:
+    """Dimensions of diffusers' `AutoencoderKLWan` (8x spatial, 4x temporal compression)."""
+
+    base_dim: int = 8
+    z_dim: int = 16
+    num_res_blocks: int = 1
+
+
+@dataclass
+class TextEncoderConfig:
+    """Dimensions of transformers' `UMT5EncoderModel`; the tiny one uses a byte-level tokenizer."""
+
+    d_model: int = 32
+    d_kv: int = 8
+    d_ff: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    vocab_size: int = 384
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the DiT (peft). Only these parameters train."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    # Attention and FFN linears of every Wan block (paper: rank 256 on attention and FFN).
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The Wan backbone: built tiny from the dimensions below, or loaded from local weights."""
+
+    # tiny | wan1_3b | wan14b: a label for logs and the planner.
+    name: str = "tiny"
+    # Local diffusers-format Wan2.1 directory (transformer/ vae/ text_encoder/ tokenizer/). None: random init.
+    pretrained_path: str | None = None
+    # Tokens per text (shot annotation or role prompt); Wan itself uses 512.
+    text_len: int = 32
+    # Parameter dtype of the frozen parts: float32 | bfloat16.
+    dtype: str = "float32"
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class ToyWorldConfig:
+    """The procedural storyboard set written when `data.manifest` is not given."""
+
+    groups: int = 48
+    seed: int = 0
+    # Pixel size of the generated images (height, width).
+    image_size: list[int] = field(default_factory=lambda: [96, 160])
+    min_shots: int = 2
+    max_shots: int = 6
+    max_roles: int = 3
+
+
+@dataclass
+class DataConfig:
+    """Storyboard data: a JSONL manifest (DESIGN §4) or the toy world."""
+
+    # Path to a manifest.jsonl. None: the toy world is generated into `<output_dir>/toyworld`.
+    manifest: str | None = None
+    toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    # Training resolution (height, width); sides are multiples of 16. Other aspects become buckets of equal area.
+    resolution: list[int] = field(default_factory=lambda: [64, 112])
+    # Use aspect-ratio buckets of about the area of `resolution` (False: every group at `resolution`).
+    aspect_buckets: bool = False
+    # Longer storyboards are cut to a random window of this many consecutive shots.
+    max_shots: int = 12
+    batch_size: int = 1
+    num_workers: int = 0
+    # Groups held out for validation (taken from the end of the manifest).
+    val_groups: int = 4
+    # Train only on groups from these sources (real / synthetic); None: all. Validation keeps every source,
+    # so runs that differ only here (the data-source ablation) are validated on the same groups.
+    sources: list[str] | None = None
+
+
+@dataclass
+class DiffusionConfig:
+    """Flow matching as in Wan (DESIGN §2, Eq. 3-4)."""
+
+    # Timestep shift s: t <- s*t / (1 + (s-1)*t).
+    shift: float = 3.0
+    # per_token: clean frames carry timestep 0 (diffusers per-token timestep); global: one t per sample.
+    timestep_mode: str = "per_token"
+
+
+@dataclass
+class ModeMixConfig:
+    """Probability of each training mode per batch (DESIGN §2 "Modes"); they must sum to 1."""
+
+    t2s: float = 0.2
+    r2s: float = 0.6
+    s2s: float = 0.2
+
+
+@dataclass
+class StoryboardConfig:
+    """How a storyboard becomes one DiT sequence: positions, training modes, condition dropout."""
+
+    # refs_first | phase | neg | last (paper Tab. 3).
+    layout: str = "refs_first"
+    # `phase` layout: angle (radians) added to reference tokens' temporal rotation (the paper does not give it).
+    phase: float = 1.5707963267948966
+    # `neg` layout: references take positions -K-offset..-1-offset.
+    neg_offset: float = 0.0
+    modes: ModeMixConfig = field(default_factory=ModeMixConfig)
+    # Probability that a batch with references trains without them (the v_u branch of Eq. 9).
+    drop_refs: float = 0.1
+    # Probability that a sample's shot texts are replaced by the negative prompt (the v_r branch of Eq. 9).
+    drop_text: float = 0.1
+    negative_prompt: str = ""
+
+
+@dataclass
+class RaclConfig:
+    """Role-Attention Consistency Loss (DESIGN §2, Eq. 5-8)."""
+
+    # λ in L = L_FM + λ·L_RACL; 0 captures nothing in training. A curriculum phase may override it.
+    weight: float = 0.0
+    # DiT blocks whose self-attention is captured (negative indices count from the end). None: the middle half.
+    blocks: list[int] | None = None
+    # A token belongs to a role where the role's mask covers at least this share of its 16x16 pixel cell.
+    mask_threshold: float = 0.5
+    # Shots where a role is absent push its map towards zero.
+    absent_negative: bool = False
+    # Log the role-attention diagnostic (in-mask share, confusion) in validation, whatever the weight.
+    diagnostic: bool = True
+
+
+@dataclass
+class PhaseConfig:
+    """One curriculum phase (DESIGN §2 "Curriculum")."""
+
+    steps: int = 10000
+    resolution: list[int] = field(default_factory=lambda: [192, 336])
+    racl_weight: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over the LoRA parameters."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings."""
+
+    max_steps: int = 100
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    # auto | ddp | deepspeed_stage_2 | deepspeed_stage_3
+    strategy: str = "auto"
+    precision: str = "32-true"
+    gradient_checkpointing: bool = False
+    log_every_n_steps: int = 10
+    # Save a checkpoint every n optimizer steps (and at the end).
+    checkpoint_every_n_steps: int = 50
+    val_check_interval: int = 50
+    accumulate_grad_batches: int = 1
+    # Resume from this checkpoint (a file written by a previous run).
+    ckpt_path: str | None = None
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking: W&B (offline by default, WANDB_MODE respected) or CSV."""
+
+    # wandb | csv
+    backend: str = "wandb"
+    project: str = "dreamshot"
+    group: str | None = None
+    # offline | online | disabled (the WANDB_MODE environment variable wins when set).
+    mode: str = "offline"
+
+
+@dataclass
+class InferenceConfig:
+    """Storyboard sampling (DESIGN §2 "Reference-free CFG"). The negative prompt is `storyboard.negative_prompt`,
+    the one the guidance branches were trained with (condition dropout)."""
+
+    # Sampler steps (Wan uses 50).
+    steps: int = 50
+    # unipc (Wan's default flow-matching solver) | euler.
+    scheduler: str = "unipc"
+    # The sampler's timestep shift (Wan: 3.0 at 480p, 5.0 at 720p); training's shift is `diffusion.shift`.
+    shift: float = 3.0
+    # Eq. 9: weight of the condition frames (references, given shots) against no conditions.
+    omega1: float = 4.0
+    # Eq. 9: weight of the shot prompts against the negative prompt (the CFG scale in t2s).
+    omega2: float = 5.0
+    # Seed of the initial noise (a story file's `seed` and `dreamshot generate --seed` take precedence).
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    """A DreamShot run."""
+
+    # Run name; the experiment file's name when loaded from `experiments/`.
+    name: str = "run"
+    tags: list[str] = field(default_factory=list)
+    seed: int = 0
+    # Run outputs: checkpoints, LoRA, logs, toy data. Relative paths are relative to the working directory.
+    output_dir: str = "outputs/${name}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    storyboard: StoryboardConfig = field(default_factory=StoryboardConfig)
+    racl: RaclConfig = field(default_factory=RaclConfig)
+    # Training phases run in order inside one run. Empty: one phase, data.resolution, racl.weight, trainer.max_steps.
+    curriculum: list[PhaseConfig] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    def phases(self) -> list[PhaseConfig]:
+        """The training phases: the curriculum, or one phase made of the flat settings."""
+        if self.curriculum:
+            return list(self.curriculum)
+        return [PhaseConfig(self.trainer.max_steps, list(self.data.resolution), self.racl.weight)]
+
+    def racl_blocks(self) -> list[int]:
+        """Captured block indices, non-negative and sorted."""
+        layers = self.model.transformer.num_layers
+        if self.racl.blocks is None:
+            return list(range(layers // 4, max(3 * layers // 4, layers // 4 + 1)))
+        return sorted({i % layers for i in self.racl.blocks})
+
+    def validate(self) -> None:
+        """Cross-field rules; raises ConfigError naming the keys."""
+        _check_sizes(self.data.resolution, "data.resolution", multiple=16)
+        _check_sizes(self.data.toy.image_size, "data.toy.image_size", multiple=1)
+        _check_choice(self.diffusion.timestep_mode, ("per_token", "global"), "diffusion.timestep_mode")
+        _check_choice(self.logger.backend, ("wandb", "csv"), "logger.backend")
+        _check_choice(self.model.dtype, ("float32", "bfloat16"), "model.dtype")
+        _check_choice(self.storyboard.layout, POSITION_MODES, "storyboard.layout")
+        _check_probabilities(self.storyboard)
+        _check_inference(self.inference)
+        _check_racl(self)
+        _check_curriculum(self)
+        if self.diffusion.shift <= 0:
+            raise ConfigError(f"diffusion.shift must be > 0, got {self.diffusion.shift}")
+        if self.data.toy.min_shots < 1 or self.data.toy.min_shots > self.data.toy.max_shots:
+            raise ConfigError("data.toy.min_shots must be in 1..data.toy.max_shots")
+        if self.model.lora.rank < 1:
+            raise ConfigError(f"model.lora.rank must be >= 1, got {self.model.lora.rank}")
+        head_dim = self.model.transformer.attention_head_dim
+        if head_dim % 2 or head_dim < 6:
+            raise ConfigError(f"model.transformer.attention_head_dim must be even and >= 6, got {head_dim}")
+
+
+def _check_sizes(size: list[int], key: str, multiple: int) -> None:
+    if len(size) != 2 or any(s <= 0 or s % multiple for s in size):
+        raise ConfigError(f"{key} must be [height, width], positive multiples of {multiple}; got {list(size)}")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_probabilities(storyboard: StoryboardConfig) -> None:
+    modes = storyboard.modes
+    weights = {"t2s": modes.t2s, "r2s": modes.r2s, "s2s": modes.s2s}
+    if any(p < 0 for p in weights.values()) or abs(sum(weights.values()) - 1) > 1e-6:
+        raise ConfigError(f"storyboard.modes must be non-negative and sum to 1, got {weights}")
+    for key in ("drop_refs", "drop_text"):
+        if not 0 <= getattr(storyboard, key) <= 1:
+            raise ConfigError(f"storyboard.{key} must be in [0, 1], got {getattr(storyboard, key)}")
+
+
+def _check_racl(cfg: Config) -> None:
+    layers = cfg.model.transformer.num_layers
+    for index in cfg.racl.blocks or []:
+        if not -layers <= index < layers:
+            raise ConfigError(f"racl.blocks: block {index} does not exist in a {layers}-layer model")
+    if not 0 < cfg.racl.mask_threshold <= 1:
+        raise ConfigError(f"racl.mask_threshold must be in (0, 1], got {cfg.racl.mask_threshold}")
+    if cfg.racl.weight < 0:
+        raise ConfigError(f"racl.weight must be >= 0, got {cfg.racl.weight}")
+
+
+def _check_curriculum(cfg: Config) -> None:
+    for i, phase in enumerate(cfg.curriculum):
+        _check_sizes(phase.resolution, f"curriculum[{i}].resolution", multiple=16)
+        if phase.steps < 1 or phase.racl_weight < 0:
+            raise ConfigError(f"curriculum[{i}]: steps must be >= 1 and racl_weight >= 0")
+    total = sum(phase.steps for phase in cfg.curriculum)
+    if cfg.curriculum and total != cfg.trainer.max_steps:
+        raise ConfigError(
+            f"trainer.max_steps ({cfg.trainer.max_steps}) must equal the curriculum's total steps ({total})"
+        )
+
+
+def _check_inference(inference: InferenceConfig) -> None:
+    _check_choice(inference.scheduler, ("unipc", "euler"), "inference.scheduler")
+    if inference.steps < 1:
+        raise ConfigError(f"inference.steps must be >= 1, got {inference.steps}")
+    if inference.shift <= 0:
+        raise ConfigError(f"inference.shift must be > 0, got {inference.shift}")

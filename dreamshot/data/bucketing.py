@@ -1,0 +1,145 @@
+"""Batching storyboards: samples stack only if they share (shot count, reference count, resolution).
+
+`BucketBatchSampler` draws every batch from one bucket of equal keys, shuffles reproducibly per epoch and
+shards batches across data-parallel replicas itself (so Lightning must not inject a DistributedSampler:
+`Trainer(use_distributed_sampler=False)`). `aspect_bucket` picks a bucket resolution for an image's aspect.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+
+@dataclass
+class StoryboardBatch:
+    """A batch of B storyboards with N shots and K references each, at (H, W).
+
+    Not frozen: Lightning moves dataclass batches to the device by rebuilding their tensor fields.
+    """
+
+    ids: list[str]
+    sources: list[str]
+    shots: torch.Tensor  # (B, N, 3, H, W) in [-1, 1]
+    shot_texts: list[list[str]]  # B lists of N annotations
+    refs: torch.Tensor  # (B, K, 3, H, W) in [-1, 1]
+    ref_texts: list[list[str]]  # B lists of K role prompts
+    ref_masks: torch.Tensor  # (B, K, H, W) in {0, 1}
+    shot_masks: torch.Tensor  # (B, N, K, H, W) in {0, 1}: role k in shot n
+
+    @property
+    def batch_size(self) -> int:
+        return self.shots.shape[0]
+
+    @property
+    def num_shots(self) -> int:
+        return self.shots.shape[1]
+
+    @property
+    def num_refs(self) -> int:
+        return self.refs.shape[1]
+
+
+def collate_storyboards(samples: Sequence[dict]) -> StoryboardBatch:
+    """Stack `StoryboardDataset` samples; raises ValueError if their N, K or (H, W) differ."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of storyboards")
+    first = samples[0]
+    for sample in samples[1:]:
+        for name in ("shots", "refs"):
+            if sample[name].shape != first[name].shape:
+                raise ValueError(
+                    f"cannot batch {first['id']!r} with {sample['id']!r}: {name} of shape "
+                    f"{tuple(first[name].shape)} and {tuple(sample[name].shape)} (use BucketBatchSampler)"
+                )
+    return StoryboardBatch(
+        ids=[s["id"] for s in samples],
+        sources=[s["source"] for s in samples],
+        shots=torch.stack([s["shots"] for s in samples]),
+        shot_texts=[list(s["shot_texts"]) for s in samples],
+        refs=torch.stack([s["refs"] for s in samples]),
+        ref_texts=[list(s["ref_texts"]) for s in samples],
+        ref_masks=torch.stack([s["ref_masks"] for s in samples]),
+        shot_masks=torch.stack([s["shot_masks"] for s in samples]),
+    )
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of dataset indices whose bucket keys are equal.
+
+    Every epoch (`set_epoch`) the indices inside each bucket and then the order of all batches are shuffled
+    with a generator seeded by (seed, epoch). The batch list is padded by repeating its first batches to a
+    multiple of `num_replicas`; rank r takes batches r, r + num_replicas, ... so all ranks run the same
+    number of steps. `drop_last` drops each bucket's incomplete last batch.
+    """
+
+    def __init__(
+        self,
+        bucket_keys: Sequence[Hashable],
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"need 0 <= rank < num_replicas, got rank {rank} of {num_replicas}")
+        self.buckets: dict[Hashable, list[int]] = {}
+        for index, key in enumerate(bucket_keys):
+            self.buckets.setdefault(key, []).append(index)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._batches()
+        padding = -len(batches) % self.num_replicas
+        if batches:
+            batches += [batches[i % len(batches)] for i in range(padding)]
+        return iter(batches[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        rounding = math.floor if self.drop_last else math.ceil
+        total = sum(rounding(len(indices) / self.batch_size) for indices in self.buckets.values())
+        return math.ceil(total / self.num_replicas)
+
+    def _batches(self) -> list[list[int]]:
+        """All replicas' batches of this epoch, before padding; the same list on every rank."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches = []
+        for indices in self.buckets.values():
+            order = [int(i) for i in rng.permutation(indices)] if self.shuffle else indices
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        if self.shuffle:
+            batches = [batches[int(i)] for i in rng.permutation(len(batches))]
+        return batches
+
+
+def aspect_bucket(height: int, width: int, target: tuple[int, int], multiple: int = 16) -> tuple[int, int]:
+    """The bucket (h, w) for an image of `height` x `width`: among sizes with sides that are multiples of
+    `multiple` and area close to target H*W, the one whose aspect ratio is closest (in log) to the image's.
+
+    Ties go to the area closest to the target's, then to the shorter height.
+    """
+    area = target[0] * target[1]
+    aspect = math.log(width / height)
+    candidates = []
+    for h in range(multiple, area // multiple + 1, multiple):
+        w = max(multiple, round(area / h / multiple) * multiple)
+        candidates.append((abs(math.log(w / h) - aspect), abs(h * w - area), h, w))
+    _, _, h, w = min(candidates)
+    return h, w

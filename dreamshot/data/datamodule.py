@@ -1,0 +1,232 @@
+"""The LightningDataModule: resolves and validates the manifest, splits it, and builds bucketed loaders.
+
+The manifest is `data.manifest`, or the toy world written into `<output_dir>/toyworld`. `prepare_data`, which
+Lightning runs on one process per node before `setup`, writes the toy world and checks the manifest's files;
+`setup` (every rank) checks the records only. The last `data.val_groups`
+groups are held out for validation; `data.sources` then filters the training groups. Batches come from
+`BucketBatchSampler`, which shards across ranks itself: the Trainer needs `use_distributed_sampler=False`.
+The training loader's state (the batches trained in the current epoch) goes into Lightning's checkpoints, so
+a run resumed mid-epoch trains on the same batches as one that was never interrupted.
+
+With curriculum `phases`, every Lightning epoch is one phase (DESIGN §2 "Curriculum"): its loader serves
+exactly the phase's steps × `accumulate` batches (as many shuffled passes over the data as that takes) at
+the phase's resolution, and the Trainer reloads the loaders at every epoch. Without phases an epoch is one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from dreamshot.config.schema import DataConfig, PhaseConfig
+from dreamshot.data.bucketing import BucketBatchSampler, StoryboardBatch, aspect_bucket, collate_storyboards
+from dreamshot.data.dataset import Resolution, StoryboardDataset
+from dreamshot.data.manifest import SOURCES, StoryboardRecord, load_manifest
+from dreamshot.data.toyworld import ensure_toyworld
+from dreamshot.utils.errors import ConfigError
+
+
+# Data-pass ids of phase p are p * PASS_STRIDE + q: distinct shuffles and shot windows in every pass.
+PASS_STRIDE = 100_000
+
+
+class StoryboardDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        output_dir: str | Path,
+        seed: int,
+        phases: Sequence[PhaseConfig] = (),
+        accumulate: int = 1,
+    ) -> None:
+        super().__init__()
+        _check_config(cfg)
+        self.cfg, self.output_dir, self.seed = cfg, Path(output_dir), seed
+        self.phases, self.accumulate = list(phases), accumulate
+        self.train_records: list[StoryboardRecord] = []
+        self.val_records: list[StoryboardRecord] = []
+        # The datasets at the current phase's resolution (rebuilt when the phase changes).
+        self.train_set: StoryboardDataset | None = None
+        self.val_set: StoryboardDataset | None = None
+        self._resolution: tuple[int, int] | None = None
+        # Saved in checkpoints (as the training loader's state), so a resumed run continues its epoch.
+        self.progress = EpochProgress()
+
+    def manifest_path(self) -> Path:
+        """`data.manifest`, or the toy world's manifest (generated if absent or stale)."""
+        if self.cfg.manifest is not None:
+            return Path(self.cfg.manifest)
+        return ensure_toyworld(self.cfg.toy, self.output_dir / "toyworld")
+
+    def prepare_data(self) -> None:
+        # The file checks read every image and mask: done here, once per node, not in every rank's `setup`.
+        load_manifest(self.manifest_path(), check_files=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_records:
+            return
+        manifest = self.manifest_path()
+        records = load_manifest(manifest, check_files=False)
+        val_groups = self.cfg.val_groups
+        if val_groups >= len(records):
+            raise ConfigError(f"data.val_groups={val_groups} leaves no training groups: {manifest} has {len(records)}")
+        train = records[: len(records) - val_groups]
+        if self.cfg.sources is not None:
+            train = [r for r in train if r.source in self.cfg.sources]
+            if not train:
+                raise ConfigError(f"data.sources={list(self.cfg.sources)} keeps no training group of {manifest}")
+        self.train_records, self.val_records = train, records[len(records) - val_groups :]
+        self._use_resolution(self.resolution())
+
+    def phase_index(self) -> int:
+        """The curriculum phase of the trainer's current epoch (0 without a trainer or phases)."""
+        if not self.phases or self.trainer is None:
+            return 0
+        return min(self.trainer.current_epoch, len(self.phases) - 1)
+
+    def resolution(self) -> tuple[int, int]:
+        size = self.phases[self.phase_index()].resolution if self.phases else self.cfg.resolution
+        return (size[0], size[1])
+
+    def train_dataloader(self) -> DataLoader:
+        self._use_resolution(self.resolution())
+        length = self.phases[self.phase_index()].steps * self.accumulate if self.phases else None
+        return self._loader(self.train_set, shuffle=True, progress=self.progress, length=length)
+
+    def val_dataloader(self) -> DataLoader:
+        self._use_resolution(self.resolution())
+        return self._loader(self.val_set, shuffle=False)
+
+    def _use_resolution(self, resolution: tuple[int, int]) -> None:
+        if resolution != self._resolution:
+            self.train_set = self._dataset(self.train_records, train=True, target=resolution)
+            self.val_set = self._dataset(self.val_records, train=False, target=resolution)
+            self._resolution = resolution
+
+    def on_before_batch_transfer(self, batch: StoryboardBatch, dataloader_idx: int) -> StoryboardBatch:
+        # Counted here, not in the loader: Lightning fetches a batch ahead of the one being trained.
+        if self.trainer is not None and self.trainer.training:
+            self.progress.consumed += 1
+        return batch
+
+    def _dataset(self, records: list[StoryboardRecord], train: bool, target: tuple[int, int]) -> StoryboardDataset:
+        resolution: Resolution | list[Resolution] = target
+        if self.cfg.aspect_buckets:
+            # A group's bucket follows its first shot; the header gives the size without decoding.
+            resolution = [aspect_bucket(*_image_height_width(r.shots[0].image), target) for r in records]
+        return StoryboardDataset(records, resolution, self.cfg.max_shots, self.seed, train)
+
+    def _loader(
+        self,
+        dataset: StoryboardDataset | None,
+        shuffle: bool,
+        progress: EpochProgress | None = None,
+        length: int | None = None,
+    ) -> DataLoader:
+        """The training loader (resumable: with `progress`) or an evaluation loader (without).
+        `length`: batches per epoch (a phase), else one pass over the data."""
+        if dataset is None:
+            raise RuntimeError("StoryboardDataModule.setup() must run before its dataloaders are built")
+        replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = BucketBatchSampler(dataset.bucket_keys(), self.cfg.batch_size, shuffle, self.seed, replicas, rank)
+        workers = self.cfg.num_workers
+        loader_class = DataLoader if progress is None else ResumableLoader
+        return loader_class(
+            dataset,
+            batch_sampler=EpochBatches(sampler, self._trainer_epoch, progress or EpochProgress(), length),
+            collate_fn=collate_storyboards,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+
+    def _trainer_epoch(self) -> int | None:
+        return None if self.trainer is None else self.trainer.current_epoch
+
+
+@dataclass
+class EpochProgress:
+    """How many training batches of `epoch` reached the training step."""
+
+    epoch: int = 0
+    consumed: int = 0
+
+
+class EpochBatches:
+    """Batch sampler of a loader: the batches of `sampler`, each index paired with the epoch, `[(index, epoch)]`.
+
+    The epoch travels with the indices because DataLoader workers hold their own copy of the dataset. It is
+    the trainer's epoch when `trainer_epoch()` gives one (Lightning creates a resumed run's first iterator
+    before it calls `set_epoch`, but after restoring its epoch), else the sampler's own. The batches that
+    `progress` counts as trained in this epoch are skipped, so a run resumed mid-epoch continues the epoch.
+    With `length`, an epoch is that many batches drawn from consecutive passes (ids epoch·PASS_STRIDE + q),
+    each pass shuffled on its own; the dataset sees the pass id as its epoch.
+    """
+
+    def __init__(
+        self,
+        sampler: BucketBatchSampler,
+        trainer_epoch: Callable[[], int | None],
+        progress: EpochProgress,
+        length: int | None = None,
+    ) -> None:
+        self.sampler, self.trainer_epoch, self.progress, self.length = sampler, trainer_epoch, progress, length
+        if length is not None and len(sampler) == 0:
+            raise ValueError("cannot draw batches from an empty dataset")
+
+    def __len__(self) -> int:
+        # The whole epoch, also when resuming: Lightning counts the batches it trained before.
+        return len(self.sampler) if self.length is None else self.length
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.trainer_epoch()
+        if epoch is None:
+            epoch = self.sampler.epoch
+        if self.progress.epoch != epoch:
+            self.progress.epoch, self.progress.consumed = epoch, 0
+        return iter(self._epoch_batches(epoch)[self.progress.consumed :])
+
+    def _epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        if self.length is None:
+            return self._pass(epoch)
+        batches: list[list[tuple[int, int]]] = []
+        while len(batches) < self.length:
+            batches += self._pass(epoch * PASS_STRIDE + len(batches) // len(self.sampler))
+        return batches[: self.length]
+
+    def _pass(self, pass_id: int) -> list[list[tuple[int, int]]]:
+        self.sampler.set_epoch(pass_id)
+        return [[(index, pass_id) for index in batch] for batch in self.sampler]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over `EpochBatches` whose state is their `EpochProgress`: Lightning stores the state of a
+    training loader in checkpoints and restores it before the resumed run's first iteration."""
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self.batch_sampler.progress)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.batch_sampler.progress.epoch = state_dict["epoch"]
+        self.batch_sampler.progress.consumed = state_dict["consumed"]
+
+
+def _check_config(cfg: DataConfig) -> None:
+    for key in ("batch_size", "max_shots"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("num_workers", "val_groups"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"data.{key} must be >= 0, got {getattr(cfg, key)}")
+    unknown = sorted(set(cfg.sources or ()) - set(SOURCES))
+    if unknown:
+        raise ConfigError(f"data.sources: unknown source {unknown[0]!r} (expected {', '.join(SOURCES)})")
+
+
+def _image_height_width(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.height, image.width

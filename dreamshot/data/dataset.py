@@ -1,0 +1,198 @@
+"""Storyboard groups as tensors: shots, references, their texts and role masks (DESIGN §2 notation).
+
+Geometry:
+- shots (and their masks) are resized to COVER the target (H, W), keeping their aspect, then centre-cropped;
+- references (and their masks) are resized to FIT inside (H, W), keeping their aspect, and centred on a white
+  canvas (masks on 0): the letterbox of DESIGN §2 "references are resized and padded".
+Images are resampled bicubically (anti-aliased when shrinking), masks with nearest neighbour through the
+same geometry, so a mask stays on its role's pixels.
+
+A storyboard with more shots than `max_shots` is cut to a window of `max_shots` consecutive shots. In training
+the window start is drawn from a generator seeded with (seed, index, epoch); the epoch travels with the index
+(`dataset[(index, epoch)]`), so DataLoader workers, persistent or not, need no shared state. In evaluation
+the window is the first `max_shots` shots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from dreamshot.data.manifest import MASK_MODES, StoryboardRecord
+from dreamshot.utils.errors import DataError
+
+Resolution = tuple[int, int]
+# (shots after windowing, references, (H, W)): samples sharing a key can be stacked into one batch.
+BucketKey = tuple[int, int, Resolution]
+WHITE = (255, 255, 255)
+
+
+class StoryboardDataset(Dataset):
+    """Map-style dataset over validated manifest records.
+
+    Args:
+        records: the storyboard groups (from `load_manifest`).
+        resolution: (H, W) for every record, or one (H, W) per record (aspect buckets).
+        max_shots: longest shot window returned.
+        seed: seeds the training window choice.
+        train: random windows (True) or the first window (False).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[StoryboardRecord],
+        resolution: Resolution | Sequence[Resolution],
+        max_shots: int,
+        seed: int = 0,
+        train: bool = True,
+    ) -> None:
+        if max_shots < 1:
+            raise ValueError(f"max_shots must be >= 1, got {max_shots}")
+        self.records = list(records)
+        self.resolutions = _per_record(resolution, len(self.records))
+        self.max_shots, self.seed, self.train = max_shots, seed, train
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def num_shots(self, index: int) -> int:
+        return min(len(self.records[index].shots), self.max_shots)
+
+    def bucket_keys(self) -> list[BucketKey]:
+        """The batching key of every record: (shots after windowing, references, (H, W))."""
+        return [
+            (self.num_shots(i), len(record.references), self.resolutions[i]) for i, record in enumerate(self.records)
+        ]
+
+    def window(self, index: int, epoch: int = 0) -> range:
+        """Indices of the shots returned for record `index` in `epoch`."""
+        total, length = len(self.records[index].shots), self.num_shots(index)
+        start = 0
+        if self.train and total > length:
+            start = int(np.random.default_rng([self.seed, index, epoch]).integers(total - length + 1))
+        return range(start, start + length)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """`dataset[index]` (epoch 0) or `dataset[(index, epoch)]`. With N shots, K references at (H, W):
+
+        id, source: str; shots (N, 3, H, W) float32 in [-1, 1]; shot_texts: N str;
+        refs (K, 3, H, W) float32 in [-1, 1]; ref_texts: K str; ref_masks (K, H, W) float32 in {0, 1};
+        shot_masks (N, K, H, W) float32 in {0, 1}: role k (reference order) in shot n, zeros where absent.
+        """
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        record, size = self.records[index], self.resolutions[index]
+        window = self.window(index, epoch)
+        shots = [_load_shot(record, n, size) for n in window]
+        refs = [_load_reference(record, k, size) for k in range(len(record.references))]
+        height, width = size
+        return {
+            "id": record.id,
+            "source": record.source,
+            "shots": torch.stack([image for image, _ in shots]),
+            "shot_texts": [record.shots[n].annotation for n in window],
+            "refs": _stack([image for image, _ in refs], (0, 3, height, width)),
+            "ref_texts": [ref.prompt for ref in record.references],
+            "ref_masks": _stack([mask for _, mask in refs], (0, height, width)),
+            "shot_masks": torch.stack([masks for _, masks in shots]),
+        }
+
+
+def _load_shot(record: StoryboardRecord, n: int, size: Resolution) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shot n covering `size`: (image (3, H, W), masks (K, H, W) in reference order, zeros for absent roles)."""
+    shot, where = record.shots[n], f"record {record.id!r}: shots[{n}]"
+    image = _rgb_tensor(cover(_load_rgb(shot.image, f"{where}.image"), size, Image.BICUBIC))
+    masks = [
+        _mask_tensor(cover(_load_mask(shot.masks[ref.role], f"{where}.masks.{ref.role}"), size, Image.NEAREST))
+        if ref.role in shot.masks
+        else torch.zeros(size)
+        for ref in record.references
+    ]
+    return image, _stack(masks, (0, *size))
+
+
+def _load_reference(record: StoryboardRecord, k: int, size: Resolution) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference k letterboxed into `size`: (image (3, H, W), mask (H, W))."""
+    ref, where = record.references[k], f"record {record.id!r}: references[{k}]"
+    image = letterbox(_load_rgb(ref.image, f"{where}.image"), size, Image.BICUBIC, WHITE)
+    mask = letterbox(_load_mask(ref.mask, f"{where}.mask"), size, Image.NEAREST, 0)
+    return _rgb_tensor(image), _mask_tensor(mask)
+
+
+def _per_record(resolution: Resolution | Sequence[Resolution], count: int) -> list[Resolution]:
+    if len(resolution) == 2 and all(isinstance(side, int) for side in resolution):
+        return [(int(resolution[0]), int(resolution[1]))] * count
+    if len(resolution) != count:
+        raise ValueError(f"got {len(resolution)} resolutions for {count} records")
+    return [(int(h), int(w)) for h, w in resolution]
+
+
+# --- geometry ----------------------------------------------------------------------------------------------
+
+
+def cover(image: Image.Image, size: Resolution, resample: int) -> Image.Image:
+    """Resize `image` to cover `size` (H, W) keeping its aspect, then centre-crop to exactly `size`."""
+    height, width = size
+    scale = max(height / image.height, width / image.width)
+    crop_w, crop_h = width / scale, height / scale
+    left, top = (image.width - crop_w) / 2, (image.height - crop_h) / 2
+    return image.resize((width, height), resample, box=(left, top, left + crop_w, top + crop_h))
+
+
+def letterbox(image: Image.Image, size: Resolution, resample: int, fill: int | tuple[int, ...]) -> Image.Image:
+    """Resize `image` to fit inside `size` (H, W) keeping its aspect, centred on a canvas of colour `fill`."""
+    height, width = size
+    scale = min(height / image.height, width / image.width)
+    inner_w = max(1, round(image.width * scale))
+    inner_h = max(1, round(image.height * scale))
+    canvas = Image.new(image.mode, (width, height), fill)
+    canvas.paste(image.resize((inner_w, inner_h), resample), ((width - inner_w) // 2, (height - inner_h) // 2))
+    return canvas
+
+
+# --- decoding ----------------------------------------------------------------------------------------------
+
+
+def _load_rgb(path: Path, where: str) -> Image.Image:
+    return _decode(path, where).convert("RGB")
+
+
+def _load_mask(path: Path, where: str) -> Image.Image:
+    """A mask as mode L with values 0 / 255 (mode 1 masks are converted)."""
+    mask = _decode(path, where)
+    if mask.mode not in MASK_MODES:
+        raise DataError(f"{where}: mask {path} has mode {mask.mode} (expected L or 1)")
+    mask = mask.convert("L")
+    values = np.asarray(mask)
+    if not ((values == 0) | (values == 255)).all():
+        raise DataError(f"{where}: mask {path} has values other than 0 and 255")
+    return mask
+
+
+def _decode(path: Path, where: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            # Closing the file also frees the decoded pixels, so a copy leaves the `with`.
+            return image.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: cannot decode {path} ({' '.join(str(e).split())})") from None
+
+
+def _rgb_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1]."""
+    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def _mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """(H, W) float32 in {0, 1}."""
+    return torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))
+
+
+def _stack(tensors: list[torch.Tensor], empty_shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack(tensors) if tensors else torch.zeros(empty_shape)

@@ -1,0 +1,305 @@
+"""The storyboard manifest (DESIGN §4): one JSON object per line, one storyboard group per object.
+
+```
+{"id": "toy-00001", "source": "synthetic", "style": "pastel meadow",
+ "references": [{"role": "role1", "image": "toy-00001/ref_role1.png", "prompt": "<Role 1>: a red star",
+                 "mask": "toy-00001/ref_role1_mask.png"}],
+ "shots": [{"image": "toy-00001/shot_01.png", "annotation": "Close-up ...",
+            "masks": {"role1": "toy-00001/shot_01_role1.png"}}]}
+```
+
+Paths are relative to the manifest's folder and may not leave it. `load_manifest` checks every record and
+raises `DataError` with one line `<manifest>:<line>: record '<id>': <field>: <what is wrong>` at the first
+fault. File checks read only image headers (PIL opens lazily) plus the PNG chunk checksums (`verify`), so
+a manifest of thousands of groups loads quickly; pixel values (e.g. whether a mask is binary) are checked
+when the dataset decodes the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from PIL import Image
+
+from dreamshot.utils.errors import DataError
+from dreamshot.utils.io import atomic_write_text
+
+SOURCES = ("real", "synthetic")
+MASK_MODES = ("L", "1")
+_RECORD_FIELDS = ("id", "source", "style", "references", "shots")
+_REFERENCE_FIELDS = ("role", "image", "prompt", "mask")
+_SHOT_FIELDS = ("image", "annotation", "masks")
+_JSON_TYPES = {str: "a string", list: "an array", dict: "an object"}
+
+
+@dataclass(frozen=True)
+class RoleRef:
+    """One reference role: its id, image, prompt and mask (absolute paths)."""
+
+    role: str
+    image: Path
+    prompt: str
+    mask: Path
+
+
+@dataclass(frozen=True)
+class ShotRecord:
+    """One shot: image, annotation and the mask of every role visible in it (role id -> absolute path)."""
+
+    image: Path
+    annotation: str
+    masks: dict[str, Path]
+
+
+@dataclass(frozen=True)
+class StoryboardRecord:
+    """One storyboard group. `root` is the manifest's folder; every path is absolute."""
+
+    id: str
+    source: str
+    style: str
+    references: list[RoleRef]
+    shots: list[ShotRecord]
+    root: Path
+
+    @property
+    def role_ids(self) -> list[str]:
+        return [ref.role for ref in self.references]
+
+
+class _Where:
+    """Where a fault is: manifest, line and record; turns a field path and a reason into a one-line DataError."""
+
+    def __init__(self, manifest: Path, line: int) -> None:
+        self.manifest, self.line, self.record = manifest, line, "?"
+
+    def error(self, field: str, what: str) -> DataError:
+        message = f"{self.manifest}:{self.line}: record {self.record!r}: {field}: {what}"
+        return DataError(" ".join(message.splitlines()))
+
+
+def load_manifest(path: str | os.PathLike, check_files: bool = True) -> list[StoryboardRecord]:
+    """Read and validate a manifest. `check_files` also checks that every file exists with valid headers.
+
+    Raises DataError (one line naming manifest, line, record id and field) at the first fault.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read manifest ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: manifest is not UTF-8 text (byte {e.start})") from None
+    root = path.absolute().parent
+    records: list[StoryboardRecord] = []
+    first_line: dict[str, int] = {}
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        where = _Where(path, number)
+        record = _parse_record(_parse_json(text, where), root, where)
+        if record.id in first_line:
+            raise where.error("id", f"duplicate id (first on line {first_line[record.id]})")
+        first_line[record.id] = number
+        if check_files:
+            _check_record_files(record, where)
+        records.append(record)
+    return records
+
+
+def write_manifest(records: list[StoryboardRecord], path: str | os.PathLike) -> None:
+    """Write `records` atomically as a manifest at `path`, with paths relative to its folder."""
+    path = Path(path)
+    root = path.absolute().parent
+    # ASCII JSON (non-ASCII escaped), so the file reads the same whatever the locale's encoding.
+    lines = [json.dumps(_record_to_json(record, root)) for record in records]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+# --- parsing -----------------------------------------------------------------------------------------------
+
+
+def _parse_json(text: str, where: _Where) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise where.error("(line)", f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise where.error("(line)", f"expected a JSON object, got {_json_type(obj)}")
+    return obj
+
+
+def _parse_record(obj: dict[str, Any], root: Path, where: _Where) -> StoryboardRecord:
+    record_id = _field(obj, "id", str, "id", where)
+    if not record_id:
+        raise where.error("id", "must not be empty")
+    where.record = record_id
+    _reject_unknown(obj, _RECORD_FIELDS, "", where)
+    source = _field(obj, "source", str, "source", where)
+    if source not in SOURCES:
+        raise where.error("source", f"unknown source {source!r} (expected one of {', '.join(SOURCES)})")
+    style = _field(obj, "style", str, "style", where)
+    references = [
+        _parse_reference(item, root, where, f"references[{i}]")
+        for i, item in enumerate(_field(obj, "references", list, "references", where))
+    ]
+    _check_unique_roles(references, where)
+    shot_items = _field(obj, "shots", list, "shots", where)
+    if not shot_items:
+        raise where.error("shots", "a record needs at least one shot")
+    roles = {ref.role for ref in references}
+    shots = [_parse_shot(item, roles, root, where, f"shots[{i}]") for i, item in enumerate(shot_items)]
+    return StoryboardRecord(record_id, source, style, references, shots, root)
+
+
+def _parse_reference(obj: Any, root: Path, where: _Where, at: str) -> RoleRef:
+    obj = _as_object(obj, where, at)
+    _reject_unknown(obj, _REFERENCE_FIELDS, at + ".", where)
+    role = _field(obj, "role", str, f"{at}.role", where)
+    if not role:
+        raise where.error(f"{at}.role", "must not be empty")
+    image = _path(obj, "image", root, where, at)
+    prompt = _field(obj, "prompt", str, f"{at}.prompt", where)
+    return RoleRef(role, image, prompt, _path(obj, "mask", root, where, at))
+
+
+def _parse_shot(obj: Any, roles: set[str], root: Path, where: _Where, at: str) -> ShotRecord:
+    obj = _as_object(obj, where, at)
+    _reject_unknown(obj, _SHOT_FIELDS, at + ".", where)
+    image = _path(obj, "image", root, where, at)
+    annotation = _field(obj, "annotation", str, f"{at}.annotation", where)
+    masks_obj = _field(obj, "masks", dict, f"{at}.masks", where)
+    for role in masks_obj:
+        if role not in roles:
+            raise where.error(f"{at}.masks.{role}", "names a role with no reference in this record")
+    masks = {role: _path(masks_obj, role, root, where, f"{at}.masks") for role in masks_obj}
+    return ShotRecord(image, annotation, masks)
+
+
+def _check_unique_roles(references: list[RoleRef], where: _Where) -> None:
+    seen: set[str] = set()
+    for i, ref in enumerate(references):
+        if ref.role in seen:
+            raise where.error(f"references[{i}].role", f"duplicate role {ref.role!r}")
+        seen.add(ref.role)
+
+
+def _field(obj: dict[str, Any], key: str, kind: type, at: str, where: _Where) -> Any:
+    if key not in obj:
+        raise where.error(at, "missing field")
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise where.error(at, f"expected {_JSON_TYPES[kind]}, got {_json_type(value)}")
+    return value
+
+
+def _as_object(obj: Any, where: _Where, at: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise where.error(at, f"expected an object, got {_json_type(obj)}")
+    return obj
+
+
+def _reject_unknown(obj: dict[str, Any], known: tuple[str, ...], prefix: str, where: _Where) -> None:
+    # A misspelt optional-looking key ("annotaton") would otherwise surface as a confusing "missing field".
+    for key in obj:
+        if key not in known:
+            raise where.error(prefix + key, f"unknown field (expected {', '.join(known)})")
+
+
+def _path(obj: dict[str, Any], key: str, root: Path, where: _Where, at: str) -> Path:
+    """The absolute path of a relative path field; rejects absolute paths and paths leaving `root`."""
+    at = f"{at}.{key}"
+    text = _field(obj, key, str, at, where)
+    if not text:
+        raise where.error(at, "empty path")
+    if PurePosixPath(text).is_absolute() or PureWindowsPath(text).drive:
+        raise where.error(at, f"absolute path {text!r} (paths are relative to the manifest's folder)")
+    # Checked on the text, not on resolved paths: a symlinked data folder is allowed, `..` is not.
+    normal = PurePosixPath(os.path.normpath(text.replace("\\", "/")))
+    if normal.parts[0] == "..":
+        raise where.error(at, f"path {text!r} leaves the manifest's folder")
+    return root / normal
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+# --- file checks (headers only) ----------------------------------------------------------------------------
+
+
+def _check_record_files(record: StoryboardRecord, where: _Where) -> None:
+    for i, ref in enumerate(record.references):
+        size = _image_header(ref.image, where, f"references[{i}].image")[0]
+        _check_mask(ref.mask, size, where, f"references[{i}].mask")
+    for i, shot in enumerate(record.shots):
+        size = _image_header(shot.image, where, f"shots[{i}].image")[0]
+        for role, mask in shot.masks.items():
+            _check_mask(mask, size, where, f"shots[{i}].masks.{role}")
+
+
+def _check_mask(path: Path, image_size: tuple[int, int], where: _Where, at: str) -> None:
+    size, mode = _image_header(path, where, at)
+    if mode not in MASK_MODES:
+        raise where.error(at, f"mask {path} has mode {mode} (expected single-channel L or 1 with values 0/255)")
+    if size != image_size:
+        raise where.error(at, f"mask {path} is {size[0]}x{size[1]}, its image is {image_size[0]}x{image_size[1]}")
+
+
+def _image_header(path: Path, where: _Where, at: str) -> tuple[tuple[int, int], str]:
+    """(width, height), mode of an image, after checking that its file is complete (`verify`)."""
+    if not path.is_file():
+        raise where.error(at, f"file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            size, mode = image.size, image.mode
+            image.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise where.error(at, f"unreadable image {path} ({e})") from None
+    return size, mode
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+
+def _record_to_json(record: StoryboardRecord, root: Path) -> dict[str, Any]:
+    def rel(path: Path, at: str) -> str:
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            raise DataError(f"record {record.id!r}: {at}: {path} is outside the manifest folder {root}") from None
+
+    references = [
+        {
+            "role": ref.role,
+            "image": rel(ref.image, f"references[{i}].image"),
+            "prompt": ref.prompt,
+            "mask": rel(ref.mask, f"references[{i}].mask"),
+        }
+        for i, ref in enumerate(record.references)
+    ]
+    shots = [
+        {
+            "image": rel(shot.image, f"shots[{i}].image"),
+            "annotation": shot.annotation,
+            "masks": {role: rel(mask, f"shots[{i}].masks.{role}") for role, mask in shot.masks.items()},
+        }
+        for i, shot in enumerate(record.shots)
+    ]
+    return {
+        "id": record.id,
+        "source": record.source,
+        "style": record.style,
+        "references": references,
+        "shots": shots,
+    }

@@ -1,0 +1,58 @@
+"""Rectified-flow (flow matching) maths as in Wan (DESIGN §2, Eq. 3-4). Pure tensor functions.
+
+t in [0, 1] is the noise level: t = 0 is data, t = 1 is noise. The DiT is fed `t * NUM_TRAIN_TIMESTEPS`, as
+Wan's scheduler does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Wan's timestep shift `s·t / (1 + (s−1)·t)`: s > 1 spends more training on high noise. Any shape."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_timesteps(
+    batch_size: int,
+    shift: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """One shifted noise level per sample: u ~ U(0, 1), t = shift(u). Shape (B,)."""
+    u = torch.rand(batch_size, generator=generator, device=device)
+    return shift_timesteps(u, shift)
+
+
+def add_noise(clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """z_t = (1 − t)·z_0 + t·ε. clean, noise: (B, ...); t: (B,)."""
+    t = t.view(-1, *([1] * (clean.ndim - 1))).to(clean.dtype)
+    return (1 - t) * clean + t * noise
+
+
+def velocity_target(clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching regression target ε − z_0 (same shape as the inputs)."""
+    return noise - clean
+
+
+def frame_masked_mse(pred: torch.Tensor, target: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the selected latent frames only.
+
+    pred, target: (B, C, F, h, w); frames: (F,) bool, True for frames in the loss (the noised shots).
+    Returns a scalar. Frames outside the mask (clean references / given shots) contribute nothing.
+    """
+    diff = (pred.float() - target.float())[:, :, frames]
+    return diff.pow(2).mean()
+
+
+def token_timesteps(t: torch.Tensor, target_frames: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """Per-token DiT timesteps: `t·1000` on noised frames' tokens, 0 on clean frames' tokens.
+
+    t: (B,); target_frames: (F,) bool in sequence order. Returns (B, F·tokens_per_frame), frame-major like
+    Wan's token order.
+    """
+    per_frame = t[:, None] * target_frames.to(t)[None, :] * NUM_TRAIN_TIMESTEPS
+    return per_frame.repeat_interleave(tokens_per_frame, dim=1)

@@ -1,0 +1,124 @@
+"""`WanAdapter`: the one object that owns everything Wan-specific.
+
+The trainer, the pipeline and the metrics talk to it in storyboard terms — images, texts, a
+`StoryboardLayout` — and never import diffusers' Wan classes (finetrainers' backbone-adapter pattern).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dreamshot.config.schema import ModelConfig
+from dreamshot.diffusion.conditioning import StoryboardLatents
+from dreamshot.models.layout import StoryboardLayout
+from dreamshot.models.wan.attention import use_shotwise_cross_attention
+from dreamshot.models.wan.build import build_components
+from dreamshot.models.wan.forward import run_block, storyboard_forward
+from dreamshot.models.wan.latents import decode_shots, encode_references, encode_shots
+from dreamshot.models.wan.lora import apply_lora, load_lora_state_dict, lora_state_dict
+from dreamshot.models.wan.role_capture import RoleCapture, use_role_capture
+from dreamshot.models.wan.rope import storyboard_rotary_emb
+from dreamshot.models.wan.text import encode_texts
+
+
+class WanAdapter(nn.Module):
+    """Wan2.1 transformer with LoRA, its frozen VAE and umT5, and the storyboard forward."""
+
+    def __init__(
+        self, cfg: ModelConfig, gradient_checkpointing: bool = False, capture_blocks: list[int] | None = None
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gradient_checkpointing = gradient_checkpointing
+        parts = build_components(cfg)
+        self.transformer = parts.transformer
+        self.vae = parts.vae
+        self.text_encoder = parts.text_encoder
+        self.tokenizer = parts.tokenizer
+        use_shotwise_cross_attention(self.transformer, cfg.text_len)
+        use_role_capture(self.transformer, capture_blocks or [])
+        apply_lora(self.transformer, cfg.lora)
+
+    def train(self, mode: bool = True) -> WanAdapter:
+        """Only the DiT changes mode: the frozen VAE and umT5 always run in eval (no dropout)."""
+        super().train(mode)
+        self.vae.eval()
+        self.text_encoder.eval()
+        return self
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return tuple(self.transformer.config.patch_size)
+
+    def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
+        _, p_h, p_w = self.patch_size
+        return (latent_height // p_h) * (latent_width // p_w)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[list[str]]) -> torch.Tensor:
+        """Texts (B rows of F strings) -> (B, F, L, D) umT5 embeddings, zero after each text's end."""
+        return encode_texts(self.text_encoder, self.tokenizer, texts, self.cfg.text_len)
+
+    @torch.no_grad()
+    def encode_storyboard(
+        self, shots: torch.Tensor, refs: torch.Tensor, shot_texts: list[list[str]], ref_texts: list[list[str]]
+    ) -> StoryboardLatents:
+        """Images in [-1, 1] (shots (B, N, 3, H, W), refs (B, K, 3, H, W)) and texts -> latents and embeddings."""
+        texts = [r + s for r, s in zip(ref_texts, shot_texts, strict=True)]
+        embedded = self.encode_text(texts)
+        k = refs.shape[1]
+        return StoryboardLatents(
+            refs=encode_references(self.vae, refs),
+            shots=encode_shots(self.vae, shots),
+            ref_text=embedded[:, :k],
+            shot_text=embedded[:, k:],
+        )
+
+    @torch.no_grad()
+    def decode_shots(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, N, h, w) normalised latents -> (B, N, 3, H, W) images in [-1, 1]."""
+        return decode_shots(self.vae, latents)
+
+    def predict_velocity(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        layout: StoryboardLayout,
+        capture: RoleCapture | None = None,
+    ) -> torch.Tensor:
+        """v_θ for one storyboard sequence.
+
+        latents: (B, C, F, h, w) in the layout's sequence order; timesteps: (B,) or (B, T) per token;
+        text: (B, F, L, D), each frame's own text in the same order. Returns (B, C, F, h, w).
+        With `capture`, the captured blocks also fill `capture.maps` with role-attention maps.
+        """
+        _, _, frames, height, width = latents.shape
+        if frames != layout.num_frames or text.shape[1] != frames:
+            raise ValueError(f"layout has {layout.num_frames} frames, latents {frames}, texts {text.shape[1]}")
+        _, p_h, p_w = self.patch_size
+        rotary = storyboard_rotary_emb(
+            layout,
+            (height // p_h, width // p_w),
+            self.transformer.config.attention_head_dim,
+            device=latents.device,
+        )
+        return storyboard_forward(
+            self.transformer,
+            latents,
+            timesteps,
+            text.flatten(1, 2),
+            rotary,
+            gradient_checkpointing=self.gradient_checkpointing,
+            block_runner=capture.runner if capture is not None else run_block,
+        )
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        return lora_state_dict(self.transformer)
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_lora_state_dict(self.transformer, state)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]

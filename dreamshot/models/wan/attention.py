@@ -1,0 +1,122 @@
+"""Shot-wise cross-attention (DESIGN §2, Eq. 2): the tokens of latent frame f attend only to frame f's text.
+
+Each frame's text embedding is padded to a fixed length L with zero embeddings after its real tokens; the
+padding is attended, not masked, as Wan does with its own text padding. Frames are folded into the batch so
+every (sample, frame) pair is one small attention of h·w queries against L keys: the dense masked form over
+F·h·w × F·L costs F times more and is kept here only as a reference for tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _per_frame(length: int, num_frames: int) -> int:
+    """Tokens per frame of a frame-major sequence of `length` tokens."""
+    if length % num_frames:
+        raise ValueError(f"sequence length {length} is not a multiple of the {num_frames} frames")
+    return length // num_frames
+
+
+def _frames_into_batch(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B, F·S, H, d) -> (B·F, H, S, d): one attention batch entry per (sample, frame), heads first."""
+    batch, length, heads, dim = x.shape
+    return x.reshape(batch * num_frames, _per_frame(length, num_frames), heads, dim).transpose(1, 2)
+
+
+def shotwise_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_frames: int
+) -> torch.Tensor:
+    """Attention of every frame's queries to that frame's keys only.
+
+    query: (B, F·S, H, d) — S tokens per frame, frame-major; key, value: (B, F·L, H, d) — L text tokens per
+    frame, frames in the same order. Returns (B, F·S, H, d).
+    """
+    out = F.scaled_dot_product_attention(
+        _frames_into_batch(query, num_frames),
+        _frames_into_batch(key, num_frames),
+        _frames_into_batch(value, num_frames),
+    )
+    return out.transpose(1, 2).reshape(query.shape)
+
+
+def shotwise_mask(num_frames: int, query_len: int, key_len: int, device=None) -> torch.Tensor:
+    """Block-diagonal (F·S, F·L) bool mask, True where query and key belong to the same frame."""
+    query_frame = torch.arange(query_len, device=device) // _per_frame(query_len, num_frames)
+    key_frame = torch.arange(key_len, device=device) // _per_frame(key_len, num_frames)
+    return query_frame[:, None] == key_frame[None, :]
+
+
+def dense_shotwise_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_frames: int
+) -> torch.Tensor:
+    """Reference for `shotwise_attention`: one dense attention over F·S × F·L with a block-diagonal mask.
+
+    Same shapes and result as `shotwise_attention`, at F times the cost; used only by the tests and
+    benchmarks/cross_attention.py to show the equivalence and the cost difference.
+    """
+    mask = shotwise_mask(num_frames, query.shape[1], key.shape[1], device=query.device)
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2)
+
+
+class ShotwiseCrossAttnProcessor:
+    """diffusers processor for a text-to-video `WanAttention` used as cross-attention (a block's `attn2`).
+
+    Same call signature and projections as diffusers' `WanAttnProcessor`; only the attention itself is
+    shot-wise. The text sequence is F frames of `text_len` tokens; F is read from its length at each call, so
+    one instance serves every block and every storyboard size (it holds no per-call state).
+    """
+
+    def __init__(self, text_len: int) -> None:
+        if text_len < 1:
+            raise ValueError(f"text_len must be positive, got {text_len}")
+        self.text_len = text_len
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """hidden_states (B, F·S, D) video tokens, encoder_hidden_states (B, F·text_len, D) -> (B, F·S, D)."""
+        self._check_module(attn)
+        if encoder_hidden_states is None or attention_mask is not None or rotary_emb is not None:
+            raise ValueError("shot-wise cross-attention needs text states and takes no mask or rotary emb")
+        num_frames = self.num_frames(encoder_hidden_states.shape[1], hidden_states.shape[1])
+
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+
+        hidden_states = shotwise_attention(query, key, value, num_frames).flatten(2, 3).type_as(query)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+    def num_frames(self, text_length: int, video_length: int) -> int:
+        """F = text_length / text_len, checked to divide both sequences."""
+        if text_length % self.text_len:
+            raise ValueError(f"text of {text_length} tokens is not whole frames of text_len={self.text_len}")
+        frames = text_length // self.text_len
+        if frames == 0 or video_length % frames:
+            raise ValueError(f"{video_length} video tokens cannot be split into the text's {frames} frames")
+        return frames
+
+    @staticmethod
+    def _check_module(attn) -> None:
+        if attn.add_k_proj is not None:
+            raise ValueError("shot-wise cross-attention supports text-to-video Wan only (attn has image K/V)")
+        if getattr(attn, "fused_projections", False):
+            raise ValueError("shot-wise cross-attention needs unfused projections: attn.unfuse_projections()")
+
+
+def use_shotwise_cross_attention(transformer, text_len: int) -> None:
+    """Install `ShotwiseCrossAttnProcessor(text_len)` as the cross-attention of every block."""
+    processor = ShotwiseCrossAttnProcessor(text_len)
+    for block in transformer.blocks:
+        block.attn2.set_processor(processor)

@@ -1,0 +1,140 @@
+"""Build the Wan2.1 parts — DiT, VAE, umT5 and its tokenizer — tiny from config dims or from local weights.
+
+With `model.pretrained_path` unset every part is randomly initialised from the real diffusers /
+transformers classes (the caller seeds torch first), with the byte-level tokenizer of `tokenizer.py`.
+Otherwise the parts load from a local diffusers-format Wan2.1 directory
+(`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`), never from the Hub.
+
+Dtypes: the DiT and umT5 are held in `model.dtype`; the VAE always stays float32, as in diffusers' Wan
+examples, because its decoder loses visible quality in bfloat16 and it is small next to the DiT.
+Everything comes back frozen and in eval mode; LoRA (`lora.py`) adds the only trainable parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+
+from dreamshot.config.schema import ModelConfig
+from dreamshot.models.wan.tokenizer import build_tiny_tokenizer
+from dreamshot.utils.errors import ConfigError, WeightsError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer")
+
+
+@dataclass
+class WanComponents:
+    """The four parts of a Wan2.1 text-to-video model."""
+
+    transformer: WanTransformer3DModel
+    vae: AutoencoderKLWan
+    text_encoder: UMT5EncoderModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+def build_components(cfg: ModelConfig, device: torch.device | str = "cpu") -> WanComponents:
+    """All parts, frozen, in eval mode, on `device` (random init when `cfg.pretrained_path` is None)."""
+    parts = _random_components(cfg) if cfg.pretrained_path is None else _load_components(cfg)
+    for module in (parts.transformer, parts.vae, parts.text_encoder):
+        module.requires_grad_(False).eval().to(device)
+    return parts
+
+
+def build_transformer_on_meta(cfg: ModelConfig) -> WanTransformer3DModel:
+    """The DiT of `cfg` on the meta device: shapes and parameter counts without allocating memory."""
+    _check_dims(cfg)
+    with torch.device("meta"):
+        return _transformer(cfg)
+
+
+def _random_components(cfg: ModelConfig) -> WanComponents:
+    _check_dims(cfg)
+    dtype = DTYPES[cfg.dtype]
+    te = cfg.text_encoder
+    umt5 = UMT5Config(
+        vocab_size=te.vocab_size,
+        d_model=te.d_model,
+        d_kv=te.d_kv,
+        d_ff=te.d_ff,
+        num_layers=te.num_layers,
+        num_heads=te.num_heads,
+        feed_forward_proj="gated-gelu",
+    )
+    return WanComponents(
+        transformer=_transformer(cfg).to(dtype),
+        vae=AutoencoderKLWan(
+            base_dim=cfg.vae.base_dim,
+            z_dim=cfg.vae.z_dim,
+            dim_mult=[1, 2, 4, 4],
+            num_res_blocks=cfg.vae.num_res_blocks,
+            attn_scales=[],
+            temperal_downsample=[False, True, True],
+            # A random VAE has no latent statistics: identity normalisation keeps its latents as they are.
+            latents_mean=[0.0] * cfg.vae.z_dim,
+            latents_std=[1.0] * cfg.vae.z_dim,
+        ),
+        text_encoder=UMT5EncoderModel(umt5).to(dtype),
+        tokenizer=build_tiny_tokenizer(te.vocab_size),
+    )
+
+
+def _transformer(cfg: ModelConfig) -> WanTransformer3DModel:
+    t = cfg.transformer
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=t.num_attention_heads,
+        attention_head_dim=t.attention_head_dim,
+        in_channels=t.in_channels,
+        out_channels=t.in_channels,
+        text_dim=t.text_dim,
+        freq_dim=t.freq_dim,
+        ffn_dim=t.ffn_dim,
+        num_layers=t.num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=t.rope_max_seq_len,
+    )
+
+
+def _check_dims(cfg: ModelConfig) -> None:
+    if cfg.transformer.text_dim != cfg.text_encoder.d_model:
+        raise ConfigError(
+            f"model.transformer.text_dim ({cfg.transformer.text_dim}) must equal "
+            f"model.text_encoder.d_model ({cfg.text_encoder.d_model})"
+        )
+    if cfg.transformer.in_channels != cfg.vae.z_dim:
+        raise ConfigError(
+            f"model.transformer.in_channels ({cfg.transformer.in_channels}) must equal "
+            f"model.vae.z_dim ({cfg.vae.z_dim})"
+        )
+
+
+def _load_components(cfg: ModelConfig) -> WanComponents:
+    root = Path(cfg.pretrained_path)
+    dtype = DTYPES[cfg.dtype]
+    return WanComponents(
+        transformer=_load(WanTransformer3DModel, root / "transformer", dtype=dtype),
+        vae=_load(AutoencoderKLWan, root / "vae", dtype=torch.float32),
+        text_encoder=_load(UMT5EncoderModel, root / "text_encoder", dtype=dtype),
+        tokenizer=_load(AutoTokenizer, root / "tokenizer"),
+    )
+
+
+def _load(cls, folder: Path, **kwargs):
+    """`cls.from_pretrained(folder)` from local files only; a missing folder or file is a WeightsError."""
+    if not folder.is_dir():
+        raise WeightsError(
+            f"{folder}: folder not found (model.pretrained_path must be a diffusers-format Wan2.1 "
+            f"directory with {', '.join(SUBFOLDERS)})"
+        )
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise WeightsError(
+            f"{folder}: cannot load ({str(e).splitlines()[0]}) (model.pretrained_path)"
+        ) from None

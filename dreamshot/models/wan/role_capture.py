@@ -1,0 +1,88 @@
+"""Role-attention capture inside Wan's self-attention (DESIGN §2, RACL).
+
+In the configured blocks, `RoleCaptureSelfAttnProcessor` runs Wan's self-attention unchanged (the fused
+kernel through diffusers' attention dispatch) and, only while its block runs under a `RoleCapture`, also
+forms the role-attention maps from the same post-qk-norm, post-RoPE queries and keys
+(`dreamshot.diffusion.racl.role_attention_maps`: only the role query rows, one target shot at a time).
+
+The capture is switched on by the block runner for the duration of one block call, inside the function that
+gradient checkpointing replays, so a recomputed block captures again and nothing is left on the processor
+between calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from dreamshot.diffusion.racl import RolePlan, naive_role_attention_maps, role_attention_maps
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotation of interleaved pairs. x: (B, T, H, d); cos, sin: (1, T, 1, d)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+@dataclass
+class RoleCapture:
+    """One forward's capture: a plan per sample, the blocks to capture in, and the maps they produced."""
+
+    plans: list[RolePlan]
+    blocks: frozenset[int]
+    # Materialise the full attention matrix instead (reference for tests and the benchmark only).
+    naive: bool = False
+    # block index -> one (P, N, S) map per sample
+    maps: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def block_mean(self) -> list[torch.Tensor]:
+        """Per sample, the maps averaged over the captured blocks: (P, N, S)."""
+        if not self.maps:
+            raise RuntimeError("no block captured role attention: check racl.blocks against the model depth")
+        per_block = list(self.maps.values())
+        return [torch.stack(maps).mean(0) for maps in zip(*per_block, strict=True)]
+
+    def runner(self, index: int, block, hidden, text, temb, rotary_emb) -> torch.Tensor:
+        """A `BlockRunner`: runs a block, capturing in it when it is one of `blocks`."""
+        if index not in self.blocks:
+            return block(hidden, text, temb, rotary_emb)
+        processor = block.attn1.processor
+        processor.sink = (self, index)
+        try:
+            return block(hidden, text, temb, rotary_emb)
+        finally:
+            processor.sink = None
+
+
+class RoleCaptureSelfAttnProcessor:
+    """Wan self-attention (T2V) that can also emit role-attention maps."""
+
+    def __init__(self) -> None:
+        self.sink: tuple[RoleCapture, int] | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        """hidden_states: (B, T, D); rotary_emb: (cos, sin) each (1, T, 1, d). Returns (B, T, D)."""
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query, key = apply_rotary_emb(query, *rotary_emb), apply_rotary_emb(key, *rotary_emb)
+        if self.sink is not None:
+            capture, index = self.sink
+            maps_fn = naive_role_attention_maps if capture.naive else role_attention_maps
+            capture.maps[index] = [
+                maps_fn(query[b], key[b], plan.source_weights, plan.target_tokens)
+                for b, plan in enumerate(capture.plans)
+            ]
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def use_role_capture(transformer, blocks: list[int]) -> None:
+    """Install the capturing processor on the self-attention of the given blocks (one instance per block)."""
+    for index in blocks:
+        transformer.blocks[index].attn1.set_processor(RoleCaptureSelfAttnProcessor())

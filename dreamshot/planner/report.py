@@ -1,0 +1,135 @@
+"""The plan as a readable table: parameters, then per phase tokens, FLOPs and memory, then the caveats."""
+
+from __future__ import annotations
+
+from dreamshot.planner.memory import Item
+from dreamshot.planner.plan import PhasePlan
+from dreamshot.planner.shape import ModelShape
+
+MIB, GIB = 2**20, 2**30
+
+ASSUMPTIONS = """\
+Assumptions
+  FLOPs: matmuls only (2 per multiply-add); embeddings, head, norms and element-wise ops are left out (~1-2%).
+    Frozen weights: backward forms only activation gradients (2x forward in all; none for the text K/V);
+    LoRA: weight + activation gradients (3x forward in all); fused attention backward recomputes QK^T (2.5x).
+    Checkpointing adds one recompute of every block's forward.
+  Activations: bf16 compute; each block keeps the tensors listed in planner/memory.py:block_saved_bytes
+    (fused CUDA RMSNorm); attention runs in a fused kernel, so no T x T matrix is ever stored.
+  RACL: a capture chunk is |Q| source-role query rows against one target shot's S keys; |Q| defaults to one
+    frame's tokens (--racl-queries). Captured blocks: racl.blocks, in phases with a RACL weight > 0.
+  Gradients are kept in the parameter dtype; DeepSpeed's fp32 copy made at the optimiser step is not counted.
+  Frames: the largest sample (all shots + all references); t2s samples have no reference frames."""
+
+CANNOT_KNOW = """\
+What this cannot know
+  - allocator fragmentation and the caching allocator's reserve above live tensors (often 5-20%);
+  - NCCL communication buffers;
+  - DeepSpeed bucket sizes (reduce / all-gather buckets, ZeRO-3 prefetch and gathered weights), DDP buckets;
+  - the CUDA context and library handles (~0.5-1 GB per GPU);
+  - kernel workspaces (cuBLAS, cuDNN, FlashAttention);
+  - dataloader pinned host memory and worker processes (host side);
+  - the transient peak of VAE / umT5 encoding before the DiT forward (none with cached latents)."""
+
+
+def render(header: str, shape: ModelShape, phases: list[PhasePlan], gpu_memory_gib: float) -> str:
+    """The full report: header, parameters, one section per phase, assumptions and caveats."""
+    sections = [header, parameters_table(shape)]
+    for plan in phases:
+        sections += [
+            f"== {plan.label} ==",
+            tokens_table(plan),
+            flops_table(plan),
+            memory_table(plan, gpu_memory_gib),
+        ]
+    return "\n\n".join([*sections, ASSUMPTIONS, CANNOT_KNOW]) + "\n"
+
+
+def parameters_table(shape: ModelShape) -> str:
+    rows = [
+        ("DiT (frozen)", shape.dit_params),
+        (f"LoRA rank {shape.lora_rank} (trainable)", shape.lora_params),
+        ("umT5 encoder (frozen)", shape.text_encoder_params),
+        ("VAE (frozen)", shape.vae_params),
+    ]
+    lines = ["Parameters"]
+    for name, count in rows:
+        shown = "not counted" if count is None else f"{count:>17,}  ({_short_count(count)})"
+        lines.append(f"  {name:<32}{shown}")
+    return "\n".join(lines)
+
+
+def tokens_table(plan: PhasePlan) -> str:
+    work = plan.work
+    return "\n".join(
+        [
+            "Tokens per sample",
+            f"  {'frames':<32}{work.frames:>9,}  ({work.target_frames} shots + {work.frames - work.target_frames} "
+            "references, one latent frame each)",
+            f"  {'video tokens':<32}{work.tokens:>9,}  ({work.frames} frames x {work.tokens_per_frame:,} per frame)",
+            f"  {'text tokens':<32}{work.text_tokens:>9,}  ({work.frames} frames x {work.text_len}, each frame "
+            "attends to its own)",
+        ]
+    )
+
+
+def flops_table(plan: PhasePlan) -> str:
+    flops = plan.flops
+    unit, scale = _flop_unit(flops.total)
+    lines = [f"FLOPs per sample ({unit})".ljust(44) + f"{'forward':>11}{'backward':>11}{'recompute':>11}"]
+    for name in flops.forward:
+        values = (flops.forward[name], flops.backward[name], flops.recompute[name])
+        lines.append(f"  {name:<42}" + "".join(f"{v / scale:>11.3f}" for v in values))
+    sums = (sum(flops.forward.values()), sum(flops.backward.values()), sum(flops.recompute.values()))
+    lines.append(f"  {'total':<42}" + "".join(f"{v / scale:>11.3f}" for v in sums))
+    step_unit, step_scale = _flop_unit(plan.optimizer_step_flops)
+    training = plan.training
+    lines += [
+        f"  {'forward + backward + recompute':<42}{flops.total / scale:>11.3f} {unit} per sample",
+        f"  {f'per GPU step (micro-batch {plan.work.micro_batch})':<42}"
+        f"{plan.step_flops / step_scale:>11.3f} {step_unit}",
+        f"  {f'per optimiser step ({training.world_size} GPU(s), accumulate {training.accumulate})':<42}"
+        f"{plan.optimizer_step_flops / step_scale:>11.3f} {step_unit}",
+    ]
+    return "\n".join(lines)
+
+
+def memory_table(plan: PhasePlan, gpu_memory_gib: float) -> str:
+    configured = plan.work.checkpointing
+    columns = {True: "checkpointing", False: "no checkpointing"}
+    unit, scale = ("GiB", GIB) if plan.total_bytes(False) >= GIB else ("MiB", MIB)
+    heading = "".join(f"{columns[on] + (' *' if on == configured else ''):>19}" for on in (True, False))
+    lines = [f"{f'Memory per GPU ({unit})':<34}{heading}   note"]
+    rows: dict[str, dict[bool, Item]] = {}
+    for on in (True, False):
+        for name, item in {**plan.state, **plan.activations[on]}.items():
+            rows.setdefault(name, {})[on] = item
+    for name, cells in rows.items():
+        shown = "".join(f"{cells[on].bytes / scale:>19.3f}" if on in cells else f"{'-':>19}" for on in (True, False))
+        lines.append(f"  {name:<32}{shown}   {next(iter(cells.values())).note}")
+    totals = {on: plan.total_bytes(on) for on in (True, False)}
+    headroom = {on: gpu_memory_gib * GIB - totals[on] for on in (True, False)}
+    lines.append(f"  {'total':<32}" + "".join(f"{totals[on] / scale:>19.3f}" for on in (True, False)))
+    lines.append(
+        f"  {f'headroom on {gpu_memory_gib:g} GiB':<32}"
+        + "".join(f"{headroom[on] / scale:>19.3f}" for on in (True, False))
+    )
+    verdict = "fits" if headroom[configured] >= 0 else "does NOT fit"
+    lines.append(
+        f"  * configured: {columns[configured]}; it {verdict} in {gpu_memory_gib:g} GiB before the caveats below"
+    )
+    return "\n".join(lines)
+
+
+def _short_count(count: int) -> str:
+    for suffix, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f} {suffix}"
+    return str(count)
+
+
+def _flop_unit(value: int) -> tuple[str, float]:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if value >= scale:
+            return unit, scale
+    return "FLOP", 1.0

@@ -1,0 +1,174 @@
+"""The LightningModule: wires the Wan adapter, the flow-matching loss and the optimiser. It computes nothing itself."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import lightning as L
+import torch
+
+from dreamshot.config.load import to_yaml
+from dreamshot.config.schema import Config
+from dreamshot.data.bucketing import StoryboardBatch
+from dreamshot.diffusion.conditioning import BatchPlan, ComposedBatch, compose, sample_plan
+from dreamshot.diffusion.flow_matching import (
+    NUM_TRAIN_TIMESTEPS,
+    add_noise,
+    frame_masked_mse,
+    sample_timesteps,
+    token_timesteps,
+    velocity_target,
+)
+from dreamshot.diffusion.racl import attention_shares, build_role_plan, racl_loss, stack_plans, token_grid_masks
+from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.models.wan.role_capture import RoleCapture
+from dreamshot.utils.errors import WeightsError
+
+
+class DreamShotModule(L.LightningModule):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # Stored as yaml text so a checkpoint loads with torch.load(weights_only=True).
+        self.save_hyperparameters({"config": to_yaml(cfg)})
+        # The backbone's random init (tiny model) must not depend on what ran before in the process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.adapter = WanAdapter(cfg.model, cfg.trainer.gradient_checkpointing, cfg.racl_blocks())
+        # Checkpoints hold only the LoRA weights; the frozen backbone comes from the config.
+        self.strict_loading = False
+        self.mix_counts: Counter[str] = Counter()
+        self._negative_text: torch.Tensor | None = None
+        # λ of the current curriculum phase (set by the Curriculum callback).
+        self.racl_weight = cfg.phases()[0].racl_weight
+
+    # --- steps ---------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: StoryboardBatch, batch_idx: int) -> torch.Tensor:
+        rng, generator = self._step_randomness(f"train-{self.global_step}-{batch_idx}")
+        plan = sample_plan(self.cfg.storyboard, batch.num_shots, batch.num_refs, batch.batch_size, rng)
+        losses = self.model_step(batch, plan, generator, racl_weight=self.racl_weight)
+        self.mix_counts.update(plan.counts())
+        losses["phase"] = torch.tensor(float(self.current_epoch))
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch.batch_size)
+        self.log_dict({f"train/count_{k}": float(v) for k, v in self.mix_counts.items()}, batch_size=batch.batch_size)
+        return losses["loss"]
+
+    def validation_step(self, batch: StoryboardBatch, batch_idx: int) -> None:
+        # Fixed noise per validation batch so val/loss is comparable across steps and runs.
+        _, generator = self._step_randomness(f"val-{batch_idx}")
+        mode = "r2s" if batch.num_refs else "t2s"
+        plan = BatchPlan(mode, 0, False, (False,) * batch.batch_size)
+        with_diagnostic = self.cfg.racl.diagnostic and batch.num_refs > 0
+        losses = self.model_step(batch, plan, generator, racl_weight=0.0, diagnostic=with_diagnostic)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch.batch_size)
+
+    def model_step(
+        self,
+        batch: StoryboardBatch,
+        plan: BatchPlan,
+        generator: torch.Generator,
+        racl_weight: float = 0.0,
+        diagnostic: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """L = L_FM + λ·L_RACL for one batch under `plan`.
+
+        Returns {"loss", "loss_fm"}, plus "loss_racl" when λ > 0 and "racl_in_mask" / "racl_confusion" with
+        `diagnostic`. Role attention is captured only when one of them needs it.
+        """
+        latents = self.adapter.encode_storyboard(batch.shots, batch.refs, batch.shot_texts, batch.ref_texts)
+        if racl_weight > 0 or diagnostic:
+            # Reference k shows role k only: (B, K, H, W) -> (B, K, R=K, H, W).
+            eye = torch.eye(batch.num_refs, device=batch.ref_masks.device)
+            latents.ref_masks = eye[None, :, :, None, None] * batch.ref_masks[:, :, None]
+            latents.shot_masks = batch.shot_masks
+        composed = compose(plan, latents, self.negative_text(), self.cfg.storyboard)
+        capture = self._role_capture(composed) if composed.frame_masks is not None else None
+        loss_fm = self._flow_matching_loss(composed, generator, capture)
+        losses = {"loss": loss_fm, "loss_fm": loss_fm.detach()}
+        if capture is None:
+            return losses
+        maps = torch.cat(capture.block_mean())
+        labels = {name: stack_plans(capture.plans, name) for name in ("target_masks", "other_masks")}
+        if racl_weight > 0:
+            loss_racl = racl_loss(maps, labels["target_masks"], stack_plans(capture.plans, "loss_pairs"))
+            losses.update(loss=loss_fm + racl_weight * loss_racl, loss_racl=loss_racl.detach())
+        if diagnostic:
+            present = stack_plans(capture.plans, "present_pairs")
+            in_mask, confusion = attention_shares(maps.detach(), *labels.values(), present)
+            losses.update(racl_in_mask=in_mask, racl_confusion=confusion)
+        return losses
+
+    def _flow_matching_loss(
+        self, composed: ComposedBatch, generator: torch.Generator, capture: RoleCapture | None
+    ) -> torch.Tensor:
+        layout, targets = composed.layout, composed.targets
+        t = sample_timesteps(targets.shape[0], self.cfg.diffusion.shift, generator, targets.device)
+        noise = torch.randn(targets.shape, generator=generator, device=targets.device, dtype=targets.dtype)
+        sequence = layout.assemble(composed.conditions, add_noise(targets, noise, t))
+        text = layout.assemble(composed.condition_text, composed.target_text, dim=1)
+        timesteps = self._timesteps(t, sequence, layout)
+        prediction = self.adapter.predict_velocity(sequence, timesteps, text, layout, capture)
+        # Condition frames stand in the target only to keep shapes aligned; the frame mask excludes them.
+        target = layout.assemble(composed.conditions, velocity_target(targets, noise))
+        return frame_masked_mse(prediction, target, layout.target_frames().to(targets.device))
+
+    def _role_capture(self, composed: ComposedBatch) -> RoleCapture:
+        """Token-grid role masks of every frame -> one role plan per sample."""
+        _, p_h, p_w = self.adapter.patch_size
+        grid = (composed.targets.shape[-2] // p_h, composed.targets.shape[-1] // p_w)
+        masks = token_grid_masks(composed.frame_masks, grid, self.cfg.racl.mask_threshold)
+        targets = composed.layout.target_frames().to(masks.device)
+        plans = [build_role_plan(m.flatten(-2), targets, self.cfg.racl.absent_negative) for m in masks]
+        return RoleCapture(plans, frozenset(self.cfg.racl_blocks()))
+
+    def _timesteps(self, t: torch.Tensor, sequence: torch.Tensor, layout) -> torch.Tensor:
+        if self.cfg.diffusion.timestep_mode == "global":
+            return t * NUM_TRAIN_TIMESTEPS
+        tokens = self.adapter.tokens_per_frame(*sequence.shape[-2:])
+        return token_timesteps(t, layout.target_frames().to(t.device), tokens)
+
+    def negative_text(self) -> torch.Tensor:
+        """(L, D) embedding of the negative prompt, encoded once per device."""
+        if self._negative_text is None or self._negative_text.device != self.device:
+            self._negative_text = self.adapter.encode_text([[self.cfg.storyboard.negative_prompt]])[0, 0]
+        return self._negative_text
+
+    def _step_randomness(self, step: str) -> tuple[random.Random, torch.Generator]:
+        """Randomness derived from (seed, step, rank) only, so a resumed run redraws the same values."""
+        key = f"{self.cfg.seed}-{step}-{self.global_rank}"
+        rng = random.Random(key)
+        generator = torch.Generator(device=self.device).manual_seed(rng.getrandbits(63))
+        return rng, generator
+
+    # --- optimiser -----------------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        opt = self.cfg.optim
+        optimizer = torch.optim.AdamW(
+            self.adapter.trainable_parameters(),
+            lr=opt.lr,
+            betas=tuple(opt.betas),
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+        )
+        warmup = max(opt.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints: LoRA weights and training state only -------------------------------------------------
+
+    def lora_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keys = self.lora_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        checkpoint["mix_counts"] = dict(self.mix_counts)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = sorted(self.lora_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise WeightsError(f"checkpoint has no LoRA weight {missing[0]!r} ({len(missing)} missing)")
+        self.mix_counts = Counter(checkpoint.get("mix_counts", {}))

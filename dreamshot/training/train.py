@@ -1,0 +1,97 @@
+"""Build the datamodule, module, callbacks, logger and trainer of a config, and fit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import OmegaConf
+
+from dreamshot.config.load import to_yaml
+from dreamshot.config.schema import Config
+from dreamshot.data.datamodule import StoryboardDataModule
+from dreamshot.training.callbacks import LORA_FILE, ExportLora, TrainSummary
+from dreamshot.training.checkpoint_io import AtomicCheckpointIO
+from dreamshot.training.curriculum import Curriculum
+from dreamshot.training.module import DreamShotModule
+from dreamshot.utils.io import atomic_write_text
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def train(cfg: Config) -> Path:
+    """Fit `cfg` and return its output folder (config.yaml, checkpoints/, lora.safetensors, summary.json, logs)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    # Without a curriculum an epoch is a data pass, so raising max_steps extends a run with the same data stream.
+    datamodule = StoryboardDataModule(cfg.data, out, cfg.seed, cfg.curriculum, cfg.trainer.accumulate_grad_batches)
+    module = DreamShotModule(cfg)
+    logger = build_logger(cfg, out)
+    trainer = build_trainer(cfg, out, logger)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.trainer.ckpt_path)
+    return out
+
+
+def build_trainer(cfg: Config, out: Path, logger: Logger) -> L.Trainer:
+    t = cfg.trainer
+    checkpoints = ModelCheckpoint(
+        dirpath=out / CHECKPOINT_DIR,
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=t.checkpoint_every_n_steps,
+        save_top_k=-1,
+        save_last=True,
+    )
+    artifacts = {
+        "output_dir": str(out),
+        "checkpoint_dir": str(out / CHECKPOINT_DIR),
+        "lora": str(out / LORA_FILE),
+        "logs": str(logger.save_dir or out),
+    }
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        # One epoch per curriculum phase (or per data pass); max_steps ends the run.
+        max_epochs=-1,
+        reload_dataloaders_every_n_epochs=1,
+        # BucketBatchSampler shards batches across ranks itself.
+        use_distributed_sampler=False,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        callbacks=[checkpoints, Curriculum(), ExportLora(out), TrainSummary(out, artifacts)],
+        logger=logger,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=out,
+        enable_model_summary=False,
+    )
+
+
+def build_logger(cfg: Config, out: Path) -> Logger:
+    if cfg.logger.backend == "csv":
+        return CSVLogger(save_dir=out, name="csv", version="")
+    # The environment wins so a user's WANDB_MODE=online (or disabled) is respected.
+    mode = os.environ.get("WANDB_MODE", cfg.logger.mode)
+    logger = WandbLogger(
+        project=cfg.logger.project,
+        name=cfg.name,
+        group=cfg.logger.group,
+        tags=list(cfg.tags),
+        save_dir=str(out),
+        mode=mode,
+    )
+    logger.log_hyperparams(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    return logger

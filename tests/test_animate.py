@@ -1,0 +1,126 @@
+"""`dreamshot animate` on a tiny Wan image-to-video pipeline saved to a local diffusers folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+from dreamshot.cli import main
+from dreamshot.inference.animate import write_video
+from dreamshot.inference.outputs import RECORD_FILE, shot_file
+from dreamshot.models.wan.tokenizer import build_tiny_tokenizer
+
+HEIGHT, WIDTH = 32, 48
+
+
+def read_video(path: Path) -> np.ndarray:
+    """(F, H, W, 3) uint8 frames of a video file."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    return np.stack([np.frombuffer(frame, np.uint8).reshape(height, width, 3) for frame in reader])
+
+
+@pytest.fixture(scope="module")
+def i2v_dir(tmp_path_factory) -> Path:
+    """Wan2.1 I2V's parts with tiny random weights: the DiT takes CLIP image tokens (image_dim, added_kv_proj_dim)
+    and 36 input channels (16 noise + 4 first-frame mask + 16 first-frame latents)."""
+    torch.manual_seed(0)
+    heads, head_dim = 2, 12
+    pipe = WanImageToVideoPipeline(
+        tokenizer=build_tiny_tokenizer(384),
+        text_encoder=UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, feed_forward_proj="gated-gelu"
+            )
+        ),
+        vae=AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        ),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+        image_processor=CLIPImageProcessor(crop_size=32, size=32),
+        image_encoder=CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=4,
+                projection_dim=4,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                intermediate_size=16,
+                patch_size=4,
+            )
+        ),
+        transformer=WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=heads,
+            attention_head_dim=head_dim,
+            in_channels=36,
+            out_channels=16,
+            text_dim=32,
+            freq_dim=32,
+            ffn_dim=32,
+            num_layers=1,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+            image_dim=4,
+            added_kv_proj_dim=heads * head_dim,
+        ),
+    )
+    folder = tmp_path_factory.mktemp("wan_i2v")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def storyboard(tmp_path) -> Path:
+    """An output folder as `dreamshot generate` leaves it: two shots and generation.json."""
+    shots = []
+    for n, colour in ((1, (214, 39, 40)), (2, (31, 90, 200))):
+        Image.new("RGB", (WIDTH, HEIGHT), colour).save(tmp_path / shot_file(n))
+        shots.append({"index": n, "file": shot_file(n), "annotation": f"Shot {n}: a circle moves."})
+    (tmp_path / RECORD_FILE).write_text(json.dumps({"seed": 0, "shots": shots}))
+    return tmp_path
+
+
+def test_animate_writes_one_clip_per_shot(i2v_dir, storyboard, tmp_path):
+    out = tmp_path / "video" / "story.mp4"
+    args = ["animate", str(storyboard), "--i2v", str(i2v_dir), "--out", str(out), "--frames", "5", "--steps", "2"]
+    assert main(args) == 0
+    frames = read_video(out)
+    assert frames.shape == (10, HEIGHT, WIDTH, 3)
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_missing_i2v_folder_is_a_weights_error(storyboard, tmp_path, capsys):
+    missing = tmp_path / "no_such_model"
+    assert main(["animate", str(storyboard), "--i2v", str(missing), "--out", str(tmp_path / "v.mp4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err and "model_index.json" in err
+
+
+def test_animate_needs_a_generate_folder(i2v_dir, tmp_path, capsys):
+    assert main(["animate", str(tmp_path), "--i2v", str(i2v_dir), "--out", str(tmp_path / "v.mp4")]) == 2
+    assert f"{tmp_path / RECORD_FILE}: not found" in capsys.readouterr().err
+
+
+def test_frames_must_be_4k_plus_1(storyboard, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["animate", str(storyboard), "--i2v", str(tmp_path), "--out", str(tmp_path / "v.mp4"), "--frames", "6"])
+
+
+def test_write_video_round_trip(tmp_path):
+    clips = [np.full((3, HEIGHT, WIDTH, 3), value, dtype=np.uint8) for value in (30, 220)]
+    path = tmp_path / "clip.mp4"
+    assert write_video(clips, path, fps=8) == 6
+    frames = read_video(path)
+    assert frames.shape == (6, HEIGHT, WIDTH, 3)
+    assert frames[0].mean() == pytest.approx(30, abs=4) and frames[-1].mean() == pytest.approx(220, abs=4)

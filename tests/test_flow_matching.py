@@ -1,0 +1,58 @@
+"""Flow-matching maths (DESIGN Eq. 3-4)."""
+
+import torch
+
+from dreamshot.diffusion.flow_matching import (
+    add_noise,
+    frame_masked_mse,
+    sample_timesteps,
+    shift_timesteps,
+    token_timesteps,
+    velocity_target,
+)
+
+
+def test_shift_fixes_endpoints_and_moves_mass_to_noise():
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    shifted = shift_timesteps(t, 3.0)
+    assert torch.allclose(shifted[[0, 3]], torch.tensor([0.0, 1.0]))
+    assert torch.allclose(shifted[2], torch.tensor(0.75))  # 3*0.5 / (1 + 2*0.5)
+    assert torch.equal(shift_timesteps(t, 1.0), t)
+
+
+def test_sample_timesteps_seeded_and_in_range():
+    a = sample_timesteps(64, 3.0, torch.Generator().manual_seed(1))
+    b = sample_timesteps(64, 3.0, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == (64,)
+    assert (a > 0).all() and (a < 1).all() and a.mean() > 0.5  # shift > 1 favours noise
+
+
+def test_noise_interpolation_and_velocity():
+    z0, eps = torch.randn(2, 4, 3, 2, 2), torch.randn(2, 4, 3, 2, 2)
+    t = torch.tensor([0.0, 1.0])
+    zt = add_noise(z0, eps, t)
+    assert torch.equal(zt[0], z0[0]) and torch.equal(zt[1], eps[1])
+    # Following the velocity from z_t for time t lands on the data: z_t - t·v = z_0.
+    t = torch.tensor([0.3, 0.7])
+    zt = add_noise(z0, eps, t)
+    v = velocity_target(z0, eps)
+    assert torch.allclose(zt - t.view(-1, 1, 1, 1, 1) * v, z0, atol=1e-6)
+
+
+def test_masked_mse_ignores_condition_frames():
+    target = torch.randn(2, 4, 5, 2, 2)
+    pred = target.clone()
+    frames = torch.tensor([False, False, True, True, True])
+    pred[:, :, :2] += 100.0  # wildly wrong prediction on the two clean reference frames
+    assert frame_masked_mse(pred, target, frames) == 0
+    pred[:, :, 3] += 1.0
+    assert torch.isclose(frame_masked_mse(pred, target, frames), torch.tensor(1 / 3))
+
+
+def test_token_timesteps_zero_on_clean_frames():
+    t = torch.tensor([0.5, 0.25])
+    frames = torch.tensor([False, True, True])
+    ts = token_timesteps(t, frames, tokens_per_frame=4)
+    assert ts.shape == (2, 12)
+    assert (ts[:, :4] == 0).all()
+    assert torch.equal(ts[0, 4:], torch.full((8,), 500.0)) and torch.equal(ts[1, 4:], torch.full((8,), 250.0))

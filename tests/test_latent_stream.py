@@ -1,0 +1,125 @@
+"""The storyboard latent stream through the Wan VAE: one latent frame per shot, references alone, decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from dreamshot.models.wan.latents import (
+    decode_images,
+    decode_shots,
+    denormalize_latents,
+    encode_references,
+    encode_shots,
+    latent_stats,
+    normalize_latents,
+    shots_to_pixel_video,
+)
+
+H, W = 16, 32
+
+
+@pytest.fixture(scope="module")
+def vae(tiny_components):
+    return tiny_components.vae
+
+
+@pytest.fixture(scope="module")
+def stats_vae():
+    """A tiny VAE with non-trivial latent statistics (the random tiny model's are the identity)."""
+    torch.manual_seed(0)
+    z_dim = 4
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=z_dim,
+        num_res_blocks=1,
+        latents_mean=torch.randn(z_dim).tolist(),
+        latents_std=(torch.rand(z_dim) + 0.5).tolist(),
+    ).eval()
+
+
+def _images(*lead: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(*lead, 3, H, W, generator=generator) * 2 - 1
+
+
+def test_pixel_video_repeats_every_shot_after_the_first_four_times():
+    shots = torch.arange(3.0).view(1, 3, 1, 1, 1).expand(2, 3, 3, H, W)
+    video = shots_to_pixel_video(shots)
+    assert video.shape == (2, 3, 9, H, W)
+    assert video[0, 0, :, 0, 0].tolist() == [0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert shots_to_pixel_video(shots[:, :1]).shape == (2, 3, 1, H, W)
+
+
+@pytest.mark.parametrize("num_shots", [1, 2, 5])
+def test_one_latent_frame_per_shot_and_round_trip_shape(vae, num_shots):
+    shots = _images(2, num_shots)
+    z = encode_shots(vae, shots)
+    assert z.shape == (2, 16, num_shots, H // 8, W // 8)
+    images = decode_shots(vae, z)
+    assert images.shape == (2, num_shots, 3, H, W)
+    assert images.abs().max() <= 1
+
+
+def test_a_shot_latent_depends_only_on_its_own_and_earlier_shots(vae):
+    shots = _images(1, 3)
+    changed = shots.clone()
+    changed[:, 2] = _images(1, seed=1)[:, 0]
+    a, b = encode_shots(vae, shots), encode_shots(vae, changed)
+    assert torch.equal(a[:, :, :2], b[:, :, :2])
+    assert not torch.allclose(a[:, :, 2], b[:, :, 2])
+
+
+def test_encode_uses_posterior_mode_unless_sampling(stats_vae):
+    shots = _images(1, 2)
+    raw = stats_vae.encode(shots_to_pixel_video(shots)).latent_dist.mode()
+    assert torch.allclose(encode_shots(stats_vae, shots), normalize_latents(raw, stats_vae))
+    first, second = (encode_shots(stats_vae, shots, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert torch.equal(first, second)
+    assert not torch.allclose(first, encode_shots(stats_vae, shots))
+
+
+def test_references_are_encoded_alone(vae):
+    refs = _images(2, 3)
+    z = encode_references(vae, refs)
+    assert z.shape == (2, 16, 3, H // 8, W // 8)
+    alone = encode_shots(vae, refs[1:2, 2:3])
+    assert torch.allclose(z[1:2, :, 2:3], alone, atol=1e-6)
+    assert encode_references(vae, refs[:, :0]).shape == (2, 16, 0, H // 8, W // 8)
+
+
+def test_decode_images_decodes_each_frame_alone(vae):
+    z = encode_references(vae, _images(1, 2))
+    images = decode_images(vae, z)
+    assert images.shape == (1, 2, 3, H, W)
+    assert torch.allclose(images[:, 1:2], decode_shots(vae, z[:, :, 1:2]), atol=1e-6)
+    assert decode_images(vae, z[:, :, :0]).shape == (1, 0, 3, H, W)
+
+
+def test_decode_takes_frame_zero_then_the_last_frame_of_each_group(stats_vae, monkeypatch):
+    seen = []
+
+    def fake_decode(z, return_dict=True):
+        """A video whose every pixel holds its frame index: 1 + 4(F−1) frames for F latent frames."""
+        seen.append(z)
+        frames = 1 + 4 * (z.shape[2] - 1)
+        video = torch.arange(frames, dtype=z.dtype).view(1, 1, frames, 1, 1)
+        return (video.expand(z.shape[0], 3, frames, z.shape[3] * 8, z.shape[4] * 8),)
+
+    monkeypatch.setattr(stats_vae, "decode", fake_decode)
+    latents = torch.randn(2, 4, 5, 2, 4)
+    images = decode_shots(stats_vae, latents)
+    assert images.shape == (2, 5, 3, 16, 32)
+    assert images[:, :, 0, 0, 0].tolist() == [[0, 4, 8, 12, 16]] * 2
+    assert torch.allclose(seen[0], denormalize_latents(latents, stats_vae))
+
+
+def test_normalization_matches_wan_pipeline_and_inverts(stats_vae):
+    mean, std = latent_stats(stats_vae)
+    assert mean.shape == std.shape == (1, 4, 1, 1, 1)
+    assert mean.flatten().tolist() == pytest.approx(stats_vae.config.latents_mean)
+    z = torch.randn(2, 4, 3, 2, 2)
+    normalized = normalize_latents(z, stats_vae)
+    assert torch.allclose(normalized, (z - mean) / std, atol=1e-6)
+    assert torch.allclose(denormalize_latents(normalized, stats_vae), z, atol=1e-6)

@@ -1,0 +1,202 @@
+"""Role-Attention Consistency Loss: token masks, role plans, the capture's exactness and gradients, the loss."""
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from dreamshot.diffusion import racl as racl_module
+from dreamshot.diffusion.racl import (
+    attention_shares,
+    build_role_plan,
+    naive_role_attention_maps,
+    racl_loss,
+    role_attention_maps,
+    token_grid_masks,
+)
+from dreamshot.models.layout import StoryboardLayout
+from dreamshot.models.wan.forward import storyboard_forward
+from dreamshot.models.wan.role_capture import RoleCapture, RoleCaptureSelfAttnProcessor, use_role_capture
+from dreamshot.models.wan.rope import storyboard_rotary_emb
+
+# --- token masks and plans -------------------------------------------------------------------------------------
+
+
+def test_token_grid_masks_use_coverage_threshold():
+    mask = torch.zeros(32, 48)
+    mask[:16, :16] = 1  # token (0, 0) fully covered
+    mask[16:24, 16:32] = 1  # token (1, 1) half covered
+    mask[16:20, 32:48] = 1  # token (1, 2) quarter covered
+    grid = token_grid_masks(mask, (2, 3), threshold=0.5)
+    assert grid.tolist() == [[True, False, False], [False, True, False]]
+    assert token_grid_masks(mask, (2, 3), threshold=0.25)[1, 2]
+    with pytest.raises(ValueError):
+        token_grid_masks(torch.zeros(31, 48), (2, 3))
+
+
+def _frame_masks():
+    """3 frames (a reference for role 0, then 2 shots) x 2 roles x 4 tokens."""
+    masks = torch.zeros(3, 2, 4, dtype=torch.bool)
+    masks[0, 0, :2] = True  # reference of role 0
+    masks[1, 0, 0] = True  # role 0 in shot 1
+    masks[1, 1, 3] = True  # role 1 in shot 1
+    masks[2, 1, 2:] = True  # role 1 in shot 2 (role 0 absent)
+    return masks
+
+
+def test_role_plan_sources_targets_and_absent_roles():
+    targets = torch.tensor([False, True, True])
+    plan = build_role_plan(_frame_masks(), targets)
+    # Sources: (ref, role 0), (shot 1, role 0), (shot 1, role 1), (shot 2, role 1).
+    assert plan.source_weights.shape == (4, 12)
+    assert torch.allclose(plan.source_weights.sum(-1), torch.ones(4))
+    assert plan.source_weights[0, :2].tolist() == [0.5, 0.5]
+    assert plan.target_tokens.tolist() == [[4, 5, 6, 7], [8, 9, 10, 11]]
+    # Role 0 is absent from shot 2; a source never targets its own frame.
+    assert plan.loss_pairs.tolist() == [[True, False], [False, False], [False, True], [True, False]]
+    assert plan.other_masks[0, 0].tolist() == [0, 0, 0, 1]
+    negative = build_role_plan(_frame_masks(), targets, absent_negative=True)
+    assert negative.loss_pairs.tolist() == [[True, True], [False, True], [False, True], [True, False]]
+    assert negative.target_masks[0, 1].sum() == 0  # the label of an absent role is all zero
+
+
+def test_role_with_empty_masks_has_no_sources():
+    masks = _frame_masks()
+    masks[:, 1] = False
+    plan = build_role_plan(masks, torch.tensor([False, True, True]))
+    assert plan.source_weights.shape[0] == 2
+
+
+# --- maps and loss ---------------------------------------------------------------------------------------------
+
+
+def test_efficient_maps_equal_naive_and_are_distributions():
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(12, 2, 8, generator=g), torch.randn(12, 2, 8, generator=g)
+    plan = build_role_plan(_frame_masks(), torch.tensor([False, True, True]))
+    maps = role_attention_maps(query, key, plan.source_weights, plan.target_tokens)
+    naive = naive_role_attention_maps(query, key, plan.source_weights, plan.target_tokens)
+    torch.testing.assert_close(maps, naive, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(4, 2))
+
+
+def test_loss_prefers_maps_inside_the_mask():
+    labels = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
+    pairs = torch.tensor([[True]])
+    inside = racl_loss(torch.tensor([[[0.5, 0.5, 0.0, 0.0]]]), labels, pairs)
+    outside = racl_loss(torch.tensor([[[0.0, 0.0, 0.5, 0.5]]]), labels, pairs)
+    assert inside < 0.01 < 5 < outside
+    none = racl_loss(torch.rand(1, 1, 4, requires_grad=True), labels, torch.tensor([[False]]))
+    assert none == 0 and none.requires_grad
+
+
+def test_attention_shares():
+    maps = torch.tensor([[[0.6, 0.3, 0.1, 0.0]]])
+    own, other = attention_shares(
+        maps, torch.tensor([[[1.0, 0, 0, 0]]]), torch.tensor([[[0, 1.0, 0, 0]]]), torch.tensor([[True]])
+    )
+    assert own.item() == pytest.approx(0.6) and other.item() == pytest.approx(0.3)
+
+
+# --- capture inside the tiny Wan -------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def transformer():
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        num_layers=2, num_attention_heads=2, attention_head_dim=24, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=48,
+    )
+    use_role_capture(model, [0, 1])
+    return model
+
+
+def _run(transformer, capture=None, checkpointing=False):
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 16, 3, 4, 4, generator=g)  # 3 frames of 2x2 = 4 tokens
+    text = torch.randn(1, 3 * 5, 32, generator=g)
+    rotary = storyboard_rotary_emb(StoryboardLayout(1, 2), (2, 2), 24)
+    runner = capture.runner if capture is not None else None
+    kwargs = {"block_runner": runner} if runner else {}
+    return storyboard_forward(
+        transformer, latents, torch.tensor([500.0]), text, rotary, gradient_checkpointing=checkpointing, **kwargs
+    )
+
+
+def _plan():
+    return build_role_plan(_frame_masks(), torch.tensor([False, True, True]))
+
+
+def test_inactive_processor_equals_wan_attention(transformer):
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    with torch.no_grad():
+        ours = _run(transformer)
+        for block in transformer.blocks:
+            block.attn1.set_processor(WanAttnProcessor())
+        theirs = _run(transformer)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_captured_map_equals_explicit_full_softmax(transformer):
+    seen = {}
+
+    def keep_inputs(index):
+        def hook(module, args):
+            seen[index] = (args[0].detach(), args[3])
+
+        return hook
+
+    for index, block in enumerate(transformer.blocks):
+        block.attn1.register_forward_pre_hook(keep_inputs(index))
+    plan = _plan()
+    capture = RoleCapture([plan], frozenset({0, 1}))
+    with torch.no_grad():
+        _run(transformer, capture)
+    expected = []
+    for index, block in enumerate(transformer.blocks):
+        hidden, (cos, sin) = seen[index]
+        attn = block.attn1
+        q = attn.norm_q(attn.to_q(hidden)).unflatten(2, (2, -1))
+        k = attn.norm_k(attn.to_k(hidden)).unflatten(2, (2, -1))
+        from dreamshot.models.wan.role_capture import apply_rotary_emb
+
+        q, k = apply_rotary_emb(q, cos, sin)[0], apply_rotary_emb(k, cos, sin)[0]
+        full = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / 24**0.5, dim=-1)  # explicit T x T attention
+        logits = torch.einsum("qhd,khd->hqk", q, k).mean(0) / 24**0.5
+        per_shot = torch.stack([plan.source_weights @ torch.softmax(logits[:, t], -1) for t in plan.target_tokens], 1)
+        expected.append(per_shot)
+        assert full.shape == (2, 12, 12)
+    torch.testing.assert_close(capture.block_mean()[0], torch.stack(expected).mean(0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_racl_gradients_reach_parameters_and_match_naive(transformer, checkpointing):
+    plan = _plan()
+    grads = []
+    for naive in (False, True):
+        transformer.zero_grad()
+        capture = RoleCapture([plan], frozenset({0, 1}), naive=naive)
+        _run(transformer, capture, checkpointing=checkpointing)
+        racl_loss(capture.block_mean()[0], plan.target_masks, plan.loss_pairs).backward()
+        grads.append(transformer.blocks[0].attn1.to_q.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_nothing_is_captured_without_a_capture(transformer, monkeypatch):
+    calls = []
+    monkeypatch.setattr(racl_module, "role_attention_maps", lambda *a: calls.append(1))
+    with torch.no_grad():
+        _run(transformer)
+    assert not calls
+    assert all(block.attn1.processor.sink is None for block in transformer.blocks)
+    assert isinstance(transformer.blocks[0].attn1.processor, RoleCaptureSelfAttnProcessor)
+
+
+def test_capture_leaves_nothing_behind_between_layouts(transformer):
+    capture = RoleCapture([_plan()], frozenset({1}))
+    with torch.no_grad():
+        _run(transformer, capture)
+    assert set(capture.maps) == {1}
+    assert all(block.attn1.processor.sink is None for block in transformer.blocks)
