@@ -37,36 +37,26 @@ def test_impossible_modes_fall_back():
 
 
 def test_t2s_batch_has_no_reference_frames():
-    composed = compose(
-        BatchPlan("t2s", 0, False, (False, False)), _latents(), torch.zeros(6, 8), StoryboardConfig()
-    )
+    composed = compose(BatchPlan("t2s", 0, False, (False, False)), _latents(), torch.zeros(6, 8), StoryboardConfig())
     assert composed.conditions.shape[2] == 0 and composed.layout.num_conditions == 0
     assert composed.targets.shape[2] == 5
 
 
 def test_dropped_references_train_as_t2s():
-    composed = compose(
-        BatchPlan("r2s", 0, True, (False, False)), _latents(), torch.zeros(6, 8), StoryboardConfig()
-    )
+    composed = compose(BatchPlan("r2s", 0, True, (False, False)), _latents(), torch.zeros(6, 8), StoryboardConfig())
     assert composed.layout.num_conditions == 0
 
 
 def test_r2s_keeps_references_clean_in_the_condition_slot():
     latents = _latents()
-    composed = compose(
-        BatchPlan("r2s", 0, False, (False, False)), latents, torch.zeros(6, 8), StoryboardConfig()
-    )
-    assert torch.equal(composed.conditions, latents.refs) and torch.equal(
-        composed.condition_text, latents.ref_text
-    )
+    composed = compose(BatchPlan("r2s", 0, False, (False, False)), latents, torch.zeros(6, 8), StoryboardConfig())
+    assert torch.equal(composed.conditions, latents.refs) and torch.equal(composed.condition_text, latents.ref_text)
     assert composed.layout.num_conditions == 3 and composed.layout.num_targets == 5
 
 
 def test_s2s_given_shots_are_conditions_with_their_own_text():
     latents = _latents()
-    composed = compose(
-        BatchPlan("s2s", 2, False, (False, False)), latents, torch.zeros(6, 8), StoryboardConfig()
-    )
+    composed = compose(BatchPlan("s2s", 2, False, (False, False)), latents, torch.zeros(6, 8), StoryboardConfig())
     assert torch.equal(composed.conditions, latents.shots[:, :, :2])
     assert torch.equal(composed.condition_text, latents.shot_text[:, :2])
     assert torch.equal(composed.targets, latents.shots[:, :, 2:])
@@ -76,9 +66,7 @@ def test_s2s_given_shots_are_conditions_with_their_own_text():
 @pytest.mark.parametrize("layout", ["refs_first", "last"])
 def test_text_dropout_replaces_only_that_samples_target_text(layout):
     latents, negative = _latents(), torch.full((6, 8), 7.0)
-    composed = compose(
-        BatchPlan("r2s", 0, False, (True, False)), latents, negative, StoryboardConfig(layout=layout)
-    )
+    composed = compose(BatchPlan("r2s", 0, False, (True, False)), latents, negative, StoryboardConfig(layout=layout))
     assert (composed.target_text[0] == 7.0).all()
     assert torch.equal(composed.target_text[1], latents.shot_text[1])
     assert torch.equal(composed.condition_text, latents.ref_text)  # role prompts are kept

@@ -87,3 +87,24 @@ def test_yaml_round_trip_is_loadable(tmp_path):
 
 def test_experiments_folder_is_not_empty():
     assert {"smoke", "demo"} <= set(available_experiments())
+
+
+def test_sweep_members_are_runs_of_one_group(tmp_path):
+    exp = tmp_path / "pair.yaml"
+    exp.write_text("tags: [t]\nsweep:\n  a: [optim.lr=0.5]\n  b: [optim.lr=0.25, model=wan1_3b]\n")
+    from dreamshot.config.load import load_runs
+
+    a, b = load_runs(exp, ["trainer.max_steps=3"])
+    assert (a.name, b.name) == ("pair/a", "pair/b") and a.logger.group == b.logger.group == "pair"
+    assert (a.optim.lr, b.optim.lr) == (0.5, 0.25) and b.model.name == "wan1_3b"
+    assert a.tags == ["t", "a"] and a.trainer.max_steps == b.trainer.max_steps == 3
+    assert load_config(exp, ["optim.lr=1.0"], member="a").optim.lr == 1.0  # the command line wins
+    with pytest.raises(ConfigError, match="sweep of a, b"):
+        load_config(exp)
+
+
+def test_malformed_sweep_is_an_error(tmp_path):
+    exp = tmp_path / "bad.yaml"
+    exp.write_text("sweep:\n  a: optim.lr=0.5\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*list of key=value"):
+        load_config(exp, member="a")

@@ -104,8 +104,14 @@ def test_attention_shares():
 def transformer():
     torch.manual_seed(0)
     model = WanTransformer3DModel(
-        num_layers=2, num_attention_heads=2, attention_head_dim=24, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=32, ffn_dim=48,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=24,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=48,
     )
     use_role_capture(model, [0, 1])
     return model

@@ -112,9 +112,7 @@ def test_reference_tokens_get_timestep_zero(smoke_run):
     dm = StoryboardDataModule(cfg.data, smoke_run, cfg.seed)
     dm.setup("fit")
     batch = next(b for b in dm.train_dataloader() if b.num_refs > 0)
-    module.model_step(
-        batch, BatchPlan("r2s", 0, False, (False,) * batch.batch_size), torch.Generator().manual_seed(0)
-    )
+    module.model_step(batch, BatchPlan("r2s", 0, False, (False,) * batch.batch_size), torch.Generator().manual_seed(0))
     timesteps = seen[-1].view(batch.batch_size, -1)
     tokens = timesteps.shape[1] // (batch.num_refs + batch.num_shots)
     assert (timesteps[:, : batch.num_refs * tokens] == 0).all()

@@ -58,9 +58,7 @@ def test_uniform_per_token_timestep_equals_global(transformer):
 @torch.no_grad()
 def test_positions_change_the_output(transformer):
     latents, text, t = _inputs()
-    base = storyboard_forward(
-        transformer, latents, t, text, storyboard_rotary_emb(StoryboardLayout(1, 3), (2, 3), 24)
-    )
+    base = storyboard_forward(transformer, latents, t, text, storyboard_rotary_emb(StoryboardLayout(1, 3), (2, 3), 24))
     neg = storyboard_forward(
         transformer,
         latents,

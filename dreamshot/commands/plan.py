@@ -59,14 +59,14 @@ def run(args: argparse.Namespace) -> None:
     plans = []
     for i in _chosen_phases(phases, args.phase):
         height, width = parse_resolution(args.resolution) if args.resolution else phases[i].resolution
-        work = _workload(cfg, args, phases[i], tokens_per_frame(height, width, "resolution"))
-        racl = f"RACL (weight {phases[i].racl_weight:g}) in {work.racl_blocks} blocks" if work.racl_blocks else ""
+        work = _workload(cfg, args, cfg.racl_weight(i), tokens_per_frame(height, width, "resolution"))
+        racl = f"RACL (weight {cfg.racl_weight(i):g}) in {work.racl_blocks} blocks" if work.racl_blocks else ""
         label = f"phase {i + 1}/{len(phases)}: {height}x{width}, {racl or 'no RACL'}"
         plans.append(plan_phase(label, shape, work, training, args.encoders))
     print(render(_header(cfg, training, plans[0].work), shape, plans, args.gpu_memory), end="")
 
 
-def _workload(cfg: Config, args: argparse.Namespace, phase: PhaseConfig, per_frame: int) -> Workload:
+def _workload(cfg: Config, args: argparse.Namespace, racl_weight: float, per_frame: int) -> Workload:
     return Workload(
         frames=args.shots + args.refs,
         tokens_per_frame=per_frame,
@@ -76,7 +76,7 @@ def _workload(cfg: Config, args: argparse.Namespace, phase: PhaseConfig, per_fra
         checkpointing=cfg.trainer.gradient_checkpointing if args.checkpointing is None else args.checkpointing,
         per_token_timestep=cfg.diffusion.timestep_mode == "per_token",
         activation_bytes=2 if cfg.model.dtype == "bfloat16" or "16" in cfg.trainer.precision else 4,
-        racl_blocks=len(cfg.racl_blocks()) if phase.racl_weight > 0 else 0,
+        racl_blocks=len(cfg.racl_blocks()) if racl_weight > 0 else 0,
         racl_queries=per_frame if args.racl_queries is None else args.racl_queries,
     )
 

@@ -9,6 +9,10 @@ Order (later wins):
      where weight paths and cluster settings belong;
   5. `key.sub=value` overrides from the command line.
 Every merge is checked against the schema, so an unknown key or a wrong type fails naming the key and the file.
+
+An experiment may define a `sweep:` — named members, each a list of `key=value` overrides. Its runs share the
+experiment's W&B group; member m is named `<experiment>/<m>` and tagged with m. `load_runs` gives every
+member's config, `load_config(..., member=m)` one of them.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ CONF_DIR = REPO_ROOT / "conf"
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 GROUPS = ("model", "data", "trainer", "logger")
 # Keys of an experiment file that steer composition rather than set config values.
-_META_KEYS = ("extends", "groups")
+_META_KEYS = ("extends", "groups", "sweep")
 
 
 def available_experiments() -> list[str]:
@@ -40,9 +44,37 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def load_config(experiment: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """The typed, validated config of an experiment (a name in `experiments/` or a yaml path)."""
-    group_choices, dotlist = _split_overrides(overrides or [])
+def load_runs(experiment: str | Path, overrides: list[str] | None = None) -> list[Config]:
+    """The configs of an experiment's runs: one, or one per sweep member."""
+    members = sweep_members(experiment)
+    if not members:
+        return [load_config(experiment, overrides)]
+    return [load_config(experiment, overrides, member) for member in members]
+
+
+def sweep_members(experiment: str | Path) -> dict[str, list[str]]:
+    """An experiment's sweep (member name -> overrides); empty when it is a single run."""
+    for path, body in reversed(_experiment_chain(experiment)):
+        if "sweep" in body:
+            return _sweep_of(body["sweep"], path)
+    return {}
+
+
+def load_config(
+    experiment: str | Path | None = None, overrides: list[str] | None = None, member: str | None = None
+) -> Config:
+    """The typed, validated config of an experiment (a name in `experiments/` or a yaml path).
+
+    For a sweep experiment, `member` names the run (its overrides apply before the command line's).
+    """
+    members = sweep_members(experiment) if experiment else {}
+    if members and member not in members:
+        raise ConfigError(
+            f"experiment {Path(str(experiment)).stem!r} is a sweep of {', '.join(members)}; "
+            f"{'pick one of them' if member is None else f'it has no member {member!r}'}"
+        )
+    overrides = [*(members[member] if members else []), *(overrides or [])]
+    group_choices, dotlist = _split_overrides(overrides)
     chain = _experiment_chain(experiment) if experiment else []
     groups = _read_yaml(CONF_DIR / "defaults.yaml").get("groups", {})
     for path, body in chain:
@@ -59,6 +91,10 @@ def load_config(experiment: str | Path | None = None, overrides: list[str] | Non
     local = Path(os.environ.get("DREAMSHOT_LOCAL_CONFIG", CONF_DIR / "local.yaml"))
     if local.is_file():
         cfg = _merge(cfg, _read_yaml(local), local)
+    if members:
+        stem = chain[-1][0].stem
+        sweep = {"name": f"{stem}/{member}", "tags": [*cfg.tags, member], "logger": {"group": stem}}
+        cfg = _merge(cfg, sweep, f"sweep member {member!r}")
     cfg = _merge(cfg, OmegaConf.from_dotlist(dotlist), "command line")
     try:
         config: Config = OmegaConf.to_object(cfg)
@@ -117,9 +153,7 @@ def _experiment_file(experiment: str | Path) -> Path:
 def _group_file(group: str, option: str) -> Path:
     path = CONF_DIR / group / f"{option}.yaml"
     if not path.exists():
-        raise ConfigError(
-            f"no option {option!r} for group {group!r}; available: {', '.join(group_options(group))}"
-        )
+        raise ConfigError(f"no option {option!r} for group {group!r}; available: {', '.join(group_options(group))}")
     return path
 
 
@@ -127,12 +161,19 @@ def _groups_of(body: dict, path: Path) -> dict[str, str]:
     groups = body.get("groups") or {}
     unknown = set(groups) - set(GROUPS)
     if unknown:
-        raise ConfigError(
-            f"{path}: unknown group {sorted(unknown)[0]!r} under 'groups' (groups: {', '.join(GROUPS)})"
-        )
+        raise ConfigError(f"{path}: unknown group {sorted(unknown)[0]!r} under 'groups' (groups: {', '.join(GROUPS)})")
     for group, option in groups.items():
         _group_file(group, option)
     return dict(groups)
+
+
+def _sweep_of(sweep: Any, path: Path) -> dict[str, list[str]]:
+    if not isinstance(sweep, dict) or not sweep:
+        raise ConfigError(f"{path}: 'sweep' must map member names to lists of key=value overrides")
+    for member, items in sweep.items():
+        if not isinstance(items, list) or not all(isinstance(i, str) and "=" in i for i in items):
+            raise ConfigError(f"{path}: sweep member {member!r} must be a list of key=value strings")
+    return {str(member): list(items) for member, items in sweep.items()}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -156,7 +156,7 @@ class StoryboardConfig:
 class RaclConfig:
     """Role-Attention Consistency Loss (DESIGN §2, Eq. 5-8)."""
 
-    # λ in L = L_FM + λ·L_RACL; 0 captures nothing in training. A curriculum phase may override it.
+    # λ in L = L_FM + λ·L_RACL; 0 captures nothing in training. Curriculum phases switch it on or off.
     weight: float = 0.0
     # DiT blocks whose self-attention is captured (negative indices count from the end). None: the middle half.
     blocks: list[int] | None = None
@@ -174,7 +174,8 @@ class PhaseConfig:
 
     steps: int = 10000
     resolution: list[int] = field(default_factory=lambda: [192, 336])
-    racl_weight: float = 0.0
+    # Train with L_FM + racl.weight·L_RACL in this phase (False: L_FM only).
+    use_racl: bool = True
 
 
 @dataclass
@@ -267,7 +268,12 @@ class Config:
         """The training phases: the curriculum, or one phase made of the flat settings."""
         if self.curriculum:
             return list(self.curriculum)
-        return [PhaseConfig(self.trainer.max_steps, list(self.data.resolution), self.racl.weight)]
+        return [PhaseConfig(self.trainer.max_steps, list(self.data.resolution), use_racl=True)]
+
+    def racl_weight(self, phase: int) -> float:
+        """λ in phase `phase` (0 where the phase trains L_FM only)."""
+        phases = self.phases()
+        return self.racl.weight if phases[min(phase, len(phases) - 1)].use_racl else 0.0
 
     def racl_blocks(self) -> list[int]:
         """Captured block indices, non-negative and sorted."""
@@ -333,8 +339,8 @@ def _check_racl(cfg: Config) -> None:
 def _check_curriculum(cfg: Config) -> None:
     for i, phase in enumerate(cfg.curriculum):
         _check_sizes(phase.resolution, f"curriculum[{i}].resolution", multiple=16)
-        if phase.steps < 1 or phase.racl_weight < 0:
-            raise ConfigError(f"curriculum[{i}]: steps must be >= 1 and racl_weight >= 0")
+        if phase.steps < 1:
+            raise ConfigError(f"curriculum[{i}].steps must be >= 1, got {phase.steps}")
     total = sum(phase.steps for phase in cfg.curriculum)
     if cfg.curriculum and total != cfg.trainer.max_steps:
         raise ConfigError(

@@ -30,7 +30,6 @@ from dreamshot.data.manifest import SOURCES, StoryboardRecord, load_manifest
 from dreamshot.data.toyworld import ensure_toyworld
 from dreamshot.utils.errors import ConfigError
 
-
 # Data-pass ids of phase p are p * PASS_STRIDE + q: distinct shuffles and shot windows in every pass.
 PASS_STRIDE = 100_000
 

@@ -70,10 +70,11 @@ class ComposedBatch:
     frame_masks: torch.Tensor | None = None
 
 
-def sample_plan(
-    cfg: StoryboardConfig, num_shots: int, num_refs: int, batch_size: int, rng: random.Random
-) -> BatchPlan:
-    """Draw a batch's mode and dropout. Modes that the batch cannot take fall back: s2s needs N >= 2, r2s needs K >= 1."""
+def sample_plan(cfg: StoryboardConfig, num_shots: int, num_refs: int, batch_size: int, rng: random.Random) -> BatchPlan:
+    """Draw a batch's mode and dropout.
+
+    Modes that the batch cannot take fall back: s2s needs N >= 2 shots, r2s needs K >= 1 reference.
+    """
     weights = [cfg.modes.t2s, cfg.modes.r2s, cfg.modes.s2s]
     mode = rng.choices(MODES, weights=weights)[0]
     if mode == "s2s" and num_shots < 2:

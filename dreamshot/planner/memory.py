@@ -6,11 +6,15 @@ FFN width, r the LoRA rank, n_l the number of blocks.
 
 Model state (`state_memory`):
   frozen weights     P × bytes (model.dtype; bf16 under DeepSpeed's bf16 mode), ÷ N under ZeRO-3 only.
-  LoRA weights       P_lora × the same bytes, ÷ N under ZeRO-3.
-  LoRA gradients     in the parameter dtype, ÷ N under ZeRO-2/3 (ZeRO-1 and DDP keep them whole).
-  optimiser state    AdamW m and v: under ZeRO (any stage) fp32 with an fp32 master copy (12 B/param),
-                     ÷ N; without ZeRO torch keeps m and v in the parameter dtype, whole, and the parameters
-                     are their own master.
+  LoRA weights       P_lora × 4: `apply_lora` keeps them in float32 whatever model.dtype; DeepSpeed's bf16
+                     mode casts every parameter of the module to bf16 (its engine does, LoRA included): 2.
+                     ÷ N under ZeRO-3.
+  LoRA gradients     in the LoRA weights' dtype, ÷ N under ZeRO-2/3 (ZeRO-1 and DDP keep them whole).
+  optimiser state    AdamW m and v, fp32. Without ZeRO torch keeps them in the parameters' dtype (float32
+                     LoRA), whole, and the fp32 weights are their own master: 8 B/param. Under ZeRO DeepSpeed
+                     keeps its own fp32 master partition next to m and v, 12 B/param ÷ N: a copy of the bf16
+                     weights in bf16 mode, and a clone even of fp32 weights under ZeRO-1/2; only ZeRO-3 with
+                     fp32 weights updates their partitions in place (8 B/param ÷ N).
 
 Activations (`activation_memory`): what autograd keeps for backward, from the tensors a Wan block saves
 (`block_saved_bytes`, checked against a real block in tests/test_planner.py). Without checkpointing every
@@ -28,9 +32,10 @@ from dreamshot.planner.shape import ModelShape
 from dreamshot.planner.workload import Training, Workload
 
 FP32 = 4
-# What a LoRA linear's weight gradient needs that no other op of the block keeps: its input. Linears reading
-# the same tensor share it; the attention outputs (to_out.0) are kept by the attention kernel anyway, and the
-# cross-attention K/V read the text embedding, which every block shares.
+# What a LoRA linear's weight gradient needs that no other op of the block keeps, when the LoRA weights are in
+# the activation dtype (peft's cast is then a no-op): its input. Linears reading the same tensor share it; the
+# attention outputs (to_out.0) are kept by the attention kernel anyway, and the cross-attention K/V read the
+# text embedding, which every block shares.
 _LORA_INPUTS = {
     "attn1.to_q": "norm1",
     "attn1.to_k": "norm1",
@@ -59,8 +64,7 @@ def state_memory(shape: ModelShape, training: Training, encoders: bool = True) -
     when latents and text embeddings are cached (DESIGN §4).
     """
     n, stage = training.world_size, training.zero_stage
-    deepspeed_half = stage >= 1 and training.half_precision
-    weight_bytes = 2 if deepspeed_half else training.model_bytes
+    weight_bytes = 2 if training.deepspeed_half else training.model_bytes
     items = {"DiT weights": _sharded(shape.dit_params * weight_bytes, n, stage >= 3, f"frozen, {_dtype(weight_bytes)}")}
     if encoders and shape.text_encoder_params is not None:
         items["umT5 weights"] = _sharded(
@@ -68,20 +72,19 @@ def state_memory(shape: ModelShape, training: Training, encoders: bool = True) -
         )
     if encoders and shape.vae_params is not None:
         # build.py keeps the VAE in float32; DeepSpeed's bf16 mode casts the whole module.
-        vae_bytes = 2 if deepspeed_half else FP32
+        vae_bytes = 2 if training.deepspeed_half else FP32
         items["VAE weights"] = _sharded(shape.vae_params * vae_bytes, n, stage >= 3, f"frozen, {_dtype(vae_bytes)}")
-    lora = shape.lora_params
-    items["LoRA weights"] = _sharded(lora * weight_bytes, n, stage >= 3, f"trainable, {_dtype(weight_bytes)}")
-    items["LoRA gradients"] = _sharded(lora * weight_bytes, n, stage >= 2, _dtype(weight_bytes))
-    if stage >= 1:
-        # DeepSpeed's ZeRO optimisers always keep an fp32 master partition next to m and v.
-        items["optimiser state"] = _sharded(lora * 3 * FP32, n, True, "AdamW m, v + fp32 master")
-    else:
-        items["optimiser state"] = _sharded(lora * 2 * weight_bytes, n, False, f"AdamW m, v, {_dtype(weight_bytes)}")
+    lora, lora_bytes = shape.lora_params, training.lora_bytes
+    items["LoRA weights"] = _sharded(lora * lora_bytes, n, stage >= 3, f"trainable, {_dtype(lora_bytes)}")
+    items["LoRA gradients"] = _sharded(lora * lora_bytes, n, stage >= 2, _dtype(lora_bytes))
+    # DeepSpeed's ZeRO-3 optimiser updates fp32 partitions in place; ZeRO-1/2 clone them into a master copy.
+    master = stage >= 1 and not (stage >= 3 and lora_bytes == FP32)
+    states, note = (3, "AdamW m, v + fp32 master") if master else (2, "AdamW m, v, fp32")
+    items["optimiser state"] = _sharded(lora * states * FP32, n, stage >= 1, note)
     return items
 
 
-def block_saved_bytes(shape: ModelShape, work: Workload, fused_rms_norm: bool = True) -> int:
+def block_saved_bytes(shape: ModelShape, work: Workload, training: Training, fused_rms_norm: bool = True) -> int:
     """Bytes one Wan block keeps for backward for one sample (bf16 compute, LoRA per `shape.linears`).
 
     The block (diffusers' WanTransformerBlock with the shot-wise cross-attention) saves, per video token:
@@ -94,38 +97,60 @@ def block_saved_bytes(shape: ModelShape, work: Workload, fused_rms_norm: bool = 
       - the attention kernels' q, k, v, out (self: 4·b·D) and q, out (cross: 2·b·D), and each one's fp32
         logsumexp (2 × 4·H) — O(T), no T×T matrix;
       - the GELU input (b·F_ffn);
-      - the inputs LoRA weight gradients need and nothing else keeps (`_LORA_INPUTS`: the norm1/2/3 outputs,
-        b·D each, the GELU output, b·F_ffn) and every LoRA A output (b·r per LoRA linear);
-    per text token: the cross-attention k-RMSNorm input (R + 4, when to_k carries LoRA), its k and v
-    (2·b·D) and the A outputs of the K/V LoRAs (b·r each); per block: norm2's affine weights cast to fp32
-    (2 × 4·D) in a bf16 model. Block 0 saves a little less (its input needs no gradient); it is counted
-    like the others.
+      - what the LoRA branches keep (`lora_saved_bytes`);
+    per text token: the cross-attention k-RMSNorm input (R + 4, when to_k carries LoRA), its k and v (2·b·D)
+    and what the K/V LoRA branches keep; per block: norm2's affine weights cast to fp32 (2 × 4·D) in a bf16
+    model, and the weight casts of the LoRA branches under autocast. Block 0 saves a little less (its input
+    needs no gradient); it is counted like the others.
     """
-    b, dim, heads, ffn, rank = work.activation_bytes, shape.dim, shape.num_heads, shape.ffn_dim, shape.lora_rank
+    b, dim, heads, ffn = work.activation_bytes, shape.dim, shape.num_heads, shape.ffn_dim
     rms_norm = (b if fused_rms_norm else FP32) * dim + FP32
-    lora = [linear for linear in shape.linears if linear.lora]
-    video_adapters = sum(not linear.text for linear in lora)
-    lora_sources = {_LORA_INPUTS[linear.name] for linear in lora} - {None}
+    lora_video, lora_text, lora_weights = lora_saved_bytes(shape, work, training)
     modulation = 6 * dim * FP32 + 2 * dim * FP32
 
     layer_norms = 3 * (FP32 * dim + 2 * FP32)
     attention = 6 * b * dim + 2 * FP32 * heads
-    lora_video = sum(b * (ffn if source == "gelu" else dim) for source in lora_sources) + video_adapters * b * rank
     per_token = layer_norms + 3 * rms_norm + attention + b * ffn + lora_video
     if work.per_token_timestep:
         per_token += modulation
 
-    text_norm = rms_norm if any(linear.name == "attn2.to_k" for linear in lora) else 0
-    per_text_token = text_norm + 2 * b * dim + (len(lora) - video_adapters) * b * rank
+    text_norm = rms_norm if any(linear.name == "attn2.to_k" and linear.lora for linear in shape.linears) else 0
+    per_text_token = text_norm + 2 * b * dim + lora_text
     per_sample = 0 if work.per_token_timestep else modulation
-    per_block = 2 * FP32 * dim if b < FP32 else 0
+    per_block = (2 * FP32 * dim if b < FP32 else 0) + lora_weights
     return work.tokens * per_token + work.text_tokens * per_text_token + per_sample + per_block
 
 
-def activation_memory(shape: ModelShape, work: Workload) -> dict[str, Item]:
+def lora_saved_bytes(shape: ModelShape, work: Workload, training: Training) -> tuple[int, int, int]:
+    """What the LoRA branches of one block keep for backward: bytes per video token, per text token, per block.
+
+    peft's `lora.Linear` casts its input to the adapter's dtype before A (each adapter on its own). When the
+    cast is a no-op (LoRA weights in the activation dtype: a float32 model, or DeepSpeed's bf16 mode), A's
+    weight gradient keeps the block's own tensor, shared by the linears that read it (`_LORA_INPUTS`), and
+    B's keeps A's output (b·r). Otherwise (`apply_lora`'s float32 LoRA in a bf16 model) every adapter keeps
+    its own copy of its input and its A output, c·(in + r), with c the dtype its matmuls run in: 4, or 2
+    under autocast, which also casts the weights afresh for every matmul (no weight cache) and keeps those a
+    gradient flows through: B's, and A's where the input needs a gradient (b·r·(in + out) per video adapter,
+    b·r·out per text adapter, per block).
+    """
+    b, rank = work.activation_bytes, shape.lora_rank
+    lora = [linear for linear in shape.linears if linear.lora]
+    text_adapters = sum(linear.text for linear in lora)
+    if training.lora_bytes == b:
+        shared = {_LORA_INPUTS[linear.name]: linear.in_features for linear in lora}
+        shared.pop(None, None)
+        return b * (sum(shared.values()) + (len(lora) - text_adapters) * rank), b * text_adapters * rank, 0
+    compute = 2 if training.autocast else training.lora_bytes
+    video = sum(compute * (linear.in_features + rank) for linear in lora if not linear.text)
+    text = sum(compute * (linear.in_features + rank) for linear in lora if linear.text)
+    casts = sum(linear.out_features + (0 if linear.text else linear.in_features) for linear in lora)
+    return video, text, compute * rank * casts if training.autocast else 0
+
+
+def activation_memory(shape: ModelShape, work: Workload, training: Training) -> dict[str, Item]:
     """Activation bytes per GPU for a micro-batch, with or without checkpointing as `work` says."""
     b, mb, layers = work.activation_bytes, work.micro_batch, shape.num_layers
-    block = block_saved_bytes(shape, work)
+    block = block_saved_bytes(shape, work, training)
     if work.checkpointing:
         items = {
             "block inputs": Item(layers * work.tokens * shape.dim * b * mb, f"{layers} checkpoints of T×D"),

@@ -45,5 +45,7 @@ def plan_phase(label: str, shape: ModelShape, work: Workload, training: Training
         training=training,
         flops=training_flops(shape, work),
         state=state_memory(shape, training, encoders),
-        activations={on: activation_memory(shape, dataclasses.replace(work, checkpointing=on)) for on in (True, False)},
+        activations={
+            on: activation_memory(shape, dataclasses.replace(work, checkpointing=on), training) for on in (True, False)
+        },
     )

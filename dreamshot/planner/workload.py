@@ -55,10 +55,28 @@ class Training:
     # DeepSpeed ZeRO stage: 0 (none: DDP), 1 (optimiser state sharded), 2 (+ gradients), 3 (+ weights).
     zero_stage: int = 0
     accumulate: int = 1
-    # Bytes per weight of model.dtype (frozen weights and LoRA, unless DeepSpeed casts them).
+    # Bytes per frozen weight of model.dtype (unless DeepSpeed casts them).
     model_bytes: int = 2
-    # trainer.precision is 16-bit: under DeepSpeed the whole module, encoders included, is cast to bf16.
+    # trainer.precision is 16-bit: under DeepSpeed the whole module, LoRA and encoders included, is cast to bf16;
+    # without DeepSpeed Lightning runs the forward under bf16 autocast ("bf16-mixed"; "bf16-true", which would
+    # cast the module instead, is not modelled).
     half_precision: bool = True
+
+    @property
+    def deepspeed_half(self) -> bool:
+        """DeepSpeed's bf16 mode (ZeRO with 16-bit precision): its engine casts every parameter to bf16."""
+        return self.zero_stage >= 1 and self.half_precision
+
+    @property
+    def autocast(self) -> bool:
+        """16-bit precision without DeepSpeed: the forward runs under torch.autocast (Lightning: no weight cache)."""
+        return self.half_precision and not self.deepspeed_half
+
+    @property
+    def lora_bytes(self) -> int:
+        """Bytes per LoRA weight and gradient: float32, as `apply_lora` keeps them, unless DeepSpeed's bf16 mode
+        casts them back to bf16."""
+        return 2 if self.deepspeed_half else 4
 
 
 def tokens_per_frame(height: int, width: int, source: str) -> int:

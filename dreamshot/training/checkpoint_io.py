@@ -17,9 +17,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
 
-    def load_checkpoint(
-        self, path, map_location: Any | None = None, weights_only: bool | None = None
-    ) -> dict:
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         path = Path(path)
         if not path.is_file():
             raise WeightsError(f"checkpoint {path} does not exist (trainer.ckpt_path)")

@@ -40,8 +40,12 @@ class DreamShotModule(L.LightningModule):
         self.strict_loading = False
         self.mix_counts: Counter[str] = Counter()
         self._negative_text: torch.Tensor | None = None
-        # λ of the current curriculum phase (set by the Curriculum callback).
-        self.racl_weight = cfg.phases()[0].racl_weight
+
+    @property
+    def racl_weight(self) -> float:
+        """λ of the current curriculum phase. The phase is the epoch (the datamodule serves one phase per
+        epoch), so it is derived, never stored: a resumed run cannot disagree with its data."""
+        return self.cfg.racl_weight(self.current_epoch)
 
     # --- steps ---------------------------------------------------------------------------------------------
 

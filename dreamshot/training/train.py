@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -15,15 +16,17 @@ from dreamshot.config.schema import Config
 from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.training.callbacks import LORA_FILE, ExportLora, TrainSummary
 from dreamshot.training.checkpoint_io import AtomicCheckpointIO
-from dreamshot.training.curriculum import Curriculum
 from dreamshot.training.module import DreamShotModule
 from dreamshot.utils.io import atomic_write_text
 
 CHECKPOINT_DIR = "checkpoints"
 
 
-def train(cfg: Config) -> Path:
-    """Fit `cfg` and return its output folder (config.yaml, checkpoints/, lora.safetensors, summary.json, logs)."""
+def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> Path:
+    """Fit `cfg` and return its output folder (config.yaml, checkpoints/, lora.safetensors, summary.json, logs).
+
+    `callbacks` are added to the run's own (notebooks and tests observe or steer a run with them).
+    """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
@@ -33,12 +36,12 @@ def train(cfg: Config) -> Path:
     datamodule = StoryboardDataModule(cfg.data, out, cfg.seed, cfg.curriculum, cfg.trainer.accumulate_grad_batches)
     module = DreamShotModule(cfg)
     logger = build_logger(cfg, out)
-    trainer = build_trainer(cfg, out, logger)
+    trainer = build_trainer(cfg, out, logger, callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.trainer.ckpt_path)
     return out
 
 
-def build_trainer(cfg: Config, out: Path, logger: Logger) -> L.Trainer:
+def build_trainer(cfg: Config, out: Path, logger: Logger, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     t = cfg.trainer
     checkpoints = ModelCheckpoint(
         dirpath=out / CHECKPOINT_DIR,
@@ -72,7 +75,7 @@ def build_trainer(cfg: Config, out: Path, logger: Logger) -> L.Trainer:
         val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
-        callbacks=[checkpoints, Curriculum(), ExportLora(out), TrainSummary(out, artifacts)],
+        callbacks=[checkpoints, ExportLora(out), TrainSummary(out, artifacts), *callbacks],
         logger=logger,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out,

@@ -25,9 +25,7 @@ def _frames_into_batch(x: torch.Tensor, num_frames: int) -> torch.Tensor:
     return x.reshape(batch * num_frames, _per_frame(length, num_frames), heads, dim).transpose(1, 2)
 
 
-def shotwise_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_frames: int
-) -> torch.Tensor:
+def shotwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_frames: int) -> torch.Tensor:
     """Attention of every frame's queries to that frame's keys only.
 
     query: (B, F·S, H, d) — S tokens per frame, frame-major; key, value: (B, F·L, H, d) — L text tokens per

@@ -135,6 +135,4 @@ def _load(cls, folder: Path, **kwargs):
     try:
         return cls.from_pretrained(folder, local_files_only=True, **kwargs)
     except (OSError, ValueError) as e:
-        raise WeightsError(
-            f"{folder}: cannot load ({str(e).splitlines()[0]}) (model.pretrained_path)"
-        ) from None
+        raise WeightsError(f"{folder}: cannot load ({str(e).splitlines()[0]}) (model.pretrained_path)") from None

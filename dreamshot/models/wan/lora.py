@@ -25,9 +25,7 @@ def apply_lora(transformer, cfg: LoraConfig) -> None:
     names = [name for name, _ in transformer.named_modules()]
     for pattern in cfg.target_modules:
         if not any(name == pattern or name.endswith("." + pattern) for name in names):
-            raise ConfigError(
-                f"model.lora.target_modules: pattern {pattern!r} matches no module of the transformer"
-            )
+            raise ConfigError(f"model.lora.target_modules: pattern {pattern!r} matches no module of the transformer")
     transformer.requires_grad_(False)
     transformer.add_adapter(
         peft.LoraConfig(
@@ -56,9 +54,7 @@ def load_lora_state_dict(transformer, state: dict[str, torch.Tensor]) -> None:
         raise WeightsError(f"LoRA state dict: missing key {missing[0]!r} ({len(missing)} missing)")
     unexpected = [key for key in state if key not in expected]
     if unexpected:
-        raise WeightsError(
-            f"LoRA state dict: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)"
-        )
+        raise WeightsError(f"LoRA state dict: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise WeightsError(

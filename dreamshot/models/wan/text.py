@@ -16,9 +16,7 @@ def encode_texts(text_encoder, tokenizer, texts: list[list[str]], text_len: int)
     """
     lengths = {len(row) for row in texts}
     if len(lengths) != 1:
-        raise ValueError(
-            f"every row of texts must have the same number of texts, got lengths {sorted(lengths)}"
-        )
+        raise ValueError(f"every row of texts must have the same number of texts, got lengths {sorted(lengths)}")
     flat = [text for row in texts for text in row]
     tokens = tokenizer(flat, padding="max_length", max_length=text_len, truncation=True, return_tensors="pt")
     device = text_encoder.device

@@ -1,0 +1,145 @@
+"""`dreamshot generate STORY [key=value ...] (--run DIR | --lora FILE | --base) --out DIR [--regenerate 3,5]`.
+
+Draws a story's shots into DIR (`shot_01.png` …, `storyboard.png`, `generation.json`). Config overrides come
+right after STORY. `--regenerate` re-rolls only the listed shots of an earlier run in DIR: every other shot
+is read back from its PNG (which is not rewritten) and given to the model as a clean condition after the
+references.
+
+Precedence: the noise seed is `--seed`, else (re-roll) the previous run's seed + 1, else the story's `seed`,
+else `inference.seed`; the steps are `--steps`, else the story's `steps`, else `inference.steps`; the shot
+size is the story's height/width, else `data.resolution`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from dreamshot.config.schema import Config
+from dreamshot.inference.loading import build_adapter, load_lora, resolve_config, run_weights
+from dreamshot.inference.outputs import (
+    load_kept_shots,
+    read_record,
+    save_shots,
+    shot_file,
+    write_contact_sheet,
+    write_record,
+)
+from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
+from dreamshot.inference.story import Story, load_story, story_request
+from dreamshot.utils.errors import DataError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("story", type=Path, help="story file (yaml/json): references, shots, previous_shots")
+    parser.add_argument("overrides", nargs="*", help="config overrides right after STORY: key.sub=value")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--run", type=Path, help="training run folder (config.yaml + lora.safetensors or last.ckpt)")
+    weights.add_argument("--lora", type=Path, help="LoRA weights: exported .safetensors or a .ckpt checkpoint")
+    weights.add_argument("--base", action="store_true", help="no LoRA: the bare backbone")
+    parser.add_argument("--config", help="experiment name or yaml to build the model (default: the run's config.yaml)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--regenerate", type=shot_list, help="re-roll only these shots (1-based), e.g. 3,5")
+    parser.add_argument("--seed", type=int, help="noise seed (see precedence above)")
+    parser.add_argument("--steps", type=positive_int, help="sampler steps (see precedence above)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
+def shot_list(text: str) -> list[int]:
+    """'3,5' -> [3, 5]: distinct 1-based shot indices."""
+    try:
+        indices = sorted({int(item) for item in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated shot numbers, got {text!r}") from None
+    if indices[0] < 1:
+        raise argparse.ArgumentTypeError(f"shot numbers start at 1, got {text!r}")
+    return indices
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def run(args: argparse.Namespace) -> None:
+    story = load_story(args.story)
+    weights = run_weights(args.run) if args.run else args.lora
+    cfg = resolve_config(weights, args.config, args.overrides)
+    size = story.size or (cfg.data.resolution[0], cfg.data.resolution[1])
+    targets = _targets(story, args.regenerate)
+    previous = read_record(args.out) if args.regenerate else None
+    kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
+    request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    adapter = build_adapter(cfg, device)
+    if weights is not None:
+        load_lora(adapter, weights)
+    seed = _seed(args.seed, previous, story, cfg)
+    steps = args.steps if args.steps is not None else story.steps
+    result = StoryboardPipeline(adapter, cfg)(request, seed=seed, steps=steps)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_shots(args.out, targets, result.images)
+    sheet = write_contact_sheet(args.out, story, size)
+    record = _record(story, cfg, result, weights, targets, kept, size)
+    write_record(args.out, record, previous)
+    drawn = ", ".join(map(str, targets))
+    print(
+        f"{result.mode}: drew shots {drawn} of {len(story.shots)} in {result.total_seconds:.1f} s"
+        f" (seed {result.seed}, {len(result.step_seconds)} steps) -> {args.out} ({sheet.name})"
+    )
+
+
+def _targets(story: Story, regenerate: list[int] | None) -> list[int]:
+    count = len(story.shots)
+    if regenerate is None:
+        return list(range(1, count + 1))
+    if regenerate[-1] > count:
+        raise DataError(f"{story.path}: shots: --regenerate names shot {regenerate[-1]}, the story has {count}")
+    return regenerate
+
+
+def _seed(explicit: int | None, previous: dict | None, story: Story, cfg: Config) -> int:
+    if explicit is not None:
+        return explicit
+    if previous is not None:
+        # A re-roll must draw new noise: the same seed would redraw the same shots.
+        return int(previous["seed"]) + 1
+    return story.seed if story.seed is not None else cfg.inference.seed
+
+
+def _record(
+    story: Story,
+    cfg: Config,
+    result: StoryboardResult,
+    weights: Path | None,
+    targets: list[int],
+    kept: list[int],
+    size: tuple[int, int],
+) -> dict:
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "story": str(story.path.absolute()),
+        "mode": result.mode,
+        "seed": result.seed,
+        "steps": len(result.step_seconds),
+        "size": list(size),
+        "weights": str(weights.absolute()) if weights else "base",
+        "drawn_shots": targets,
+        "kept_shots": kept,
+        "shots": [
+            {"index": n, "file": shot_file(n), "annotation": shot.annotation}
+            for n, shot in enumerate(story.shots, start=1)
+        ],
+        "references": [{**asdict(ref), "image": str(ref.image)} for ref in story.references],
+        "timings": {"steps_s": result.step_seconds, "total_s": result.total_seconds},
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+    }

@@ -1,0 +1,216 @@
+"""Storyboard sampling with reference-free guidance (DESIGN §2 "Reference-free CFG (Eq. 9)" and "Modes").
+
+One storyboard per call. The condition frames — the references, then the given shots (s2s: a story's previous
+shots, or the kept shots when re-rolling) — stand clean in the layout's condition slot at every step, with
+per-token timestep 0, exactly as in training; only the N target frames start from noise and are stepped by the
+scheduler. Each step needs three velocity predictions; the branches that share a sequence layout run as ONE
+batched forward:
+- with condition frames: [v_r, v_c] together (K+M conditions, N targets), v_u alone (no conditions);
+- without (t2s): [v_u, v_c] together, and the guidance is ordinary CFG with ω2.
+The negative prompt (`storyboard.negative_prompt`) replaces the shot texts in v_u and v_r; condition frames keep
+their own texts, as in training's text dropout.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from tqdm.auto import tqdm
+
+from dreamshot.config.schema import Config
+from dreamshot.diffusion.flow_matching import NUM_TRAIN_TIMESTEPS, token_timesteps
+from dreamshot.diffusion.guidance import guided_velocity
+from dreamshot.models.layout import StoryboardLayout
+from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.models.wan.latents import encode_references, encode_shots
+
+
+@dataclass
+class StoryboardRequest:
+    """What to draw: N shot texts at `size` (H, W), with optional condition images in [-1, 1].
+
+    references: (K, 3, H, W) with K `reference_texts`; given_shots: (M, 3, H, W) with M `given_texts`,
+    in story order (they are encoded as one shot stream, like the first shots of a training storyboard).
+    """
+
+    shot_texts: list[str]
+    size: tuple[int, int]
+    references: torch.Tensor | None = None
+    reference_texts: list[str] = field(default_factory=list)
+    given_shots: torch.Tensor | None = None
+    given_texts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.shot_texts:
+            raise ValueError("a request needs at least one shot text")
+        for images, texts, name in (
+            (self.references, self.reference_texts, "references"),
+            (self.given_shots, self.given_texts, "given_shots"),
+        ):
+            count = 0 if images is None else images.shape[0]
+            if count != len(texts):
+                raise ValueError(f"{name}: {count} images but {len(texts)} texts")
+
+    @property
+    def mode(self) -> str:
+        if self.given_texts:
+            return "s2s"
+        return "r2s" if self.reference_texts else "t2s"
+
+
+@dataclass
+class StoryboardResult:
+    """images: (N, 3, H, W) float32 in [0, 1] on CPU; latents: (1, C, N, h, w) final target latents."""
+
+    images: torch.Tensor
+    latents: torch.Tensor
+    mode: str
+    seed: int
+    step_seconds: list[float]
+    total_seconds: float
+
+
+@dataclass
+class EncodedRequest:
+    """conditions: (1, C, K+M, h, w) clean latents; texts (1, frames, L, D): conditions', shots', negative."""
+
+    conditions: torch.Tensor
+    condition_text: torch.Tensor
+    shot_text: torch.Tensor
+    negative_text: torch.Tensor
+
+    @property
+    def num_conditions(self) -> int:
+        return self.conditions.shape[2]
+
+
+def build_scheduler(name: str, shift: float):
+    """Wan's flow-matching sampler: UniPC set up as Wan2.1's shipped scheduler config, or Euler."""
+    if name == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+    return UniPCMultistepScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=shift,
+    )
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Standard normal float32 noise drawn on CPU, so a seed gives the same storyboard on any device."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+class StoryboardPipeline:
+    """Draws storyboards with a `WanAdapter` (LoRA loaded or not) and a run's `Config`."""
+
+    def __init__(self, adapter: WanAdapter, config: Config) -> None:
+        self.adapter = adapter
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.adapter.transformer.parameters()).device
+
+    @torch.no_grad()
+    def __call__(
+        self, request: StoryboardRequest, seed: int | None = None, steps: int | None = None, progress: bool = True
+    ) -> StoryboardResult:
+        """Sample the N target shots of `request` (seed / steps default to the config's `inference`)."""
+        settings = self.config.inference
+        seed = settings.seed if seed is None else seed
+        start = time.perf_counter()
+        encoded = self.encode(request)
+        targets = initial_noise(self.latent_shape(request), seed).to(self.device)
+        scheduler = build_scheduler(settings.scheduler, settings.shift)
+        scheduler.set_timesteps(settings.steps if steps is None else steps, device=self.device)
+        step_seconds = []
+        for timestep in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+            tick = time.perf_counter()
+            velocity = self.velocity(encoded, targets, timestep)
+            targets = scheduler.step(velocity, timestep, targets, return_dict=False)[0]
+            _synchronize(self.device)
+            step_seconds.append(time.perf_counter() - tick)
+        images = self.adapter.decode_shots(targets)[0].float().add(1).div(2).clamp(0, 1).cpu()
+        return StoryboardResult(images, targets, request.mode, seed, step_seconds, time.perf_counter() - start)
+
+    def latent_shape(self, request: StoryboardRequest) -> tuple[int, int, int, int, int]:
+        """(1, C, N, h, w) of the target latents."""
+        vae = self.adapter.vae
+        ratio = vae.spatial_compression_ratio
+        height, width = request.size
+        return 1, vae.config.z_dim, len(request.shot_texts), height // ratio, width // ratio
+
+    def encode(self, request: StoryboardRequest) -> EncodedRequest:
+        """Condition latents and every text embedding of `request` (one VAE pass per stream, one umT5 batch)."""
+        conditions = len(request.reference_texts) + len(request.given_texts)
+        shots = len(request.shot_texts)
+        texts = request.reference_texts + request.given_texts + request.shot_texts
+        embedded = self.adapter.encode_text([texts + [self.config.storyboard.negative_prompt]])
+        vae = self.adapter.vae
+        references = torch.zeros(0, 3, *request.size) if request.references is None else request.references
+        latents = encode_references(vae, references[None].to(self.device))
+        if request.given_texts:
+            given = encode_shots(vae, request.given_shots[None].to(self.device))
+            latents = torch.cat([latents, given], dim=2)
+        return EncodedRequest(
+            conditions=latents,
+            condition_text=embedded[:, :conditions],
+            shot_text=embedded[:, conditions : conditions + shots],
+            negative_text=embedded[:, -1:].expand(-1, shots, -1, -1),
+        )
+
+    def velocity(self, encoded: EncodedRequest, targets: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """Guided velocity (1, C, N, h, w) of the targets at a scheduler timestep (0..1000)."""
+        settings = self.config.inference
+        t = (timestep.float() / NUM_TRAIN_TIMESTEPS).reshape(1).to(self.device)
+        layout = self.layout(encoded.num_conditions, targets.shape[2])
+        texts = [
+            layout.assemble(encoded.condition_text, text, dim=1) for text in (encoded.negative_text, encoded.shot_text)
+        ]
+        negative, v_c = self.predict(layout, encoded.conditions, targets, t, texts)
+        if layout.num_conditions == 0:
+            # t2s: the negative-prompt branch has no condition frames, so it is v_u and v_r does not exist.
+            return guided_velocity(negative, v_c, None, settings.omega1, settings.omega2)
+        free = self.layout(0, targets.shape[2])
+        (v_u,) = self.predict(free, encoded.conditions[:, :, :0], targets, t, [encoded.negative_text])
+        return guided_velocity(v_u, v_c, negative, settings.omega1, settings.omega2)
+
+    def predict(
+        self,
+        layout: StoryboardLayout,
+        conditions: torch.Tensor,
+        targets: torch.Tensor,
+        t: torch.Tensor,
+        texts: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, ...]:
+        """One batched forward: the targets' velocity (1, C, N, h, w), float32, for each text (1, F, L, D).
+
+        conditions: (1, C, K, h, w) clean; targets: (1, C, N, h, w) noised to t (shape (1,), in [0, 1]).
+        """
+        batch = len(texts)
+        dtype = self.adapter.transformer.dtype
+        sequence = layout.assemble(conditions.to(dtype), targets.to(dtype)).repeat(batch, 1, 1, 1, 1)
+        timesteps = self.timesteps(t.expand(batch), layout, sequence)
+        velocity = self.adapter.predict_velocity(sequence, timesteps, torch.cat(texts), layout)
+        return layout.split(velocity.float())[1].chunk(batch)
+
+    def timesteps(self, t: torch.Tensor, layout: StoryboardLayout, sequence: torch.Tensor) -> torch.Tensor:
+        """The DiT timesteps, as the model was trained: per token (condition frames at 0) or one per sample."""
+        if self.config.diffusion.timestep_mode == "global":
+            return t * NUM_TRAIN_TIMESTEPS
+        tokens = self.adapter.tokens_per_frame(*sequence.shape[-2:])
+        return token_timesteps(t, layout.target_frames().to(t.device), tokens)
+
+    def layout(self, num_conditions: int, num_targets: int) -> StoryboardLayout:
+        board = self.config.storyboard
+        return StoryboardLayout(num_conditions, num_targets, board.layout, board.phase, board.neg_offset)
+
+
+def _synchronize(device: torch.device) -> None:
+    # Kernels run asynchronously on CUDA: without a sync the step timings would measure the launch only.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

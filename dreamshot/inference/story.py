@@ -1,0 +1,295 @@
+"""Story files: what `dreamshot generate` draws. YAML (or JSON, which is YAML), paths relative to the file.
+
+```yaml
+seed: 7                  # optional: noise seed (else inference.seed)
+steps: 30                # optional: sampler steps (else inference.steps)
+height: 480              # optional, with width: shot size in pixels, multiples of 16 (else data.resolution)
+width: 832
+references:              # optional: one image and prompt per role -> r2s
+  - {role: ana, image: refs/ana.png, prompt: "<Role 1>: a girl in a red coat"}
+previous_shots:          # optional: shots already drawn, kept clean as conditions -> s2s
+  - {image: earlier/shot_01.png, annotation: "Wide shot: <Role 1> at the station."}
+shots:                   # the shots to draw, in order (at least one)
+  - {annotation: "Close-up: <Role 1> looks at the train."}
+```
+
+`load_story` validates everything before a model is built and raises `DataError` with one line
+`<story file>: <field>: <what is wrong>` (e.g. `shots[2].annotation: expected a string, got a number`).
+Images are prepared the way the training data is (`dreamshot.data.dataset`): references letterboxed onto a
+white canvas at the shot size, shots resized to cover it and centre-cropped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from dreamshot.data.dataset import WHITE, cover, letterbox
+from dreamshot.inference.pipeline import StoryboardRequest
+from dreamshot.utils.errors import DataError
+
+_TOP_FIELDS = ("seed", "steps", "height", "width", "references", "previous_shots", "shots")
+_REFERENCE_FIELDS = ("role", "image", "prompt")
+_PREVIOUS_FIELDS = ("image", "annotation")
+_SHOT_FIELDS = ("annotation",)
+SIZE_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class StoryRole:
+    """A reference role: its id, image (absolute path) and prompt."""
+
+    role: str
+    image: Path
+    prompt: str
+
+
+@dataclass(frozen=True)
+class StoryShot:
+    """A shot annotation; `image` is set for previous shots (absolute path) and None for shots to draw."""
+
+    annotation: str
+    image: Path | None = None
+
+
+@dataclass(frozen=True)
+class Story:
+    path: Path
+    references: list[StoryRole]
+    previous_shots: list[StoryShot]
+    shots: list[StoryShot]
+    seed: int | None = None
+    steps: int | None = None
+    # (height, width) in pixels, or None for the config's `data.resolution`.
+    size: tuple[int, int] | None = None
+
+
+def load_story(path: str | os.PathLike) -> Story:
+    """Read and validate a story file; every image path must name an existing file."""
+    path = Path(path)
+    where = _Where(path)
+    body = _read(path, where)
+    root = path.absolute().parent
+    _reject_unknown(body, _TOP_FIELDS, "", where)
+    references = [
+        _parse_reference(item, root, where, f"references[{i}]")
+        for i, item in enumerate(_list(body, "references", where))
+    ]
+    _check_unique_roles(references, where)
+    previous = [
+        _parse_previous_shot(item, root, where, f"previous_shots[{i}]")
+        for i, item in enumerate(_objects(body, "previous_shots", _PREVIOUS_FIELDS, where))
+    ]
+    shots = [
+        StoryShot(_text(item, "annotation", where, f"shots[{i}]"))
+        for i, item in enumerate(_objects(body, "shots", _SHOT_FIELDS, where))
+    ]
+    if not shots:
+        raise where.error("shots", "a story needs at least one shot to draw")
+    return Story(
+        path=path,
+        references=references,
+        previous_shots=previous,
+        shots=shots,
+        seed=_integer(body, "seed", 0, where),
+        steps=_integer(body, "steps", 1, where),
+        size=_size(body, where),
+    )
+
+
+def story_request(
+    story: Story, size: tuple[int, int], targets: Sequence[int] | None = None, kept: torch.Tensor | None = None
+) -> StoryboardRequest:
+    """The pipeline request that draws shots `targets` (1-based; default all) of `story` at `size` (H, W).
+
+    Every other shot is a kept shot (re-roll): its image is in `kept`, (N − len(targets), 3, H, W) in [-1, 1]
+    in story order. Kept shots join the given shots after the story's previous shots, so in the sequence they
+    stand in the condition slot after the references, with their own annotations, like the given shots of s2s
+    training; the shots to draw are the targets, in story order.
+    """
+    count = len(story.shots)
+    targets = list(range(1, count + 1)) if targets is None else sorted(targets)
+    kept_indices = [n for n in range(1, count + 1) if n not in targets]
+    kept = torch.zeros(0, 3, *size) if kept is None else kept
+    if kept.shape[0] != len(kept_indices):
+        raise ValueError(f"{len(kept_indices)} kept shots but {kept.shape[0]} kept images")
+    given = torch.cat([previous_shot_images(story, size), kept])
+    given_texts = [shot.annotation for shot in story.previous_shots]
+    given_texts += [story.shots[n - 1].annotation for n in kept_indices]
+    return StoryboardRequest(
+        shot_texts=[story.shots[n - 1].annotation for n in targets],
+        size=size,
+        references=reference_images(story, size),
+        reference_texts=[ref.prompt for ref in story.references],
+        given_shots=given,
+        given_texts=given_texts,
+    )
+
+
+# --- images ------------------------------------------------------------------------------------------------
+
+
+def reference_images(story: Story, size: tuple[int, int]) -> torch.Tensor:
+    """(K, 3, H, W) in [-1, 1]: each reference letterboxed on white at `size` (H, W), as in training."""
+    images = []
+    for k, ref in enumerate(story.references):
+        image = open_rgb(ref.image, f"{story.path}: references[{k}].image")
+        images.append(image_to_tensor(letterbox(image, size, Image.BICUBIC, WHITE)))
+    return _stack(images, size)
+
+
+def previous_shot_images(story: Story, size: tuple[int, int]) -> torch.Tensor:
+    """(M, 3, H, W) in [-1, 1]: each previous shot resized to cover `size` (H, W) and centre-cropped."""
+    images = [
+        load_shot(shot.image, size, f"{story.path}: previous_shots[{m}].image")
+        for m, shot in enumerate(story.previous_shots)
+    ]
+    return _stack(images, size)
+
+
+def load_shot(path: Path, size: tuple[int, int], where: str) -> torch.Tensor:
+    """One shot image -> (3, H, W) in [-1, 1], covering `size` (an image already at `size` is unchanged)."""
+    return image_to_tensor(cover(open_rgb(path, where), size, Image.BICUBIC))
+
+
+def open_rgb(path: Path, where: str) -> Image.Image:
+    """Decode an image file as RGB; an unreadable file is a DataError naming `where`."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: cannot read image {path} ({' '.join(str(e).split())})") from None
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image -> (3, H, W) float32 in [-1, 1]."""
+    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def _stack(images: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    return torch.stack(images) if images else torch.zeros(0, 3, *size)
+
+
+# --- parsing -----------------------------------------------------------------------------------------------
+
+
+class _Where:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def error(self, field: str, what: str) -> DataError:
+        return DataError(f"{self.path}: {field}: {' '.join(what.split())}")
+
+
+def _read(path: Path, where: _Where) -> dict[str, Any]:
+    try:
+        body = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise DataError(f"{path}: cannot read story file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(body, dict):
+        raise where.error("(file)", f"expected a mapping at the top level, got {_kind(body)}")
+    return body
+
+
+def _parse_reference(item: dict[str, Any], root: Path, where: _Where, at: str) -> StoryRole:
+    item = _object(item, where, at)
+    _reject_unknown(item, _REFERENCE_FIELDS, f"{at}.", where)
+    role = _text(item, "role", where, at)
+    if not role:
+        raise where.error(f"{at}.role", "must not be empty")
+    return StoryRole(role, _image(item, root, where, at), _text(item, "prompt", where, at))
+
+
+def _parse_previous_shot(item: dict[str, Any], root: Path, where: _Where, at: str) -> StoryShot:
+    return StoryShot(_text(item, "annotation", where, at), _image(item, root, where, at))
+
+
+def _check_unique_roles(references: list[StoryRole], where: _Where) -> None:
+    seen: set[str] = set()
+    for k, ref in enumerate(references):
+        if ref.role in seen:
+            raise where.error(f"references[{k}].role", f"duplicate role {ref.role!r}")
+        seen.add(ref.role)
+
+
+def _objects(body: dict[str, Any], key: str, known: tuple[str, ...], where: _Where) -> list[dict[str, Any]]:
+    items = [_object(item, where, f"{key}[{i}]") for i, item in enumerate(_list(body, key, where))]
+    for i, item in enumerate(items):
+        _reject_unknown(item, known, f"{key}[{i}].", where)
+    return items
+
+
+def _list(body: dict[str, Any], key: str, where: _Where) -> list[Any]:
+    value = body.get(key, [])
+    if not isinstance(value, list):
+        raise where.error(key, f"expected a list, got {_kind(value)}")
+    return value
+
+
+def _object(item: Any, where: _Where, at: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise where.error(at, f"expected a mapping, got {_kind(item)}")
+    return item
+
+
+def _text(item: dict[str, Any], key: str, where: _Where, at: str) -> str:
+    if key not in item:
+        raise where.error(f"{at}.{key}", "missing field")
+    if not isinstance(item[key], str):
+        raise where.error(f"{at}.{key}", f"expected a string, got {_kind(item[key])}")
+    return item[key]
+
+
+def _image(item: dict[str, Any], root: Path, where: _Where, at: str) -> Path:
+    path = root / _text(item, "image", where, at)
+    if not path.is_file():
+        raise where.error(f"{at}.image", f"file not found: {path}")
+    return path
+
+
+def _integer(body: dict[str, Any], key: str, minimum: int, where: _Where) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    # bool is an int subclass: `seed: yes` must not pass as 1.
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise where.error(key, f"expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _size(body: dict[str, Any], where: _Where) -> tuple[int, int] | None:
+    given = [key for key in ("height", "width") if body.get(key) is not None]
+    if not given:
+        return None
+    if len(given) == 1:
+        missing = "width" if given == ["height"] else "height"
+        raise where.error(missing, "give both height and width, or neither")
+    sides = []
+    for key in ("height", "width"):
+        value = _integer(body, key, SIZE_MULTIPLE, where)
+        if value % SIZE_MULTIPLE:
+            raise where.error(key, f"must be a multiple of {SIZE_MULTIPLE} (VAE 8x, patch 2x), got {value}")
+        sides.append(value)
+    return sides[0], sides[1]
+
+
+def _reject_unknown(item: dict[str, Any], known: tuple[str, ...], prefix: str, where: _Where) -> None:
+    for key in item:
+        if key not in known:
+            raise where.error(f"{prefix}{key}", f"unknown field (expected one of {', '.join(known)})")
+
+
+def _kind(value: Any) -> str:
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+    return "nothing" if value is None else kinds.get(type(value), type(value).__name__)

@@ -1,0 +1,254 @@
+"""`dreamshot generate` end to end on the tiny Wan: outputs, re-roll, LoRA loading, story-file faults."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from dreamshot.cli import main
+from dreamshot.config.load import to_yaml
+from dreamshot.config.schema import Config, ToyWorldConfig
+from dreamshot.data.manifest import load_manifest
+from dreamshot.data.toyworld import ensure_toyworld
+from dreamshot.inference.contact_sheet import panel_size
+from dreamshot.inference.loading import build_adapter, load_lora
+from dreamshot.inference.outputs import RECORD_FILE, SHEET_FILE, shot_file, shot_index
+from dreamshot.inference.story import image_to_tensor, load_story, reference_images
+from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.models.wan.latents import encode_references, encode_shots
+from dreamshot.utils.errors import DataError, WeightsError
+
+EXAMPLE_STORY = Path(__file__).resolve().parents[1] / "examples" / "story.yaml"
+HEIGHT, WIDTH = 32, 48
+STORY = {
+    "seed": 0,
+    "height": HEIGHT,
+    "width": WIDTH,
+    "references": [
+        {"role": "role1", "image": "refs/role1.png", "prompt": "<Role 1>: a red circle"},
+        {"role": "role2", "image": "refs/role2.png", "prompt": "<Role 2>: a blue circle"},
+    ],
+    "shots": [
+        {"annotation": "Wide shot in a meadow: <Role 1> on the left, <Role 2> on the right."},
+        {"annotation": "Close-up in a meadow: <Role 2> in the centre."},
+        {"annotation": "Medium shot in a meadow: <Role 1> on the right."},
+    ],
+}
+
+
+def _reference(path: Path, colour: tuple[int, int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", (40, 40), (236, 236, 236))
+    ImageDraw.Draw(image).ellipse((8, 8, 32, 32), fill=colour)
+    image.save(path)
+
+
+def _write_story(folder: Path, body: dict, name: str = "story.yaml") -> Path:
+    _reference(folder / "refs" / "role1.png", (214, 39, 40))
+    _reference(folder / "refs" / "role2.png", (31, 90, 200))
+    path = folder / name
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory) -> Path:
+    return _write_story(tmp_path_factory.mktemp("story"), STORY)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run folder as training leaves it: config.yaml and a LoRA (non-zero, so it changes the model)."""
+    run = tmp_path_factory.mktemp("run")
+    cfg = Config()
+    cfg.inference.steps = 2
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    adapter = build_adapter(cfg)
+    generator = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=generator) * 0.1 for k, v in adapter.lora_state_dict().items()}
+    save_file(state, str(run / "lora.safetensors"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def generated(story, run_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("out")
+    assert main(["generate", str(story), "--run", str(run_dir), "--out", str(out)]) == 0
+    return out
+
+
+def test_outputs(generated):
+    for n in (1, 2, 3):
+        with Image.open(generated / shot_file(n)) as image:
+            assert image.size == (WIDTH, HEIGHT) and image.mode == "RGB"
+    assert [shot_index(p) for p in sorted(generated.glob("shot_*.png"))] == [1, 2, 3]
+    panel_w, panel_h = panel_size((WIDTH, HEIGHT))
+    with Image.open(generated / SHEET_FILE) as sheet:
+        # One reference column and three shots in a row; two references stack to two panel heights.
+        assert sheet.size == (4 * panel_w, 2 * panel_h)
+    record = json.loads((generated / RECORD_FILE).read_text())
+    assert record["mode"] == "r2s" and record["seed"] == 0 and record["steps"] == 2
+    assert record["drawn_shots"] == [1, 2, 3] and record["kept_shots"] == [] and record["history"] == []
+    assert len(record["timings"]["steps_s"]) == 2 and record["timings"]["total_s"] > 0
+    assert record["config"]["inference"]["steps"] == 2 and record["weights"].endswith("lora.safetensors")
+    assert [s["annotation"] for s in record["shots"]] == [s["annotation"] for s in STORY["shots"]]
+
+
+def test_regenerate_keeps_the_other_shots(generated, story, run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(generated, out)
+    before = {n: (out / shot_file(n)).read_bytes() for n in (1, 2, 3)}
+    calls = []
+    original = WanAdapter.predict_velocity
+
+    def record(self, latents, timesteps, text, layout, **kwargs):
+        calls.append((self, latents.clone(), layout))
+        return original(self, latents, timesteps, text, layout, **kwargs)
+
+    monkeypatch.setattr(WanAdapter, "predict_velocity", record)
+    assert main(["generate", str(story), "--run", str(run_dir), "--out", str(out), "--regenerate", "2"]) == 0
+
+    assert (out / shot_file(1)).read_bytes() == before[1]
+    assert (out / shot_file(3)).read_bytes() == before[3]
+    assert (out / shot_file(2)).read_bytes() != before[2]
+    # Kept shots stand after the references in the condition slot, clean and unchanged at every step.
+    adapter = calls[0][0]
+    kept = torch.stack([image_to_tensor(Image.open(out / shot_file(n)).convert("RGB")) for n in (1, 3)])
+    refs = reference_images(load_story(story), (HEIGHT, WIDTH))
+    expected = torch.cat([encode_references(adapter.vae, refs[None]), encode_shots(adapter.vae, kept[None])], dim=2)
+    conditioned = [(latents, layout) for _, latents, layout in calls if layout.num_conditions]
+    assert len(conditioned) == 2
+    for latents, layout in conditioned:
+        assert (layout.num_conditions, layout.num_targets) == (4, 1)
+        for row in layout.split(latents)[0]:
+            torch.testing.assert_close(row[None], expected, rtol=0, atol=0)
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record["mode"] == "s2s" and record["drawn_shots"] == [2] and record["kept_shots"] == [1, 3]
+    assert record["seed"] == 1  # the previous seed + 1: a re-roll draws new noise
+    assert [h["drawn_shots"] for h in record["history"]] == [[1, 2, 3]]
+
+
+def test_base_model_differs_from_the_lora(generated, story, tmp_path):
+    out = tmp_path / "base"
+    config = str(tmp_path / "cfg.yaml")
+    Path(config).write_text(to_yaml(Config()))
+    assert main(["generate", str(story), "inference.steps=2", "--base", "--config", config, "--out", str(out)]) == 0
+    assert json.loads((out / RECORD_FILE).read_text())["weights"] == "base"
+    assert (out / shot_file(1)).read_bytes() != (generated / shot_file(1)).read_bytes()
+
+
+def test_lora_from_safetensors_and_checkpoint(run_dir, tmp_path):
+    saved = build_adapter(Config())
+    load_lora(saved, run_dir / "lora.safetensors")
+    # A Lightning checkpoint holds the module's parameter names (peft adapter name included).
+    state = {f"adapter.{name}": p for name, p in saved.named_parameters() if "lora_" in name}
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "global_step": 3}, ckpt)
+    loaded = build_adapter(Config())
+    load_lora(loaded, ckpt)
+    expected = saved.lora_state_dict()
+    for key, value in loaded.lora_state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+    assert any(value.abs().sum() > 0 for key, value in expected.items() if "lora_B" in key)
+
+
+def test_lora_of_another_rank_is_a_weights_error(story, run_dir, tmp_path, capsys):
+    args = ["generate", str(story), "model.lora.rank=4", "--lora", str(run_dir / "lora.safetensors")]
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lora.safetensors" in err and "shape" in err
+    with pytest.raises(WeightsError, match="LoRA file not found"):
+        load_lora(build_adapter(Config()), tmp_path / "missing.safetensors")
+
+
+def test_a_lora_file_outside_a_run_needs_a_config(story, run_dir, tmp_path, capsys):
+    lora = tmp_path / "weights" / "my_lora.safetensors"
+    lora.parent.mkdir()
+    shutil.copy(run_dir / "lora.safetensors", lora)
+    assert main(["generate", str(story), "--lora", str(lora), "--out", str(tmp_path / "out")]) == 2
+    assert "pass --config" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_regenerate_needs_a_shot_of_the_story(story, run_dir, generated, capsys):
+    args = ["generate", str(story), "--run", str(run_dir), "--out", str(generated), "--regenerate", "4"]
+    assert main(args) == 2
+    assert "shot 4, the story has 3" in capsys.readouterr().err
+
+
+def test_example_story_draws_on_the_demo_toy_world(tmp_path):
+    """examples/story.yaml points at toy group 0 as `make demo` writes it (outputs/demo/toyworld)."""
+    (tmp_path / "examples").mkdir()
+    shutil.copy(EXAMPLE_STORY, tmp_path / "examples" / "story.yaml")
+    manifest = ensure_toyworld(ToyWorldConfig(groups=1), tmp_path / "outputs" / "demo" / "toyworld")
+    group = load_manifest(manifest)[0]
+    story = load_story(tmp_path / "examples" / "story.yaml")
+    assert [(r.image.resolve(), r.prompt) for r in story.references] == [(r.image, r.prompt) for r in group.references]
+
+
+def _set(path: str, value):
+    def mutate(body: dict) -> None:
+        *parents, last = path.split(".")
+        node = body
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[int(last) if isinstance(node, list) else last] = value
+
+    return mutate
+
+
+def _drop(key: str):
+    return lambda body: body.pop(key)
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (_drop("shots"), "shots"),
+        (_set("shots", []), "shots"),
+        (_set("shots.2.annotation", 3), "shots[2].annotation"),
+        (_set("shots.1.image", "a.png"), "shots[1].image"),
+        (_set("shots.0", "just a string"), "shots[0]"),
+        (_set("references", {"role": "x"}), "references"),
+        (_set("references.0.image", "refs/missing.png"), "references[0].image"),
+        (_set("references.1.role", "role1"), "references[1].role"),
+        (lambda body: body["references"][0].pop("prompt"), "references[0].prompt"),
+        (_set("previous_shots", [{"image": "nope.png", "annotation": "a"}]), "previous_shots[0].image"),
+        (_set("previous_shots", [{"image": "refs/role1.png"}]), "previous_shots[0].annotation"),
+        (_drop("width"), "width"),
+        (_set("height", 30), "height"),
+        (_set("seed", "abc"), "seed"),
+        (_set("steps", 0), "steps"),
+        (_set("shot", []), "shot"),
+    ],
+)
+def test_story_faults_name_the_field(tmp_path, mutate, field):
+    body = json.loads(json.dumps(STORY))
+    mutate(body)
+    path = _write_story(tmp_path, body)
+    with pytest.raises(DataError) as error:
+        load_story(path)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f"{path}: {field}: ")
+
+
+def test_story_file_faults(tmp_path, capsys):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("shots: [unclosed\n")
+    with pytest.raises(DataError, match=r"bad\.yaml: not valid YAML"):
+        load_story(bad_yaml)
+    path = _write_story(tmp_path, STORY)
+    (tmp_path / "refs" / "role1.png").write_bytes(b"not a png")
+    story = load_story(path)
+    with pytest.raises(DataError, match=r"story\.yaml: references\[0\]\.image: cannot read image"):
+        reference_images(story, (HEIGHT, WIDTH))
+    assert main(["generate", str(tmp_path / "absent.yaml"), "--base", "--out", str(tmp_path / "o")]) == 2
+    assert "absent.yaml: cannot read story file" in capsys.readouterr().err

@@ -1,0 +1,152 @@
+"""StoryboardPipeline on the tiny Wan: modes, batched guidance branches, clean conditions, determinism."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dreamshot.config.schema import Config
+from dreamshot.diffusion.flow_matching import token_timesteps
+from dreamshot.inference.loading import build_adapter
+from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest, initial_noise
+from dreamshot.models.layout import StoryboardLayout
+from dreamshot.models.wan.latents import encode_references, encode_shots
+
+SIZE = (32, 48)
+SHOTS = ["Close-up: <Role 1> on the left.", "Wide shot: <Role 2> in the centre."]
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return build_adapter(Config())
+
+
+@pytest.fixture
+def calls(adapter, monkeypatch):
+    """Every predict_velocity call of the adapter: its inputs, cloned."""
+    calls = []
+    original = adapter.predict_velocity
+
+    def record(latents, timesteps, text, layout, **kwargs):
+        calls.append(SimpleNamespace(latents=latents.clone(), timesteps=timesteps.clone(), text=text, layout=layout))
+        return original(latents, timesteps, text, layout, **kwargs)
+
+    monkeypatch.setattr(adapter, "predict_velocity", record)
+    return calls
+
+
+def config(steps: int = 2, **overrides) -> Config:
+    cfg = Config()
+    cfg.inference.steps = steps
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def images(count: int, seed: int) -> torch.Tensor:
+    return torch.rand(count, 3, *SIZE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def r2s_request() -> StoryboardRequest:
+    return StoryboardRequest(SHOTS, SIZE, images(2, 1), ["<Role 1>: a red star", "<Role 2>: a blue circle"])
+
+
+def s2s_request() -> StoryboardRequest:
+    return StoryboardRequest(
+        SHOTS, SIZE, images(1, 1), ["<Role 1>: a red star"], images(2, 2), ["Wide shot: first.", "Close-up: second."]
+    )
+
+
+def test_result_shapes_and_range(adapter):
+    result = StoryboardPipeline(adapter, config())(StoryboardRequest(SHOTS, SIZE), seed=0, progress=False)
+    assert result.mode == "t2s" and result.seed == 0
+    assert result.images.shape == (2, 3, *SIZE)
+    assert result.images.min() >= 0 and result.images.max() <= 1
+    assert result.latents.shape == (1, 16, 2, SIZE[0] // 8, SIZE[1] // 8)
+    assert len(result.step_seconds) == 2 and result.total_seconds >= sum(result.step_seconds)
+
+
+def test_same_seed_same_storyboard(adapter):
+    pipeline = StoryboardPipeline(adapter, config())
+    first = pipeline(r2s_request(), seed=3, progress=False)
+    again = pipeline(r2s_request(), seed=3, progress=False)
+    other = pipeline(r2s_request(), seed=4, progress=False)
+    torch.testing.assert_close(first.latents, again.latents, rtol=0, atol=0)
+    torch.testing.assert_close(first.images, again.images, rtol=0, atol=0)
+    assert not torch.allclose(first.latents, other.latents)
+
+
+def test_t2s_runs_unconditioned_and_conditioned_as_one_batch(adapter, calls):
+    StoryboardPipeline(adapter, config(steps=3))(StoryboardRequest(SHOTS, SIZE), progress=False)
+    assert [c.latents.shape[0] for c in calls] == [2, 2, 2]
+    assert all(c.layout.num_conditions == 0 for c in calls)
+    negative, shots = calls[0].text
+    # Row 0 is the negative prompt on every shot (v_u), row 1 the shot prompts (v_c).
+    torch.testing.assert_close(negative[0], negative[1])
+    assert not torch.allclose(shots[0], shots[1]) and not torch.allclose(negative, shots)
+
+
+def test_r2s_batches_the_two_branches_with_references(adapter, calls):
+    StoryboardPipeline(adapter, config(steps=2))(r2s_request(), progress=False)
+    assert [(c.latents.shape[0], c.layout.num_conditions) for c in calls] == [(2, 2), (1, 0), (2, 2), (1, 0)]
+    with_refs = calls[0].text
+    # v_r and v_c share the references' own prompts and differ in the shot texts only.
+    torch.testing.assert_close(with_refs[0, :2], with_refs[1, :2])
+    assert not torch.allclose(with_refs[0, 2:], with_refs[1, 2:])
+    # v_u (no references) sees the same negative prompt as v_r.
+    torch.testing.assert_close(calls[1].text[0], with_refs[0, 2:])
+
+
+@pytest.mark.parametrize("layout", ["refs_first", "last"])
+def test_s2s_conditions_stay_clean_at_timestep_zero(adapter, calls, layout):
+    request = s2s_request()
+    StoryboardPipeline(adapter, config(steps=3, storyboard__layout=layout))(request, progress=False)
+    expected = torch.cat(
+        [
+            encode_references(adapter.vae, request.references[None]),
+            encode_shots(adapter.vae, request.given_shots[None]),
+        ],
+        dim=2,
+    )
+    conditioned = [c for c in calls if c.layout.num_conditions]
+    assert len(conditioned) == 3
+    tokens = adapter.tokens_per_frame(SIZE[0] // 8, SIZE[1] // 8)
+    for call in conditioned:
+        assert call.layout.num_conditions == 3 and call.layout.position_mode == layout
+        conditions, targets = call.layout.split(call.latents)
+        for row in conditions:
+            torch.testing.assert_close(row[None], expected, rtol=0, atol=0)
+        per_frame = call.timesteps.unflatten(1, (-1, tokens))
+        assert (per_frame[:, call.layout.condition_slice()] == 0).all()
+        assert (per_frame[:, call.layout.target_slice()] > 0).all()
+
+
+def test_unit_guidance_one_euler_step_is_one_conditional_prediction(adapter):
+    """ω1 = ω2 = 1 leaves v_c; one Euler step from σ = 1 to 0 gives noise − v_c(noise, t = 1)."""
+    cfg = config(steps=1, inference__omega1=1.0, inference__omega2=1.0, inference__scheduler="euler")
+    request = r2s_request()
+    result = StoryboardPipeline(adapter, cfg)(request, seed=5, progress=False)
+
+    noise = initial_noise((1, 16, 2, SIZE[0] // 8, SIZE[1] // 8), 5)
+    layout = StoryboardLayout(2, 2)
+    refs = encode_references(adapter.vae, request.references[None])
+    text = adapter.encode_text([request.reference_texts + request.shot_texts])
+    tokens = adapter.tokens_per_frame(SIZE[0] // 8, SIZE[1] // 8)
+    timesteps = token_timesteps(torch.ones(1), layout.target_frames(), tokens)
+    with torch.no_grad():
+        velocity = adapter.predict_velocity(layout.assemble(refs, noise), timesteps, text, layout)
+    torch.testing.assert_close(result.latents, noise - layout.split(velocity)[1], rtol=1e-4, atol=1e-4)
+
+
+def test_global_timestep_mode_gives_one_timestep_per_sample(adapter, calls):
+    StoryboardPipeline(adapter, config(diffusion__timestep_mode="global"))(r2s_request(), progress=False)
+    assert all(c.timesteps.shape == (c.latents.shape[0],) for c in calls)
+    assert calls[0].timesteps[0] > 0
+
+
+def test_request_checks_counts():
+    with pytest.raises(ValueError, match="references: 2 images but 1 texts"):
+        StoryboardRequest(SHOTS, SIZE, images(2, 0), ["one"])
