@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## Create .venv and install DreamShot (skipped when pyproject.toml is unchanged)
 
-demo: $(STAMP) ## Tiny Wan on the toy world, CPU: train a LoRA, print the loss trend and the outputs
+demo: $(STAMP) ## Tiny Wan on the toy world, CPU: train a LoRA (loss trend), then draw a storyboard with it
 	$(BIN)/dreamshot train demo $(ARGS)
+	$(BIN)/dreamshot generate examples/story.yaml --run outputs/demo --out outputs/demo/storyboard
 
 train: $(STAMP) ## Train an experiment: make train EXP=smoke ARGS='trainer.max_steps=10'
 	$(BIN)/dreamshot train $(EXP) $(ARGS)

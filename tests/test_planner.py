@@ -101,13 +101,26 @@ def test_racl_flops_and_memory_by_hand(toy_shape):
     assert racl_bytes(checkpointed) == racl_bytes(work)  # only the recomputed block keeps its chunks
 
 
-def _saved_by_autograd(cfg: ModelConfig, work: Workload) -> int:
+# The three ways the LoRA branch of a bf16 model runs: apply_lora's float32 weights without autocast
+# ("32-true"); DeepSpeed's bf16 mode, whose engine casts every parameter to bf16; bf16-mixed without DeepSpeed,
+# under autocast.
+PRECISIONS = {
+    "fp32-lora": Training(half_precision=False),
+    "deepspeed-bf16": Training(zero_stage=2, half_precision=True),
+    "autocast": Training(half_precision=True),
+}
+
+
+def _saved_by_autograd(cfg: ModelConfig, work: Workload, training: Training) -> int:
     """Bytes of the distinct storages a real Wan block saves for backward (bf16, train mode, LoRA, shot-wise
-    cross-attention), leaving out parameters and the block's inputs."""
+    cross-attention, precision as `training` says), leaving out parameters and the block's inputs."""
     torch.manual_seed(0)
     transformer = build_components(dataclasses.replace(cfg, dtype="bfloat16")).transformer
     use_shotwise_cross_attention(transformer, work.text_len)
     apply_lora(transformer, cfg.lora)
+    if training.deepspeed_half:
+        for parameter in transformer.parameters():
+            parameter.data = parameter.data.to(torch.bfloat16)
     block = transformer.blocks[0].train()
     dim, head_dim = 64, cfg.transformer.attention_head_dim
     hidden = torch.randn(1, work.tokens, dim, dtype=torch.bfloat16, requires_grad=True)
@@ -115,22 +128,35 @@ def _saved_by_autograd(cfg: ModelConfig, work: Workload) -> int:
     temb = torch.randn(1, *((work.tokens,) if work.per_token_timestep else ()), 6, dim, dtype=torch.bfloat16)
     rotary = (torch.randn(1, work.tokens, 1, head_dim), torch.randn(1, work.tokens, 1, head_dim))
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    # Lightning enters autocast with cache_enabled=False: every matmul casts its weight afresh.
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=training.autocast, cache_enabled=False)
+    with autocast, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         block(hidden, text, temb, rotary)
     excluded = {t.untyped_storage().data_ptr() for t in [*transformer.parameters(), hidden, text, temb, *rotary]}
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
     return sum(nbytes for pointer, nbytes in storages.items() if pointer not in excluded)
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("per_token", [True, False])
 @pytest.mark.parametrize("targets", [None, ["to_q", "to_k", "ffn.net.2"]])
-def test_block_activation_model_equals_what_autograd_saves(per_token, targets):
+def test_block_activation_model_equals_what_autograd_saves(precision, per_token, targets):
     cfg = TOY if targets is None else dataclasses.replace(TOY, lora=LoraConfig(rank=4, target_modules=targets))
-    work = dataclasses.replace(TOY_WORK, per_token_timestep=per_token)
+    work, training = dataclasses.replace(TOY_WORK, per_token_timestep=per_token), PRECISIONS[precision]
     # On CPU torch's RMSNorm is the composite path (it keeps an fp32 copy of its input).
-    assert block_saved_bytes(model_shape(cfg, count_encoders=False), work, fused_rms_norm=False) == (
-        _saved_by_autograd(cfg, work)
+    assert block_saved_bytes(model_shape(cfg, count_encoders=False), work, training, fused_rms_norm=False) == (
+        _saved_by_autograd(cfg, work, training)
     )
+
+
+def test_fp32_lora_keeps_a_cast_copy_of_its_input_per_adapter(toy_shape):
+    # Float32 LoRA, bf16 activations: each of the 10 adapters (8 on video, 2 on text tokens) casts its input
+    # itself and keeps that fp32 copy and A's fp32 output: 4·(in + r) per token.
+    own_video, own_text = 4 * (6 * (64 + 4) + (64 + 4) + (128 + 4)), 4 * 2 * (64 + 4)
+    # bf16 LoRA keeps the block's own bf16 norm1/2/3 and GELU outputs, shared, and its bf16 A outputs.
+    shared_video, shared_text = 2 * (3 * 64 + 128 + 8 * 4), 2 * 2 * 4
+    fp32, bf16 = (block_saved_bytes(toy_shape, TOY_WORK, PRECISIONS[p]) for p in ("fp32-lora", "deepspeed-bf16"))
+    assert fp32 - bf16 == 24 * (own_video - shared_video) + 12 * (own_text - shared_text)
 
 
 # Made-up counts that make the hand arithmetic easy.
@@ -146,10 +172,11 @@ def test_zero_sharding_divides_only_the_right_terms():
     by_stage = {stage: _state(Training(8, stage, model_bytes=2)) for stage in range(4)}
     # bf16 weights; the VAE stays fp32 (build.py) unless DeepSpeed's bf16 mode casts the whole module.
     frozen = {"DiT weights": 8000 * 2, "umT5 weights": 1600 * 2, "VAE weights": 80 * 2}
-    # DDP: everything whole; AdamW m, v in the parameter dtype (bf16), the parameters are their own master.
-    ddp = {"LoRA weights": 1600, "LoRA gradients": 1600, "optimiser state": 3200}
+    # DDP: everything whole; LoRA, its gradients and AdamW m, v in fp32, the weights are their own master.
+    ddp = {"LoRA weights": 3200, "LoRA gradients": 3200, "optimiser state": 6400}
     assert by_stage[0] == {**frozen, "VAE weights": 80 * 4, **ddp}
-    # ZeRO-1 shards the optimiser state (m, v and the fp32 master: 12 B/param) ...
+    # DeepSpeed's bf16 mode casts LoRA to bf16 too. ZeRO-1 shards the optimiser state (m, v and the fp32
+    # master: 12 B/param) ...
     assert by_stage[1] == {**frozen, "LoRA weights": 1600, "LoRA gradients": 1600, "optimiser state": 1200}
     # ... ZeRO-2 the gradients too ...
     assert by_stage[2] == {**frozen, "LoRA weights": 1600, "LoRA gradients": 200, "optimiser state": 1200}
@@ -165,6 +192,9 @@ def test_state_dtypes_follow_model_dtype_and_deepspeed_precision():
     # DeepSpeed's bf16 mode casts a float32 model to bf16; DDP with bf16 autocast leaves it float32.
     assert _state(Training(8, 2, model_bytes=4, half_precision=True))["DiT weights"] == 16000
     assert _state(Training(8, 0, model_bytes=4, half_precision=True))["optimiser state"] == 800 * 2 * 4
+    # A bf16 model without DeepSpeed's bf16 mode: float32 LoRA; ZeRO-3 updates fp32 partitions in place.
+    zero3 = _state(Training(8, 3, model_bytes=2, half_precision=False), encoders=False)
+    assert zero3 == {"DiT weights": 2000, "LoRA weights": 400, "LoRA gradients": 400, "optimiser state": 800}
     # One GPU shards nothing, whatever the stage.
     assert _state(Training(1, 3, model_bytes=2))["LoRA gradients"] == 1600
 
@@ -173,8 +203,9 @@ def test_checkpointing_trades_activation_memory_for_one_recompute_forward(toy_sh
     shape = dataclasses.replace(toy_shape, num_layers=40)
     work = dataclasses.replace(TOY_WORK, micro_batch=2)
     off, on = (dataclasses.replace(work, checkpointing=flag) for flag in (False, True))
-    block = block_saved_bytes(shape, work)
-    memory_off, memory_on = activation_memory(shape, off), activation_memory(shape, on)
+    training = Training()
+    block = block_saved_bytes(shape, work, training)
+    memory_off, memory_on = activation_memory(shape, off, training), activation_memory(shape, on, training)
     assert memory_off["saved tensors"].bytes == 40 * block * 2
     assert memory_on["block inputs"].bytes == 40 * 24 * 64 * 2 * 2  # n_l x T x D x bf16 x micro-batch
     assert memory_on["one block recomputed"].bytes == block * 2

@@ -105,14 +105,13 @@ def compose(
     targets, target_text = shots[:, :, m:], shot_text[:, m:]
     dropped = torch.tensor(plan.dropped_text, device=target_text.device).view(-1, 1, 1, 1)
     target_text = torch.where(dropped, negative_text.to(target_text), target_text)
-    layout = StoryboardLayout(
-        num_conditions=conditions.shape[2],
-        num_targets=targets.shape[2],
-        position_mode=layout_cfg.layout,
-        phase=layout_cfg.phase,
-        neg_offset=layout_cfg.neg_offset,
-    )
+    layout = storyboard_layout(layout_cfg, conditions.shape[2], targets.shape[2])
     frame_masks = None
     if shot_masks is not None:
         frame_masks = layout.assemble(condition_masks, shot_masks[:, m:], dim=1)
     return ComposedBatch(conditions, targets, condition_text, target_text, layout, frame_masks)
+
+
+def storyboard_layout(cfg: StoryboardConfig, num_conditions: int, num_targets: int) -> StoryboardLayout:
+    """The configured position layout for a sequence of `num_conditions` clean and `num_targets` noised frames."""
+    return StoryboardLayout(num_conditions, num_targets, cfg.layout, cfg.phase, cfg.neg_offset)

@@ -56,3 +56,13 @@ def token_timesteps(t: torch.Tensor, target_frames: torch.Tensor, tokens_per_fra
     """
     per_frame = t[:, None] * target_frames.to(t)[None, :] * NUM_TRAIN_TIMESTEPS
     return per_frame.repeat_interleave(tokens_per_frame, dim=1)
+
+
+def dit_timesteps(t: torch.Tensor, target_frames: torch.Tensor, tokens_per_frame: int, per_token: bool) -> torch.Tensor:
+    """What the DiT is fed: per token (`token_timesteps`, clean frames at 0) or one `t·1000` per sample.
+
+    t: (B,); target_frames: (F,) bool. Returns (B, F·tokens_per_frame) or (B,).
+    """
+    if per_token:
+        return token_timesteps(t, target_frames.to(t.device), tokens_per_frame)
+    return t * NUM_TRAIN_TIMESTEPS

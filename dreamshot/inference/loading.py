@@ -56,10 +56,7 @@ def build_adapter(cfg: Config, device: torch.device | str = "cpu") -> WanAdapter
     A randomly initialised (tiny) backbone is drawn under `cfg.seed` exactly as `DreamShotModule` draws it, so
     LoRA weights trained on it apply to the same frozen weights here.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        adapter = WanAdapter(cfg.model)
-    return adapter.to(device).eval()
+    return WanAdapter.seeded(cfg.model, cfg.seed).to(device).eval()
 
 
 def load_lora(adapter: WanAdapter, path: Path) -> None:

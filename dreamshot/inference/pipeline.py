@@ -21,7 +21,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from tqdm.auto import tqdm
 
 from dreamshot.config.schema import Config
-from dreamshot.diffusion.flow_matching import NUM_TRAIN_TIMESTEPS, token_timesteps
+from dreamshot.diffusion.conditioning import storyboard_layout
+from dreamshot.diffusion.flow_matching import NUM_TRAIN_TIMESTEPS, dit_timesteps
 from dreamshot.diffusion.guidance import guided_velocity
 from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.adapter import WanAdapter
@@ -200,14 +201,12 @@ class StoryboardPipeline:
 
     def timesteps(self, t: torch.Tensor, layout: StoryboardLayout, sequence: torch.Tensor) -> torch.Tensor:
         """The DiT timesteps, as the model was trained: per token (condition frames at 0) or one per sample."""
-        if self.config.diffusion.timestep_mode == "global":
-            return t * NUM_TRAIN_TIMESTEPS
+        per_token = self.config.diffusion.timestep_mode == "per_token"
         tokens = self.adapter.tokens_per_frame(*sequence.shape[-2:])
-        return token_timesteps(t, layout.target_frames().to(t.device), tokens)
+        return dit_timesteps(t, layout.target_frames(), tokens, per_token)
 
     def layout(self, num_conditions: int, num_targets: int) -> StoryboardLayout:
-        board = self.config.storyboard
-        return StoryboardLayout(num_conditions, num_targets, board.layout, board.phase, board.neg_offset)
+        return storyboard_layout(self.config.storyboard, num_conditions, num_targets)
 
 
 def _synchronize(device: torch.device) -> None:

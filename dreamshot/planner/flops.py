@@ -21,6 +21,9 @@ Backward:
   RACL               the logits' gradient into q and k: 2× forward.
 Gradient checkpointing recomputes every block's forward (capture included) once during backward.
 
+The LoRA dtype changes no count (its casts are element-wise), only the speed: float32 LoRA matmuls run in fp32
+(TF32 at best) unless autocast runs them in bf16.
+
 Not counted (together ~1% at full size): the patch embedding, time and text embedders, output head, norms,
 softmax and element-wise ops; the frozen VAE and umT5, which run without gradients.
 """

@@ -85,7 +85,8 @@ def state_memory(shape: ModelShape, training: Training, encoders: bool = True) -
 
 
 def block_saved_bytes(shape: ModelShape, work: Workload, training: Training, fused_rms_norm: bool = True) -> int:
-    """Bytes one Wan block keeps for backward for one sample (bf16 compute, LoRA per `shape.linears`).
+    """Bytes one Wan block keeps for backward for one sample (bf16 compute, LoRA per `shape.linears`, its
+    dtype per `training`).
 
     The block (diffusers' WanTransformerBlock with the shot-wise cross-attention) saves, per video token:
       - fp32 inputs of norm1, norm2, norm3 (their `.float()` copies): 3 × 4·D, and mean/rstd: 3 × 2 × 4;
@@ -131,7 +132,8 @@ def lora_saved_bytes(shape: ModelShape, work: Workload, training: Training) -> t
     its own copy of its input and its A output, c·(in + r), with c the dtype its matmuls run in: 4, or 2
     under autocast, which also casts the weights afresh for every matmul (no weight cache) and keeps those a
     gradient flows through: B's, and A's where the input needs a gradient (b·r·(in + out) per video adapter,
-    b·r·out per text adapter, per block).
+    b·r·out per text adapter, per block). LoRA dropout is taken as 0 (peft's identity; a real dropout would
+    add its mask and output per adapter).
     """
     b, rank = work.activation_bytes, shape.lora_rank
     lora = [linear for linear in shape.linears if linear.lora]

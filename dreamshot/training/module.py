@@ -13,11 +13,10 @@ from dreamshot.config.schema import Config
 from dreamshot.data.bucketing import StoryboardBatch
 from dreamshot.diffusion.conditioning import BatchPlan, ComposedBatch, compose, sample_plan
 from dreamshot.diffusion.flow_matching import (
-    NUM_TRAIN_TIMESTEPS,
     add_noise,
+    dit_timesteps,
     frame_masked_mse,
     sample_timesteps,
-    token_timesteps,
     velocity_target,
 )
 from dreamshot.diffusion.racl import attention_shares, build_role_plan, racl_loss, stack_plans, token_grid_masks
@@ -32,10 +31,12 @@ class DreamShotModule(L.LightningModule):
         self.cfg = cfg
         # Stored as yaml text so a checkpoint loads with torch.load(weights_only=True).
         self.save_hyperparameters({"config": to_yaml(cfg)})
-        # The backbone's random init (tiny model) must not depend on what ran before in the process.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.adapter = WanAdapter(cfg.model, cfg.trainer.gradient_checkpointing, cfg.racl_blocks())
+        self.adapter = WanAdapter.seeded(
+            cfg.model,
+            cfg.seed,
+            gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+            capture_blocks=cfg.racl_blocks(),
+        )
         # Checkpoints hold only the LoRA weights; the frozen backbone comes from the config.
         self.strict_loading = False
         self.mix_counts: Counter[str] = Counter()
@@ -112,7 +113,9 @@ class DreamShotModule(L.LightningModule):
         noise = torch.randn(targets.shape, generator=generator, device=targets.device, dtype=targets.dtype)
         sequence = layout.assemble(composed.conditions, add_noise(targets, noise, t))
         text = layout.assemble(composed.condition_text, composed.target_text, dim=1)
-        timesteps = self._timesteps(t, sequence, layout)
+        per_token = self.cfg.diffusion.timestep_mode == "per_token"
+        tokens = self.adapter.tokens_per_frame(*sequence.shape[-2:])
+        timesteps = dit_timesteps(t, layout.target_frames(), tokens, per_token)
         prediction = self.adapter.predict_velocity(sequence, timesteps, text, layout, capture)
         # Condition frames stand in the target only to keep shapes aligned; the frame mask excludes them.
         target = layout.assemble(composed.conditions, velocity_target(targets, noise))
@@ -126,12 +129,6 @@ class DreamShotModule(L.LightningModule):
         targets = composed.layout.target_frames().to(masks.device)
         plans = [build_role_plan(m.flatten(-2), targets, self.cfg.racl.absent_negative) for m in masks]
         return RoleCapture(plans, frozenset(self.cfg.racl_blocks()))
-
-    def _timesteps(self, t: torch.Tensor, sequence: torch.Tensor, layout) -> torch.Tensor:
-        if self.cfg.diffusion.timestep_mode == "global":
-            return t * NUM_TRAIN_TIMESTEPS
-        tokens = self.adapter.tokens_per_frame(*sequence.shape[-2:])
-        return token_timesteps(t, layout.target_frames().to(t.device), tokens)
 
     def negative_text(self) -> torch.Tensor:
         """(L, D) embedding of the negative prompt, encoded once per device."""

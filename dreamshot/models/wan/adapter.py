@@ -40,6 +40,14 @@ class WanAdapter(nn.Module):
         use_role_capture(self.transformer, capture_blocks or [])
         apply_lora(self.transformer, cfg.lora)
 
+    @classmethod
+    def seeded(cls, cfg: ModelConfig, seed: int, **kwargs) -> WanAdapter:
+        """Build under `seed` without touching the caller's RNG: a random (tiny) backbone is then the same
+        in training and at inference, so a LoRA trained on it applies to the same frozen weights."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(cfg, **kwargs)
+
     def train(self, mode: bool = True) -> WanAdapter:
         """Only the DiT changes mode: the frozen VAE and umT5 always run in eval (no dropout)."""
         super().train(mode)
