@@ -67,6 +67,13 @@ def test_logged_metric_names(smoke_run):
     assert any(n.startswith("train/count_mode_") for n in names)
 
 
+def test_role_mask_debug_image_is_written(smoke_run):
+    from PIL import Image
+
+    with Image.open(smoke_run / "debug" / "role_masks.png") as image:
+        assert image.width > 256 and image.height > 100
+
+
 def test_summary_and_saved_config(smoke_run):
     summary = json.loads((smoke_run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["loss_start"] > 0

@@ -6,13 +6,16 @@ import json
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import save_file
 
 from dreamshot.utils.io import atomic_path, atomic_write_text
+from dreamshot.viz.role_masks import role_mask_sheet
 
 LORA_FILE = "lora.safetensors"
 SUMMARY_FILE = "summary.json"
+ROLE_MASKS_FILE = "debug/role_masks.png"
 
 
 def save_lora(state: dict, path: Path, metadata: dict[str, str]) -> None:
@@ -61,6 +64,22 @@ class TrainSummary(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         summary = {"steps": trainer.global_step, **loss_trend(self.losses), **self.artifacts}
         atomic_write_text(self.path, json.dumps(summary, indent=2))
+
+
+class RoleMaskPreview(L.Callback):
+    """Draws the first training storyboard with its token-grid role masks (the RACL labels) into
+    `<output_dir>/debug/role_masks.png`, and logs it to W&B when W&B is the logger."""
+
+    def __init__(self, output_dir: Path, threshold: float) -> None:
+        self.path, self.threshold = Path(output_dir) / ROLE_MASKS_FILE, threshold
+
+    @rank_zero_only
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sheet = role_mask_sheet(trainer.datamodule.train_set[0], self.threshold)
+        with atomic_path(self.path) as tmp:
+            sheet.save(tmp, format="PNG")
+        if isinstance(trainer.logger, WandbLogger):
+            trainer.logger.log_image("debug/role_masks", [sheet])
 
 
 def loss_trend(losses: list[float]) -> dict[str, float]:

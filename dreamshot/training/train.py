@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from dreamshot.config.load import to_yaml
 from dreamshot.config.schema import Config
 from dreamshot.data.datamodule import StoryboardDataModule
-from dreamshot.training.callbacks import LORA_FILE, ExportLora, TrainSummary
+from dreamshot.training.callbacks import LORA_FILE, ExportLora, RoleMaskPreview, TrainSummary
 from dreamshot.training.checkpoint_io import AtomicCheckpointIO
 from dreamshot.training.module import DreamShotModule
 from dreamshot.utils.io import atomic_write_text
@@ -75,7 +75,13 @@ def build_trainer(cfg: Config, out: Path, logger: Logger, callbacks: Sequence[L.
         val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
-        callbacks=[checkpoints, ExportLora(out), TrainSummary(out, artifacts), *callbacks],
+        callbacks=[
+            checkpoints,
+            ExportLora(out),
+            TrainSummary(out, artifacts),
+            RoleMaskPreview(out, cfg.racl.mask_threshold),
+            *callbacks,
+        ],
         logger=logger,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out,

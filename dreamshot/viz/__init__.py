@@ -1,0 +1,1 @@
+"""Pictures people look at: role masks on the token grid, attention maps."""
