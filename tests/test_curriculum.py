@@ -51,7 +51,7 @@ def test_phases_switch_resolution_and_racl_in_one_run(tmp_path):
     record = Record()
     out = train(_cfg(tmp_path, "run"), [record])
     assert record.seen == [(0, (64, 112), 0.5), (1, (64, 112), 0.5), (2, (80, 128), 0.0), (3, (80, 128), 0.0)]
-    with open(out / "csv" / "metrics.csv") as f:
+    with open(out / "csv" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     racl_steps = {int(r["step"]) for r in rows if r.get("train/loss_racl")}
     assert racl_steps and max(racl_steps) < 2  # RACL only in phase 1

@@ -25,7 +25,7 @@ def _config(tmp_path, name, *overrides):
 
 
 def _metric_names(out):
-    with open(out / "csv" / "metrics.csv") as f:
+    with open(out / "csv" / "version_0" / "metrics.csv") as f:
         return set(next(csv.reader(f)))
 
 
@@ -124,3 +124,31 @@ def test_reference_tokens_get_timestep_zero(smoke_run):
     tokens = timesteps.shape[1] // (batch.num_refs + batch.num_shots)
     assert (timesteps[:, : batch.num_refs * tokens] == 0).all()
     assert (timesteps[:, batch.num_refs * tokens :] > 0).all()
+
+
+def test_s2s_given_shots_stay_clean_and_out_of_the_loss(smoke_run):
+    from dreamshot.data.datamodule import StoryboardDataModule
+    from dreamshot.diffusion.conditioning import BatchPlan
+
+    cfg = load_config("smoke", FAST)
+    module = DreamShotModule(cfg)
+    dm = StoryboardDataModule(cfg.data, smoke_run, cfg.seed)
+    dm.setup("fit")
+    batch = next(b for b in dm.train_dataloader() if b.num_shots >= 2)
+    clean = module.adapter.encode_storyboard(batch.shots, batch.refs, batch.shot_texts, batch.ref_texts).shots
+    fed, predict = [], module.adapter.predict_velocity
+
+    def spy(latents, timesteps, text, layout, capture=None, offset=0.0):
+        fed.append(latents.clone())
+        out = predict(latents, timesteps, text, layout, capture)
+        out[:, :, ~layout.target_frames()] += offset  # change the prediction on the clean frames only
+        return out
+
+    plan = BatchPlan("s2s", 1, False, (False,) * batch.batch_size)
+    module.adapter.predict_velocity = spy
+    base = module.model_step(batch, plan, torch.Generator().manual_seed(0))["loss"]
+    module.adapter.predict_velocity = lambda *a: spy(*a, offset=50.0)
+    shifted = module.model_step(batch, plan, torch.Generator().manual_seed(0))["loss"]
+    assert torch.equal(fed[0][:, :, :1], clean[:, :, :1])  # the given shot enters clean
+    assert not torch.equal(fed[0][:, :, 1:], clean[:, :, 1:])  # the rest is noised
+    assert torch.equal(base, shifted)

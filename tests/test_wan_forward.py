@@ -81,3 +81,13 @@ def test_gradient_checkpointing_gives_same_gradients(transformer):
         grads.append(transformer.proj_out.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
     transformer.zero_grad()
+
+
+@torch.no_grad()
+def test_two_layouts_back_to_back_leave_nothing_behind(transformer):
+    latents, text, t = _inputs()
+    last = storyboard_rotary_emb(StoryboardLayout(1, 3, position_mode="last"), (2, 3), 24)
+    first = storyboard_rotary_emb(StoryboardLayout(1, 3), (2, 3), 24)
+    alone = storyboard_forward(transformer, latents, t, text, first)
+    storyboard_forward(transformer, latents, t, text, last)
+    torch.testing.assert_close(storyboard_forward(transformer, latents, t, text, first), alone)

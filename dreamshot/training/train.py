@@ -55,7 +55,7 @@ def build_trainer(cfg: Config, out: Path, logger: Logger, callbacks: Sequence[L.
         "output_dir": str(out),
         "checkpoint_dir": str(out / CHECKPOINT_DIR),
         "lora": str(out / LORA_FILE),
-        "logs": str(logger.save_dir or out),
+        "logs": str(logger.log_dir if isinstance(logger, CSVLogger) else Path(logger.save_dir) / "wandb"),
     }
     return L.Trainer(
         accelerator=t.accelerator,
@@ -91,7 +91,8 @@ def build_trainer(cfg: Config, out: Path, logger: Logger, callbacks: Sequence[L.
 
 def build_logger(cfg: Config, out: Path) -> Logger:
     if cfg.logger.backend == "csv":
-        return CSVLogger(save_dir=out, name="csv", version="")
+        # A new version folder per launch: a resumed run keeps the metrics of the runs before it.
+        return CSVLogger(save_dir=out, name="csv")
     # The environment wins so a user's WANDB_MODE=online (or disabled) is respected.
     mode = os.environ.get("WANDB_MODE", cfg.logger.mode)
     logger = WandbLogger(
