@@ -15,6 +15,7 @@ from dreamshot.utils.errors import DreamShotError
 # Subcommand name -> module under dreamshot.commands exposing `add_arguments(parser)` and `run(args)`.
 COMMANDS = {
     "toyworld": "Write the procedural toy storyboard set as a JSONL manifest with images and masks.",
+    "cache": "Precompute an experiment's VAE latents and umT5 embeddings into data.cache_dir (resumable).",
     "train": "Train an experiment (LoRA on the Wan DiT).",
     "plan": "Parameters, tokens, FLOPs and per-GPU memory of an experiment's training step (analytic).",
     "generate": "Draw a storyboard from a story file (t2s / r2s / s2s), or re-roll some of its shots.",

@@ -52,8 +52,8 @@ def report(cfg: Config, out) -> None:
     if "loss_start" in summary:
         window = summary["loss_window"]
         print(
-            f"  train loss    {summary['loss_start']:.4f} (mean of the first {window} steps)"
+            f"  train loss      {summary['loss_start']:.4f} (mean of the first {window} steps)"
             f" -> {summary['loss_end']:.4f} (last {window})"
         )
     for key in ("lora", "checkpoint_dir", "logs"):
-        print(f"  {key:<14}{summary[key]}")
+        print(f"  {key:<16}{summary[key]}")

@@ -113,6 +113,11 @@ class DataConfig:
     # Train only on groups from these sources (real / synthetic); None: all. Validation keeps every source,
     # so runs that differ only here (the data-source ablation) are validated on the same groups.
     sources: list[str] | None = None
+    # Folder of precomputed VAE latents and umT5 embeddings (`dreamshot cache EXP` writes it). Set: training
+    # reads every batch from it and fails if it is incomplete or was built differently. None: encode on the fly.
+    cache_dir: str | None = None
+    # Storyboards per cache shard (one safetensors file, written atomically; the unit of resume).
+    cache_shard_size: int = 64
 
 
 @dataclass
@@ -190,6 +195,10 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
+# Lightning strategies a run can use (dreamshot/training/strategy.py builds them).
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "deepspeed_stage_2", "deepspeed_stage_3")
+
+
 @dataclass
 class TrainerConfig:
     """Lightning Trainer settings."""
@@ -198,7 +207,8 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: int = 1
     num_nodes: int = 1
-    # auto | ddp | deepspeed_stage_2 | deepspeed_stage_3
+    # auto | ddp | ddp_spawn | deepspeed_stage_2 | deepspeed_stage_3 (DeepSpeed ZeRO-2 / ZeRO-3, GPUs only);
+    # built by dreamshot/training/strategy.py.
     strategy: str = "auto"
     precision: str = "32-true"
     gradient_checkpointing: bool = False
@@ -243,6 +253,128 @@ class InferenceConfig:
 
 
 @dataclass
+class ClipEncoderConfig:
+    """An open_clip image tower: CIDS's encoder for non-human and unrealistic-human characters."""
+
+    # open_clip architecture name (ViT-L-14-quickgelu is OpenAI's CLIP ViT-L/14).
+    arch: str = "ViT-L-14-quickgelu"
+    # Local open_clip checkpoint of OpenAI CLIP ViT-L/14 (.safetensors or .bin). None: CIDS is reported missing.
+    weights: str | None = None
+
+
+@dataclass
+class CsdConfig:
+    """The CSD style tower: CLIP ViT-L/14 visual tower whose projection is CSD's style head."""
+
+    arch: str = "ViT-L-14-quickgelu"
+    # Local CSD checkpoint (backbone.* and last_layer_style keys, e.g. csd_vit-large.pth). None: CSD missing.
+    weights: str | None = None
+
+
+@dataclass
+class AestheticConfig:
+    """Aesthetic Predictor v2.5: SigLIP so400m vision tower and the v2.5 scoring head."""
+
+    # Local transformers folder of google/siglip-so400m-patch14-384. None: AES is reported missing.
+    siglip: str | None = None
+    # Local head weights (aesthetic_predictor_v2_5.pth). None: AES is reported missing.
+    head: str | None = None
+
+
+@dataclass
+class FaceConfig:
+    """insightface ONNX models for `realistic_human` characters (CIDS)."""
+
+    # Face detector with five landmarks (antelopev2's scrfd_10g_bnkps.onnx). None: CIDS missing on human stories.
+    detector: str | None = None
+    # Recognition models whose cosines are averaged (antelopev2's glintr100.onnx, other ONNX face encoders).
+    recognizers: list[str] = field(default_factory=list)
+    # Square detector input side in pixels.
+    det_size: int = 640
+
+
+@dataclass
+class DetectorConfig:
+    """Open-vocabulary character detector (GroundingDINO through transformers) that crops characters."""
+
+    # Local transformers folder of IDEA-Research/grounding-dino-tiny. None: detector crops are unavailable.
+    weights: str | None = None
+    prompt: str = "character"
+    box_threshold: float = 0.25
+    text_threshold: float = 0.25
+
+
+@dataclass
+class JudgeConfig:
+    """The vision-language judge of the Alignment score (any OpenAI-compatible chat-completions endpoint)."""
+
+    # Base URL ending before /chat/completions, e.g. https://api.openai.com/v1. None: Alignment is missing.
+    endpoint: str | None = None
+    model: str = "gpt-4.1"
+    # Environment variable holding the API key (the key itself never goes into a config or a log).
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.0
+    seed: int = 123
+    max_tokens: int = 512
+    # Attempts per question; each failed attempt raises the temperature by 0.1, all failed scores 0.
+    max_retries: int = 10
+    # Seconds to wait after a failed request (network error or HTTP error status).
+    retry_wait_s: float = 10.0
+    timeout_s: float = 120.0
+    # Side of the square JPEG the judge sees.
+    image_size: int = 512
+    # Answer cache (JSON lines). None: `<eval output>/judge_cache.jsonl`.
+    cache: str | None = None
+    # Folder of <dimension>.txt prompts replacing the built-in ones (e.g. the published prompt files).
+    prompt_dir: str | None = None
+
+
+@dataclass
+class EvalCallbackConfig:
+    """Storyboard metrics on a small fixed subset of `eval.benchmark` during training."""
+
+    enabled: bool = False
+    every_n_steps: int = 100
+    # First stories of the benchmark.
+    stories: int = 2
+    # Sampler steps per storyboard (few: it runs inside training).
+    steps: int = 4
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (DESIGN §3, EVAL.md): benchmarks, metric weights, the judge. Weight paths belong in
+    conf/local.yaml; a metric whose weights are not set is reported as missing."""
+
+    # toy | dreamshot_test | vistorybench
+    benchmark: str = "toy"
+    # r2s | t2s | s2s
+    mode: str = "r2s"
+    # ViStoryBench split: full | lite.
+    split: str = "full"
+    # vistorybench: the dataset folder (holding ViStory/); dreamshot_test: the test file (.jsonl).
+    data: str | None = None
+    # Where character crops come from: detector | masks (the benchmark's role masks) | auto (masks when the
+    # benchmark has them, else the detector).
+    crops: str = "auto"
+    # Metrics to compute: cids, csd, aes, alignment, toy_proxy (weight-free, toy benchmark only).
+    metrics: list[str] = field(default_factory=lambda: ["cids", "csd", "aes", "alignment", "toy_proxy"])
+    # Torch device of the extractors. None: cuda when available, else cpu.
+    device: str | None = None
+    # Sampler steps when generating (None: inference.steps).
+    steps: int | None = None
+    # The toy benchmark: a toy world drawn with its own seed, so it is not the training set.
+    toy: ToyWorldConfig = field(default_factory=lambda: ToyWorldConfig(groups=8, seed=1000))
+    clip: ClipEncoderConfig = field(default_factory=ClipEncoderConfig)
+    csd: CsdConfig = field(default_factory=CsdConfig)
+    aes: AestheticConfig = field(default_factory=AestheticConfig)
+    face: FaceConfig = field(default_factory=FaceConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    callback: EvalCallbackConfig = field(default_factory=EvalCallbackConfig)
+
+
+@dataclass
 class Config:
     """A DreamShot run."""
 
@@ -263,6 +395,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def phases(self) -> list[PhaseConfig]:
         """The training phases: the curriculum, or one phase made of the flat settings."""
@@ -292,8 +425,10 @@ class Config:
         _check_choice(self.storyboard.layout, POSITION_MODES, "storyboard.layout")
         _check_probabilities(self.storyboard)
         _check_inference(self.inference)
+        _check_eval(self.eval)
         _check_racl(self)
         _check_curriculum(self)
+        _check_trainer(self.trainer)
         if self.diffusion.shift <= 0:
             raise ConfigError(f"diffusion.shift must be > 0, got {self.diffusion.shift}")
         if self.data.toy.min_shots < 1 or self.data.toy.min_shots > self.data.toy.max_shots:
@@ -303,6 +438,18 @@ class Config:
         head_dim = self.model.transformer.attention_head_dim
         if head_dim % 2 or head_dim < 6:
             raise ConfigError(f"model.transformer.attention_head_dim must be even and >= 6, got {head_dim}")
+
+
+def _check_trainer(trainer: TrainerConfig) -> None:
+    _check_choice(trainer.strategy, STRATEGIES, "trainer.strategy")
+    for key in ("devices", "num_nodes", "max_steps", "accumulate_grad_batches"):
+        if getattr(trainer, key) < 1:
+            raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(trainer, key)}")
+    if trainer.strategy.startswith("deepspeed") and trainer.accelerator not in ("gpu", "cuda"):
+        raise ConfigError(
+            f"trainer.strategy={trainer.strategy} runs on CUDA GPUs only: set trainer.accelerator=gpu "
+            f"(got {trainer.accelerator!r}), or use trainer.strategy=ddp on CPU"
+        )
 
 
 def _check_sizes(size: list[int], key: str, multiple: int) -> None:
@@ -354,3 +501,26 @@ def _check_inference(inference: InferenceConfig) -> None:
         raise ConfigError(f"inference.steps must be >= 1, got {inference.steps}")
     if inference.shift <= 0:
         raise ConfigError(f"inference.shift must be > 0, got {inference.shift}")
+
+
+EVAL_BENCHMARKS = ("toy", "dreamshot_test", "vistorybench")
+EVAL_MODES = ("r2s", "t2s", "s2s")
+EVAL_METRICS = ("cids", "csd", "aes", "alignment", "toy_proxy")
+
+
+def _check_eval(ev: EvalConfig) -> None:
+    _check_choice(ev.benchmark, EVAL_BENCHMARKS, "eval.benchmark")
+    _check_choice(ev.mode, EVAL_MODES, "eval.mode")
+    _check_choice(ev.split, ("full", "lite"), "eval.split")
+    _check_choice(ev.crops, ("auto", "detector", "masks"), "eval.crops")
+    for name in ev.metrics:
+        _check_choice(name, EVAL_METRICS, "eval.metrics")
+    if ev.steps is not None and ev.steps < 1:
+        raise ConfigError(f"eval.steps must be >= 1, got {ev.steps}")
+    if ev.callback.every_n_steps < 1 or ev.callback.stories < 1 or ev.callback.steps < 1:
+        raise ConfigError("eval.callback.every_n_steps, .stories and .steps must be >= 1")
+    if ev.judge.max_retries < 1:
+        raise ConfigError(f"eval.judge.max_retries must be >= 1, got {ev.judge.max_retries}")
+    for key in ("box_threshold", "text_threshold"):
+        if not 0 <= getattr(ev.detector, key) <= 1:
+            raise ConfigError(f"eval.detector.{key} must be in [0, 1], got {getattr(ev.detector, key)}")

@@ -15,58 +15,75 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from dreamshot.diffusion.conditioning import StoryboardLatents
+
 
 @dataclass
 class StoryboardBatch:
     """A batch of B storyboards with N shots and K references each, at (H, W).
 
+    From a latent cache (data.cache_dir) the batch carries `latents` and no images (shots, refs None).
     Not frozen: Lightning moves dataclass batches to the device by rebuilding their tensor fields.
     """
 
     ids: list[str]
     sources: list[str]
-    shots: torch.Tensor  # (B, N, 3, H, W) in [-1, 1]
+    shots: torch.Tensor | None  # (B, N, 3, H, W) in [-1, 1]
     shot_texts: list[list[str]]  # B lists of N annotations
-    refs: torch.Tensor  # (B, K, 3, H, W) in [-1, 1]
+    refs: torch.Tensor | None  # (B, K, 3, H, W) in [-1, 1]
     ref_texts: list[list[str]]  # B lists of K role prompts
     ref_masks: torch.Tensor  # (B, K, H, W) in {0, 1}
     shot_masks: torch.Tensor  # (B, N, K, H, W) in {0, 1}: role k in shot n
+    # The cached latents and embeddings of the shots and references (masks unset).
+    latents: StoryboardLatents | None = None
 
     @property
     def batch_size(self) -> int:
-        return self.shots.shape[0]
+        return self.shot_masks.shape[0]
 
     @property
     def num_shots(self) -> int:
-        return self.shots.shape[1]
+        return self.shot_masks.shape[1]
 
     @property
     def num_refs(self) -> int:
-        return self.refs.shape[1]
+        return self.shot_masks.shape[2]
 
 
 def collate_storyboards(samples: Sequence[dict]) -> StoryboardBatch:
-    """Stack `StoryboardDataset` samples; raises ValueError if their N, K or (H, W) differ."""
+    """Stack `StoryboardDataset` samples (with images, or with cached `latents`); raises ValueError if their
+    N, K or (H, W) differ."""
     if not samples:
         raise ValueError("cannot collate an empty list of storyboards")
     first = samples[0]
     for sample in samples[1:]:
-        for name in ("shots", "refs"):
-            if sample[name].shape != first[name].shape:
-                raise ValueError(
-                    f"cannot batch {first['id']!r} with {sample['id']!r}: {name} of shape "
-                    f"{tuple(first[name].shape)} and {tuple(sample[name].shape)} (use BucketBatchSampler)"
-                )
+        # (N, K, H, W): every dimension a batch must share.
+        if sample["shot_masks"].shape != first["shot_masks"].shape:
+            raise ValueError(
+                f"cannot batch {first['id']!r} with {sample['id']!r}: shot masks of shape "
+                f"{tuple(first['shot_masks'].shape)} and {tuple(sample['shot_masks'].shape)} (use BucketBatchSampler)"
+            )
+    images = "latents" not in first
     return StoryboardBatch(
         ids=[s["id"] for s in samples],
         sources=[s["source"] for s in samples],
-        shots=torch.stack([s["shots"] for s in samples]),
+        shots=_stack(samples, "shots") if images else None,
         shot_texts=[list(s["shot_texts"]) for s in samples],
-        refs=torch.stack([s["refs"] for s in samples]),
+        refs=_stack(samples, "refs") if images else None,
         ref_texts=[list(s["ref_texts"]) for s in samples],
-        ref_masks=torch.stack([s["ref_masks"] for s in samples]),
-        shot_masks=torch.stack([s["shot_masks"] for s in samples]),
+        ref_masks=_stack(samples, "ref_masks"),
+        shot_masks=_stack(samples, "shot_masks"),
+        latents=None if images else _stack_latents([s["latents"] for s in samples]),
     )
+
+
+def _stack(samples: Sequence[dict], name: str) -> torch.Tensor:
+    return torch.stack([s[name] for s in samples])
+
+
+def _stack_latents(cached: Sequence[dict[str, torch.Tensor]]) -> StoryboardLatents:
+    """Samples' cached refs, shots, ref_text, shot_text -> one `StoryboardLatents` with a batch dimension."""
+    return StoryboardLatents(**{name: _stack(cached, name) for name in cached[0]})
 
 
 class BucketBatchSampler(Sampler[list[int]]):

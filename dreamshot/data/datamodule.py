@@ -11,6 +11,10 @@ a run resumed mid-epoch trains on the same batches as one that was never interru
 With curriculum `phases`, every Lightning epoch is one phase (DESIGN §2 "Curriculum"): its loader serves
 exactly the phase's steps × `accumulate` batches (as many shuffled passes over the data as that takes) at
 the phase's resolution, and the Trainer reloads the loaders at every epoch. Without phases an epoch is one pass.
+
+With `data.cache_dir`, `setup` opens the latent cache (`dreamshot cache`), refuses one built with another model,
+seed, manifest or `max_shots`, and requires it to hold every group at every phase's resolution; batches then
+carry the cached latents and embeddings instead of images.
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
-from PIL import Image
 from torch.utils.data import DataLoader
 
-from dreamshot.config.schema import DataConfig, PhaseConfig
-from dreamshot.data.bucketing import BucketBatchSampler, StoryboardBatch, aspect_bucket, collate_storyboards
-from dreamshot.data.dataset import Resolution, StoryboardDataset
+from dreamshot.config.schema import Config, DataConfig, ModelConfig, PhaseConfig
+from dreamshot.data.bucketing import BucketBatchSampler, StoryboardBatch, collate_storyboards
+from dreamshot.data.cache import LatentCache, cache_entries, cache_fingerprint
+from dreamshot.data.dataset import Resolution, StoryboardDataset, record_resolutions
 from dreamshot.data.manifest import SOURCES, StoryboardRecord, load_manifest
 from dreamshot.data.toyworld import ensure_toyworld
 from dreamshot.utils.errors import ConfigError
@@ -42,11 +46,15 @@ class StoryboardDataModule(L.LightningDataModule):
         seed: int,
         phases: Sequence[PhaseConfig] = (),
         accumulate: int = 1,
+        model: ModelConfig | None = None,
     ) -> None:
+        """`model`: the run's model config, which a latent cache must have been built with (default: the
+        fitted module's `cfg.model`)."""
         super().__init__()
         _check_config(cfg)
         self.cfg, self.output_dir, self.seed = cfg, Path(output_dir), seed
-        self.phases, self.accumulate = list(phases), accumulate
+        self.phases, self.accumulate, self.model = list(phases), accumulate, model
+        self.cache: LatentCache | None = None
         self.train_records: list[StoryboardRecord] = []
         self.val_records: list[StoryboardRecord] = []
         # The datasets at the current phase's resolution (rebuilt when the phase changes).
@@ -80,6 +88,7 @@ class StoryboardDataModule(L.LightningDataModule):
             if not train:
                 raise ConfigError(f"data.sources={list(self.cfg.sources)} keeps no training group of {manifest}")
         self.train_records, self.val_records = train, records[len(records) - val_groups :]
+        self.cache = self._open_cache(manifest)
         self._use_resolution(self.resolution())
 
     def phase_index(self) -> int:
@@ -91,6 +100,16 @@ class StoryboardDataModule(L.LightningDataModule):
     def resolution(self) -> tuple[int, int]:
         size = self.phases[self.phase_index()].resolution if self.phases else self.cfg.resolution
         return (size[0], size[1])
+
+    def resolutions(self) -> list[Resolution]:
+        """The training resolution of every phase."""
+        sizes = [phase.resolution for phase in self.phases] if self.phases else [self.cfg.resolution]
+        return [(size[0], size[1]) for size in sizes]
+
+    def cache_entries(self, records: Sequence[StoryboardRecord]) -> list[tuple[StoryboardRecord, Resolution]]:
+        """Every (record, (H, W)) that training at the phases' resolutions reads from a latent cache."""
+        sizes = [record_resolutions(records, target, self.cfg.aspect_buckets) for target in self.resolutions()]
+        return cache_entries(records, sizes)
 
     def train_dataloader(self) -> DataLoader:
         self._use_resolution(self.resolution())
@@ -114,11 +133,26 @@ class StoryboardDataModule(L.LightningDataModule):
         return batch
 
     def _dataset(self, records: list[StoryboardRecord], train: bool, target: tuple[int, int]) -> StoryboardDataset:
-        resolution: Resolution | list[Resolution] = target
-        if self.cfg.aspect_buckets:
-            # A group's bucket follows its first shot; the header gives the size without decoding.
-            resolution = [aspect_bucket(*_image_height_width(r.shots[0].image), target) for r in records]
-        return StoryboardDataset(records, resolution, self.cfg.max_shots, self.seed, train)
+        resolution = record_resolutions(records, target, self.cfg.aspect_buckets)
+        return StoryboardDataset(records, resolution, self.cfg.max_shots, self.seed, train, self.cache)
+
+    def _open_cache(self, manifest: Path) -> LatentCache | None:
+        """The latent cache of `data.cache_dir` (None without one), checked against this run."""
+        if self.cfg.cache_dir is None:
+            return None
+        fingerprint = cache_fingerprint(self._model_config(), self.seed, self.cfg.max_shots, manifest)
+        cache = LatentCache(self.cfg.cache_dir, fingerprint)
+        cache.require([(record.id, size) for record, size in self.cache_entries(self.train_records + self.val_records)])
+        return cache
+
+    def _model_config(self) -> ModelConfig:
+        if self.model is not None:
+            return self.model
+        # `train` builds the datamodule from the data config alone; its module holds the whole config.
+        cfg = getattr(self.trainer.lightning_module if self.trainer else None, "cfg", None)
+        if not isinstance(cfg, Config):
+            raise ValueError("with data.cache_dir, StoryboardDataModule needs model= or a module with a `cfg`")
+        return cfg.model
 
     def _loader(
         self,
@@ -224,8 +258,3 @@ def _check_config(cfg: DataConfig) -> None:
     unknown = sorted(set(cfg.sources or ()) - set(SOURCES))
     if unknown:
         raise ConfigError(f"data.sources: unknown source {unknown[0]!r} (expected {', '.join(SOURCES)})")
-
-
-def _image_height_width(path: Path) -> tuple[int, int]:
-    with Image.open(path) as image:
-        return image.height, image.width

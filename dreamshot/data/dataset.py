@@ -11,20 +11,28 @@ A storyboard with more shots than `max_shots` is cut to a window of `max_shots` 
 the window start is drawn from a generator seeded with (seed, index, epoch); the epoch travels with the index
 (`dataset[(index, epoch)]`), so DataLoader workers, persistent or not, need no shared state. In evaluation
 the window is the first `max_shots` shots.
+
+With a `LatentCache` (data.cache_dir) a sample carries the cached VAE latents and umT5 embeddings of its
+window instead of the shot and reference images, which are then never decoded; masks are still read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dreamshot.data.bucketing import aspect_bucket
 from dreamshot.data.manifest import MASK_MODES, StoryboardRecord
 from dreamshot.utils.errors import DataError
+
+if TYPE_CHECKING:
+    from dreamshot.data.cache import LatentCache
 
 Resolution = tuple[int, int]
 # (shots after windowing, references, (H, W)): samples sharing a key can be stacked into one batch.
@@ -41,6 +49,7 @@ class StoryboardDataset(Dataset):
         max_shots: longest shot window returned.
         seed: seeds the training window choice.
         train: random windows (True) or the first window (False).
+        cache: serve cached latents and embeddings instead of images (it must hold every record's).
     """
 
     def __init__(
@@ -50,12 +59,13 @@ class StoryboardDataset(Dataset):
         max_shots: int,
         seed: int = 0,
         train: bool = True,
+        cache: LatentCache | None = None,
     ) -> None:
         if max_shots < 1:
             raise ValueError(f"max_shots must be >= 1, got {max_shots}")
         self.records = list(records)
         self.resolutions = _per_record(resolution, len(self.records))
-        self.max_shots, self.seed, self.train = max_shots, seed, train
+        self.max_shots, self.seed, self.train, self.cache = max_shots, seed, train, cache
 
     def __len__(self) -> int:
         return len(self.records)
@@ -71,11 +81,11 @@ class StoryboardDataset(Dataset):
 
     def window(self, index: int, epoch: int = 0) -> range:
         """Indices of the shots returned for record `index` in `epoch`."""
-        total, length = len(self.records[index].shots), self.num_shots(index)
+        starts = window_starts(len(self.records[index].shots), self.max_shots)
         start = 0
-        if self.train and total > length:
-            start = int(np.random.default_rng([self.seed, index, epoch]).integers(total - length + 1))
-        return range(start, start + length)
+        if self.train and len(starts) > 1:
+            start = int(np.random.default_rng([self.seed, index, epoch]).integers(len(starts)))
+        return range(start, start + self.num_shots(index))
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         """`dataset[index]` (epoch 0) or `dataset[(index, epoch)]`. With N shots, K references at (H, W):
@@ -83,44 +93,82 @@ class StoryboardDataset(Dataset):
         id, source: str; shots (N, 3, H, W) float32 in [-1, 1]; shot_texts: N str;
         refs (K, 3, H, W) float32 in [-1, 1]; ref_texts: K str; ref_masks (K, H, W) float32 in {0, 1};
         shot_masks (N, K, H, W) float32 in {0, 1}: role k (reference order) in shot n, zeros where absent.
+        With a cache, `latents` (see `LatentCache.load`) replaces shots and refs.
         """
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         record, size = self.records[index], self.resolutions[index]
         window = self.window(index, epoch)
-        shots = [_load_shot(record, n, size) for n in window]
-        refs = [_load_reference(record, k, size) for k in range(len(record.references))]
-        height, width = size
-        return {
+        sample = {
             "id": record.id,
             "source": record.source,
-            "shots": torch.stack([image for image, _ in shots]),
             "shot_texts": [record.shots[n].annotation for n in window],
-            "refs": _stack([image for image, _ in refs], (0, 3, height, width)),
             "ref_texts": [ref.prompt for ref in record.references],
-            "ref_masks": _stack([mask for _, mask in refs], (0, height, width)),
-            "shot_masks": torch.stack([masks for _, masks in shots]),
+            "ref_masks": _stack(
+                [_load_reference_mask(record, k, size) for k in range(len(record.references))], (0, *size)
+            ),
+            "shot_masks": torch.stack([_load_shot_masks(record, n, size) for n in window]),
         }
+        if self.cache is not None:
+            sample["latents"] = self.cache.load(record.id, size, window)
+        else:
+            sample["shots"], sample["refs"] = load_images(record, size, window)
+        return sample
 
 
-def _load_shot(record: StoryboardRecord, n: int, size: Resolution) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shot n covering `size`: (image (3, H, W), masks (K, H, W) in reference order, zeros for absent roles)."""
+def window_starts(total_shots: int, max_shots: int) -> range:
+    """Every start of a window of min(total, max_shots) consecutive shots: one unless the group is longer."""
+    return range(max(total_shots - max_shots, 0) + 1)
+
+
+def record_resolutions(
+    records: Sequence[StoryboardRecord], target: Resolution, aspect_buckets: bool
+) -> list[Resolution]:
+    """The (H, W) of every record at training resolution `target`: `target`, or the aspect bucket of the
+    record's first shot (read from the image header, without decoding)."""
+    if not aspect_buckets:
+        return [target] * len(records)
+    return [aspect_bucket(*_image_height_width(r.shots[0].image), target) for r in records]
+
+
+def load_images(
+    record: StoryboardRecord, size: Resolution, window: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shots of `window` (default: all) covering `size` and the letterboxed references:
+    (N, 3, H, W), (K, 3, H, W) float32 in [-1, 1]."""
+    window = range(len(record.shots)) if window is None else window
+    shots = torch.stack([_load_shot_image(record, n, size) for n in window])
+    refs = [_load_reference_image(record, k, size) for k in range(len(record.references))]
+    return shots, _stack(refs, (0, 3, *size))
+
+
+def _load_shot_image(record: StoryboardRecord, n: int, size: Resolution) -> torch.Tensor:
+    """Shot n covering `size`: (3, H, W)."""
+    where = f"record {record.id!r}: shots[{n}].image"
+    return _rgb_tensor(cover(_load_rgb(record.shots[n].image, where), size, Image.BICUBIC))
+
+
+def _load_shot_masks(record: StoryboardRecord, n: int, size: Resolution) -> torch.Tensor:
+    """Role masks of shot n covering `size`: (K, H, W) in reference order, zeros for absent roles."""
     shot, where = record.shots[n], f"record {record.id!r}: shots[{n}]"
-    image = _rgb_tensor(cover(_load_rgb(shot.image, f"{where}.image"), size, Image.BICUBIC))
     masks = [
         _mask_tensor(cover(_load_mask(shot.masks[ref.role], f"{where}.masks.{ref.role}"), size, Image.NEAREST))
         if ref.role in shot.masks
         else torch.zeros(size)
         for ref in record.references
     ]
-    return image, _stack(masks, (0, *size))
+    return _stack(masks, (0, *size))
 
 
-def _load_reference(record: StoryboardRecord, k: int, size: Resolution) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference k letterboxed into `size`: (image (3, H, W), mask (H, W))."""
-    ref, where = record.references[k], f"record {record.id!r}: references[{k}]"
-    image = letterbox(_load_rgb(ref.image, f"{where}.image"), size, Image.BICUBIC, WHITE)
-    mask = letterbox(_load_mask(ref.mask, f"{where}.mask"), size, Image.NEAREST, 0)
-    return _rgb_tensor(image), _mask_tensor(mask)
+def _load_reference_image(record: StoryboardRecord, k: int, size: Resolution) -> torch.Tensor:
+    """Reference k letterboxed into `size`: (3, H, W)."""
+    where = f"record {record.id!r}: references[{k}].image"
+    return _rgb_tensor(letterbox(_load_rgb(record.references[k].image, where), size, Image.BICUBIC, WHITE))
+
+
+def _load_reference_mask(record: StoryboardRecord, k: int, size: Resolution) -> torch.Tensor:
+    """The mask of reference k, letterboxed like its image: (H, W)."""
+    where = f"record {record.id!r}: references[{k}].mask"
+    return _mask_tensor(letterbox(_load_mask(record.references[k].mask, where), size, Image.NEAREST, 0))
 
 
 def _per_record(resolution: Resolution | Sequence[Resolution], count: int) -> list[Resolution]:
@@ -196,3 +244,8 @@ def _mask_tensor(mask: Image.Image) -> torch.Tensor:
 
 def _stack(tensors: list[torch.Tensor], empty_shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack(tensors) if tensors else torch.zeros(empty_shape)
+
+
+def _image_height_width(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.height, image.width

@@ -82,7 +82,9 @@ class DreamShotModule(L.LightningModule):
         Returns {"loss", "loss_fm"}, plus "loss_racl" when λ > 0 and "racl_in_mask" / "racl_confusion" with
         `diagnostic`. Role attention is captured only when one of them needs it.
         """
-        latents = self.adapter.encode_storyboard(batch.shots, batch.refs, batch.shot_texts, batch.ref_texts)
+        latents = batch.latents  # from the latent cache (data.cache_dir), else encoded here
+        if latents is None:
+            latents = self.adapter.encode_storyboard(batch.shots, batch.refs, batch.shot_texts, batch.ref_texts)
         if racl_weight > 0 or diagnostic:
             # Reference k shows role k only: (B, K, H, W) -> (B, K, R=K, H, W).
             eye = torch.eye(batch.num_refs, device=batch.ref_masks.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,9 +18,13 @@ from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.training.callbacks import LORA_FILE, ExportLora, RoleMaskPreview, TrainSummary
 from dreamshot.training.checkpoint_io import AtomicCheckpointIO
 from dreamshot.training.module import DreamShotModule
+from dreamshot.training.strategy import build_strategy
 from dreamshot.utils.io import atomic_write_text
 
 CHECKPOINT_DIR = "checkpoints"
+
+# The frozen VAE and umT5 stay in eval mode on purpose (WanAdapter.train); Lightning warns about every such module.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> Path:
@@ -61,7 +66,7 @@ def build_trainer(cfg: Config, out: Path, logger: Logger, callbacks: Sequence[L.
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(t),
         precision=t.precision,
         max_steps=t.max_steps,
         # One epoch per curriculum phase (or per data pass); max_steps ends the run.

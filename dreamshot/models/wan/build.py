@@ -66,7 +66,8 @@ def _random_components(cfg: ModelConfig) -> WanComponents:
         feed_forward_proj="gated-gelu",
     )
     return WanComponents(
-        transformer=_transformer(cfg).to(dtype),
+        # diffusers warns on any `.to(dtype)` of the DiT; a float32 model needs no cast.
+        transformer=_transformer(cfg) if dtype == torch.float32 else _transformer(cfg).to(dtype),
         vae=AutoencoderKLWan(
             base_dim=cfg.vae.base_dim,
             z_dim=cfg.vae.z_dim,

@@ -1,0 +1,277 @@
+"""The latent cache (DESIGN §4): Wan VAE latents and umT5 embeddings precomputed into safetensors shards, so
+training never runs the VAE or umT5.
+
+A cache folder:
+
+    index.json                       what the cache was built with; which shard holds which storyboard
+    64x112/shard-00000.safetensors   `data.cache_shard_size` storyboards whose (H, W) is 64x112
+    64x112/shard-00001.safetensors
+    80x128/shard-00000.safetensors   ...
+
+A storyboard is cached at its own (H, W): the training resolution, or its aspect bucket. A shard holds, for
+every storyboard `id` in it:
+- `id/refs` (C, K, h, w): the references, each encoded alone;
+- `id/texts` (Σ lengths, D) and `id/text_lengths` (K + T,): the umT5 embeddings of the K role prompts, then
+  of the T shot annotations, each cut after its last non-zero row. `encode_texts` zeroes every row after a
+  text's end, so padding the rows back with zeros restores the exact (K + T, L, D) tensor;
+- `id/shots.s` (C, M, h, w) for every window start s, M = min(T, data.max_shots): the VAE is causal over the
+  shot stream, so a shot's latent depends on the shots encoded before it. A group of T > M shots is cut to a
+  window whose start varies per pass, and the cache holds the stream of each of its T − M + 1 starts.
+
+Storage per storyboard: ((T − M + 1)·M + K) latent frames of C·h·w values in the VAE's dtype (float32: at
+480×832, 16·60·104·4 B = 390 KiB a frame) plus the texts' real tokens × D in the text encoder's dtype
+(umT5-XXL in bfloat16: 8 KiB a token, where a padded 512-token text would cost 4 MiB). A group of 8 shots and
+3 references at 480p is about 4.3 MiB of latents; one of 30 shots with max_shots 12 holds 19 streams of 12
+frames, about 90 MiB.
+
+Writing: a shard goes to a temporary file, is fsynced and renamed (`atomic_path`), then the index is rewritten
+atomically; a reader only opens shards that the index lists. A killed writer therefore leaves complete shards,
+an index naming only them, and at most one temporary file, which the next writer removes; that rerun encodes
+only the storyboards no listed shard holds. One writer per cache folder at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from dreamshot.config.schema import ModelConfig
+from dreamshot.data.dataset import Resolution, load_images, window_starts
+from dreamshot.data.manifest import StoryboardRecord
+from dreamshot.models.wan.latents import encode_references, encode_shots
+from dreamshot.utils.errors import ConfigError
+from dreamshot.utils.io import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    from dreamshot.models.wan.adapter import WanAdapter
+
+INDEX_NAME = "index.json"
+# Raised whenever what a shard holds, or how its tensors are computed, changes: old caches are then refused.
+CACHE_VERSION = 1
+BUILD_HINT = "run `dreamshot cache <experiment>` with this run's config"
+
+
+@dataclass
+class CachedRecord:
+    """Everything cached of one storyboard of T shots and K references at one (H, W)."""
+
+    refs: torch.Tensor  # (C, K, h, w)
+    texts: torch.Tensor  # (K + T, L, D): role prompts, then every shot annotation
+    windows: dict[int, torch.Tensor]  # window start s -> (C, M, h, w): the stream of shots s..s+M-1
+
+
+def cache_fingerprint(model: ModelConfig, seed: int, max_shots: int, manifest: Path) -> dict[str, Any]:
+    """What cached tensors depend on, as flat config keys; a run refuses a cache built with other values.
+
+    A pretrained backbone is named by its folder. A random one (no `pretrained_path`) also depends on the seed
+    and on every dimension, the DiT's included: it is drawn first, from the generator the VAE and umT5 use next.
+    """
+    pretrained = model.pretrained_path
+    built: dict[str, Any] = {
+        "cache_version": CACHE_VERSION,
+        "model.name": model.name,
+        "model.pretrained_path": None if pretrained is None else str(Path(pretrained).resolve()),
+        "model.dtype": model.dtype,
+        "model.text_len": model.text_len,
+        "data.max_shots": max_shots,
+        "data.manifest (sha256 of its content)": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+    }
+    if pretrained is None:
+        built["seed"] = seed
+        for part in ("transformer", "vae", "text_encoder"):
+            built.update({f"model.{part}.{k}": v for k, v in asdict(getattr(model, part)).items()})
+    return built
+
+
+def size_name(size: Resolution) -> str:
+    """(H, W) -> "HxW", the name of the folder of that resolution's shards."""
+    return f"{size[0]}x{size[1]}"
+
+
+class LatentCache:
+    """A cache folder opened for reading, its index checked against the run's `cache_fingerprint`.
+
+    Raises ConfigError when there is no cache at `root` or it was built with other settings.
+    """
+
+    def __init__(self, root: str | Path, fingerprint: dict[str, Any]) -> None:
+        self.root = Path(root)
+        index = _read_index(self.root)
+        if index is None:
+            raise ConfigError(f"data.cache_dir={self.root}: no latent cache there (no {INDEX_NAME}); {BUILD_HINT}")
+        _check_fingerprint(self.root, index["built_with"], fingerprint)
+        self.text_len = fingerprint["model.text_len"]
+        # (record id, "HxW") -> shard file, relative to root.
+        self.shards = {
+            (record_id, size): shard["file"]
+            for size, shards in index["resolutions"].items()
+            for shard in shards
+            for record_id in shard["records"]
+        }
+
+    def require(self, entries: Sequence[tuple[str, Resolution]]) -> None:
+        """Raise ConfigError unless every (record id, (H, W)) is cached."""
+        missing = [(rid, size) for rid, size in entries if (rid, size_name(size)) not in self.shards]
+        if missing:
+            rid, size = missing[0]
+            held = sorted({size for _, size in self.shards}) or ["none"]
+            raise ConfigError(
+                f"data.cache_dir={self.root}: {len(missing)} of {len(entries)} storyboards are not cached "
+                f"(first: {rid!r} at {size_name(size)}; cached sizes: {', '.join(held)}); {BUILD_HINT}"
+            )
+
+    def load(self, record_id: str, size: Resolution, window: range) -> dict[str, torch.Tensor]:
+        """The cached tensors of a record's shots `window` (N shots) and its K references, as
+        `StoryboardLatents` fields without the batch dimension: refs (C, K, h, w), shots (C, N, h, w),
+        ref_text (K, L, D), shot_text (N, L, D)."""
+        with safe_open(self.root / self.shards[(record_id, size_name(size))], framework="pt") as shard:
+            refs = shard.get_tensor(f"{record_id}/refs")
+            shots = shard.get_tensor(f"{record_id}/shots.{window.start}")
+            packed, lengths = (shard.get_tensor(f"{record_id}/{name}") for name in ("texts", "text_lengths"))
+        k = refs.shape[1]
+        texts = unpack_texts(packed, lengths, self.text_len)[[*range(k), *(k + n for n in window)]]
+        return {"refs": refs, "shots": shots, "ref_text": texts[:k], "shot_text": texts[k:]}
+
+
+def cache_entries(
+    records: Sequence[StoryboardRecord], sizes: Iterable[Sequence[Resolution]]
+) -> list[tuple[StoryboardRecord, Resolution]]:
+    """(record, (H, W)) pairs, once each, from one (H, W) per record for every training resolution."""
+    entries: dict[tuple[str, Resolution], tuple[StoryboardRecord, Resolution]] = {}
+    for per_record in sizes:
+        for record, size in zip(records, per_record, strict=True):
+            entries.setdefault((record.id, size), (record, size))
+    return list(entries.values())
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_record(adapter: WanAdapter, record: StoryboardRecord, size: Resolution, max_shots: int) -> CachedRecord:
+    """A record's latents and embeddings as training computes them (`WanAdapter.encode_storyboard`: posterior
+    mean, eval mode), on the device of the adapter's VAE; returned on the CPU."""
+    shots, refs = load_images(record, size)
+    vae = adapter.vae
+    texts = adapter.encode_text([[ref.prompt for ref in record.references] + [s.annotation for s in record.shots]])
+    length = min(len(record.shots), max_shots)
+    windows = {
+        start: encode_shots(vae, shots[None, start : start + length].to(vae.device))[0].cpu()
+        for start in window_starts(len(record.shots), max_shots)
+    }
+    return CachedRecord(encode_references(vae, refs[None].to(vae.device))[0].cpu(), texts[0].cpu(), windows)
+
+
+def write_cache(
+    root: str | Path,
+    fingerprint: dict[str, Any],
+    manifest: Path,
+    entries: Sequence[tuple[StoryboardRecord, Resolution]],
+    encoder: Callable[[], Callable[[StoryboardRecord, Resolution], CachedRecord]],
+    shard_size: int,
+    progress: bool = True,
+) -> int:
+    """Encode and store the (record, (H, W)) `entries` that no complete shard holds yet; returns how many.
+
+    `encoder()` gives the function that encodes one entry; it is called only if an entry is missing, since it
+    loads the model. Raises ConfigError if `root` holds a cache built with another fingerprint.
+    """
+    if shard_size < 1:
+        raise ConfigError(f"data.cache_shard_size must be >= 1, got {shard_size}")
+    root = Path(root)
+    index = _read_index(root)
+    if index is None:
+        index = {"built_with": fingerprint, "manifest": str(manifest.resolve()), "resolutions": {}}
+    _check_fingerprint(root, index["built_with"], fingerprint)
+    # Left by a killed writer; never listed in the index, so never read.
+    for stale in root.glob("*/.shard-*.tmp"):
+        stale.unlink()
+    cached = {(rid, size) for size, shards in index["resolutions"].items() for s in shards for rid in s["records"]}
+    todo: dict[Resolution, list[StoryboardRecord]] = {}
+    for record, size in entries:
+        if (record.id, size_name(size)) not in cached:
+            todo.setdefault(size, []).append(record)
+    if not todo:
+        return 0
+    total, encode = sum(len(records) for records in todo.values()), encoder()
+    with tqdm(total=total, unit="storyboard", desc="caching", disable=not progress) as bar:
+        for size, records in todo.items():
+            bar.set_postfix(size=size_name(size))
+            for start in range(0, len(records), shard_size):
+                chunk = records[start : start + shard_size]
+                tensors: dict[str, torch.Tensor] = {}
+                for record in chunk:
+                    tensors.update(_record_tensors(record.id, encode(record, size)))
+                    bar.update()
+                _write_shard(root, index, size, [r.id for r in chunk], tensors)
+    return total
+
+
+def _write_shard(
+    root: Path, index: dict[str, Any], size: Resolution, ids: list[str], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Write one shard atomically, then list it in the index (also written atomically)."""
+    shards = index["resolutions"].setdefault(size_name(size), [])
+    name = f"{size_name(size)}/shard-{len(shards):05d}.safetensors"
+    with atomic_path(root / name) as tmp:
+        save_file({key: t.contiguous() for key, t in tensors.items()}, tmp)
+    shards.append({"file": name, "records": ids})
+    atomic_write_text(root / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+
+
+def _record_tensors(record_id: str, cached: CachedRecord) -> dict[str, torch.Tensor]:
+    packed, lengths = pack_texts(cached.texts)
+    tensors = {f"{record_id}/refs": cached.refs, f"{record_id}/texts": packed, f"{record_id}/text_lengths": lengths}
+    tensors.update({f"{record_id}/shots.{start}": z for start, z in cached.windows.items()})
+    return tensors
+
+
+# --- texts -------------------------------------------------------------------------------------------------
+
+
+def pack_texts(texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, L, D) embeddings -> (Σ lengths, D) rows and (F,) lengths, a text's length being the position after
+    its last non-zero row (the rows after it are zeros)."""
+    nonzero = texts.ne(0).any(-1)
+    positions = torch.arange(1, texts.shape[1] + 1)
+    lengths = (nonzero * positions).amax(-1)
+    return torch.cat([text[:n] for text, n in zip(texts, lengths.tolist(), strict=True)]), lengths
+
+
+def unpack_texts(packed: torch.Tensor, lengths: torch.Tensor, text_len: int) -> torch.Tensor:
+    """The inverse of `pack_texts`: (F, L, D), zeros after each text's rows."""
+    texts = packed.new_zeros(len(lengths), text_len, packed.shape[-1])
+    for row, rows in enumerate(packed.split(lengths.tolist())):
+        texts[row, : len(rows)] = rows
+    return texts
+
+
+# --- index -------------------------------------------------------------------------------------------------
+
+
+def _read_index(root: Path) -> dict[str, Any] | None:
+    path = root / INDEX_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable cache index ({e})") from None
+
+
+def _check_fingerprint(root: Path, built: dict[str, Any], run: dict[str, Any]) -> None:
+    for key in sorted(set(built) | set(run)):
+        if built.get(key) != run.get(key):
+            raise ConfigError(
+                f"data.cache_dir={root} was built with {key}={built.get(key)!r}, this run has {run.get(key)!r}: "
+                "delete the folder and rebuild it (`dreamshot cache <experiment>`) or set another data.cache_dir"
+            )
