@@ -5,9 +5,9 @@ One run, side by side on the CPU: a LoRA training step (forward + backward) of a
   fm     flow matching only;
   racl   flow matching + RACL, this design (only role query rows, one target shot at a time);
   naive  flow matching + RACL from the full attention matrix (what a capture through attention weights costs).
-Times are medians of interleaved repeats in one process. Memory is the step's peak: each mode runs once more in
-a fresh subprocess that reports how far one step raises the process's peak resident memory (ru_maxrss) above
-its peak after building the model; "capture" is that minus the fm step's.
+Times are medians of interleaved repeats in one process. Memory is each step's peak of live tensor bytes,
+replayed from the torch profiler's allocation records (one extra profiled step per mode, not timed);
+"capture" is that minus the fm step's peak.
 
     python benchmarks/racl_step.py [--repeats 3] [--layers 2] [--heads 12] [--head-dim 64] [--roles 3]
 """
@@ -15,13 +15,11 @@ its peak after building the model; "capture" is that minus the fm step's.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from dreamshot.config.schema import LoraConfig, ModelConfig, TextEncoderConfig, TransformerConfig
 from dreamshot.diffusion.racl import build_role_plan, racl_loss
@@ -66,20 +64,20 @@ def step(adapter, latents, text, layout, plan, mode: str) -> float:
     return time.perf_counter() - start
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def step_peak_in_subprocess(mode: str) -> float:
-    """MiB by which one `mode` step raises a fresh process's peak memory."""
-    command = [sys.executable, __file__, "--memory-of", mode, *sys.argv[1:]]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
+def peak_mib(run) -> float:
+    """Peak of live bytes allocated while `run()` executes: the profiler's per-op allocations and frees, in
+    order of op start, summed up."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--memory-of", choices=("fm", "racl", "naive"), help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=12)
@@ -111,12 +109,6 @@ def main() -> None:
     layout = StoryboardLayout(REFS, SHOTS)
     plan = build_role_plan(role_masks(args.roles, g), layout.target_frames())
 
-    if args.memory_of:
-        before = peak_rss_mib()
-        step(adapter, latents, text, layout, plan, args.memory_of)
-        print(peak_rss_mib() - before)
-        return
-
     modes = ("fm", "racl", "naive")
     times: dict[str, list[float]] = {m: [] for m in modes}
     for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
@@ -124,7 +116,7 @@ def main() -> None:
             seconds = step(adapter, latents, text, layout, plan, mode)
             if repeat:
                 times[mode].append(seconds)
-    memory = {mode: step_peak_in_subprocess(mode) for mode in modes}
+    memory = {mode: peak_mib(lambda mode=mode: step(adapter, latents, text, layout, plan, mode)) for mode in modes}
 
     tokens = frames * GRID[0] * GRID[1]
     queries = int((plan.source_weights > 0).any(0).sum())

@@ -219,6 +219,8 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     # Resume from this checkpoint (a file written by a previous run).
     ckpt_path: str | None = None
+    # Steps with a non-finite loss or gradient that may be skipped (no update) before the run stops.
+    max_nonfinite_steps: int = 0
 
 
 @dataclass

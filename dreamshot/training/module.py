@@ -22,6 +22,7 @@ from dreamshot.diffusion.flow_matching import (
 from dreamshot.diffusion.racl import attention_shares, build_role_plan, racl_loss, stack_plans, token_grid_masks
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.role_capture import RoleCapture
+from dreamshot.training.guards import TrainingDivergedError, describe, drop_gradients, finite_gradients
 from dreamshot.utils.errors import WeightsError
 
 
@@ -41,6 +42,8 @@ class DreamShotModule(L.LightningModule):
         self.strict_loading = False
         self.mix_counts: Counter[str] = Counter()
         self._negative_text: torch.Tensor | None = None
+        self.nonfinite_skips = 0
+        self._last_losses: dict[str, torch.Tensor] = {}
 
     @property
     def racl_weight(self) -> float:
@@ -50,10 +53,14 @@ class DreamShotModule(L.LightningModule):
 
     # --- steps ---------------------------------------------------------------------------------------------
 
-    def training_step(self, batch: StoryboardBatch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: StoryboardBatch, batch_idx: int) -> torch.Tensor | None:
         rng, generator = self._step_randomness(f"train-{self.global_step}-{batch_idx}")
         plan = sample_plan(self.cfg.storyboard, batch.num_shots, batch.num_refs, batch.batch_size, rng)
         losses = self.model_step(batch, plan, generator, racl_weight=self.racl_weight)
+        self._last_losses = {k: v.detach() for k, v in losses.items()}
+        if not torch.isfinite(losses["loss"]):
+            self._skip_nonfinite("loss")
+            return None  # Lightning makes no backward and no optimiser step for this batch
         self.mix_counts.update(plan.counts())
         losses["phase"] = torch.tensor(float(self.current_epoch))
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch.batch_size)
@@ -145,6 +152,22 @@ class DreamShotModule(L.LightningModule):
         generator = torch.Generator(device=self.device).manual_seed(rng.getrandbits(63))
         return rng, generator
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not finite_gradients(optimizer):
+            self._skip_nonfinite("gradients")
+            drop_gradients(optimizer)
+
+    def _skip_nonfinite(self, what: str) -> None:
+        limit = self.cfg.trainer.max_nonfinite_steps
+        if self.nonfinite_skips >= limit:
+            raise TrainingDivergedError(
+                f"non-finite {what} at step {self.global_step} ({describe(self._last_losses)}); "
+                f"{self.nonfinite_skips} of trainer.max_nonfinite_steps={limit} skips used; "
+                "the checkpoints written so far are intact"
+            )
+        self.nonfinite_skips += 1
+        self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+
     # --- optimiser -----------------------------------------------------------------------------------------
 
     def configure_optimizers(self):
@@ -169,9 +192,11 @@ class DreamShotModule(L.LightningModule):
         keys = self.lora_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint["mix_counts"] = dict(self.mix_counts)
+        checkpoint["nonfinite_skips"] = self.nonfinite_skips
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         missing = sorted(self.lora_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise WeightsError(f"checkpoint has no LoRA weight {missing[0]!r} ({len(missing)} missing)")
         self.mix_counts = Counter(checkpoint.get("mix_counts", {}))
+        self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)
