@@ -8,7 +8,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-
 TEMP_SUFFIX = ".tmp"
 
 
