@@ -294,10 +294,10 @@ def test_datamodule_aspect_buckets_and_config_faults(tmp_path: Path) -> None:
 
 
 def test_datamodule_checks_the_manifest_files_in_prepare_data(tmp_path: Path) -> None:
-    module = StoryboardDataModule(_data_config(), tmp_path, seed=0)
-    module.prepare_data()
+    StoryboardDataModule(_data_config(), tmp_path, seed=0).prepare_data()
     (tmp_path / "toyworld" / "toy-00003" / "shot_01.png").write_bytes(b"not an image")
-    module.setup()  # records only: the bad file surfaces when decoded or at the next prepare_data
+    module = StoryboardDataModule(_data_config(), tmp_path, seed=0)
+    module.setup()  # records only: the bad file surfaces when decoded or in prepare_data
     with pytest.raises(DataError, match=r"manifest.jsonl:4: record 'toy-00003': shots\[0\]\.image: unreadable"):
         module.prepare_data()
 

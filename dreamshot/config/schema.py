@@ -429,6 +429,11 @@ class Config:
         _check_inference(self.inference)
         _check_eval(self.eval)
         _check_racl(self)
+        if self.data.manifest is None and self.data.val_groups >= self.data.toy.groups:
+            raise ConfigError(
+                f"data.val_groups={self.data.val_groups} leaves no training group of the "
+                f"data.toy.groups={self.data.toy.groups} toy storyboards"
+            )
         _check_curriculum(self)
         _check_trainer(self.trainer)
         if self.diffusion.shift <= 0:

@@ -13,8 +13,8 @@ exactly the phase's steps × `accumulate` batches (as many shuffled passes over 
 the phase's resolution, and the Trainer reloads the loaders at every epoch. Without phases an epoch is one pass.
 
 With `data.cache_dir`, `setup` opens the latent cache (`dreamshot cache`), refuses one built with another model,
-seed, manifest or `max_shots`, and requires it to hold every group at every phase's resolution; batches then
-carry the cached latents and embeddings instead of images.
+seed, manifest or `max_shots`, and requires it to hold every group at every phase's resolution; the loaders'
+batches then carry the cached latents and embeddings instead of images.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from dreamshot.config.schema import Config, DataConfig, ModelConfig, PhaseConfig
+from dreamshot.config.schema import DataConfig, ModelConfig, PhaseConfig
 from dreamshot.data.bucketing import BucketBatchSampler, StoryboardBatch, collate_storyboards
 from dreamshot.data.cache import LatentCache, cache_entries, cache_fingerprint
 from dreamshot.data.dataset import Resolution, StoryboardDataset, record_resolutions
@@ -48,8 +48,8 @@ class StoryboardDataModule(L.LightningDataModule):
         accumulate: int = 1,
         model: ModelConfig | None = None,
     ) -> None:
-        """`model`: the run's model config, which a latent cache must have been built with (default: the
-        fitted module's `cfg.model`)."""
+        """`model`: the run's model config, which a latent cache (`data.cache_dir`) must have been built with;
+        needed only with a cache."""
         super().__init__()
         _check_config(cfg)
         self.cfg, self.output_dir, self.seed = cfg, Path(output_dir), seed
@@ -57,10 +57,12 @@ class StoryboardDataModule(L.LightningDataModule):
         self.cache: LatentCache | None = None
         self.train_records: list[StoryboardRecord] = []
         self.val_records: list[StoryboardRecord] = []
-        # The datasets at the current phase's resolution (rebuilt when the phase changes).
+        # The datasets at the current phase's resolution (rebuilt when the phase changes). They give images, for
+        # inspection and previews; the loaders read the cache instead when there is one.
         self.train_set: StoryboardDataset | None = None
         self.val_set: StoryboardDataset | None = None
         self._resolution: tuple[int, int] | None = None
+        self._prepared = False
         # Saved in checkpoints (as the training loader's state), so a resumed run continues its epoch.
         self.progress = EpochProgress()
 
@@ -71,8 +73,11 @@ class StoryboardDataModule(L.LightningDataModule):
         return ensure_toyworld(self.cfg.toy, self.output_dir / "toyworld")
 
     def prepare_data(self) -> None:
-        # The file checks read every image and mask: done here, once per node, not in every rank's `setup`.
-        load_manifest(self.manifest_path(), check_files=True)
+        # The file checks read every image and mask: done here, once per node, not in every rank's `setup`,
+        # and once per process (train() runs it before writing anything, Lightning calls it again).
+        if not self._prepared:
+            load_manifest(self.manifest_path(), check_files=True)
+            self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_records:
@@ -134,25 +139,18 @@ class StoryboardDataModule(L.LightningDataModule):
 
     def _dataset(self, records: list[StoryboardRecord], train: bool, target: tuple[int, int]) -> StoryboardDataset:
         resolution = record_resolutions(records, target, self.cfg.aspect_buckets)
-        return StoryboardDataset(records, resolution, self.cfg.max_shots, self.seed, train, self.cache)
+        return StoryboardDataset(records, resolution, self.cfg.max_shots, self.seed, train)
 
     def _open_cache(self, manifest: Path) -> LatentCache | None:
         """The latent cache of `data.cache_dir` (None without one), checked against this run."""
         if self.cfg.cache_dir is None:
             return None
-        fingerprint = cache_fingerprint(self._model_config(), self.seed, self.cfg.max_shots, manifest)
+        if self.model is None:
+            raise ValueError("with data.cache_dir, StoryboardDataModule needs the run's model config (model=...)")
+        fingerprint = cache_fingerprint(self.model, self.seed, self.cfg.max_shots, manifest)
         cache = LatentCache(self.cfg.cache_dir, fingerprint)
         cache.require([(record.id, size) for record, size in self.cache_entries(self.train_records + self.val_records)])
         return cache
-
-    def _model_config(self) -> ModelConfig:
-        if self.model is not None:
-            return self.model
-        # `train` builds the datamodule from the data config alone; its module holds the whole config.
-        cfg = getattr(self.trainer.lightning_module if self.trainer else None, "cfg", None)
-        if not isinstance(cfg, Config):
-            raise ValueError("with data.cache_dir, StoryboardDataModule needs model= or a module with a `cfg`")
-        return cfg.model
 
     def _loader(
         self,
@@ -170,7 +168,7 @@ class StoryboardDataModule(L.LightningDataModule):
         workers = self.cfg.num_workers
         loader_class = DataLoader if progress is None else ResumableLoader
         return loader_class(
-            dataset,
+            dataset.with_cache(self.cache),
             batch_sampler=EpochBatches(sampler, self._trainer_epoch, progress or EpochProgress(), length),
             collate_fn=collate_storyboards,
             num_workers=workers,

@@ -23,12 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.io import atomic_write_text
 
 SOURCES = ("real", "synthetic")
+# Image modes that convert to RGB without losing meaning (16-bit, CMYK or float images do not).
+IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P")
 MASK_MODES = ("L", "1")
 _RECORD_FIELDS = ("id", "source", "style", "references", "shots")
 _REFERENCE_FIELDS = ("role", "image", "prompt", "mask")
@@ -240,12 +243,19 @@ def _json_type(value: Any) -> str:
 
 def _check_record_files(record: StoryboardRecord, where: _Where) -> None:
     for i, ref in enumerate(record.references):
-        size = _image_header(ref.image, where, f"references[{i}].image")[0]
+        size = _check_image(ref.image, where, f"references[{i}].image")
         _check_mask(ref.mask, size, where, f"references[{i}].mask")
     for i, shot in enumerate(record.shots):
-        size = _image_header(shot.image, where, f"shots[{i}].image")[0]
+        size = _check_image(shot.image, where, f"shots[{i}].image")
         for role, mask in shot.masks.items():
             _check_mask(mask, size, where, f"shots[{i}].masks.{role}")
+
+
+def _check_image(path: Path, where: _Where, at: str) -> tuple[int, int]:
+    size, mode = _image_header(path, where, at)
+    if mode not in IMAGE_MODES:
+        raise where.error(at, f"image {path} has mode {mode} (expected one of {', '.join(IMAGE_MODES)})")
+    return size
 
 
 def _check_mask(path: Path, image_size: tuple[int, int], where: _Where, at: str) -> None:
@@ -254,6 +264,13 @@ def _check_mask(path: Path, image_size: tuple[int, int], where: _Where, at: str)
         raise where.error(at, f"mask {path} has mode {mode} (expected single-channel L or 1 with values 0/255)")
     if size != image_size:
         raise where.error(at, f"mask {path} is {size[0]}x{size[1]}, its image is {image_size[0]}x{image_size[1]}")
+    # Masks are small: decoding them here catches what a header cannot show, before any training starts.
+    with Image.open(path) as image:
+        values = np.asarray(image.convert("L"))
+    if not ((values == 0) | (values == 255)).all():
+        raise where.error(at, f"mask {path} has values other than 0 and 255")
+    if not values.any():
+        raise where.error(at, f"mask {path} is empty (a listed role must be visible)")
 
 
 def _image_header(path: Path, where: _Where, at: str) -> tuple[tuple[int, int], str]:

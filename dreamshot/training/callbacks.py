@@ -1,19 +1,29 @@
-"""Training callbacks: LoRA export at the end of training and a loss summary people can read."""
+"""Training callbacks: LoRA export (every format) at the end of training and a loss summary people can read."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import save_file
 
+from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.models.wan.lora_formats import CONVERTERS, FORMATS
 from dreamshot.utils.io import atomic_path, atomic_write_text
 from dreamshot.viz.role_masks import role_mask_sheet
 
 LORA_FILE = "lora.safetensors"
+# One file per export format, in the run folder (and in `dreamshot export --out`).
+EXPORT_FILES = {"peft": LORA_FILE, "diffusers": "lora_diffusers.safetensors", "comfyui": "lora_comfyui.safetensors"}
+# Under DeepSpeed, where a checkpoint holds shards, the gathered LoRA (peft names) is kept under this key.
+CHECKPOINT_LORA_KEY = "lora_state_dict"
 SUMMARY_FILE = "summary.json"
 ROLE_MASKS_FILE = "debug/role_masks.png"
 
@@ -26,21 +36,58 @@ def save_lora(state: dict, path: Path, metadata: dict[str, str]) -> None:
 
 
 class ExportLora(L.Callback):
-    """Writes `<output_dir>/lora.safetensors` when training ends (weights usable without the checkpoint)."""
+    """Writes the LoRA into the output folder in every format of `EXPORT_FILES` when training ends (weights
+    usable without the checkpoint, by DreamShot, diffusers and ComfyUI).
 
-    def __init__(self, output_dir: Path) -> None:
-        self.path = Path(output_dir) / LORA_FILE
+    Every rank takes part (under ZeRO-3 the weights are gathered from all of them); rank 0 writes. Under
+    DeepSpeed, whose checkpoints hold each rank's weight shards only, every checkpoint also gets the gathered
+    LoRA (`CHECKPOINT_LORA_KEY`), so `dreamshot export` reads any checkpoint without a conversion step.
+    """
 
-    @rank_zero_only
+    def __init__(self, output_dir: Path, formats: Sequence[str] = FORMATS) -> None:
+        self.output_dir, self.formats = Path(output_dir), tuple(formats)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            checkpoint[CHECKPOINT_LORA_KEY] = gathered_lora(trainer, pl_module.adapter)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        lora = pl_module.cfg.model.lora
-        metadata = {
-            "format": "peft",
-            "rank": str(lora.rank),
-            "alpha": str(lora.alpha),
-            "step": str(trainer.global_step),
-        }
-        save_lora(pl_module.adapter.lora_state_dict(), self.path, metadata)
+        state = gathered_lora(trainer, pl_module.adapter)
+        if trainer.is_global_zero:
+            metadata = {"step": str(trainer.global_step)}
+            write_lora_files(state, self.output_dir, pl_module.cfg.model.lora.alpha, metadata, self.formats)
+
+
+def gathered_lora(trainer: L.Trainer, adapter: WanAdapter) -> dict[str, torch.Tensor]:
+    """The full LoRA weights (peft names) copied to the CPU. Under ZeRO-3 every rank holds a shard of each weight:
+    they are gathered first, a collective that every rank must enter."""
+    strategy = trainer.strategy
+    zero3 = isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+    with _gathered(adapter.trainable_parameters()) if zero3 else contextlib.nullcontext():
+        return {key: value.detach().to("cpu", copy=True) for key, value in adapter.lora_state_dict().items()}
+
+
+def _gathered(parameters: list[torch.nn.Parameter]):
+    import deepspeed  # only under ZeRO-3, where DeepSpeed is running already
+
+    return deepspeed.zero.GatheredParameters(parameters)
+
+
+def write_lora_files(
+    state: dict[str, torch.Tensor],
+    output_dir: Path,
+    alpha: float,
+    metadata: dict[str, str],
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Write `state` (peft names) once per format into `output_dir` (`EXPORT_FILES` names); returns the paths."""
+    paths = []
+    for name in formats:
+        converted = CONVERTERS[name](state, alpha)
+        path = Path(output_dir) / EXPORT_FILES[name]
+        save_lora(converted.tensors, path, {**converted.metadata, **metadata})
+        paths.append(path)
+    return paths
 
 
 class TrainSummary(L.Callback):
@@ -52,7 +99,8 @@ class TrainSummary(L.Callback):
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
+        if outputs:  # empty: a step skipped for a non-finite loss
+            self.losses.append(float(outputs["loss"]))
 
     def state_dict(self) -> dict:
         return {"losses": list(self.losses)}

@@ -15,11 +15,14 @@ from omegaconf import OmegaConf
 from dreamshot.config.load import to_yaml
 from dreamshot.config.schema import Config
 from dreamshot.data.datamodule import StoryboardDataModule
+from dreamshot.eval.callback import eval_callbacks
 from dreamshot.training.callbacks import LORA_FILE, ExportLora, RoleMaskPreview, TrainSummary
 from dreamshot.training.checkpoint_io import AtomicCheckpointIO
+from dreamshot.training.guards import check_disk, check_writable, checkpoint_count, lora_checkpoint_bytes
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.strategy import build_strategy
-from dreamshot.utils.io import atomic_write_text
+from dreamshot.utils.errors import WeightsError
+from dreamshot.utils.io import atomic_write_text, remove_stale_temporaries
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -33,13 +36,24 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> Path:
     `callbacks` are added to the run's own (notebooks and tests observe or steer a run with them).
     """
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything that can be wrong with the inputs is found before anything is written.
+    if cfg.trainer.ckpt_path and not Path(cfg.trainer.ckpt_path).is_file():
+        raise WeightsError(f"checkpoint {cfg.trainer.ckpt_path} does not exist (trainer.ckpt_path)")
+    # Without a curriculum an epoch is a data pass, so raising max_steps extends a run with the same data stream.
+    datamodule = StoryboardDataModule(
+        cfg.data, out, cfg.seed, cfg.curriculum, cfg.trainer.accumulate_grad_batches, model=cfg.model
+    )
+    if cfg.data.manifest is None:
+        check_writable(out)  # the toy world is written into the output folder
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = DreamShotModule(cfg)
+    check_writable(out)
+    checkpoints = checkpoint_count(cfg.trainer.max_steps, cfg.trainer.checkpoint_every_n_steps)
+    check_disk(out, lora_checkpoint_bytes(module.adapter.trainable_parameters()), checkpoints)
+    remove_stale_temporaries(out / CHECKPOINT_DIR)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    # Without a curriculum an epoch is a data pass, so raising max_steps extends a run with the same data stream.
-    datamodule = StoryboardDataModule(cfg.data, out, cfg.seed, cfg.curriculum, cfg.trainer.accumulate_grad_batches)
-    module = DreamShotModule(cfg)
     logger = build_logger(cfg, out)
     trainer = build_trainer(cfg, out, logger, callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.trainer.ckpt_path)
@@ -66,7 +80,7 @@ def build_trainer(cfg: Config, out: Path, logger: Logger, callbacks: Sequence[L.
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=build_strategy(t),
+        strategy=build_strategy(t, cfg.data.batch_size),
         precision=t.precision,
         max_steps=t.max_steps,
         # One epoch per curriculum phase (or per data pass); max_steps ends the run.
@@ -85,6 +99,7 @@ def build_trainer(cfg: Config, out: Path, logger: Logger, callbacks: Sequence[L.
             ExportLora(out),
             TrainSummary(out, artifacts),
             RoleMaskPreview(out, cfg.racl.mask_threshold),
+            *eval_callbacks(cfg, out),
             *callbacks,
         ],
         logger=logger,
