@@ -55,7 +55,7 @@ def build_cache(cfg: Config, device: str = "cpu", progress: bool = True) -> int:
         raise ConfigError(
             "data.cache_dir is not set: give the cache folder in the experiment or as data.cache_dir=PATH"
         )
-    datamodule = StoryboardDataModule(cfg.data, cfg.output_dir, cfg.seed, cfg.curriculum, model=cfg.model)
+    datamodule = StoryboardDataModule(cfg.data, cfg.output_dir, cfg.seed, cfg.curriculum)
     manifest = datamodule.manifest_path()
     # Every group, whatever the split and source filter: runs that differ only there share one cache.
     records = load_manifest(manifest, check_files=True)

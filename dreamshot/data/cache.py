@@ -21,8 +21,8 @@ every storyboard `id` in it:
 Storage per storyboard: ((T − M + 1)·M + K) latent frames of C·h·w values in the VAE's dtype (float32: at
 480×832, 16·60·104·4 B = 390 KiB a frame) plus the texts' real tokens × D in the text encoder's dtype
 (umT5-XXL in bfloat16: 8 KiB a token, where a padded 512-token text would cost 4 MiB). A group of 8 shots and
-3 references at 480p is about 4.3 MiB of latents; one of 30 shots with max_shots 12 holds 19 streams of 12
-frames, about 90 MiB.
+3 references at 480p is about 4.2 MiB of latents; one of 30 shots with max_shots 12 holds 19 streams of 12
+frames, about 88 MiB.
 
 Writing: a shard goes to a temporary file, is fsynced and renamed (`atomic_path`), then the index is rewritten
 atomically; a reader only opens shards that the index lists. A killed writer therefore leaves complete shards,
@@ -49,7 +49,7 @@ from dreamshot.data.dataset import Resolution, load_images, window_starts
 from dreamshot.data.manifest import StoryboardRecord
 from dreamshot.models.wan.latents import encode_references, encode_shots
 from dreamshot.utils.errors import ConfigError
-from dreamshot.utils.io import atomic_path, atomic_write_text
+from dreamshot.utils.io import atomic_path, atomic_write_text, remove_stale_temporaries
 
 if TYPE_CHECKING:
     from dreamshot.models.wan.adapter import WanAdapter
@@ -110,13 +110,7 @@ class LatentCache:
             raise ConfigError(f"data.cache_dir={self.root}: no latent cache there (no {INDEX_NAME}); {BUILD_HINT}")
         _check_fingerprint(self.root, index["built_with"], fingerprint)
         self.text_len = fingerprint["model.text_len"]
-        # (record id, "HxW") -> shard file, relative to root.
-        self.shards = {
-            (record_id, size): shard["file"]
-            for size, shards in index["resolutions"].items()
-            for shard in shards
-            for record_id in shard["records"]
-        }
+        self.shards = _shard_of(index)
 
     def require(self, entries: Sequence[tuple[str, Resolution]]) -> None:
         """Raise ConfigError unless every (record id, (H, W)) is cached."""
@@ -193,9 +187,9 @@ def write_cache(
         index = {"built_with": fingerprint, "manifest": str(manifest.resolve()), "resolutions": {}}
     _check_fingerprint(root, index["built_with"], fingerprint)
     # Left by a killed writer; never listed in the index, so never read.
-    for stale in root.glob("*/.shard-*.tmp"):
-        stale.unlink()
-    cached = {(rid, size) for size, shards in index["resolutions"].items() for s in shards for rid in s["records"]}
+    for folder in [root, *root.glob("*/")]:
+        remove_stale_temporaries(folder)
+    cached = _shard_of(index)
     todo: dict[Resolution, list[StoryboardRecord]] = {}
     for record, size in entries:
         if (record.id, size_name(size)) not in cached:
@@ -266,6 +260,16 @@ def _read_index(root: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: unreadable cache index ({e})") from None
+
+
+def _shard_of(index: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """(record id, "HxW") -> the file, relative to the cache folder, of the listed shard that holds it."""
+    return {
+        (record_id, size): shard["file"]
+        for size, shards in index["resolutions"].items()
+        for shard in shards
+        for record_id in shard["records"]
+    }
 
 
 def _check_fingerprint(root: Path, built: dict[str, Any], run: dict[str, Any]) -> None:

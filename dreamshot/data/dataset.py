@@ -70,6 +70,10 @@ class StoryboardDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def with_cache(self, cache: LatentCache | None) -> StoryboardDataset:
+        """The same samples, with the latents of `cache` instead of images (None: with images)."""
+        return StoryboardDataset(self.records, self.resolutions, self.max_shots, self.seed, self.train, cache)
+
     def num_shots(self, index: int) -> int:
         return min(len(self.records[index].shots), self.max_shots)
 
