@@ -76,7 +76,7 @@ def load_config(
     overrides = [*(members[member] if members else []), *(overrides or [])]
     group_choices, dotlist = _split_overrides(overrides)
     chain = _experiment_chain(experiment) if experiment else []
-    groups = _read_yaml(CONF_DIR / "defaults.yaml").get("groups", {})
+    groups = read_yaml(CONF_DIR / "defaults.yaml").get("groups", {})
     for path, body in chain:
         groups.update(_groups_of(body, path))
     groups.update(group_choices)
@@ -85,21 +85,21 @@ def load_config(
     if chain:
         cfg.name = chain[-1][0].stem
     for group, option in groups.items():
-        cfg = _merge(cfg, {group: _read_yaml(_group_file(group, option))}, _group_file(group, option))
+        cfg = merge_checked(cfg, {group: read_yaml(_group_file(group, option))}, _group_file(group, option))
     for path, body in chain:
-        cfg = _merge(cfg, {k: v for k, v in body.items() if k not in _META_KEYS}, path)
+        cfg = merge_checked(cfg, {k: v for k, v in body.items() if k not in _META_KEYS}, path)
     local = Path(os.environ.get("DREAMSHOT_LOCAL_CONFIG", CONF_DIR / "local.yaml"))
     if local.is_file():
-        cfg = _merge(cfg, _read_yaml(local), local)
+        cfg = merge_checked(cfg, read_yaml(local), local)
     if members:
         stem = chain[-1][0].stem
         sweep = {"name": f"{stem}/{member}", "tags": [*cfg.tags, member], "logger": {"group": stem}}
-        cfg = _merge(cfg, sweep, f"sweep member {member!r}")
-    cfg = _merge(cfg, OmegaConf.from_dotlist(dotlist), "command line")
+        cfg = merge_checked(cfg, sweep, f"sweep member {member!r}")
+    cfg = merge_checked(cfg, OmegaConf.from_dotlist(dotlist), "command line")
     try:
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"config: {_describe(e)}") from None
+        raise ConfigError(f"config: {describe_error(e)}") from None
     config.validate()
     return config
 
@@ -130,7 +130,7 @@ def _experiment_chain(experiment: str | Path) -> list[tuple[Path, dict]]:
     while path is not None:
         if any(path == seen for seen, _ in chain):
             raise ConfigError(f"{path}: 'extends' forms a cycle")
-        body = _read_yaml(path)
+        body = read_yaml(path)
         chain.insert(0, (path, body))
         parent = body.get("extends")
         path = _experiment_file(parent) if parent else None
@@ -176,7 +176,7 @@ def _sweep_of(sweep: Any, path: Path) -> dict[str, list[str]]:
     return {str(member): list(items) for member, items in sweep.items()}
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     try:
         body = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -186,14 +186,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return body
 
 
-def _merge(cfg: DictConfig, update: Any, source: Path | str) -> DictConfig:
+def merge_checked(cfg: DictConfig, update: Any, source: Path | str) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, update)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{source}: {_describe(e)}") from None
+        raise ConfigError(f"{source}: {describe_error(e)}") from None
 
 
-def _describe(e: OmegaConfBaseException) -> str:
+def describe_error(e: OmegaConfBaseException) -> str:
     message = str(e).splitlines()[0]
     key = getattr(e, "full_key", None)
     return f"{message} (key: {key})" if key and key not in message else message

@@ -1,0 +1,134 @@
+"""`dreamshot prepare`: videos to storyboard groups, stage by stage (appendix A), resumable per video.
+
+Stages run in order over all videos (one progress bar each); a video goes on to the next stage while it
+keeps something. Each (video, stage) result is stored in a state file (`dreamshot.prepare.state`) and read
+back instead of recomputed when its inputs are unchanged, so an interrupted run resumes where it stopped
+and a finished one costs nothing to rerun. At the end the output folder holds:
+
+    manifest.jsonl          the storyboard groups (DESIGN §4 format, checked by the training loader)
+    provenance.jsonl        per group: whether its masks and text come from a model or a placeholder
+    prepare_report.json     per stage: units kept, dropped and why
+    frames/<video>/...      full-size keyframes;  groups/<video>/<group>/...  masks and references
+    state/<video>/<stage>.json
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from tqdm import tqdm
+
+from dreamshot.data.manifest import load_manifest
+from dreamshot.prepare import curation, grouping, keyframes, quality, roles, shots
+from dreamshot.prepare.backends import Backends, build_backends
+from dreamshot.prepare.config import PrepareConfig
+from dreamshot.prepare.report import REPORT_NAME, StageCounts, write_report
+from dreamshot.prepare.stage import VideoJob
+from dreamshot.prepare.state import StateStore, digest
+from dreamshot.utils.errors import DataError
+from dreamshot.utils.io import atomic_write_text
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts")
+MANIFEST_NAME = "manifest.jsonl"
+PROVENANCE_NAME = "provenance.jsonl"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: its name, its module (`run(job, inputs, cfg, backends)` and `UNIT`) and the config
+    sections its result depends on."""
+
+    name: str
+    module: ModuleType
+    sections: tuple[str, ...]
+
+
+STAGES = (
+    Stage("curation", curation, ("curation",)),
+    Stage("shots", shots, ("shots",)),
+    Stage("keyframes", keyframes, ("keyframes",)),
+    Stage("quality", quality, ("quality",)),
+    Stage("grouping", grouping, ("grouping", "vlm")),
+    Stage("roles", roles, ("roles", "vlm")),
+)
+
+
+@dataclass
+class PrepareSummary:
+    """What a run produced: per-stage counts, the manifest and how many groups and shots it holds."""
+
+    counts: list[StageCounts]
+    manifest: Path
+    groups: int
+    shots: int
+
+
+def find_videos(videos_dir: Path, out_dir: Path) -> list[VideoJob]:
+    """The video files under `videos_dir` (recursively, by suffix), sorted, with ids from their relative paths."""
+    if not videos_dir.is_dir():
+        raise DataError(f"{videos_dir}: not a folder of videos")
+    paths = sorted(p for p in videos_dir.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    if not paths:
+        raise DataError(f"{videos_dir}: no video files ({', '.join(VIDEO_SUFFIXES)})")
+    jobs, seen = [], {}
+    for path in paths:
+        video_id = re.sub(r"[^A-Za-z0-9._-]+", "_", path.relative_to(videos_dir).with_suffix("").as_posix())
+        if video_id in seen:
+            raise DataError(f"{path}: has the same id {video_id!r} as {seen[video_id]} (rename one)")
+        seen[video_id] = path
+        jobs.append(VideoJob(video_id, path, out_dir))
+    return jobs
+
+
+def prepare(
+    videos_dir: str | Path,
+    out_dir: str | Path,
+    cfg: PrepareConfig,
+    backends: Backends | None = None,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Run every stage over the videos of `videos_dir` into `out_dir` (see the module docstring)."""
+    out_dir = Path(out_dir).absolute()
+    jobs = find_videos(Path(videos_dir), out_dir)
+    backends = backends or build_backends(cfg)
+    store = StateStore(out_dir)
+    inputs: dict[str, dict] = {job.id: {} for job in jobs}
+    # The chain of digests: a video's file identity, then each stage's settings on top of the one before.
+    keys = {job.id: digest(job.path.stat().st_size, job.path.stat().st_mtime_ns) for job in jobs}
+    counts = []
+    for stage in STAGES:
+        tally = StageCounts(stage.name, stage.module.UNIT)
+        survivors = []
+        for job in tqdm(jobs, desc=f"{stage.name:<9}", unit="video", disable=not progress):
+            keys[job.id] = digest(stage.name, [cfg.section(s) for s in stage.sections], keys[job.id])
+            result = store.load(job.id, stage.name, keys[job.id])
+            ran = result is None
+            if result is None:
+                result = stage.module.run(job, inputs[job.id], cfg, backends)
+                store.save(job.id, stage.name, keys[job.id], result)
+            tally.add(result, ran)
+            inputs[job.id][stage.name] = result.data
+            if result.kept:
+                survivors.append(job)
+        counts.append(tally)
+        jobs = survivors
+    return _finish(out_dir, counts, [inputs[job.id]["roles"] for job in jobs])
+
+
+def _finish(out_dir: Path, counts: list[StageCounts], outputs: list[dict]) -> PrepareSummary:
+    """Write the manifest (then read it back through the training loader's checks), provenance and report."""
+    records = [record for output in outputs for record in output["records"]]
+    manifest = out_dir / MANIFEST_NAME
+    atomic_write_text(manifest, "".join(json.dumps(record) + "\n" for record in records))
+    checked = load_manifest(manifest)
+    provenance = [{"id": r["id"], **output["provenance"]} for output in outputs for r in output["records"]]
+    atomic_write_text(out_dir / PROVENANCE_NAME, "".join(json.dumps(p) + "\n" for p in provenance))
+    shot_count = sum(len(r.shots) for r in checked)
+    write_report(
+        counts, out_dir / REPORT_NAME, {"manifest": str(manifest), "groups": len(checked), "shots": shot_count}
+    )
+    return PrepareSummary(counts, manifest, len(checked), shot_count)

@@ -1,0 +1,53 @@
+"""Stage 2, shot detection with PySceneDetect (appendix A.1): frame ranges of the shots of a video.
+
+Unit: shots. Shots shorter than `shots.min_shot_seconds` (flashes, transitions) are dropped.
+"""
+
+from __future__ import annotations
+
+import scenedetect
+
+from dreamshot.prepare.config import PrepareConfig, ShotsConfig
+from dreamshot.prepare.stage import StageResult, VideoJob
+from dreamshot.utils.errors import DataError
+
+UNIT = "shots"
+_DETECTORS = {
+    "content": scenedetect.ContentDetector,
+    "adaptive": scenedetect.AdaptiveDetector,
+    "threshold": scenedetect.ThresholdDetector,
+    "histogram": scenedetect.HistogramDetector,
+    "hash": scenedetect.HashDetector,
+}
+
+
+def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResult:
+    fps = inputs["curation"]["fps"]
+    shots = detect_shots(job, cfg.shots)
+    min_frames = cfg.shots.min_shot_seconds * fps
+    kept = [shot for shot in shots if shot[1] - shot[0] >= min_frames]
+    dropped = len(shots) - len(kept)
+    reasons = {f"shorter than {cfg.shots.min_shot_seconds:g} s": dropped} if dropped else {}
+    return StageResult({"shots": kept}, kept=len(kept), dropped=reasons)
+
+
+def detect_shots(job: VideoJob, cfg: ShotsConfig) -> list[list[int]]:
+    """[start, end) frame ranges of every shot, covering the whole video."""
+    try:
+        video = scenedetect.open_video(str(job.path), backend=cfg.backend)
+    except scenedetect.VideoOpenFailure as e:
+        raise DataError(f"{job.path}: PySceneDetect cannot open the video ({e})") from None
+    manager = scenedetect.SceneManager()
+    manager.add_detector(make_detector(cfg))
+    manager.detect_scenes(video)
+    # start_in_scene: a video without a cut is one shot, not none.
+    scenes = manager.get_scene_list(start_in_scene=True)
+    return [[start.frame_num, end.frame_num] for start, end in scenes]
+
+
+def make_detector(cfg: ShotsConfig) -> scenedetect.SceneDetector:
+    """The configured PySceneDetect detector, its threshold set when the config gives one."""
+    kwargs: dict = {"min_scene_len": float(cfg.min_scene_len)}
+    if cfg.threshold is not None:
+        kwargs["adaptive_threshold" if cfg.detector == "adaptive" else "threshold"] = cfg.threshold
+    return _DETECTORS[cfg.detector](**kwargs)

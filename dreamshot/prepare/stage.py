@@ -1,0 +1,49 @@
+"""What every stage of `dreamshot prepare` takes and gives: one video's job, and its result for one stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    """One input video: its id (unique in the run, used in file and group names), file and the output folder."""
+
+    id: str
+    path: Path
+    out_dir: Path
+
+    def output(self, *parts: str) -> Path:
+        """A path under the output folder's `<part>/<video id>/...` tree (e.g. `output("frames", "s001.png")`)."""
+        return self.out_dir.joinpath(parts[0], self.id, *parts[1:])
+
+
+@dataclass
+class StageResult:
+    """A stage's outcome for one video.
+
+    `data` (JSON-able) is what later stages read; `kept` counts the units that go on (videos, shots,
+    keyframes or groups, as the stage says) and `dropped` counts the others by reason. A video with
+    nothing kept stops at that stage.
+    """
+
+    data: dict[str, Any]
+    kept: int
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"data": self.data, "kept": self.kept, "dropped": self.dropped}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> StageResult:
+        return cls(obj["data"], obj["kept"], obj["dropped"])
+
+
+def count(reasons: list[str]) -> dict[str, int]:
+    """Reason -> how many times it occurs, in first-seen order."""
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
+    return counts

@@ -1,0 +1,152 @@
+"""Toy-world videos with known structure, for the tests and the benchmark of `dreamshot prepare`.
+
+A video strings together the shots of a few toy storyboard groups (one scene each, scenes all different),
+group after group. Every shot is a hard cut, the camera pans sideways at a constant speed inside a shot,
+and chosen frames are blurred with a Gaussian. The returned `ToyVideo` holds the truth: cut frames, the
+scene of every shot, and which frames are blurred.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+from dreamshot.data.toyworld import SCENES, GroupPlan, ShotPlan, plan_group, render_shot
+
+
+@dataclass(frozen=True)
+class ToyVideo:
+    """Where a toy video is and what is in it. Frame ranges are [start, end) indices."""
+
+    path: Path
+    fps: int
+    shots: list[tuple[int, int]]
+    scenes: list[int]
+    blurred: dict[int, float]
+
+    @property
+    def cuts(self) -> list[int]:
+        """First frame of every shot after the first."""
+        return [start for start, _ in self.shots[1:]]
+
+
+def scene_groups(seed: int, count: int, max_shots: int = 4) -> list[int]:
+    """Indices of the first `count` toy groups with pairwise different scenes and at least two cut shots."""
+    chosen, seen = [], set()
+    index = 0
+    while len(chosen) < count:
+        plan = plan_group(seed, index, 2, max_shots, 2)
+        if plan.scene not in seen and len(cut_shots(plan)) >= 2:
+            chosen.append(index)
+            seen.add(plan.scene)
+        index += 1
+        if index > 100 * len(SCENES):
+            raise ValueError(f"toy world seed {seed} has fewer than {count} different scenes")
+    return chosen
+
+
+def cut_shots(plan: GroupPlan) -> list[ShotPlan]:
+    """The group's shots, leaving out any that keeps the framing of the shot before it: a cut that changes
+    little but the place of a character is not one a shot detector is expected to see."""
+    kept: list[ShotPlan] = []
+    for shot in plan.shots:
+        if not kept or shot.framing != kept[-1].framing:
+            kept.append(shot)
+    return kept
+
+
+def render_toy_video(
+    path: str | os.PathLike,
+    scenes: int = 2,
+    seed: int = 0,
+    size: tuple[int, int] = (96, 160),
+    fps: int = 8,
+    shot_frames: int = 12,
+    pan: float = 1.0,
+    blur: dict[int, float] | None = None,
+    grain: float = 0.0,
+    max_shots: int = 4,
+    metadata: dict[str, str] | None = None,
+    crf: int = 18,
+) -> ToyVideo:
+    """Write a toy video (H.264 mp4) and return its truth.
+
+    `pan`: camera speed in pixels per frame (direction alternates by shot); `blur`: frame index -> Gaussian
+    sigma in pixels; `grain`: standard deviation of per-frame noise (makes the stream as costly to decode
+    as filmed footage); `metadata`: container tags (e.g. {"creation_time": "2012-01-01"}); `crf`: x264's
+    quality (higher = smaller file).
+    """
+    height, width = size
+    blur = dict(blur or {})
+    rng = np.random.default_rng(seed)
+    frames, shots, scene_of = [], [], []
+    for scene, group in enumerate(scene_groups(seed, scenes, max_shots)):
+        plan = plan_group(seed, group, 2, max_shots, 2)
+        for number, shot in enumerate(cut_shots(plan)):
+            travel = int(np.ceil(pan * shot_frames))
+            canvas = render_shot(plan, shot, height, width + travel)[0]
+            direction = 1 if number % 2 == 0 else -1
+            shots.append((len(frames), len(frames) + shot_frames))
+            scene_of.append(scene)
+            for i in range(shot_frames):
+                offset = round(pan * i) if direction > 0 else travel - round(pan * i)
+                frames.append(canvas[:, offset : offset + width])
+    with _writer(Path(path), size, fps, metadata, crf) as write:
+        for index, frame in enumerate(frames):
+            write(_degrade(frame, blur.get(index, 0.0), grain, rng))
+    return ToyVideo(Path(path), fps, shots, scene_of, blur)
+
+
+def _degrade(frame: np.ndarray, sigma: float, grain: float, rng: np.random.Generator) -> np.ndarray:
+    if sigma > 0:
+        frame = cv2.GaussianBlur(frame, (0, 0), sigma)
+    if grain > 0:
+        noise = rng.normal(0, grain, frame.shape[:2])[..., None]
+        frame = np.clip(frame + noise, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(frame)
+
+
+class _writer:
+    """Context manager: an H.264 mp4 writer; calling it encodes one RGB frame (H, W, 3) uint8."""
+
+    def __init__(self, path: Path, size: tuple[int, int], fps: int, metadata: dict[str, str] | None, crf: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.container = av.open(str(path), "w")
+        self.container.metadata.update(metadata or {})
+        self.stream = self.container.add_stream("libx264", rate=fps)
+        self.stream.height, self.stream.width = size
+        self.stream.pix_fmt = "yuv420p"
+        # A keyframe every 2 s, as web video has; quiet x264 (it prints a summary on stderr otherwise).
+        self.stream.options = {
+            "preset": "ultrafast",
+            "crf": str(crf),
+            "g": str(2 * fps),
+            "x264-params": "log-level=none",
+        }
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, frame: np.ndarray) -> None:
+        self.container.mux(self.stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+
+    def __exit__(self, *exc) -> None:
+        self.container.mux(self.stream.encode())
+        self.container.close()
+
+
+def toy_overrides() -> list[str]:
+    """`dreamshot prepare` settings for toy videos: they are tiny (no resolution or bitrate floor), their
+    shots are short, and their cuts within a scene change less than a film's (ContentDetector at 10, not 27)."""
+    return [
+        "curation.min_short_side=0",
+        "curation.min_bitrate_kbps=0",
+        "shots.threshold=10",
+        "shots.min_scene_len=0.25",
+        "shots.min_shot_seconds=0.5",
+    ]

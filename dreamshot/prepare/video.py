@@ -1,0 +1,165 @@
+"""Reading videos with PyAV: container metadata, a fast luma pass for scoring, and exact frames at full size.
+
+Frames are numbered in presentation order from 0, as PySceneDetect numbers them. The scoring pass reads the
+decoder's luma plane directly (no colour conversion) and downscales it with OpenCV; the full-size pass
+decodes only what the chosen frames need, seeking to the last keyframe (I-frame) before a target when that
+skips decoding.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+from dreamshot.utils.errors import DataError
+
+# Container metadata keys that may carry a release or recording date.
+DATE_KEYS = ("date", "creation_time", "year", "DATE", "YEAR")
+# Pixel formats whose first plane is 8-bit luma, read without conversion (others go through swscale).
+_EIGHT_BIT_LUMA = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12", "nv21", "gray"}
+_YEAR = re.compile(r"\b(1[89]\d\d|2\d\d\d)\b")
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about a video (nothing decoded)."""
+
+    width: int
+    height: int
+    fps: float
+    frames: int
+    duration: float
+    bitrate_kbps: float | None
+    year: int | None
+
+
+@dataclass(frozen=True)
+class LumaFrame:
+    """One decoded frame of the scoring pass: its index, timestamp, whether it is an I-frame, and its luma
+    downscaled, (h, w) uint8."""
+
+    index: int
+    pts: int | None
+    key: bool
+    luma: np.ndarray
+
+
+def probe(path: Path) -> VideoInfo:
+    """Metadata of the first video stream. Raises DataError when the file is not a readable video."""
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+        duration = _duration(container, stream)
+        frames = stream.frames or round(duration * rate)
+        bitrate = container.bit_rate or stream.bit_rate
+        return VideoInfo(
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            fps=rate,
+            frames=int(frames),
+            duration=duration,
+            bitrate_kbps=bitrate / 1000 if bitrate else None,
+            year=_year({**container.metadata, **stream.metadata}),
+        )
+
+
+def decode_luma(path: Path, width: int) -> Iterator[LumaFrame]:
+    """Every frame's luma, downscaled to `width` (never upscaled), in presentation order."""
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        # Frame threading: the decoder works ahead on the other core while a frame is scored.
+        stream.thread_type = "AUTO"
+        for index, frame in enumerate(_frames(container, stream, path)):
+            yield LumaFrame(index, frame.pts, frame.key_frame, _luma(frame, width))
+
+
+def read_frames(path: Path, wanted: list[int], pts: list[int | None], keys: list[int]) -> dict[int, np.ndarray]:
+    """Full-size RGB frames (H, W, 3) uint8 of the frame indices `wanted`.
+
+    `pts` (every frame's timestamp) and `keys` (indices of the I-frames, sorted) come from the scoring pass.
+    Without timestamps the video is decoded from the start, counting frames.
+    """
+    seekable = bool(pts) and all(p is not None for p in pts)
+    index_of = {p: i for i, p in enumerate(pts)} if seekable else None
+    found: dict[int, np.ndarray] = {}
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        frames, position = None, 0  # position: index of the next frame the decoder returns
+        for target in sorted(set(wanted)):
+            start = keys[bisect.bisect_right(keys, target) - 1] if seekable and keys and keys[0] <= target else 0
+            # Seek only where it skips frames: decoding on from `position` reaches the target anyway.
+            if frames is None or start > position:
+                if start > position:
+                    container.seek(pts[start], stream=stream, backward=True)
+                frames = _frames(container, stream, path)
+            found[target], position = _decode_until(frames, target, index_of, position, path)
+    return found
+
+
+def _decode_until(frames, target: int, index_of: dict | None, position: int, path: Path) -> tuple[np.ndarray, int]:
+    """The RGB frame `target` from the decoder `frames`, and the index of the frame after it."""
+    for frame in frames:
+        index = position if index_of is None else index_of.get(frame.pts)
+        if index is None:
+            continue
+        position = index + 1
+        if index == target:
+            return frame.to_ndarray(format="rgb24"), position
+        if index > target:
+            break
+    raise DataError(f"{path}: frame {target}, seen by the scoring pass, could not be decoded again")
+
+
+def _luma(frame: av.VideoFrame, width: int) -> np.ndarray:
+    plane = frame.planes[0]
+    if frame.format.name in _EIGHT_BIT_LUMA:
+        # Y plane rows are `line_size` bytes apart; the first `width` bytes of each are pixels.
+        luma = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
+    else:
+        luma = frame.to_ndarray(format="gray")
+    if luma.shape[1] <= width:
+        return np.ascontiguousarray(luma)
+    height = max(1, round(luma.shape[0] * width / luma.shape[1]))
+    return cv2.resize(luma, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def _open(path: Path):
+    try:
+        return av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable video ({e})") from None
+
+
+def _video_stream(container, path: Path):
+    if not container.streams.video:
+        raise DataError(f"{path}: has no video stream")
+    return container.streams.video[0]
+
+
+def _frames(container, stream, path: Path) -> Iterator[av.VideoFrame]:
+    try:
+        yield from container.decode(stream)
+    except av.FFmpegError as e:
+        raise DataError(f"{path}: decoding failed ({e})") from None
+
+
+def _duration(container, stream) -> float:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    return container.duration / av.time_base if container.duration else 0.0
+
+
+def _year(metadata: dict[str, str]) -> int | None:
+    for key in DATE_KEYS:
+        match = _YEAR.search(metadata.get(key, ""))
+        if match:
+            return int(match.group(1))
+    return None

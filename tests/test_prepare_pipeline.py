@@ -1,0 +1,164 @@
+"""`dreamshot prepare` end to end on toy videos: manifest, scenes, report, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dreamshot.cli import main
+from dreamshot.data.dataset import StoryboardDataset
+from dreamshot.data.manifest import load_manifest
+from dreamshot.prepare import curation, grouping, keyframes, pipeline, quality, roles, shots
+from dreamshot.prepare.config import load_prepare_config
+from dreamshot.prepare.pipeline import STAGES, prepare
+from dreamshot.prepare.report import format_table
+from dreamshot.prepare.toyvideo import render_toy_video, toy_overrides
+
+STAGE_MODULES = {"curation": curation, "shots": shots, "keyframes": keyframes, "quality": quality}
+STAGE_MODULES.update({"grouping": grouping, "roles": roles})
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """Two toy videos (3 and 2 scenes) and one dated 2010, in a folder."""
+    folder = tmp_path_factory.mktemp("videos")
+    truth = {
+        "a": render_toy_video(folder / "a.mp4", scenes=3, seed=0, blur={5: 2.0, 20: 2.5}),
+        "b": render_toy_video(folder / "sub" / "b.mp4", scenes=2, seed=1),
+    }
+    render_toy_video(folder / "old.mp4", scenes=1, seed=0, metadata={"creation_time": "2010-06-01T00:00:00Z"})
+    return folder, truth
+
+
+def _config(*extra: str):
+    return load_prepare_config(overrides=[*toy_overrides(), *extra])
+
+
+@pytest.fixture(scope="module")
+def prepared(videos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    return out, prepare(videos[0], out, _config(), progress=False)
+
+
+def test_manifest_passes_the_training_loader(prepared):
+    out, summary = prepared
+    records = load_manifest(out / "manifest.jsonl")
+    assert summary.groups == len(records) >= 3
+    dataset = StoryboardDataset(records, (64, 112), max_shots=8, train=False)
+    item = dataset[0]
+    assert item["shots"].shape[1:] == (3, 64, 112) and torch.isfinite(item["shots"]).all()
+    for record in records:
+        assert record.references, "toy characters are found by the offline segmenter"
+        for shot in record.shots:
+            assert shot.annotation and shot.masks
+
+
+def test_grouping_keeps_the_known_scenes_together(prepared, videos):
+    out, _ = prepared
+    _, truth = videos
+    for line in (out / "manifest.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        video = truth[record["id"].split("-g")[0].removeprefix("sub_")]
+        # Keyframe files are named shot<n>_f<frame>.png; the frame says which scene it was drawn from.
+        frames = [int(shot["image"].rsplit("_f", 1)[1].split(".")[0]) for shot in record["shots"]]
+        shot_of = [next(n for n, (s, e) in enumerate(video.shots) if s <= f < e) for f in frames]
+        assert len({video.scenes[n] for n in shot_of}) == 1, record["id"]
+    groups = {json.loads(line)["id"].split("-g")[0] for line in (out / "manifest.jsonl").read_text().splitlines()}
+    assert groups == {"a", "sub_b"}
+    count = sum(1 for _ in (out / "manifest.jsonl").read_text().splitlines())
+    assert count == 3 + 2  # one group per scene (every toy scene has at least two shots)
+
+
+def test_report_counts_kept_and_dropped_with_reasons(prepared, videos):
+    out, summary = prepared
+    report = json.loads((out / "prepare_report.json").read_text())
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert [s["stage"] for s in report["stages"]] == [stage.name for stage in STAGES]
+    assert stages["curation"]["kept"] == 2 and stages["curation"]["dropped"] == {"dated before 2015": 1}
+    cuts = sum(len(video.shots) for video in videos[1].values())
+    assert stages["shots"]["kept"] == cuts and stages["keyframes"]["kept"] == cuts
+    assert stages["grouping"]["kept"] == report["shots"] == summary.shots
+    assert stages["roles"]["kept"] == report["groups"] == summary.groups
+    table = format_table(summary.counts)
+    assert "dated before 2015: 1" in table and table.splitlines()[0].startswith("stage")
+    provenance = [json.loads(line) for line in (out / "provenance.jsonl").read_text().splitlines()]
+    assert len(provenance) == summary.groups
+    assert provenance[0]["masks"] == "placeholder:border_colour" and provenance[0]["text"] == "placeholder:placeholder"
+
+
+def _count_calls(monkeypatch) -> dict[str, list[str]]:
+    """Wrap every stage's `run` to record the video ids it is called for."""
+    calls: dict[str, list[str]] = {name: [] for name in STAGE_MODULES}
+    for name, module in STAGE_MODULES.items():
+        original = module.run
+
+        def counted(job, *args, _name=name, _original=original):
+            calls[_name].append(job.id)
+            return _original(job, *args)
+
+        monkeypatch.setattr(module, "run", counted)
+    return calls
+
+
+def test_rerun_after_an_interruption_redoes_nothing(videos, tmp_path, monkeypatch):
+    folder, _ = videos
+    cfg = _config()
+    backends = pipeline.build_backends(cfg)
+    group = backends.judge.group
+
+    def interrupted(images):
+        if interrupted.windows == 1:  # the second video's grouping is cut short
+            raise KeyboardInterrupt
+        interrupted.windows += 1
+        return group(images)
+
+    interrupted.windows = 0
+    backends.judge.group = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        prepare(folder, tmp_path, cfg, backends, progress=False)
+    assert not (tmp_path / "manifest.jsonl").exists()
+
+    calls = _count_calls(monkeypatch)
+    summary = prepare(folder, tmp_path, cfg, progress=False)
+    assert calls == {n: [] for n in ("curation", "shots", "keyframes", "quality")} | {
+        "grouping": ["sub_b"],
+        "roles": ["a", "sub_b"],
+    }
+    assert summary.groups == 5
+    assert [c.done for c in summary.counts] == [0, 0, 0, 0, 1, 2]
+
+    calls = _count_calls(monkeypatch)
+    again = prepare(folder, tmp_path, cfg, progress=False)
+    assert all(not ids for ids in calls.values())
+    assert (again.groups, again.shots) == (summary.groups, summary.shots)
+
+
+def test_a_changed_setting_redoes_that_stage_and_the_later_ones(prepared, videos, tmp_path, monkeypatch):
+    out, _ = prepared
+    data = tmp_path / "data"
+    shutil.copytree(out, data)
+    calls = _count_calls(monkeypatch)
+    prepare(videos[0], data, _config("grouping.window=4", "grouping.overlap=1"), progress=False)
+    assert [name for name, ids in calls.items() if ids] == ["grouping", "roles"]
+
+
+def test_cli_prints_the_summary_and_reports_bad_settings(videos, tmp_path, capsys):
+    config = tmp_path / "prepare.yaml"
+    config.write_text("curation:\n  min_short_side: 0\n  min_bitrate_kbps: 0\n")
+    options = ["--out", str(tmp_path / "out"), "--config", str(config), "--no-progress"]
+    assert main(["prepare", str(videos[0]), *toy_overrides()[2:], *options]) == 0
+    printed = capsys.readouterr().out
+    assert "why dropped" in printed and "5 groups" in printed
+    assert main(["prepare", str(videos[0]), "shots.detectr=hash", *options]) == 2
+    assert "shots.detectr" in capsys.readouterr().err
+    assert main(["prepare", str(videos[0]), "shots.detector=magic", *options]) == 2
+    assert "shots.detector must be one of" in capsys.readouterr().err
+
+
+def test_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    assert main(["prepare", str(tmp_path / "videos"), "--out", str(tmp_path / "out")]) == 2
+    assert "no video files" in capsys.readouterr().err
