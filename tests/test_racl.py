@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
 
 from dreamshot.diffusion import racl as racl_module
 from dreamshot.diffusion.racl import (
@@ -101,20 +100,9 @@ def test_attention_shares():
 
 
 @pytest.fixture()
-def transformer():
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=24,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=48,
-    )
-    use_role_capture(model, [0, 1])
-    return model
+def transformer(tiny_transformer):
+    use_role_capture(tiny_transformer, [0, 1])
+    return tiny_transformer
 
 
 def _run(transformer, capture=None, checkpointing=False):

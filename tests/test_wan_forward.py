@@ -2,27 +2,15 @@
 
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
 
 from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.forward import storyboard_forward
 from dreamshot.models.wan.rope import storyboard_rotary_emb
 
 
-@pytest.fixture(scope="module")
-def transformer():
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=24,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=48,
-    )
-    return model.eval()
+@pytest.fixture()
+def transformer(tiny_transformer):
+    return tiny_transformer
 
 
 def _inputs(frames=4, batch=2):

@@ -49,7 +49,7 @@ def build_transformer_on_meta(cfg: ModelConfig) -> WanTransformer3DModel:
     """The DiT of `cfg` on the meta device: shapes and parameter counts without allocating memory."""
     _check_dims(cfg)
     with torch.device("meta"):
-        return _transformer(cfg)
+        return build_transformer(cfg)
 
 
 def _random_components(cfg: ModelConfig) -> WanComponents:
@@ -67,7 +67,7 @@ def _random_components(cfg: ModelConfig) -> WanComponents:
     )
     return WanComponents(
         # diffusers warns on any `.to(dtype)` of the DiT; a float32 model needs no cast.
-        transformer=_transformer(cfg) if dtype == torch.float32 else _transformer(cfg).to(dtype),
+        transformer=build_transformer(cfg) if dtype == torch.float32 else build_transformer(cfg).to(dtype),
         vae=AutoencoderKLWan(
             base_dim=cfg.vae.base_dim,
             z_dim=cfg.vae.z_dim,
@@ -84,7 +84,8 @@ def _random_components(cfg: ModelConfig) -> WanComponents:
     )
 
 
-def _transformer(cfg: ModelConfig) -> WanTransformer3DModel:
+def build_transformer(cfg: ModelConfig) -> WanTransformer3DModel:
+    """The DiT of `cfg`, randomly initialised (the caller seeds torch)."""
     t = cfg.transformer
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
