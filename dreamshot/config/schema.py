@@ -526,6 +526,8 @@ def _check_eval(ev: EvalConfig) -> None:
         raise ConfigError(f"eval.steps must be >= 1, got {ev.steps}")
     if ev.callback.every_n_steps < 1 or ev.callback.stories < 1 or ev.callback.steps < 1:
         raise ConfigError("eval.callback.every_n_steps, .stories and .steps must be >= 1")
+    if ev.callback.enabled and ev.benchmark != "toy" and ev.data is None:
+        raise ConfigError(f"eval.callback.enabled: the {ev.benchmark} benchmark needs eval.data")
     if ev.judge.max_retries < 1:
         raise ConfigError(f"eval.judge.max_retries must be >= 1, got {ev.judge.max_retries}")
     for key in ("box_threshold", "text_threshold"):

@@ -17,9 +17,13 @@ from safetensors.torch import load_file
 from dreamshot.config.load import load_config
 from dreamshot.config.schema import Config
 from dreamshot.models.wan.adapter import WanAdapter
-from dreamshot.training.callbacks import LORA_FILE
+from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, LORA_FILE
 from dreamshot.utils.errors import ConfigError, WeightsError
 
+DEEPSPEED_MODEL_STATES = (
+    "checkpoint/mp_rank_00_model_states.pt",
+    "checkpoint/zero_pp_rank_0_mp_rank_00_model_states.pt",
+)
 RUN_CONFIG = "config.yaml"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # Prefix of the LoRA keys in a Lightning checkpoint's state_dict (DreamShotModule.adapter.transformer).
@@ -61,13 +65,33 @@ def build_adapter(cfg: Config, device: torch.device | str = "cpu") -> WanAdapter
 
 def load_lora(adapter: WanAdapter, path: Path) -> None:
     """Load LoRA weights from a `.safetensors` LoRA file or a DreamShot `.ckpt` into `adapter` (strict)."""
-    if not path.is_file():
+    if not path.exists():
         raise WeightsError(f"{path}: LoRA file not found")
-    state = _read_checkpoint(path) if path.suffix == ".ckpt" else _read_safetensors(path)
+    state = read_lora(path)
     try:
         adapter.load_lora_state_dict(state)
     except WeightsError as e:
         raise WeightsError(f"{path}: {e}") from None
+
+
+def read_lora(weights: Path) -> dict[str, torch.Tensor]:
+    """LoRA weights under peft names from a DreamShot LoRA file, Lightning checkpoint or DeepSpeed folder."""
+    if weights.is_dir():
+        return _read_deepspeed(weights)
+    return _read_checkpoint(weights) if weights.suffix == ".ckpt" else _read_safetensors(weights)
+
+
+def _read_deepspeed(folder: Path) -> dict[str, torch.Tensor]:
+    states = next((folder / name for name in DEEPSPEED_MODEL_STATES if (folder / name).is_file()), None)
+    if states is None:
+        raise WeightsError(f"{folder}: not a DeepSpeed checkpoint folder (no {' or '.join(DEEPSPEED_MODEL_STATES)})")
+    try:
+        checkpoint = torch.load(states, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing fault
+        raise WeightsError(f"{states}: not a readable DeepSpeed checkpoint ({type(e).__name__})") from None
+    if CHECKPOINT_LORA_KEY not in checkpoint:
+        raise WeightsError(f"{states}: holds no gathered LoRA ({CHECKPOINT_LORA_KEY!r}); was it written by DreamShot?")
+    return checkpoint[CHECKPOINT_LORA_KEY]
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

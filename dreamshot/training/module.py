@@ -195,7 +195,8 @@ class DreamShotModule(L.LightningModule):
         checkpoint["nonfinite_skips"] = self.nonfinite_skips
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = sorted(self.lora_keys() - set(checkpoint["state_dict"]))
+        # DeepSpeed checkpoints carry no "state_dict": the engine restores the (trainable) weights itself.
+        missing = sorted(self.lora_keys() - set(checkpoint.get("state_dict", self.lora_keys())))
         if missing:
             raise WeightsError(f"checkpoint has no LoRA weight {missing[0]!r} ({len(missing)} missing)")
         self.mix_counts = Counter(checkpoint.get("mix_counts", {}))

@@ -16,23 +16,28 @@ from __future__ import annotations
 
 import logging
 
+import lightning as L
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+from torch import nn
 
 from dreamshot.config.schema import TrainerConfig
 from dreamshot.planner.workload import zero_stage
 
 # Elements per DeepSpeed reduce / all-gather bucket (Lightning's default is 2e8). With overlap_comm DeepSpeed keeps
-# several buckets in flight (about 4.5× one bucket): 5e7 bf16 elements is ~0.45 GB per GPU instead of ~1.8 GB,
-# still large enough that the LoRA gradients of a 14B model (1.2e9 at rank 256) go out in ~25 collectives.
+# about 4.5× both buckets in flight: 5e7 bf16 elements cost ~0.9 GB per GPU instead of ~3.6 GB, and the LoRA
+# gradients of the 14B model (1.2e9 at rank 256) still go out in ~25 collectives.
 DEEPSPEED_BUCKET_ELEMENTS = 50_000_000
 DDP_START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn"}
 
 
-def build_strategy(trainer: TrainerConfig) -> Strategy | str:
-    """The strategy object for `L.Trainer(strategy=...)` (the string "auto" when Lightning chooses)."""
+def build_strategy(trainer: TrainerConfig, micro_batch: int) -> Strategy | str:
+    """The strategy object for `L.Trainer(strategy=...)` (the string "auto" when Lightning chooses).
+
+    `micro_batch`: samples per device and step (data.batch_size), which DeepSpeed wants in its config.
+    """
     stage = zero_stage(trainer.strategy)
     if stage:
-        return DeepSpeedStrategy(
+        strategy = LoraDeepSpeedStrategy(
             stage=stage,
             exclude_frozen_parameters=True,
             allgather_bucket_size=DEEPSPEED_BUCKET_ELEMENTS,
@@ -41,6 +46,9 @@ def build_strategy(trainer: TrainerConfig) -> Strategy | str:
             contiguous_gradients=True,
             logging_level=logging.WARNING,
         )
+        # Given here, Lightning does not read it off the training loader's batch sampler (ours has no batch_size).
+        strategy.config["train_micro_batch_size_per_gpu"] = micro_batch
+        return strategy
     if trainer.strategy in DDP_START_METHODS:
         return DDPStrategy(
             start_method=DDP_START_METHODS[trainer.strategy],
@@ -50,6 +58,27 @@ def build_strategy(trainer: TrainerConfig) -> Strategy | str:
             # Gradients live in DDP's buckets instead of a second copy.
             gradient_as_bucket_view=True,
             # The frozen encoders' buffers are constants, equal on every rank: no broadcast before each forward.
-            broadcast_buffers=False,
+            forward_sync_buffers=False,
         )
     return trainer.strategy
+
+
+class LoraDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeed whose checkpoints hold the trainable (LoRA) weights of the module and nothing frozen.
+
+    `exclude_frozen_parameters` drops the frozen weights that `named_parameters()` lists, but a frozen weight
+    that is a tied alias of another slips through (umT5's `encoder.embed_tokens` is its `shared` embedding:
+    2 GB at full size), so the module's state dict is cut to its trainable weights, as DreamShotModule cuts
+    Lightning's own checkpoints.
+    """
+
+    def setup(self, trainer: L.Trainer) -> None:
+        self.lightning_module.register_state_dict_post_hook(keep_trainable_weights)
+        super().setup(trainer)
+
+
+def keep_trainable_weights(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """`state_dict` post-hook: drop every entry of `module` that is not a trainable parameter."""
+    trainable = {prefix + name for name, parameter in module.named_parameters() if parameter.requires_grad}
+    for key in [key for key in state_dict if key.startswith(prefix) and key not in trainable]:
+        del state_dict[key]

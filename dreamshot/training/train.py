@@ -37,7 +37,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> Path:
     """
     out = Path(cfg.output_dir)
     # Everything that can be wrong with the inputs is found before anything is written.
-    if cfg.trainer.ckpt_path and not Path(cfg.trainer.ckpt_path).is_file():
+    if cfg.trainer.ckpt_path and not Path(cfg.trainer.ckpt_path).exists():  # a DeepSpeed checkpoint is a folder
         raise WeightsError(f"checkpoint {cfg.trainer.ckpt_path} does not exist (trainer.ckpt_path)")
     # Without a curriculum an epoch is a data pass, so raising max_steps extends a run with the same data stream.
     datamodule = StoryboardDataModule(

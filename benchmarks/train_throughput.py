@@ -1,0 +1,282 @@
+"""Training throughput of the Wan DiT with LoRA on one GPU: tokens/s, MFU and peak memory against the planner.
+
+A randomly initialised Wan (the 1.3B or 14B dimensions of conf/model/*.yaml, the paper's LoRA rank 256 from
+experiments/dreamshot.yaml) is built through `WanAdapter` and trained for a few flow-matching steps on a
+storyboard at the curriculum's phase-2 size — 480p, 8 shots + 3 references, 11 × 1,560 = 17,160 video tokens —
+from random latents and text embeddings (cached latents: the VAE and umT5 stay on the CPU, unused), in bf16
+with gradient checkpointing of the DiT blocks, as `trainer=gpu` trains:
+  --zero 2   DeepSpeed ZeRO-2 in one process, with the DeepSpeed config DreamShot trains with (bf16 mode: the
+             whole DiT, LoRA included, in bf16; fp32 master weights in the optimiser);
+  --zero 0   plain PyTorch: bf16 autocast, LoRA and AdamW in fp32 (what `trainer=ddp` trains with).
+It prints
+  tokens/s   video tokens per second of training (forward + backward + optimiser step);
+  MFU        model FLOPs per step (the planner's count, checkpoint recompute excluded; HFU includes it) over the
+             step time, against the card's measured bf16 matmul rate (a large matmul timed here);
+  memory     torch.cuda.max_memory_allocated() over the steps against the planner's peak for this setup, and
+             for ZeRO-2 on --gpus GPUs: the measured peak with the planner's one-GPU model state swapped for its
+             sharded one.
+Goals: MFU ≥ 40% for 1.3B on an H100; 14B phase 2 within 80 GB per GPU under ZeRO-2 with checkpointing.
+
+    python benchmarks/train_throughput.py --model wan1_3b            # then --model wan14b
+    python benchmarks/train_throughput.py --tiny --device cpu        # dry run of the script (tiny Wan, fp32)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import time
+
+import torch
+
+from dreamshot.config.load import load_config
+from dreamshot.config.schema import Config
+from dreamshot.diffusion.flow_matching import (
+    add_noise,
+    dit_timesteps,
+    frame_masked_mse,
+    sample_timesteps,
+    velocity_target,
+)
+from dreamshot.models.layout import StoryboardLayout
+from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.planner.plan import PhasePlan, plan_phase
+from dreamshot.planner.shape import model_shape
+from dreamshot.planner.workload import Training, Workload, parse_resolution, tokens_per_frame
+from dreamshot.training.strategy import build_strategy
+
+GIB = 2**30
+GOAL_MFU = 0.40
+GOAL_BYTES = 80e9
+# (size of the square matmul, timed repeats) that measure the card's matmul rate.
+MATMUL = {"cuda": (8192, 50), "cpu": (1024, 5)}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="wan1_3b", help="conf/model option: wan1_3b or wan14b")
+    parser.add_argument("--tiny", action="store_true", help="the tiny Wan at the smoke size, float32 (dry run)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--zero", type=int, choices=(0, 2), help="DeepSpeed ZeRO stage (default: 2 on CUDA, 0 on CPU)")
+    parser.add_argument("--resolution", help="HEIGHTxWIDTH or 480p (default: 480p; 64x112 with --tiny)")
+    parser.add_argument("--shots", type=int, default=8)
+    parser.add_argument("--refs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
+    parser.add_argument("--gpus", type=int, default=8, help="world size for the ZeRO-2 memory estimate")
+    args = parser.parse_args()
+    if args.zero is None:
+        args.zero = 2 if args.device.startswith("cuda") else 0
+    if args.resolution is None:
+        args.resolution = "64x112" if args.tiny else "480p"
+    return args
+
+
+def run_config(args: argparse.Namespace) -> Config:
+    if args.tiny:
+        return load_config("smoke", ["trainer.gradient_checkpointing=true"])
+    return load_config("dreamshot", [f"model={args.model}"])
+
+
+def build_adapter(cfg: Config, device: torch.device) -> WanAdapter:
+    """The adapter with its DiT on `device` (encoders stay on the CPU: latents are cached). The frozen weights are
+    created in model.dtype directly, so the 14B DiT never exists in float32 (56 GB)."""
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        adapter = WanAdapter.seeded(cfg.model, cfg.seed, gradient_checkpointing=True)
+    finally:
+        torch.set_default_dtype(previous)
+    adapter.transformer.to(device).train()
+    return adapter
+
+
+def synthetic_storyboard(cfg: Config, args, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random clean latents of the references and shots, and every frame's text embedding."""
+    height, width = parse_resolution(args.resolution)
+    channels, frames = cfg.model.transformer.in_channels, args.refs + args.shots
+    generator = torch.Generator(device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    return {
+        "conditions": randn(1, channels, args.refs, height // 8, width // 8),
+        "targets": randn(1, channels, args.shots, height // 8, width // 8),
+        "text": randn(1, frames, cfg.model.text_len, cfg.model.transformer.text_dim),
+    }
+
+
+def flow_matching_loss(adapter: WanAdapter, data: dict, layout: StoryboardLayout, shift: float) -> torch.Tensor:
+    """L_FM of one storyboard, as DreamShotModule computes it (clean references at timestep 0)."""
+    targets = data["targets"]
+    t = sample_timesteps(1, shift, device=targets.device)
+    noise = torch.randn_like(targets)
+    sequence = layout.assemble(data["conditions"], add_noise(targets, noise, t))
+    timesteps = dit_timesteps(t, layout.target_frames(), adapter.tokens_per_frame(*targets.shape[-2:]), True)
+    prediction = adapter.predict_velocity(sequence, timesteps, data["text"], layout)
+    target = layout.assemble(data["conditions"], velocity_target(targets, noise))
+    return frame_masked_mse(prediction, target, layout.target_frames().to(targets.device))
+
+
+class Stepper:
+    """One optimiser step of the LoRA: plain AdamW (optionally under bf16 autocast) or a DeepSpeed engine."""
+
+    def __init__(self, cfg: Config, adapter: WanAdapter, zero: int, autocast: bool) -> None:
+        self.adapter, self.autocast = adapter, autocast
+        device = adapter.transformer.device
+        optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=cfg.optim.lr)
+        self.engine = _deepspeed_engine(cfg, adapter, optimizer, zero) if zero else None
+        self.optimizer = optimizer
+        self.context = (
+            (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+        )
+
+    def step(self, loss_fn) -> float:
+        with self.context():
+            loss = loss_fn()
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+def _deepspeed_engine(cfg: Config, adapter: WanAdapter, optimizer: torch.optim.Optimizer, zero: int):
+    """A one-process DeepSpeed engine around the DiT with DreamShot's ZeRO config (see training/strategy.py)."""
+    import deepspeed
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed()
+    trainer = dataclasses.replace(cfg.trainer, strategy=f"deepspeed_stage_{zero}")
+    config = dict(build_strategy(trainer, micro_batch=1).config)
+    config.update(bf16={"enabled": True}, gradient_accumulation_steps=1, gradient_clipping=cfg.optim.grad_clip)
+    engine, *_ = deepspeed.initialize(model=adapter.transformer, optimizer=optimizer, config=config)
+    return engine
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in `dtype` on `device` (the card's practical peak)."""
+    size, repeats = MATMUL[device.type]
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    seconds = timed(lambda: [a @ b for _ in range(repeats)], device)
+    return 2 * size**3 * repeats / seconds
+
+
+def timed(fn, device: torch.device) -> float:
+    """Wall seconds of fn(), the device drained before and after (a CPU-GPU sync point)."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def planned(cfg: Config, args, data: dict, zero: int, world_size: int, half: bool) -> PhasePlan:
+    """The planner's phase for this step (L_FM only, checkpointing on, encoders not resident)."""
+    height, width = (8 * side for side in data["targets"].shape[-2:])
+    work = Workload(
+        frames=args.refs + args.shots,
+        tokens_per_frame=tokens_per_frame(height, width, "--resolution"),
+        text_len=cfg.model.text_len,
+        target_frames=args.shots,
+        checkpointing=True,
+        activation_bytes=2 if half else 4,
+    )
+    training = Training(
+        world_size=world_size,
+        zero_stage=zero,
+        model_bytes=2 if cfg.model.dtype == "bfloat16" else 4,
+        half_precision=half,
+    )
+    return plan_phase(f"{height}x{width}", model_shape(cfg.model, count_encoders=False), work, training, False)
+
+
+def report(cfg: Config, args, plan: PhasePlan, seconds: float, peak_rate: float, peak_bytes: int | None) -> None:
+    work, flops = plan.work, plan.flops
+    model_flops = sum(flops.forward.values()) + sum(flops.backward.values())
+    mfu, hfu = model_flops / seconds / peak_rate, flops.total / seconds / peak_rate
+    shape = model_shape(cfg.model, count_encoders=False)
+    mode = "DeepSpeed ZeRO-2 (1 process)" if args.zero else "no ZeRO"
+    print(
+        f"{cfg.model.name}: {shape.dit_params:,} DiT parameters, LoRA rank {shape.lora_rank} "
+        f"({shape.lora_params:,} trainable); {plan.label}, {args.shots} shots + {args.refs} references"
+    )
+    print(
+        f"  {work.tokens:,} video + {work.text_tokens:,} text tokens, gradient checkpointing, {mode}, "
+        f"{'bf16' if work.activation_bytes == 2 else 'fp32'}, {args.device}"
+    )
+    print(f"matmul peak (measured)    {peak_rate / 1e12:10.1f} TFLOP/s")
+    print(f"step time                 {seconds:10.3f} s (mean of {args.steps} after 1 warm-up)")
+    print(f"tokens/s                  {work.tokens / seconds:10,.0f}")
+    recompute = sum(flops.recompute.values())
+    print(f"model FLOPs per step      {model_flops:10.3e} FLOP (+ {recompute:.3e} recomputed)")
+    goal = f" (goal ≥ {GOAL_MFU:.0%} for 1.3B on an H100)" if cfg.model.name == "wan1_3b" else ""
+    print(f"MFU                       {mfu:10.1%}{goal}; HFU {hfu:.1%}")
+    predicted = plan.total_bytes(True)
+    if peak_bytes is None:
+        print(f"peak memory               not measured on {args.device}; planned {predicted / GIB:.4f} GiB")
+        return
+    print(
+        f"peak memory               {peak_bytes / GIB:10.2f} GiB measured, {predicted / GIB:.2f} GiB planned "
+        f"({peak_bytes / predicted - 1:+.1%})"
+    )
+
+
+def zero2_estimate(cfg: Config, args, data: dict, measured: int, one_gpu: PhasePlan) -> None:
+    """Per-GPU memory of ZeRO-2 on --gpus GPUs: the measured peak with the planned model state re-sharded."""
+    sharded = planned(cfg, args, data, zero=2, world_size=args.gpus, half=True)
+    state = sum(item.bytes for item in sharded.state.values()) - sum(item.bytes for item in one_gpu.state.values())
+    estimate = measured + state
+    verdict = "within" if estimate <= GOAL_BYTES else "OVER"
+    print(
+        f"ZeRO-2 on {args.gpus} GPUs {estimate / GIB:17.2f} GiB per GPU (measured peak, planned sharded state): "
+        f"{verdict} 80 GB"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    cfg = run_config(args)
+    # bf16 on GPUs, and wherever DeepSpeed's bf16 mode runs; the tiny dry run on the CPU is float32.
+    half = device.type == "cuda" or args.zero > 0
+    compute_dtype = torch.bfloat16 if half else torch.float32
+    torch.manual_seed(cfg.seed)
+
+    adapter = build_adapter(cfg, device)
+    stepper = Stepper(cfg, adapter, args.zero, autocast=half and not args.zero)
+    data = synthetic_storyboard(cfg, args, device, compute_dtype)
+    layout = StoryboardLayout(args.refs, args.shots)
+
+    def loss():
+        return flow_matching_loss(adapter, data, layout, cfg.diffusion.shift)
+
+    stepper.step(loss)  # warm-up: kernel selection, allocator, DeepSpeed buffers
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(lambda: [stepper.step(loss) for _ in range(args.steps)], device) / args.steps
+    peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+    plan = planned(cfg, args, data, args.zero, world_size=1, half=half)
+    report(cfg, args, plan, seconds, matmul_rate(device, compute_dtype), peak_bytes)
+    if peak_bytes is not None and args.zero == 2:
+        zero2_estimate(cfg, args, data, peak_bytes, plan)
+
+
+if __name__ == "__main__":
+    main()

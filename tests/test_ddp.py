@@ -1,0 +1,101 @@
+"""Data-parallel training on CPU: two DDP processes over gloo (trainer=ddp_cpu).
+
+The run is a subprocess executing this file, `python tests/test_ddp.py OUT` (Lightning's DDP launcher starts
+rank 1 by running the same command again), so it can pass a recording callback to `train()`: each rank writes
+the storyboard ids it trained on and its final LoRA weights next to the run's own outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dreamshot.training.callbacks import EXPORT_FILES
+
+RANKS = 2
+STEPS = 2
+OVERRIDES = [
+    "trainer=ddp_cpu",
+    "logger=csv",
+    # 4 training groups, batch 1: two batches per rank and no padding, so the ranks see disjoint groups.
+    "data.toy.groups=5",
+    "data.val_groups=1",
+    "data.toy.max_shots=3",
+    "data.toy.max_roles=2",
+    f"trainer.max_steps={STEPS}",
+    f"trainer.checkpoint_every_n_steps={STEPS}",
+    "trainer.val_check_interval=100",
+]
+
+
+class RecordRank(L.Callback):
+    """Writes `ids_rank<r>.json` (storyboard ids in training order) and `lora_rank<r>.safetensors` per rank."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir, self.ids = output_dir, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.ids += batch.ids
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        rank = trainer.global_rank
+        (self.output_dir / f"ids_rank{rank}.json").write_text(json.dumps(self.ids))
+        lora = {k: v.detach().clone().contiguous() for k, v in pl_module.adapter.lora_state_dict().items()}
+        save_file(lora, self.output_dir / f"lora_rank{rank}.safetensors")
+
+
+def _train(output_dir: Path) -> None:
+    from dreamshot.config.load import load_config
+    from dreamshot.training.train import train
+
+    train(load_config("smoke", [*OVERRIDES, f"output_dir={output_dir}"]), callbacks=[RecordRank(output_dir)])
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    out.mkdir()
+    # One thread per process: the two ranks share the machine's cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    result = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_ranks_train_on_different_storyboards(ddp_run):
+    ids = [json.loads((ddp_run / f"ids_rank{rank}.json").read_text()) for rank in range(RANKS)]
+    assert all(len(rank_ids) == STEPS for rank_ids in ids)
+    assert set(ids[0]).isdisjoint(ids[1])
+
+
+@pytest.mark.slow
+def test_exported_lora_equals_every_rank(ddp_run):
+    exported = load_file(ddp_run / EXPORT_FILES["peft"])
+    assert any(value.abs().sum() > 0 for key, value in exported.items() if ".lora_B." in key), "LoRA never trained"
+    for rank in range(RANKS):
+        weights = load_file(ddp_run / f"lora_rank{rank}.safetensors")
+        assert weights.keys() == exported.keys()
+        for key, value in weights.items():
+            # Gradients are all-reduced before every step, so the ranks hold bit-identical weights.
+            assert torch.equal(value, exported[key]), f"rank {rank} differs at {key}"
+
+
+@pytest.mark.slow
+def test_rank_zero_writes_every_format_and_a_lora_only_checkpoint(ddp_run):
+    assert all((ddp_run / name).is_file() for name in EXPORT_FILES.values())
+    checkpoint = torch.load(ddp_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == STEPS
+    assert checkpoint["state_dict"] and all(".lora_" in key for key in checkpoint["state_dict"])
+
+
+if __name__ == "__main__":
+    _train(Path(sys.argv[1]))

@@ -1,0 +1,201 @@
+"""LoRA export: diffusers and ComfyUI key formats, loading into diffusers' WanPipeline with the same transformer
+output as our adapter, the end-of-training export callback and `dreamshot export`."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+from safetensors.torch import load_file, save_file
+
+from dreamshot.cli import main
+from dreamshot.config.load import load_config, to_yaml
+from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.models.wan.build import build_components
+from dreamshot.models.wan.lora_formats import (
+    DIFFUSERS_METADATA_KEY,
+    WAN_BLOCK_LINEARS,
+    split_key,
+    to_comfyui,
+    to_diffusers,
+)
+from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, EXPORT_FILES, ExportLora, write_lora_files
+from dreamshot.utils.errors import WeightsError
+
+RANK, ALPHA = 4, 6.0  # alpha != rank: the scale alpha / rank must survive every format
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("smoke", [f"model.lora.rank={RANK}", f"model.lora.alpha={ALPHA}", "seed=3"])
+
+
+@pytest.fixture(scope="module")
+def adapter(cfg):
+    """The tiny adapter with random (trained-like) LoRA weights."""
+    adapter = WanAdapter.seeded(cfg.model, cfg.seed).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in adapter.trainable_parameters():
+            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def state(adapter):
+    return {key: value.clone() for key, value in adapter.lora_state_dict().items()}
+
+
+def _pipeline(cfg) -> WanPipeline:
+    """diffusers' WanPipeline around the same frozen tiny parts as the adapter (same seed), no LoRA."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        parts = build_components(cfg.model)
+    return WanPipeline(
+        tokenizer=parts.tokenizer,
+        text_encoder=parts.text_encoder,
+        vae=parts.vae,
+        transformer=parts.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
+def _transformer_inputs(cfg):
+    """One video of 3 latent frames and one text: diffusers' own forward, no storyboard specifics."""
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 16, 3, 4, 6, generator=generator)
+    text = torch.randn(1, cfg.model.text_len, cfg.model.transformer.text_dim, generator=generator)
+    return latents, torch.tensor([500.0]), text
+
+
+# --- key formats ----------------------------------------------------------------------------------------------
+
+
+def test_comfyui_keys_are_original_wan_names(state, cfg):
+    tensors = to_comfyui(state, ALPHA).tensors
+    blocks = range(cfg.model.transformer.num_layers)
+    linears = WAN_BLOCK_LINEARS.values()
+    suffixes = ("lora_down.weight", "lora_up.weight", "alpha")
+    assert set(tensors) == {f"diffusion_model.blocks.{i}.{m}.{s}" for i in blocks for m in linears for s in suffixes}
+    assert "diffusion_model.blocks.1.cross_attn.k.lora_down.weight" in tensors
+    assert "diffusion_model.blocks.0.ffn.2.lora_up.weight" in tensors
+    torch.testing.assert_close(
+        tensors["diffusion_model.blocks.0.self_attn.o.lora_down.weight"], state["blocks.0.attn1.to_out.0.lora_A.weight"]
+    )
+    assert tensors["diffusion_model.blocks.1.ffn.0.alpha"].item() == ALPHA
+
+
+def test_diffusers_converter_maps_comfyui_back_to_our_weights(state):
+    # The converter scales some tensors in place: give it copies.
+    comfyui = {key: value.clone() for key, value in to_comfyui(state, ALPHA).tensors.items()}
+    converted = _convert_non_diffusers_wan_lora_to_diffusers(comfyui)
+    assert set(converted) == {"transformer." + key for key in state}
+    # diffusers folds alpha / rank into A and B (loading them at scale 1): the weight update B·A is what matters.
+    for key in state:
+        module, part = split_key(key)
+        if part == "A":
+            ours = (ALPHA / RANK) * state[f"{module}.lora_B.weight"] @ state[key]
+            theirs = converted[f"transformer.{module}.lora_B.weight"] @ converted[f"transformer.{key}"]
+            torch.testing.assert_close(theirs, ours)
+
+
+def test_diffusers_keys_and_adapter_metadata(state):
+    exported = to_diffusers(state, ALPHA)
+    assert set(exported.tensors) == {"transformer." + key for key in state}
+    config = json.loads(exported.metadata[DIFFUSERS_METADATA_KEY])
+    assert config["transformer.r"] == RANK and config["transformer.lora_alpha"] == ALPHA
+    assert "blocks.1.ffn.net.0.proj" in config["transformer.target_modules"]
+
+
+def test_modules_without_a_wan_name_or_bad_keys_are_weights_errors():
+    with pytest.raises(WeightsError, match="'proj_out' has no ComfyUI"):
+        to_comfyui({"proj_out.lora_A.weight": torch.zeros(2, 3)}, ALPHA)
+    with pytest.raises(WeightsError, match="is not a peft LoRA weight"):
+        to_comfyui({"blocks.0.attn1.to_q.weight": torch.zeros(2, 3)}, ALPHA)
+
+
+# --- loading into diffusers' WanPipeline --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "comfyui"])
+@torch.no_grad()
+def test_wan_pipeline_with_exported_lora_matches_our_transformer(cfg, adapter, state, fmt, tmp_path):
+    (path,) = write_lora_files(state, tmp_path, ALPHA, {}, [fmt])
+    pipe = _pipeline(cfg)
+    inputs = _transformer_inputs(cfg)
+    bare = pipe.transformer(*inputs, return_dict=False)[0]
+    pipe.load_lora_weights(str(path))
+    theirs = pipe.transformer(*inputs, return_dict=False)[0]
+    # Our transformer, LoRA included, through diffusers' own forward (one text: shot-wise = plain cross-attention).
+    ours = adapter.transformer(*inputs, return_dict=False)[0]
+    assert (ours - bare).abs().max() > 1e-2, "the LoRA must change the output for this test to mean anything"
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+# --- the end-of-training callback -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_export_callback_writes_every_format_on_rank_zero_only(cfg, adapter, state, rank, tmp_path):
+    trainer = SimpleNamespace(strategy=None, is_global_zero=rank == 0, global_step=7)
+    ExportLora(tmp_path).on_train_end(trainer, SimpleNamespace(adapter=adapter, cfg=cfg))
+    if rank:
+        assert not list(tmp_path.iterdir())
+        return
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(EXPORT_FILES.values())
+    peft = load_file(tmp_path / EXPORT_FILES["peft"])
+    assert all(torch.equal(peft[key], value) for key, value in state.items())
+    assert load_file(tmp_path / EXPORT_FILES["comfyui"]).keys() == to_comfyui(state, ALPHA).tensors.keys()
+
+
+# --- dreamshot export -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_dir(cfg, state, tmp_path):
+    """A run folder (config.yaml, lora.safetensors), a Lightning checkpoint and a DeepSpeed checkpoint folder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    write_lora_files(state, run, ALPHA, {}, ["peft"])
+    checkpoints = run / "checkpoints"
+    checkpoints.mkdir()
+    module_state = {"adapter.transformer." + k.replace(".weight", ".default.weight"): v for k, v in state.items()}
+    torch.save({"state_dict": module_state}, checkpoints / "step000004.ckpt")
+    deepspeed = checkpoints / "last.ckpt" / "checkpoint"
+    deepspeed.mkdir(parents=True)
+    torch.save({"module": {}, CHECKPOINT_LORA_KEY: state}, deepspeed / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    return run
+
+
+@pytest.mark.parametrize("source", [".", "lora.safetensors", "checkpoints/step000004.ckpt", "checkpoints/last.ckpt"])
+def test_export_command_writes_the_formats_from_any_source(run_dir, state, source, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert main(["export", str(run_dir / source), "--out", str(out), "--format", "comfyui,diffusers"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([EXPORT_FILES["comfyui"], EXPORT_FILES["diffusers"]])
+    assert str(out / EXPORT_FILES["comfyui"]) in capsys.readouterr().out
+    comfy, expected = load_file(out / EXPORT_FILES["comfyui"]), to_comfyui(state, ALPHA).tensors
+    assert comfy.keys() == expected.keys() and all(torch.equal(comfy[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize(
+    ("source", "extra", "message"),
+    [
+        ("run", ["--format", "onnx"], "--format: 'onnx' must list formats among"),
+        ("missing", [], "missing: not found"),
+        ("empty_ds", [], "not a DeepSpeed checkpoint folder"),
+        ("alone.safetensors", [], "no config.yaml beside it"),
+    ],
+)
+def test_export_command_errors_are_one_line(run_dir, state, source, extra, message, tmp_path, capsys):
+    (run_dir / "empty_ds").mkdir()
+    lone = tmp_path / "alone.safetensors"
+    save_file(state, lone)
+    path = lone if source == "alone.safetensors" else run_dir / source if source != "run" else run_dir
+    assert main(["export", str(path), "--out", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,241 @@
+"""Trainer strategies: every shipped trainer option builds a strategy DeepSpeed / Lightning accept, impossible
+combinations are config errors, and a DeepSpeed ZeRO-2 / ZeRO-3 run keeps nothing frozen in its checkpoints
+and exports its LoRA without a conversion step.
+
+The DeepSpeed runs are subprocesses executing this file (`python tests/test_strategy.py STAGE OUT [--cpu]`), so
+DeepSpeed's process group and environment variables never leak into the test process. On a CUDA machine they
+are the real thing (`gpu`); `--cpu` runs the same training through DeepSpeed's CPU accelerator (gloo) by
+lifting Lightning's CUDA-only guard, which checks everything but the CUDA kernels (`slow`).
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.runtime.config import DeepSpeedConfig
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from safetensors.torch import load_file
+
+from dreamshot.cli import main
+from dreamshot.config.load import group_options, load_config
+from dreamshot.config.schema import STRATEGIES
+from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, EXPORT_FILES
+from dreamshot.training.module import DreamShotModule
+from dreamshot.training.strategy import (
+    DEEPSPEED_BUCKET_ELEMENTS,
+    LoraDeepSpeedStrategy,
+    build_strategy,
+    keep_trainable_weights,
+)
+from dreamshot.utils.errors import ConfigError
+
+FAST = ["logger=csv", "data.toy.groups=4", "data.val_groups=1", "data.toy.max_shots=3", "data.toy.max_roles=2"]
+
+
+def _trainer(*overrides):
+    return load_config("smoke", [*FAST, *overrides]).trainer
+
+
+# --- construction and validation ----------------------------------------------------------------------------
+
+
+def test_shipped_trainer_options_build():
+    options = group_options("trainer")
+    built = {option: build_strategy(_trainer(f"trainer={option}"), micro_batch=1) for option in options}
+    assert built["cpu"] == "auto"
+    for option, stage in (("gpu", 2), ("zero3", 3)):
+        assert isinstance(built[option], LoraDeepSpeedStrategy)
+        assert built[option].config["zero_optimization"]["stage"] == stage
+    for option in ("ddp", "ddp_cpu"):
+        assert isinstance(built[option], DDPStrategy) and built[option]._start_method == "popen"
+    assert _trainer("trainer=gpu").precision == "bf16-mixed" and _trainer("trainer=gpu").gradient_checkpointing
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_config_is_valid_for_deepspeed(stage):
+    strategy = build_strategy(_trainer("trainer=gpu", f"trainer.strategy=deepspeed_stage_{stage}"), micro_batch=2)
+    assert isinstance(strategy, DeepSpeedStrategy)
+    # Checkpoints must not hold the frozen backbone.
+    assert strategy.exclude_frozen_parameters
+    zero = strategy.config["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == DEEPSPEED_BUCKET_ELEMENTS
+    # What Lightning adds before deepspeed.initialize (accumulation, precision), parsed by DeepSpeed itself.
+    parsed = DeepSpeedConfig({**strategy.config, "gradient_accumulation_steps": 3, "bf16": {"enabled": True}})
+    assert parsed.zero_optimization_stage == stage and parsed.train_batch_size == 2 * 3
+
+
+def test_ddp_strategy_settings():
+    spawn = build_strategy(_trainer("trainer=ddp_cpu", "trainer.strategy=ddp_spawn"), micro_batch=1)
+    assert isinstance(spawn, DDPStrategy) and spawn._start_method == "spawn"
+    assert spawn._ddp_kwargs == {
+        "find_unused_parameters": False,
+        "gradient_as_bucket_view": True,
+        "forward_sync_buffers": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.strategy=deepspeed_stage_2"], "runs on CUDA GPUs only: set trainer.accelerator=gpu"),
+        (["trainer=gpu", "trainer.accelerator=cpu"], "runs on CUDA GPUs only"),
+        (["trainer.strategy=fsdp"], f"trainer.strategy must be one of {', '.join(STRATEGIES)}"),
+        (["trainer=ddp_cpu", "trainer.devices=0"], "trainer.devices must be >= 1"),
+        (["trainer.num_nodes=0"], "trainer.num_nodes must be >= 1"),
+    ],
+)
+def test_impossible_trainer_settings_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", overrides)
+
+
+def test_checkpointed_state_keeps_only_trainable_weights():
+    module = DreamShotModule(load_config("smoke", FAST))
+    trainable = module.lora_keys()
+    # umT5's encoder.embed_tokens is a tied alias of its `shared` embedding: named_parameters() does not list
+    # it, so DeepSpeed's exclude_frozen_parameters alone would keep it.
+    listed = {name for name, _ in module.named_parameters()}
+    assert "adapter.text_encoder.encoder.embed_tokens.weight" in set(module.state_dict()) - listed
+    module.register_state_dict_post_hook(keep_trainable_weights)
+    assert set(module.state_dict()) == trainable
+
+
+# --- the GPU throughput benchmark, dry run ------------------------------------------------------------------
+
+
+def test_throughput_benchmark_dry_run_on_cpu(monkeypatch, capsys):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--tiny", "--device", "cpu", "--steps", "1"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "8 shots + 3 references" in out and "308 video + 352 text tokens" in out
+    for line in ("matmul peak (measured)", "tokens/s", "model FLOPs per step", "MFU", "planned"):
+        assert line in out
+    (row,) = [row for row in out.splitlines() if row.startswith("tokens/s")]
+    tokens_per_second = float(row.split()[1].replace(",", ""))
+    assert tokens_per_second > 0
+
+
+# --- real DeepSpeed runs ------------------------------------------------------------------------------------
+
+STEPS = 2
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+RUNS = [
+    pytest.param(stage, device, marks=[pytest.mark.slow] if device == "cpu" else [pytest.mark.gpu, CUDA])
+    for device in ("cpu", "cuda")
+    for stage in (2, 3)
+]
+
+
+def _train_with_deepspeed(stage: int, out: Path, on_cpu: bool) -> None:
+    from dreamshot.config.load import to_yaml
+    from dreamshot.training import train as train_module
+    from dreamshot.utils.io import atomic_write_text
+
+    cfg = load_config(
+        "smoke",
+        [
+            *FAST,
+            "trainer=gpu",
+            "trainer.devices=1",
+            f"trainer.strategy=deepspeed_stage_{stage}",
+            f"trainer.max_steps={STEPS}",
+            f"trainer.checkpoint_every_n_steps={STEPS}",
+            "trainer.val_check_interval=100",
+            f"output_dir={out}",
+        ],
+    )
+    gpu_config = to_yaml(cfg)
+
+    def build(trainer, micro_batch):
+        strategy = build_strategy(trainer, micro_batch)
+        # Partition even the tiny model's weights, so ZeRO-3 really gathers them.
+        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        if on_cpu:
+            _run_on_deepspeeds_cpu_accelerator(strategy)
+        return strategy
+
+    train_module.build_strategy = build
+    if on_cpu:
+        cfg.trainer.accelerator = "cpu"
+    train_module.train(cfg)
+    # The run's config as a GPU run writes it (the CPU emulation changed the accelerator).
+    atomic_write_text(out / "config.yaml", gpu_config)
+
+
+def _run_on_deepspeeds_cpu_accelerator(strategy: DeepSpeedStrategy) -> None:
+    """Lift Lightning's CUDA-only guards; DeepSpeed itself runs on its CPU accelerator with gloo."""
+    import lightning.pytorch.strategies.deepspeed as lightning_deepspeed
+    from lightning.pytorch.strategies import DDPStrategy
+
+    lightning_deepspeed._validate_device_index_selection = lambda devices: None
+
+    class OnCpu(type(strategy)):
+        @property
+        def root_device(self) -> torch.device:
+            # DeepSpeed reads the device index; CPU devices have none.
+            return torch.device("cpu", self.local_rank)
+
+        def setup_environment(self) -> None:
+            DDPStrategy.setup_environment(self)
+
+    strategy.__class__ = OnCpu
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory):
+    """Run folders of the DeepSpeed trainings, made on first use, keyed by (stage, device)."""
+    runs: dict[tuple[int, str], Path] = {}
+
+    def run(stage: int, device: str) -> Path:
+        if (stage, device) not in runs:
+            out = tmp_path_factory.mktemp(f"zero{stage}_{device}") / "run"
+            command = [sys.executable, __file__, str(stage), str(out), *(["--cpu"] if device == "cpu" else [])]
+            env = {**os.environ, "WANDB_MODE": "disabled"}
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[stage, device] = out
+        return runs[stage, device]
+
+    return run
+
+
+def _model_states(checkpoint_dir: Path) -> dict:
+    (states,) = (checkpoint_dir / "checkpoint").glob("*mp_rank_00_model_states.pt")
+    return torch.load(states, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize(("stage", "device"), RUNS)
+def test_deepspeed_checkpoint_holds_lora_only(deepspeed_runs, stage, device):
+    run = deepspeed_runs(stage, device)
+    states = _model_states(run / "checkpoints" / "last.ckpt")
+    assert states["global_step"] == STEPS
+    lora_keys = {name for name in states["module"] if ".lora_" in name}
+    assert lora_keys and set(states["module"]) == lora_keys
+    assert not states["frozen_param_fragments"]
+    exported = load_file(run / EXPORT_FILES["peft"])
+    gathered = states[CHECKPOINT_LORA_KEY]
+    assert gathered.keys() == exported.keys()
+    assert all(torch.equal(gathered[key], exported[key]) for key in exported)
+    assert any(value.abs().sum() > 0 for key, value in exported.items() if ".lora_B." in key), "LoRA never trained"
+
+
+@pytest.mark.parametrize(("stage", "device"), RUNS)
+def test_deepspeed_run_exports_every_format_without_conversion(deepspeed_runs, stage, device, tmp_path):
+    run = deepspeed_runs(stage, device)
+    assert all((run / name).is_file() for name in EXPORT_FILES.values())
+    assert main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path)]) == 0
+    for name in EXPORT_FILES.values():
+        ours, theirs = load_file(tmp_path / name), load_file(run / name)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+if __name__ == "__main__":
+    _train_with_deepspeed(int(sys.argv[1]), Path(sys.argv[2]), on_cpu="--cpu" in sys.argv)
