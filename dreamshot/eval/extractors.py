@@ -1,6 +1,6 @@
 """Frozen image encoders sharing `forward(images) -> features` (EVAL.md "CIDS", "CSD", "AES").
 
-Every encoder takes a list of PIL images and returns float32 CPU features, one row per image:
+Every encoder (`Encoder`) takes a list of PIL images and returns float32 CPU features, one row per image:
 - `ClipImageEncoder`: CLIP ViT-L/14 image features (CIDS, non-human and unrealistic-human characters);
 - `CsdStyleEncoder`: the CSD style descriptor (CSD);
 - `AestheticScorer`: Aesthetic Predictor v2.5 scores, shape (N,) (AES);
@@ -12,7 +12,9 @@ and read local weights strictly (`dreamshot.eval.weights`).
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,18 +36,24 @@ AES_HEAD_WIDTHS = (1024, 128, 64, 16, 1)
 AES_HEAD_DROPOUTS = (0.5, 0.5, 0.5, 0.2)
 
 
-class ImageEncoder(nn.Module):
+class Encoder(Protocol):
+    """What the metrics need of an extractor: a list of images -> (N, D) features (or (N,) scores)."""
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
+
+
+class ImageEncoder(nn.Module, ABC):
     """A frozen model: `forward(images)` -> (N, D) features (float32, CPU), in batches of `batch_size`."""
 
     batch_size = 16
 
+    @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One RGB image -> (3, H, W) model input."""
-        raise NotImplementedError
 
+    @abstractmethod
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed batch -> (B, ...) features."""
-        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dreamshot.config.schema import FaceConfig
-from dreamshot.eval.extractors import ImageEncoder
 from dreamshot.eval.weights import require_path
 from dreamshot.utils.errors import WeightsError
 
@@ -40,12 +39,11 @@ def detection_thresholds() -> list[float]:
     return [round(FIRST_THRESHOLD - i * THRESHOLD_STEP, 6) for i in range(count)]
 
 
-class FaceEncoder(ImageEncoder):
-    """`forward(images)` -> (N, D) ensemble face embeddings (D = sum of the recognisers' widths), zero rows
+class FaceEncoder:
+    """`encoder(images)` -> (N, D) ensemble face embeddings (D = sum of the recognisers' widths), zero rows
     where no face is found. `detector` is an insightface SCRFD, `recognizers` insightface ArcFaceONNX models."""
 
     def __init__(self, detector, recognizers: Sequence, det_size: int = 640) -> None:
-        super().__init__()
         if not recognizers:
             raise ValueError("a face encoder needs at least one recognition model")
         self.detector = detector
@@ -53,7 +51,7 @@ class FaceEncoder(ImageEncoder):
         self.det_size = (det_size, det_size)
         self.width = sum(int(np.prod(r.output_shape[1:])) for r in self.recognizers)
 
-    def forward(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return torch.stack([self.embed_one(image) for image in images])
 
     def embed_one(self, image: Image.Image) -> torch.Tensor:

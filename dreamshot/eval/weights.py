@@ -16,7 +16,7 @@ from dreamshot.utils.errors import WeightsError
 
 # Config key -> where its weights are published (docs/evaluation.md says how to fetch each).
 PUBLISHED = {
-    "eval.clip.weights": "open_clip's OpenAI ViT-L/14 checkpoint, huggingface.co/timm/vit_large_patch14_clip_224.openai",
+    "eval.clip.weights": "OpenAI CLIP ViT-L/14 (open_clip): huggingface.co/timm/vit_large_patch14_clip_224.openai",
     "eval.csd.weights": "CSD ViT-L checkpoint, github.com/learn2phoenix/CSD (checkpoint.pth)",
     "eval.aes.siglip": "huggingface.co/google/siglip-so400m-patch14-384",
     "eval.aes.head": "github.com/discus0434/aesthetic-predictor-v2-5 (models/aesthetic_predictor_v2_5.pth)",

@@ -1,0 +1,63 @@
+"""`dreamshot eval BENCH [key=value ...] (--run DIR | --lora FILE | --base | --outputs DIR) [--mode M] [--out DIR]`.
+
+BENCH is toy, dreamshot_test or vistorybench (their data paths and every metric's weights are `eval.*` config
+keys, best kept in conf/local.yaml; see docs/evaluation.md). With a model (--run, --lora, --base) the
+storyboards are drawn first; with --outputs an existing folder in ViStoryBench's layout (`<story id>/shot_01.png`
+…) is scored. Writes results.json and results.csv into --out, logs a W&B table when the logger is W&B, and prints
+the results beside the paper's published rows for the benchmark and mode. A metric whose weights are not set is
+reported as missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from dreamshot.config.load import load_config
+from dreamshot.config.schema import EVAL_BENCHMARKS, EVAL_MODES
+from dreamshot.eval.runner import evaluate
+from dreamshot.inference.loading import build_adapter, load_lora, resolve_config, run_weights
+from dreamshot.inference.pipeline import StoryboardPipeline
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("benchmark", choices=EVAL_BENCHMARKS, help="benchmark to score")
+    parser.add_argument("overrides", nargs="*", help="config overrides right after BENCH: key.sub=value")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="training run folder (config.yaml + lora.safetensors or last.ckpt)")
+    source.add_argument("--lora", type=Path, help="LoRA weights: exported .safetensors or a .ckpt checkpoint")
+    source.add_argument("--base", action="store_true", help="no LoRA: the bare backbone")
+    source.add_argument("--outputs", type=Path, help="score this folder of shots instead of drawing them")
+    parser.add_argument("--config", help="experiment name or yaml (default: the run's config.yaml)")
+    parser.add_argument("--mode", choices=EVAL_MODES, help="r2s, t2s or s2s (default: eval.mode)")
+    parser.add_argument("--out", type=Path, help="results folder (default: outputs/eval/<benchmark>-<mode>)")
+    parser.add_argument("--label", help="name of this run's row in the table (default: the weights' name)")
+    parser.add_argument("--device", default=None, help="torch device (default: eval.device, else cuda when available)")
+
+
+def run(args: argparse.Namespace) -> None:
+    overrides = [*args.overrides, f"eval.benchmark={args.benchmark}"]
+    if args.mode:
+        overrides.append(f"eval.mode={args.mode}")
+    weights = run_weights(args.run) if args.run else args.lora
+    cfg = load_config(args.config, overrides) if args.outputs else resolve_config(weights, args.config, overrides)
+    device = torch.device(args.device or cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = args.out or Path("outputs") / "eval" / f"{cfg.eval.benchmark}-{cfg.eval.mode}"
+    label = args.label or _label(args)
+    if args.outputs:
+        evaluate(cfg, out, device, label, outputs=args.outputs)
+        return
+    adapter = build_adapter(cfg, device)
+    if weights is not None:
+        load_lora(adapter, weights)
+    evaluate(cfg, out, device, label, pipeline=StoryboardPipeline(adapter, cfg))
+
+
+def _label(args: argparse.Namespace) -> str:
+    if args.outputs:
+        return args.outputs.name
+    if args.run:
+        return f"ours ({args.run.name})"
+    return f"ours ({args.lora.stem})" if args.lora else "ours (base)"

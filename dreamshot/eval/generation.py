@@ -1,0 +1,85 @@
+"""Shots to score: drawn by the storyboard pipeline for a benchmark story, or read from a folder of outputs.
+
+Both use ViStoryBench's output layout: `<folder>/<story id>/` (or its `shots/` subfolder) holds one image per
+shot, whose 1-based shot index is the last `_`-separated number of the file name (`shot_01.png`, `01.jpg`);
+image files without such a number (e.g. the contact sheet `storyboard.png`) are not shots.
+
+Modes: r2s gives the model every character's first reference image with its prompt; t2s gives only the shot
+texts; s2s gives the story's first `previous` ground-truth shots (with their texts) as clean conditions. Only
+the shots a mode draws are written and scored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from dreamshot.eval.benchmarks.types import BenchStory
+from dreamshot.inference.contact_sheet import contact_sheet
+from dreamshot.inference.outputs import SHEET_FILE, save_png, shot_file, to_image
+from dreamshot.inference.pipeline import StoryboardPipeline
+from dreamshot.inference.story import Story, StoryRole, StoryShot, open_rgb, story_request
+from dreamshot.utils.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def story_for_mode(story: BenchStory, mode: str) -> Story:
+    """The storyboard-pipeline story (DESIGN §2 modes) that draws `story.scored_shots(mode)`."""
+    if mode == "s2s" and story.previous == 0:
+        raise DataError(f"story {story.id!r}: previous: s2s needs at least one given shot, the story gives none")
+    references = []
+    if mode == "r2s":
+        references = [StoryRole(c.key, c.images[0], c.prompt) for c in story.characters.values() if c.images]
+    previous = [StoryShot(s.prompt, s.image) for s in story.shots[: story.previous]] if mode == "s2s" else []
+    shots = [StoryShot(s.prompt) for s in story.scored_shots(mode)]
+    return Story(path=Path(story.id), references=references, previous_shots=previous, shots=shots)
+
+
+def draw_story(
+    pipeline: StoryboardPipeline, story: BenchStory, mode: str, size: tuple[int, int], seed: int, steps: int | None
+) -> tuple[dict[int, Image.Image], Image.Image]:
+    """Draw the shots `mode` asks for at `size` (H, W): ({shot index: image}, the contact sheet)."""
+    request = story_request(story_for_mode(story, mode), size)
+    result = pipeline(request, seed=seed, steps=steps, progress=False)
+    indices = [shot.index for shot in story.scored_shots(mode)]
+    shots = {index: to_image(pixels) for index, pixels in zip(indices, result.images, strict=True)}
+    references = [] if request.references is None else [to_image((ref + 1) / 2) for ref in request.references]
+    sheet = contact_sheet(list(shots.values()), request.shot_texts, references, request.reference_texts)
+    return shots, sheet
+
+
+def write_story(folder: Path, shots: dict[int, Image.Image], sheet: Image.Image) -> None:
+    """`shot_NN.png` for each shot and `storyboard.png` into `folder`."""
+    for index, image in shots.items():
+        save_png(image, folder / shot_file(index))
+    save_png(sheet, folder / SHEET_FILE)
+
+
+def read_story_shots(root: Path, story: BenchStory, mode: str) -> dict[int, Image.Image]:
+    """The shots `mode` scores for `story`, read from `root/<story id>/` (or its `shots/` subfolder)."""
+    folder = root / story.id
+    if (folder / "shots").is_dir():
+        folder = folder / "shots"
+    if not folder.is_dir():
+        raise DataError(f"{root}: story {story.id}: no output folder {folder}")
+    files: dict[int, Path] = {}
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        index = _shot_number(path)
+        if index is None:
+            continue
+        if index in files:
+            raise DataError(f"{folder}: story {story.id}: shot {index}: two files, {files[index].name} and {path.name}")
+        files[index] = path
+    shots = {}
+    for shot in story.scored_shots(mode):
+        if shot.index not in files:
+            raise DataError(f"{folder}: story {story.id}: shot {shot.index}: no image (e.g. shot_{shot.index:02d}.png)")
+        shots[shot.index] = open_rgb(files[shot.index], f"story {story.id}: shot {shot.index}")
+    return shots
+
+
+def _shot_number(path: Path) -> int | None:
+    text = path.stem.rsplit("_", 1)[-1]
+    return int(text) if text.isdigit() else None

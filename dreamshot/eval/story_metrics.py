@@ -1,0 +1,174 @@
+"""torchmetrics `Metric`s over stories: each `update` scores one story's generated shots with the extractors
+and the pure functions of `metrics`; `compute` is the plain mean over the stories seen (EVAL.md "Common").
+
+The per-story values are kept in `per_story` (story id -> values) for the results files. Sums and counts are
+metric states reduced by summation, so a metric also aggregates across processes.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+
+import torch
+from PIL import Image
+from torchmetrics import Metric
+
+from dreamshot.eval.benchmarks.types import BenchStory
+from dreamshot.eval.extractors import AestheticScorer, Encoder
+from dreamshot.eval.identity import CharacterMatcher, StoryMatches
+from dreamshot.eval.judge import Judge
+from dreamshot.eval.metrics import (
+    ALIGNMENT_DIMENSIONS,
+    character_identity,
+    mean,
+    rounded_mean,
+    story_identity,
+    style_cross,
+    style_self,
+)
+from dreamshot.inference.story import open_rgb
+
+
+class StorySample:
+    """One story and its generated shots (1-based shot index -> RGB image), as every metric sees them.
+
+    Character matching is shared: the first metric that asks a matcher for this story computes it.
+    """
+
+    def __init__(self, story: BenchStory, shots: Mapping[int, Image.Image]) -> None:
+        self.story = story
+        self.shots = dict(sorted(shots.items()))
+        self._matches: dict[int, StoryMatches] = {}
+
+    def matches(self, matcher: CharacterMatcher) -> StoryMatches:
+        if id(matcher) not in self._matches:
+            self._matches[id(matcher)] = matcher.match(self.story, self.shots)
+        return self._matches[id(matcher)]
+
+
+class StoryMetric(Metric):
+    """Mean over stories of the values `score(sample)` returns (a value a story lacks is left out of its mean)."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.names = names
+        self.add_state("total", default=torch.zeros(len(names), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(len(names), dtype=torch.float64), dist_reduce_fx="sum")
+        self.per_story: dict[str, dict[str, float]] = {}
+
+    @abstractmethod
+    def score(self, sample: StorySample) -> dict[str, float]:
+        """One story's values, by name."""
+
+    def update(self, sample: StorySample) -> None:
+        values = self.score(sample)
+        self.per_story[sample.story.id] = values
+        for i, name in enumerate(self.names):
+            if name in values:
+                self.total[i] += values[name]
+                self.count[i] += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {name: self.total[i] / self.count[i] for i, name in enumerate(self.names) if self.count[i] > 0}
+
+    def reset(self) -> None:
+        super().reset()
+        self.per_story = {}
+
+
+class IdentityMetric(StoryMetric):
+    """CIDS (`prefix` "cids"; "toy_identity" for the toy proxy): `<prefix>_cross` and `<prefix>_self`, the
+    story means over ALL its characters (one never found scores 0 and stays in the mean)."""
+
+    def __init__(self, matcher: CharacterMatcher, prefix: str = "cids") -> None:
+        super().__init__((f"{prefix}_cross", f"{prefix}_self"))
+        self.matcher = matcher
+
+    def score(self, sample: StorySample) -> dict[str, float]:
+        found = sample.matches(self.matcher)
+        scores = []
+        for key in sample.story.characters:
+            matched = [m.feature for m in found.matches[key]]
+            features = torch.stack(matched) if matched else torch.zeros(0, 0)
+            scores.append(character_identity(features, found.references[key]))
+        story = story_identity(scores)
+        return dict(zip(self.names, (story.cross, story.self), strict=True))
+
+
+class StyleMetric(StoryMetric):
+    """CSD (`prefix` "csd"; "toy_style" for the toy proxy). Self: mean cosine over all pairs of the story's
+    shots. Cross: per shot, the mean cosine to the first reference image of each character listed in it (a shot
+    with none listed uses the story's first character with images), then the mean over shots."""
+
+    def __init__(self, encoder: Encoder, prefix: str = "csd") -> None:
+        super().__init__((f"{prefix}_cross", f"{prefix}_self"))
+        self.encoder = encoder
+
+    def score(self, sample: StorySample) -> dict[str, float]:
+        story = sample.story
+        shots = self.encoder(list(sample.shots.values()))
+        values = {self.names[1]: style_self(shots)}
+        with_images = [c for c in story.characters.values() if c.images]
+        if with_images:
+            firsts = self.encoder(
+                [open_rgb(c.images[0], f"story {story.id}: character {c.key!r}") for c in with_images]
+            )
+            row = {c.key: firsts[i] for i, c in enumerate(with_images)}
+            listed = {shot.index: [k for k in shot.characters if k in row] for shot in story.shots}
+            references = [
+                torch.stack([row[k] for k in listed[index]]) if listed[index] else firsts[:1] for index in sample.shots
+            ]
+            values[self.names[0]] = style_cross(shots, references)
+        return values
+
+
+class AestheticMetric(StoryMetric):
+    """AES: Aesthetic Predictor v2.5, the mean over a story's shots."""
+
+    def __init__(self, scorer: AestheticScorer) -> None:
+        super().__init__(("aes",))
+        self.scorer = scorer
+
+    def score(self, sample: StorySample) -> dict[str, float]:
+        return {"aes": self.scorer(list(sample.shots.values())).mean().item()}
+
+
+class AlignmentMetric(StoryMetric):
+    """Alignment: the judge's 0-4 scores. Per story: the mean over shots of `scene`, `camera` and
+    `character_action`; `single_character_action` is, per shot, the mean over its matched characters' crops
+    rounded to an integer (0 when none is matched), then the story mean rounded again. `alignment` is the mean
+    of the four (over a benchmark this equals the paper's mean of the four dataset-level averages).
+
+    Without a matcher (no character crops) the single-character dimension, and so `alignment`, are absent.
+    """
+
+    def __init__(self, judge: Judge, matcher: CharacterMatcher | None) -> None:
+        dims = ALIGNMENT_DIMENSIONS if matcher is not None else ALIGNMENT_DIMENSIONS[:3]
+        names = tuple(f"alignment_{d}" for d in dims) + (("alignment",) if matcher is not None else ())
+        super().__init__(names)
+        self.judge, self.matcher = judge, matcher
+
+    def score(self, sample: StorySample) -> dict[str, float]:
+        story = sample.story
+        shots = {shot.index: shot for shot in story.shots}
+        per_dim: dict[str, list[float]] = {d: [] for d in ALIGNMENT_DIMENSIONS}
+        found = sample.matches(self.matcher) if self.matcher is not None else None
+        for index, image in sample.shots.items():
+            shot = shots[index]
+            for dimension, text in (("scene", shot.scene), ("camera", shot.camera), ("character_action", shot.action)):
+                per_dim[dimension].append(self.judge.score(image, text, dimension))
+            if found is not None:
+                singles = [
+                    self.judge.score(m.crop, shot.action, "single_character_action", story.characters[key].name)
+                    for key, m in found.in_shot(index).items()
+                ]
+                per_dim["single_character_action"].append(rounded_mean(singles))
+        values = {f"alignment_{d}": mean(per_dim[d]) for d in ALIGNMENT_DIMENSIONS[:3]}
+        if found is not None:
+            values["alignment_single_character_action"] = float(rounded_mean(per_dim["single_character_action"]))
+            values["alignment"] = mean([values[f"alignment_{d}"] for d in ALIGNMENT_DIMENSIONS])
+        return values

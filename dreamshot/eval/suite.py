@@ -1,0 +1,164 @@
+"""Build every metric `cfg.eval.metrics` asks for that a benchmark can have, and say why the others are missing.
+
+A metric whose weights are not configured (its config key unset) is reported as missing with the key to set,
+never as zero; a key that is set must name an existing file (else a WeightsError). `toy_proxy` is the
+weight-free identity / style proxy of the toy benchmark (colour histograms on role-mask crops), reported
+under its own names, never as CIDS or CSD; other benchmarks skip it (it does not apply, so it is not missing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dreamshot.config.schema import EvalConfig
+from dreamshot.eval.benchmarks.types import FACE_TAG, Benchmark
+from dreamshot.eval.crops import DetectorCrops, MaskCrops
+from dreamshot.eval.detector import load_detector
+from dreamshot.eval.extractors import ColourHistogram, load_aesthetic_scorer, load_clip_encoder, load_csd_encoder
+from dreamshot.eval.faces import load_face_encoder
+from dreamshot.eval.identity import CharacterMatcher
+from dreamshot.eval.judge import build_judge
+from dreamshot.eval.story_metrics import (
+    AestheticMetric,
+    AlignmentMetric,
+    IdentityMetric,
+    StoryMetric,
+    StorySample,
+    StyleMetric,
+)
+from dreamshot.utils.errors import ConfigError
+
+JUDGE_CACHE = "judge_cache.jsonl"
+# Value names of each metric group, in report order.
+VALUE_NAMES = {
+    "cids": ("cids_cross", "cids_self"),
+    "csd": ("csd_cross", "csd_self"),
+    "aes": ("aes",),
+    "alignment": (
+        "alignment_scene",
+        "alignment_camera",
+        "alignment_character_action",
+        "alignment_single_character_action",
+        "alignment",
+    ),
+    "toy_proxy": ("toy_identity_cross", "toy_identity_self", "toy_style_cross", "toy_style_self"),
+}
+
+
+@dataclass
+class MetricSuite:
+    """The metrics of one evaluation, and the value names that are missing (name -> reason)."""
+
+    metrics: dict[str, StoryMetric] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+
+    def update(self, sample: StorySample) -> None:
+        for metric in self.metrics.values():
+            metric.update(sample)
+
+    def compute(self) -> dict[str, float]:
+        return {k: float(v) for metric in self.metrics.values() for k, v in metric.compute().items()}
+
+    def per_story(self) -> dict[str, dict[str, float]]:
+        stories: dict[str, dict[str, float]] = {}
+        for metric in self.metrics.values():
+            for story, values in metric.per_story.items():
+                stories.setdefault(story, {}).update(values)
+        return stories
+
+    def reset(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+
+
+def crop_mode(cfg: EvalConfig, bench: Benchmark) -> str:
+    """detector | masks: `eval.crops`, with `auto` choosing masks when every story has them."""
+    with_masks = all(story.has_masks() for story in bench.stories)
+    if cfg.crops == "masks" and not with_masks:
+        story = next(s for s in bench.stories if not s.has_masks())
+        raise ConfigError(f"eval.crops=masks, but story {story.id!r} of {bench.name} lacks role masks")
+    if cfg.crops == "auto":
+        return "masks" if with_masks else "detector"
+    return cfg.crops
+
+
+def build_suite(cfg: EvalConfig, bench: Benchmark, work_dir: Path, device: torch.device) -> MetricSuite:
+    """Load the extractors and build the metrics (weights stay on `device`; ONNX face models on CPU)."""
+    suite = MetricSuite()
+    wanted = list(dict.fromkeys(cfg.metrics))
+    with tqdm(total=len(wanted), desc="loading metrics", leave=False) as bar:
+        matcher, why_not = _identity_matcher(cfg, bench, device) if {"cids", "alignment"} & set(wanted) else (None, "")
+        for name in wanted:
+            bar.set_postfix_str(name)
+            reason = _add_metric(suite, name, cfg, bench, work_dir, device, matcher, why_not)
+            if reason:
+                suite.missing.update({value: reason for value in VALUE_NAMES[name] if value not in _names(suite)})
+            bar.update()
+    return suite
+
+
+def _add_metric(
+    suite: MetricSuite,
+    name: str,
+    cfg: EvalConfig,
+    bench: Benchmark,
+    work_dir: Path,
+    device: torch.device,
+    matcher: CharacterMatcher | None,
+    why_not: str,
+) -> str | None:
+    """Add metric group `name` to `suite`; returns why it (or part of it) is missing, else None."""
+    if name == "cids":
+        if matcher is None:
+            return why_not
+        suite.metrics[name] = IdentityMetric(matcher)
+    elif name == "csd":
+        if cfg.csd.weights is None:
+            return "eval.csd.weights is not set"
+        suite.metrics[name] = StyleMetric(load_csd_encoder(cfg.csd).to(device))
+    elif name == "aes":
+        if cfg.aes.siglip is None or cfg.aes.head is None:
+            return "eval.aes.siglip and eval.aes.head must both be set"
+        suite.metrics[name] = AestheticMetric(load_aesthetic_scorer(cfg.aes).to(device))
+    elif name == "alignment":
+        if cfg.judge.endpoint is None:
+            return "eval.judge.endpoint is not set"
+        suite.metrics[name] = AlignmentMetric(build_judge(cfg.judge, work_dir / JUDGE_CACHE), matcher)
+        return None if matcher is not None else f"single-character action needs character crops: {why_not}"
+    elif name == "toy_proxy" and bench.name == "toy":
+        histogram = ColourHistogram()
+        proxy = CharacterMatcher(MaskCrops(), {"general": histogram})
+        suite.metrics["toy_identity"] = IdentityMetric(proxy, prefix="toy_identity")
+        suite.metrics["toy_style"] = StyleMetric(histogram, prefix="toy_style")
+    return None
+
+
+def _identity_matcher(cfg: EvalConfig, bench: Benchmark, device: torch.device) -> tuple[CharacterMatcher | None, str]:
+    """The CIDS matcher, or None and the config key(s) to set."""
+    tags = {c.tag for c in bench.characters()}
+    mode = crop_mode(cfg, bench)
+    unset = []
+    if mode == "detector" and cfg.detector.weights is None:
+        unset.append("eval.detector.weights")
+    if tags - {FACE_TAG} and cfg.clip.weights is None:
+        unset.append("eval.clip.weights")
+    if FACE_TAG in tags and (cfg.face.detector is None or not cfg.face.recognizers):
+        unset.append("eval.face.detector and eval.face.recognizers")
+    if unset:
+        return None, f"{', '.join(unset)} not set"
+    encoders = {}
+    if tags - {FACE_TAG}:
+        encoders["general"] = load_clip_encoder(cfg.clip).to(device)
+    if FACE_TAG in tags:
+        encoders["face"] = load_face_encoder(cfg.face)
+    if mode == "masks":
+        return CharacterMatcher(MaskCrops(), encoders), ""
+    return CharacterMatcher(DetectorCrops(load_detector(cfg.detector).to(device)), encoders), ""
+
+
+def _names(suite: MetricSuite) -> set[str]:
+    return {name for metric in suite.metrics.values() for name in metric.names}

@@ -1,0 +1,200 @@
+"""The alignment judge against an OpenAI-compatible server the tests run on loopback: request settings, score
+parsing, retries with rising temperature, the answer cache, the API key kept out of logs; the Alignment metric's
+per-shot and per-story rounding."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from PIL import Image
+
+from dreamshot.config.schema import JudgeConfig
+from dreamshot.eval.benchmarks.types import BenchCharacter, BenchShot, BenchStory
+from dreamshot.eval.identity import Match, StoryMatches
+from dreamshot.eval.judge import AnswerCache, build_judge, parse_score
+from dreamshot.eval.story_metrics import AlignmentMetric, StorySample
+
+KEY = "sk-loopback-secret"
+
+
+class ChatServer:
+    """Replies to POST /v1/chat/completions from a script of (status, content) and records every request."""
+
+    def __init__(self) -> None:
+        self.script: list[tuple[int, str]] = []
+        self.requests: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                status, content = server.script.pop(0) if server.script else (200, "Score: 1")
+                reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+                data = json.dumps(reply if status == 200 else {"error": content}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_port}/v1"
+
+
+@pytest.fixture(scope="module")
+def server():
+    chat = ChatServer()
+    yield chat
+    chat.httpd.shutdown()
+    chat.httpd.server_close()
+
+
+@pytest.fixture
+def judge_cfg(server, tmp_path, monkeypatch) -> JudgeConfig:
+    server.script.clear()
+    server.requests.clear()
+    monkeypatch.setenv("LOOPBACK_JUDGE_KEY", KEY)
+    return JudgeConfig(endpoint=server.endpoint, api_key_env="LOOPBACK_JUDGE_KEY", retry_wait_s=0.0)
+
+
+def _image(colour=(200, 30, 30)) -> Image.Image:
+    return Image.new("RGB", (96, 64), colour)
+
+
+def test_parse_score_follows_the_published_pattern():
+    assert parse_score("The sky matches.\nScore: 3") == 3
+    assert parse_score("score: Level 2, later Score: 4") == 2  # first match, a word may stand between
+    assert parse_score("SCORE: 3") is None and parse_score("3/4") is None
+
+
+def test_request_settings_retries_and_cache_hit_on_rerun(server, judge_cfg, tmp_path):
+    server.script.extend([(500, "overloaded"), (200, "Looks right."), (200, "Mostly right.\nScore: 3")])
+    judge = build_judge(judge_cfg, tmp_path / "cache.jsonl")
+    assert judge.score(_image(), "A rainy street at night.", "scene") == 3
+    assert [r["body"]["temperature"] for r in server.requests] == [0.0, 0.1, 0.2]
+    first = server.requests[0]
+    assert first["path"] == "/v1/chat/completions" and first["auth"] == f"Bearer {KEY}"
+    body = first["body"]
+    assert (body["model"], body["seed"], body["max_tokens"]) == ("gpt-4.1", 123, 512)
+    [message] = body["messages"]
+    texts = [part["text"] for part in message["content"] if part["type"] == "text"]
+    assert texts[1] == "A rainy street at night." and "setting" in texts[0]
+    url = message["content"][-1]["image_url"]["url"]
+    assert url.startswith("data:image/jpeg;base64,")
+    assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (512, 512)
+
+    rerun = build_judge(judge_cfg, tmp_path / "cache.jsonl")  # a new process reading the same cache
+    assert rerun.score(_image(), "A rainy street at night.", "scene") == 3
+    assert len(server.requests) == 3 and rerun.stats.cached == 1 and rerun.stats.asked == 0
+    # Another dimension, text or image is another question.
+    rerun.score(_image(), "A rainy street at night.", "camera")
+    rerun.score(_image((0, 0, 255)), "A rainy street at night.", "scene")
+    assert len(server.requests) == 5
+
+
+def test_every_attempt_failing_scores_zero_and_is_asked_again(server, judge_cfg, tmp_path):
+    judge_cfg.max_retries = 3
+    server.script.extend([(200, "no idea")] * 3)
+    judge = build_judge(judge_cfg, tmp_path / "cache.jsonl")
+    assert judge.score(_image(), "text", "camera") == 0
+    assert len(server.requests) == 3 and judge.stats.failed == 1
+    server.script.append((200, "Score: 2"))
+    assert build_judge(judge_cfg, tmp_path / "cache.jsonl").score(_image(), "text", "camera") == 2
+
+
+def test_single_character_question_names_the_character_and_key_stays_out_of_files(server, judge_cfg, tmp_path):
+    server.script.append((200, "Score: 4"))
+    judge = build_judge(judge_cfg, tmp_path / "cache.jsonl")
+    assert judge.score(_image(), "Ana waves.", "single_character_action", character="Ana") == 4
+    content = server.requests[0]["body"]["messages"][0]["content"]
+    assert {"type": "text", "text": "Evaluated Character Name is Ana"} in content
+    assert content[-1]["image_url"]["detail"] == "low"
+    assert KEY not in (tmp_path / "cache.jsonl").read_text() and KEY not in repr(judge.backend)
+
+
+def test_prompt_files_replace_rubrics_and_change_the_cache_key(server, judge_cfg, tmp_path):
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "scene.txt").write_text("Published scene rubric.")
+    plain = build_judge(judge_cfg, tmp_path / "cache.jsonl")
+    judge_cfg.prompt_dir = str(tmp_path / "prompts")
+    custom = build_judge(judge_cfg, tmp_path / "cache.jsonl")
+    assert custom.prompts["scene"] == "Published scene rubric." and custom.prompts["camera"] == plain.prompts["camera"]
+    image = _image()
+    assert plain.cache_key(image, "t", "scene", None) != custom.cache_key(image, "t", "scene", None)
+    assert plain.cache_key(image, "t", "camera", None) == custom.cache_key(image, "t", "camera", None)
+
+
+class ScriptedJudge:
+    """Scores looked up by (dimension, character)."""
+
+    def __init__(self, scores: dict) -> None:
+        self.scores = scores
+
+    def score(self, image, text, dimension, character=None) -> int:
+        return self.scores[(dimension, character)]
+
+
+class GivenMatches:
+    def __init__(self, matches: StoryMatches) -> None:
+        self.result = matches
+
+    def match(self, story, shots) -> StoryMatches:
+        return self.result
+
+
+def test_alignment_metric_rounds_single_character_scores_per_shot_then_per_story(tmp_path):
+    characters = {k: BenchCharacter(k, k.upper(), "non_human", k, ()) for k in ("a", "b")}
+    shots = (BenchShot(1, "p", "scene", "cam", "act", ("a", "b")), BenchShot(2, "p", "scene", "cam", "act", ("a",)))
+    story = BenchStory("s", characters, shots)
+    crop, feature = _image(), torch.ones(2)
+    found = StoryMatches(
+        matches={"a": [Match(1, crop, feature), Match(2, crop, feature)], "b": [Match(1, crop, feature)]}
+    )
+    scores = {
+        ("scene", None): 3,
+        ("camera", None): 2,
+        ("character_action", None): 1,
+        ("single_character_action", "A"): 3,
+        ("single_character_action", "B"): 4,
+    }
+    metric = AlignmentMetric(ScriptedJudge(scores), GivenMatches(found))
+    metric.update(StorySample(story, {1: _image(), 2: _image()}))
+    values = {k: v.item() for k, v in metric.compute().items()}
+    # Shot 1: round(3.5) = 4 (half to even); shot 2: 3; story: round(3.5) = 4.
+    assert values["alignment_single_character_action"] == 4
+    assert values["alignment_scene"] == 3 and values["alignment_camera"] == 2
+    assert values["alignment"] == pytest.approx((3 + 2 + 1 + 4) / 4)
+
+
+def test_alignment_without_character_crops_has_three_dimensions(tmp_path):
+    story = BenchStory("s", {}, (BenchShot(1, "p", "scene", "cam", "act", ()),))
+    metric = AlignmentMetric(
+        ScriptedJudge({("scene", None): 4, ("camera", None): 0, ("character_action", None): 2}), None
+    )
+    metric.update(StorySample(story, {1: _image()}))
+    assert set(metric.compute()) == {"alignment_scene", "alignment_camera", "alignment_character_action"}
+
+
+def test_cache_survives_a_truncated_last_line(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    cache = AnswerCache(path)
+    cache.put("k1", 3, "Score: 3")
+    with path.open("a") as f:
+        f.write('{"key": "k2", "sco')  # a crash mid-write
+    reread = AnswerCache(path)
+    assert reread.get("k1") == 3 and reread.get("k2") is None
