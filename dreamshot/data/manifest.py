@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from dreamshot.utils.errors import DataError
+from dreamshot.utils.fields import Where, read_json_lines
 from dreamshot.utils.io import atomic_write_text
 
 SOURCES = ("real", "synthetic")
@@ -36,7 +37,6 @@ MASK_MODES = ("L", "1")
 _RECORD_FIELDS = ("id", "source", "style", "references", "shots")
 _REFERENCE_FIELDS = ("role", "image", "prompt", "mask")
 _SHOT_FIELDS = ("image", "annotation", "masks")
-_JSON_TYPES = {str: "a string", list: "an array", dict: "an object"}
 
 
 @dataclass(frozen=True)
@@ -74,40 +74,20 @@ class StoryboardRecord:
         return [ref.role for ref in self.references]
 
 
-class _Where:
-    """Where a fault is: manifest, line and record; turns a field path and a reason into a one-line DataError."""
-
-    def __init__(self, manifest: Path, line: int) -> None:
-        self.manifest, self.line, self.record = manifest, line, "?"
-
-    def error(self, field: str, what: str) -> DataError:
-        message = f"{self.manifest}:{self.line}: record {self.record!r}: {field}: {what}"
-        return DataError(" ".join(message.splitlines()))
-
-
 def load_manifest(path: str | os.PathLike, check_files: bool = True) -> list[StoryboardRecord]:
     """Read and validate a manifest. `check_files` also checks that every file exists with valid headers.
 
     Raises DataError (one line naming manifest, line, record id and field) at the first fault.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read manifest ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: manifest is not UTF-8 text (byte {e.start})") from None
     root = path.absolute().parent
     records: list[StoryboardRecord] = []
     first_line: dict[str, int] = {}
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        where = _Where(path, number)
-        record = _parse_record(_parse_json(text, where), root, where)
+    for where, obj in read_json_lines(path, "manifest", "record"):
+        record = _parse_record(obj, root, where)
         if record.id in first_line:
             raise where.error("id", f"duplicate id (first on line {first_line[record.id]})")
-        first_line[record.id] = number
+        first_line[record.id] = where.line
         if check_files:
             _check_record_files(record, where)
         records.append(record)
@@ -126,32 +106,20 @@ def write_manifest(records: list[StoryboardRecord], path: str | os.PathLike) -> 
 # --- parsing -----------------------------------------------------------------------------------------------
 
 
-def _parse_json(text: str, where: _Where) -> dict[str, Any]:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise where.error("(line)", f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise where.error("(line)", f"expected a JSON object, got {_json_type(obj)}")
-    return obj
-
-
-def _parse_record(obj: dict[str, Any], root: Path, where: _Where) -> StoryboardRecord:
-    record_id = _field(obj, "id", str, "id", where)
-    if not record_id:
-        raise where.error("id", "must not be empty")
+def _parse_record(obj: dict[str, Any], root: Path, where: Where) -> StoryboardRecord:
+    record_id = where.identifier(obj, "id")
     where.record = record_id
-    _reject_unknown(obj, _RECORD_FIELDS, "", where)
-    source = _field(obj, "source", str, "source", where)
+    where.reject_unknown(obj, _RECORD_FIELDS)
+    source = where.get(obj, "source", str)
     if source not in SOURCES:
         raise where.error("source", f"unknown source {source!r} (expected one of {', '.join(SOURCES)})")
-    style = _field(obj, "style", str, "style", where)
+    style = where.get(obj, "style", str)
     references = [
         _parse_reference(item, root, where, f"references[{i}]")
-        for i, item in enumerate(_field(obj, "references", list, "references", where))
+        for i, item in enumerate(where.get(obj, "references", list))
     ]
-    _check_unique_roles(references, where)
-    shot_items = _field(obj, "shots", list, "shots", where)
+    where.reject_duplicates([ref.role for ref in references], "references", "role")
+    shot_items = where.get(obj, "shots", list)
     if not shot_items:
         raise where.error("shots", "a record needs at least one shot")
     roles = {ref.role for ref in references}
@@ -159,23 +127,21 @@ def _parse_record(obj: dict[str, Any], root: Path, where: _Where) -> StoryboardR
     return StoryboardRecord(record_id, source, style, references, shots, root)
 
 
-def _parse_reference(obj: Any, root: Path, where: _Where, at: str) -> RoleRef:
-    obj = _as_object(obj, where, at)
-    _reject_unknown(obj, _REFERENCE_FIELDS, at + ".", where)
-    role = _field(obj, "role", str, f"{at}.role", where)
-    if not role:
-        raise where.error(f"{at}.role", "must not be empty")
+def _parse_reference(obj: Any, root: Path, where: Where, at: str) -> RoleRef:
+    obj = where.check(obj, dict, at)
+    where.reject_unknown(obj, _REFERENCE_FIELDS, at)
+    role = where.identifier(obj, "role", at)
     image = _path(obj, "image", root, where, at)
-    prompt = _field(obj, "prompt", str, f"{at}.prompt", where)
+    prompt = where.get(obj, "prompt", str, at)
     return RoleRef(role, image, prompt, _path(obj, "mask", root, where, at))
 
 
-def _parse_shot(obj: Any, roles: set[str], root: Path, where: _Where, at: str) -> ShotRecord:
-    obj = _as_object(obj, where, at)
-    _reject_unknown(obj, _SHOT_FIELDS, at + ".", where)
+def _parse_shot(obj: Any, roles: set[str], root: Path, where: Where, at: str) -> ShotRecord:
+    obj = where.check(obj, dict, at)
+    where.reject_unknown(obj, _SHOT_FIELDS, at)
     image = _path(obj, "image", root, where, at)
-    annotation = _field(obj, "annotation", str, f"{at}.annotation", where)
-    masks_obj = _field(obj, "masks", dict, f"{at}.masks", where)
+    annotation = where.get(obj, "annotation", str, at)
+    masks_obj = where.get(obj, "masks", dict, at)
     for role in masks_obj:
         if role not in roles:
             raise where.error(f"{at}.masks.{role}", "names a role with no reference in this record")
@@ -183,40 +149,10 @@ def _parse_shot(obj: Any, roles: set[str], root: Path, where: _Where, at: str) -
     return ShotRecord(image, annotation, masks)
 
 
-def _check_unique_roles(references: list[RoleRef], where: _Where) -> None:
-    seen: set[str] = set()
-    for i, ref in enumerate(references):
-        if ref.role in seen:
-            raise where.error(f"references[{i}].role", f"duplicate role {ref.role!r}")
-        seen.add(ref.role)
-
-
-def _field(obj: dict[str, Any], key: str, kind: type, at: str, where: _Where) -> Any:
-    if key not in obj:
-        raise where.error(at, "missing field")
-    value = obj[key]
-    if not isinstance(value, kind):
-        raise where.error(at, f"expected {_JSON_TYPES[kind]}, got {_json_type(value)}")
-    return value
-
-
-def _as_object(obj: Any, where: _Where, at: str) -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        raise where.error(at, f"expected an object, got {_json_type(obj)}")
-    return obj
-
-
-def _reject_unknown(obj: dict[str, Any], known: tuple[str, ...], prefix: str, where: _Where) -> None:
-    # A misspelt optional-looking key ("annotaton") would otherwise surface as a confusing "missing field".
-    for key in obj:
-        if key not in known:
-            raise where.error(prefix + key, f"unknown field (expected {', '.join(known)})")
-
-
-def _path(obj: dict[str, Any], key: str, root: Path, where: _Where, at: str) -> Path:
+def _path(obj: dict[str, Any], key: str, root: Path, where: Where, at: str) -> Path:
     """The absolute path of a relative path field; rejects absolute paths and paths leaving `root`."""
+    text = where.get(obj, key, str, at)
     at = f"{at}.{key}"
-    text = _field(obj, key, str, at, where)
     if not text:
         raise where.error(at, "empty path")
     if PurePosixPath(text).is_absolute() or PureWindowsPath(text).drive:
@@ -228,20 +164,10 @@ def _path(obj: dict[str, Any], key: str, root: Path, where: _Where, at: str) -> 
     return root / normal
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return _JSON_TYPES.get(type(value), type(value).__name__)
-
-
 # --- file checks (headers only) ----------------------------------------------------------------------------
 
 
-def _check_record_files(record: StoryboardRecord, where: _Where) -> None:
+def _check_record_files(record: StoryboardRecord, where: Where) -> None:
     for i, ref in enumerate(record.references):
         size = _check_image(ref.image, where, f"references[{i}].image")
         _check_mask(ref.mask, size, where, f"references[{i}].mask")
@@ -251,14 +177,14 @@ def _check_record_files(record: StoryboardRecord, where: _Where) -> None:
             _check_mask(mask, size, where, f"shots[{i}].masks.{role}")
 
 
-def _check_image(path: Path, where: _Where, at: str) -> tuple[int, int]:
+def _check_image(path: Path, where: Where, at: str) -> tuple[int, int]:
     size, mode = _image_header(path, where, at)
     if mode not in IMAGE_MODES:
         raise where.error(at, f"image {path} has mode {mode} (expected one of {', '.join(IMAGE_MODES)})")
     return size
 
 
-def _check_mask(path: Path, image_size: tuple[int, int], where: _Where, at: str) -> None:
+def _check_mask(path: Path, image_size: tuple[int, int], where: Where, at: str) -> None:
     size, mode = _image_header(path, where, at)
     if mode not in MASK_MODES:
         raise where.error(at, f"mask {path} has mode {mode} (expected single-channel L or 1 with values 0/255)")
@@ -273,7 +199,7 @@ def _check_mask(path: Path, image_size: tuple[int, int], where: _Where, at: str)
         raise where.error(at, f"mask {path} is empty (a listed role must be visible)")
 
 
-def _image_header(path: Path, where: _Where, at: str) -> tuple[tuple[int, int], str]:
+def _image_header(path: Path, where: Where, at: str) -> tuple[tuple[int, int], str]:
     """(width, height), mode of an image, after checking that its file is complete (`verify`)."""
     if not path.is_file():
         raise where.error(at, f"file not found: {path}")

@@ -35,6 +35,7 @@ from PIL import Image
 from dreamshot.data.dataset import WHITE, cover, letterbox
 from dreamshot.inference.pipeline import StoryboardRequest
 from dreamshot.utils.errors import DataError
+from dreamshot.utils.fields import Where
 
 _TOP_FIELDS = ("seed", "steps", "height", "width", "references", "previous_shots", "shots")
 _REFERENCE_FIELDS = ("role", "image", "prompt")
@@ -75,22 +76,21 @@ class Story:
 def load_story(path: str | os.PathLike) -> Story:
     """Read and validate a story file; every image path must name an existing file."""
     path = Path(path)
-    where = _Where(path)
+    where = Where(path, yaml=True)
     body = _read(path, where)
     root = path.absolute().parent
-    _reject_unknown(body, _TOP_FIELDS, "", where)
+    where.reject_unknown(body, _TOP_FIELDS)
     references = [
-        _parse_reference(item, root, where, f"references[{i}]")
-        for i, item in enumerate(_list(body, "references", where))
+        StoryRole(where.identifier(item, "role", at), _image(item, root, where, at), where.get(item, "prompt", str, at))
+        for at, item in _objects(body, "references", _REFERENCE_FIELDS, where)
     ]
-    _check_unique_roles(references, where)
+    where.reject_duplicates([ref.role for ref in references], "references", "role")
     previous = [
-        _parse_previous_shot(item, root, where, f"previous_shots[{i}]")
-        for i, item in enumerate(_objects(body, "previous_shots", _PREVIOUS_FIELDS, where))
+        StoryShot(where.get(item, "annotation", str, at), _image(item, root, where, at))
+        for at, item in _objects(body, "previous_shots", _PREVIOUS_FIELDS, where)
     ]
     shots = [
-        StoryShot(_text(item, "annotation", where, f"shots[{i}]"))
-        for i, item in enumerate(_objects(body, "shots", _SHOT_FIELDS, where))
+        StoryShot(where.get(item, "annotation", str, at)) for at, item in _objects(body, "shots", _SHOT_FIELDS, where)
     ]
     if not shots:
         raise where.error("shots", "a story needs at least one shot to draw")
@@ -182,83 +182,31 @@ def _stack(images: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
 # --- parsing -----------------------------------------------------------------------------------------------
 
 
-class _Where:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def error(self, field: str, what: str) -> DataError:
-        return DataError(f"{self.path}: {field}: {' '.join(what.split())}")
-
-
-def _read(path: Path, where: _Where) -> dict[str, Any]:
+def _read(path: Path, where: Where) -> dict[str, Any]:
     try:
         body = yaml.safe_load(path.read_text())
     except OSError as e:
         raise DataError(f"{path}: cannot read story file ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise DataError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(body, dict):
-        raise where.error("(file)", f"expected a mapping at the top level, got {_kind(body)}")
-    return body
+    return where.check(body, dict, "(file)")
 
 
-def _parse_reference(item: dict[str, Any], root: Path, where: _Where, at: str) -> StoryRole:
-    item = _object(item, where, at)
-    _reject_unknown(item, _REFERENCE_FIELDS, f"{at}.", where)
-    role = _text(item, "role", where, at)
-    if not role:
-        raise where.error(f"{at}.role", "must not be empty")
-    return StoryRole(role, _image(item, root, where, at), _text(item, "prompt", where, at))
-
-
-def _parse_previous_shot(item: dict[str, Any], root: Path, where: _Where, at: str) -> StoryShot:
-    return StoryShot(_text(item, "annotation", where, at), _image(item, root, where, at))
-
-
-def _check_unique_roles(references: list[StoryRole], where: _Where) -> None:
-    seen: set[str] = set()
-    for k, ref in enumerate(references):
-        if ref.role in seen:
-            raise where.error(f"references[{k}].role", f"duplicate role {ref.role!r}")
-        seen.add(ref.role)
-
-
-def _objects(body: dict[str, Any], key: str, known: tuple[str, ...], where: _Where) -> list[dict[str, Any]]:
-    items = [_object(item, where, f"{key}[{i}]") for i, item in enumerate(_list(body, key, where))]
-    for i, item in enumerate(items):
-        _reject_unknown(item, known, f"{key}[{i}].", where)
+def _objects(body: dict[str, Any], key: str, known: tuple[str, ...], where: Where) -> list[tuple[str, dict[str, Any]]]:
+    """The optional list of mappings `body[key]`, each with its field path (`shots[2]`), unknown keys rejected."""
+    items = []
+    for i, item in enumerate(where.get(body, key, list, default=[])):
+        at = f"{key}[{i}]"
+        where.reject_unknown(where.check(item, dict, at), known, at)
+        items.append((at, item))
     return items
 
 
-def _list(body: dict[str, Any], key: str, where: _Where) -> list[Any]:
-    value = body.get(key, [])
-    if not isinstance(value, list):
-        raise where.error(key, f"expected a list, got {_kind(value)}")
-    return value
+def _image(item: dict[str, Any], root: Path, where: Where, at: str) -> Path:
+    return where.existing_file(where.get(item, "image", str, at), root, f"{at}.image")
 
 
-def _object(item: Any, where: _Where, at: str) -> dict[str, Any]:
-    if not isinstance(item, dict):
-        raise where.error(at, f"expected a mapping, got {_kind(item)}")
-    return item
-
-
-def _text(item: dict[str, Any], key: str, where: _Where, at: str) -> str:
-    if key not in item:
-        raise where.error(f"{at}.{key}", "missing field")
-    if not isinstance(item[key], str):
-        raise where.error(f"{at}.{key}", f"expected a string, got {_kind(item[key])}")
-    return item[key]
-
-
-def _image(item: dict[str, Any], root: Path, where: _Where, at: str) -> Path:
-    path = root / _text(item, "image", where, at)
-    if not path.is_file():
-        raise where.error(f"{at}.image", f"file not found: {path}")
-    return path
-
-
-def _integer(body: dict[str, Any], key: str, minimum: int, where: _Where) -> int | None:
+def _integer(body: dict[str, Any], key: str, minimum: int, where: Where) -> int | None:
     value = body.get(key)
     if value is None:
         return None
@@ -268,7 +216,7 @@ def _integer(body: dict[str, Any], key: str, minimum: int, where: _Where) -> int
     return value
 
 
-def _size(body: dict[str, Any], where: _Where) -> tuple[int, int] | None:
+def _size(body: dict[str, Any], where: Where) -> tuple[int, int] | None:
     given = [key for key in ("height", "width") if body.get(key) is not None]
     if not given:
         return None
@@ -282,14 +230,3 @@ def _size(body: dict[str, Any], where: _Where) -> tuple[int, int] | None:
             raise where.error(key, f"must be a multiple of {SIZE_MULTIPLE} (VAE 8x, patch 2x), got {value}")
         sides.append(value)
     return sides[0], sides[1]
-
-
-def _reject_unknown(item: dict[str, Any], known: tuple[str, ...], prefix: str, where: _Where) -> None:
-    for key in item:
-        if key not in known:
-            raise where.error(f"{prefix}{key}", f"unknown field (expected one of {', '.join(known)})")
-
-
-def _kind(value: Any) -> str:
-    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
-    return "nothing" if value is None else kinds.get(type(value), type(value).__name__)
