@@ -103,10 +103,10 @@ def _break(body: dict, fault: str) -> dict:
 @pytest.mark.parametrize(
     ("fault", "expected"),
     [
-        ("missing field", r"story 03: Shots\[1\]\.Setting Description: missing field"),
-        ("unknown character", r"story 03: Shots\[0\]\.Characters Appearing\.en: 'wolf' is not a key"),
-        ("bad tag", r"story 03: Characters\.lily\.tag: unknown tag 'robot'"),
-        ("index", r"story 03: Shots\[0\]\.index: expected a number, got str"),
+        ("missing field", r"story '03': Shots\[1\]\.Setting Description: missing field"),
+        ("unknown character", r"story '03': Shots\[0\]\.Characters Appearing\.en: 'wolf' is not a key"),
+        ("bad tag", r"story '03': Characters\.lily\.tag: unknown tag 'robot'"),
+        ("index", r"story '03': Shots\[0\]\.index: expected a number, got a string"),
     ],
 )
 def test_vistorybench_faults_name_story_and_field(tmp_path, fault, expected):

@@ -24,6 +24,7 @@ from typing import Any
 
 from dreamshot.eval.benchmarks.types import TAGS, BenchCharacter, Benchmark, BenchShot, BenchStory
 from dreamshot.utils.errors import DataError
+from dreamshot.utils.fields import Where
 
 # fmt: off
 LITE = ("01", "08", "09", "15", "17", "19", "24", "27", "28", "29",
@@ -57,7 +58,7 @@ def load_vistorybench(root: str | Path, split: str = "full") -> Benchmark:
 
 def load_story(folder: Path) -> BenchStory:
     path = folder / "story.json"
-    where = _Where(path, folder.name)
+    where = Where(path, noun="story", record=folder.name)
     body = _read_json(path, where)
     characters_obj = where.get(body, "Characters", dict)
     characters = {key: _character(folder, key, value, where) for key, value in characters_obj.items()}
@@ -78,7 +79,7 @@ def _stories_dir(root: Path) -> Path:
     raise DataError(f"{root}: no ViStoryBench stories found (expected {root}/ViStory/<NN>/story.json)")
 
 
-def _character(folder: Path, key: str, value: Any, where: _Where) -> BenchCharacter:
+def _character(folder: Path, key: str, value: Any, where: Where) -> BenchCharacter:
     at = f"Characters.{key}"
     value = where.check(value, dict, at)
     tag = where.get(value, "tag", str, at)
@@ -90,7 +91,7 @@ def _character(folder: Path, key: str, value: Any, where: _Where) -> BenchCharac
     return BenchCharacter(key, name, tag, f"{name}: {prompt}", tuple(images), (None,) * len(images))
 
 
-def _shot(item: Any, i: int, characters: dict[str, BenchCharacter], where: _Where) -> BenchShot:
+def _shot(item: Any, i: int, characters: dict[str, BenchCharacter], where: Where) -> BenchShot:
     at = f"Shots[{i}]"
     item = where.check(item, dict, at)
     index = where.get(item, "index", int, at)
@@ -114,7 +115,7 @@ def sentences(*parts: str) -> str:
     return " ".join(part if part.endswith((".", "!", "?")) else f"{part}." for part in parts if part)
 
 
-def _read_json(path: Path, where: _Where) -> dict[str, Any]:
+def _read_json(path: Path, where: Where) -> dict[str, Any]:
     try:
         # utf-8-sig: some published story files start with a byte-order mark.
         body = json.loads(path.read_text(encoding="utf-8-sig"))
@@ -123,27 +124,3 @@ def _read_json(path: Path, where: _Where) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     return where.check(body, dict, "(file)")
-
-
-_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number"}
-
-
-class _Where:
-    """Turns a field path and a reason into `<file>: story <id>: <field>: <reason>`."""
-
-    def __init__(self, path: Path, story: str) -> None:
-        self.path, self.story = path, story
-
-    def error(self, field: str, what: str) -> DataError:
-        return DataError(f"{self.path}: story {self.story}: {field}: {what}")
-
-    def check(self, value: Any, kind: type, at: str) -> Any:
-        if not isinstance(value, kind):
-            raise self.error(at, f"expected {_KINDS[kind]}, got {type(value).__name__}")
-        return value
-
-    def get(self, obj: dict, key: str, kind: type, at: str = "") -> Any:
-        field = f"{at}.{key}" if at else key
-        if key not in obj:
-            raise self.error(field, "missing field")
-        return self.check(obj[key], kind, field)
