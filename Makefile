@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## Create .venv and install DreamShot (skipped when pyproject.toml is unchanged)
 
-demo: $(STAMP) ## Tiny Wan on the toy world, CPU: train a LoRA (loss trend), then draw a storyboard with it
+demo: $(STAMP) ## Tiny Wan on the toy world, CPU: train a LoRA (loss trend), draw a storyboard, score the toy benchmark
 	$(BIN)/dreamshot train demo $(ARGS)
 	$(BIN)/dreamshot generate examples/story.yaml --run outputs/demo --out outputs/demo/storyboard
+	$(BIN)/dreamshot eval toy --run outputs/demo --out outputs/demo/eval
 
 train: $(STAMP) ## Train an experiment: make train EXP=smoke ARGS='trainer.max_steps=10'
 	$(BIN)/dreamshot train $(EXP) $(ARGS)
@@ -36,6 +37,29 @@ OUT ?= outputs/storyboard
 .PHONY: generate
 generate: $(STAMP) ## Draw a storyboard: make generate STORY=examples/story.yaml CKPT=outputs/demo [OUT=dir] (CKPT: run folder, .safetensors or .ckpt; none: bare model)
 	$(BIN)/dreamshot generate $(STORY) $(ARGS) $(if $(CKPT),$$(test -d $(CKPT) && echo --run || echo --lora) $(CKPT),--base) --out $(OUT)
+
+BENCH ?= toy
+MODE ?= r2s
+OUTPUTS ?=
+EVAL_OUT ?= outputs/eval/$(BENCH)-$(MODE)
+.PHONY: eval
+eval: $(STAMP) ## Score a benchmark: make eval BENCH=toy|dreamshot_test|vistorybench CKPT=outputs/demo [MODE=r2s|t2s|s2s] [OUTPUTS=dir of shots to score instead] [EVAL_OUT=dir]
+	$(BIN)/dreamshot eval $(BENCH) $(ARGS) --mode $(MODE) $(if $(OUTPUTS),--outputs $(OUTPUTS),$(if $(CKPT),$$(test -d $(CKPT) && echo --run || echo --lora) $(CKPT),--base)) --out $(EVAL_OUT)
+
+SWEEP ?=
+GROUP ?= $(SWEEP)
+BASELINE ?=
+PRINT ?=
+.PHONY: sweep report reproduce-toy
+sweep: $(STAMP) ## Run an experiment's members one after another: make sweep SWEEP=toy_lambda_sweep [CKPT=run folder, for eval_time sweeps] [PRINT=1: cluster launch lines]
+	$(BIN)/python -m dreamshot.report.sweep $(SWEEP) $(ARGS) $(if $(CKPT),--run $(CKPT)) $(if $(PRINT),--print-commands)
+
+report: $(STAMP) ## Compare a group's runs: make report GROUP=toy_lambda_sweep [BASELINE=member] (table + plots in outputs/GROUP/report)
+	$(BIN)/dreamshot report $(GROUP) $(if $(BASELINE),--baseline $(BASELINE))
+
+reproduce-toy: $(STAMP) ## Tiny Wan on the toy world, CPU: train without and with RACL, score both on the toy benchmark, report
+	$(BIN)/python -m dreamshot.report.sweep toy_reproduction $(ARGS) --eval toy
+	$(BIN)/dreamshot report toy_reproduction
 
 test: $(STAMP) ## Fast CPU test suite (skips tests marked slow or gpu)
 	$(BIN)/pytest -q -m "not slow and not gpu" $(ARGS)
