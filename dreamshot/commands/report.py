@@ -1,0 +1,62 @@
+"""`dreamshot report GROUP [RUN_DIR ...] [--baseline RUN] [--root outputs] [--out DIR]`: compare a group's runs.
+
+GROUP is an experiment name, whose runs are the folders in `<root>/<GROUP>/` (a sweep's members, or the
+evaluations of an evaluation-time sweep), or a folder of run folders. Given RUN_DIRs, those runs are compared
+instead and GROUP only names the report. Each run contributes its `results.json` values (`dreamshot eval`)
+and its last validation metrics (val/loss, val/racl_in_mask, val/racl_confusion, from its CSV or offline W&B
+logs). Writes report.md, report.csv, report.json and plots/*.png into `<group folder>/report` (or --out), and
+logs the table and plots to W&B when the runs' W&B mode (WANDB_MODE, else their logger.mode) is online.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dreamshot.config.load import available_experiments, sweep_members
+from dreamshot.report.build import write_report
+from dreamshot.report.runs import RunRecord, find_runs, read_runs
+from dreamshot.report.wandb_log import log_report, wandb_setting
+
+REPORT_DIR = "report"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("group", help="experiment name (runs in <root>/<group>/) or a folder of run folders")
+    parser.add_argument("runs", nargs="*", type=Path, help="compare these run folders instead (GROUP names the report)")
+    parser.add_argument("--root", type=Path, default=Path("outputs"), help="where runs are written (default: outputs)")
+    parser.add_argument(
+        "--baseline",
+        help="run to measure relative improvement against (default: the sweep's first member, else the first run)",
+    )
+    parser.add_argument("--out", type=Path, help="report folder (default: <group folder>/report)")
+
+
+def run(args: argparse.Namespace) -> None:
+    folder = Path(args.group) if Path(args.group).is_dir() else args.root / args.group
+    name = folder.name
+    members = sweep_members(name) if name in available_experiments() else {}
+    runs = _in_member_order(read_runs(args.runs or find_runs(folder), members), list(members))
+    baseline = args.baseline or default_baseline(runs, list(members))
+    out = args.out or folder / REPORT_DIR
+    report = write_report(name, runs, out, baseline)
+    project, mode = wandb_setting(runs)
+    if mode == "online":
+        log_report(report, project, mode, out)
+    print(report.table.to_markdown())
+    print(f"\nreport  {report.markdown}\ntable   {report.csv} {report.json}")
+    for plot in report.plots.values():
+        print(f"plot    {plot}")
+
+
+def default_baseline(runs: list[RunRecord], members: list[str]) -> str | None:
+    """The sweep's first member among the runs, else the first run; None for a single run."""
+    if len(runs) < 2:
+        return None
+    names = [run.name for run in runs]
+    return next((m for m in members if m in names), names[0])
+
+
+def _in_member_order(runs: list[RunRecord], members: list[str]) -> list[RunRecord]:
+    """Runs in the order the sweep lists its members (others after them, in folder order)."""
+    return sorted(runs, key=lambda run: members.index(run.name) if run.name in members else len(members))

@@ -1,0 +1,149 @@
+"""The runs a report compares, read from their folders.
+
+A run folder is a training run (`config.yaml`, `summary.json`, CSV or offline W&B logs, written by
+`dreamshot train`) or an evaluation (`results.json`, written by `dreamshot eval`); a training run's own
+evaluations are looked for in `<run>/eval/*/results.json`. A group is a folder of run folders: a sweep's
+members land in `outputs/<experiment>/<member>`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dreamshot.eval.report import RESULTS_JSON
+from dreamshot.eval.runner import SHOTS_DIR
+from dreamshot.inference.loading import RUN_CONFIG
+from dreamshot.report.history import last_value, read_curves
+from dreamshot.training.callbacks import SUMMARY_FILE
+from dreamshot.utils.errors import ConfigError, DataError
+
+EVAL_DIR = "eval"
+# Training diagnostics a report compares when a run has no evaluation results (DESIGN §2, RACL).
+TRAINING_METRICS = ("val/loss", "val/racl_in_mask", "val/racl_confusion")
+
+
+@dataclass
+class EvalRecord:
+    """One `results.json`: dataset-level values, each story's values, and each story's drawn shot count
+    (from `<eval dir>/shots/<story>/shot_*.png`; empty when the shots were scored from another folder)."""
+
+    path: Path
+    benchmark: str
+    mode: str
+    values: dict[str, float]
+    per_story: dict[str, dict[str, float]]
+    story_shots: dict[str, int]
+
+    @property
+    def label(self) -> str:
+        return f"{self.benchmark}-{self.mode}"
+
+
+@dataclass
+class RunRecord:
+    """A run as the report sees it. `config` holds dotted keys (`racl.weight`): the run's config.yaml, or for an
+    evaluation-only folder the overrides of its sweep member."""
+
+    name: str
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, dict[int, float]] = field(default_factory=dict)
+    evals: list[EvalRecord] = field(default_factory=list)
+    steps: int | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Final values: every evaluation value (named `<benchmark>-<mode>/<value>` when the run has several
+        evaluations), then the last logged value of each of `TRAINING_METRICS`."""
+        values = {}
+        for record in self.evals:
+            prefix = f"{record.label}/" if len(self.evals) > 1 else ""
+            values.update({prefix + name: value for name, value in record.values.items()})
+        values.update({key: last_value(self.curves[key]) for key in TRAINING_METRICS if self.curves.get(key)})
+        return values
+
+
+def is_run(folder: Path) -> bool:
+    return (folder / RUN_CONFIG).is_file() or (folder / RESULTS_JSON).is_file()
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """The run folders of a group folder (or the folder itself when it is one run)."""
+    if is_run(folder):
+        return [folder]
+    runs = sorted(child for child in folder.iterdir() if child.is_dir() and is_run(child)) if folder.is_dir() else []
+    if not runs:
+        raise ConfigError(f"{folder}: no run folders in it (a run folder holds {RUN_CONFIG} or {RESULTS_JSON})")
+    return runs
+
+
+def read_run(folder: Path, member_overrides: dict[str, list[str]] | None = None) -> RunRecord:
+    """Read one run folder. `member_overrides` (a sweep's members) gives an evaluation-only folder, named after
+    its member, the values its member set."""
+    config = _read_config(folder / RUN_CONFIG)
+    name = str(config["name"]).rsplit("/", 1)[-1] if "name" in config else folder.name
+    if not config and member_overrides and name in member_overrides:
+        config = parse_overrides(member_overrides[name])
+    summary = folder / SUMMARY_FILE
+    steps = json.loads(summary.read_text())["steps"] if summary.is_file() else None
+    evals = [_read_eval(path) for path in _results_files(folder)]
+    return RunRecord(name, folder, config, read_curves(folder), evals, steps)
+
+
+def read_runs(folders: list[Path], member_overrides: dict[str, list[str]] | None = None) -> list[RunRecord]:
+    """Read every folder; run names must differ (they label the table's rows)."""
+    runs = [read_run(folder, member_overrides) for folder in folders]
+    names = [run.name for run in runs]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate is not None:
+        paths = ", ".join(str(run.path) for run in runs if run.name == duplicate)
+        raise ConfigError(f"two runs are named {duplicate!r} ({paths}): compare runs with distinct names")
+    return runs
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`key=value` overrides -> {key: value}, values read as yaml (as the config loader reads them)."""
+    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in overrides)}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> dotted keys; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        body = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not valid yaml ({str(e).splitlines()[0]})") from None
+    return flatten(body)
+
+
+def _results_files(folder: Path) -> list[Path]:
+    own = [folder / RESULTS_JSON] if (folder / RESULTS_JSON).is_file() else []
+    return own + sorted((folder / EVAL_DIR).glob(f"*/{RESULTS_JSON}"))
+
+
+def _read_eval(path: Path) -> EvalRecord:
+    try:
+        body = json.loads(path.read_text())
+        values = {name: float(m["value"]) for name, m in body["metrics"].items() if "value" in m}
+        per_story = {story: dict(v) for story, v in body.get("per_story", {}).items()}
+        benchmark, mode = body["benchmark"], body["mode"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: not a results file of `dreamshot eval` ({type(e).__name__}: {e})") from None
+    shots = path.parent / SHOTS_DIR
+    story_shots = {story: len(list((shots / story).glob("shot_*.png"))) for story in per_story}
+    return EvalRecord(path, benchmark, mode, values, per_story, {s: n for s, n in story_shots.items() if n})

@@ -1,0 +1,148 @@
+"""Run an experiment's runs one after another on this machine, or print their launch lines for a cluster.
+
+`python -m dreamshot.report.sweep EXPERIMENT [key=value ...] [--member M] [--run DIR] [--eval BENCH]
+[--print-commands]` (`make sweep SWEEP=...`). Every run is one `dreamshot` command line:
+
+- a training experiment (a sweep or a single run): `dreamshot train EXPERIMENT ... --member M` per member,
+  each a W&B run in the experiment's group (`dreamshot.config.load`); with `--eval BENCH` every member's run
+  folder is then scored: `dreamshot eval BENCH --run <run> --out <run>/eval/<bench>-<mode>`.
+- an evaluation-time experiment (tagged `eval_time`: its members override only `inference.*` / `eval.*`, e.g.
+  the ω1 / ω2 guidance grid) trains nothing: each member scores the trained run `--run DIR` with
+  `dreamshot eval`, its evaluation settings passed as overrides, into the member's `output_dir`, named, tagged
+  and grouped like a training member.
+
+`dreamshot report EXPERIMENT` then compares the runs in `outputs/<experiment>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dreamshot.config.load import available_experiments, load_config, sweep_members
+from dreamshot.config.schema import EVAL_BENCHMARKS, Config
+from dreamshot.report.runs import EVAL_DIR, flatten
+from dreamshot.utils.errors import ConfigError, DreamShotError
+
+EVAL_TIME_TAG = "eval_time"
+# Config sections an evaluation-time run may change: everything else is the trained run's.
+EVAL_TIME_SECTIONS = ("inference", "eval")
+_EVAL_TIME_PREFIXES = tuple(f"{section}." for section in EVAL_TIME_SECTIONS)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", help=f"a name in experiments/ ({', '.join(available_experiments())}) or a yaml")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run: key.sub=value")
+    parser.add_argument("--member", help="only this member of the sweep")
+    parser.add_argument("--run", type=Path, help="trained run folder an evaluation-time experiment scores")
+    parser.add_argument("--eval", choices=EVAL_BENCHMARKS, help="after training, score every run on this benchmark")
+    parser.add_argument("--print-commands", action="store_true", help="print the launch lines instead of running")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run (or print) every command of the sweep; stops at the first that fails and returns its exit status."""
+    commands = sweep_commands(args.experiment, args.overrides, args.member, args.run, args.eval)
+    if args.print_commands:
+        for argv in commands:
+            print(shlex.join(["dreamshot", *argv]))
+        return 0
+    from dreamshot.cli import main  # imported here: the CLI imports every command module
+
+    for argv in commands:
+        print(f"\n$ {shlex.join(['dreamshot', *argv])}", flush=True)
+        status = main(argv)
+        if status:
+            return status
+    return 0
+
+
+def sweep_commands(
+    experiment: str,
+    overrides: list[str] | None = None,
+    member: str | None = None,
+    run_dir: Path | None = None,
+    benchmark: str | None = None,
+) -> list[list[str]]:
+    """The `dreamshot` argument lists of the experiment's runs, in member order (every config is checked first)."""
+    overrides = list(overrides or [])
+    members = sweep_members(experiment)
+    if member is not None and member not in members:
+        raise ConfigError(f"experiment {experiment!r} has no sweep member {member!r}")
+    names = [member] if member else list(members) or [None]
+    configs = [load_config(experiment, overrides, name) for name in names]
+    if is_eval_time(configs[0]):
+        if run_dir is None:
+            raise ConfigError(f"{experiment} is an {EVAL_TIME_TAG} experiment: pass the trained run to score (--run)")
+        base = eval_time_values(load_config())
+        return [
+            eval_member_command(cfg, [*members.get(name, []), *overrides], run_dir, name, base)
+            for cfg, name in zip(configs, names, strict=True)
+        ]
+    commands = []
+    for cfg, name in zip(configs, names, strict=True):
+        commands.append(["train", experiment, *overrides, *(["--member", name] if name else [])])
+        if benchmark:
+            out = Path(cfg.output_dir)
+            folder = out / EVAL_DIR / f"{benchmark}-{cfg.eval.mode}"
+            commands.append(["eval", benchmark, "--run", str(out), "--out", str(folder), "--label", name or cfg.name])
+    return commands
+
+
+def is_eval_time(cfg: Config) -> bool:
+    return EVAL_TIME_TAG in cfg.tags
+
+
+def eval_member_command(
+    cfg: Config, overrides: list[str], run_dir: Path, name: str | None, base: dict[str, Any]
+) -> list[str]:
+    """`dreamshot eval` of the trained run `run_dir` under one member's evaluation settings.
+
+    `overrides` are the member's and the command line's; they may touch only `inference.*` / `eval.*`. The
+    settings passed on are the keys they name and every other `inference.*` / `eval.*` value that differs from
+    `base` (`eval_time_values` of the base config, no experiment); the rest of the config is the trained run's.
+    """
+    outside = [item for item in overrides if not item.startswith(_EVAL_TIME_PREFIXES)]
+    if outside:
+        raise ConfigError(
+            f"{cfg.name}: an {EVAL_TIME_TAG} run scores a trained run, so only inference.* and eval.* can be "
+            f"overridden, not {outside[0]!r}"
+        )
+    values = eval_time_values(cfg)
+    named = [item.split("=", 1)[0] for item in overrides]
+    keys = [k for k in values if base.get(k) != values[k] or any(k == n or k.startswith(f"{n}.") for n in named)]
+    settings = [f"{key}={_dotlist_value(values[key])}" for key in keys]
+    identity = [f"name={cfg.name}", f"logger.group={cfg.logger.group or cfg.name}", f"tags={_dotlist_value(cfg.tags)}"]
+    where = ["--run", str(run_dir), "--out", cfg.output_dir, "--label", name or cfg.name]
+    return ["eval", cfg.eval.benchmark, *settings, *identity, *where]
+
+
+def eval_time_values(cfg: Config) -> dict[str, Any]:
+    """The dotted `inference.*` / `eval.*` values of `cfg`."""
+    return flatten({section: asdict(getattr(cfg, section)) for section in EVAL_TIME_SECTIONS})
+
+
+def _dotlist_value(value: Any) -> str:
+    """A value as the config loader reads a `key=value` override (yaml, one line)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9).removesuffix("\n...\n").strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: a `DreamShotError` is one line on stderr and exit status 2, as in `dreamshot`."""
+    parser = argparse.ArgumentParser(prog="python -m dreamshot.report.sweep", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except DreamShotError as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The comparison table of a group: one row per run, its swept values, its final metrics, and the relative
+improvement of every metric over a baseline run (paper Fig. 9 and Fig. 12), as markdown and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from dreamshot.report.runs import TRAINING_METRICS, RunRecord
+from dreamshot.utils.errors import ConfigError
+
+# Config keys that name or place a run rather than change what it computes.
+UNSWEPT = (
+    "name",
+    "tags",
+    "output_dir",
+    "logger.",
+    "trainer.ckpt_path",
+    "trainer.checkpoint_every_n_steps",
+    "trainer.log_every_n_steps",
+    "data.cache_dir",
+)
+# Metrics where a smaller value is better; every evaluation metric (CIDS, CSD, AES, Alignment, toy proxies) and
+# the in-mask attention share grow with quality.
+LOWER_IS_BETTER = frozenset({"train/loss", "train/loss_fm", "val/loss", "val/racl_confusion"})
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
+def relative_improvement(value: float, baseline: float, higher_better: bool) -> float:
+    """100 * (value - baseline) / |baseline|, sign-flipped for lower-is-better metrics (positive = better).
+    NaN when the baseline is 0."""
+    if baseline == 0:
+        return math.nan
+    change = 100 * (value - baseline) / abs(baseline)
+    return change if higher_better else -change
+
+
+@dataclass
+class ComparisonTable:
+    """rows: run name -> metric -> value (a run may lack a metric); swept: run name -> swept key -> value."""
+
+    group: str
+    runs: list[str]
+    swept_keys: list[str]
+    swept: dict[str, dict[str, Any]]
+    metrics: list[str]
+    rows: dict[str, dict[str, float]]
+    baseline: str | None
+
+    def relative(self) -> dict[str, dict[str, float]]:
+        """run -> metric -> relative improvement (%) over the baseline, for every run but the baseline."""
+        if self.baseline is None:
+            return {}
+        base = self.rows[self.baseline]
+        return {
+            run: {
+                m: relative_improvement(self.rows[run][m], base[m], higher_is_better(m))
+                for m in self.metrics
+                if m in self.rows[run] and m in base
+            }
+            for run in self.runs
+            if run != self.baseline
+        }
+
+    def to_markdown(self) -> str:
+        """The metric table, then (with a baseline) the relative-improvement table."""
+        headers = ["run", *self.swept_keys, *(_arrow(m) for m in self.metrics)]
+        text = [_markdown(headers, [self._row(run, self.rows[run], _number) for run in self.runs])]
+        relative = self.relative()
+        if relative:
+            text.append(
+                f"\nRelative improvement over `{self.baseline}` (%; positive is better, "
+                "so lower-is-better metrics ↓ are sign-flipped):\n"
+            )
+            text.append(_markdown(headers, [self._row(run, relative[run], _percent) for run in relative]))
+        return "\n".join(text)
+
+    def to_csv(self) -> str:
+        """One row per run: swept values, metric values, and `<metric> vs baseline (%)` columns with a baseline."""
+        relative = self.relative()
+        relative_columns = [f"{m} vs {self.baseline} (%)" for m in self.metrics] if relative else []
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["run", *self.swept_keys, *self.metrics, *relative_columns])
+        for run in self.runs:
+            values = [_raw(self.rows[run].get(m)) for m in self.metrics]
+            gains = [_raw(relative.get(run, {}).get(m)) for m in self.metrics] if relative else []
+            writer.writerow([run, *self._swept_cells(run), *values, *gains])
+        return buffer.getvalue()
+
+    def _row(self, run: str, values: dict[str, float], number) -> list[str]:
+        return [run, *self._swept_cells(run), *(number(values.get(m)) for m in self.metrics)]
+
+    def _swept_cells(self, run: str) -> list[str]:
+        return [_cell(self.swept[run].get(key)) for key in self.swept_keys]
+
+
+def build_table(group: str, runs: list[RunRecord], baseline: str | None = None) -> ComparisonTable:
+    """The table of `runs`. `baseline` must name one of them; None: no relative improvement."""
+    names = [run.name for run in runs]
+    if baseline is not None and baseline not in names:
+        raise ConfigError(f"baseline {baseline!r} is not a run of {group} (runs: {', '.join(names)})")
+    rows = {run.name: run.metrics() for run in runs}
+    keys = swept_keys(runs)
+    return ComparisonTable(
+        group=group,
+        runs=names,
+        swept_keys=keys,
+        swept={run.name: {key: run.config.get(key) for key in keys} for run in runs},
+        metrics=_metric_order(rows),
+        rows=rows,
+        baseline=baseline,
+    )
+
+
+def swept_keys(runs: list[RunRecord]) -> list[str]:
+    """Config keys that every run has and that differ between runs (what the comparison varies)."""
+    if len(runs) < 2:
+        return []
+    shared = set.intersection(*(set(run.config) for run in runs))
+    keys = [key for key in runs[0].config if key in shared and not key.startswith(UNSWEPT)]
+    return [key for key in keys if any(run.config[key] != runs[0].config[key] for run in runs[1:])]
+
+
+def _metric_order(rows: dict[str, dict[str, float]]) -> list[str]:
+    """Evaluation values in the order the runs report them, then the training diagnostics."""
+    seen = list(dict.fromkeys(metric for values in rows.values() for metric in values))
+    return [m for m in seen if m not in TRAINING_METRICS] + [m for m in TRAINING_METRICS if m in seen]
+
+
+def _arrow(metric: str) -> str:
+    return metric if higher_is_better(metric) else f"{metric} ↓"
+
+
+def _markdown(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, list | dict) else str(value)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:+.3g}"
+
+
+def _raw(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.6g}"

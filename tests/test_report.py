@@ -1,0 +1,203 @@
+"""`dreamshot report`: reading run folders (CSV logs, offline W&B runs, results.json), the comparison table, the
+plots as files, and the W&B logging of a report. Run folders are written here in the formats training and
+evaluation write (the sweep test in test_sweeps.py makes real ones)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dreamshot.cli import main
+from dreamshot.config.load import load_config, sweep_members, to_yaml
+from dreamshot.eval.report import EvalResults, write_results
+from dreamshot.report.build import read_report, write_report
+from dreamshot.report.history import read_curves
+from dreamshot.report.runs import find_runs, read_run, read_runs
+from dreamshot.report.table import build_table, relative_improvement
+from dreamshot.report.wandb_log import log_report, wandb_setting
+from dreamshot.report.wandb_offline import offline_runs, read_history
+
+CSV_COLUMNS = ["epoch", "step", "train/loss", "train/loss_fm", "val/loss", "val/racl_in_mask", "val/racl_confusion"]
+
+
+def write_metrics(run: Path, version: int, rows: list[dict]) -> None:
+    path = run / "csv" / f"version_{version}" / "metrics.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows({"epoch": 0, **row} for row in rows)
+
+
+def write_eval(folder: Path, values: dict[str, float], story_shots: dict[str, int]) -> None:
+    """results.json as `dreamshot eval` writes it, and the drawn shots of each story."""
+    per_story = {story: {name: value + 0.01 * n for name, value in values.items()} for story, n in story_shots.items()}
+    write_results(folder, EvalResults("toy", "r2s", folder.name, values, {"aes": "not set"}, per_story, 9))
+    for story, count in story_shots.items():
+        for index in range(1, count + 1):
+            (folder / "shots" / story).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(folder / "shots" / story / f"shot_{index:02d}.png")
+        Image.new("RGB", (8, 8)).save(folder / "shots" / story / "storyboard.png")
+
+
+def settled(read, size: int, timeout: float = 20.0):
+    """`read()` once it holds `size` items: W&B's service process finishes writing a run's files after
+    `finish()` returns."""
+    deadline = time.monotonic() + timeout
+    while len(value := read()) < size and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
+
+
+def make_run(group: Path, member: str, final: dict[str, float], toy_identity: float) -> Path:
+    """A finished toy_racl_ablation member: config.yaml, summary.json, CSV logs, one toy evaluation."""
+    run = group / member
+    cfg = load_config("toy_racl_ablation", [f"output_dir={run}"], member)
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    (run / "summary.json").write_text('{"steps": 4}')
+    rows = [{"step": s, "train/loss": 1.6 - 0.1 * s, "train/loss_fm": 1.5 - 0.1 * s} for s in range(4)]
+    rows.append({"step": 3, **final})
+    write_metrics(run, 0, rows)
+    write_eval(run / "eval" / "toy-r2s", {"toy_identity_cross": toy_identity}, {"story-a": 2, "story-b": 4})
+    return run
+
+
+@pytest.fixture
+def sweep_group(tmp_path: Path) -> Path:
+    group = tmp_path / "outputs" / "toy_racl_ablation"
+    make_run(group, "with_racl", {"val/loss": 0.9, "val/racl_in_mask": 0.6, "val/racl_confusion": 0.1}, 0.4)
+    make_run(group, "without_racl", {"val/loss": 1.0, "val/racl_in_mask": 0.3, "val/racl_confusion": 0.2}, 0.2)
+    return group
+
+
+def test_a_resumed_runs_later_log_wins_and_diagnostics_without_value_are_dropped(tmp_path: Path):
+    write_metrics(tmp_path, 0, [{"step": s, "train/loss": 10.0 + s} for s in range(4)])
+    # Resumed from step 2: steps 2 and 3 are trained (and logged) again.
+    write_metrics(tmp_path, 1, [{"step": s, "train/loss": float(s)} for s in (2, 3, 4)])
+    write_metrics(tmp_path, 10, [{"step": 4, "val/racl_in_mask": "nan"}, {"step": 5, "val/racl_in_mask": 0.5}])
+    curves = read_curves(tmp_path)
+    assert curves["train/loss"] == {0: 10.0, 1: 11.0, 2: 2.0, 3: 3.0, 4: 4.0}
+    assert curves["val/racl_in_mask"] == {5: 0.5}
+
+
+def test_a_run_folder_gives_its_config_final_metrics_and_evaluations(sweep_group: Path):
+    run = read_run(sweep_group / "with_racl")
+    assert run.name == "with_racl" and run.steps == 4
+    assert run.config["racl.weight"] == 0.1 and run.config["logger.group"] == "toy_racl_ablation"
+    (record,) = run.evals
+    assert record.label == "toy-r2s" and record.story_shots == {"story-a": 2, "story-b": 4}
+    assert record.per_story["story-b"]["toy_identity_cross"] == pytest.approx(0.44)
+    assert "aes" not in record.values  # reported missing, not a value
+    assert run.metrics() == {
+        "toy_identity_cross": 0.4,
+        "val/loss": 0.9,
+        "val/racl_in_mask": 0.6,
+        "val/racl_confusion": 0.1,
+    }
+
+
+def test_offline_wandb_history_is_read_back_as_logged(tmp_path: Path):
+    import wandb
+
+    run = wandb.init(project="dreamshot-test", dir=str(tmp_path), mode="offline", name="history")
+    for step in range(3):
+        run.log({"trainer/global_step": step, "train/loss": 1.0 / (step + 1)})
+    # A record far longer than one 32 KiB block, and an image whose metadata must not pass for metrics.
+    run.log({"trainer/global_step": 3, "val/loss": 0.25, "notes": "x" * 100_000})
+    run.log({"trainer/global_step": 3, "debug/sheet": wandb.Image(Image.new("RGB", (8, 8)))})
+    run.finish()
+    (path,) = offline_runs(tmp_path)
+    assert len(settled(lambda: read_history(path), 5)) == 5
+    curves = read_curves(tmp_path)
+    assert curves == {"train/loss": {0: 1.0, 1: 0.5, 2: pytest.approx(1 / 3)}, "val/loss": {3: 0.25}}
+
+
+def test_relative_improvement_is_positive_when_better_in_either_direction():
+    assert relative_improvement(1.1, 1.0, higher_better=True) == pytest.approx(10.0)
+    assert relative_improvement(0.9, 1.0, higher_better=False) == pytest.approx(10.0)
+    assert relative_improvement(1.2, -2.0, higher_better=True) == pytest.approx(160.0)
+    assert math.isnan(relative_improvement(0.5, 0.0, higher_better=True))
+
+
+def test_table_finds_the_swept_key_and_compares_against_the_baseline(sweep_group: Path):
+    runs = read_runs(find_runs(sweep_group))
+    table = build_table("toy_racl_ablation", runs, baseline="without_racl")
+    assert table.swept_keys == ["racl.weight"]
+    assert table.metrics == ["toy_identity_cross", "val/loss", "val/racl_in_mask", "val/racl_confusion"]
+    gains = table.relative()["with_racl"]
+    assert gains == pytest.approx(
+        {"toy_identity_cross": 100.0, "val/loss": 10.0, "val/racl_in_mask": 100.0, "val/racl_confusion": 50.0}
+    )
+    rows = list(csv.DictReader(io.StringIO(table.to_csv())))
+    assert [r["run"] for r in rows] == ["with_racl", "without_racl"]
+    assert float(rows[0]["val/racl_confusion vs without_racl (%)"]) == pytest.approx(50.0)
+    assert rows[1]["val/loss vs without_racl (%)"] == ""
+
+
+def test_report_command_writes_tables_and_plots_of_a_sweep(sweep_group: Path, capsys):
+    root = sweep_group.parent
+    assert main(["report", "toy_racl_ablation", "--root", str(root)]) == 0
+    out = sweep_group / "report"
+    markdown = (out / "report.md").read_text()
+    # Runs in the sweep's member order; the baseline is its first member.
+    assert markdown.index("| with_racl |") < markdown.index("| without_racl |")
+    assert "baseline: with_racl" in markdown and "swept: racl.weight" in markdown
+    plots = {"relative_improvement", "shot_count", "loss_curves"}
+    for name in plots:
+        assert f"(plots/{name}.png)" in markdown
+        with Image.open(out / "plots" / f"{name}.png") as image:
+            assert image.format == "PNG" and image.width > 400
+    table, read_plots = read_report(out)
+    assert set(read_plots) == plots and table.baseline == "with_racl"
+    assert table.rows["without_racl"]["val/racl_in_mask"] == 0.3
+    assert "| without_racl | 0.0 |" in capsys.readouterr().out
+
+
+def test_evaluation_only_members_get_their_swept_values_and_the_guidance_grid(tmp_path: Path):
+    group = tmp_path / "toy_guidance"
+    members = sweep_members("toy_guidance")
+    for i, member in enumerate(["w1_0-w2_1", "w1_0-w2_5", "w1_4-w2_1", "w1_4-w2_5"]):
+        write_eval(group / member, {"toy_identity_cross": 0.1 * i, "toy_style_self": 0.5}, {"s": 3})
+    runs = read_runs(find_runs(group), members)
+    report = write_report("toy_guidance", runs, tmp_path / "report", baseline="w1_0-w2_1")
+    assert report.table.swept_keys == ["inference.omega1", "inference.omega2"]
+    assert report.table.swept["w1_4-w2_5"] == {"inference.omega1": 4, "inference.omega2": 5}
+    assert {"guidance_grid", "relative_improvement", "shot_count"} <= set(report.plots)
+    assert "loss_curves" not in report.plots  # nothing was trained here
+
+
+def test_report_errors_name_the_folder_and_the_baseline(tmp_path: Path, sweep_group: Path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "empty: no run folders" in capsys.readouterr().err
+    assert main(["report", "toy_racl_ablation", "--root", str(sweep_group.parent), "--baseline", "nope"]) == 2
+    assert "baseline 'nope' is not a run of toy_racl_ablation" in capsys.readouterr().err
+
+
+def test_wandb_setting_follows_the_runs_and_the_environment(sweep_group: Path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    runs = read_runs(find_runs(sweep_group))
+    assert wandb_setting(runs) == ("dreamshot", "offline")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert wandb_setting(runs) == ("dreamshot", "online")
+    for run in runs:
+        run.config["logger.backend"] = "csv"
+    monkeypatch.delenv("WANDB_MODE")
+    assert wandb_setting(runs)[1] == "disabled"
+
+
+def test_a_logged_report_holds_its_plots(sweep_group: Path, tmp_path: Path):
+    report = write_report("toy_racl_ablation", read_runs(find_runs(sweep_group)), tmp_path / "report", "with_racl")
+    log_report(report, "dreamshot-test", "offline", tmp_path)
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = run_dir / "files" / "media"
+    logged = settled(lambda: {path.name.split("_")[0] for path in (media / "images" / "report").glob("*.png")}, 3)
+    assert logged == {"relative", "shot", "loss"}
+    assert list((media / "table" / "report").glob("table_*.table.json"))

@@ -1,0 +1,135 @@
+"""Sweeps: every experiment's launch lines (training members, evaluation-time members), the evaluation settings
+an evaluation-time member hands to `dreamshot eval`, and a 2-member toy sweep run end to end, then reported."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dreamshot.cli import main as cli_main
+from dreamshot.config.load import available_experiments, load_config, load_runs, sweep_members, to_yaml
+from dreamshot.report.sweep import EVAL_TIME_TAG, is_eval_time, main, sweep_commands
+from dreamshot.utils.errors import ConfigError
+
+DATA = ["data.manifest=/data/storyboards/manifest.jsonl"]
+EVAL_TIME = [e for e in available_experiments() if is_eval_time(load_runs(e, DATA)[0])]
+# The tiny Wan for two steps on three 32x48 toy storyboards, scored on two toy stories with one sampler step.
+TINY = [
+    "curriculum=[]",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "trainer.checkpoint_every_n_steps=2",
+    "trainer.log_every_n_steps=1",
+    "data.toy.groups=3",
+    "data.val_groups=1",
+    "data.resolution=[32,48]",
+    "data.toy.image_size=[32,48]",
+    "logger.backend=csv",
+    "eval.toy.groups=2",
+    "eval.toy.image_size=[32,48]",
+    "eval.steps=1",
+    "eval.metrics=[toy_proxy]",
+]
+
+
+def test_the_studies_of_the_paper_are_shipped_at_both_scales():
+    for prefix in ("", "toy_"):
+        assert {f"{prefix}{name}" for name in ("guidance", "shot_count")} <= set(EVAL_TIME)
+        assert [m.split("_")[1] for m in sweep_members(f"{prefix}lambda_sweep")] == ["0", "0.05", "0.1", "0.2", "0.5"]
+        assert list(sweep_members(f"{prefix}data_sources")) == ["both", "real", "synthetic"]
+        assert len(sweep_members(f"{prefix}lora_rank")) == 4
+    assert [m.split("_")[1] for m in sweep_members("lora_rank")] == ["32", "64", "128", "256"]
+    real, synthetic = (load_config("data_sources", DATA, m).data.sources for m in ("real", "synthetic"))
+    assert (real, synthetic) == (["real"], ["synthetic"])
+
+
+@pytest.mark.parametrize("experiment", sorted(set(available_experiments()) - set(EVAL_TIME)))
+def test_training_experiments_launch_one_train_line_per_member(experiment):
+    members = list(sweep_members(experiment))
+    commands = sweep_commands(experiment, DATA)
+    assert [c[:2] for c in commands] == [["train", experiment]] * max(len(members), 1)
+    assert [c[c.index("--member") + 1] for c in commands if "--member" in c] == members
+
+
+@pytest.mark.parametrize("experiment", EVAL_TIME)
+def test_eval_time_experiments_score_a_trained_run_once_per_member(experiment):
+    with pytest.raises(ConfigError, match="--run"):
+        sweep_commands(experiment, DATA)
+    commands = sweep_commands(experiment, [], run_dir=Path("runs/trained"))
+    members = list(sweep_members(experiment)) or [experiment]
+    assert len(commands) == len(members)
+    for argv, member in zip(commands, members, strict=True):
+        cfg = load_config(experiment, [], member if sweep_members(experiment) else None)
+        assert argv[:2] == ["eval", cfg.eval.benchmark]
+        assert argv[argv.index("--run") + 1] == "runs/trained"
+        assert argv[argv.index("--out") + 1] == cfg.output_dir
+        assert argv[argv.index("--label") + 1] == member
+
+
+def test_an_eval_member_changes_only_the_evaluation_settings_of_the_run(tmp_path: Path):
+    trained = load_config("toy_dreamshot", [f"output_dir={tmp_path}", "inference.omega2=7"])
+    (tmp_path / "config.yaml").write_text(to_yaml(trained))
+    (argv,) = sweep_commands("toy_guidance", ["eval.toy.groups=3"], member="w1_8-w2_5", run_dir=tmp_path)
+    overrides = argv[2 : argv.index("--run")]
+    scored = load_config(tmp_path / "config.yaml", overrides)
+    # The member's ω2 = 5 is the schema default, and still beats the run's 7.
+    assert (scored.inference.omega1, scored.inference.omega2) == (8.0, 5.0)
+    assert scored.eval.steps == 20 and scored.eval.toy.groups == 3
+    assert scored.name == "toy_guidance/w1_8-w2_5" and scored.logger.group == "toy_guidance"
+    assert scored.tags == ["toy", "ablation", "guidance", EVAL_TIME_TAG, "w1_8-w2_5"]
+    assert (scored.model, scored.seed, scored.racl, scored.storyboard) == (
+        trained.model,
+        trained.seed,
+        trained.racl,
+        trained.storyboard,
+    )
+
+
+def test_an_eval_time_run_refuses_training_overrides(tmp_path: Path):
+    experiment = tmp_path / "bad_eval.yaml"
+    experiment.write_text(f"extends: toy_dreamshot\ntags: [{EVAL_TIME_TAG}]\nsweep:\n  a: [racl.weight=0]\n")
+    with pytest.raises(ConfigError, match="not 'racl.weight=0'"):
+        sweep_commands(str(experiment), run_dir=tmp_path)
+    with pytest.raises(ConfigError, match="not 'seed=1'"):
+        sweep_commands("toy_guidance", ["seed=1"], run_dir=tmp_path)
+
+
+def test_print_commands_gives_shell_lines_and_errors_exit_2(capsys):
+    assert main(["toy_reproduction", "--eval", "toy", "--print-commands"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [shlex.split(line)[1] for line in lines] == ["train", "eval", "train", "eval"]
+    assert lines[0] == "dreamshot train toy_reproduction --member without_racl"
+    assert main(["toy_lambda_sweep", "--member", "lambda_9", "--print-commands"]) == 2
+    assert "no sweep member 'lambda_9'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on cores other jobs share, torch's spinning threads make a few tiny steps many times
+    slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_two_member_toy_sweep_trains_scores_and_reports(tmp_path: Path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    assert main(["toy_racl_ablation", *TINY, "--eval", "toy"]) == 0
+    group = tmp_path / "outputs" / "toy_racl_ablation"
+    for member in ("with_racl", "without_racl"):
+        run = load_config(group / member / "config.yaml")
+        assert run.logger.group == "toy_racl_ablation" and member in run.tags
+        assert (group / member / "lora.safetensors").is_file()
+        assert (group / member / "eval" / "toy-r2s" / "results.json").is_file()
+    assert cli_main(["report", "toy_racl_ablation"]) == 0
+    markdown = (group / "report" / "report.md").read_text()
+    assert "| with_racl | 0.1 |" in markdown and "| without_racl | 0.0 |" in markdown
+    assert "toy_identity_cross" in markdown and "val/racl_in_mask" in markdown
+    for name in ("relative_improvement", "loss_curves", "shot_count"):
+        with Image.open(group / "report" / "plots" / f"{name}.png") as image:
+            assert image.format == "PNG"
