@@ -9,6 +9,15 @@ from dreamshot.training.module import DreamShotModule
 
 # Experiments on real data need a manifest path to compose; nothing is read at build time.
 DATA = ["data.manifest=/data/storyboards/manifest.jsonl"]
+# Sweep members mostly share a model: its meta-device shape is built once per distinct model config.
+_SHAPES = {}
+
+
+def _shape(model):
+    key = repr(model)
+    if key not in _SHAPES:
+        _SHAPES[key] = model_shape(model, count_encoders=False)
+    return _SHAPES[key]
 
 
 @pytest.mark.parametrize("experiment", available_experiments())
@@ -23,7 +32,7 @@ def test_experiment_builds(experiment):
             captured = [i for i, b in enumerate(blocks) if isinstance(b.attn1.processor, RoleCaptureSelfAttnProcessor)]
             assert captured == cfg.racl_blocks()
         else:
-            shape = model_shape(cfg.model, count_encoders=False)
+            shape = _shape(cfg.model)
             assert shape.dit_params > 1e9 and shape.lora_params > 0
 
 
