@@ -69,7 +69,9 @@ def judge_cfg(server, tmp_path, monkeypatch) -> JudgeConfig:
     server.script.clear()
     server.requests.clear()
     monkeypatch.setenv("LOOPBACK_JUDGE_KEY", KEY)
-    return JudgeConfig(endpoint=server.endpoint, api_key_env="LOOPBACK_JUDGE_KEY", retry_wait_s=0.0)
+    return JudgeConfig(
+        endpoint=server.endpoint, api_key_env="LOOPBACK_JUDGE_KEY", retry_wait_s=0.0, backoff_base_s=0.001
+    )
 
 
 def _image(colour=(200, 30, 30)) -> Image.Image:
@@ -86,7 +88,8 @@ def test_request_settings_retries_and_cache_hit_on_rerun(server, judge_cfg, tmp_
     server.script.extend([(500, "overloaded"), (200, "Looks right."), (200, "Mostly right.\nScore: 3")])
     judge = build_judge(judge_cfg, tmp_path / "cache.jsonl")
     assert judge.score(_image(), "A rainy street at night.", "scene") == 3
-    assert [r["body"]["temperature"] for r in server.requests] == [0.0, 0.1, 0.2]
+    # The 500 is asked again after a backoff at the same temperature; the unparsable answer raises it.
+    assert [r["body"]["temperature"] for r in server.requests] == [0.0, 0.0, 0.1]
     first = server.requests[0]
     assert first["path"] == "/v1/chat/completions" and first["auth"] == f"Bearer {KEY}"
     body = first["body"]

@@ -20,6 +20,7 @@ from dreamshot.config.schema import EVAL_BENCHMARKS, EVAL_MODES
 from dreamshot.eval.runner import evaluate
 from dreamshot.inference.loading import build_adapter, load_lora, resolve_config, run_weights
 from dreamshot.inference.pipeline import StoryboardPipeline
+from dreamshot.utils.errors import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.outputs and not args.outputs.is_dir():
+        raise DataError(f"--outputs {args.outputs}: not a folder of shots")
     overrides = [*args.overrides, f"eval.benchmark={args.benchmark}"]
     if args.mode:
         overrides.append(f"eval.mode={args.mode}")

@@ -8,6 +8,7 @@ The structured schema makes omegaconf reject unknown keys and wrong types; cross
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from dreamshot.models.layout import POSITION_MODES
 from dreamshot.utils.errors import ConfigError
@@ -320,8 +321,16 @@ class JudgeConfig:
     max_tokens: int = 512
     # Attempts per question; each failed attempt raises the temperature by 0.1, all failed scores 0.
     max_retries: int = 10
-    # Seconds to wait after a failed request (network error or HTTP error status).
+    # Seconds to wait after a failed request (network error, HTTP error status, or backoff given up).
     retry_wait_s: float = 10.0
+    # Requests in flight at once, at most, per judge (shared by every thread that asks it).
+    max_concurrency: int = 4
+    # HTTP 429 and 5xx answers are asked again at the same temperature (they are not attempts): the n-th wait
+    # is the server's Retry-After when it sends one, else drawn uniformly from [0, min(backoff_max_s,
+    # backoff_base_s * 2**n)]. A request whose next wait would end backoff_total_s after its first try fails.
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    backoff_total_s: float = 300.0
     timeout_s: float = 120.0
     # Side of the square JPEG the judge sees.
     image_size: int = 512
@@ -530,6 +539,17 @@ def _check_eval(ev: EvalConfig) -> None:
         raise ConfigError(f"eval.callback.enabled: the {ev.benchmark} benchmark needs eval.data")
     if ev.judge.max_retries < 1:
         raise ConfigError(f"eval.judge.max_retries must be >= 1, got {ev.judge.max_retries}")
+    if ev.judge.endpoint and "@" in urlsplit(ev.judge.endpoint).netloc:
+        # The URL itself is left out of the message: it holds the secret.
+        raise ConfigError(
+            "eval.judge.endpoint holds credentials (user:key@host); give the base URL alone and the key in the "
+            "environment variable named by eval.judge.api_key_env"
+        )
+    if ev.judge.max_concurrency < 1:
+        raise ConfigError(f"eval.judge.max_concurrency must be >= 1, got {ev.judge.max_concurrency}")
+    for key in ("backoff_base_s", "backoff_max_s", "backoff_total_s"):
+        if getattr(ev.judge, key) <= 0:
+            raise ConfigError(f"eval.judge.{key} must be > 0, got {getattr(ev.judge, key)}")
     for key in ("box_threshold", "text_threshold"):
         if not 0 <= getattr(ev.detector, key) <= 1:
             raise ConfigError(f"eval.detector.{key} must be in [0, 1], got {getattr(ev.detector, key)}")

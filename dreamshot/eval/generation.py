@@ -59,6 +59,15 @@ def write_story(folder: Path, shots: dict[int, Image.Image], sheet: Image.Image)
 
 def read_story_shots(root: Path, story: BenchStory, mode: str) -> dict[int, Image.Image]:
     """The shots `mode` scores for `story`, read from `root/<story id>/` (or its `shots/` subfolder)."""
+    return {
+        index: open_rgb(path, f"story {story.id}: shot {index}")
+        for index, path in story_shot_files(root, story, mode).items()
+    }
+
+
+def story_shot_files(root: Path, story: BenchStory, mode: str) -> dict[int, Path]:
+    """The image file of each shot `mode` scores for `story`, found under `root/<story id>/` (or its `shots/`
+    subfolder); a missing folder or shot, or two files for one shot, is a DataError."""
     folder = root / story.id
     if (folder / "shots").is_dir():
         folder = folder / "shots"
@@ -72,12 +81,10 @@ def read_story_shots(root: Path, story: BenchStory, mode: str) -> dict[int, Imag
         if index in files:
             raise DataError(f"{folder}: story {story.id}: shot {index}: two files, {files[index].name} and {path.name}")
         files[index] = path
-    shots = {}
     for shot in story.scored_shots(mode):
         if shot.index not in files:
             raise DataError(f"{folder}: story {story.id}: shot {shot.index}: no image (e.g. shot_{shot.index:02d}.png)")
-        shots[shot.index] = open_rgb(files[shot.index], f"story {story.id}: shot {shot.index}")
-    return shots
+    return {shot.index: files[shot.index] for shot in story.scored_shots(mode)}
 
 
 def _shot_number(path: Path) -> int | None:

@@ -14,20 +14,32 @@ Backends: `OpenAIChatBackend` talks to any OpenAI-compatible `/chat/completions`
 an environment variable and is never logged); a local VLM plugs in by implementing `ChatBackend.complete`.
 Answers are cached on disk by (image hash, text, dimension, prompt, model), so a rerun costs nothing; failed
 questions are not cached, so a rerun asks them again.
+
+Load (not part of the published protocol): at most `max_concurrency` requests of a backend are in flight at
+once, whatever the number of threads asking (`Judge.score_many` asks with that many); an HTTP 429 or 5xx answer
+is asked again at the same temperature after an exponential backoff with full jitter, or after the server's
+Retry-After, until the waits of that request would pass `backoff_total_s`. Only an answer that arrives and does
+not parse (or a request that finally fails) is a failed attempt of the published rule.
 """
 
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
 import io
 import json
 import os
+import random
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -67,6 +79,50 @@ class JudgeRequestError(Exception):
     """A failed request (network error, HTTP error status, malformed response): the judge retries."""
 
 
+class _Overloaded(Exception):
+    """HTTP 429 or 5xx: the server asks to be asked again later (`retry_after`: its Retry-After, in seconds)."""
+
+    def __init__(self, status: int, retry_after: float | None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Waits between the tries of one request the server answered with 429 or 5xx.
+
+    Try n (0-based) waits the server's Retry-After when it gave one, else a uniform draw from
+    [0, min(max_s, base_s * 2**n)] ("full jitter": clients that were refused together do not come back
+    together). A request gives up when its next wait would end more than `total_s` after its first try.
+    """
+
+    base_s: float = 1.0
+    max_s: float = 60.0
+    total_s: float = 300.0
+
+    def wait(self, retry: int, retry_after: float | None, rng: random.Random) -> float:
+        if retry_after is not None:
+            return retry_after
+        # The exponent stops growing long before max_s is reached (and before 2**n overflows a float).
+        return rng.uniform(0.0, min(self.max_s, self.base_s * 2.0 ** min(retry, 64)))
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """A Retry-After header (seconds, or an HTTP date) as seconds from `now`; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
 class ChatBackend(Protocol):
     """Answers one chat-completions request. `model` names the judge (it is part of the cache key)."""
 
@@ -78,7 +134,11 @@ class ChatBackend(Protocol):
 
 
 class OpenAIChatBackend:
-    """POST `<endpoint>/chat/completions` with the published sampling settings (urllib, no client library)."""
+    """POST `<endpoint>/chat/completions` with the published sampling settings (urllib, no client library).
+
+    Thread-safe; at most `cfg.max_concurrency` requests are in flight at once, and 429 / 5xx answers are asked
+    again after a `Backoff` (see the module docstring).
+    """
 
     def __init__(self, cfg: JudgeConfig, api_key: str | None) -> None:
         if not cfg.endpoint:
@@ -86,6 +146,9 @@ class OpenAIChatBackend:
         self.url = cfg.endpoint.rstrip("/").removesuffix("/chat/completions") + "/chat/completions"
         self.model = cfg.model
         self.seed, self.max_tokens, self.timeout = cfg.seed, cfg.max_tokens, cfg.timeout_s
+        self.backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s, cfg.backoff_total_s)
+        self._slots = threading.BoundedSemaphore(cfg.max_concurrency)
+        self._rng = random.Random()
         self._api_key = api_key
 
     def __repr__(self) -> str:
@@ -103,18 +166,38 @@ class OpenAIChatBackend:
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                reply = json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            raise JudgeRequestError(f"HTTP {e.code} from {self.url}") from None
-        except (urllib.error.URLError, TimeoutError, OSError, json.JSONDecodeError) as e:
-            raise JudgeRequestError(f"{type(e).__name__} from {self.url}") from None
+        reply = self._send(urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST"))
         try:
             return str(reply["choices"][0]["message"]["content"])
         except (KeyError, IndexError, TypeError):
             raise JudgeRequestError(f"no choices[0].message.content in the reply of {self.url}") from None
+
+    def _send(self, request: urllib.request.Request) -> Any:
+        """The decoded JSON reply, asking again after a backoff while the server answers 429 / 5xx."""
+        deadline, retry = time.monotonic() + self.backoff.total_s, 0
+        while True:
+            try:
+                return self._post(request)
+            except _Overloaded as e:
+                wait = self.backoff.wait(retry, e.retry_after, self._rng)
+                if time.monotonic() + wait > deadline:
+                    raise JudgeRequestError(f"{e} from {self.url} after {retry + 1} tries (backoff given up)") from None
+                # Outside `_post`: the bound is on requests in flight, and a waiting one holds no slot.
+                time.sleep(wait)
+                retry += 1
+
+    def _post(self, request: urllib.request.Request) -> Any:
+        """One HTTP exchange: the decoded JSON reply; raises _Overloaded on 429 / 5xx, else JudgeRequestError."""
+        with self._slots:
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                if e.code == 429 or e.code >= 500:
+                    raise _Overloaded(e.code, retry_after_seconds(e.headers.get("Retry-After"))) from None
+                raise JudgeRequestError(f"HTTP {e.code} from {self.url}") from None
+            except (urllib.error.URLError, TimeoutError, OSError, json.JSONDecodeError) as e:
+                raise JudgeRequestError(f"{type(e).__name__} from {self.url}") from None
 
 
 class AnswerCache:
@@ -123,6 +206,7 @@ class AnswerCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.answers: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
         if self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 # A line cut short by a crash is skipped: its question is simply asked again.
@@ -138,10 +222,12 @@ class AnswerCache:
 
     def put(self, key: str, score: int, reply: str) -> None:
         entry = {"key": key, "score": score, "reply": reply}
-        self.answers[key] = entry
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        # One writer at a time, so lines of judges asking from several threads never interleave.
+        with self._lock:
+            self.answers[key] = entry
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
 
 
 def parse_score(reply: str) -> int | None:
@@ -176,8 +262,21 @@ class JudgeStats:
     failed: int = 0
 
 
+@dataclass(frozen=True)
+class Question:
+    """One judge question: `image` against `text` on `dimension` (`character`: single_character_action)."""
+
+    image: Image.Image
+    text: str
+    dimension: str
+    character: str | None = None
+
+
 class Judge:
-    """Scores (image, text) pairs on the four alignment dimensions through a ChatBackend, with the cache."""
+    """Scores (image, text) pairs on the four alignment dimensions through a ChatBackend, with the cache.
+
+    Thread-safe: `score_many` asks from `workers` threads at once.
+    """
 
     def __init__(
         self,
@@ -188,12 +287,14 @@ class Judge:
         max_retries: int = 10,
         retry_wait_s: float = 0.0,
         image_size: int = 512,
+        workers: int = 1,
     ) -> None:
         self.backend, self.cache = backend, cache
         self.prompts = {**PROMPTS, **(prompts or {})}
         self.temperature, self.max_retries, self.retry_wait_s = temperature, max_retries, retry_wait_s
-        self.image_size = image_size
+        self.image_size, self.workers = image_size, workers
         self.stats = JudgeStats()
+        self._stats_lock = threading.Lock()
 
     def score(self, image: Image.Image, text: str, dimension: str, character: str | None = None) -> int:
         """0-4 score of `image` against `text` on `dimension` (0 when every attempt fails)."""
@@ -202,9 +303,9 @@ class Judge:
         key = self.cache_key(image, text, dimension, character)
         cached = self.cache.get(key)
         if cached is not None:
-            self.stats.cached += 1
+            self._count("cached")
             return cached
-        self.stats.asked += 1
+        self._count("asked")
         messages = self.messages(image, text, dimension, character)
         for attempt in range(self.max_retries):
             try:
@@ -216,8 +317,18 @@ class Judge:
             if score is not None:
                 self.cache.put(key, score, reply)
                 return score
-        self.stats.failed += 1
+        self._count("failed")
         return 0
+
+    def score_many(self, questions: Sequence[Question]) -> list[int]:
+        """The scores of `questions`, in order, asked from `workers` threads (the backend bounds how many
+        requests are in flight)."""
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(lambda q: self.score(q.image, q.text, q.dimension, q.character), questions))
+
+    def _count(self, name: str) -> None:
+        with self._stats_lock:
+            setattr(self.stats, name, getattr(self.stats, name) + 1)
 
     def messages(self, image: Image.Image, text: str, dimension: str, character: str | None) -> list[dict]:
         content: list[dict[str, Any]] = [
@@ -257,4 +368,5 @@ def build_judge(cfg: JudgeConfig, cache_path: Path) -> Judge:
         cfg.max_retries,
         cfg.retry_wait_s,
         cfg.image_size,
+        cfg.max_concurrency,
     )

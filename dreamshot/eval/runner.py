@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dreamshot.config.schema import Config
 from dreamshot.eval.benchmarks import load_benchmark
-from dreamshot.eval.generation import draw_story, read_story_shots, write_story
+from dreamshot.eval.generation import draw_story, read_story_shots, story_shot_files, write_story
 from dreamshot.eval.report import EvalResults, describe, log_tables, write_results
 from dreamshot.eval.story_metrics import AlignmentMetric, StorySample
 from dreamshot.eval.suite import build_suite
@@ -47,11 +47,16 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     bench = load_benchmark(ev, out)
     suite = build_suite(ev, bench, out, device)
+    if outputs is not None:
+        # A missing story or shot is reported before scoring starts, not after the stories before it.
+        for story in bench.stories:
+            story_shot_files(outputs, story, ev.mode)
     shots_dir = outputs or out / SHOTS_DIR
     size = (cfg.data.resolution[0], cfg.data.resolution[1])
     total = sum(len(story.scored_shots(ev.mode)) for story in bench.stories)
-    with tqdm(total=total, desc="shots", position=1, leave=False) as shot_bar:
-        for story in tqdm(bench.stories, desc=f"{bench.name} stories", position=0):
+    # Bars only on a terminal (disable=None): in a log file they are noise, and an error stays one line.
+    with tqdm(total=total, desc="shots", position=1, leave=False, disable=None) as shot_bar:
+        for story in tqdm(bench.stories, desc=f"{bench.name} stories", position=0, disable=None):
             if pipeline is not None:
                 write_story(
                     shots_dir / story.id, *draw_story(pipeline, story, ev.mode, size, cfg.inference.seed, ev.steps)

@@ -90,7 +90,7 @@ def build_suite(cfg: EvalConfig, bench: Benchmark, work_dir: Path, device: torch
     """Load the extractors and build the metrics (weights stay on `device`; ONNX face models on CPU)."""
     suite = MetricSuite()
     wanted = list(dict.fromkeys(cfg.metrics))
-    with tqdm(total=len(wanted), desc="loading metrics", leave=False) as bar:
+    with tqdm(total=len(wanted), desc="loading metrics", leave=False, disable=None) as bar:
         matcher, why_not = _identity_matcher(cfg, bench, device) if {"cids", "alignment"} & set(wanted) else (None, "")
         for name in wanted:
             bar.set_postfix_str(name)

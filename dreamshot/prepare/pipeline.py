@@ -3,7 +3,10 @@
 Stages run in order over all videos (one progress bar each); a video goes on to the next stage while it
 keeps something. Each (video, stage) result is stored in a state file (`dreamshot.prepare.state`) and read
 back instead of recomputed when its inputs are unchanged, so an interrupted run resumes where it stopped
-and a finished one costs nothing to rerun. At the end the output folder holds:
+and a finished one costs nothing to rerun (it first deletes the temporary files a killed run left). A stage
+that no video gets through ends the run with a DataError (there would be no groups); its results are stored
+only once a video has got through it, so a folder with no readable video leaves nothing behind. At the end
+the output folder holds:
 
     manifest.jsonl          the storyboard groups (DESIGN §4 format, checked by the training loader)
     provenance.jsonl        per group: whether its masks and text come from a model or a placeholder
@@ -30,7 +33,7 @@ from dreamshot.prepare.report import REPORT_NAME, StageCounts, write_report
 from dreamshot.prepare.stage import VideoJob
 from dreamshot.prepare.state import StateStore, digest
 from dreamshot.utils.errors import DataError
-from dreamshot.utils.io import atomic_write_text
+from dreamshot.utils.io import atomic_write_text, remove_stale_temporaries
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts")
 MANIFEST_NAME = "manifest.jsonl"
@@ -95,6 +98,7 @@ def prepare(
     out_dir = Path(out_dir).absolute()
     jobs = find_videos(Path(videos_dir), out_dir)
     backends = backends or build_backends(cfg)
+    _remove_stale_temporaries(out_dir)
     store = StateStore(out_dir)
     inputs: dict[str, dict] = {job.id: {} for job in jobs}
     # The chain of digests: a video's file identity, then each stage's settings on top of the one before.
@@ -102,21 +106,42 @@ def prepare(
     counts = []
     for stage in STAGES:
         tally = StageCounts(stage.name, stage.module.UNIT)
-        survivors = []
+        survivors, unsaved = [], []
         for job in tqdm(jobs, desc=f"{stage.name:<9}", unit="video", disable=not progress):
             keys[job.id] = digest(stage.name, [cfg.section(s) for s in stage.sections], keys[job.id])
             result = store.load(job.id, stage.name, keys[job.id])
             ran = result is None
             if result is None:
                 result = stage.module.run(job, inputs[job.id], cfg, backends)
-                store.save(job.id, stage.name, keys[job.id], result)
+                unsaved.append((job.id, stage.name, keys[job.id], result))
             tally.add(result, ran)
             inputs[job.id][stage.name] = result.data
             if result.kept:
                 survivors.append(job)
+            if survivors:
+                for saved in unsaved:
+                    store.save(*saved)
+                unsaved.clear()
+        if not survivors:
+            raise _nothing_kept(Path(videos_dir), tally, [inputs[job.id][stage.name] for job in jobs])
         counts.append(tally)
         jobs = survivors
     return _finish(out_dir, counts, [inputs[job.id]["roles"] for job in jobs])
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Delete the temporary files of a killed run (images, state): they are never read, only in the way."""
+    if out_dir.is_dir():
+        for folder in [out_dir, *out_dir.rglob("*/")]:
+            remove_stale_temporaries(folder)
+
+
+def _nothing_kept(videos_dir: Path, tally: StageCounts, data: list[dict]) -> DataError:
+    """The error of a stage that no video got through: its drop reasons and the first unreadable file's fault."""
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in tally.dropped.items()) or "none found"
+    errors = [item["error"] for item in data if "error" in item]
+    first = f"; first: {errors[0]}" if errors else ""
+    return DataError(f"{videos_dir}: no storyboard groups: {tally.stage} kept no {tally.unit} ({reasons}){first}")
 
 
 def _finish(out_dir: Path, counts: list[StageCounts], outputs: list[dict]) -> PrepareSummary:

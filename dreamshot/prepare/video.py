@@ -135,7 +135,8 @@ def _open(path: Path):
     try:
         return av.open(str(path))
     except (av.FFmpegError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable video ({e})") from None
+        # FFmpeg's text without its errno and the path, which the message already starts with.
+        raise DataError(f"{path}: not a readable video ({getattr(e, 'strerror', None) or e})") from None
 
 
 def _video_stream(container, path: Path):

@@ -3,17 +3,26 @@
     python tests/faults/make_assets.py
 
 Good files: ref.png / ref_mask.png, shot1.png / shot1_mask.png, shot2.png. Faulty ones are named after their fault.
-Also writes one manifest per manifest fault (`data/<fault>.jsonl`): the valid record below with one change.
+Also writes one manifest per manifest fault (`data/<fault>.jsonl`): the valid record below with one change;
+the benchmark folders of `dreamshot eval` (`bench/`: ViStoryBench copies, DreamShot test files, folders of
+shots to score) and the video folders of `dreamshot prepare` (`videos/`), each with one fault.
 """
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
+import av
 import numpy as np
 from PIL import Image
 
-DATA = Path(__file__).parent / "data"
+from dreamshot.prepare.toyvideo import render_toy_video
+
+FAULTS = Path(__file__).parent
+DATA = FAULTS / "data"
+BENCH = FAULTS / "bench"
+VIDEOS = FAULTS / "videos"
 H, W = 48, 80
 
 
@@ -91,6 +100,103 @@ def write_manifests() -> None:
     (DATA / "valid.jsonl").write_text(first + "\n")
 
 
+def vistory_story(appearing: str = "lily") -> dict:
+    """A one-shot ViStoryBench story.json (published schema) with the character `lily`."""
+
+    def text(en: str) -> dict:
+        return {"en": en, "ch": "-"}
+
+    lily = {"tag": "non_human", "name_en": "Lily", "name_ch": "-", "prompt_en": "a red box", "prompt_ch": "-"}
+    shot = {
+        "index": 1,
+        "Plot Correspondence": text("Lily waits."),
+        "Setting Description": text("A station."),
+        "Shot Perspective Design": text("Wide shot"),
+        "Characters Appearing": {"en": [appearing], "ch": ["-"]},
+        "Static Shot Description": text("Lily waits on the platform."),
+    }
+    characters = {"lily": {**lily, "num_of_appearances": 1}}
+    return {"Story_type": text("Picture book"), "Characters": characters, "Shots": [shot]}
+
+
+def write_vistory(name: str, stories: dict[str, dict | str | None], images: bool = True) -> None:
+    """`bench/vistory/<name>/ViStory/<NN>/`: story.json (a body, raw text, or None for no file) and lily's image."""
+    for number, body in stories.items():
+        folder = BENCH / "vistory" / name / "ViStory" / number
+        folder.mkdir(parents=True)
+        if body is not None:
+            (folder / "story.json").write_text(body if isinstance(body, str) else json.dumps(body))
+        if images:
+            (folder / "image" / "lily").mkdir(parents=True)
+            rgb(240).resize((16, 16)).save(folder / "image" / "lily" / "00.png")
+
+
+def write_benchmarks() -> None:
+    """ViStoryBench copies and DreamShot test files of one story "01" (one shot showing lily), each with one
+    fault, and folders of shots to score (`bench/shots*`)."""
+    shutil.rmtree(BENCH, ignore_errors=True)
+    valid = vistory_story()
+    write_vistory("valid", {"01": valid})
+    write_vistory("missing_story_json", {"01": valid, "02": None})
+    write_vistory("bad_json", {"01": json.dumps(valid)[:-7]})
+    write_vistory("missing_field", {"01": {k: v for k, v in valid.items() if k != "Shots"}})
+    write_vistory("unknown_character", {"01": vistory_story(appearing="wolf")})
+    write_vistory("missing_reference_images", {"01": valid}, images=False)
+    write_vistory("wrong_type", {"01": _set("Shots.0.index", "1")(copy.deepcopy(valid))})
+
+    rgb(240).resize((16, 16)).save(BENCH / "ref.png")
+    story = {
+        "id": "01",
+        "characters": [{"key": "lily", "tag": "non_human", "prompt": "Lily: a red box", "images": ["ref.png"]}],
+        "shots": [{"prompt": "Wide shot: Lily waits.", "characters": ["lily"]}],
+    }
+    test_faults = {
+        "missing_field": _set("shots.0.prompt", DELETE),
+        "unknown_character": _set("shots.0.characters", ["wolf"]),
+        "reference_image_missing": _set("characters.0.images", ["nowhere.png"]),
+        "previous_out_of_range": _set("previous", 1),
+    }
+    for name, change in test_faults.items():
+        (BENCH / f"test_{name}.jsonl").write_text(json.dumps(change(copy.deepcopy(story))) + "\n")
+    (BENCH / "test_invalid_json.jsonl").write_text(json.dumps(story)[:-3] + "\n")
+
+    shot = rgb(120).resize((32, 24))
+    for folder in ("shots/01", "shots_missing_shot/01", "shots_not_an_image/01", "shots_other_story/02"):
+        (BENCH / folder).mkdir(parents=True)
+    shot.save(BENCH / "shots" / "01" / "shot_01.png")
+    shot.save(BENCH / "shots_missing_shot" / "01" / "storyboard.png")  # no shot number: not a shot
+    (BENCH / "shots_not_an_image" / "01" / "shot_01.png").write_text("not a PNG\n")
+    shot.save(BENCH / "shots_other_story" / "02" / "shot_01.png")
+
+
+def write_videos() -> None:
+    """`videos/<fault>/`: folders of `dreamshot prepare` in which no video is usable."""
+    shutil.rmtree(VIDEOS, ignore_errors=True)
+    for folder in ("no_videos", "not_a_video", "zero_bytes", "truncated", "audio_only", "duplicate_ids"):
+        (VIDEOS / folder).mkdir(parents=True)
+    (VIDEOS / "no_videos" / "notes.txt").write_text("no video here\n")
+    (VIDEOS / "not_a_video" / "clip.mp4").write_text("this is text, not an MP4\n")
+    (VIDEOS / "zero_bytes" / "clip.mp4").write_bytes(b"")
+    # The index (moov) of an mp4 is written last: the first half of the file is a video nothing can open.
+    whole = render_toy_video(VIDEOS / "truncated" / "whole.mp4", scenes=1, size=(32, 48)).path
+    (VIDEOS / "truncated" / "clip.mp4").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    whole.unlink()
+    write_audio_only(VIDEOS / "audio_only" / "clip.mp4")
+    (VIDEOS / "duplicate_ids" / "clip.mp4").write_text("one\n")
+    (VIDEOS / "duplicate_ids" / "clip.mkv").write_text("two\n")
+
+
+def write_audio_only(path: Path) -> None:
+    """An mp4 holding a short silent AAC track and no video stream."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=8000, layout="mono")
+        for index in range(2):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 8000, index * 1024
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
 def main() -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     rgb(240).save(DATA / "ref.png")
@@ -110,6 +216,8 @@ def main() -> None:
     (DATA / "not_safetensors.safetensors").write_text("not a safetensors file\n")
     (DATA / "not_a_checkpoint.ckpt").write_text("not a checkpoint\n")
     write_manifests()
+    write_benchmarks()
+    write_videos()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ story.json: `Story_type {en, ch}`; `Characters {key: {tag, name_en, name_ch, pro
 num_of_appearances}}`; `Shots [{index, "Plot Correspondence", "Setting Description", "Shot Perspective Design",
 "Characters Appearing", "Static Shot Description"}]`, each text field `{en, ch}`; "Characters Appearing".en is a
 list of character keys. English only. A character's reference images are the image files under its folder
-(.jpg / .jpeg / .png, sorted by path).
+(.jpg / .jpeg / .png, sorted by path); a character that appears in a shot must have at least one.
 
 The storyboard model gets, per character, the prompt "<name_en>: <prompt_en>" with its first reference image,
 and per shot "<Shot Perspective Design>. <Setting Description>. <Static Shot Description>." (each part ends
@@ -69,6 +69,14 @@ def load_story(folder: Path) -> BenchStory:
     indices = [shot.index for shot in shots]
     if len(set(indices)) != len(indices):
         raise where.error("Shots", f"duplicate shot index in {indices}")
+    for i, shot in enumerate(shots):
+        for key in shot.characters:
+            if not characters[key].images:
+                raise where.error(
+                    f"Characters.{key}",
+                    f"no reference image in {folder / 'image' / key} ({', '.join(IMAGE_SUFFIXES)}), "
+                    f"but Shots[{i}] shows it",
+                )
     return BenchStory(folder.name, characters, shots)
 
 
