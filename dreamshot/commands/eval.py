@@ -18,7 +18,7 @@ import torch
 from dreamshot.config.load import load_config
 from dreamshot.config.schema import EVAL_BENCHMARKS, EVAL_MODES
 from dreamshot.eval.runner import evaluate
-from dreamshot.inference.loading import build_adapter, load_lora, resolve_config, run_weights
+from dreamshot.inference.loading import add_weight_arguments, build_adapter, load_lora, resolve_config, run_weights
 from dreamshot.inference.pipeline import StoryboardPipeline
 from dreamshot.utils.errors import DataError
 
@@ -26,12 +26,8 @@ from dreamshot.utils.errors import DataError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("benchmark", choices=EVAL_BENCHMARKS, help="benchmark to score")
     parser.add_argument("overrides", nargs="*", help="config overrides right after BENCH: key.sub=value")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=Path, help="training run folder (config.yaml + lora.safetensors or last.ckpt)")
-    source.add_argument("--lora", type=Path, help="LoRA weights: exported .safetensors or a .ckpt checkpoint")
-    source.add_argument("--base", action="store_true", help="no LoRA: the bare backbone")
+    source = add_weight_arguments(parser)
     source.add_argument("--outputs", type=Path, help="score this folder of shots instead of drawing them")
-    parser.add_argument("--config", help="experiment name or yaml (default: the run's config.yaml)")
     parser.add_argument("--mode", choices=EVAL_MODES, help="r2s, t2s or s2s (default: eval.mode)")
     parser.add_argument("--out", type=Path, help="results folder (default: outputs/eval/<benchmark>-<mode>)")
     parser.add_argument("--label", help="name of this run's row in the table (default: the weights' name)")

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
-from dreamshot.inference.loading import build_adapter, load_lora, resolve_config, run_weights
+from dreamshot.inference.loading import add_weight_arguments, build_adapter, load_lora, resolve_config, run_weights
 from dreamshot.inference.outputs import (
     load_kept_shots,
     read_record,
@@ -38,11 +38,7 @@ from dreamshot.utils.errors import DataError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("story", type=Path, help="story file (yaml/json): references, shots, previous_shots")
     parser.add_argument("overrides", nargs="*", help="config overrides right after STORY: key.sub=value")
-    weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--run", type=Path, help="training run folder (config.yaml + lora.safetensors or last.ckpt)")
-    weights.add_argument("--lora", type=Path, help="LoRA weights: exported .safetensors or a .ckpt checkpoint")
-    weights.add_argument("--base", action="store_true", help="no LoRA: the bare backbone")
-    parser.add_argument("--config", help="experiment name or yaml to build the model (default: the run's config.yaml)")
+    add_weight_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--regenerate", type=shot_list, help="re-roll only these shots (1-based), e.g. 3,5")
     parser.add_argument("--seed", type=int, help="noise seed (see precedence above)")

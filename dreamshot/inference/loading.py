@@ -8,6 +8,7 @@ the LoRA file or one folder up (`<run>/checkpoints/x.ckpt`).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -30,6 +31,16 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 CHECKPOINT_PREFIX = "adapter.transformer."
 # peft's parameter names carry the adapter name; its state-dict names (`lora_state_dict`) do not.
 ADAPTER_NAME = ".default."
+
+
+def add_weight_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """`--run | --lora | --base` (one required) and `--config`; returns the group so a command can add sources."""
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--run", type=Path, help="training run folder (config.yaml + lora.safetensors or last.ckpt)")
+    weights.add_argument("--lora", type=Path, help="LoRA weights: exported .safetensors or a .ckpt checkpoint")
+    weights.add_argument("--base", action="store_true", help="no LoRA: the bare backbone")
+    parser.add_argument("--config", help="experiment name or yaml to build the model (default: the run's config.yaml)")
+    return weights
 
 
 def run_weights(run_dir: Path) -> Path:
