@@ -3,11 +3,12 @@
 A randomly initialised Wan (the 1.3B or 14B dimensions of conf/model/*.yaml, the paper's LoRA rank 256 from
 experiments/dreamshot.yaml) is built through `WanAdapter` and trained for a few flow-matching steps on a
 storyboard at the curriculum's phase-2 size — 480p, 8 shots + 3 references, 11 × 1,560 = 17,160 video tokens —
-from random latents and text embeddings (cached latents: the VAE and umT5 stay on the CPU, unused), in bf16
-with gradient checkpointing of the DiT blocks, as `trainer=gpu` trains:
+from random latents and text embeddings (as from the latent cache: the VAE and umT5 are never called, so they are
+built one layer deep), in bf16 with gradient checkpointing of the DiT blocks, as `trainer=gpu` trains:
   --zero 2   DeepSpeed ZeRO-2 in one process, with the DeepSpeed config DreamShot trains with (bf16 mode: the
              whole DiT, LoRA included, in bf16; fp32 master weights in the optimiser);
-  --zero 0   plain PyTorch: bf16 autocast, LoRA and AdamW in fp32 (what `trainer=ddp` trains with).
+  --zero 0   plain PyTorch: bf16 autocast, LoRA and AdamW in fp32 (what `trainer=ddp` trains with);
+  --compile  the DiT blocks compiled (`trainer.compile_blocks`, on in `trainer=gpu`); the warm-up compiles.
 It prints
   tokens/s   video tokens per second of training (forward + backward + optimiser step);
   MFU        model FLOPs per step (the planner's count, checkpoint recompute excluded; HFU includes it) over the
@@ -17,8 +18,9 @@ It prints
              sharded one.
 Goals: MFU ≥ 40% for 1.3B on an H100; 14B phase 2 within 80 GB per GPU under ZeRO-2 with checkpointing.
 
-    python benchmarks/train_throughput.py --model wan1_3b            # then --model wan14b
+    python benchmarks/train_throughput.py --model wan1_3b --compile  # then --model wan14b, and without --compile
     python benchmarks/train_throughput.py --tiny --device cpu        # dry run of the script (tiny Wan, fp32)
+    bash benchmarks/gpu_checks.sh                                    # every GPU check (figures: RESULTS.md)
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import contextlib
 import dataclasses
 import os
 import time
+from pathlib import Path
 
 import torch
 
 from dreamshot.config.load import load_config
-from dreamshot.config.schema import Config
+from dreamshot.config.schema import Config, TextEncoderConfig, VaeConfig
 from dreamshot.diffusion.flow_matching import (
     add_noise,
     dit_timesteps,
@@ -65,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--refs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
     parser.add_argument("--gpus", type=int, default=8, help="world size for the ZeRO-2 memory estimate")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (trainer.compile_blocks)")
+    parser.add_argument("--profile", type=Path, help="write the top kernels of one more step to this text file")
     args = parser.parse_args()
     if args.zero is None:
         args.zero = 2 if args.device.startswith("cuda") else 0
@@ -79,18 +84,24 @@ def run_config(args: argparse.Namespace) -> Config:
     return load_config("dreamshot", [f"model={args.model}"])
 
 
-def build_adapter(cfg: Config, device: torch.device) -> WanAdapter:
-    """The adapter with its DiT on `device` (encoders stay on the CPU: latents are cached). The frozen weights are
-    created in model.dtype directly, so the 14B DiT never exists in float32 (56 GB)."""
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+def build_adapter(cfg: Config, device: torch.device, compiled: bool = False) -> WanAdapter:
+    """The adapter initialised directly on `device`, its frozen weights in model.dtype: the 14B DiT never exists in
+    float32 (56 GB), nor on the CPU (minutes of single-threaded init). The text embeddings and latents are random, so
+    umT5 and the VAE are never called: they are built one layer deep, keeping umT5-XXL's 11 GB out of the peak."""
+    model = dataclasses.replace(
+        cfg.model,
+        text_encoder=dataclasses.replace(TextEncoderConfig(), d_model=cfg.model.text_encoder.d_model, num_layers=1),
+        vae=dataclasses.replace(VaeConfig(), z_dim=cfg.model.vae.z_dim),
+    )
+    dtype = torch.bfloat16 if model.dtype == "bfloat16" else torch.float32
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        adapter = WanAdapter.seeded(cfg.model, cfg.seed, gradient_checkpointing=True)
+        with device:
+            adapter = WanAdapter.seeded(model, cfg.seed, gradient_checkpointing=True, compiled=compiled)
     finally:
         torch.set_default_dtype(previous)
-    adapter.transformer.to(device).train()
-    return adapter
+    return adapter.train()
 
 
 def synthetic_storyboard(cfg: Config, args, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -211,7 +222,7 @@ def report(cfg: Config, args, plan: PhasePlan, seconds: float, peak_rate: float,
     model_flops = sum(flops.forward.values()) + sum(flops.backward.values())
     mfu, hfu = model_flops / seconds / peak_rate, flops.total / seconds / peak_rate
     shape = model_shape(cfg.model, count_encoders=False)
-    mode = "DeepSpeed ZeRO-2 (1 process)" if args.zero else "no ZeRO"
+    mode = ("DeepSpeed ZeRO-2 (1 process)" if args.zero else "no ZeRO") + (", compiled blocks" if args.compile else "")
     print(
         f"{cfg.model.name}: {shape.dit_params:,} DiT parameters, LoRA rank {shape.lora_rank} "
         f"({shape.lora_params:,} trainable); {plan.label}, {args.shots} shots + {args.refs} references"
@@ -221,7 +232,7 @@ def report(cfg: Config, args, plan: PhasePlan, seconds: float, peak_rate: float,
         f"{'bf16' if work.activation_bytes == 2 else 'fp32'}, {args.device}"
     )
     print(f"matmul peak (measured)    {peak_rate / 1e12:10.1f} TFLOP/s")
-    print(f"step time                 {seconds:10.3f} s (mean of {args.steps} after 1 warm-up)")
+    print(f"step time                 {seconds:10.3f} s (mean of {args.steps} after warm-up)")
     print(f"tokens/s                  {work.tokens / seconds:10,.0f}")
     recompute = sum(flops.recompute.values())
     print(f"model FLOPs per step      {model_flops:10.3e} FLOP (+ {recompute:.3e} recomputed)")
@@ -253,12 +264,12 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     cfg = run_config(args)
-    # bf16 on GPUs, and wherever DeepSpeed's bf16 mode runs; the tiny dry run on the CPU is float32.
-    half = device.type == "cuda" or args.zero > 0
+    # bf16 on GPUs, for bf16 models, and wherever DeepSpeed's bf16 mode runs; the tiny dry run on the CPU is float32.
+    half = device.type == "cuda" or args.zero > 0 or cfg.model.dtype == "bfloat16"
     compute_dtype = torch.bfloat16 if half else torch.float32
     torch.manual_seed(cfg.seed)
 
-    adapter = build_adapter(cfg, device)
+    adapter = build_adapter(cfg, device, args.compile)
     stepper = Stepper(cfg, adapter, args.zero, autocast=half and not args.zero)
     data = synthetic_storyboard(cfg, args, device, compute_dtype)
     layout = StoryboardLayout(args.refs, args.shots)
@@ -266,7 +277,8 @@ def main() -> None:
     def loss():
         return flow_matching_loss(adapter, data, layout, cfg.diffusion.shift)
 
-    stepper.step(loss)  # warm-up: kernel selection, allocator, DeepSpeed buffers
+    for _ in range(2 if args.compile else 1):  # warm-up: kernels, allocator, DeepSpeed buffers, compilation
+        stepper.step(loss)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(lambda: [stepper.step(loss) for _ in range(args.steps)], device) / args.steps
@@ -276,6 +288,21 @@ def main() -> None:
     report(cfg, args, plan, seconds, matmul_rate(device, compute_dtype), peak_bytes)
     if peak_bytes is not None and args.zero == 2:
         zero2_estimate(cfg, args, data, peak_bytes, plan)
+    if args.profile:
+        profile_step(stepper, loss, args.profile)
+
+
+def profile_step(stepper: Stepper, loss_fn, path: Path) -> None:
+    """Where one step's time goes, by operator (self time on the device first): what to fix when MFU is low."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = stepper.adapter.transformer.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        stepper.step(loss_fn)
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=70))
+    print(f"profile of one step       {path}")
 
 
 if __name__ == "__main__":

@@ -27,17 +27,23 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand with its help line; only `command`'s module is imported, to add its arguments, so a
+    command loads its own dependencies alone (`dreamshot plan` needs no PyAV, `dreamshot toyworld` no DeepSpeed)."""
     parser = argparse.ArgumentParser(prog="dreamshot", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
-        _module(name).add_arguments(command)
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            _module(name).add_arguments(command_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # The top-level parser takes no option but --help: the first other word names the command.
+    command = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         _module(args.command).run(args)
     except DreamShotError as e:

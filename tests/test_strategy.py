@@ -57,9 +57,13 @@ def test_shipped_trainer_options_build():
     assert _trainer("trainer=gpu").precision == "bf16-mixed" and _trainer("trainer=gpu").gradient_checkpointing
 
 
+# The shipped trainer option of each ZeRO stage.
+TRAINER_OF_STAGE = {2: "gpu", 3: "zero3"}
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_config_is_valid_for_deepspeed(stage):
-    strategy = build_strategy(_trainer("trainer=gpu", f"trainer.strategy=deepspeed_stage_{stage}"), micro_batch=2)
+    strategy = build_strategy(_trainer(f"trainer={TRAINER_OF_STAGE[stage]}"), micro_batch=2)
     assert isinstance(strategy, DeepSpeedStrategy)
     # Checkpoints must not hold the frozen backbone.
     assert strategy.exclude_frozen_parameters
@@ -88,6 +92,7 @@ def test_ddp_strategy_settings():
         (["trainer.strategy=fsdp"], f"trainer.strategy must be one of {', '.join(STRATEGIES)}"),
         (["trainer=ddp_cpu", "trainer.devices=0"], "trainer.devices must be >= 1"),
         (["trainer.num_nodes=0"], "trainer.num_nodes must be >= 1"),
+        (["trainer=gpu", "trainer.strategy=deepspeed_stage_3"], "trainer.compile_blocks is not supported with"),
     ],
 )
 def test_impossible_trainer_settings_are_config_errors(overrides, message):
@@ -142,9 +147,8 @@ def _train_with_deepspeed(stage: int, out: Path, on_cpu: bool) -> None:
         "smoke",
         [
             *FAST,
-            "trainer=gpu",
+            f"trainer={TRAINER_OF_STAGE[stage]}",
             "trainer.devices=1",
-            f"trainer.strategy=deepspeed_stage_{stage}",
             f"trainer.max_steps={STEPS}",
             f"trainer.checkpoint_every_n_steps={STEPS}",
             "trainer.val_check_interval=100",

@@ -213,6 +213,9 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     gradient_checkpointing: bool = False
+    # torch.compile the DiT blocks (not the role-capture ones): fuses their elementwise work; the first steps pay
+    # the compilation, and each new storyboard shape (bucket) compiles once more.
+    compile_blocks: bool = False
     log_every_n_steps: int = 10
     # Save a checkpoint every n optimizer steps (and at the end).
     checkpoint_every_n_steps: int = 50
@@ -465,6 +468,12 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         raise ConfigError(
             f"trainer.strategy={trainer.strategy} runs on CUDA GPUs only: set trainer.accelerator=gpu "
             f"(got {trainer.accelerator!r}), or use trainer.strategy=ddp on CPU"
+        )
+    if trainer.compile_blocks and trainer.strategy == "deepspeed_stage_3":
+        # ZeRO-3 gathers every weight through module hooks inside the blocks, which dynamo cannot compile through.
+        raise ConfigError(
+            "trainer.compile_blocks is not supported with trainer.strategy=deepspeed_stage_3: "
+            "set trainer.compile_blocks=false (trainer=zero3 does)"
         )
 
 

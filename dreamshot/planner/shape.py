@@ -68,7 +68,7 @@ def model_shape(cfg: ModelConfig, count_encoders: bool = True) -> ModelShape:
     random_init = dataclasses.replace(cfg, pretrained_path=None)
     # Every module, LoRA's A/B included, is created on meta: nothing is allocated or initialised.
     with torch.device("meta"):
-        parts = build_components(random_init, device="meta")
+        parts = build_components(random_init)
         transformer = parts.transformer
         dit_params = _count(transformer)
         apply_lora(transformer, cfg.lora)

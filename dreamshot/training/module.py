@@ -37,6 +37,7 @@ class DreamShotModule(L.LightningModule):
             cfg.seed,
             gradient_checkpointing=cfg.trainer.gradient_checkpointing,
             capture_blocks=cfg.racl_blocks(),
+            compiled=cfg.trainer.compile_blocks,
         )
         # Checkpoints hold only the LoRA weights; the frozen backbone comes from the config.
         self.strict_loading = False

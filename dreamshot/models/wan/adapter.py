@@ -14,7 +14,7 @@ from dreamshot.diffusion.conditioning import StoryboardLatents
 from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.attention import use_shotwise_cross_attention
 from dreamshot.models.wan.build import build_components
-from dreamshot.models.wan.forward import run_block, storyboard_forward
+from dreamshot.models.wan.forward import compile_blocks, run_block, storyboard_forward
 from dreamshot.models.wan.latents import decode_shots, encode_references, encode_shots
 from dreamshot.models.wan.lora import apply_lora, load_lora_state_dict, lora_state_dict
 from dreamshot.models.wan.role_capture import RoleCapture, use_role_capture
@@ -26,7 +26,11 @@ class WanAdapter(nn.Module):
     """Wan2.1 transformer with LoRA, its frozen VAE and umT5, and the storyboard forward."""
 
     def __init__(
-        self, cfg: ModelConfig, gradient_checkpointing: bool = False, capture_blocks: list[int] | None = None
+        self,
+        cfg: ModelConfig,
+        gradient_checkpointing: bool = False,
+        capture_blocks: list[int] | None = None,
+        compiled: bool = False,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -39,6 +43,8 @@ class WanAdapter(nn.Module):
         use_shotwise_cross_attention(self.transformer, cfg.text_len)
         use_role_capture(self.transformer, capture_blocks or [])
         apply_lora(self.transformer, cfg.lora)
+        if compiled:
+            compile_blocks(self.transformer, skip=frozenset(capture_blocks or []))
 
     @classmethod
     def seeded(cls, cfg: ModelConfig, seed: int, **kwargs) -> WanAdapter:

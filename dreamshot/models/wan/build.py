@@ -37,11 +37,15 @@ class WanComponents:
     tokenizer: PreTrainedTokenizerBase
 
 
-def build_components(cfg: ModelConfig, device: torch.device | str = "cpu") -> WanComponents:
-    """All parts, frozen, in eval mode, on `device` (random init when `cfg.pretrained_path` is None)."""
+def build_components(cfg: ModelConfig, device: torch.device | str | None = None) -> WanComponents:
+    """All parts, frozen, in eval mode, moved to `device` if given (random init when `cfg.pretrained_path` is
+    None). Without `device` random parts stay where they were created: under `with torch.device("cuda")` a
+    full-size DiT is initialised on the GPU, seconds instead of minutes of CPU init."""
     parts = _random_components(cfg) if cfg.pretrained_path is None else _load_components(cfg)
     for module in (parts.transformer, parts.vae, parts.text_encoder):
-        module.requires_grad_(False).eval().to(device)
+        module.requires_grad_(False).eval()
+        if device is not None:
+            module.to(device)
     return parts
 
 

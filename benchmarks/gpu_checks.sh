@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every check of DreamShot that needs a GPU, in one run: training throughput, MFU and peak memory of the 1.3B and
+# 14B Wan at 480p with 8 shots + 3 references (DeepSpeed ZeRO-2, eager and with compiled blocks, side by side;
+# plain bf16 autocast for 1.3B), then the gpu-marked tests (real DeepSpeed ZeRO-2 / ZeRO-3 training through
+# Lightning). Each check has its own time limit, so one that hangs does not cost the others. Logs: $LOG_DIR
+# (default benchmarks/logs), one file per check; CHECKS="name ..." runs only those checks, in the order below.
+#
+#     bash benchmarks/gpu_checks.sh            # on a machine with one CUDA GPU, from the repository root
+set -u
+log=${LOG_DIR:-benchmarks/logs}
+mkdir -p "$log"
+export PYTHONUNBUFFERED=1
+
+check() {  # check NAME SECONDS COMMAND...
+    local name=$1 seconds=$2
+    shift 2
+    [[ -z ${CHECKS:-} || " $CHECKS " == *" $name "* ]] || return 0
+    echo "=== $name"
+    timeout "$seconds" "$@" >"$log/$name.txt" 2>&1
+    echo "exit $? after ${SECONDS}s" >>"$log/$name.txt"
+    grep -vE "^\[|^[WI][0-9]{4} |Warning|warn|kept in float32" "$log/$name.txt" | tail -n 25
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python -c "import torch, deepspeed, diffusers, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'deepspeed', deepspeed.__version__, 'diffusers', diffusers.__version__, 'lightning', lightning.__version__)"
+} 2>&1 | grep -v "^\[" | tee "$log/machine.txt"
+
+bench=(python benchmarks/train_throughput.py)
+check wan1_3b_compiled 240 "${bench[@]}" --model wan1_3b --compile --steps 5 --profile "$log/wan1_3b_compiled_profile.txt"
+check wan1_3b_eager 150 "${bench[@]}" --model wan1_3b --steps 5 --profile "$log/wan1_3b_eager_profile.txt"
+check pytest_gpu 150 python -m pytest tests/test_strategy.py -m gpu -p no:cacheprovider -q
+check wan14b_compiled 300 "${bench[@]}" --model wan14b --compile --steps 3
+check wan14b_eager 240 "${bench[@]}" --model wan14b --steps 3
+check wan1_3b_autocast 120 "${bench[@]}" --model wan1_3b --zero 0 --steps 5
