@@ -147,9 +147,14 @@ class ScriptedJudge:
 
     def __init__(self, scores: dict) -> None:
         self.scores = scores
+        self.batches: list[int] = []
 
     def score(self, image, text, dimension, character=None) -> int:
         return self.scores[(dimension, character)]
+
+    def score_many(self, questions) -> list[int]:
+        self.batches.append(len(questions))
+        return [self.score(q.image, q.text, q.dimension, q.character) for q in questions]
 
 
 class GivenMatches:
@@ -175,9 +180,12 @@ def test_alignment_metric_rounds_single_character_scores_per_shot_then_per_story
         ("single_character_action", "A"): 3,
         ("single_character_action", "B"): 4,
     }
-    metric = AlignmentMetric(ScriptedJudge(scores), GivenMatches(found))
+    judge = ScriptedJudge(scores)
+    metric = AlignmentMetric(judge, GivenMatches(found))
     metric.update(StorySample(story, {1: _image(), 2: _image()}))
     values = {k: v.item() for k, v in metric.compute().items()}
+    # The story's 2 x 3 shot questions and 3 crop questions, asked as one concurrent batch.
+    assert judge.batches == [9]
     # Shot 1: round(3.5) = 4 (half to even); shot 2: 3; story: round(3.5) = 4.
     assert values["alignment_single_character_action"] == 4
     assert values["alignment_scene"] == 3 and values["alignment_camera"] == 2

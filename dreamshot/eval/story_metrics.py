@@ -8,6 +8,7 @@ metric states reduced by summation, so a metric also aggregates across processes
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections import defaultdict
 from collections.abc import Mapping
 
 import torch
@@ -17,7 +18,7 @@ from torchmetrics import Metric
 from dreamshot.eval.benchmarks.types import BenchStory
 from dreamshot.eval.extractors import AestheticScorer, Encoder
 from dreamshot.eval.identity import CharacterMatcher, StoryMatches
-from dreamshot.eval.judge import Judge
+from dreamshot.eval.judge import Judge, Question
 from dreamshot.eval.metrics import (
     ALIGNMENT_DIMENSIONS,
     character_identity,
@@ -153,22 +154,33 @@ class AlignmentMetric(StoryMetric):
         self.judge, self.matcher = judge, matcher
 
     def score(self, sample: StorySample) -> dict[str, float]:
+        questions, asked_for = self._questions(sample)
+        # One batch per story: the judge asks them concurrently, within its bound on requests in flight.
+        answers: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for key, answer in zip(asked_for, self.judge.score_many(questions), strict=True):
+            answers[key].append(answer)
+        values = {
+            f"alignment_{d}": mean([answers[(d, index)][0] for index in sample.shots]) for d in ALIGNMENT_DIMENSIONS[:3]
+        }
+        if self.matcher is not None:
+            singles = [rounded_mean(answers[("single_character_action", index)]) for index in sample.shots]
+            values["alignment_single_character_action"] = float(rounded_mean(singles))
+            values["alignment"] = mean([values[f"alignment_{d}"] for d in ALIGNMENT_DIMENSIONS])
+        return values
+
+    def _questions(self, sample: StorySample) -> tuple[list[Question], list[tuple[str, int]]]:
+        """Every question of a story, and for each the (dimension, shot index) it scores."""
         story = sample.story
         shots = {shot.index: shot for shot in story.shots}
-        per_dim: dict[str, list[float]] = {d: [] for d in ALIGNMENT_DIMENSIONS}
         found = sample.matches(self.matcher) if self.matcher is not None else None
+        questions, asked_for = [], []
         for index, image in sample.shots.items():
             shot = shots[index]
             for dimension, text in (("scene", shot.scene), ("camera", shot.camera), ("character_action", shot.action)):
-                per_dim[dimension].append(self.judge.score(image, text, dimension))
-            if found is not None:
-                singles = [
-                    self.judge.score(m.crop, shot.action, "single_character_action", story.characters[key].name)
-                    for key, m in found.in_shot(index).items()
-                ]
-                per_dim["single_character_action"].append(rounded_mean(singles))
-        values = {f"alignment_{d}": mean(per_dim[d]) for d in ALIGNMENT_DIMENSIONS[:3]}
-        if found is not None:
-            values["alignment_single_character_action"] = float(rounded_mean(per_dim["single_character_action"]))
-            values["alignment"] = mean([values[f"alignment_{d}"] for d in ALIGNMENT_DIMENSIONS])
-        return values
+                questions.append(Question(image, text, dimension))
+                asked_for.append((dimension, index))
+            for key, match in (found.in_shot(index) if found is not None else {}).items():
+                name = story.characters[key].name
+                questions.append(Question(match.crop, shot.action, "single_character_action", name))
+                asked_for.append(("single_character_action", index))
+        return questions, asked_for
