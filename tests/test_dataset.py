@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from scipy.ndimage import binary_dilation, binary_erosion
 
+from dreamshot.config.load import load_config
 from dreamshot.config.schema import DataConfig, ToyWorldConfig
 from dreamshot.data.bucketing import BucketBatchSampler, StoryboardBatch, aspect_bucket, collate_storyboards
 from dreamshot.data.datamodule import StoryboardDataModule
@@ -311,6 +312,15 @@ def test_datamodule_filters_training_sources_and_keeps_validation(tmp_path: Path
     assert [r.id for r in module.train_set.records] == ["toy-00001", "toy-00003", "toy-00005"]
     assert [r.source for r in module.val_set.records] == ["synthetic", "real"]
     assert not (tmp_path / "toyworld").exists()
+
+
+@pytest.mark.parametrize("member", ["both", "real", "synthetic"])
+def test_every_toy_data_sources_member_keeps_training_groups(tmp_path: Path, member: str) -> None:
+    cfg = load_config("toy_data_sources", ["data.toy.groups=8", "data.toy.image_size=[32,48]"], member=member)
+    module = StoryboardDataModule(cfg.data, tmp_path, seed=0)
+    module.setup()
+    sources = {r.source for r in module.train_set.records}
+    assert sources == ({"real", "synthetic"} if member == "both" else {member})
 
 
 class _RecordBatches(L.LightningModule):

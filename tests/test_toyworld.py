@@ -160,6 +160,33 @@ def test_bad_parameters_are_config_errors(tmp_path: Path) -> None:
         generate_toyworld(tmp_path, groups=1, seed=0, max_roles=10)
 
 
+def test_real_share_adds_camera_noise_to_real_groups_only(tmp_path: Path) -> None:
+    kwargs = {"groups": 8, "seed": 0, "image_size": (32, 48), "max_shots": 3}
+    mixed = load_manifest(generate_toyworld(tmp_path / "mixed", real_share=0.5, **kwargs))
+    clean = load_manifest(generate_toyworld(tmp_path / "clean", **kwargs))
+    assert {r.source for r in clean} == {"synthetic"}
+    assert 0 < sum(r.source == "real" for r in mixed) < len(mixed)
+    for noisy, drawn in zip(mixed, clean, strict=True):
+        for shot, same in zip(noisy.shots, drawn.shots, strict=True):
+            assert shot.annotation == same.annotation
+            for role, mask in shot.masks.items():
+                assert np.array_equal(_pixels(mask), _pixels(same.masks[role]))
+            difference = np.abs(_pixels(shot.image).astype(float) - _pixels(same.image)).mean()
+            if noisy.source == "synthetic":
+                assert difference == 0
+            else:  # about 6 grey levels of Gaussian noise: mean |noise| = 6 * sqrt(2 / pi) = 4.8
+                assert 3.5 < difference < 6
+
+
+def test_real_share_outside_zero_one_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"real_share must be in \[0, 1\], got 1.5"):
+        generate_toyworld(tmp_path, groups=1, seed=0, real_share=1.5)
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
 @pytest.fixture
 def toyworld_cli_only(monkeypatch):
     # Only this subcommand's parser is built: the others are tested in their own files.
@@ -173,7 +200,7 @@ def test_cli_writes_the_manifest(tmp_path: Path, capsys, toyworld_cli_only) -> N
     records = load_manifest(tmp_path / "manifest.jsonl")
     assert out[0] == str(tmp_path / "manifest.jsonl")
     shots, refs = sum(len(r.shots) for r in records), sum(len(r.references) for r in records)
-    assert out[1] == f"3 groups, {shots} shots, {refs} references"
+    assert out[1] == f"3 groups (0 real, 3 synthetic), {shots} shots, {refs} references"
     assert all(len(r.shots) <= 3 and len(r.references) <= 2 for r in records)
     assert Image.open(records[0].shots[0].image).size == (48, 32)
 

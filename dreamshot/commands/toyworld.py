@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-shots", type=int, default=defaults.min_shots, help="fewest shots per group")
     parser.add_argument("--max-shots", type=int, default=defaults.max_shots, help="most shots per group")
     parser.add_argument("--max-roles", type=int, default=defaults.max_roles, help="most roles per group")
+    parser.add_argument(
+        "--real-share", type=float, default=defaults.real_share, help="share of groups labelled real (noisy images)"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -30,10 +33,12 @@ def run(args: argparse.Namespace) -> None:
         min_shots=args.min_shots,
         max_shots=args.max_shots,
         max_roles=args.max_roles,
+        real_share=args.real_share,
     )
     # Read back through the validating loader: the counts printed are those a training run will see.
     records = load_manifest(manifest)
     shots = sum(len(r.shots) for r in records)
     refs = sum(len(r.references) for r in records)
     print(manifest)
-    print(f"{len(records)} groups, {shots} shots, {refs} references")
+    real = sum(r.source == "real" for r in records)
+    print(f"{len(records)} groups ({real} real, {len(records) - real} synthetic), {shots} shots, {refs} references")

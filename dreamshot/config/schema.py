@@ -92,6 +92,9 @@ class ToyWorldConfig:
     min_shots: int = 2
     max_shots: int = 6
     max_roles: int = 3
+    # Share of groups labelled `real` (the rest `synthetic`), for data.sources ablations. The toy world has no
+    # camera: a real group is drawn like any other, then its images get sensor noise (its masks stay exact).
+    real_share: float = 0.0
 
 
 @dataclass

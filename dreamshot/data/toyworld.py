@@ -8,7 +8,9 @@ character alone, centred, on a plain background, in a square image. Nothing is a
 inside a role's mask has exactly that character's colour or texture colour.
 
 Group i depends only on (seed, i): sets of different sizes share a prefix, and the output is byte-identical
-for the same arguments.
+for the same arguments. A share of the groups (`real_share`) is labelled `real` and stands in for camera
+footage: the same drawing with sensor noise on its images, so the exact-colour property above holds for the
+`synthetic` groups only; the masks stay exact for both.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from dreamshot.utils.io import atomic_write_text
 # Bump when the drawing changes, so `ensure_toyworld` regenerates sets written by older code.
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "manifest.jsonl"
+# The `real` groups' sensor noise: its standard deviation in grey levels, and the index of its generator stream.
+CAMERA_NOISE = 6.0
+CAMERA_STREAM = 1
 PARAMS_NAME = "toyworld.json"
 
 COLOURS = {
@@ -301,13 +306,14 @@ def generate_toyworld(
     min_shots: int = 2,
     max_shots: int = 6,
     max_roles: int = 3,
+    real_share: float = 0.0,
 ) -> Path:
     """Write `groups` toy storyboard groups (images, masks, `manifest.jsonl`) into `out_dir`.
 
     Returns the manifest path. Shots are `image_size` (H, W); references are squares of the short side.
     The generation parameters are stored beside the manifest (`toyworld.json`) for `ensure_toyworld`.
     """
-    params = _params(groups, seed, image_size, min_shots, max_shots, max_roles)
+    params = _params(groups, seed, image_size, min_shots, max_shots, max_roles, real_share)
     out_dir = Path(out_dir)
     # Removed first: a set interrupted while being rewritten must not pass for complete.
     (out_dir / PARAMS_NAME).unlink(missing_ok=True)
@@ -323,7 +329,7 @@ def ensure_toyworld(cfg: ToyWorldConfig, out_dir: str | os.PathLike) -> Path:
     """The manifest of the toy world `cfg` in `out_dir`, generated unless already there with the same parameters."""
     out_dir = Path(out_dir)
     image_size = (cfg.image_size[0], cfg.image_size[1])
-    args = (cfg.groups, cfg.seed, image_size, cfg.min_shots, cfg.max_shots, cfg.max_roles)
+    args = (cfg.groups, cfg.seed, image_size, cfg.min_shots, cfg.max_shots, cfg.max_roles, cfg.real_share)
     manifest, params_file = out_dir / MANIFEST_NAME, out_dir / PARAMS_NAME
     if manifest.is_file() and params_file.is_file():
         try:
@@ -335,7 +341,13 @@ def ensure_toyworld(cfg: ToyWorldConfig, out_dir: str | os.PathLike) -> Path:
 
 
 def _params(
-    groups: int, seed: int, image_size: tuple[int, int], min_shots: int, max_shots: int, max_roles: int
+    groups: int,
+    seed: int,
+    image_size: tuple[int, int],
+    min_shots: int,
+    max_shots: int,
+    max_roles: int,
+    real_share: float,
 ) -> dict:
     height, width = image_size
     if groups < 0:
@@ -346,6 +358,8 @@ def _params(
         raise ConfigError(f"toy world: need 1 <= min_shots <= max_shots, got {min_shots} and {max_shots}")
     if not 1 <= max_roles <= len(COLOURS):
         raise ConfigError(f"toy world: max_roles must be in 1..{len(COLOURS)}, got {max_roles}")
+    if not 0 <= real_share <= 1:
+        raise ConfigError(f"toy world: real_share must be in [0, 1], got {real_share}")
     return {
         "version": GENERATOR_VERSION,
         "groups": groups,
@@ -354,11 +368,16 @@ def _params(
         "min_shots": min_shots,
         "max_shots": max_shots,
         "max_roles": max_roles,
+        "real_share": real_share,
     }
 
 
 def _write_group(out_dir: Path, index: int, params: dict) -> StoryboardRecord:
     plan = plan_group(params["seed"], index, params["min_shots"], params["max_shots"], params["max_roles"])
+    # A generator of its own: the label and the noise leave the drawing of group i unchanged.
+    camera = np.random.default_rng([params["seed"], index, CAMERA_STREAM])
+    source = "real" if camera.random() < params["real_share"] else "synthetic"
+    photographed = (lambda image: sensor_noise(image, camera)) if source == "real" else (lambda image: image)
     height, width = params["image_size"]
     group_id = f"toy-{index:05d}"
     folder = out_dir.absolute() / group_id
@@ -366,6 +385,7 @@ def _write_group(out_dir: Path, index: int, params: dict) -> StoryboardRecord:
     references = []
     for k, character in enumerate(plan.characters):
         image, mask = render_reference(character, min(height, width))
+        image = photographed(image)
         role = f"role{k + 1}"
         image_path, mask_path = folder / f"ref_{role}.png", folder / f"ref_{role}_mask.png"
         _save(image, image_path)
@@ -374,6 +394,7 @@ def _write_group(out_dir: Path, index: int, params: dict) -> StoryboardRecord:
     shots = []
     for j, shot in enumerate(plan.shots):
         image, labels = render_shot(plan, shot, height, width)
+        image = photographed(image)
         image_path = folder / f"shot_{j + 1:02d}.png"
         _save(image, image_path)
         masks = {}
@@ -381,7 +402,13 @@ def _write_group(out_dir: Path, index: int, params: dict) -> StoryboardRecord:
             masks[f"role{k + 1}"] = folder / f"shot_{j + 1:02d}_role{k + 1}.png"
             _save_mask(labels == k + 1, masks[f"role{k + 1}"])
         shots.append(ShotRecord(image_path, annotate(plan, shot), masks))
-    return StoryboardRecord(group_id, "synthetic", plan.scene, references, shots, out_dir.absolute())
+    return StoryboardRecord(group_id, source, plan.scene, references, shots, out_dir.absolute())
+
+
+def sensor_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) uint8 with Gaussian noise of CAMERA_NOISE grey levels, as a camera would add."""
+    noisy = image.astype(np.float32) + rng.normal(0.0, CAMERA_NOISE, image.shape).astype(np.float32)
+    return np.clip(noisy.round(), 0, 255).astype(np.uint8)
 
 
 def _save(image: np.ndarray, path: Path) -> None:
