@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_only
@@ -33,6 +34,20 @@ def save_lora(state: dict, path: Path, metadata: dict[str, str]) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+class PhaseProgressBar(RichProgressBar):
+    """Lightning's progress bar, titled with the curriculum phase ("phase 2/2": one epoch per phase) or the data
+    pass ("pass 3"). A run ends at max_steps with max_epochs=-1, which Lightning's own title shows as "Epoch 1/-2"."""
+
+    def __init__(self, phases: int) -> None:
+        super().__init__()
+        self.phases = phases
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        title = f"phase {current_epoch + 1}/{self.phases}" if self.phases else f"pass {current_epoch + 1}"
+        # As wide as the validation title, so the bar does not move when validation starts.
+        return f"{title:{len(self.validation_description)}}"
 
 
 class ExportLora(L.Callback):

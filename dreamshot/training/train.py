@@ -16,7 +16,7 @@ from dreamshot.config.load import to_yaml
 from dreamshot.config.schema import Config
 from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.eval.callback import eval_callbacks
-from dreamshot.training.callbacks import LORA_FILE, ExportLora, RoleMaskPreview, TrainSummary
+from dreamshot.training.callbacks import LORA_FILE, ExportLora, PhaseProgressBar, RoleMaskPreview, TrainSummary
 from dreamshot.training.checkpoint_io import AtomicCheckpointIO
 from dreamshot.training.guards import check_disk, check_writable, checkpoint_count, lora_checkpoint_bytes
 from dreamshot.training.module import DreamShotModule
@@ -95,6 +95,7 @@ def build_trainer(cfg: Config, out: Path, logger: Logger, callbacks: Sequence[L.
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         callbacks=[
+            PhaseProgressBar(len(cfg.curriculum)),
             checkpoints,
             ExportLora(out),
             TrainSummary(out, artifacts),
