@@ -77,6 +77,9 @@ def test_scoring_the_ground_truth_folder_beats_the_drawn_shots(run_dir, tmp_path
     assert main(["eval", "toy", *only_proxy, "--outputs", str(toyworld), "--out", str(truth), "--mode", "s2s"]) == 0
     truth_body = json.loads((truth / "results.json").read_text())
     assert truth_body["label"] == "toyworld" and set(truth_body["metrics"]) == TOY_VALUES
+    # Shots scored per story (s2s: all but the first), also when scoring a folder: the shot-count plot's x axis.
+    assert truth_body["story_shots"] == drawn_body["story_shots"]
+    assert sum(truth_body["story_shots"].values()) == truth_body["shots"] and all(truth_body["story_shots"].values())
     # The toy characters' colours are found in their own ground-truth shots, not in the untrained model's.
     identity = truth_body["metrics"]["toy_identity_cross"]["value"]
     assert identity > 0.5 and identity > drawn_body["metrics"]["toy_identity_cross"]["value"] + 0.2

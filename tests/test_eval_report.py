@@ -19,7 +19,7 @@ def _results(benchmark: str = "vistorybench", mode: str = "r2s") -> EvalResults:
         values={"cids_self": 0.6197, "cids_cross": 0.4846, "csd_self": 0.6017, "aes": 5.2316},
         missing={"csd_cross": "eval.csd.weights is not set", "alignment": "eval.judge.endpoint is not set"},
         per_story={"01": {"cids_self": 0.6, "cids_cross": 0.5, "aes": 5.0}, "08": {"cids_self": 0.6394}},
-        shots=9,
+        story_shots={"01": 5, "08": 4},
     )
 
 

@@ -36,14 +36,9 @@ def write_metrics(run: Path, version: int, rows: list[dict]) -> None:
 
 
 def write_eval(folder: Path, values: dict[str, float], story_shots: dict[str, int]) -> None:
-    """results.json as `dreamshot eval` writes it, and the drawn shots of each story."""
+    """results.json as `dreamshot eval` writes it."""
     per_story = {story: {name: value + 0.01 * n for name, value in values.items()} for story, n in story_shots.items()}
-    write_results(folder, EvalResults("toy", "r2s", folder.name, values, {"aes": "not set"}, per_story, 9))
-    for story, count in story_shots.items():
-        for index in range(1, count + 1):
-            (folder / "shots" / story).mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (8, 8)).save(folder / "shots" / story / f"shot_{index:02d}.png")
-        Image.new("RGB", (8, 8)).save(folder / "shots" / story / "storyboard.png")
+    write_results(folder, EvalResults("toy", "r2s", folder.name, values, {"aes": "not set"}, per_story, story_shots))
 
 
 def settled(read, size: int, timeout: float = 20.0):

@@ -29,8 +29,13 @@ class EvalResults:
     values: dict[str, float]
     missing: dict[str, str]
     per_story: dict[str, dict[str, float]]
-    shots: int
+    # Shots scored per story: the x axis of the metric-vs-shot-count plot (paper Fig. 13) in `dreamshot report`.
+    story_shots: dict[str, int]
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shots(self) -> int:
+        return sum(self.story_shots.values())
 
     def to_json(self) -> dict[str, Any]:
         metrics: dict[str, Any] = {name: {"value": value} for name, value in self.values.items()}
@@ -43,6 +48,7 @@ class EvalResults:
             "shots": self.shots,
             "metrics": metrics,
             "per_story": self.per_story,
+            "story_shots": self.story_shots,
             **self.extra,
         }
 

@@ -53,17 +53,17 @@ def evaluate(
             story_shot_files(outputs, story, ev.mode)
     shots_dir = outputs or out / SHOTS_DIR
     size = (cfg.data.resolution[0], cfg.data.resolution[1])
-    total = sum(len(story.scored_shots(ev.mode)) for story in bench.stories)
+    story_shots = {story.id: len(story.scored_shots(ev.mode)) for story in bench.stories}
     # Bars only on a terminal (disable=None): in a log file they are noise, and an error stays one line.
-    with tqdm(total=total, desc="shots", position=1, leave=False, disable=None) as shot_bar:
+    with tqdm(total=sum(story_shots.values()), desc="shots", position=1, leave=False, disable=None) as shot_bar:
         for story in tqdm(bench.stories, desc=f"{bench.name} stories", position=0, disable=None):
             if pipeline is not None:
                 write_story(
                     shots_dir / story.id, *draw_story(pipeline, story, ev.mode, size, cfg.inference.seed, ev.steps)
                 )
             suite.update(StorySample(story, read_story_shots(shots_dir, story, ev.mode)))
-            shot_bar.update(len(story.scored_shots(ev.mode)))
-    results = EvalResults(bench.name, ev.mode, label, suite.compute(), suite.missing, suite.per_story(), total)
+            shot_bar.update(story_shots[story.id])
+    results = EvalResults(bench.name, ev.mode, label, suite.compute(), suite.missing, suite.per_story(), story_shots)
     alignment = suite.metrics.get("alignment")
     if isinstance(alignment, AlignmentMetric):
         results.extra["judge"] = {"model": ev.judge.model, **asdict(alignment.judge.stats)}

@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 
 from dreamshot.eval.report import RESULTS_JSON
-from dreamshot.eval.runner import SHOTS_DIR
 from dreamshot.inference.loading import RUN_CONFIG
 from dreamshot.report.history import last_value, read_curves
 from dreamshot.training.callbacks import SUMMARY_FILE
@@ -141,9 +140,8 @@ def _read_eval(path: Path) -> EvalRecord:
         body = json.loads(path.read_text())
         values = {name: float(m["value"]) for name, m in body["metrics"].items() if "value" in m}
         per_story = {story: dict(v) for story, v in body.get("per_story", {}).items()}
+        story_shots = {story: int(n) for story, n in body.get("story_shots", {}).items()}
         benchmark, mode = body["benchmark"], body["mode"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: not a results file of `dreamshot eval` ({type(e).__name__}: {e})") from None
-    shots = path.parent / SHOTS_DIR
-    story_shots = {story: len(list((shots / story).glob("shot_*.png"))) for story in per_story}
-    return EvalRecord(path, benchmark, mode, values, per_story, {s: n for s, n in story_shots.items() if n})
+    return EvalRecord(path, benchmark, mode, values, per_story, story_shots)
