@@ -13,7 +13,7 @@ from dreamshot.diffusion.racl import (
     token_grid_masks,
 )
 from dreamshot.models.layout import StoryboardLayout
-from dreamshot.models.wan.forward import storyboard_forward
+from dreamshot.models.wan.forward import compile_blocks, storyboard_forward
 from dreamshot.models.wan.role_capture import RoleCapture, RoleCaptureSelfAttnProcessor, use_role_capture
 from dreamshot.models.wan.rope import storyboard_rotary_emb
 
@@ -176,6 +176,26 @@ def test_racl_gradients_reach_parameters_and_match_naive(transformer, checkpoint
         grads.append(transformer.blocks[0].attn1.to_q.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_blocks_give_the_same_role_maps_and_gradients(transformer):
+    """Block 1 captures (it runs eagerly for that call), block 0 runs compiled; checkpointing replays both."""
+    plan = _plan()
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            compile_blocks(transformer)
+        transformer.zero_grad()
+        capture = RoleCapture([plan], frozenset({1}))
+        output = _run(transformer, capture, checkpointing=True)
+        (output.square().mean() + racl_loss(capture.block_mean()[0], plan.target_masks, plan.loss_pairs)).backward()
+        grads = {name: p.grad.clone() for name, p in transformer.named_parameters() if p.grad is not None}
+        results.append((capture.block_mean()[0].detach(), grads))
+    (eager_map, eager_grads), (compiled_map, compiled_grads) = results
+    torch.testing.assert_close(compiled_map, eager_map, atol=1e-6, rtol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_nothing_is_captured_without_a_capture(transformer, monkeypatch):

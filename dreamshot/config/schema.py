@@ -216,8 +216,8 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     gradient_checkpointing: bool = False
-    # torch.compile the DiT blocks (not the role-capture ones): fuses their elementwise work; the first steps pay
-    # the compilation, and each new storyboard shape (bucket) compiles once more.
+    # torch.compile the DiT blocks (a block capturing role attention runs eagerly for that call): fuses their
+    # elementwise work; the first steps pay the compilation, and a new storyboard shape may compile once more.
     compile_blocks: bool = False
     log_every_n_steps: int = 10
     # Save a checkpoint every n optimizer steps (and at the end).

@@ -44,7 +44,7 @@ class WanAdapter(nn.Module):
         use_role_capture(self.transformer, capture_blocks or [])
         apply_lora(self.transformer, cfg.lora)
         if compiled:
-            compile_blocks(self.transformer, skip=frozenset(capture_blocks or []))
+            compile_blocks(self.transformer)
 
     @classmethod
     def seeded(cls, cfg: ModelConfig, seed: int, **kwargs) -> WanAdapter:

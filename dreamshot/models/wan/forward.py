@@ -25,18 +25,17 @@ def run_block(index: int, block, hidden, text, temb, rotary_emb) -> torch.Tensor
     return block(hidden, text, temb, rotary_emb)
 
 
-def compile_blocks(transformer, skip: frozenset[int] = frozenset()) -> None:
-    """`torch.compile` every DiT block in place (parameter names unchanged), except the blocks in `skip`.
+def compile_blocks(transformer) -> None:
+    """`torch.compile` every DiT block in place (parameter names unchanged).
 
     Outside attention and the matmuls, a block is a chain of small elementwise kernels (fp32 modulation, norms,
     RoPE, LoRA scaling); compiled, they fuse, which is most of what eager mode leaves on the table (measured in
-    benchmarks/RESULTS.md). The role-capture blocks are skipped: the capture's per-call Python state would make
-    dynamo recompile or break the graph on every switch. All blocks share one code object and their weights
-    are graph inputs, so the first block's compilation serves the others.
+    benchmarks/RESULTS.md). All blocks share one code object and their weights are graph inputs, so the first
+    block's compilation serves the others. A block that captures role attention runs eagerly for that call
+    (`RoleCapture.runner`), so capture blocks are compiled too and run compiled whenever nothing is captured.
     """
-    for index, block in enumerate(transformer.blocks):
-        if index not in skip:
-            block.compile()
+    for block in transformer.blocks:
+        block.compile()
 
 
 def storyboard_forward(

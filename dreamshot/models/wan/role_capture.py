@@ -52,7 +52,10 @@ class RoleCapture:
         processor = block.attn1.processor
         processor.sink = (self, index)
         try:
-            return block(hidden, text, temb, rotary_emb)
+            # Eager even where blocks are compiled: the capture is per-sample Python work on the processor, which
+            # dynamo would trace into a new graph for every storyboard's role plan.
+            with torch.compiler.set_stance("force_eager"):
+                return block(hidden, text, temb, rotary_emb)
         finally:
             processor.sink = None
 
