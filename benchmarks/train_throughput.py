@@ -85,22 +85,16 @@ def run_config(args: argparse.Namespace) -> Config:
 
 
 def build_adapter(cfg: Config, device: torch.device, compiled: bool = False) -> WanAdapter:
-    """The adapter initialised directly on `device`, its frozen weights in model.dtype: the 14B DiT never exists in
-    float32 (56 GB), nor on the CPU (minutes of single-threaded init). The text embeddings and latents are random, so
-    umT5 and the VAE are never called: they are built one layer deep, keeping umT5-XXL's 11 GB out of the peak."""
+    """The adapter initialised directly on `device` (on the CPU the 14B DiT takes minutes of init). The text
+    embeddings and latents are random, so umT5 and the VAE are never called: they are built one layer deep, keeping
+    umT5-XXL's 11 GB out of the peak."""
     model = dataclasses.replace(
         cfg.model,
         text_encoder=dataclasses.replace(TextEncoderConfig(), d_model=cfg.model.text_encoder.d_model, num_layers=1),
         vae=dataclasses.replace(VaeConfig(), z_dim=cfg.model.vae.z_dim),
     )
-    dtype = torch.bfloat16 if model.dtype == "bfloat16" else torch.float32
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            adapter = WanAdapter.seeded(model, cfg.seed, gradient_checkpointing=True, compiled=compiled)
-    finally:
-        torch.set_default_dtype(previous)
+    with device:
+        adapter = WanAdapter.seeded(model, cfg.seed, gradient_checkpointing=True, compiled=compiled)
     return adapter.train()
 
 

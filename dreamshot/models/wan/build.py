@@ -12,6 +12,8 @@ Everything comes back frozen and in eval mode; LoRA (`lora.py`) adds the only tr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +71,11 @@ def _random_components(cfg: ModelConfig) -> WanComponents:
         num_heads=te.num_heads,
         feed_forward_proj="gated-gelu",
     )
+    # Created in their dtype: a full-size DiT never exists in float32, and diffusers warns on `.to(dtype)`.
+    with _default_dtype(dtype):
+        transformer, text_encoder = build_transformer(cfg), UMT5EncoderModel(umt5)
     return WanComponents(
-        # diffusers warns on any `.to(dtype)` of the DiT; a float32 model needs no cast.
-        transformer=build_transformer(cfg) if dtype == torch.float32 else build_transformer(cfg).to(dtype),
+        transformer=transformer,
         vae=AutoencoderKLWan(
             base_dim=cfg.vae.base_dim,
             z_dim=cfg.vae.z_dim,
@@ -83,9 +87,19 @@ def _random_components(cfg: ModelConfig) -> WanComponents:
             latents_mean=[0.0] * cfg.vae.z_dim,
             latents_std=[1.0] * cfg.vae.z_dim,
         ),
-        text_encoder=UMT5EncoderModel(umt5).to(dtype),
+        text_encoder=text_encoder,
         tokenizer=build_tiny_tokenizer(te.vocab_size),
     )
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def build_transformer(cfg: ModelConfig) -> WanTransformer3DModel:
