@@ -93,7 +93,8 @@ def test_decode_images_decodes_each_frame_alone(vae):
     z = encode_references(vae, _images(1, 2))
     images = decode_images(vae, z)
     assert images.shape == (1, 2, 3, H, W)
-    assert torch.allclose(images[:, 1:2], decode_shots(vae, z[:, :, 1:2]), atol=1e-6)
+    # Batched and single convolutions differ by float32 rounding (~1e-6); a frame leaking into another, by ~0.1.
+    assert torch.allclose(images[:, 1:2], decode_shots(vae, z[:, :, 1:2]), atol=1e-5)
     assert decode_images(vae, z[:, :, :0]).shape == (1, 0, 3, H, W)
 
 

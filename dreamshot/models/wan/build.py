@@ -71,25 +71,24 @@ def _random_components(cfg: ModelConfig) -> WanComponents:
         num_heads=te.num_heads,
         feed_forward_proj="gated-gelu",
     )
-    # Created in their dtype: a full-size DiT never exists in float32, and diffusers warns on `.to(dtype)`.
+    # The DiT and umT5 are created in their dtype (a full-size DiT never exists in float32, and diffusers warns on
+    # `.to(dtype)`), in the order DiT, VAE, umT5 that fixes which random weights a seed gives each part.
     with _default_dtype(dtype):
-        transformer, text_encoder = build_transformer(cfg), UMT5EncoderModel(umt5)
-    return WanComponents(
-        transformer=transformer,
-        vae=AutoencoderKLWan(
-            base_dim=cfg.vae.base_dim,
-            z_dim=cfg.vae.z_dim,
-            dim_mult=[1, 2, 4, 4],
-            num_res_blocks=cfg.vae.num_res_blocks,
-            attn_scales=[],
-            temperal_downsample=[False, True, True],
-            # A random VAE has no latent statistics: identity normalisation keeps its latents as they are.
-            latents_mean=[0.0] * cfg.vae.z_dim,
-            latents_std=[1.0] * cfg.vae.z_dim,
-        ),
-        text_encoder=text_encoder,
-        tokenizer=build_tiny_tokenizer(te.vocab_size),
+        transformer = build_transformer(cfg)
+    vae = AutoencoderKLWan(
+        base_dim=cfg.vae.base_dim,
+        z_dim=cfg.vae.z_dim,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=cfg.vae.num_res_blocks,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        # A random VAE has no latent statistics: identity normalisation keeps its latents as they are.
+        latents_mean=[0.0] * cfg.vae.z_dim,
+        latents_std=[1.0] * cfg.vae.z_dim,
     )
+    with _default_dtype(dtype):
+        text_encoder = UMT5EncoderModel(umt5)
+    return WanComponents(transformer, vae, text_encoder, build_tiny_tokenizer(te.vocab_size))
 
 
 @contextmanager
