@@ -2,9 +2,11 @@
 
 import csv
 import json
+import logging
 
 import pytest
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from safetensors.torch import load_file
 
 from dreamshot.config.load import load_config
@@ -158,3 +160,10 @@ def test_s2s_given_shots_stay_clean_and_out_of_the_loss(smoke_run):
 def test_progress_bar_is_titled_with_the_phase_or_the_data_pass():
     assert PhaseProgressBar(2)._get_train_description(1).strip() == "phase 2/2"
     assert PhaseProgressBar(0)._get_train_description(2).strip() == "pass 3"
+
+
+def test_lightning_product_tips_are_dropped_and_other_messages_kept(caplog):
+    with caplog.at_level(logging.INFO):
+        rank_zero_info("💡 Tip: try a product")
+        rank_zero_info("GPU available: False, used: False")
+    assert [record.getMessage() for record in caplog.records] == ["GPU available: False, used: False"]

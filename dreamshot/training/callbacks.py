@@ -44,6 +44,11 @@ class PhaseProgressBar(RichProgressBar):
         super().__init__()
         self.phases = phases
 
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        # The phase is in the title, and the logger's version number says nothing while a run trains.
+        metrics = super().get_metrics(trainer, pl_module)
+        return {name: value for name, value in metrics.items() if name not in ("v_num", "train/phase")}
+
     def _get_train_description(self, current_epoch: int) -> str:
         title = f"phase {current_epoch + 1}/{self.phases}" if self.phases else f"pass {current_epoch + 1}"
         # As wide as the validation title, so the bar does not move when validation starts.

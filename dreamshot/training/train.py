@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -28,6 +29,19 @@ CHECKPOINT_DIR = "checkpoints"
 
 # The frozen VAE and umT5 stay in eval mode on purpose (WanAdapter.train); Lightning warns about every such module.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# Lightning 2.6 calls a pytree check that this torch deprecates, on every fit: nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class _NoProductTips(logging.Filter):
+    """Drops Lightning's product tips ("💡 Tip: ... try installing litlogger") from every run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_NoProductTips())
 
 
 def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> Path:
