@@ -39,15 +39,13 @@ class WanComponents:
     tokenizer: PreTrainedTokenizerBase
 
 
-def build_components(cfg: ModelConfig, device: torch.device | str | None = None) -> WanComponents:
-    """All parts, frozen, in eval mode, moved to `device` if given (random init when `cfg.pretrained_path` is
-    None). Without `device` random parts stay where they were created: under `with torch.device("cuda")` a
-    full-size DiT is initialised on the GPU, seconds instead of minutes of CPU init."""
+def build_components(cfg: ModelConfig) -> WanComponents:
+    """All parts, frozen, in eval mode (random init when `cfg.pretrained_path` is None). Random parts are created
+    on the current default device: under `with torch.device("cuda")` a full-size DiT is initialised on the GPU,
+    seconds instead of minutes of CPU init; under `torch.device("meta")` nothing is allocated."""
     parts = _random_components(cfg) if cfg.pretrained_path is None else _load_components(cfg)
     for module in (parts.transformer, parts.vae, parts.text_encoder):
         module.requires_grad_(False).eval()
-        if device is not None:
-            module.to(device)
     return parts
 
 
