@@ -436,6 +436,8 @@ class Config:
         """Cross-field rules; raises ConfigError naming the keys."""
         _check_sizes(self.data.resolution, "data.resolution", multiple=16)
         _check_sizes(self.data.toy.image_size, "data.toy.image_size", multiple=1)
+        if not 0 <= self.data.toy.real_share <= 1:
+            raise ConfigError(f"data.toy.real_share must be in [0, 1], got {self.data.toy.real_share}")
         _check_choice(self.diffusion.timestep_mode, ("per_token", "global"), "diffusion.timestep_mode")
         _check_choice(self.logger.backend, ("wandb", "csv"), "logger.backend")
         _check_choice(self.model.dtype, ("float32", "bfloat16"), "model.dtype")
