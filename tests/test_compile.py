@@ -6,6 +6,7 @@ from dreamshot.config.schema import ModelConfig
 from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.adapter import WanAdapter
 
+# A block with the role-capture processor installed: with nothing captured it runs compiled like the others.
 CAPTURED = 1
 
 
