@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreamshot.config.schema import ModelConfig
+from dreamshot.config.schema import Config, ModelConfig
+from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.build import WanComponents, build_components, build_transformer
 
 
@@ -26,3 +27,18 @@ def tiny_transformer(tiny_model_cfg: ModelConfig):
     """A fresh tiny DiT of the real diffusers class (seed 0, eval mode): tests may change it."""
     torch.manual_seed(0)
     return build_transformer(tiny_model_cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def trained_adapter():
+    """`trained_adapter(cfg)`: the adapter of `cfg` (eval mode) with random, trained-like LoRA weights (seed 0)."""
+
+    def build(cfg: Config) -> WanAdapter:
+        adapter = WanAdapter.seeded(cfg.model, cfg.seed).eval()
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for parameter in adapter.trainable_parameters():
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+        return adapter
+
+    return build

@@ -1,8 +1,10 @@
 """LoRA export: diffusers and ComfyUI key formats, loading into diffusers' WanPipeline with the same transformer
-output as our adapter, the end-of-training export callback and `dreamshot export`."""
+output as our adapter (also when diffusers ignores the metadata), the base model recorded in every file, the
+end-of-training export callback and `dreamshot export`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -10,23 +12,27 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dreamshot.cli import main
 from dreamshot.config.load import load_config, to_yaml
-from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.build import build_components
 from dreamshot.models.wan.lora_formats import (
     DIFFUSERS_METADATA_KEY,
     WAN_BLOCK_LINEARS,
+    WAN_OUTER_LINEARS,
+    scale_up_weights,
     split_key,
     to_comfyui,
     to_diffusers,
 )
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, EXPORT_FILES, ExportLora, write_lora_files
-from dreamshot.utils.errors import WeightsError
+from dreamshot.utils.errors import ConfigError, WeightsError
 
 RANK, ALPHA = 4, 6.0  # alpha != rank: the scale alpha / rank must survive every format
+# Targets outside the blocks too: every linear with an original-Wan name.
+OUTER_TARGETS = ["to_q", "ffn.net.2", *WAN_OUTER_LINEARS]
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +41,24 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def adapter(cfg):
-    """The tiny adapter with random (trained-like) LoRA weights."""
-    adapter = WanAdapter.seeded(cfg.model, cfg.seed).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in adapter.trainable_parameters():
-            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
-    return adapter
+def adapter(cfg, trained_adapter):
+    return trained_adapter(cfg)
 
 
 @pytest.fixture(scope="module")
 def state(adapter):
     return {key: value.clone() for key, value in adapter.lora_state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def outer_cfg(cfg):
+    lora = dataclasses.replace(cfg.model.lora, target_modules=OUTER_TARGETS)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=lora))
+
+
+@pytest.fixture(scope="module")
+def outer_adapter(outer_cfg, trained_adapter):
+    return trained_adapter(outer_cfg)
 
 
 def _pipeline(cfg) -> WanPipeline:
@@ -86,7 +97,22 @@ def test_comfyui_keys_are_original_wan_names(state, cfg):
     torch.testing.assert_close(
         tensors["diffusion_model.blocks.0.self_attn.o.lora_down.weight"], state["blocks.0.attn1.to_out.0.lora_A.weight"]
     )
-    assert tensors["diffusion_model.blocks.1.ffn.0.alpha"].item() == ALPHA
+    # alpha / rank is folded into the up weights, so alpha = rank: no client can apply another scale.
+    torch.testing.assert_close(
+        tensors["diffusion_model.blocks.0.ffn.2.lora_up.weight"],
+        state["blocks.0.ffn.net.2.lora_B.weight"] * ALPHA / RANK,
+    )
+    assert tensors["diffusion_model.blocks.1.ffn.0.alpha"].item() == RANK
+
+
+def test_comfyui_names_the_linears_outside_the_blocks_as_wan_does(outer_adapter):
+    tensors = to_comfyui(outer_adapter.lora_state_dict(), ALPHA).tensors
+    assert {"diffusion_model.head.head.lora_down.weight", "diffusion_model.time_projection.1.lora_up.weight"} <= set(
+        tensors
+    )
+    assert "diffusion_model.text_embedding.2.lora_down.weight" in tensors
+    # diffusers' converter rejects an alpha beside these: the scale is in the up weights alone.
+    assert not any(key.endswith(".alpha") and "blocks." not in key for key in tensors)
 
 
 def test_diffusers_converter_maps_comfyui_back_to_our_weights(state):
@@ -107,24 +133,49 @@ def test_diffusers_keys_and_adapter_metadata(state):
     exported = to_diffusers(state, ALPHA)
     assert set(exported.tensors) == {"transformer." + key for key in state}
     config = json.loads(exported.metadata[DIFFUSERS_METADATA_KEY])
-    assert config["transformer.r"] == RANK and config["transformer.lora_alpha"] == ALPHA
+    assert config["transformer.r"] == RANK and config["transformer.lora_alpha"] == RANK
     assert "blocks.1.ffn.net.0.proj" in config["transformer.target_modules"]
+    folded = scale_up_weights(state, ALPHA / RANK)
+    assert all(torch.equal(exported.tensors["transformer." + key], value) for key, value in folded.items())
+    assert exported.metadata["dreamshot.alpha"] == str(ALPHA) and exported.metadata["dreamshot.rank"] == str(RANK)
 
 
 def test_modules_without_a_wan_name_or_bad_keys_are_weights_errors():
-    with pytest.raises(WeightsError, match="'proj_out' has no ComfyUI"):
-        to_comfyui({"proj_out.lora_A.weight": torch.zeros(2, 3)}, ALPHA)
+    with pytest.raises(WeightsError, match="'patch_embedding' has no ComfyUI"):
+        to_comfyui({"patch_embedding.lora_A.weight": torch.zeros(2, 3)}, ALPHA)
     with pytest.raises(WeightsError, match="is not a peft LoRA weight"):
         to_comfyui({"blocks.0.attn1.to_q.weight": torch.zeros(2, 3)}, ALPHA)
+
+
+def test_every_file_records_the_base_model(cfg, state, tmp_path):
+    pretrained = dataclasses.replace(cfg.model, pretrained_path=str(tmp_path / "Wan2.1-T2V-1.3B-Diffusers"))
+    for path in write_lora_files(state, tmp_path, pretrained, {}):
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+        assert metadata["dreamshot.base_model"] == "tiny", path.name
+        assert json.loads(metadata["dreamshot.transformer"]) == dataclasses.asdict(cfg.model.transformer)
+        assert metadata["dreamshot.pretrained"] == "Wan2.1-T2V-1.3B-Diffusers"
 
 
 # --- loading into diffusers' WanPipeline --------------------------------------------------------------------
 
 
+def _without_scale_records(path):
+    """The file as a client that ignores diffusers' metadata and ComfyUI's `.alpha` sees it (diffusers 0.33)."""
+    tensors = {key: value for key, value in load_file(path).items() if not key.endswith(".alpha")}
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("old_client", [False, True], ids=["", "no-metadata"])
+@pytest.mark.parametrize("targets", ["blocks", "outer"])
 @pytest.mark.parametrize("fmt", ["diffusers", "comfyui"])
 @torch.no_grad()
-def test_wan_pipeline_with_exported_lora_matches_our_transformer(cfg, adapter, state, fmt, tmp_path):
-    (path,) = write_lora_files(state, tmp_path, ALPHA, {}, [fmt])
+def test_wan_pipeline_with_exported_lora_matches_our_transformer(request, fmt, targets, old_client, tmp_path):
+    cfg = request.getfixturevalue("cfg" if targets == "blocks" else "outer_cfg")
+    adapter = request.getfixturevalue("adapter" if targets == "blocks" else "outer_adapter")
+    (path,) = write_lora_files(adapter.lora_state_dict(), tmp_path, cfg.model, {}, [fmt])
+    if old_client:
+        _without_scale_records(path)
     pipe = _pipeline(cfg)
     inputs = _transformer_inputs(cfg)
     bare = pipe.transformer(*inputs, return_dict=False)[0]
@@ -157,11 +208,12 @@ def test_export_callback_writes_every_format_on_rank_zero_only(cfg, adapter, sta
 
 @pytest.fixture
 def run_dir(cfg, state, tmp_path):
-    """A run folder (config.yaml, lora.safetensors), a Lightning checkpoint and a DeepSpeed checkpoint folder."""
+    """A run folder (config.yaml, the LoRA in every format), a Lightning checkpoint and a DeepSpeed checkpoint
+    folder."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(to_yaml(cfg))
-    write_lora_files(state, run, ALPHA, {}, ["peft"])
+    write_lora_files(state, run, cfg.model, {})
     checkpoints = run / "checkpoints"
     checkpoints.mkdir()
     module_state = {"adapter.transformer." + k.replace(".weight", ".default.weight"): v for k, v in state.items()}
@@ -172,14 +224,71 @@ def run_dir(cfg, state, tmp_path):
     return run
 
 
-@pytest.mark.parametrize("source", [".", "lora.safetensors", "checkpoints/step000004.ckpt", "checkpoints/last.ckpt"])
+def _assert_same_tensors(path, expected):
+    tensors = load_file(path)
+    assert tensors.keys() == expected.keys(), path.name
+    for key, value in expected.items():
+        torch.testing.assert_close(tensors[key], value, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        ".",
+        "lora.safetensors",
+        "lora_diffusers.safetensors",
+        "lora_comfyui.safetensors",
+        "checkpoints/step000004.ckpt",
+        "checkpoints/last.ckpt",
+    ],
+)
 def test_export_command_writes_the_formats_from_any_source(run_dir, state, source, tmp_path, capsys):
     out = tmp_path / "exported"
     assert main(["export", str(run_dir / source), "--out", str(out), "--format", "comfyui,diffusers"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted([EXPORT_FILES["comfyui"], EXPORT_FILES["diffusers"]])
     assert str(out / EXPORT_FILES["comfyui"]) in capsys.readouterr().out
-    comfy, expected = load_file(out / EXPORT_FILES["comfyui"]), to_comfyui(state, ALPHA).tensors
-    assert comfy.keys() == expected.keys() and all(torch.equal(comfy[k], v) for k, v in expected.items())
+    # The same files whatever the source's format: no `transformer.transformer.` from a diffusers input.
+    _assert_same_tensors(out / EXPORT_FILES["comfyui"], to_comfyui(state, ALPHA).tensors)
+    _assert_same_tensors(out / EXPORT_FILES["diffusers"], to_diffusers(state, ALPHA).tensors)
+
+
+def test_export_takes_alpha_from_the_file_not_the_config(cfg, state, tmp_path):
+    """A rank-4 alpha-6 LoRA exported with a config left at the defaults (rank 8, alpha 8) keeps its scale 1.5."""
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lora,) = write_lora_files(state, lone, cfg.model, {}, ["peft"])
+    out = tmp_path / "out"
+    assert main(["export", str(lora), "--config", "smoke", "--out", str(out), "--format", "comfyui"]) == 0
+    _assert_same_tensors(out / EXPORT_FILES["comfyui"], to_comfyui(state, ALPHA).tensors)
+    with safe_open(out / EXPORT_FILES["comfyui"], framework="pt") as f:
+        assert f.metadata()["dreamshot.alpha"] == str(ALPHA)
+
+
+def test_an_explicit_config_value_that_disagrees_with_the_file_is_one_line(cfg, run_dir, tmp_path, capsys):
+    other = tmp_path / "alpha16.yaml"
+    other.write_text(
+        to_yaml(
+            dataclasses.replace(
+                cfg, model=dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, alpha=16.0))
+            )
+        )
+    )
+    source = run_dir / EXPORT_FILES["diffusers"]
+    assert main(["export", str(source), "--config", str(other), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{source}: the LoRA has alpha 6, model.lora.alpha=16" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_module_a_format_cannot_hold_before_writing(cfg, tmp_path):
+    state = {
+        "patch_embedding.lora_A.weight": torch.zeros(RANK, 16, 1, 2, 2),
+        "patch_embedding.lora_B.weight": torch.zeros(48, RANK, 1, 1, 1),
+    }
+    with pytest.raises(ConfigError, match="the comfyui export cannot hold a LoRA on 'patch_embedding'"):
+        write_lora_files(state, tmp_path, cfg.model, {})
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

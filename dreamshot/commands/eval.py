@@ -18,7 +18,7 @@ import torch
 from dreamshot.config.load import load_config
 from dreamshot.config.schema import EVAL_BENCHMARKS, EVAL_MODES
 from dreamshot.eval.runner import evaluate
-from dreamshot.inference.loading import add_weight_arguments, build_adapter, load_lora, resolve_config, run_weights
+from dreamshot.inference.loading import add_weight_arguments, load_model, resolve_config, run_weights
 from dreamshot.inference.pipeline import StoryboardPipeline
 from dreamshot.utils.errors import DataError
 
@@ -48,9 +48,7 @@ def run(args: argparse.Namespace) -> None:
     if args.outputs:
         evaluate(cfg, out, device, label, outputs=args.outputs)
         return
-    adapter = build_adapter(cfg, device)
-    if weights is not None:
-        load_lora(adapter, weights)
+    cfg, adapter = load_model(cfg, weights, device)
     evaluate(cfg, out, device, label, pipeline=StoryboardPipeline(adapter, cfg))
 
 

@@ -3,8 +3,9 @@ in the formats other tools load (see `models/wan/lora_formats.py`), one safetens
 
 The source is a run folder (its `lora.safetensors`, else its last checkpoint), a Lightning checkpoint file, a
 DeepSpeed checkpoint folder (ZeRO-2 or ZeRO-3: the gathered LoRA that ExportLora keeps in it, no conversion
-step), or a LoRA file written by DreamShot. alpha comes from the run's config (`config.yaml` beside the source
-or one folder up, or `--config`).
+step), or a LoRA in any format `--lora` reads (DreamShot's, diffusers', a peft folder, ComfyUI, musubi-tuner).
+Rank, alpha and modules come from the source (`inference/loading.py`); the base model from the run's config
+(`config.yaml` beside the source or one folder up, or `--config`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dreamshot.inference.loading import RUN_CONFIG, read_lora, resolve_config, run_weights
+from dreamshot.inference.loading import RUN_CONFIG, read_lora, resolve_config, run_weights, with_lora
 from dreamshot.models.wan.lora_formats import FORMATS
 from dreamshot.training.callbacks import write_lora_files
 from dreamshot.utils.errors import ConfigError, WeightsError
@@ -23,7 +24,7 @@ from dreamshot.utils.errors import ConfigError, WeightsError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "source", help="a run folder, a checkpoint (.ckpt file or DeepSpeed folder) or a DreamShot LoRA .safetensors"
+        "source", help="a run folder, a checkpoint (.ckpt file or DeepSpeed folder) or a LoRA file or peft folder"
     )
     parser.add_argument("--out", required=True, help="folder for the exported files")
     parser.add_argument(
@@ -37,10 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     formats = parse_formats(args.format)
     weights = source_weights(Path(args.source))
-    cfg = resolve_config(weights, args.config, [])
-    state = read_lora(weights)
+    lora = read_lora(weights)
+    cfg = with_lora(resolve_config(weights, args.config, []), lora, str(weights))
     metadata = {"source": str(weights)}
-    for path in write_lora_files(state, Path(args.out), cfg.model.lora.alpha, metadata, formats):
+    for path in write_lora_files(lora.state, Path(args.out), cfg.model, metadata, formats):
         print(path)
 
 

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
-from dreamshot.inference.loading import add_weight_arguments, build_adapter, load_lora, resolve_config, run_weights
+from dreamshot.inference.loading import add_weight_arguments, load_model, resolve_config, run_weights
 from dreamshot.inference.outputs import (
     load_kept_shots,
     read_record,
@@ -75,9 +75,7 @@ def run(args: argparse.Namespace) -> None:
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    adapter = build_adapter(cfg, device)
-    if weights is not None:
-        load_lora(adapter, weights)
+    cfg, adapter = load_model(cfg, weights, device)
     seed = _seed(args.seed, previous, story, cfg)
     steps = args.steps if args.steps is not None else story.steps
     result = StoryboardPipeline(adapter, cfg)(request, seed=seed, steps=steps)

@@ -61,6 +61,9 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
     )
+    # A LoRA to fine-tune from (any file `--lora` reads). Its rank, alpha and modules become the run's: rank,
+    # alpha and target_modules left at their defaults are taken from it, other values must agree with it.
+    init_from: str | None = None
 
 
 @dataclass

@@ -1,23 +1,31 @@
 """A trained DreamShot model for inference: the run's config, the backbone, and its LoRA weights.
 
-Weights come from a run folder (`lora.safetensors`, else `checkpoints/last.ckpt`), a LoRA file (safetensors
-written by `ExportLora`, or a Lightning `.ckpt` of this project), or nothing (the bare backbone). The config
-is the one the weights were trained with: `--config` when given, else the run's `config.yaml`, found beside
-the LoRA file or one folder up (`<run>/checkpoints/x.ckpt`).
+Weights come from a run folder (`lora.safetensors`, else `checkpoints/last.ckpt`), a LoRA in any format
+`models/wan/lora_files.py` reads (DreamShot's exports, diffusers, a peft adapter folder, ComfyUI, musubi-tuner),
+a Lightning `.ckpt` or DeepSpeed checkpoint folder of this project, or nothing (the bare backbone). The config
+builds the backbone: `--config` when given, else the run's `config.yaml`, found beside the LoRA file or one
+folder up (`<run>/checkpoints/x.ckpt`). Rank, alpha and target modules come from the LoRA itself
+(`lora_config_for`: a config value other than its default must agree with them); a checkpoint records them in
+the config it was trained with.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dreamshot.config.load import load_config
-from dreamshot.config.schema import Config
+from dreamshot.config.schema import Config, ModelConfig
 from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.models.wan.lora import lora_config_for
+from dreamshot.models.wan.lora_files import DIFFUSERS_WEIGHTS, PEFT_CONFIG, LoraWeights, read_lora_file
+from dreamshot.models.wan.lora_formats import base_model_record
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, LORA_FILE
 from dreamshot.utils.errors import ConfigError, WeightsError
 
@@ -37,7 +45,11 @@ def add_weight_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyE
     """`--run | --lora | --base` (one required) and `--config`; returns the group so a command can add sources."""
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--run", type=Path, help="training run folder (config.yaml + lora.safetensors or last.ckpt)")
-    weights.add_argument("--lora", type=Path, help="LoRA weights: exported .safetensors or a .ckpt checkpoint")
+    weights.add_argument(
+        "--lora",
+        type=Path,
+        help="LoRA weights: .safetensors (DreamShot, diffusers, ComfyUI, musubi), peft folder, .ckpt",
+    )
     weights.add_argument("--base", action="store_true", help="no LoRA: the bare backbone")
     parser.add_argument("--config", help="experiment name or yaml to build the model (default: the run's config.yaml)")
     return weights
@@ -74,52 +86,82 @@ def build_adapter(cfg: Config, device: torch.device | str = "cpu") -> WanAdapter
     return WanAdapter.seeded(cfg.model, cfg.seed).to(device).eval()
 
 
-def load_lora(adapter: WanAdapter, path: Path) -> None:
-    """Load LoRA weights from a `.safetensors` LoRA file or a DreamShot `.ckpt` into `adapter` (strict)."""
-    if not path.exists():
-        raise WeightsError(f"{path}: LoRA file not found")
-    state = read_lora(path)
+def load_model(cfg: Config, weights: Path | None, device: torch.device | str = "cpu") -> tuple[Config, WanAdapter]:
+    """The backbone of `cfg` on `device` with the LoRA of `weights` (None: none), and `cfg` with `model.lora` as
+    that LoRA sets it (`with_lora`)."""
+    if weights is None:
+        return cfg, build_adapter(cfg, device)
+    lora = read_lora(weights)
+    cfg = with_lora(cfg, lora, str(weights))
+    adapter = build_adapter(cfg, device)
+    load_lora(adapter, lora, weights)
+    return cfg, adapter
+
+
+def with_lora(cfg: Config, lora: LoraWeights, source: str) -> Config:
+    """`cfg` with the `model.lora` that holds `lora` (rank, alpha and targets from the file; see `lora_config_for`)."""
+    model = dataclasses.replace(cfg.model, lora=lora_config_for(cfg.model, lora, source))
+    return dataclasses.replace(cfg, model=model)
+
+
+def load_lora(adapter: WanAdapter, lora: LoraWeights, source: Path | str) -> None:
+    """Load `lora` into `adapter`, built with `with_lora`'s config (strict: the same modules and shapes)."""
     try:
-        adapter.load_lora_state_dict(state)
+        adapter.load_lora_state_dict(lora.state)
     except WeightsError as e:
-        raise WeightsError(f"{path}: {e}") from None
+        raise WeightsError(f"{source}: {e}") from None
 
 
-def read_lora(weights: Path) -> dict[str, torch.Tensor]:
-    """LoRA weights under peft names from a DreamShot LoRA file, Lightning checkpoint or DeepSpeed folder."""
-    if weights.is_dir():
+def read_lora(weights: Path) -> LoraWeights:
+    """The LoRA of a file or folder that `--lora` accepts, or of a DreamShot checkpoint (Lightning `.ckpt` or
+    DeepSpeed folder: alpha from the config it was trained with)."""
+    if not weights.exists():
+        raise WeightsError(f"{weights}: LoRA file not found")
+    if weights.is_dir() and not any((weights / name).is_file() for name in (PEFT_CONFIG, DIFFUSERS_WEIGHTS)):
         return _read_deepspeed(weights)
-    return _read_checkpoint(weights) if weights.suffix == ".ckpt" else _read_safetensors(weights)
+    if weights.suffix == ".ckpt" and weights.is_file():
+        return _read_checkpoint(weights)
+    return read_lora_file(weights)
 
 
-def _read_deepspeed(folder: Path) -> dict[str, torch.Tensor]:
+def _read_deepspeed(folder: Path) -> LoraWeights:
     states = next((folder / name for name in DEEPSPEED_MODEL_STATES if (folder / name).is_file()), None)
     if states is None:
-        raise WeightsError(f"{folder}: not a DeepSpeed checkpoint folder (no {' or '.join(DEEPSPEED_MODEL_STATES)})")
+        raise WeightsError(
+            f"{folder}: not a DeepSpeed checkpoint folder (no {' or '.join(DEEPSPEED_MODEL_STATES)}), nor a peft "
+            f"adapter ({PEFT_CONFIG}) or diffusers LoRA folder ({DIFFUSERS_WEIGHTS})"
+        )
     try:
         checkpoint = torch.load(states, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing fault
         raise WeightsError(f"{states}: not a readable DeepSpeed checkpoint ({type(e).__name__})") from None
     if CHECKPOINT_LORA_KEY not in checkpoint:
         raise WeightsError(f"{states}: holds no gathered LoRA ({CHECKPOINT_LORA_KEY!r}); was it written by DreamShot?")
-    return checkpoint[CHECKPOINT_LORA_KEY]
+    return _checkpoint_lora(checkpoint[CHECKPOINT_LORA_KEY], checkpoint)
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+def _read_checkpoint(path: Path) -> LoraWeights:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state = checkpoint["state_dict"]
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing fault
         raise WeightsError(f"{path}: not a readable DreamShot checkpoint ({type(e).__name__})") from None
-    return {
+    lora = {
         key.removeprefix(CHECKPOINT_PREFIX).replace(ADAPTER_NAME, "."): value
         for key, value in state.items()
         if key.startswith(CHECKPOINT_PREFIX)
     }
+    return _checkpoint_lora(lora, checkpoint)
+
+
+def _checkpoint_lora(state: dict[str, torch.Tensor], checkpoint: dict) -> LoraWeights:
+    """A checkpoint's LoRA with the alpha and base model of the config saved in it (`DreamShotModule`'s
+    hyper-parameters), when there is one."""
+    config = checkpoint.get("hyper_parameters", {}).get("config")
+    if config is None:
+        return LoraWeights(state, None)
+    try:
+        model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), yaml.safe_load(config)["model"]))
+    except (OmegaConfBaseException, yaml.YAMLError, KeyError, TypeError):  # a config of an older schema
+        return LoraWeights(state, None)
+    return LoraWeights(state, model.lora.alpha, base_model_record(model))

@@ -19,7 +19,7 @@ from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.diffusion.conditioning import storyboard_layout
 from dreamshot.diffusion.flow_matching import add_noise, dit_timesteps
 from dreamshot.diffusion.racl import build_role_plan, token_grid_masks
-from dreamshot.inference.loading import load_lora, resolve_config, run_weights
+from dreamshot.inference.loading import load_lora, read_lora, resolve_config, run_weights, with_lora
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.role_capture import RoleCapture
 from dreamshot.utils.errors import DataError
@@ -49,9 +49,10 @@ class RoleAttention:
 def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Config, WanAdapter]:
     """A run's config and its backbone with the run's LoRA, role capture installed on the run's RACL blocks."""
     weights = run_weights(run_dir)
-    cfg = resolve_config(weights, None, [])
+    lora = read_lora(weights)
+    cfg = with_lora(resolve_config(weights, None, []), lora, str(weights))
     adapter = WanAdapter.seeded(cfg.model, cfg.seed, capture_blocks=cfg.racl_blocks())
-    load_lora(adapter, weights)
+    load_lora(adapter, lora, weights)
     return cfg, adapter.to(device).eval()
 
 

@@ -15,8 +15,17 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import save_file
 
+from dreamshot.config.schema import ModelConfig
 from dreamshot.models.wan.adapter import WanAdapter
-from dreamshot.models.wan.lora_formats import CONVERTERS, FORMATS
+from dreamshot.models.wan.lora_formats import (
+    CONVERTERS,
+    FORMATS,
+    WAN_OUTER_LINEARS,
+    base_model_record,
+    lora_modules,
+    unwritable_modules,
+)
+from dreamshot.utils.errors import ConfigError
 from dreamshot.utils.io import atomic_path, atomic_write_text
 from dreamshot.viz.role_masks import role_mask_sheet
 
@@ -75,7 +84,7 @@ class ExportLora(L.Callback):
         state = gathered_lora(trainer, pl_module.adapter)
         if trainer.is_global_zero:
             metadata = {"step": str(trainer.global_step)}
-            write_lora_files(state, self.output_dir, pl_module.cfg.model.lora.alpha, metadata, self.formats)
+            write_lora_files(state, self.output_dir, pl_module.cfg.model, metadata, self.formats)
 
 
 def gathered_lora(trainer: L.Trainer, adapter: WanAdapter) -> dict[str, torch.Tensor]:
@@ -96,18 +105,33 @@ def _gathered(parameters: list[torch.nn.Parameter]):
 def write_lora_files(
     state: dict[str, torch.Tensor],
     output_dir: Path,
-    alpha: float,
+    model: ModelConfig,
     metadata: dict[str, str],
     formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
-    """Write `state` (peft names) once per format into `output_dir` (`EXPORT_FILES` names); returns the paths."""
+    """Write `state` (peft names, trained under `model.lora`) once per format into `output_dir` (`EXPORT_FILES`
+    names), each file recording its base model; returns the paths. Nothing is written unless every format can
+    hold every module."""
+    check_exportable(lora_modules(state), formats)
     paths = []
     for name in formats:
-        converted = CONVERTERS[name](state, alpha)
+        converted = CONVERTERS[name](state, model.lora.alpha)
         path = Path(output_dir) / EXPORT_FILES[name]
-        save_lora(converted.tensors, path, {**converted.metadata, **metadata})
+        save_lora(converted.tensors, path, {**converted.metadata, **base_model_record(model), **metadata})
         paths.append(path)
     return paths
+
+
+def check_exportable(modules: set[str], formats: Sequence[str] = FORMATS) -> None:
+    """ConfigError unless every format can hold a LoRA on each of `modules`: run before training, so a run never
+    trains to find at its end that it cannot write its files."""
+    for name in formats:
+        unwritable = unwritable_modules(name, modules)
+        if unwritable:
+            raise ConfigError(
+                f"model.lora.target_modules: the {name} export cannot hold a LoRA on {unwritable[0]!r} (it holds "
+                f"the block linears and {', '.join(WAN_OUTER_LINEARS)}; {len(unwritable)} module(s) outside them)"
+            )
 
 
 class TrainSummary(L.Callback):

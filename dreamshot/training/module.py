@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -20,6 +21,7 @@ from dreamshot.diffusion.flow_matching import (
     velocity_target,
 )
 from dreamshot.diffusion.racl import attention_shares, build_role_plan, racl_loss, stack_plans, token_grid_masks
+from dreamshot.inference.loading import load_lora, read_lora, with_lora
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.role_capture import RoleCapture
 from dreamshot.training.guards import TrainingDivergedError, describe, drop_gradients, finite_gradients
@@ -29,6 +31,12 @@ from dreamshot.utils.errors import WeightsError
 class DreamShotModule(L.LightningModule):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
+        # Fine-tuning an existing LoRA: its rank, alpha and targets become the run's (`with_lora`), its weights
+        # the starting point (a resumed run's checkpoint then replaces them).
+        init_from = cfg.model.lora.init_from
+        initial = read_lora(Path(init_from)) if init_from else None
+        if initial is not None:
+            cfg = with_lora(cfg, initial, f"model.lora.init_from={init_from}")
         self.cfg = cfg
         # Stored as yaml text so a checkpoint loads with torch.load(weights_only=True).
         self.save_hyperparameters({"config": to_yaml(cfg)})
@@ -39,6 +47,8 @@ class DreamShotModule(L.LightningModule):
             capture_blocks=cfg.racl_blocks(),
             compiled=cfg.trainer.compile_blocks,
         )
+        if initial is not None:
+            load_lora(self.adapter, initial, f"model.lora.init_from={init_from}")
         # Checkpoints hold only the LoRA weights; the frozen backbone comes from the config.
         self.strict_loading = False
         self.mix_counts: Counter[str] = Counter()

@@ -17,7 +17,15 @@ from dreamshot.config.load import to_yaml
 from dreamshot.config.schema import Config
 from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.eval.callback import eval_callbacks
-from dreamshot.training.callbacks import LORA_FILE, ExportLora, PhaseProgressBar, RoleMaskPreview, TrainSummary
+from dreamshot.models.wan.lora_formats import lora_modules
+from dreamshot.training.callbacks import (
+    LORA_FILE,
+    ExportLora,
+    PhaseProgressBar,
+    RoleMaskPreview,
+    TrainSummary,
+    check_exportable,
+)
 from dreamshot.training.checkpoint_io import AtomicCheckpointIO
 from dreamshot.training.guards import check_disk, check_writable, checkpoint_count, lora_checkpoint_bytes
 from dreamshot.training.module import DreamShotModule
@@ -62,6 +70,8 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> Path:
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = DreamShotModule(cfg)
+    cfg = module.cfg  # with model.lora as model.lora.init_from sets it
+    check_exportable(lora_modules(module.adapter.lora_state_dict()))
     check_writable(out)
     checkpoints = checkpoint_count(cfg.trainer.max_steps, cfg.trainer.checkpoint_every_n_steps)
     check_disk(out, lora_checkpoint_bytes(module.adapter.trainable_parameters()), checkpoints)

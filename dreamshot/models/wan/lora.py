@@ -3,16 +3,25 @@
 Target patterns follow peft's rule for a list of names: a module matches when its qualified name equals the
 pattern or ends with "." + pattern ("to_q" hits `blocks.3.attn1.to_q` and `blocks.3.attn2.to_q`).
 State dicts use peft's key names (adapter name removed), e.g. `blocks.0.attn1.to_q.lora_A.weight`.
+A LoRA read from a file (`lora_files.py`) brings its own rank, alpha and modules: `lora_config_for` turns them
+into the `model.lora` that holds it.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
 
 import peft
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from dreamshot.config.schema import LoraConfig
+from dreamshot.config.schema import LoraConfig, ModelConfig
+from dreamshot.models.wan.build import build_transformer_on_meta
+from dreamshot.models.wan.lora_files import LoraWeights
+from dreamshot.models.wan.lora_formats import METADATA_BASE_MODEL, METADATA_TRANSFORMER
 from dreamshot.utils.errors import ConfigError, WeightsError
 
 
@@ -24,7 +33,7 @@ def apply_lora(transformer, cfg: LoraConfig) -> None:
     """
     names = [name for name, _ in transformer.named_modules()]
     for pattern in cfg.target_modules:
-        if not any(name == pattern or name.endswith("." + pattern) for name in names):
+        if not matching_modules([pattern], names):
             raise ConfigError(f"model.lora.target_modules: pattern {pattern!r} matches no module of the transformer")
     transformer.requires_grad_(False)
     transformer.add_adapter(
@@ -39,6 +48,64 @@ def apply_lora(transformer, cfg: LoraConfig) -> None:
     for parameter in transformer.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
+
+
+def matching_modules(patterns: Iterable[str], names: Iterable[str]) -> set[str]:
+    """The names that a list of peft target patterns selects (peft's rule, see the module docstring)."""
+    patterns = list(patterns)
+    return {name for name in names if any(name == p or name.endswith("." + p) for p in patterns)}
+
+
+def lora_config_for(cfg: ModelConfig, weights: LoraWeights, source: str) -> LoraConfig:
+    """The `model.lora` that holds `weights` on the transformer of `cfg`: rank, alpha and target modules as the
+    file records them (alpha: the config's when the file records none).
+
+    A value of `cfg.lora` other than its schema default must agree with the file (a ConfigError naming both);
+    one left at the default is taken from the file, since a config cannot tell a default from the same value
+    typed out. Targets agree when the config's patterns select exactly the file's modules; the patterns are
+    kept then, else the file's module names become the targets.
+    """
+    _check_base_model(cfg, weights, source)
+    names = [name for name, _ in build_transformer_on_meta(cfg).named_modules()]
+    foreign = sorted(weights.modules - set(names))
+    if foreign:
+        raise WeightsError(f"{source}: LoRA module {foreign[0]!r} is not a module of the {cfg.name} transformer")
+    lora, default = cfg.lora, LoraConfig()
+    rank = weights.rank
+    alpha = lora.alpha if weights.alpha is None else weights.alpha
+    for key, value, recorded in (("rank", lora.rank, rank), ("alpha", lora.alpha, alpha)):
+        if value not in (getattr(default, key), recorded):
+            raise ConfigError(f"{source}: the LoRA has {key} {recorded:g}, model.lora.{key}={value:g}")
+    targets = list(lora.target_modules)
+    selected = matching_modules(targets, names)
+    if selected != weights.modules:
+        if targets != default.target_modules:
+            module = sorted(selected ^ weights.modules)[0]
+            if module in weights.modules:
+                raise ConfigError(
+                    f"{source}: the LoRA holds weights for {module!r}, which "
+                    f"model.lora.target_modules={targets} does not select"
+                )
+            raise ConfigError(
+                f"{source}: model.lora.target_modules={targets} selects {module!r}, which the LoRA holds no weights for"
+            )
+        targets = sorted(weights.modules)
+    return dataclasses.replace(lora, rank=rank, alpha=alpha, target_modules=targets)
+
+
+def _check_base_model(cfg: ModelConfig, weights: LoraWeights, source: str) -> None:
+    """A file DreamShot wrote records the transformer it was trained on: the config must build the same shape."""
+    if METADATA_TRANSFORMER not in weights.metadata:
+        return
+    recorded = json.loads(weights.metadata[METADATA_TRANSFORMER])
+    ours = dataclasses.asdict(cfg.transformer)
+    for key, value in recorded.items():
+        if key in ours and ours[key] != value:
+            base = weights.metadata.get(METADATA_BASE_MODEL, "?")
+            raise WeightsError(
+                f"{source}: trained on the {base} transformer with {key}={value}; "
+                f"model.transformer.{key}={ours[key]} (model {cfg.name})"
+            )
 
 
 def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
