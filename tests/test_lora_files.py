@@ -227,6 +227,12 @@ def test_an_explicit_config_value_that_disagrees_is_one_line(override, message, 
     assert len(err.splitlines()) == 1 and message in err and str(path) in err
 
 
+def test_a_longer_rope_table_is_no_disagreement(trained_cfg, state, tmp_path):
+    (path,) = write_lora_files(state, tmp_path, trained_cfg.model, {}, ["peft"])
+    cfg, _ = load_model(load_config("smoke", ["seed=3", "model.transformer.rope_max_seq_len=2048"]), path)
+    assert cfg.model.lora.rank == RANK
+
+
 def _config_file(tmp_path, override):
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(load_config("smoke", ["seed=3", override])))
