@@ -79,6 +79,7 @@ def test_vistorybench_loader_reads_the_published_schema(tmp_path):
     lily = story.characters["lily"]
     assert (lily.name, lily.tag, lily.prompt) == ("Lily", "realistic_human", "Lily: lily in a blue coat")
     assert [p.name for p in lily.images] == ["00.jpg", "01.jpg"]
+    assert lily.identity_images == lily.images
     shot = story.shots[1]
     assert (shot.index, shot.characters) == (2, ("lily", "fox"))
     assert (shot.scene, shot.camera, shot.action) == ("A forest at dawn 2.", "Medium shot", "lily and fox walk.")
@@ -86,6 +87,18 @@ def test_vistorybench_loader_reads_the_published_schema(tmp_path):
     assert load_vistorybench(root / "ViStory").stories[0].id == "01"  # the ViStory folder itself also works
     with pytest.raises(DataError, match=r"lite split story 09 not found"):
         load_vistorybench(root, "lite")
+
+
+def test_vistorybench_cids_reads_only_lower_case_jpg_references(tmp_path):
+    root = write_vistory(tmp_path, {"02": vistory_story({"fox": "non_human"}, [["fox"]])})
+    folder = root / "ViStory" / "02" / "image" / "fox"
+    (folder / "01.jpg").rename(folder / "01.PNG")
+    (folder / "extra").mkdir()
+    Image.new("RGB", (20, 30)).save(folder / "extra" / "02.jpg")
+    Image.new("RGB", (20, 30)).save(folder / "03.JPG", format="JPEG")
+    fox = load_vistorybench(root).stories[0].characters["fox"]
+    assert [p.relative_to(folder).as_posix() for p in fox.images] == ["00.jpg", "01.PNG", "03.JPG", "extra/02.jpg"]
+    assert [p.relative_to(folder).as_posix() for p in fox.identity_images] == ["00.jpg", "extra/02.jpg"]
 
 
 def _break(body: dict, fault: str) -> dict:

@@ -167,11 +167,17 @@ class GivenMatches:
 
 def test_alignment_metric_rounds_single_character_scores_per_shot_then_per_story(tmp_path):
     characters = {k: BenchCharacter(k, k.upper(), "non_human", k, ()) for k in ("a", "b")}
-    shots = (BenchShot(1, "p", "scene", "cam", "act", ("a", "b")), BenchShot(2, "p", "scene", "cam", "act", ("a",)))
+    shots = (
+        BenchShot(1, "p", "scene", "cam", "act", ("a", "b")),
+        BenchShot(2, "p", "scene", "cam", "act", ("a",)),
+        BenchShot(3, "p", "scene", "cam", "act", ("b",)),  # nothing detected: not evaluated
+        BenchShot(4, "p", "scene", "cam", "act", ()),  # no listed character: not evaluated
+    )
     story = BenchStory("s", characters, shots)
     crop, feature = _image(), torch.ones(2)
     found = StoryMatches(
-        matches={"a": [Match(1, crop, feature), Match(2, crop, feature)], "b": [Match(1, crop, feature)]}
+        matches={"a": [Match(1, crop, feature), Match(2, crop, feature)], "b": [Match(1, crop, feature)]},
+        evaluated={1, 2},
     )
     scores = {
         ("scene", None): 3,
@@ -182,14 +188,33 @@ def test_alignment_metric_rounds_single_character_scores_per_shot_then_per_story
     }
     judge = ScriptedJudge(scores)
     metric = AlignmentMetric(judge, GivenMatches(found))
-    metric.update(StorySample(story, {1: _image(), 2: _image()}))
+    metric.update(StorySample(story, {i: _image() for i in (1, 2, 3, 4)}))
     values = {k: v.item() for k, v in metric.compute().items()}
-    # The story's 2 x 3 shot questions and 3 crop questions, asked as one concurrent batch.
-    assert judge.batches == [9]
-    # Shot 1: round(3.5) = 4 (half to even); shot 2: 3; story: round(3.5) = 4.
+    # The story's 4 x 3 shot questions and 3 crop questions, asked as one concurrent batch.
+    assert judge.batches == [15]
+    # Shot 1: round(3.5) = 4 (half to even); shot 2: 3; shots 3 and 4 are left out; story: round(3.5) = 4.
     assert values["alignment_single_character_action"] == 4
     assert values["alignment_scene"] == 3 and values["alignment_camera"] == 2
     assert values["alignment"] == pytest.approx((3 + 2 + 1 + 4) / 4)
+
+
+def test_a_story_without_evaluated_shots_has_no_single_character_value_and_alignment_is_the_dataset_mean():
+    characters = {"a": BenchCharacter("a", "A", "non_human", "a", ())}
+    story = BenchStory("s", characters, (BenchShot(1, "p", "scene", "cam", "act", ("a",)),))
+    judge = ScriptedJudge({("scene", None): 4, ("camera", None): 4, ("character_action", None): 4})
+    metric = AlignmentMetric(judge, GivenMatches(StoryMatches(matches={"a": []})))
+    metric.update(StorySample(story, {1: _image()}))
+    assert "alignment_single_character_action" not in metric.per_story["s"]
+    assert "alignment_single_character_action" not in metric.compute()
+    # A second story with an evaluated shot: Alignment is the mean of the four dataset-level averages.
+    other = BenchStory("t", characters, story.shots)
+    found = StoryMatches(matches={"a": [Match(1, _image(), torch.ones(2))]}, evaluated={1})
+    judge.scores = {**judge.scores, ("scene", None): 2, ("single_character_action", "A"): 1}
+    metric.matcher = GivenMatches(found)
+    metric.update(StorySample(other, {1: _image()}))
+    values = {k: v.item() for k, v in metric.compute().items()}
+    assert values["alignment_scene"] == 3 and values["alignment_single_character_action"] == 1
+    assert values["alignment"] == pytest.approx((3 + 4 + 4 + 1) / 4)
 
 
 def test_alignment_without_character_crops_has_three_dimensions(tmp_path):

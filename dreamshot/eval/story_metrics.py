@@ -21,6 +21,7 @@ from dreamshot.eval.identity import CharacterMatcher, StoryMatches
 from dreamshot.eval.judge import Judge, Question
 from dreamshot.eval.metrics import (
     ALIGNMENT_DIMENSIONS,
+    alignment_score,
     character_identity,
     mean,
     rounded_mean,
@@ -83,7 +84,8 @@ class StoryMetric(Metric):
 
 class IdentityMetric(StoryMetric):
     """CIDS (`prefix` "cids"; "toy_identity" for the toy proxy): `<prefix>_cross` and `<prefix>_self`, the
-    story means over ALL its characters (one never found scores 0 and stays in the mean)."""
+    story means over ALL its characters (one never found scores 0 and stays in the mean). A story with a
+    character whose references give no feature has no value (ViStoryBench's CIDS fails on it)."""
 
     def __init__(self, matcher: CharacterMatcher, prefix: str = "cids") -> None:
         super().__init__((f"{prefix}_cross", f"{prefix}_self"))
@@ -91,6 +93,8 @@ class IdentityMetric(StoryMetric):
 
     def score(self, sample: StorySample) -> dict[str, float]:
         found = sample.matches(self.matcher)
+        if found.unusable:
+            return {}
         scores = []
         for key in sample.story.characters:
             matched = [m.feature for m in found.matches[key]]
@@ -140,9 +144,11 @@ class AestheticMetric(StoryMetric):
 
 class AlignmentMetric(StoryMetric):
     """Alignment: the judge's 0-4 scores. Per story: the mean over shots of `scene`, `camera` and
-    `character_action`; `single_character_action` is, per shot, the mean over its matched characters' crops
-    rounded to an integer (0 when none is matched), then the story mean rounded again. `alignment` is the mean
-    of the four (over a benchmark this equals the paper's mean of the four dataset-level averages).
+    `character_action`; `single_character_action` is, per evaluated shot (`StoryMatches.evaluated`: a shot
+    with no listed character, no detection or no face is left out, as ViStoryBench does), the mean over its
+    matched characters' crops rounded to an integer, then the story mean rounded again; a story with no
+    evaluated shot has none. `alignment` is the paper's: the mean of the four dataset-level averages (per
+    story, the mean of the story's four values, for the per-story table).
 
     Without a matcher (no character crops) the single-character dimension, and so `alignment`, are absent.
     """
@@ -162,10 +168,18 @@ class AlignmentMetric(StoryMetric):
         values = {
             f"alignment_{d}": mean([answers[(d, index)][0] for index in sample.shots]) for d in ALIGNMENT_DIMENSIONS[:3]
         }
-        if self.matcher is not None:
-            singles = [rounded_mean(answers[("single_character_action", index)]) for index in sample.shots]
+        evaluated = sample.matches(self.matcher).evaluated if self.matcher is not None else set()
+        singles = [rounded_mean(answers[("single_character_action", i)]) for i in sample.shots if i in evaluated]
+        if singles:
             values["alignment_single_character_action"] = float(rounded_mean(singles))
             values["alignment"] = mean([values[f"alignment_{d}"] for d in ALIGNMENT_DIMENSIONS])
+        return values
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        values = super().compute()
+        dimensions = {d: values[f"alignment_{d}"].item() for d in ALIGNMENT_DIMENSIONS if f"alignment_{d}" in values}
+        if len(dimensions) == len(ALIGNMENT_DIMENSIONS):
+            values["alignment"] = torch.tensor(alignment_score(dimensions), dtype=torch.float64)
         return values
 
     def _questions(self, sample: StorySample) -> tuple[list[Question], list[tuple[str, int]]]:
