@@ -63,7 +63,9 @@ def evaluate(
                 )
             suite.update(StorySample(story, read_story_shots(shots_dir, story, ev.mode)))
             shot_bar.update(story_shots[story.id])
-    results = EvalResults(bench.name, ev.mode, label, suite.compute(), suite.missing, suite.per_story(), story_shots)
+    results = EvalResults(
+        bench.name, ev.mode, label, suite.compute(), suite.missing_values(), suite.per_story(), story_shots
+    )
     alignment = suite.metrics.get("alignment")
     if isinstance(alignment, AlignmentMetric):
         results.extra["judge"] = {"model": ev.judge.model, **asdict(alignment.judge.stats)}

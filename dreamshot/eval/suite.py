@@ -51,7 +51,8 @@ VALUE_NAMES = {
 
 @dataclass
 class MetricSuite:
-    """The metrics of one evaluation, and the value names that are missing (name -> reason)."""
+    """The metrics of one evaluation, and the value names that are missing at build time (name -> reason);
+    `missing_values()` adds those of metrics that failed during the run."""
 
     metrics: dict[str, StoryMetric] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
@@ -62,6 +63,10 @@ class MetricSuite:
 
     def compute(self) -> dict[str, float]:
         return {k: float(v) for metric in self.metrics.values() for k, v in metric.compute().items()}
+
+    def missing_values(self) -> dict[str, str]:
+        failed = {name: m.failure for m in self.metrics.values() if m.failure is not None for name in m.names}
+        return {**self.missing, **failed}
 
     def per_story(self) -> dict[str, dict[str, float]]:
         stories: dict[str, dict[str, float]] = {}
