@@ -2,10 +2,10 @@
 
 Output folder:
 ```
-<out>/shots/<story id>/shot_NN.png, storyboard.png   drawn shots (not when scoring an existing folder)
-<out>/toy_benchmark/                                   the toy benchmark's data (toy only)
-<out>/judge_cache.jsonl                                the judge's answers (unless eval.judge.cache is set)
-<out>/results.json, <out>/results.csv                  dataset-level and per-story values
+<out>/shots/<story id>/shot_NN.png, sheet/storyboard.png   drawn shots (not when scoring an existing folder)
+<out>/toy_benchmark/                                       the toy benchmark's data (toy only)
+<out>/judge_cache.jsonl                                    the judge's answers (unless eval.judge.cache is set)
+<out>/results.json, <out>/results.csv                      dataset-level and per-story values
 ```
 """
 
