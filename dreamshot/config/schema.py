@@ -292,12 +292,17 @@ class AestheticConfig:
 
 @dataclass
 class FaceConfig:
-    """insightface ONNX models for `realistic_human` characters (CIDS)."""
+    """ONNX face models for `realistic_human` characters (CIDS). Every configured recognition model is in the
+    ensemble (the mean of their cosines); the published numbers average ArcFace, AdaFace IR-101 and FaceNet."""
 
     # Face detector with five landmarks (antelopev2's scrfd_10g_bnkps.onnx). None: CIDS missing on human stories.
     detector: str | None = None
-    # Recognition models whose cosines are averaged (antelopev2's glintr100.onnx, other ONNX face encoders).
+    # ArcFace-style recognition models, read by insightface (antelopev2's glintr100.onnx).
     recognizers: list[str] = field(default_factory=list)
+    # ONNX export of AdaFace IR-101 (adaface_ir101_webface12m.ckpt; docs/evaluation.md). None: not in the ensemble.
+    adaface: str | None = None
+    # ONNX export of FaceNet (InceptionResnetV1, VGGFace2 weights; docs/evaluation.md). None: not in the ensemble.
+    facenet: str | None = None
     # Square detector input side in pixels.
     det_size: int = 640
 
