@@ -15,8 +15,9 @@ from dreamshot.eval.benchmarks.dreamshot_test import load_dreamshot_test, main, 
 from dreamshot.eval.benchmarks.toy import load_toy
 from dreamshot.eval.benchmarks.vistorybench import load_vistorybench
 from dreamshot.eval.crops import MaskCrops
-from dreamshot.eval.generation import read_story_shots, story_for_mode
+from dreamshot.eval.generation import IMAGE_SUFFIXES, read_story_shots, story_for_mode, story_shot_files, write_story
 from dreamshot.eval.suite import crop_mode
+from dreamshot.inference.outputs import SHEET_FILE, shot_index
 from dreamshot.utils.errors import ConfigError, DataError
 
 
@@ -79,6 +80,7 @@ def test_vistorybench_loader_reads_the_published_schema(tmp_path):
     lily = story.characters["lily"]
     assert (lily.name, lily.tag, lily.prompt) == ("Lily", "realistic_human", "Lily: lily in a blue coat")
     assert [p.name for p in lily.images] == ["00.jpg", "01.jpg"]
+    assert lily.identity_images == lily.images
     shot = story.shots[1]
     assert (shot.index, shot.characters) == (2, ("lily", "fox"))
     assert (shot.scene, shot.camera, shot.action) == ("A forest at dawn 2.", "Medium shot", "lily and fox walk.")
@@ -86,6 +88,18 @@ def test_vistorybench_loader_reads_the_published_schema(tmp_path):
     assert load_vistorybench(root / "ViStory").stories[0].id == "01"  # the ViStory folder itself also works
     with pytest.raises(DataError, match=r"lite split story 09 not found"):
         load_vistorybench(root, "lite")
+
+
+def test_vistorybench_cids_reads_only_lower_case_jpg_references(tmp_path):
+    root = write_vistory(tmp_path, {"02": vistory_story({"fox": "non_human"}, [["fox"]])})
+    folder = root / "ViStory" / "02" / "image" / "fox"
+    (folder / "01.jpg").rename(folder / "01.PNG")
+    (folder / "extra").mkdir()
+    Image.new("RGB", (20, 30)).save(folder / "extra" / "02.jpg")
+    Image.new("RGB", (20, 30)).save(folder / "03.JPG", format="JPEG")
+    fox = load_vistorybench(root).stories[0].characters["fox"]
+    assert [p.relative_to(folder).as_posix() for p in fox.images] == ["00.jpg", "01.PNG", "03.JPG", "extra/02.jpg"]
+    assert [p.relative_to(folder).as_posix() for p in fox.identity_images] == ["00.jpg", "extra/02.jpg"]
 
 
 def _break(body: dict, fault: str) -> dict:
@@ -208,6 +222,44 @@ def test_output_folder_reading(tmp_path):
         (folder / name).unlink()
     with pytest.raises(DataError, match=r"story toy-00000: shot 3: no image \(e\.g\. shot_03\.png\)"):
         read_story_shots(tmp_path / "outputs", story, "r2s")
+
+
+def test_shot_files_are_named_and_read_as_vistorybench_reads_them(tmp_path):
+    assert [shot_index(n) for n in ("shot_01.png", "01.jpg", "my_story_3.PNG", "shot_3.v2.png", "a_b.c_12.gif")] == [
+        1,
+        1,
+        3,
+        3,
+        12,
+    ]
+    assert [shot_index(n) for n in ("storyboard.png", "shot-03.png", "shot_03_v2.png", "shot_.png")] == [None] * 4
+    bench = load_toy(ToyWorldConfig(groups=1, seed=2, image_size=[32, 48], min_shots=3, max_shots=3), tmp_path)
+    story = bench.stories[0]
+    folder = tmp_path / "outputs" / story.id
+    folder.mkdir(parents=True)
+    names = ("SHOT_01.PNG", "frame_2.gif", "shot_3.final.JPEG", "storyboard.png", "shot-03.png", "shot_03_v2.png")
+    for name in (*names, "._shot_01.png"):  # a macOS resource fork beside the shots: hidden, not a shot
+        Image.new("RGB", (8, 8)).save(folder / name, format="GIF" if name.endswith(".gif") else "PNG")
+    (folder / SHEET_FILE).parent.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / SHEET_FILE)
+    assert {i: p.name for i, p in story_shot_files(tmp_path / "outputs", story, "r2s").items()} == {
+        1: "SHOT_01.PNG",
+        2: "frame_2.gif",
+        3: "shot_3.final.JPEG",
+    }
+    assert read_story_shots(tmp_path / "outputs", story, "r2s")[2].mode == "RGB"
+    (folder / "frame_2.gif").rename(folder / "frame_2.webp")  # ViStoryBench does not read WebP
+    with pytest.raises(DataError, match=r"shot 2: no image \(e\.g\. shot_02\.png\); frame_2\.webp is not read"):
+        story_shot_files(tmp_path / "outputs", story, "r2s")
+
+
+def test_the_contact_sheet_is_not_where_vistorybench_reads_shots(tmp_path):
+    # ViStoryBench's reader takes every image file of the story folder for a shot and stops on a name without
+    # a shot number: nothing but shots may lie there.
+    write_story(tmp_path, {1: Image.new("RGB", (8, 8)), 2: Image.new("RGB", (8, 8))}, Image.new("RGB", (16, 8)))
+    images = [p for p in tmp_path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    assert sorted(shot_index(p) for p in images) == [1, 2]
+    assert (tmp_path / SHEET_FILE).is_file()
 
 
 def test_modes_give_the_pipeline_references_texts_or_previous_shots(tmp_path):

@@ -16,6 +16,7 @@ from dreamshot.cli import main
 from dreamshot.config.load import load_config, to_yaml
 from dreamshot.eval.callback import CALLBACK_DIR, StoryboardMetrics
 from dreamshot.inference.loading import build_adapter
+from dreamshot.inference.outputs import SHEET_FILE
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.train import build_trainer
 from dreamshot.utils.errors import ConfigError
@@ -59,9 +60,7 @@ def test_make_eval_toy_end_to_end(run_dir, tmp_path):
     assert body["metrics"]["cids_cross"] == {"status": "missing", "reason": "eval.clip.weights not set"}
     assert body["metrics"]["aes"]["status"] == "missing"
     for story in body["per_story"]:
-        assert (out / "shots" / story / "shot_01.png").is_file() and (
-            out / "shots" / story / "storyboard.png"
-        ).is_file()
+        assert (out / "shots" / story / "shot_01.png").is_file() and (out / "shots" / story / SHEET_FILE).is_file()
     assert (out / "results.csv").read_text().splitlines()[-1].startswith("mean,")
     assert "ours (run" in result.stdout and "no published rows for toy / r2s" in result.stdout
 

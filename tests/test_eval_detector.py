@@ -19,7 +19,7 @@ from transformers import (
 from dreamshot.config.schema import DetectorConfig
 from dreamshot.eval.benchmarks.types import BenchCharacter, BenchShot
 from dreamshot.eval.crops import DetectorCrops
-from dreamshot.eval.detector import clip_box, load_detector
+from dreamshot.eval.detector import CharacterDetector, clip_box, load_detector
 from dreamshot.utils.errors import WeightsError
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "character", "person"]
@@ -97,6 +97,49 @@ def test_detector_threshold_and_whole_image_fallback(detector_dir, tmp_path):
 def test_clip_box_keeps_boxes_inside_and_drops_empty_ones():
     assert clip_box(torch.tensor([-5.0, 2.7, 50.0, 20.2]), (40, 30)) == (0, 2, 40, 20)
     assert clip_box(torch.tensor([10.0, 10.0, 10.4, 20.0]), (40, 30)) is None
+
+
+class TableDetector(CharacterDetector):
+    """Boxes (xyxy pixels, best first) looked up by the image's top-left colour; none for other colours."""
+
+    def __init__(self, table: dict[tuple[int, int, int], list[list[float]]]) -> None:
+        super().__init__(torch.nn.Identity(), None, DetectorConfig())
+        self.table = table
+
+    def detect(self, image):
+        boxes = torch.tensor(self.table.get(image.getpixel((0, 0)), []), dtype=torch.float32).reshape(-1, 4)
+        return boxes, torch.linspace(1.0, 0.5, len(boxes))
+
+
+def test_boxes_are_cut_as_the_published_code_cuts_them():
+    # Centre 5.5 -> 5 and size 5 (truncated), corners 2.5 and 7.5, rounded half to even: 2 and 8.
+    assert clip_box(torch.tensor([3.0, 3.0, 8.0, 8.0]), (40, 30)) == (2, 2, 8, 8)
+    # Centre y 6.5 -> 6, height 5: 3.5 and 8.5 round to 4 and 8 (the box loses its last row).
+    assert clip_box(torch.tensor([3.0, 4.0, 9.0, 9.0]), (40, 30)) == (3, 4, 9, 8)
+
+
+def test_a_shot_gives_every_box_and_a_missed_reference_is_skipped(tmp_path):
+    red, green, blue = (200, 0, 0), (0, 200, 0), (0, 0, 200)
+    detector = TableDetector({red: [[0, 0, 10, 10]], blue: [[2, 2, 12, 12], [0, 0, 4, 4], [4, 4, 20, 20]]})
+    paths = []
+    for i, colour in enumerate((red, green, red)):
+        paths.append(tmp_path / f"ref{i}.jpg")
+        Image.new("RGB", (30, 30), colour).save(paths[-1], quality=100)
+    crops = DetectorCrops(detector)
+    # The green reference has no detection: skipped, not used whole.
+    assert [c.size for c in crops.reference_crops(BenchCharacter("a", "A", "non_human", "A", tuple(paths)))] == [
+        (10, 10),
+        (10, 10),
+    ]
+    # Only when every reference is missed are the whole images used.
+    [whole] = crops.reference_crops(BenchCharacter("a", "A", "non_human", "A", (paths[1],)))
+    assert whole.size == (30, 30)
+    # CIDS reads the benchmark's CIDS references when it names them.
+    only_green = BenchCharacter("a", "A", "non_human", "A", tuple(paths), cids_images=(paths[1],))
+    assert [c.size for c in crops.reference_crops(only_green)] == [(30, 30)]
+    # One listed character, three boxes: all three are candidates.
+    shot = crops.shot_crops(Image.new("RGB", (30, 30), blue), BenchShot(1, "", "", "", "", ("a",)))
+    assert [c.size for _, c in shot] == [(10, 10), (4, 4), (16, 16)]
 
 
 def test_missing_detector_folder_names_key_and_source(tmp_path):

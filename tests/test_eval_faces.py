@@ -3,16 +3,29 @@ recognition model, and an SCRFD-shaped detector with landmarks), the ensemble co
 
 from __future__ import annotations
 
+import logging
+
+import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from insightface.utils.face_align import arcface_dst, norm_crop
 from PIL import Image
 from torch import nn
 
-from dreamshot.config.schema import FaceConfig
-from dreamshot.eval.faces import FaceEncoder, detection_thresholds, load_face_encoder
+from dreamshot.config.schema import EvalConfig, FaceConfig
+from dreamshot.eval.benchmarks.types import BenchCharacter, Benchmark, BenchShot, BenchStory
+from dreamshot.eval.faces import (
+    FaceEncoder,
+    detection_thresholds,
+    face_models,
+    ffhq_align,
+    load_face_encoder,
+    published_ensemble,
+)
 from dreamshot.eval.metrics import cosine_matrix
+from dreamshot.eval.suite import build_suite
 from dreamshot.utils.errors import WeightsError
 
 # insightface's alignment calls a scikit-image method deprecated upstream; not this project's warning.
@@ -124,11 +137,75 @@ def test_no_face_at_any_threshold_gives_a_zero_row(models):
     assert detection_thresholds() == [0.45, 0.35, 0.25, 0.15]
 
 
+class TinyAdaFace(TinyRecognizer):
+    """AdaFace's output contract: (embedding, norm)."""
+
+    def forward(self, x: torch.Tensor):
+        feature = self.net(x)
+        return feature, feature.norm(dim=1, keepdim=True)
+
+
+def _ffhq_aligned(image: Image.Image) -> np.ndarray:
+    """What ViStoryBench gives AdaFace and FaceNet: facexlib's warp of the face onto its FFHQ template at 112,
+    gray border, in BGR (here from the tiny detector's landmarks)."""
+    template = np.array(
+        [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043],
+         [313.08905, 371.15118]]
+    ) * (112 / 512)  # fmt: skip
+    landmarks = (arcface_dst * 32 / 112 + 16).astype(np.float32)
+    matrix = cv2.estimateAffinePartial2D(landmarks, template.astype(np.float32), method=cv2.LMEDS)[0]
+    bgr = np.asarray(image)[..., ::-1].copy()
+    return cv2.warpAffine(bgr, matrix, (112, 112), borderMode=cv2.BORDER_CONSTANT, borderValue=(135, 133, 132))
+
+
+def test_adaface_and_facenet_exports_are_fed_as_vistorybench_feeds_them(models, tmp_path):
+    detector, recognizers = models
+    adaface = _export(TinyAdaFace(2), (1, 3, 112, 112), tmp_path / "adaface.onnx", 2, dynamic=True)
+    facenet = _export(TinyRecognizer(3), (1, 3, 112, 112), tmp_path / "facenet.onnx", 1, dynamic=True)
+    cfg = FaceConfig(
+        detector=str(detector), recognizers=[str(recognizers[0])], adaface=str(adaface), facenet=str(facenet)
+    )
+    encoder = load_face_encoder(cfg)
+    assert published_ensemble(cfg) and face_models(cfg) == ["arcface", "adaface", "facenet"]
+    image = _face(5, 200)
+    got = encoder([image])[0]
+    aligned = torch.from_numpy(_ffhq_aligned(image).astype(np.float32).transpose(2, 0, 1).copy())[None] / 255
+    with torch.no_grad():
+        parts = [
+            encoder.recognizers[0].get_feat(
+                norm_crop(np.asarray(image)[..., ::-1].copy(), arcface_dst * 32 / 112 + 16)
+            ),
+            TinyAdaFace(2)((aligned - 0.5) / 0.5)[0].numpy(),  # BGR, (x / 255 - 0.5) / 0.5
+            TinyRecognizer(3)(aligned).numpy(),  # BGR, x / 255
+        ]
+    expected = torch.cat([F.normalize(torch.from_numpy(p).flatten(), dim=0) for p in parts]) / 3**0.5
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+    # A face at the image's corner: what the warp brings in from outside is facexlib's gray.
+    corner = ffhq_align(np.full((64, 64, 3), 255, np.uint8), (arcface_dst * 32 / 112).astype(np.float32), 112)
+    assert tuple(corner[0, 0]) == (135, 133, 132) and tuple(corner[-1, -1]) == (255, 255, 255)
+
+
+def test_a_realistic_human_benchmark_scored_with_fewer_face_models_warns(models, tmp_path, caplog):
+    detector, recognizers = models
+    mask = tmp_path / "mask.png"
+    ann = BenchCharacter("ann", "Ann", "realistic_human", "Ann", (tmp_path / "ann.png",), (mask,))
+    story = BenchStory("s1", {"ann": ann}, (BenchShot(1, "p", "s", "c", "a", ("ann",), masks={"ann": mask}),))
+    bench = Benchmark("bench", (story,))
+    cfg = EvalConfig(
+        metrics=["cids"], crops="masks", face=FaceConfig(detector=str(detector), recognizers=[str(recognizers[0])])
+    )
+    with caplog.at_level(logging.WARNING):
+        suite = build_suite(cfg, bench, tmp_path, torch.device("cpu"))
+    assert "cids" in suite.metrics
+    assert "CIDS of 1 bench stories with realistic_human characters uses the face model(s) arcface" in caplog.text
+    assert "AdaFace IR-101 and FaceNet" in caplog.text
+
+
 def test_a_wrong_model_file_is_a_one_line_error(models, tmp_path):
     detector, recognizers = models
     with pytest.raises(WeightsError, match=r"reads it as ArcFaceONNX, expected SCRFD.*eval\.face\.detector"):
         load_face_encoder(FaceConfig(detector=str(recognizers[0]), recognizers=[str(recognizers[0])]))
-    with pytest.raises(WeightsError, match=r"eval\.face\.recognizers is empty"):
+    with pytest.raises(WeightsError, match=r"eval\.face\.recognizers is empty and eval\.face\.adaface"):
         load_face_encoder(FaceConfig(detector=str(detector)))
     with pytest.raises(WeightsError, match=r"glintr100\.onnx: file not found.*eval\.face\.recognizers.*antelopev2"):
         load_face_encoder(FaceConfig(detector=str(detector), recognizers=[str(tmp_path / "glintr100.onnx")]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -17,7 +18,7 @@ from PIL import Image
 from dreamshot.config.schema import JudgeConfig
 from dreamshot.eval.benchmarks.types import BenchCharacter, BenchShot, BenchStory
 from dreamshot.eval.identity import Match, StoryMatches
-from dreamshot.eval.judge import AnswerCache, build_judge, parse_score
+from dreamshot.eval.judge import AnswerCache, JudgeUnavailable, build_judge, parse_score
 from dreamshot.eval.story_metrics import AlignmentMetric, StorySample
 
 KEY = "sk-loopback-secret"
@@ -120,14 +121,54 @@ def test_every_attempt_failing_scores_zero_and_is_asked_again(server, judge_cfg,
     assert build_judge(judge_cfg, tmp_path / "cache.jsonl").score(_image(), "text", "camera") == 2
 
 
-def test_single_character_question_names_the_character_and_key_stays_out_of_files(server, judge_cfg, tmp_path):
+def test_single_character_question_sends_the_rubric_as_a_system_message_and_key_stays_out_of_files(
+    server, judge_cfg, tmp_path
+):
     server.script.append((200, "Score: 4"))
     judge = build_judge(judge_cfg, tmp_path / "cache.jsonl")
     assert judge.score(_image(), "Ana waves.", "single_character_action", character="Ana") == 4
-    content = server.requests[0]["body"]["messages"][0]["content"]
-    assert {"type": "text", "text": "Evaluated Character Name is Ana"} in content
-    assert content[-1]["image_url"]["detail"] == "low"
+    system, user = server.requests[0]["body"]["messages"]
+    assert system == {"role": "system", "content": [{"type": "text", "text": judge.prompts["single_character_action"]}]}
+    assert user["role"] == "user" and [part["type"] for part in user["content"]] == ["text", "text", "image_url"]
+    assert [part.get("text") for part in user["content"][:2]] == ["Ana waves.", "Evaluated Character Name is Ana"]
+    assert user["content"][-1]["image_url"]["detail"] == "low"
     assert KEY not in (tmp_path / "cache.jsonl").read_text() and KEY not in repr(judge.backend)
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_judge_that_refuses_the_key_is_unavailable_not_zero(server, judge_cfg, tmp_path, status):
+    server.script.extend([(status, "no")] * 3)
+    judge = build_judge(judge_cfg, tmp_path / "cache.jsonl")
+    with pytest.raises(JudgeUnavailable, match=rf"HTTP {status} from http://127\.0\.0\.1:\d+/v1/chat/completions"):
+        judge.score(_image(), "text", "scene")
+    assert len(server.requests) == 1  # asking again cannot help
+    with pytest.raises(JudgeUnavailable):  # the questions after it are not asked
+        judge.score(_image((0, 0, 9)), "text", "scene")
+    assert len(server.requests) == 1 and not (tmp_path / "cache.jsonl").exists()
+
+
+def test_a_question_no_attempt_of_which_got_an_answer_is_unavailable(server, judge_cfg, tmp_path):
+    judge_cfg.max_retries = 3
+    server.script.extend([(400, "bad request")] * 3)
+    with pytest.raises(JudgeUnavailable, match=r"no answer in 3 attempts \(HTTP 400 from"):
+        build_judge(judge_cfg, tmp_path / "cache.jsonl").score(_image(), "text", "scene")
+    assert [r["body"]["temperature"] for r in server.requests] == [0.0, 0.1, 0.2]
+
+
+def test_an_unreachable_judge_makes_alignment_missing_with_the_reason(tmp_path, monkeypatch):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # nothing listens there once the socket is closed
+    cfg = JudgeConfig(endpoint=f"http://127.0.0.1:{port}/v1", retry_wait_s=0.0, backoff_base_s=0.001)
+    cfg.backoff_total_s = 0.05
+    judge = build_judge(cfg, tmp_path / "cache.jsonl")
+    story = BenchStory("s", {}, (BenchShot(1, "p", "scene", "cam", "act", ()),))
+    metric = AlignmentMetric(judge, None)
+    metric.update(StorySample(story, {1: _image()}))
+    metric.update(StorySample(BenchStory("t", {}, story.shots), {1: _image()}))
+    assert metric.compute() == {} and metric.per_story == {}
+    assert "the judge cannot answer" in metric.failure and "backoff given up" in metric.failure
+    assert "ConnectionRefusedError" in metric.failure or "URLError" in metric.failure
 
 
 def test_prompt_files_replace_rubrics_and_change_the_cache_key(server, judge_cfg, tmp_path):
@@ -167,11 +208,17 @@ class GivenMatches:
 
 def test_alignment_metric_rounds_single_character_scores_per_shot_then_per_story(tmp_path):
     characters = {k: BenchCharacter(k, k.upper(), "non_human", k, ()) for k in ("a", "b")}
-    shots = (BenchShot(1, "p", "scene", "cam", "act", ("a", "b")), BenchShot(2, "p", "scene", "cam", "act", ("a",)))
+    shots = (
+        BenchShot(1, "p", "scene", "cam", "act", ("a", "b")),
+        BenchShot(2, "p", "scene", "cam", "act", ("a",)),
+        BenchShot(3, "p", "scene", "cam", "act", ("b",)),  # nothing detected: not evaluated
+        BenchShot(4, "p", "scene", "cam", "act", ()),  # no listed character: not evaluated
+    )
     story = BenchStory("s", characters, shots)
     crop, feature = _image(), torch.ones(2)
     found = StoryMatches(
-        matches={"a": [Match(1, crop, feature), Match(2, crop, feature)], "b": [Match(1, crop, feature)]}
+        matches={"a": [Match(1, crop, feature), Match(2, crop, feature)], "b": [Match(1, crop, feature)]},
+        evaluated={1, 2},
     )
     scores = {
         ("scene", None): 3,
@@ -182,14 +229,33 @@ def test_alignment_metric_rounds_single_character_scores_per_shot_then_per_story
     }
     judge = ScriptedJudge(scores)
     metric = AlignmentMetric(judge, GivenMatches(found))
-    metric.update(StorySample(story, {1: _image(), 2: _image()}))
+    metric.update(StorySample(story, {i: _image() for i in (1, 2, 3, 4)}))
     values = {k: v.item() for k, v in metric.compute().items()}
-    # The story's 2 x 3 shot questions and 3 crop questions, asked as one concurrent batch.
-    assert judge.batches == [9]
-    # Shot 1: round(3.5) = 4 (half to even); shot 2: 3; story: round(3.5) = 4.
+    # The story's 4 x 3 shot questions and 3 crop questions, asked as one concurrent batch.
+    assert judge.batches == [15]
+    # Shot 1: round(3.5) = 4 (half to even); shot 2: 3; shots 3 and 4 are left out; story: round(3.5) = 4.
     assert values["alignment_single_character_action"] == 4
     assert values["alignment_scene"] == 3 and values["alignment_camera"] == 2
     assert values["alignment"] == pytest.approx((3 + 2 + 1 + 4) / 4)
+
+
+def test_a_story_without_evaluated_shots_has_no_single_character_value_and_alignment_is_the_dataset_mean():
+    characters = {"a": BenchCharacter("a", "A", "non_human", "a", ())}
+    story = BenchStory("s", characters, (BenchShot(1, "p", "scene", "cam", "act", ("a",)),))
+    judge = ScriptedJudge({("scene", None): 4, ("camera", None): 4, ("character_action", None): 4})
+    metric = AlignmentMetric(judge, GivenMatches(StoryMatches(matches={"a": []})))
+    metric.update(StorySample(story, {1: _image()}))
+    assert "alignment_single_character_action" not in metric.per_story["s"]
+    assert "alignment_single_character_action" not in metric.compute()
+    # A second story with an evaluated shot: Alignment is the mean of the four dataset-level averages.
+    other = BenchStory("t", characters, story.shots)
+    found = StoryMatches(matches={"a": [Match(1, _image(), torch.ones(2))]}, evaluated={1})
+    judge.scores = {**judge.scores, ("scene", None): 2, ("single_character_action", "A"): 1}
+    metric.matcher = GivenMatches(found)
+    metric.update(StorySample(other, {1: _image()}))
+    values = {k: v.item() for k, v in metric.compute().items()}
+    assert values["alignment_scene"] == 3 and values["alignment_single_character_action"] == 1
+    assert values["alignment"] == pytest.approx((3 + 4 + 4 + 1) / 4)
 
 
 def test_alignment_without_character_crops_has_three_dimensions(tmp_path):

@@ -174,6 +174,20 @@ def test_identity_metric_assigns_by_hungarian_and_averages_over_all_characters(t
     assert values["cids_self"].item() == pytest.approx((1 + half + 0) / 3)
 
 
+def test_a_character_whose_references_give_no_feature_leaves_the_story_out_of_cids(tmp_path, caplog):
+    # A face character with no face in any reference: the published code's assertion fails, the story is skipped.
+    table = {RED: unit(1, 0, 0), BLUE: torch.zeros(3), GREEN: unit(0, 0, 1)}
+    story = _story(tmp_path)
+    shots = {1: Image.open(_image(tmp_path / "s1.png", RED, BLUE)).convert("RGB")}
+    story = BenchStory("s1", story.characters, story.shots[:1])
+    matcher = CharacterMatcher(GivenCrops(), {"general": TableEncoder(table)})
+    assert matcher.match(story, shots).unusable == ["bo"]
+    metric = IdentityMetric(matcher)
+    metric.update(StorySample(story, shots))
+    assert metric.per_story["s1"] == {} and metric.compute() == {}
+    assert "story s1: no CIDS" in caplog.text and "'bo'" in caplog.text
+
+
 def test_story_metric_is_the_plain_mean_over_stories():
     class Fixed(StoryMetric):
         def score(self, sample):

@@ -18,7 +18,14 @@ from PIL import Image
 from dreamshot.config.load import load_config
 from dreamshot.config.schema import JudgeConfig
 from dreamshot.eval import judge as judge_module
-from dreamshot.eval.judge import JudgeRequestError, OpenAIChatBackend, Question, build_judge, retry_after_seconds
+from dreamshot.eval.judge import (
+    JudgeRequestError,
+    JudgeUnavailable,
+    OpenAIChatBackend,
+    Question,
+    build_judge,
+    retry_after_seconds,
+)
 from dreamshot.utils.errors import ConfigError
 
 MESSAGES = [{"role": "user", "content": [{"type": "text", "text": "t"}]}]
@@ -115,21 +122,21 @@ def test_retry_after_is_honoured_in_seconds_and_as_a_date(server, sleeps, monkey
 def test_a_retry_after_past_the_total_wait_fails_at_once(server, sleeps):
     server.script.append((503, {"Retry-After": "3600"}))
     backend = OpenAIChatBackend(server.config(backoff_total_s=60.0), None)
-    with pytest.raises(JudgeRequestError, match=r"HTTP 503 .* after 1 tries \(backoff given up\)"):
+    with pytest.raises(JudgeUnavailable, match=r"HTTP 503 .* after 1 tries \(backoff given up"):
         backend.complete(MESSAGES, 0.0)
     assert sleeps == [] and len(server.temperatures) == 1
 
 
-def test_the_total_backoff_is_bounded_then_the_attempt_fails(server, sleeps, tmp_path):
+def test_the_total_backoff_is_bounded_then_the_judge_is_unavailable(server, sleeps, tmp_path):
     server.script.extend([(503, {})] * 10_000)  # overloaded for good
     cfg = server.config(backoff_total_s=0.05, max_retries=2)
     judge = build_judge(cfg, tmp_path / "cache.jsonl")
     start = time.monotonic()
-    assert judge.score(Image.new("RGB", (8, 8)), "text", "camera") == 0
-    assert time.monotonic() - start < 2.0 and judge.stats.failed == 1
-    assert sum(sleeps) <= 2 * 0.05  # two attempts, each giving up within its bound
-    # Each attempt kept its temperature through its backoff; the second one raised it.
-    assert set(server.temperatures) == {0.0, 0.1} and len(server.temperatures) > 2
+    with pytest.raises(JudgeUnavailable, match=r"HTTP 503 .*backoff given up, eval\.judge\.backoff_total_s=0\.05"):
+        judge.score(Image.new("RGB", (8, 8)), "text", "camera")
+    assert time.monotonic() - start < 2.0 and judge.stats.failed == 0  # not a failed attempt scoring 0
+    assert sum(sleeps) <= 0.05
+    assert set(server.temperatures) == {0.0} and len(server.temperatures) > 1
 
 
 def test_other_client_errors_are_not_backed_off(server, sleeps):

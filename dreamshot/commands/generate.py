@@ -1,7 +1,7 @@
 """`dreamshot generate STORY [key=value ...] (--run DIR | --lora FILE | --base) --out DIR [--regenerate 3,5]`.
 
-Draws a story's shots into DIR (`shot_01.png` …, `storyboard.png`, `generation.json`). Config overrides come
-right after STORY. `--regenerate` re-rolls only the listed shots of an earlier run in DIR: every other shot
+Draws a story's shots into DIR (`shot_01.png` …, `sheet/storyboard.png`, `generation.json`). Config overrides
+come right after STORY. `--regenerate` re-rolls only the listed shots of an earlier run in DIR: every other shot
 is read back from its PNG (which is not rewritten) and given to the model as a clean condition after the
 references.
 

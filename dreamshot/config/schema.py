@@ -295,12 +295,17 @@ class AestheticConfig:
 
 @dataclass
 class FaceConfig:
-    """insightface ONNX models for `realistic_human` characters (CIDS)."""
+    """ONNX face models for `realistic_human` characters (CIDS). Every configured recognition model is in the
+    ensemble (the mean of their cosines); the published numbers average ArcFace, AdaFace IR-101 and FaceNet."""
 
     # Face detector with five landmarks (antelopev2's scrfd_10g_bnkps.onnx). None: CIDS missing on human stories.
     detector: str | None = None
-    # Recognition models whose cosines are averaged (antelopev2's glintr100.onnx, other ONNX face encoders).
+    # ArcFace-style recognition models, read by insightface (antelopev2's glintr100.onnx).
     recognizers: list[str] = field(default_factory=list)
+    # ONNX export of AdaFace IR-101 (adaface_ir101_webface12m.ckpt; docs/evaluation.md). None: not in the ensemble.
+    adaface: str | None = None
+    # ONNX export of FaceNet (InceptionResnetV1, VGGFace2 weights; docs/evaluation.md). None: not in the ensemble.
+    facenet: str | None = None
     # Square detector input side in pixels.
     det_size: int = 640
 
@@ -328,15 +333,17 @@ class JudgeConfig:
     temperature: float = 0.0
     seed: int = 123
     max_tokens: int = 512
-    # Attempts per question; each failed attempt raises the temperature by 0.1, all failed scores 0.
+    # Attempts per question; each failed attempt raises the temperature by 0.1; 0 when every answer that arrived
+    # fails to parse (a judge that gives no answer makes Alignment missing, never 0).
     max_retries: int = 10
-    # Seconds to wait after a failed request (network error, HTTP error status, or backoff given up).
+    # Seconds to wait after a failed attempt (an HTTP error about that request, a malformed reply).
     retry_wait_s: float = 10.0
     # Requests in flight at once, at most, per judge (shared by every thread that asks it).
     max_concurrency: int = 4
-    # HTTP 429 and 5xx answers are asked again at the same temperature (they are not attempts): the n-th wait
-    # is the server's Retry-After when it sends one, else drawn uniformly from [0, min(backoff_max_s,
-    # backoff_base_s * 2**n)]. A request whose next wait would end backoff_total_s after its first try fails.
+    # HTTP 429 / 5xx answers and an unreachable server are asked again at the same temperature (not attempts):
+    # the n-th wait is the server's Retry-After when it sends one, else drawn uniformly from [0,
+    # min(backoff_max_s, backoff_base_s * 2**n)]. A request whose next wait would end backoff_total_s after its
+    # first try makes the judge unavailable (Alignment missing with the reason).
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     backoff_total_s: float = 300.0

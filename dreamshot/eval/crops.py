@@ -1,8 +1,9 @@
 """Where character crops come from (EVAL.md "CIDS"): the open-vocabulary detector, or the benchmark's role masks.
 
-- `DetectorCrops`: a reference image is cropped to its best "character" box (the whole image when nothing is
-  detected); a shot gives its K best boxes, K = the number of characters listed for it, and characters are
-  assigned to them by the Hungarian algorithm on identity scores.
+- `DetectorCrops`: each reference image of a character is cropped to its best "character" box; a reference with
+  no detection is skipped, and only when every reference of the character is missed are the whole images used
+  (as ViStoryBench does). A shot gives every detected box, best first, and the listed characters are assigned
+  to them by the Hungarian algorithm on identity scores (ViStoryBench since December 2025).
 - `MaskCrops`: the box around a role's mask; in a shot, the mask of character k gives the crop of character k
   (`fixed`: no assignment needed). Shot masks are drawn on the ground-truth shot, so they are mapped onto the
   generated image the way training maps shots to a resolution (cover, then centre crop).
@@ -32,16 +33,14 @@ class DetectorCrops:
         self.detector = detector
 
     def reference_crops(self, character: BenchCharacter) -> list[Image.Image]:
-        crops = []
-        for path in character.images:
-            image = open_rgb(path, f"character {character.key!r}")
-            crops.extend(self.detector.crops(image, 1) or [image])
-        return crops
+        images = [open_rgb(path, f"character {character.key!r}") for path in character.identity_images]
+        crops = [crop for image in images for crop in self.detector.crops(image, 1)]
+        return crops or images
 
     def shot_crops(self, image: Image.Image, shot: BenchShot) -> list[ShotCrop]:
         if not shot.characters:
             return []
-        return [(None, crop) for crop in self.detector.crops(image, len(shot.characters))]
+        return [(None, crop) for crop in self.detector.crops(image)]
 
 
 class MaskCrops:

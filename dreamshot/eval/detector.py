@@ -1,8 +1,9 @@
 """The open-vocabulary character detector of CIDS (EVAL.md "CIDS"): GroundingDINO through transformers.
 
 ViStoryBench detects the text "character" with GroundingDINO Swin-T (box and text thresholds 0.25) in each
-reference image (top-1 box) and in each generated shot (the top boxes). transformers' port of the same model
-(IDEA-Research/grounding-dino-tiny) loads from a local folder.
+reference image (top-1 box) and in each generated shot (every box, best first). transformers' port of the same
+model (IDEA-Research/grounding-dino-tiny) loads from a local folder. A box is cut out of the image the way the
+published code cuts it (`clip_box`), so the same detections give the same crops to the pixel.
 """
 
 from __future__ import annotations
@@ -50,19 +51,27 @@ class CharacterDetector(nn.Module):
         order = torch.argsort(found["scores"], descending=True)
         return found["boxes"][order].float().cpu(), found["scores"][order].float().cpu()
 
-    def crops(self, image: Image.Image, limit: int) -> list[Image.Image]:
-        """The `limit` best detections of `image`, cropped (boxes clipped to the image; empty boxes dropped)."""
+    def crops(self, image: Image.Image, limit: int | None = None) -> list[Image.Image]:
+        """The detections of `image` (the `limit` best ones, or all), cropped; empty boxes are dropped."""
         boxes, _ = self.detect(image.convert("RGB"))
         return [image.crop(box) for box in (clip_box(b, image.size) for b in boxes[:limit]) if box is not None]
 
 
 def clip_box(box: torch.Tensor, size: tuple[int, int]) -> Box | None:
-    """An (x0, y0, x1, y1) float box -> integer pixels inside an image of `size` (W, H); None when empty."""
+    """An (x0, y0, x1, y1) float box in pixels -> the integer crop box ViStoryBench takes in an image of `size`
+    (W, H); None when empty.
+
+    The published code scales GroundingDINO's (centre, size) box to pixels and truncates it to integers before
+    converting it to corners, clips the corners to the image, and PIL rounds them (half to even) when cropping.
+    """
     width, height = size
-    x0, y0, x1, y1 = (int(v) for v in box.tolist())
-    x0, x1 = max(0, min(x0, width)), max(0, min(x1, width))
-    y0, y1 = max(0, min(y0, height)), max(0, min(y1, height))
-    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+    x0, y0, x1, y1 = box.tolist()
+    cx, cy, w, h = (int(v) for v in ((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0))
+    left, right = (max(0.0, min(v, width)) for v in (cx - w / 2, cx + w / 2))
+    top, bottom = (max(0.0, min(v, height)) for v in (cy - h / 2, cy + h / 2))
+    if right <= left or bottom <= top:
+        return None
+    return round(left), round(top), round(right), round(bottom)
 
 
 def load_detector(cfg: DetectorConfig) -> CharacterDetector:

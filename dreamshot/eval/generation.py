@@ -1,8 +1,10 @@
 """Shots to score: drawn by the storyboard pipeline for a benchmark story, or read from a folder of outputs.
 
 Both use ViStoryBench's output layout: `<folder>/<story id>/` (or its `shots/` subfolder) holds one image per
-shot, whose 1-based shot index is the last `_`-separated number of the file name (`shot_01.png`, `01.jpg`);
-image files without such a number (e.g. the contact sheet `storyboard.png`) are not shots.
+shot, whose 1-based shot index is read as ViStoryBench reads it (`outputs.shot_index`: `shot_01.png`,
+`01.jpg`). Shot files are the extensions ViStoryBench reads, in any case (.png .jpg .jpeg .gif .bmp; not
+.webp); image files without a shot number (`storyboard.png`, `shot-03.png`, `shot_03_v2.png`) and hidden files
+(e.g. macOS `._shot_01.png`) are not shots. The contact sheet is written to `sheet/storyboard.png`.
 
 Modes: r2s gives the model every character's first reference image with its prompt; t2s gives only the shot
 texts; s2s gives the story's first `previous` ground-truth shots (with their texts) as clean conditions. Only
@@ -17,12 +19,13 @@ from PIL import Image
 
 from dreamshot.eval.benchmarks.types import BenchStory
 from dreamshot.inference.contact_sheet import contact_sheet
-from dreamshot.inference.outputs import SHEET_FILE, save_png, shot_file, to_image
+from dreamshot.inference.outputs import SHEET_FILE, save_png, shot_file, shot_index, to_image
 from dreamshot.inference.pipeline import StoryboardPipeline
 from dreamshot.inference.story import Story, StoryRole, StoryShot, open_rgb, story_request
 from dreamshot.utils.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# The shot files ViStoryBench's output reader takes (its IMAGE_EXTS, compared in lower case).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 
 
 def story_for_mode(story: BenchStory, mode: str) -> Story:
@@ -51,7 +54,7 @@ def draw_story(
 
 
 def write_story(folder: Path, shots: dict[int, Image.Image], sheet: Image.Image) -> None:
-    """`shot_NN.png` for each shot and `storyboard.png` into `folder`."""
+    """`shot_NN.png` for each shot and the contact sheet `sheet/storyboard.png` into `folder`."""
     for index, image in shots.items():
         save_png(image, folder / shot_file(index))
     save_png(sheet, folder / SHEET_FILE)
@@ -74,19 +77,21 @@ def story_shot_files(root: Path, story: BenchStory, mode: str) -> dict[int, Path
     if not folder.is_dir():
         raise DataError(f"{root}: story {story.id}: no output folder {folder}")
     files: dict[int, Path] = {}
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        index = _shot_number(path)
+    unread: dict[int, str] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        index = shot_index(path)
         if index is None:
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            unread.setdefault(index, path.name)
             continue
         if index in files:
             raise DataError(f"{folder}: story {story.id}: shot {index}: two files, {files[index].name} and {path.name}")
         files[index] = path
     for shot in story.scored_shots(mode):
         if shot.index not in files:
-            raise DataError(f"{folder}: story {story.id}: shot {shot.index}: no image (e.g. shot_{shot.index:02d}.png)")
+            message = f"{folder}: story {story.id}: shot {shot.index}: no image (e.g. shot_{shot.index:02d}.png)"
+            if shot.index in unread:
+                message += f"; {unread[shot.index]} is not read (shots are {' '.join(IMAGE_SUFFIXES)}, as ViStoryBench)"
+            raise DataError(message)
     return {shot.index: files[shot.index] for shot in story.scored_shots(mode)}
-
-
-def _shot_number(path: Path) -> int | None:
-    text = path.stem.rsplit("_", 1)[-1]
-    return int(text) if text.isdigit() else None

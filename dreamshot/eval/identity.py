@@ -4,11 +4,17 @@ alignment): crop, embed with the character's encoder, assign crops to characters
 A character tagged `realistic_human` is embedded with the face encoder, every other one with the general image
 encoder (CLIP); crops are scored against each listed character with that character's encoder, so characters
 of different kinds in one shot compete on their own scales. When no reference crop of a character yields a
-feature (no face found), its whole reference images are embedded instead, as ViStoryBench does.
+feature (no face found), its whole reference images are embedded instead, as ViStoryBench does; a character
+whose references still give no feature is `unusable`, and ViStoryBench then scores no CIDS for the story.
+
+A shot is `evaluated` when at least one of its listed characters can be scored against one of its crops (it
+lists characters, the detector found something, and the character's encoder found a feature in a crop): only
+those shots get a single-character action score.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -20,6 +26,8 @@ from dreamshot.eval.crops import DetectorCrops, MaskCrops
 from dreamshot.eval.extractors import Encoder
 from dreamshot.eval.metrics import assign, best_reference_scores, found
 from dreamshot.inference.story import open_rgb
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,13 @@ class StoryMatches:
 
     references: dict[str, torch.Tensor] = field(default_factory=dict)
     matches: dict[str, list[Match]] = field(default_factory=dict)
+    # Shot indices where some listed character could be scored against some crop.
+    evaluated: set[int] = field(default_factory=set)
+
+    @property
+    def unusable(self) -> list[str]:
+        """Keys of the characters whose references give no feature."""
+        return [key for key, features in self.references.items() if not found(features).any()]
 
     def in_shot(self, index: int) -> dict[str, Match]:
         return {key: m for key, matches in self.matches.items() for m in matches if m.shot == index}
@@ -58,29 +73,40 @@ class CharacterMatcher:
         for key, character in story.characters.items():
             result.references[key] = self.reference_features(character)
             result.matches[key] = []
+        if result.unusable:
+            log.warning(
+                "story %s: no CIDS or single-character action (as ViStoryBench): no feature in any reference of %s",
+                story.id,
+                ", ".join(repr(key) for key in result.unusable),
+            )
+            return result
         for shot in story.shots:
             if shot.index in shots:
-                for key, match in self.match_shot(story, shot, shots[shot.index], result.references).items():
-                    result.matches[key].append(match)
+                matched = self.match_shot(story, shot, shots[shot.index], result.references)
+                if matched is not None:
+                    result.evaluated.add(shot.index)
+                    for key, match in matched.items():
+                        result.matches[key].append(match)
         return result
 
     def reference_features(self, character: BenchCharacter) -> torch.Tensor:
         """(R, D) features of the character's reference crops ((0, 0) without reference images)."""
-        if not character.images:
+        if not character.identity_images:
             return torch.zeros(0, 0)
         encoder = self.encoders[self.encoder_kind(character)]
         features = encoder(self.crops.reference_crops(character))
         if not found(features).any():
-            features = encoder([open_rgb(path, f"character {character.key!r}") for path in character.images])
+            whole = [open_rgb(path, f"character {character.key!r}") for path in character.identity_images]
+            features = encoder(whole)
         return features
 
     def match_shot(
         self, story: BenchStory, shot: BenchShot, image: Image.Image, references: dict[str, torch.Tensor]
-    ) -> dict[str, Match]:
-        """The characters of `shot` found in its generated `image`."""
+    ) -> dict[str, Match] | None:
+        """The characters of `shot` found in its generated `image`; None when the shot is not evaluated."""
         candidates = self.crops.shot_crops(image, shot)
         if not candidates:
-            return {}
+            return None
         listed = list(shot.characters)
         kinds = {self.encoder_kind(story.characters[key]) for key in listed}
         crops = [crop for _, crop in candidates]
@@ -97,4 +123,5 @@ class CharacterMatcher:
             feature = features[self.encoder_kind(story.characters[listed[c]])][p]
             if found(feature[None]).item():
                 matched[listed[c]] = Match(shot.index, crops[p], feature)
-        return matched
+        # Nothing matched means no listed character could be scored against any crop (see the module docstring).
+        return matched or None

@@ -2,10 +2,12 @@
 
 Four dimensions, each scored 0-4: `scene` (the shot's setting), `camera` (its shot perspective) and
 `character_action` (its static description) on the full shot, `single_character_action` on one character's
-crop. The judge sees one user message: the dimension's rubric, the shot text, for a single character "Evaluated
-Character Name is <name>", and the image resized to 512 x 512 JPEG. Published settings: temperature 0, seed 123,
-max_tokens 512; the score is the first match of `(score|Score):\\s*[a-zA-Z]*\\s*(\\d+)`; up to 10 attempts, each
-failure raising the temperature by 0.1, else 0.
+crop. As ViStoryBench asks them: for the three shot dimensions one user message holds the dimension's rubric,
+the shot text and the image; for a single character the rubric is a system message, and the user message
+holds the shot text, "Evaluated Character Name is <name>" and the crop ("low" detail). Images are resized to
+512 x 512 JPEG. Published settings: temperature 0, seed 123, max_tokens 512; the score is the first match of
+`(score|Score):\\s*[a-zA-Z]*\\s*(\\d+)`; up to 10 attempts, each failure raising the temperature by 0.1, and
+0 when every answer that arrived failed to parse.
 
 The rubrics here are this project's own wording; `eval.judge.prompt_dir` replaces any of them with a file
 `<dimension>.txt` (e.g. the published prompt files), and the prompt text is part of the cache key.
@@ -16,10 +18,15 @@ Answers are cached on disk by (image hash, text, dimension, prompt, model), so a
 questions are not cached, so a rerun asks them again.
 
 Load (not part of the published protocol): at most `max_concurrency` requests of a backend are in flight at
-once, whatever the number of threads asking (`Judge.score_many` asks with that many); an HTTP 429 or 5xx answer
-is asked again at the same temperature after an exponential backoff with full jitter, or after the server's
-Retry-After, until the waits of that request would pass `backoff_total_s`. Only an answer that arrives and does
-not parse (or a request that finally fails) is a failed attempt of the published rule.
+once, whatever the number of threads asking (`Judge.score_many` asks with that many); an HTTP 429 or 5xx
+answer, a refused connection or a timeout is asked again at the same temperature after an exponential backoff
+with full jitter, or after the server's Retry-After, until the waits of that request would pass
+`backoff_total_s`. (The published client instead retries forever, raising the temperature by 0.2 up to 1.0
+after each non-200 answer, so its scores depend on the server's load; ours do not.)
+
+A judge that cannot answer is never a score of 0: an HTTP 401 / 403 / 404 / 407 (refused key, unknown model or
+endpoint), a backoff given up (unreachable or overloaded), or a question none of whose attempts got an answer
+raises `JudgeUnavailable`, and the Alignment metric is then reported missing with that reason.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from PIL import Image
 
 from dreamshot.config.schema import JudgeConfig
 from dreamshot.eval.metrics import ALIGNMENT_DIMENSIONS
-from dreamshot.utils.errors import ConfigError
+from dreamshot.utils.errors import ConfigError, DreamShotError
 
 SCORE_PATTERN = re.compile(r"(score|Score):\s*[a-zA-Z]*\s*(\d+)")
 TEMPERATURE_STEP = 0.1
@@ -75,15 +82,29 @@ PROMPTS = {
 }
 
 
+# HTTP statuses that say the judge is configured wrong (key, model, endpoint, proxy): asking again cannot help.
+FATAL_STATUSES = {
+    401: "the API key is refused (eval.judge.api_key_env)",
+    403: "the API key is refused (eval.judge.api_key_env)",
+    404: "no such endpoint or model (eval.judge.endpoint, eval.judge.model)",
+    407: "the proxy asks for credentials",
+}
+
+
 class JudgeRequestError(Exception):
-    """A failed request (network error, HTTP error status, malformed response): the judge retries."""
+    """A failed attempt at one question (an HTTP error status about that request, a malformed response)."""
 
 
-class _Overloaded(Exception):
-    """HTTP 429 or 5xx: the server asks to be asked again later (`retry_after`: its Retry-After, in seconds)."""
+class JudgeUnavailable(DreamShotError):
+    """The judge cannot answer: its scores would be wrong, so the Alignment metric is missing with this reason."""
 
-    def __init__(self, status: int, retry_after: float | None) -> None:
-        super().__init__(f"HTTP {status}")
+
+class _TryLater(Exception):
+    """HTTP 429 or 5xx, a refused connection or a timeout: ask again later (`retry_after`: the server's
+    Retry-After, in seconds)."""
+
+    def __init__(self, what: str, retry_after: float | None = None) -> None:
+        super().__init__(what)
         self.retry_after = retry_after
 
 
@@ -129,7 +150,8 @@ class ChatBackend(Protocol):
     model: str
 
     def complete(self, messages: list[dict[str, Any]], temperature: float) -> str:
-        """The assistant's reply text; raises JudgeRequestError on failure."""
+        """The assistant's reply text; raises JudgeRequestError for a failed attempt, JudgeUnavailable when
+        the judge cannot answer at all."""
         ...
 
 
@@ -173,31 +195,41 @@ class OpenAIChatBackend:
             raise JudgeRequestError(f"no choices[0].message.content in the reply of {self.url}") from None
 
     def _send(self, request: urllib.request.Request) -> Any:
-        """The decoded JSON reply, asking again after a backoff while the server answers 429 / 5xx."""
+        """The decoded JSON reply, asking again after a backoff while the server answers 429 / 5xx or cannot
+        be reached."""
         deadline, retry = time.monotonic() + self.backoff.total_s, 0
         while True:
             try:
                 return self._post(request)
-            except _Overloaded as e:
+            except _TryLater as e:
                 wait = self.backoff.wait(retry, e.retry_after, self._rng)
                 if time.monotonic() + wait > deadline:
-                    raise JudgeRequestError(f"{e} from {self.url} after {retry + 1} tries (backoff given up)") from None
+                    raise JudgeUnavailable(
+                        f"{e} from {self.url} after {retry + 1} tries (backoff given up, "
+                        f"eval.judge.backoff_total_s={self.backoff.total_s:g})"
+                    ) from None
                 # Outside `_post`: the bound is on requests in flight, and a waiting one holds no slot.
                 time.sleep(wait)
                 retry += 1
 
     def _post(self, request: urllib.request.Request) -> Any:
-        """One HTTP exchange: the decoded JSON reply; raises _Overloaded on 429 / 5xx, else JudgeRequestError."""
+        """One HTTP exchange: the decoded JSON reply. Raises _TryLater on 429 / 5xx / no connection,
+        JudgeUnavailable on a FATAL_STATUSES answer, else JudgeRequestError."""
         with self._slots:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as e:
                 if e.code == 429 or e.code >= 500:
-                    raise _Overloaded(e.code, retry_after_seconds(e.headers.get("Retry-After"))) from None
+                    raise _TryLater(f"HTTP {e.code}", retry_after_seconds(e.headers.get("Retry-After"))) from None
+                if e.code in FATAL_STATUSES:
+                    raise JudgeUnavailable(f"HTTP {e.code} from {self.url}: {FATAL_STATUSES[e.code]}") from None
                 raise JudgeRequestError(f"HTTP {e.code} from {self.url}") from None
-            except (urllib.error.URLError, TimeoutError, OSError, json.JSONDecodeError) as e:
-                raise JudgeRequestError(f"{type(e).__name__} from {self.url}") from None
+            except json.JSONDecodeError:
+                raise JudgeRequestError(f"a reply of {self.url} is not JSON") from None
+            except (urllib.error.URLError, TimeoutError, OSError) as e:
+                reason = getattr(e, "reason", None) or e
+                raise _TryLater(f"{type(e).__name__} ({reason})") from None
 
 
 class AnswerCache:
@@ -295,9 +327,12 @@ class Judge:
         self.image_size, self.workers = image_size, workers
         self.stats = JudgeStats()
         self._stats_lock = threading.Lock()
+        # Set by the first question the judge cannot answer: the questions after it are not asked.
+        self.unavailable: JudgeUnavailable | None = None
 
     def score(self, image: Image.Image, text: str, dimension: str, character: str | None = None) -> int:
-        """0-4 score of `image` against `text` on `dimension` (0 when every attempt fails)."""
+        """0-4 score of `image` against `text` on `dimension`: 0 when every answer fails to parse;
+        JudgeUnavailable when the judge cannot answer (see the module docstring)."""
         if dimension not in ALIGNMENT_DIMENSIONS:
             raise ValueError(f"unknown alignment dimension {dimension!r}")
         key = self.cache_key(image, text, dimension, character)
@@ -307,16 +342,27 @@ class Judge:
             return cached
         self._count("asked")
         messages = self.messages(image, text, dimension, character)
+        answered, failure = False, None
         for attempt in range(self.max_retries):
+            if self.unavailable is not None:
+                raise self.unavailable
             try:
                 reply = self.backend.complete(messages, self.temperature + attempt * TEMPERATURE_STEP)
-            except JudgeRequestError:
+            except JudgeRequestError as e:
+                failure = e
                 time.sleep(self.retry_wait_s)
                 continue
+            except JudgeUnavailable as e:
+                self.unavailable = e
+                raise
+            answered = True
             score = parse_score(reply)
             if score is not None:
                 self.cache.put(key, score, reply)
                 return score
+        if not answered:
+            self.unavailable = JudgeUnavailable(f"no answer in {self.max_retries} attempts ({failure})")
+            raise self.unavailable
         self._count("failed")
         return 0
 
@@ -331,15 +377,22 @@ class Judge:
             setattr(self.stats, name, getattr(self.stats, name) + 1)
 
     def messages(self, image: Image.Image, text: str, dimension: str, character: str | None) -> list[dict]:
-        content: list[dict[str, Any]] = [
-            {"type": "text", "text": self.prompts[dimension]},
-            {"type": "text", "text": text},
-        ]
-        if character is not None:
-            content.append({"type": "text", "text": f"Evaluated Character Name is {character}"})
+        """The chat messages of one question, laid out as ViStoryBench sends them (module docstring)."""
+        rubric = {"type": "text", "text": self.prompts[dimension]}
+        if character is None:
+            return [
+                {
+                    "role": "user",
+                    "content": [rubric, {"type": "text", "text": text}, image_content(image, self.image_size)],
+                }
+            ]
         # Character crops are small: "low" detail, as the published code sends them.
-        content.append(image_content(image, self.image_size, "low" if character is not None else None))
-        return [{"role": "user", "content": content}]
+        content = [
+            {"type": "text", "text": text},
+            {"type": "text", "text": f"Evaluated Character Name is {character}"},
+            image_content(image, self.image_size, "low"),
+        ]
+        return [{"role": "system", "content": [rubric]}, {"role": "user", "content": content}]
 
     def cache_key(self, image: Image.Image, text: str, dimension: str, character: str | None) -> str:
         prompt = hashlib.sha256(self.prompts[dimension].encode()).hexdigest()[:16]

@@ -2,10 +2,10 @@
 
 Output folder:
 ```
-<out>/shots/<story id>/shot_NN.png, storyboard.png   drawn shots (not when scoring an existing folder)
-<out>/toy_benchmark/                                   the toy benchmark's data (toy only)
-<out>/judge_cache.jsonl                                the judge's answers (unless eval.judge.cache is set)
-<out>/results.json, <out>/results.csv                  dataset-level and per-story values
+<out>/shots/<story id>/shot_NN.png, sheet/storyboard.png   drawn shots (not when scoring an existing folder)
+<out>/toy_benchmark/                                       the toy benchmark's data (toy only)
+<out>/judge_cache.jsonl                                    the judge's answers (unless eval.judge.cache is set)
+<out>/results.json, <out>/results.csv                      dataset-level and per-story values
 ```
 """
 
@@ -63,7 +63,9 @@ def evaluate(
                 )
             suite.update(StorySample(story, read_story_shots(shots_dir, story, ev.mode)))
             shot_bar.update(story_shots[story.id])
-    results = EvalResults(bench.name, ev.mode, label, suite.compute(), suite.missing, suite.per_story(), story_shots)
+    results = EvalResults(
+        bench.name, ev.mode, label, suite.compute(), suite.missing_values(), suite.per_story(), story_shots
+    )
     alignment = suite.metrics.get("alignment")
     if isinstance(alignment, AlignmentMetric):
         results.extra["judge"] = {"model": ev.judge.model, **asdict(alignment.judge.stats)}

@@ -7,6 +7,7 @@ metric states reduced by summation, so a metric also aggregates across processes
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Mapping
@@ -18,9 +19,10 @@ from torchmetrics import Metric
 from dreamshot.eval.benchmarks.types import BenchStory
 from dreamshot.eval.extractors import AestheticScorer, Encoder
 from dreamshot.eval.identity import CharacterMatcher, StoryMatches
-from dreamshot.eval.judge import Judge, Question
+from dreamshot.eval.judge import Judge, JudgeUnavailable, Question
 from dreamshot.eval.metrics import (
     ALIGNMENT_DIMENSIONS,
+    alignment_score,
     character_identity,
     mean,
     rounded_mean,
@@ -29,6 +31,8 @@ from dreamshot.eval.metrics import (
     style_self,
 )
 from dreamshot.inference.story import open_rgb
+
+log = logging.getLogger(__name__)
 
 
 class StorySample:
@@ -49,10 +53,14 @@ class StorySample:
 
 
 class StoryMetric(Metric):
-    """Mean over stories of the values `score(sample)` returns (a value a story lacks is left out of its mean)."""
+    """Mean over stories of the values `score(sample)` returns (a value a story lacks is left out of its mean).
+
+    `failure` says why the metric has no values at all for this run (set by `score`; it outlives `reset`).
+    """
 
     full_state_update = False
     higher_is_better = True
+    failure: str | None = None
 
     def __init__(self, names: tuple[str, ...]) -> None:
         super().__init__()
@@ -67,6 +75,9 @@ class StoryMetric(Metric):
 
     def update(self, sample: StorySample) -> None:
         values = self.score(sample)
+        if self.failure is not None:
+            self.per_story = {}
+            return
         self.per_story[sample.story.id] = values
         for i, name in enumerate(self.names):
             if name in values:
@@ -74,6 +85,8 @@ class StoryMetric(Metric):
                 self.count[i] += 1
 
     def compute(self) -> dict[str, torch.Tensor]:
+        if self.failure is not None:
+            return {}
         return {name: self.total[i] / self.count[i] for i, name in enumerate(self.names) if self.count[i] > 0}
 
     def reset(self) -> None:
@@ -83,7 +96,8 @@ class StoryMetric(Metric):
 
 class IdentityMetric(StoryMetric):
     """CIDS (`prefix` "cids"; "toy_identity" for the toy proxy): `<prefix>_cross` and `<prefix>_self`, the
-    story means over ALL its characters (one never found scores 0 and stays in the mean)."""
+    story means over ALL its characters (one never found scores 0 and stays in the mean). A story with a
+    character whose references give no feature has no value (ViStoryBench's CIDS fails on it)."""
 
     def __init__(self, matcher: CharacterMatcher, prefix: str = "cids") -> None:
         super().__init__((f"{prefix}_cross", f"{prefix}_self"))
@@ -91,6 +105,8 @@ class IdentityMetric(StoryMetric):
 
     def score(self, sample: StorySample) -> dict[str, float]:
         found = sample.matches(self.matcher)
+        if found.unusable:
+            return {}
         scores = []
         for key in sample.story.characters:
             matched = [m.feature for m in found.matches[key]]
@@ -140,11 +156,15 @@ class AestheticMetric(StoryMetric):
 
 class AlignmentMetric(StoryMetric):
     """Alignment: the judge's 0-4 scores. Per story: the mean over shots of `scene`, `camera` and
-    `character_action`; `single_character_action` is, per shot, the mean over its matched characters' crops
-    rounded to an integer (0 when none is matched), then the story mean rounded again. `alignment` is the mean
-    of the four (over a benchmark this equals the paper's mean of the four dataset-level averages).
+    `character_action`; `single_character_action` is, per evaluated shot (`StoryMatches.evaluated`: a shot
+    with no listed character, no detection or no face is left out, as ViStoryBench does), the mean over its
+    matched characters' crops rounded to an integer, then the story mean rounded again; a story with no
+    evaluated shot has none. `alignment` is the paper's: the mean of the four dataset-level averages (per
+    story, the mean of the story's four values, for the per-story table).
 
-    Without a matcher (no character crops) the single-character dimension, and so `alignment`, are absent.
+    Without a matcher (no character crops) the single-character dimension, and so `alignment`, are absent. When
+    the judge cannot answer (`JudgeUnavailable`) the metric fails for the run: no question is asked after it,
+    and every alignment value is missing with the reason (never a score of 0).
     """
 
     def __init__(self, judge: Judge, matcher: CharacterMatcher | None) -> None:
@@ -154,18 +174,34 @@ class AlignmentMetric(StoryMetric):
         self.judge, self.matcher = judge, matcher
 
     def score(self, sample: StorySample) -> dict[str, float]:
+        if self.failure is not None:
+            return {}
         questions, asked_for = self._questions(sample)
         # One batch per story: the judge asks them concurrently, within its bound on requests in flight.
+        try:
+            scores = self.judge.score_many(questions)
+        except JudgeUnavailable as e:
+            self.failure = f"the judge cannot answer: {e}"
+            log.warning("alignment is missing for this run: %s", self.failure)
+            return {}
         answers: dict[tuple[str, int], list[int]] = defaultdict(list)
-        for key, answer in zip(asked_for, self.judge.score_many(questions), strict=True):
+        for key, answer in zip(asked_for, scores, strict=True):
             answers[key].append(answer)
         values = {
             f"alignment_{d}": mean([answers[(d, index)][0] for index in sample.shots]) for d in ALIGNMENT_DIMENSIONS[:3]
         }
-        if self.matcher is not None:
-            singles = [rounded_mean(answers[("single_character_action", index)]) for index in sample.shots]
+        evaluated = sample.matches(self.matcher).evaluated if self.matcher is not None else set()
+        singles = [rounded_mean(answers[("single_character_action", i)]) for i in sample.shots if i in evaluated]
+        if singles:
             values["alignment_single_character_action"] = float(rounded_mean(singles))
             values["alignment"] = mean([values[f"alignment_{d}"] for d in ALIGNMENT_DIMENSIONS])
+        return values
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        values = super().compute()
+        dimensions = {d: values[f"alignment_{d}"].item() for d in ALIGNMENT_DIMENSIONS if f"alignment_{d}" in values}
+        if len(dimensions) == len(ALIGNMENT_DIMENSIONS):
+            values["alignment"] = torch.tensor(alignment_score(dimensions), dtype=torch.float64)
         return values
 
     def _questions(self, sample: StorySample) -> tuple[list[Question], list[tuple[str, int]]]:

@@ -8,6 +8,7 @@ under its own names, never as CIDS or CSD; other benchmarks skip it (it does not
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from dreamshot.eval.benchmarks.types import FACE_TAG, Benchmark
 from dreamshot.eval.crops import DetectorCrops, MaskCrops
 from dreamshot.eval.detector import load_detector
 from dreamshot.eval.extractors import ColourHistogram, load_aesthetic_scorer, load_clip_encoder, load_csd_encoder
-from dreamshot.eval.faces import load_face_encoder
+from dreamshot.eval.faces import face_models, load_face_encoder, published_ensemble
 from dreamshot.eval.identity import CharacterMatcher
 from dreamshot.eval.judge import build_judge
 from dreamshot.eval.story_metrics import (
@@ -31,6 +32,8 @@ from dreamshot.eval.story_metrics import (
     StyleMetric,
 )
 from dreamshot.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 JUDGE_CACHE = "judge_cache.jsonl"
 # Value names of each metric group, in report order.
@@ -51,7 +54,8 @@ VALUE_NAMES = {
 
 @dataclass
 class MetricSuite:
-    """The metrics of one evaluation, and the value names that are missing (name -> reason)."""
+    """The metrics of one evaluation, and the value names that are missing at build time (name -> reason);
+    `missing_values()` adds those of metrics that failed during the run."""
 
     metrics: dict[str, StoryMetric] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
@@ -62,6 +66,10 @@ class MetricSuite:
 
     def compute(self) -> dict[str, float]:
         return {k: float(v) for metric in self.metrics.values() for k, v in metric.compute().items()}
+
+    def missing_values(self) -> dict[str, str]:
+        failed = {name: m.failure for m in self.metrics.values() if m.failure is not None for name in m.names}
+        return {**self.missing, **failed}
 
     def per_story(self) -> dict[str, dict[str, float]]:
         stories: dict[str, dict[str, float]] = {}
@@ -146,8 +154,8 @@ def _identity_matcher(cfg: EvalConfig, bench: Benchmark, device: torch.device) -
         unset.append("eval.detector.weights")
     if tags - {FACE_TAG} and cfg.clip.weights is None:
         unset.append("eval.clip.weights")
-    if FACE_TAG in tags and (cfg.face.detector is None or not cfg.face.recognizers):
-        unset.append("eval.face.detector and eval.face.recognizers")
+    if FACE_TAG in tags and (cfg.face.detector is None or not face_models(cfg.face)):
+        unset.append("eval.face.detector and eval.face.recognizers / adaface / facenet")
     if unset:
         return None, f"{', '.join(unset)} not set"
     encoders = {}
@@ -155,9 +163,23 @@ def _identity_matcher(cfg: EvalConfig, bench: Benchmark, device: torch.device) -
         encoders["general"] = load_clip_encoder(cfg.clip).to(device)
     if FACE_TAG in tags:
         encoders["face"] = load_face_encoder(cfg.face)
+        if not published_ensemble(cfg.face):
+            _warn_face_ensemble(cfg, bench)
     if mode == "masks":
         return CharacterMatcher(MaskCrops(), encoders), ""
     return CharacterMatcher(DetectorCrops(load_detector(cfg.detector).to(device)), encoders), ""
+
+
+def _warn_face_ensemble(cfg: EvalConfig, bench: Benchmark) -> None:
+    stories = [s.id for s in bench.stories if any(c.tag == FACE_TAG for c in s.characters.values())]
+    log.warning(
+        "CIDS of %d %s stories with realistic_human characters uses the face model(s) %s; every published CIDS "
+        "averages ArcFace, AdaFace IR-101 and FaceNet (set eval.face.recognizers, eval.face.adaface and "
+        "eval.face.facenet: docs/evaluation.md)",
+        len(stories),
+        bench.name,
+        " + ".join(face_models(cfg.face)),
+    )
 
 
 def _names(suite: MetricSuite) -> set[str]:

@@ -22,6 +22,10 @@ PUBLISHED = {
     "eval.aes.head": "github.com/discus0434/aesthetic-predictor-v2-5 (models/aesthetic_predictor_v2_5.pth)",
     "eval.face.detector": "insightface's antelopev2 pack (scrfd_10g_bnkps.onnx), github.com/deepinsight/insightface",
     "eval.face.recognizers": "insightface's antelopev2 pack (glintr100.onnx), github.com/deepinsight/insightface",
+    "eval.face.adaface": "an ONNX export of github.com/mk-minchul/AdaFace's adaface_ir101_webface12m.ckpt "
+    "(docs/evaluation.md)",
+    "eval.face.facenet": "an ONNX export of facenet-pytorch's InceptionResnetV1 with the VGGFace2 weights "
+    "(docs/evaluation.md)",
     "eval.detector.weights": "huggingface.co/IDEA-Research/grounding-dino-tiny",
 }
 

@@ -1,7 +1,9 @@
 """The output folder of `dreamshot generate`: shot PNGs, the contact sheet and `generation.json`.
 
 Shots are `shot_01.png`, `shot_02.png`, … — ViStoryBench's naming: the shot index (1-based) is the number
-after the last `_`. `storyboard.png` is the contact sheet (`contact_sheet.py`). `generation.json` records
+after the last `_`. `sheet/storyboard.png` is the contact sheet (`contact_sheet.py`), in a subfolder so that
+ViStoryBench's output reader, which takes every image file beside the shots for a shot, never sees it (it
+stops on `storyboard.png`, which has no shot number). `generation.json` records
 the latest call (mode, seed, steps, weights, resolved config, timings per step and in total, which shots were
 drawn and which kept) and, under `history`, the records of the calls before it in the same folder (re-rolls).
 Every file is written atomically.
@@ -21,7 +23,7 @@ from dreamshot.inference.story import Story, load_shot, reference_images
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.io import atomic_path, atomic_write_text
 
-SHEET_FILE = "storyboard.png"
+SHEET_FILE = "sheet/storyboard.png"
 RECORD_FILE = "generation.json"
 
 
@@ -30,9 +32,14 @@ def shot_file(index: int) -> str:
     return f"shot_{index:02d}.png"
 
 
-def shot_index(path: str | Path) -> int:
-    """The 1-based shot index of a shot file name: the number after the last `_`."""
-    return int(Path(path).stem.rsplit("_", 1)[-1])
+def shot_index(path: str | Path) -> int | None:
+    """The shot index of a file name as ViStoryBench reads it: the text after the last `_`, up to its first
+    `.`, as a Python int (`shot_01.png` and `01.jpg` are shot 1, `shot_3.v2.png` shot 3); None when that is
+    not a number (`storyboard.png`, `shot-03.png`, `shot_03_v2.png`: not shots)."""
+    try:
+        return int(Path(path).name.split("_")[-1].split(".")[0])
+    except ValueError:
+        return None
 
 
 def to_image(pixels: torch.Tensor) -> Image.Image:
@@ -68,7 +75,7 @@ def load_kept_shots(out_dir: Path, indices: list[int], size: tuple[int, int]) ->
 
 
 def write_contact_sheet(out_dir: Path, story: Story, size: tuple[int, int]) -> Path:
-    """`storyboard.png` from the folder's shot files and the story's references and annotations."""
+    """`sheet/storyboard.png` from the folder's shot files and the story's references and annotations."""
     shots = []
     for index in range(1, len(story.shots) + 1):
         with Image.open(out_dir / shot_file(index)) as image:

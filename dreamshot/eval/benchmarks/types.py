@@ -26,6 +26,13 @@ class BenchCharacter:
     images: tuple[Path, ...]
     # One mask per reference image (None where it has none).
     masks: tuple[Path | None, ...] = ()
+    # The reference images CIDS crops, where the benchmark's metric code reads other files than `images`
+    # (ViStoryBench's CIDS reads only `.jpg`); None: `images`.
+    cids_images: tuple[Path, ...] | None = None
+
+    @property
+    def identity_images(self) -> tuple[Path, ...]:
+        return self.images if self.cids_images is None else self.cids_images
 
 
 @dataclass(frozen=True)

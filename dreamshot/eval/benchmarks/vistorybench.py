@@ -8,7 +8,8 @@ story.json: `Story_type {en, ch}`; `Characters {key: {tag, name_en, name_ch, pro
 num_of_appearances}}`; `Shots [{index, "Plot Correspondence", "Setting Description", "Shot Perspective Design",
 "Characters Appearing", "Static Shot Description"}]`, each text field `{en, ch}`; "Characters Appearing".en is a
 list of character keys. English only. A character's reference images are the image files under its folder
-(.jpg / .jpeg / .png, sorted by path); a character that appears in a shot must have at least one.
+(.jpg / .jpeg / .png in any case, sorted by path); a character that appears in a shot must have at least one.
+CIDS reads only the `.jpg` files among them (lower case, as ViStoryBench's CIDS code globs them).
 
 The storyboard model gets, per character, the prompt "<name_en>: <prompt_en>" with its first reference image,
 and per shot "<Shot Perspective Design>. <Setting Description>. <Static Shot Description>." (each part ends
@@ -18,6 +19,7 @@ Any fault is a DataError naming the story file and the field.
 
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ LITE = ("01", "08", "09", "15", "17", "19", "24", "27", "28", "29",
         "32", "41", "52", "53", "55", "57", "60", "64", "68", "79")
 # fmt: on
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# The reference files ViStoryBench's CIDS reads (a case-sensitive glob, subfolders included).
+CIDS_REFERENCE_PATTERN = "**/*.jpg"
 SHOT_TEXTS = {
     "plot": "Plot Correspondence",
     "scene": "Setting Description",
@@ -96,7 +100,11 @@ def _character(folder: Path, key: str, value: Any, where: Where) -> BenchCharact
     name, prompt = (where.get(value, field, str, at) for field in CHARACTER_TEXTS)
     image_dir = folder / "image" / key
     images = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if image_dir.is_dir() else []
-    return BenchCharacter(key, name, tag, f"{name}: {prompt}", tuple(images), (None,) * len(images))
+    # glob, not Path.glob: its "**" skips hidden files and folders, as the published code's glob does.
+    cids = sorted(glob.glob(CIDS_REFERENCE_PATTERN, root_dir=image_dir, recursive=True)) if image_dir.is_dir() else []
+    return BenchCharacter(
+        key, name, tag, f"{name}: {prompt}", tuple(images), (None,) * len(images), tuple(image_dir / p for p in cids)
+    )
 
 
 def _shot(item: Any, i: int, characters: dict[str, BenchCharacter], where: Where) -> BenchShot:
