@@ -2,7 +2,7 @@
 own metric code gives for them, so that `tests/test_vistorybench_reference.py` catches any drift of ours.
 
 What is here (all made by this script, nothing of ViStoryBench's is stored):
-- `dataset/ViStory/<NN>/story.json` and reference images; `outputs/<NN>/shot_NN.png`: three stories built to
+- `dataset/ViStory/<NN>/story.json` and reference images; `generated/<NN>/shot_NN.png`: three stories built to
   reach every branch the published CIDS and alignment code has (every detector box a candidate, a missed
   reference skipped, whole references when all are missed, `.png` references CIDS does not read, shots with no
   listed character / no detection / no face, a face found only at a lowered threshold, a character with no
@@ -42,7 +42,7 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 DATASET = HERE / "dataset"
-OUTPUTS = HERE / "outputs"
+OUTPUTS = HERE / "generated"
 WEIGHTS = HERE / "weights"
 DETECTIONS = HERE / "detections.json"
 EXPECTED = HERE / "expected.json"
