@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from dreamshot.config.load import load_config
+from dreamshot.config.load import check_weights, load_config
 from dreamshot.config.schema import Config
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, LORA_FILE
@@ -69,8 +69,10 @@ def build_adapter(cfg: Config, device: torch.device | str = "cpu") -> WanAdapter
     """The backbone of `cfg` in eval mode on `device`, LoRA initialised (B = 0: the bare model's output).
 
     A randomly initialised (tiny) backbone is drawn under `cfg.seed` exactly as `DreamShotModule` draws it, so
-    LoRA weights trained on it apply to the same frozen weights here.
+    LoRA weights trained on it apply to the same frozen weights here. A full-size model without its weights is
+    refused before anything is built (`check_weights`).
     """
+    check_weights(cfg.model)
     return WanAdapter.seeded(cfg.model, cfg.seed).to(device).eval()
 
 
