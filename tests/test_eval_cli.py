@@ -114,9 +114,9 @@ def test_validation_callback_logs_metrics_and_storyboards(tmp_path):
     callback_cfg = ["enabled=true", "every_n_steps=2", "steps=1", "stories=1"]
     cfg = load_config(None, [*SMALL, *(f"eval.callback.{item}" for item in callback_cfg)])  # fmt: skip
     logger = CSVLogger(tmp_path, name="csv", version=0)
-    assert any(isinstance(c, StoryboardMetrics) for c in build_trainer(cfg, tmp_path, logger).callbacks)
+    assert any(isinstance(c, StoryboardMetrics) for c in build_trainer(cfg, tmp_path, [logger]).callbacks)
     off = load_config(None, SMALL)
-    assert not any(isinstance(c, StoryboardMetrics) for c in build_trainer(off, tmp_path, logger).callbacks)
+    assert not any(isinstance(c, StoryboardMetrics) for c in build_trainer(off, tmp_path, [logger]).callbacks)
 
     module = DreamShotModule(cfg)
     callback = StoryboardMetrics(cfg, tmp_path)
@@ -124,9 +124,9 @@ def test_validation_callback_logs_metrics_and_storyboards(tmp_path):
 
     class Trainer:
         global_step = 1
-        logger = None
+        loggers = []
 
-    Trainer.logger = type("Recorder", (), {"log_metrics": lambda self, m, step: logged.append((step, m))})()
+    Trainer.loggers = [type("Recorder", (), {"log_metrics": lambda self, m, step: logged.append((step, m))})()]
     callback.on_train_batch_end(Trainer, module, None, None, 0)
     assert logged == []  # not a multiple of every_n_steps
     Trainer.global_step = 2
