@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,21 @@ def test_story_file_faults(tmp_path, capsys):
         reference_images(story, (HEIGHT, WIDTH))
     assert main(["generate", str(tmp_path / "absent.yaml"), "--base", "--out", str(tmp_path / "o")]) == 2
     assert "absent.yaml: cannot read story file" in capsys.readouterr().err
+
+
+def test_make_generate_without_ckpt_says_it_draws_with_the_bare_model():
+    repo = EXAMPLE_STORY.parents[1]
+    dry = ["make", "-n", "-o", ".venv/.installed", "generate"]
+    bare = subprocess.run(dry, cwd=repo, capture_output=True, text=True, check=True).stdout
+    assert "no CKPT given: drawing with the bare model" in bare and "--base" in bare
+    trained = subprocess.run([*dry, "CKPT=outputs/demo"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    assert "bare model" not in trained
+
+
+def test_generate_help_states_the_precedence_it_refers_to(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "see precedence" not in text
+    assert "the previous seed + 1, else the story's, else inference.seed" in text
+    assert "the story's steps, else inference.steps" in text

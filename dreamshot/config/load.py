@@ -218,7 +218,7 @@ def describe_curriculum(config: Config) -> str:
         weight = config.racl_weight(i)
         loss = f"L_FM + {weight:g}·L_RACL" if weight > 0 else "L_FM"
         height, width = phase.resolution
-        parts.append(f"phase {i + 1}: {phase.steps} steps at {height}x{width}, {loss}")
+        parts.append(f"phase {i + 1}: {phase.steps} step{'s' * (phase.steps != 1)} at {height}x{width}, {loss}")
     rule = " (trainer.max_steps, split by the phases' shares)" if config.curriculum else ""
     return f"{config.trainer.max_steps} steps{rule}; " + "; ".join(parts)
 
