@@ -180,3 +180,12 @@ def test_ema_update_is_the_moving_average():
     average = torch.tensor([1.0, 2.0])
     ema_update(average, torch.tensor([3.0, 0.0]), 0.75)
     assert average.tolist() == [1.5, 1.5] and not math.isnan(average.sum())
+
+
+def test_training_a_full_size_model_without_weights_is_refused_before_anything_is_built(tmp_path: Path):
+    from dreamshot.utils.errors import ConfigError
+
+    cfg = _config(tmp_path / "run", "model=wan1_3b")
+    with pytest.raises(ConfigError, match="model.pretrained_path is not set"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
-from dreamshot.config.load import to_yaml
+from dreamshot.config.load import check_weights, to_yaml
 from dreamshot.config.schema import Config
 from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.eval.callback import eval_callbacks
@@ -59,6 +59,7 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> Path:
     """
     out = Path(cfg.output_dir)
     # Everything that can be wrong with the inputs is found before anything is written.
+    check_weights(cfg.model)
     if cfg.trainer.ckpt_path and not Path(cfg.trainer.ckpt_path).exists():  # a DeepSpeed checkpoint is a folder
         raise WeightsError(f"checkpoint {cfg.trainer.ckpt_path} does not exist (trainer.ckpt_path)")
     # Without a curriculum an epoch is a data pass, so raising max_steps extends a run with the same data stream.
