@@ -10,7 +10,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from safetensors.torch import load_file
 
 from dreamshot.config.load import load_config
-from dreamshot.training.callbacks import PhaseProgressBar
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.train import train
 
@@ -155,11 +154,6 @@ def test_s2s_given_shots_stay_clean_and_out_of_the_loss(smoke_run):
     assert torch.equal(fed[0][:, :, :1], clean[:, :, :1])  # the given shot enters clean
     assert not torch.equal(fed[0][:, :, 1:], clean[:, :, 1:])  # the rest is noised
     assert torch.equal(base, shifted)
-
-
-def test_progress_bar_is_titled_with_the_phase_or_the_data_pass():
-    assert PhaseProgressBar(2)._get_train_description(1).strip() == "phase 2/2"
-    assert PhaseProgressBar(0)._get_train_description(2).strip() == "pass 3"
 
 
 def test_lightning_product_tips_are_dropped_and_other_messages_kept(caplog):

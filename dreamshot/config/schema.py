@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from dreamshot.models.layout import POSITION_MODES
 from dreamshot.utils.errors import ConfigError
 
 
@@ -74,6 +73,9 @@ class ModelConfig:
     name: str = "tiny"
     # Local diffusers-format Wan2.1 directory (transformer/ vae/ text_encoder/ tokenizer/). None: random init.
     pretrained_path: str | None = None
+    # Train or draw a full-size model (wan1_3b, wan14b, any DiT over ~100M parameters) from random weights on
+    # purpose (benchmarks); otherwise such a model without pretrained_path is refused before anything is built.
+    random_init: bool = False
     # Tokens per text (shot annotation or role prompt); Wan itself uses 512.
     text_len: int = 32
     # Parameter dtype of the frozen parts: float32 | bfloat16.
@@ -146,6 +148,10 @@ class ModeMixConfig:
     s2s: float = 0.2
 
 
+# Storyboard RoPE layouts (paper Tab. 3), built by dreamshot/models/layout.py.
+POSITION_MODES = ("refs_first", "phase", "neg", "last")
+
+
 @dataclass
 class StoryboardConfig:
     """How a storyboard becomes one DiT sequence: positions, training modes, condition dropout."""
@@ -199,7 +205,28 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_steps: int = 0
+    # Learning rate after the warm-up: constant | linear | cosine, the last two decaying from lr to
+    # min_lr_ratio·lr at trainer.max_steps.
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    # Exponential moving average of the LoRA weights, updated every optimizer step (0: off; e.g. 0.999). On, the
+    # run's LoRA files hold the averaged weights; checkpoints keep both (resume continues the average).
+    ema_decay: float = 0.0
+
+
+@dataclass
+class SampleConfig:
+    """A storyboard drawn during training with the weights being trained: a contact sheet under
+    `<output_dir>/samples/`, logged to W&B as `samples/storyboard`."""
+
+    # Every n optimizer steps (0: never).
+    every_n_steps: int = 0
+    # Story file to draw (the format of `dreamshot generate`). None: the first validation storyboard, from its
+    # references and annotations (r2s), drawn above its ground-truth shots.
+    story: str | None = None
+    # Sampler steps (few: it runs inside training).
+    steps: int = 8
 
 
 # Lightning strategies a run can use (dreamshot/training/strategy.py builds them).
@@ -222,15 +249,19 @@ class TrainerConfig:
     # torch.compile the DiT blocks (a block capturing role attention runs eagerly for that call): fuses their
     # elementwise work; the first steps pay the compilation, and a new storyboard shape may compile once more.
     compile_blocks: bool = False
+    # Log metrics every n optimizer steps; when stdout is not a terminal, also print a progress line.
     log_every_n_steps: int = 10
     # Save a checkpoint every n optimizer steps (and at the end).
     checkpoint_every_n_steps: int = 50
+    # Keep only the newest n step checkpoints (`last.ckpt` is kept too). None: keep every one.
+    keep_last_checkpoints: int | None = None
     val_check_interval: int = 50
     accumulate_grad_batches: int = 1
     # Resume from this checkpoint (a file written by a previous run).
     ckpt_path: str | None = None
     # Steps with a non-finite loss or gradient that may be skipped (no update) before the run stops.
     max_nonfinite_steps: int = 0
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 @dataclass
@@ -409,7 +440,9 @@ class Config:
     name: str = "run"
     tags: list[str] = field(default_factory=list)
     seed: int = 0
-    # Run outputs: checkpoints, LoRA, logs, toy data. Relative paths are relative to the working directory.
+    # Run outputs: checkpoints, LoRA, logs, toy data. Relative paths are relative to the working directory. A sweep
+    # member writes into `<output_dir>/<member>` unless output_dir names it already (`${name}`, as the default
+    # does, or a last folder named after the member).
     output_dir: str = "outputs/${name}"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -417,6 +450,8 @@ class Config:
     storyboard: StoryboardConfig = field(default_factory=StoryboardConfig)
     racl: RaclConfig = field(default_factory=RaclConfig)
     # Training phases run in order inside one run. Empty: one phase, data.resolution, racl.weight, trainer.max_steps.
+    # With phases, `trainer.max_steps=N` on the command line scales every phase to N steps in all (each keeps its
+    # share), and `curriculum.0.steps=N` alone sets trainer.max_steps to the new total; files must agree.
     curriculum: list[PhaseConfig] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -463,6 +498,7 @@ class Config:
             )
         _check_curriculum(self)
         _check_trainer(self.trainer)
+        _check_schedule_averaging_samples(self)
         if self.diffusion.shift <= 0:
             raise ConfigError(f"diffusion.shift must be > 0, got {self.diffusion.shift}")
         if self.data.toy.min_shots < 1 or self.data.toy.min_shots > self.data.toy.max_shots:
@@ -490,6 +526,28 @@ def _check_trainer(trainer: TrainerConfig) -> None:
             "trainer.compile_blocks is not supported with trainer.strategy=deepspeed_stage_3: "
             "set trainer.compile_blocks=false (trainer=zero3 does)"
         )
+
+
+def _check_schedule_averaging_samples(cfg: Config) -> None:
+    optim, trainer, sample = cfg.optim, cfg.trainer, cfg.trainer.sample
+    _check_choice(optim.schedule, ("constant", "linear", "cosine"), "optim.schedule")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}")
+    if not 0 <= optim.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0: off), got {optim.ema_decay}")
+    keep = trainer.keep_last_checkpoints
+    if keep is not None and keep < 1:
+        raise ConfigError(f"trainer.keep_last_checkpoints must be >= 1 (None: keep all), got {keep}")
+    if sample.every_n_steps < 0 or sample.steps < 1:
+        raise ConfigError("trainer.sample.every_n_steps must be >= 0 (0: never) and trainer.sample.steps >= 1")
+    if sample.every_n_steps and sample.story is None and cfg.data.val_groups < 1:
+        raise ConfigError("trainer.sample draws the first validation storyboard: set data.val_groups >= 1 or a story")
+    if trainer.strategy == "deepspeed_stage_3":
+        # A ZeRO-3 rank holds a flat shard of each weight (no average to keep of it), and a forward on rank 0 alone
+        # would wait for the others to gather the weights.
+        for key, on in (("optim.ema_decay", optim.ema_decay), ("trainer.sample.every_n_steps", sample.every_n_steps)):
+            if on:
+                raise ConfigError(f"{key} is not supported with trainer.strategy=deepspeed_stage_3")
 
 
 def _check_sizes(size: list[int], key: str, multiple: int) -> None:

@@ -22,6 +22,7 @@ white canvas at the shot size, shots resized to cover it and centre-cropped.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ _REFERENCE_FIELDS = ("role", "image", "prompt")
 _PREVIOUS_FIELDS = ("image", "annotation")
 _SHOT_FIELDS = ("annotation",)
 SIZE_MULTIPLE = 16
+# How annotations and reference prompts name a role (the toy world's and the paper's convention).
+ROLE_TAG = re.compile(r"<Role \d+>")
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,22 @@ def load_story(path: str | os.PathLike) -> Story:
         steps=_integer(body, "steps", 1, where),
         size=_size(body, where),
     )
+
+
+def unreferenced_roles(story: Story) -> list[tuple[str, str]]:
+    """(field, tag) of every `<Role N>` an annotation names that no reference prompt names, when the story has
+    references (r2s, s2s): such a role is drawn from its text alone, which is rarely what was meant."""
+    if not story.references:
+        return []
+    shown = {tag for ref in story.references for tag in ROLE_TAG.findall(ref.prompt)}
+    fields = [(f"previous_shots[{m}]", shot) for m, shot in enumerate(story.previous_shots)]
+    fields += [(f"shots[{n}]", shot) for n, shot in enumerate(story.shots)]
+    return [
+        (f"{at}.annotation", tag)
+        for at, shot in fields
+        for tag in dict.fromkeys(ROLE_TAG.findall(shot.annotation))
+        if tag not in shown
+    ]
 
 
 def story_request(

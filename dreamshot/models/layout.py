@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-POSITION_MODES = ("refs_first", "phase", "neg", "last")
+from dreamshot.config.schema import POSITION_MODES
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from dreamshot.inference.loading import load_lora, read_lora, with_lora
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.role_capture import RoleCapture
 from dreamshot.training.guards import TrainingDivergedError, describe, drop_gradients, finite_gradients
+from dreamshot.training.schedule import lr_factor
 from dreamshot.utils.errors import WeightsError
 
 
@@ -190,8 +191,10 @@ class DreamShotModule(L.LightningModule):
             eps=opt.eps,
             weight_decay=opt.weight_decay,
         )
-        warmup = max(opt.warmup_steps, 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total = self.cfg.trainer.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, opt.warmup_steps, total, opt.schedule, opt.min_lr_ratio)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- checkpoints: LoRA weights and training state only -------------------------------------------------
