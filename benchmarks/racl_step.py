@@ -106,7 +106,7 @@ def main() -> None:
     frames = REFS + SHOTS
     latents = torch.randn(1, 16, frames, 2 * GRID[0], 2 * GRID[1], generator=g)
     text = torch.randn(1, frames, cfg.text_len, 32, generator=g)
-    layout = StoryboardLayout(REFS, SHOTS)
+    layout = StoryboardLayout.of(REFS, SHOTS)
     plan = build_role_plan(role_masks(args.roles, g), layout.target_frames())
 
     modes = ("fm", "racl", "naive")

@@ -266,7 +266,7 @@ def main() -> None:
     adapter = build_adapter(cfg, device, args.compile)
     stepper = Stepper(cfg, adapter, args.zero, autocast=half and not args.zero)
     data = synthetic_storyboard(cfg, args, device, compute_dtype)
-    layout = StoryboardLayout(args.refs, args.shots)
+    layout = StoryboardLayout.of(args.refs, args.shots)
 
     def loss():
         return flow_matching_loss(adapter, data, layout, cfg.diffusion.shift)

@@ -109,7 +109,7 @@ def _run(transformer, capture=None, checkpointing=False):
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 16, 3, 4, 4, generator=g)  # 3 frames of 2x2 = 4 tokens
     text = torch.randn(1, 3 * 5, 32, generator=g)
-    rotary = storyboard_rotary_emb(StoryboardLayout(1, 2), (2, 2), 24)
+    rotary = storyboard_rotary_emb(StoryboardLayout.of(1, 2), (2, 2), 24)
     runner = capture.runner if capture is not None else None
     kwargs = {"block_runner": runner} if runner else {}
     return storyboard_forward(

@@ -25,7 +25,7 @@ def _inputs(frames=4, batch=2):
 def test_equals_diffusers_forward_with_wan_positions(transformer):
     latents, text, t = _inputs()
     expected = transformer(latents, t, text, return_dict=False)[0]
-    rotary = storyboard_rotary_emb(StoryboardLayout(1, 3), (2, 3), 24)
+    rotary = storyboard_rotary_emb(StoryboardLayout.of(1, 3), (2, 3), 24)
     got = storyboard_forward(transformer, latents, t, text, rotary)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -33,7 +33,7 @@ def test_equals_diffusers_forward_with_wan_positions(transformer):
 @torch.no_grad()
 def test_uniform_per_token_timestep_equals_global(transformer):
     latents, text, t = _inputs()
-    rotary = storyboard_rotary_emb(StoryboardLayout(1, 3), (2, 3), 24)
+    rotary = storyboard_rotary_emb(StoryboardLayout.of(1, 3), (2, 3), 24)
     per_token = t[:, None].expand(-1, 4 * 6).contiguous()
     torch.testing.assert_close(
         storyboard_forward(transformer, latents, per_token, text, rotary),
@@ -46,20 +46,21 @@ def test_uniform_per_token_timestep_equals_global(transformer):
 @torch.no_grad()
 def test_positions_change_the_output(transformer):
     latents, text, t = _inputs()
-    base = storyboard_forward(transformer, latents, t, text, storyboard_rotary_emb(StoryboardLayout(1, 3), (2, 3), 24))
+    rotary = storyboard_rotary_emb(StoryboardLayout.of(1, 3), (2, 3), 24)
+    base = storyboard_forward(transformer, latents, t, text, rotary)
     neg = storyboard_forward(
         transformer,
         latents,
         t,
         text,
-        storyboard_rotary_emb(StoryboardLayout(1, 3, position_mode="neg", neg_offset=2.0), (2, 3), 24),
+        storyboard_rotary_emb(StoryboardLayout.of(1, 3, position_mode="neg", neg_offset=2.0), (2, 3), 24),
     )
     assert not torch.allclose(base, neg, atol=1e-4)
 
 
 def test_gradient_checkpointing_gives_same_gradients(transformer):
     latents, text, t = _inputs()
-    rotary = storyboard_rotary_emb(StoryboardLayout(1, 3), (2, 3), 24)
+    rotary = storyboard_rotary_emb(StoryboardLayout.of(1, 3), (2, 3), 24)
     grads = []
     for checkpointing in (False, True):
         transformer.zero_grad()
@@ -74,8 +75,8 @@ def test_gradient_checkpointing_gives_same_gradients(transformer):
 @torch.no_grad()
 def test_two_layouts_back_to_back_leave_nothing_behind(transformer):
     latents, text, t = _inputs()
-    last = storyboard_rotary_emb(StoryboardLayout(1, 3, position_mode="last"), (2, 3), 24)
-    first = storyboard_rotary_emb(StoryboardLayout(1, 3), (2, 3), 24)
+    last = storyboard_rotary_emb(StoryboardLayout.of(1, 3, position_mode="last"), (2, 3), 24)
+    first = storyboard_rotary_emb(StoryboardLayout.of(1, 3), (2, 3), 24)
     alone = storyboard_forward(transformer, latents, t, text, first)
     storyboard_forward(transformer, latents, t, text, last)
     torch.testing.assert_close(storyboard_forward(transformer, latents, t, text, first), alone)

@@ -73,7 +73,7 @@ def reference_attention(adapter: WanAdapter, cfg: Config, sample: dict, t: float
     shots, refs = sample["shots"].to(device), sample["refs"].to(device)
     (k, _, height, width), n = refs.shape, shots.shape[0]
     latents = adapter.encode_storyboard(shots[None], refs[None], [sample["shot_texts"]], [sample["ref_texts"]])
-    layout = storyboard_layout(cfg.storyboard, k, n)
+    layout = storyboard_layout(cfg.storyboard, k, range(n))
 
     # 1. Sources: reference k's tokens of role k. Shots get empty masks: they are only attended to.
     ref_masks = torch.eye(k, device=device)[:, :, None, None] * sample["ref_masks"].to(device)[:, None]

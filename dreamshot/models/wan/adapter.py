@@ -15,7 +15,7 @@ from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.attention import use_shotwise_cross_attention
 from dreamshot.models.wan.build import build_components
 from dreamshot.models.wan.forward import compile_blocks, run_block, storyboard_forward
-from dreamshot.models.wan.latents import decode_shots, encode_references, encode_shots
+from dreamshot.models.wan.latents import decode_in_context, encode_references, encode_shots
 from dreamshot.models.wan.lora import apply_lora, load_lora_state_dict, lora_state_dict
 from dreamshot.models.wan.role_capture import RoleCapture, use_role_capture
 from dreamshot.models.wan.rope import storyboard_rotary_emb
@@ -90,9 +90,17 @@ class WanAdapter(nn.Module):
         )
 
     @torch.no_grad()
-    def decode_shots(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, N, h, w) normalised latents -> (B, N, 3, H, W) images in [-1, 1]."""
-        return decode_shots(self.vae, latents)
+    def decode_shots(
+        self,
+        targets: torch.Tensor,
+        target_positions: list[int],
+        given: torch.Tensor | None = None,
+        given_positions: list[int] | None = None,
+    ) -> torch.Tensor:
+        """(B, C, N, h, w) normalised target latents at their story positions -> (B, N, 3, H, W) in [-1, 1],
+        decoded in one stream with the given shots' latents (B, C, M, h, w) when there are any."""
+        given = targets[:, :, :0] if given is None else given
+        return decode_in_context(self.vae, given, targets, given_positions or [], target_positions)
 
     def predict_velocity(
         self,
