@@ -59,7 +59,7 @@ def step(adapter, latents, text, layout, plan, mode: str) -> float:
     velocity = adapter.predict_velocity(latents, torch.tensor([500.0]), text, layout, capture)
     loss = velocity[:, :, REFS:].square().mean()
     if capture is not None:
-        loss = loss + 0.1 * racl_loss(capture.block_mean()[0], plan.target_masks, plan.loss_pairs)
+        loss = loss + 0.1 * racl_loss(capture.block_mean()[0], plan.target_masks, plan.present_pairs)
     loss.backward()
     return time.perf_counter() - start
 

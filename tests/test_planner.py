@@ -94,11 +94,13 @@ def test_racl_flops_and_memory_by_hand(toy_shape):
     flops = training_flops(toy_shape, work)
     # 2 target shots x 5 query rows x 8 keys x D = 64
     assert flops.forward[RACL] == 2 * 2 * 5 * 8 * 64 and flops.backward[RACL] == 2 * flops.forward[RACL]
-    # live chunk 5 x 8 x (bf16 logits + fp32 copy + fp32 softmax) + the softmax of every chunk kept
-    assert racl_bytes(work) == 5 * 8 * 10 + 5 * 8 * 4 * 2
-    assert racl_bytes(dataclasses.replace(work, racl_blocks=3)) == 5 * 8 * 10 + 5 * 8 * 4 * 2 * 3
+    # live chunk: fp32 logits + softmax of 5 x 8, the shot's 8 keys in fp32 (D = 64); kept for backward: each of
+    # the 2 chunks' softmax and fp32 keys, and the 5 fp32 query rows
+    live, kept = 5 * 8 * 8 + 8 * 64 * 4, 2 * (5 * 8 + 8 * 64) * 4 + 5 * 64 * 4
+    assert racl_bytes(toy_shape, work) == live + kept
+    assert racl_bytes(toy_shape, dataclasses.replace(work, racl_blocks=3)) == live + 3 * kept
     checkpointed = dataclasses.replace(work, racl_blocks=3, checkpointing=True)
-    assert racl_bytes(checkpointed) == racl_bytes(work)  # only the recomputed block keeps its chunks
+    assert racl_bytes(toy_shape, checkpointed) == racl_bytes(toy_shape, work)  # only the recomputed block keeps
 
 
 # The three ways the LoRA branch of a bf16 model runs: apply_lora's float32 weights without autocast

@@ -183,7 +183,8 @@ class RaclConfig:
     blocks: list[int] | None = None
     # A token belongs to a role where the role's mask covers at least this share of its 16x16 pixel cell.
     mask_threshold: float = 0.5
-    # Shots where a role is absent push its map towards zero.
+    # Shots where a role is absent push the role's attention mass on them (softmax over all keys) towards zero, by
+    # BCE against 0; the max-scaled map of the other terms cannot approach an all-zero label.
     absent_negative: bool = False
     # Log the role-attention diagnostic (in-mask share, confusion) in validation, whatever the weight.
     diagnostic: bool = True

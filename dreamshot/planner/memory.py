@@ -166,7 +166,7 @@ def activation_memory(shape: ModelShape, work: Workload, training: Training) -> 
         (3 * b + FP32) * work.tokens * shape.dim * mb, "fused kernel: dQ, dK, dV + fp32 dQ accum, O(T)"
     )
     if work.racl_blocks:
-        items["RACL capture"] = Item(racl_bytes(work), f"|Q| = {work.racl_queries} rows × S per chunk")
+        items["RACL capture"] = Item(racl_bytes(shape, work), f"|Q| = {work.racl_queries} rows × S per chunk, fp32")
     return items
 
 
@@ -181,18 +181,21 @@ def shared_bytes(shape: ModelShape, work: Workload) -> int:
     return (timestep + text) * work.micro_batch + rope
 
 
-def racl_bytes(work: Workload) -> int:
-    """The role-attention capture (DESIGN §2 "Memory of the role-attention capture").
+def racl_bytes(shape: ModelShape, work: Workload) -> int:
+    """The role-attention capture (DESIGN §2 "Memory of the role-attention capture"), formed in float32.
 
-    One chunk is the |Q| source-token rows scored against one target shot's S keys: logits (b), their fp32
-    copy and the fp32 softmax, live one chunk at a time: |Q|·S·(b + 8). The softmax of every chunk is kept for
-    backward: |Q|·S·4 per target shot and captured block — of all captured blocks without checkpointing, of
-    the one block being recomputed with it.
+    The |Q| source-token query rows are cast to fp32 once per captured block (|Q|·D·4). One chunk scores them
+    against one target shot's S keys, cast to fp32 (S·D·4): fp32 logits and their fp32 softmax, live one chunk at
+    a time: |Q|·S·8 + S·D·4. For backward every chunk keeps its softmax and its fp32 keys, (|Q|·S + S·D)·4 per
+    target shot, and the block keeps its fp32 query rows — of all captured blocks without checkpointing, of the
+    one block being recomputed with it. `racl.absent_negative` adds one log-sum-exp chunk per reference frame
+    (not counted: off by default).
     """
-    chunk = work.racl_queries * work.tokens_per_frame
-    kept_blocks = 1 if work.checkpointing else work.racl_blocks
-    kept = chunk * FP32 * work.target_frames * kept_blocks * work.micro_batch
-    return chunk * (work.activation_bytes + 2 * FP32) + kept
+    queries, dim, per_frame = work.racl_queries, shape.dim, work.tokens_per_frame
+    kept_blocks = (1 if work.checkpointing else work.racl_blocks) * work.micro_batch
+    live = queries * per_frame * 2 * FP32 + per_frame * dim * FP32
+    kept_chunks = (queries * per_frame + per_frame * dim) * FP32 * work.target_frames
+    return live + (kept_chunks + queries * dim * FP32) * kept_blocks
 
 
 def _sharded(total: int, world_size: int, sharded: bool, note: str) -> Item:

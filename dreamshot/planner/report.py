@@ -19,8 +19,8 @@ Assumptions
     LoRA branch: peft casts each adapter's input to the adapter's dtype on its own, so with float32 LoRA in a
     bf16 model every adapter keeps its own fp32 copy of its input (a bf16 one, plus bf16 weight casts, under
     autocast); LoRA in the activation dtype (DeepSpeed bf16 mode, fp32 model) shares the block's tensors.
-  RACL: a capture chunk is |Q| source-role query rows against one target shot's S keys; |Q| defaults to one
-    frame's tokens (--racl-queries). Captured blocks: racl.blocks, in phases with a RACL weight > 0.
+  RACL: a capture chunk is |Q| source-role query rows against one target shot's S keys, in fp32; |Q| defaults
+    to one frame's tokens (--racl-queries). Captured blocks: racl.blocks, in phases with a RACL weight > 0.
   LoRA state: apply_lora keeps the weights in fp32, so gradients and AdamW m, v are fp32 and, without ZeRO,
     the weights are their own master (16 B/param). DeepSpeed's bf16 mode (ZeRO + 16-bit precision) casts every
     parameter, LoRA's included, to bf16 and keeps its own fp32 master next to m, v (2 + 2 + 12 B/param);
