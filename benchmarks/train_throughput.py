@@ -120,7 +120,7 @@ def flow_matching_loss(adapter: WanAdapter, data: dict, layout: StoryboardLayout
     t = sample_timesteps(1, shift, device=targets.device)
     noise = torch.randn_like(targets)
     sequence = layout.assemble(data["conditions"], add_noise(targets, noise, t))
-    timesteps = dit_timesteps(t, layout.target_frames(), adapter.tokens_per_frame(*targets.shape[-2:]), True)
+    timesteps = dit_timesteps(t, layout.target_frames(), True)
     prediction = adapter.predict_velocity(sequence, timesteps, data["text"], layout)
     target = layout.assemble(data["conditions"], velocity_target(targets, noise))
     return frame_masked_mse(prediction, target, layout.target_frames().to(targets.device))

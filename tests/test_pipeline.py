@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dreamshot.config.schema import Config
-from dreamshot.diffusion.flow_matching import token_timesteps
+from dreamshot.diffusion.flow_matching import frame_timesteps
 from dreamshot.inference.loading import build_adapter
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest, initial_noise
 from dreamshot.models.layout import StoryboardLayout
@@ -114,13 +114,13 @@ def test_s2s_conditions_stay_clean_at_timestep_zero(adapter, calls, layout):
     )
     conditioned = [c for c in calls if c.layout.num_conditions]
     assert len(conditioned) == 3
-    tokens = adapter.tokens_per_frame(SIZE[0] // 8, SIZE[1] // 8)
     for call in conditioned:
         assert call.layout.num_conditions == 3 and call.layout.position_mode == layout
         conditions, targets = call.layout.split(call.latents)
         for row in conditions:
             torch.testing.assert_close(row[None], expected, rtol=0, atol=0)
-        per_frame = call.timesteps.unflatten(1, (-1, tokens))
+        per_frame = call.timesteps
+        assert per_frame.shape == (call.latents.shape[0], 5)
         assert (per_frame[:, call.layout.condition_slice()] == 0).all()
         assert (per_frame[:, call.layout.target_slice()] > 0).all()
 
@@ -135,8 +135,7 @@ def test_unit_guidance_one_euler_step_is_one_conditional_prediction(adapter):
     layout = StoryboardLayout.of(2, 2)
     refs = encode_references(adapter.vae, request.references[None])
     text = adapter.encode_text([request.reference_texts + request.shot_texts])
-    tokens = adapter.tokens_per_frame(SIZE[0] // 8, SIZE[1] // 8)
-    timesteps = token_timesteps(torch.ones(1), layout.target_frames(), tokens)
+    timesteps = frame_timesteps(torch.ones(1), layout.target_frames())
     with torch.no_grad():
         velocity = adapter.predict_velocity(layout.assemble(refs, noise), timesteps, text, layout)
     torch.testing.assert_close(result.latents, noise - layout.split(velocity)[1], rtol=1e-4, atol=1e-4)

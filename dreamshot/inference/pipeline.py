@@ -223,15 +223,11 @@ class StoryboardPipeline:
         batch = len(texts)
         dtype = self.adapter.transformer.dtype
         sequence = layout.assemble(conditions.to(dtype), targets.to(dtype)).repeat(batch, 1, 1, 1, 1)
-        timesteps = self.timesteps(t.expand(batch), layout, sequence)
+        # The DiT timesteps as the model was trained: per token (condition frames at 0) or one per sample.
+        per_token = self.config.diffusion.timestep_mode == "per_token"
+        timesteps = dit_timesteps(t.expand(batch), layout.target_frames(), per_token)
         velocity = self.adapter.predict_velocity(sequence, timesteps, torch.cat(texts), layout)
         return layout.split(velocity.float())[1].chunk(batch)
-
-    def timesteps(self, t: torch.Tensor, layout: StoryboardLayout, sequence: torch.Tensor) -> torch.Tensor:
-        """The DiT timesteps, as the model was trained: per token (condition frames at 0) or one per sample."""
-        per_token = self.config.diffusion.timestep_mode == "per_token"
-        tokens = self.adapter.tokens_per_frame(*sequence.shape[-2:])
-        return dit_timesteps(t, layout.target_frames(), tokens, per_token)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -90,7 +90,7 @@ def reference_attention(adapter: WanAdapter, cfg: Config, sample: dict, t: float
     sequence = layout.assemble(latents.refs, add_noise(latents.shots, noise, level))
     text = layout.assemble(latents.ref_text, latents.shot_text, dim=1)
     per_token = cfg.diffusion.timestep_mode == "per_token"
-    timesteps = dit_timesteps(level, layout.target_frames(), adapter.tokens_per_frame(*sequence.shape[-2:]), per_token)
+    timesteps = dit_timesteps(level, layout.target_frames(), per_token)
     adapter.predict_velocity(sequence, timesteps, text, layout, capture)
 
     # 3. Maps per source, averaged over the captured blocks; sources are (frame, role) pairs in frame order.

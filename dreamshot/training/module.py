@@ -126,8 +126,7 @@ class DreamShotModule(L.LightningModule):
         sequence = layout.assemble(composed.conditions, add_noise(targets, noise, t))
         text = layout.assemble(composed.condition_text, composed.target_text, dim=1)
         per_token = self.cfg.diffusion.timestep_mode == "per_token"
-        tokens = self.adapter.tokens_per_frame(*sequence.shape[-2:])
-        timesteps = dit_timesteps(t, layout.target_frames(), tokens, per_token)
+        timesteps = dit_timesteps(t, layout.target_frames(), per_token)
         prediction = self.adapter.predict_velocity(sequence, timesteps, text, layout, capture)
         # Condition frames stand in the target only to keep shapes aligned; the frame mask excludes them.
         target = layout.assemble(composed.conditions, velocity_target(targets, noise))

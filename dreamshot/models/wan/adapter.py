@@ -14,7 +14,7 @@ from dreamshot.diffusion.conditioning import StoryboardLatents
 from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.attention import use_shotwise_cross_attention
 from dreamshot.models.wan.build import build_components
-from dreamshot.models.wan.forward import compile_blocks, run_block, storyboard_forward
+from dreamshot.models.wan.forward import compile_blocks, run_block, storyboard_forward, use_frame_modulation
 from dreamshot.models.wan.latents import decode_in_context, encode_references, encode_shots
 from dreamshot.models.wan.lora import apply_lora, load_lora_state_dict, lora_state_dict
 from dreamshot.models.wan.role_capture import RoleCapture, use_role_capture
@@ -41,6 +41,7 @@ class WanAdapter(nn.Module):
         self.text_encoder = parts.text_encoder
         self.tokenizer = parts.tokenizer
         use_shotwise_cross_attention(self.transformer, cfg.text_len)
+        use_frame_modulation(self.transformer)
         use_role_capture(self.transformer, capture_blocks or [])
         apply_lora(self.transformer, cfg.lora)
         if compiled:
@@ -64,10 +65,6 @@ class WanAdapter(nn.Module):
     @property
     def patch_size(self) -> tuple[int, int, int]:
         return tuple(self.transformer.config.patch_size)
-
-    def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
-        _, p_h, p_w = self.patch_size
-        return (latent_height // p_h) * (latent_width // p_w)
 
     @torch.no_grad()
     def encode_text(self, texts: list[list[str]]) -> torch.Tensor:
@@ -112,7 +109,7 @@ class WanAdapter(nn.Module):
     ) -> torch.Tensor:
         """v_θ for one storyboard sequence.
 
-        latents: (B, C, F, h, w) in the layout's sequence order; timesteps: (B,) or (B, T) per token;
+        latents: (B, C, F, h, w) in the layout's sequence order; timesteps: (B,) or (B, F) per frame;
         text: (B, F, L, D), each frame's own text in the same order. Returns (B, C, F, h, w).
         With `capture`, the captured blocks also fill `capture.maps` with role-attention maps.
         """
