@@ -71,7 +71,9 @@ class ModelConfig:
     name: str = "tiny"
     # Local diffusers-format Wan2.1 directory (transformer/ vae/ text_encoder/ tokenizer/). None: random init.
     pretrained_path: str | None = None
-    # Tokens per text (shot annotation or role prompt); Wan itself uses 512.
+    # Tokens per text (shot annotation or role prompt), zero-padded. Wan2.1 was trained with 512 and attends to
+    # the padding (unmasked), so with pretrained weights a shorter text_len is cheaper but changes the outputs:
+    # model=wan1_3b / wan14b keep 512.
     text_len: int = 32
     # Parameter dtype of the frozen parts: float32 | bfloat16.
     dtype: str = "float32"

@@ -27,7 +27,10 @@ Assumptions
     ZeRO-1/2 clone a master even of fp32 weights, ZeRO-3 updates fp32 partitions in place. 16-bit precision
     without DeepSpeed is taken as bf16-mixed (autocast), not bf16-true (which would cast LoRA to bf16).
     DeepSpeed's fp32 gradient partition made at the optimiser step is not counted.
-  Frames: the largest sample (all shots + all references); t2s samples have no reference frames."""
+  Frames: the largest sample (all shots + all references); t2s samples have no reference frames.
+  Text: every frame carries model.text_len tokens, its zero padding included. A smaller text_len cuts the
+    cross-attention cost but is not free with pretrained weights: Wan attends to its padding (it does not mask
+    it), so the outputs change with text_len; Wan2.1 was trained with 512, which model=wan1_3b / wan14b keep."""
 
 CANNOT_KNOW = """\
 What this cannot know
