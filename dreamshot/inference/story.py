@@ -7,7 +7,7 @@ height: 480              # optional, with width: shot size in pixels, multiples 
 width: 832
 references:              # optional: one image and prompt per role -> r2s
   - {role: ana, image: refs/ana.png, prompt: "<Role 1>: a girl in a red coat"}
-previous_shots:          # optional: shots already drawn, kept clean as conditions -> s2s
+previous_shots:          # optional: shots already drawn, kept clean as conditions -> s2s (with references: r2s_s2s)
   - {image: earlier/shot_01.png, annotation: "Wide shot: <Role 1> at the station."}
 shots:                   # the shots to draw, in order (at least one)
   - {annotation: "Close-up: <Role 1> looks at the train."}
