@@ -131,8 +131,10 @@ def test_regenerate_keeps_the_other_shots(generated, story, run_dir, tmp_path, m
         assert (layout.num_conditions, layout.num_targets) == (4, 1)
         for row in layout.split(latents)[0]:
             torch.testing.assert_close(row[None], expected, rtol=0, atol=0)
+        # Each shot at its story position: references 0, 1; kept shots 1 and 3 at 2 and 4; the drawn shot 2 at 3.
+        assert layout.frame_positions().tolist() == [0, 1, 2, 4, 3]
     record = json.loads((out / RECORD_FILE).read_text())
-    assert record["mode"] == "s2s" and record["drawn_shots"] == [2] and record["kept_shots"] == [1, 3]
+    assert record["mode"] == "r2s_s2s" and record["drawn_shots"] == [2] and record["kept_shots"] == [1, 3]
     assert record["seed"] == 1  # the previous seed + 1: a re-roll draws new noise
     assert [h["drawn_shots"] for h in record["history"]] == [[1, 2, 3]]
     # The earlier take is kept, outside the shots a reader of the folder sees; the record counts the takes.
@@ -170,6 +172,24 @@ def test_an_annotation_naming_a_role_without_a_reference_warns(run_dir, tmp_path
     err = capsys.readouterr().err
     assert "warning: " in err and "shots[1].annotation names <Role 3>, which no reference shows" in err
     assert "<Role 2>" not in err
+
+
+def test_a_condition_set_the_run_never_trained_is_refused(generated, story, run_dir, tmp_path, capsys):
+    """A run trained on the paper's three modes only never saw references and given shots together."""
+    run = tmp_path / "paper_mix"
+    shutil.copytree(run_dir, run)
+    cfg = Config()
+    cfg.storyboard.modes.r2s, cfg.storyboard.modes.r2s_s2s = 0.65, 0.0
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    out = tmp_path / "out"
+    shutil.copytree(generated, out)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert main(["generate", str(story), "--run", str(run), "--out", str(out), "--regenerate", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "storyboard.modes.r2s_s2s" in err and "Traceback" not in err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    # The same run still draws what it trained: the r2s storyboard itself.
+    assert main(["generate", str(story), "--run", str(run), "--out", str(tmp_path / "fresh")]) == 0
 
 
 def test_base_model_differs_from_the_lora(generated, story, tmp_path):

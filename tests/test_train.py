@@ -10,6 +10,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from safetensors.torch import load_file
 
 from dreamshot.config.load import load_config
+from dreamshot.diffusion.conditioning import MODES
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.train import train
 
@@ -50,7 +51,7 @@ def test_checkpoint_holds_only_lora_weights(smoke_run):
     keys = list(ckpt["state_dict"])
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
     assert ckpt["global_step"] == 3 and ckpt["optimizer_states"]
-    assert sum(ckpt["mix_counts"].get(f"mode_{m}", 0) for m in ("t2s", "r2s", "s2s")) == 3
+    assert sum(ckpt["mix_counts"].get(f"mode_{m}", 0) for m in MODES) == 3
 
 
 def test_exported_lora_matches_checkpoint(smoke_run):
@@ -67,6 +68,8 @@ def test_logged_metric_names(smoke_run):
     names = _metric_names(smoke_run)
     assert {"train/loss", "train/loss_fm", "val/loss", "val/loss_fm", "step"} <= names
     assert any(n.startswith("train/count_mode_") for n in names)
+    # Every kind of condition dropout is counted, the joint drop (v_u of Eq. 9) included, even at 0.
+    assert {f"train/count_drop_{kind}" for kind in ("refs", "text", "joint")} <= names
 
 
 def test_role_mask_debug_image_is_written(smoke_run):

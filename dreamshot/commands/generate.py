@@ -3,7 +3,10 @@
 Draws a story's shots into DIR (`shot_01.png` …, `sheet/storyboard.png`, `generation.json`). Config overrides
 may stand anywhere on the line. `--regenerate` re-rolls only the listed shots of an earlier run in DIR: every
 other shot is read back from its PNG (which is not rewritten) and given to the model as a clean condition after
-the references; the re-rolled shots' earlier takes move to `DIR/takes/` (`outputs.py`).
+the references; the re-rolled shots' earlier takes move to `DIR/takes/` (`outputs.py`). Every kept
+shot keeps its story position. A run whose mode mix never trained the condition set a call needs (a re-roll of an
+r2s storyboard needs references and given shots together: `storyboard.modes.r2s_s2s`) is refused with one line
+naming the key, before a model is built.
 
 Precedence (also in `--help`): the noise seed is `--seed`, else (re-roll) the previous run's seed + 1, else the
 story's `seed`, else `inference.seed`; the steps are `--steps`, else the story's `steps`, else
@@ -22,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
+from dreamshot.diffusion.conditioning import check_trained
 from dreamshot.inference.loading import add_weight_arguments, load_model, resolve_config, run_weights
 from dreamshot.inference.outputs import (
     keep_earlier_takes,
@@ -88,6 +92,7 @@ def run(args: argparse.Namespace) -> None:
     previous = read_record(args.out) if args.regenerate else None
     kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
+    check_trained(cfg.storyboard, request.mode)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg, adapter = load_model(cfg, weights, device)

@@ -7,7 +7,7 @@ The structured schema makes omegaconf reject unknown keys and wrong types; cross
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
 from dreamshot.utils.errors import ConfigError
@@ -76,7 +76,9 @@ class ModelConfig:
     # Train or draw a full-size model (wan1_3b, wan14b, any DiT over ~100M parameters) from random weights on
     # purpose (benchmarks); otherwise such a model without pretrained_path is refused before anything is built.
     random_init: bool = False
-    # Tokens per text (shot annotation or role prompt); Wan itself uses 512.
+    # Tokens per text (shot annotation or role prompt), zero-padded. Wan2.1 was trained with 512 and attends to
+    # the padding (unmasked), so with pretrained weights a shorter text_len is cheaper but changes the outputs:
+    # model=wan1_3b / wan14b keep 512.
     text_len: int = 32
     # Parameter dtype of the frozen parts: float32 | bfloat16.
     dtype: str = "float32"
@@ -141,11 +143,15 @@ class DiffusionConfig:
 
 @dataclass
 class ModeMixConfig:
-    """Probability of each training mode per batch (DESIGN §2 "Modes"); they must sum to 1."""
+    """Probability of each training mode per batch (DESIGN §2 "Modes"); they must sum to 1. Inference refuses a
+    condition set the mix never trains (dreamshot/diffusion/conditioning.py: `check_trained`)."""
 
     t2s: float = 0.2
-    r2s: float = 0.6
-    s2s: float = 0.2
+    r2s: float = 0.5
+    s2s: float = 0.15
+    # References and the first m shots together: a story with references and previous shots, or a re-roll of
+    # shots of an r2s storyboard (`dreamshot generate --regenerate`), conditions on both.
+    r2s_s2s: float = 0.15
 
 
 # Storyboard RoPE layouts (paper Tab. 3), built by dreamshot/models/layout.py.
@@ -156,14 +162,22 @@ POSITION_MODES = ("refs_first", "phase", "neg", "last")
 class StoryboardConfig:
     """How a storyboard becomes one DiT sequence: positions, training modes, condition dropout."""
 
-    # refs_first | phase | neg | last (paper Tab. 3).
+    # refs_first | phase | neg | last (paper Tab. 3; dreamshot/models/layout.py).
     layout: str = "refs_first"
     # `phase` layout: angle (radians) added to reference tokens' temporal rotation (the paper does not give it).
     phase: float = 1.5707963267948966
-    # `neg` layout: references take positions -K-offset..-1-offset.
-    neg_offset: float = 0.0
+    # `neg` layout (Neg-Pos, "shifts the effective positional index backward"): shots keep their story positions
+    # 0..N-1 and the K references take -K-g..-1-g, g = this gap of empty positions. g = 0 would be `refs_first`
+    # moved by -K, which RoPE cannot tell apart (it sees only differences). The paper does not give g; 4 keeps
+    # the farthest reference-to-shot distance of the longest training storyboards (4 references, 12 shots: 19)
+    # inside the 21 latent frames of Wan2.1's 81-frame pretraining clips.
+    neg_offset: float = 4.0
     modes: ModeMixConfig = field(default_factory=ModeMixConfig)
-    # Probability that a batch with references trains without them (the v_u branch of Eq. 9).
+    # Probability that a batch drops every condition frame and every shot text together (negative prompt): it
+    # trains v_u of Eq. 9. With the default mix, 0.08 gives v_u about 10% of the samples (t2s batches whose texts
+    # are dropped add ~2.5%), the share of usual classifier-free guidance training.
+    drop_joint: float = 0.08
+    # Probability that a batch with references trains without them, shot texts kept (r2s as t2s, r2s_s2s as s2s).
     drop_refs: float = 0.1
     # Probability that a sample's shot texts are replaced by the negative prompt (the v_r branch of Eq. 9).
     drop_text: float = 0.1
@@ -180,7 +194,8 @@ class RaclConfig:
     blocks: list[int] | None = None
     # A token belongs to a role where the role's mask covers at least this share of its 16x16 pixel cell.
     mask_threshold: float = 0.5
-    # Shots where a role is absent push its map towards zero.
+    # Shots where a role is absent push the role's attention mass on them (softmax over all keys) towards zero, by
+    # BCE against 0; the max-scaled map of the other terms cannot approach an all-zero label.
     absent_negative: bool = False
     # Log the role-attention diagnostic (in-mask share, confusion) in validation, whatever the weight.
     diagnostic: bool = True
@@ -561,13 +576,14 @@ def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
 
 
 def _check_probabilities(storyboard: StoryboardConfig) -> None:
-    modes = storyboard.modes
-    weights = {"t2s": modes.t2s, "r2s": modes.r2s, "s2s": modes.s2s}
+    weights = asdict(storyboard.modes)
     if any(p < 0 for p in weights.values()) or abs(sum(weights.values()) - 1) > 1e-6:
         raise ConfigError(f"storyboard.modes must be non-negative and sum to 1, got {weights}")
-    for key in ("drop_refs", "drop_text"):
+    for key in ("drop_joint", "drop_refs", "drop_text"):
         if not 0 <= getattr(storyboard, key) <= 1:
             raise ConfigError(f"storyboard.{key} must be in [0, 1], got {getattr(storyboard, key)}")
+    if storyboard.neg_offset < 0:
+        raise ConfigError(f"storyboard.neg_offset (the gap before the shots) must be >= 0, got {storyboard.neg_offset}")
 
 
 def _check_racl(cfg: Config) -> None:
