@@ -83,7 +83,7 @@ from dreamshot.data.bucketing import StoryboardBatch
 from dreamshot.diffusion.conditioning import BatchPlan, StoryboardLatents
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest, build_scheduler, initial_noise
 from dreamshot.models.wan.build import DTYPES, build_components
-from dreamshot.models.wan.lora import apply_lora, trainable_parameter_count
+from dreamshot.models.wan.lora import apply_lora, load_lora_state_dict, trainable_parameter_count
 from dreamshot.planner.flops import training_flops
 from dreamshot.planner.shape import model_shape
 from dreamshot.planner.workload import Workload, parse_resolution, tokens_per_frame
@@ -341,15 +341,26 @@ def our_sampling(cfg: Config, module: DreamShotModule, work: Work, device: torch
     return run
 
 
-def diffusers_sampling(cfg: Config, work: Work, device: torch.device):
+def diffusers_sampling(
+    cfg: Config,
+    work: Work,
+    device: torch.device,
+    lora_state: dict[str, torch.Tensor] | None = None,
+    fuse_lora: bool = False,
+):
     """`run(frames, steps)` -> seconds of each denoising step of one diffusers `WanPipeline` call: a random Wan DiT
-    of our shape with the same LoRA, the same scheduler, a video of `frames` latent frames, prompt and negative
-    prompt embeddings of L tokens (guidance on: its cond and uncond forwards each step)."""
+    of our shape with the same LoRA (`lora_state`: its weights; `fuse_lora`: folded in by diffusers' `fuse_lora`),
+    the same scheduler, a video of `frames` latent frames, prompt and negative prompt embeddings of L tokens
+    (guidance on: its cond and uncond forwards each step)."""
     from diffusers import WanPipeline
 
     with device:
         parts = build_components(cfg.model)
     apply_lora(parts.transformer, cfg.model.lora)
+    if lora_state is not None:
+        load_lora_state_dict(parts.transformer, lora_state)
+    if fuse_lora:
+        parts.transformer.fuse_lora()
     pipe = WanPipeline(
         tokenizer=parts.tokenizer,
         text_encoder=parts.text_encoder,
