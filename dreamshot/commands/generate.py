@@ -3,7 +3,8 @@
 Draws a story's shots into DIR (`shot_01.png` …, `sheet/storyboard.png`, `generation.json`). Config overrides
 come right after STORY. `--regenerate` re-rolls only the listed shots of an earlier run in DIR: every other shot
 is read back from its PNG (which is not rewritten) and given to the model as a clean condition after the
-references.
+references. STORY may be a folder of story files: each is drawn into `DIR/<file stem>/`, resumably and, under
+torchrun, shared by the processes (`dreamshot.eval.story_folder`; `--redraw` as for `dreamshot eval`).
 
 Precedence: the noise seed is `--seed`, else (re-roll) the previous run's seed + 1, else the story's `seed`,
 else `inference.seed`; the steps are `--steps`, else the story's `steps`, else `inference.steps`; the shot
@@ -21,7 +22,9 @@ import torch
 from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
-from dreamshot.inference.loading import add_weight_arguments, load_model, resolve_config, run_weights
+from dreamshot.eval.sharding import Ranks
+from dreamshot.eval.story_folder import generate_folder
+from dreamshot.inference.loading import add_weight_arguments, load_model, read_lora, resolve_config, run_weights
 from dreamshot.inference.outputs import (
     load_kept_shots,
     read_record,
@@ -36,7 +39,9 @@ from dreamshot.utils.errors import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("story", type=Path, help="story file (yaml/json): references, shots, previous_shots")
+    parser.add_argument(
+        "story", type=Path, help="story file (yaml/json): references, shots, previous_shots; or a folder of them"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides right after STORY: key.sub=value")
     add_weight_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -44,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="noise seed (see precedence above)")
     parser.add_argument("--steps", type=positive_int, help="sampler steps (see precedence above)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--redraw", action="store_true", help="STORY a folder: draw again what --out holds from another config"
+    )
 
 
 def shot_list(text: str) -> list[int]:
@@ -65,6 +73,9 @@ def positive_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.story.is_dir():
+        _run_folder(args)
+        return
     story = load_story(args.story)
     weights = run_weights(args.run) if args.run else args.lora
     cfg = resolve_config(weights, args.config, args.overrides)
@@ -90,6 +101,29 @@ def run(args: argparse.Namespace) -> None:
         f"{result.mode}: drew shots {drawn} of {len(story.shots)} in {result.total_seconds:.1f} s"
         f" (seed {result.seed}, {len(result.step_seconds)} steps) -> {args.out} ({sheet.name})"
     )
+
+
+def _run_folder(args: argparse.Namespace) -> None:
+    if args.regenerate:
+        raise DataError(f"{args.story}: --regenerate re-rolls shots of one story file, not of a folder")
+    weights = run_weights(args.run) if args.run else args.lora
+    cfg = resolve_config(weights, args.config, args.overrides)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ranks = Ranks.from_environment(device.type)
+    device = ranks.device(device)
+    # Read (and checked) before anything is written; the model is built by a rank with a story to draw.
+    lora = read_lora(weights) if weights is not None else None
+
+    def load_pipeline() -> StoryboardPipeline:
+        model_cfg, adapter = load_model(cfg, weights, device, lora)
+        return StoryboardPipeline(adapter, model_cfg)
+
+    try:
+        generate_folder(
+            args.story, cfg, args.out, weights, load_pipeline, _record, args.seed, args.steps, ranks, args.redraw
+        )
+    finally:
+        ranks.close()
 
 
 def _targets(story: Story, regenerate: list[int] | None) -> list[int]:

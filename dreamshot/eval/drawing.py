@@ -26,6 +26,7 @@ import torch
 from dreamshot.eval.progress import Progress
 from dreamshot.eval.resume import clear_story, story_complete, write_story_record
 from dreamshot.eval.sharding import Ranks, assign, balance, rank_groups, share_of
+from dreamshot.planner.report import flop_unit
 from dreamshot.planner.sampling import DEFAULT_MFU, PEAK_TFLOPS, DrawingCost, gpu_hours
 from dreamshot.utils.errors import ResourceError
 
@@ -109,10 +110,10 @@ def _plan_line(stories: int, todo: list[DrawJob], world: int, spread: float) -> 
         return f"all {stories} stories are drawn already (each story's generation.json records it)"
     flops = sum(job.cost.flops for job in todo)
     shots = sum(job.shots for job in todo)
-    hours = gpu_hours(flops)
+    unit, scale = flop_unit(flops)
     return (
         f"drawing {len(todo)} of {stories} stories ({stories - len(todo)} already drawn): {shots} shots, "
-        f"{flops / 1e15:.3g} PFLOP, {hours:.3g} GPU-h at {DEFAULT_MFU:.0%} MFU of {PEAK_TFLOPS:g} TFLOPS; "
+        f"{flops / scale:.3g} {unit}, {gpu_hours(flops):.2f} GPU-h at {DEFAULT_MFU:.0%} MFU of {PEAK_TFLOPS:g} TFLOPS; "
         f"{world} rank(s), the most loaded at {spread:.3f}x the mean"
     )
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from dreamshot.config.schema import Config
 from dreamshot.eval.benchmarks import Benchmark, BenchStory, load_benchmark
+from dreamshot.eval.cost import story_costs
 from dreamshot.eval.drawing import DrawJob, draw_stories
 from dreamshot.eval.feature_cache import FEATURES_DIR, FeatureCache
 from dreamshot.eval.generation import draw_story, read_story_shots, story_for_mode, story_shot_files, write_story
@@ -41,9 +42,7 @@ from dreamshot.eval.suite import MetricSuite, build_suite
 from dreamshot.inference.outputs import shot_file
 from dreamshot.inference.pipeline import StoryboardPipeline
 from dreamshot.inference.story import open_rgb
-from dreamshot.planner.sampling import drawing_cost
 from dreamshot.planner.shape import model_shape
-from dreamshot.planner.workload import tokens_per_frame
 from dreamshot.utils.errors import DataError
 
 SHOTS_DIR = "shots"
@@ -102,13 +101,10 @@ def evaluate(
 
 def draw_jobs(cfg: Config, bench: Benchmark, shots_dir: Path, size: tuple[int, int], steps: int) -> list[DrawJob]:
     """Every story of the benchmark as a job: its drawing cost and the digest of what it is drawn from."""
-    shape = model_shape(cfg.model, count_encoders=False)
-    per_frame = tokens_per_frame(*size, "data.resolution")
+    costs = story_costs(model_shape(cfg.model, count_encoders=False), cfg, bench, cfg.eval.mode, size, steps)
     jobs = []
     for story in bench.stories:
         request = story_for_mode(story, cfg.eval.mode)
-        conditions = len(request.references) + len(request.previous_shots)
-        cost = drawing_cost(shape, conditions, len(request.shots), per_frame, cfg.model.text_len, steps)
         inputs = {
             "references": [[r.role, r.prompt] for r in request.references],
             "previous": [s.annotation for s in request.previous_shots],
@@ -116,7 +112,7 @@ def draw_jobs(cfg: Config, bench: Benchmark, shots_dir: Path, size: tuple[int, i
         }
         images = [r.image for r in request.references] + [s.image for s in request.previous_shots]
         digest = story_digest(inputs, images)
-        jobs.append(DrawJob(story.id, shots_dir / story.id, len(request.shots), cost, digest))
+        jobs.append(DrawJob(story.id, shots_dir / story.id, len(request.shots), costs[story.id], digest))
     return jobs
 
 
