@@ -29,8 +29,9 @@ from dreamshot.eval.benchmarks import load_benchmark
 from dreamshot.eval.benchmarks.types import BenchCharacter, Benchmark, BenchShot, BenchStory
 from dreamshot.eval.cost import story_costs
 from dreamshot.eval.extractors import ImageEncoder
+from dreamshot.eval.progress import LOGS_DIR, Progress
 from dreamshot.eval.resume import RUN_RECORD, STORY_RECORD
-from dreamshot.eval.sharding import assign, balance
+from dreamshot.eval.sharding import Ranks, assign, balance
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.planner.sampling import drawing_cost
 from dreamshot.planner.shape import model_shape
@@ -367,6 +368,22 @@ def test_vistorybench_shaped_stories_balance_on_eight_gpus():
     costs = story_costs(shape, cfg, _vistorybench_shaped(), "r2s", (480, 832), 50)
     flops = {story: float(cost.flops) for story, cost in costs.items()}
     assert balance(flops, assign(flops, 8)) < 1.01
+
+
+def test_the_bar_counts_every_rank_and_its_eta_follows_the_cost(tmp_path):
+    two = Ranks(0, 2)
+    with Progress(tmp_path, two, "run-1", stories=3, shots=12, flops=300.0, planned_seconds=90.0) as progress:
+        assert progress.eta(progress.overall(), elapsed=30.0) == 60.0  # the planner's, before any story
+        progress.story_done("a", shots=4, flops=100.0, seconds=1.0, tokens=24)
+        # Rank 1's counts, and those a killed earlier run left under another token.
+        logs = tmp_path / LOGS_DIR
+        (logs / "rank1.progress.json").write_text(json.dumps({"token": "run-1", "stories": 1, "shots": 6, "flops": 50}))
+        (logs / "rank2.progress.json").write_text(json.dumps({"token": "run-0", "stories": 9, "shots": 9, "flops": 9}))
+        done = progress.overall()
+        assert done == {"stories": 2, "shots": 10, "flops": 150.0}
+        # Half the FLOPs in 20 s: 20 s left, whatever the shot counts.
+        assert progress.eta(done, elapsed=20.0) == 20.0
+    assert "story a: 4 shots drawn" in (tmp_path / LOGS_DIR / "rank0.log").read_text()
 
 
 if __name__ == "__main__":

@@ -80,16 +80,17 @@ class Progress:
         with tqdm(total=self.totals["shots"], desc="drawing", unit="shot", bar_format=bar_format, disable=None) as bar:
             while True:
                 stopping = self._stop.wait(POLL_SECONDS)
-                done = self._all_ranks()
+                done = self.overall()
                 bar.update(done["shots"] - bar.n)
                 elapsed = time.monotonic() - start
                 bar.set_postfix_str(
-                    f"stories {done['stories']}/{self.totals['stories']}, ETA {_clock(self._eta(done, elapsed))}"
+                    f"stories {done['stories']}/{self.totals['stories']}, ETA {_clock(self.eta(done, elapsed))}"
                 )
                 if stopping:
                     return
 
-    def _all_ranks(self) -> dict[str, float]:
+    def overall(self) -> dict[str, float]:
+        """Stories, shots and FLOPs drawn so far by every rank of this run."""
         done = {"stories": 0, "shots": 0, "flops": 0.0}
         for path in self.folder.glob("rank*.progress.json"):
             try:
@@ -101,7 +102,8 @@ class Progress:
                     done[key] += body[key]
         return done
 
-    def _eta(self, done: dict[str, float], elapsed: float) -> float:
+    def eta(self, done: dict[str, float], elapsed: float) -> float:
+        """Seconds left: the FLOPs left at the rate measured so far; the planner's estimate before any story."""
         if done["flops"] <= 0:
             return max(self.planned_seconds - elapsed, 0.0)
         return (self.totals["flops"] - done["flops"]) * elapsed / done["flops"]

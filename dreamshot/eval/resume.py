@@ -206,8 +206,8 @@ def write_story_record(folder: Path, record: dict, fingerprint: dict, digest: st
 
 
 def first_difference(a: Mapping, b: Mapping, prefix: str = "") -> str:
-    """The first dotted key whose value differs between two nested mappings."""
-    for key in list(a) + [k for k in b if k not in a]:
+    """The first dotted key whose value differs between two nested mappings, in `b`'s order."""
+    for key in list(b) + [k for k in a if k not in b]:
         path = f"{prefix}{key}"
         left, right = a.get(key), b.get(key)
         if isinstance(left, Mapping) and isinstance(right, Mapping):
