@@ -33,7 +33,7 @@ from dreamshot.eval.progress import LOGS_DIR, Progress
 from dreamshot.eval.resume import RUN_RECORD, STORY_RECORD
 from dreamshot.eval.sharding import Ranks, assign, balance
 from dreamshot.models.wan.adapter import WanAdapter
-from dreamshot.planner.sampling import drawing_cost
+from dreamshot.planner.sampling import drawing_cost, gpu_hours
 from dreamshot.planner.shape import model_shape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -350,24 +350,38 @@ def test_plan_prints_the_drawing_cost_of_a_benchmark(capsys):
 
 
 def _vistorybench_shaped() -> Benchmark:
-    rng = np.random.default_rng(1)
+    """80 stories of 4-30 shots, 1,317 in all (ViStoryBench's counts), 2-6 characters each with an image (seeded)."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(4, 31, size=80)
+    while counts.sum() != 1317:
+        i, step = int(rng.integers(80)), 1 if counts.sum() < 1317 else -1
+        counts[i] += step if 4 <= counts[i] + step <= 30 else 0
     stories = []
-    for index in range(80):
+    for index, count in enumerate(counts):
         characters = {
             f"c{k}": BenchCharacter(f"c{k}", f"c{k}", "non_human", "p", (Path("00.jpg"),))
             for k in range(int(rng.integers(2, 7)))
         }
-        shots = tuple(BenchShot(i + 1, "p", "s", "c", "a", ()) for i in range(int(rng.integers(4, 31))))
+        shots = tuple(BenchShot(i + 1, "p", "s", "c", "a", ()) for i in range(int(count)))
         stories.append(BenchStory(f"{index + 1:02d}", characters, shots))
     return Benchmark("vistorybench", tuple(stories))
 
 
 def test_vistorybench_shaped_stories_balance_on_eight_gpus():
+    """The figures of docs/evaluation.md "Several GPUs": balance on 8 GPUs, and the 14B model's GPU-hours."""
     cfg = load_config("dreamshot", [])
     shape = model_shape(cfg.model, count_encoders=False)
     costs = story_costs(shape, cfg, _vistorybench_shaped(), "r2s", (480, 832), 50)
     flops = {story: float(cost.flops) for story, cost in costs.items()}
-    assert balance(flops, assign(flops, 8)) < 1.01
+    shares = assign(flops, 8)
+    assert balance(flops, shares) < 1.005
+    assert balance(flops, [sorted(flops)[i::8] for i in range(8)]) > 1.15  # ten stories each, round robin
+    # The issue's estimate: about 15 hours of one GPU (at 40% MFU of 989 TFLOPS), under 2 hours on 8.
+    assert 13 < gpu_hours(sum(flops.values())) < 16 and gpu_hours(max(map(sum, _loads(flops, shares)))) < 2
+
+
+def _loads(flops: dict[str, float], shares: list[list[str]]) -> list[list[float]]:
+    return [[flops[story] for story in share] for share in shares]
 
 
 def test_the_bar_counts_every_rank_and_its_eta_follows_the_cost(tmp_path):
