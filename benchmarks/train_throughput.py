@@ -125,7 +125,7 @@ def flow_matching_loss(adapter: WanAdapter, data: dict, layout: StoryboardLayout
     t = sample_timesteps(1, shift, device=targets.device)
     noise = torch.randn_like(targets)
     sequence = layout.assemble(data["conditions"], add_noise(targets, noise, t))
-    timesteps = dit_timesteps(t, layout.target_frames(), adapter.tokens_per_frame(*targets.shape[-2:]), True)
+    timesteps = dit_timesteps(t, layout.target_frames(), True)
     prediction = adapter.predict_velocity(sequence, timesteps, data["text"], layout)
     target = layout.assemble(data["conditions"], velocity_target(targets, noise))
     return frame_masked_mse(prediction, target, layout.target_frames().to(targets.device))
@@ -271,7 +271,7 @@ def main() -> None:
     adapter = build_adapter(cfg, device, args.compile)
     stepper = Stepper(cfg, adapter, args.zero, autocast=half and not args.zero)
     data = synthetic_storyboard(cfg, args, device, compute_dtype)
-    layout = StoryboardLayout(args.refs, args.shots)
+    layout = StoryboardLayout.of(args.refs, args.shots)
 
     def loss():
         return flow_matching_loss(adapter, data, layout, cfg.diffusion.shift)

@@ -226,9 +226,9 @@ def _record_draws(monkeypatch) -> list[str]:
     drawn: list[str] = []
     original = runner._draw
 
-    def draw(pipeline, story, job, cfg, size):
+    def draw(pipeline, story, job, cfg, size, label):
         drawn.append(story.id)
-        return original(pipeline, story, job, cfg, size)
+        return original(pipeline, story, job, cfg, size, label)
 
     monkeypatch.setattr(runner, "_draw", draw)
     return drawn
@@ -411,10 +411,10 @@ if __name__ == "__main__":
         with open(draws / f"rank{rank}.jsonl", "a") as f:
             f.write(json.dumps({"story": story, "event": event, "rank": rank}) + "\n")
 
-    def draw(pipeline, story, job, cfg, size):
+    def draw(pipeline, story, job, cfg, size, label):
         note(story.id, "start")
         count[0] += 1
-        result = original(pipeline, story, job, cfg, size)
+        result = original(pipeline, story, job, cfg, size, label)
         if rank == 1 and count[0] == hang_at:
             # Killed here: the shots are written, a writer's temporary is half done, the record is not written.
             with atomic_path(job.folder / "shot_99.png") as tmp:

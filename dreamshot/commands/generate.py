@@ -1,19 +1,24 @@
 """`dreamshot generate STORY [key=value ...] (--run DIR | --lora FILE | --base) --out DIR [--regenerate 3,5]`.
 
 Draws a story's shots into DIR (`shot_01.png` …, `sheet/storyboard.png`, `generation.json`). Config overrides
-come right after STORY. `--regenerate` re-rolls only the listed shots of an earlier run in DIR: every other shot
-is read back from its PNG (which is not rewritten) and given to the model as a clean condition after the
-references. STORY may be a folder of story files: each is drawn into `DIR/<file stem>/`, resumably and, under
-torchrun, shared by the processes (`dreamshot.eval.story_folder`; `--redraw` as for `dreamshot eval`).
+may stand anywhere on the line. `--regenerate` re-rolls only the listed shots of an earlier run in DIR: every
+other shot is read back from its PNG (which is not rewritten) and given to the model as a clean condition after
+the references; the re-rolled shots' earlier takes move to `DIR/takes/` (`outputs.py`). Every kept
+shot keeps its story position. A run whose mode mix never trained the condition set a call needs (a re-roll of an
+r2s storyboard needs references and given shots together: `storyboard.modes.r2s_s2s`) is refused with one line
+naming the key, before a model is built. STORY may be a folder of story files: each is drawn into
+`DIR/<file stem>/`, resumably and, under torchrun, shared by the processes (`dreamshot.eval.story_folder`;
+`--redraw` as for `dreamshot eval`).
 
-Precedence: the noise seed is `--seed`, else (re-roll) the previous run's seed + 1, else the story's `seed`,
-else `inference.seed`; the steps are `--steps`, else the story's `steps`, else `inference.steps`; the shot
-size is the story's height/width, else `data.resolution`.
+Precedence (also in `--help`): the noise seed is `--seed`, else (re-roll) the previous run's seed + 1, else the
+story's `seed`, else `inference.seed`; the steps are `--steps`, else the story's `steps`, else
+`inference.steps`; the shot size is the story's height/width, else `data.resolution`.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,19 +27,22 @@ import torch
 from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
+from dreamshot.diffusion.conditioning import check_trained
 from dreamshot.eval.sharding import Ranks
 from dreamshot.eval.story_folder import generate_folder
 from dreamshot.inference.loading import add_weight_arguments, load_model, read_lora, resolve_config, run_weights
 from dreamshot.inference.outputs import (
+    keep_earlier_takes,
     load_kept_shots,
     read_record,
     save_shots,
     shot_file,
+    shot_takes,
     write_contact_sheet,
     write_record,
 )
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
-from dreamshot.inference.story import Story, load_story, story_request
+from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
 from dreamshot.utils.errors import DataError
 
 
@@ -42,12 +50,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "story", type=Path, help="story file (yaml/json): references, shots, previous_shots; or a folder of them"
     )
-    parser.add_argument("overrides", nargs="*", help="config overrides right after STORY: key.sub=value")
+    parser.add_argument("overrides", nargs="*", help="config overrides, anywhere on the line: key.sub=value")
     add_weight_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--regenerate", type=shot_list, help="re-roll only these shots (1-based), e.g. 3,5")
-    parser.add_argument("--seed", type=int, help="noise seed (see precedence above)")
-    parser.add_argument("--steps", type=positive_int, help="sampler steps (see precedence above)")
+    parser.add_argument(
+        "--regenerate", type=shot_list, help="re-roll only these shots (1-based), e.g. 3,5; earlier takes go to takes/"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="noise seed (default: with --regenerate the previous seed + 1, else the story's, else inference.seed)",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, help="sampler steps (default: the story's steps, else inference.steps)"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument(
         "--redraw", action="store_true", help="STORY a folder: draw again what --out holds from another config"
@@ -77,6 +93,10 @@ def run(args: argparse.Namespace) -> None:
         _run_folder(args)
         return
     story = load_story(args.story)
+    for where, tag in unreferenced_roles(story):
+        print(
+            f"dreamshot generate: warning: {story.path}: {where} names {tag}, which no reference shows", file=sys.stderr
+        )
     weights = run_weights(args.run) if args.run else args.lora
     cfg = resolve_config(weights, args.config, args.overrides)
     size = story.size or (cfg.data.resolution[0], cfg.data.resolution[1])
@@ -84,6 +104,7 @@ def run(args: argparse.Namespace) -> None:
     previous = read_record(args.out) if args.regenerate else None
     kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
+    check_trained(cfg.storyboard, request.mode)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg, adapter = load_model(cfg, weights, device)
@@ -91,10 +112,7 @@ def run(args: argparse.Namespace) -> None:
     steps = args.steps if args.steps is not None else story.steps
     result = StoryboardPipeline(adapter, cfg)(request, seed=seed, steps=steps)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_shots(args.out, targets, result.images)
-    sheet = write_contact_sheet(args.out, story, size)
-    record = _record(story, cfg, result, weights, targets, kept, size)
+    record, sheet = _write_storyboard(args.out, story, cfg, result, weights, targets, kept, size, previous)
     write_record(args.out, record, previous)
     drawn = ", ".join(map(str, targets))
     print(
@@ -118,12 +136,41 @@ def _run_folder(args: argparse.Namespace) -> None:
         model_cfg, adapter = load_model(cfg, weights, device, lora)
         return StoryboardPipeline(adapter, model_cfg)
 
+    def draw_into(pipeline: StoryboardPipeline, story: Story, out: Path, seed: int, steps: int, size) -> dict:
+        result = pipeline(story_request(story, size), seed=seed, steps=steps, progress=False)
+        targets = list(range(1, len(story.shots) + 1))
+        return _write_storyboard(out, story, pipeline.config, result, weights, targets, [], size, None)[0]
+
     try:
         generate_folder(
-            args.story, cfg, args.out, weights, load_pipeline, _record, args.seed, args.steps, ranks, args.redraw
+            args.story, cfg, args.out, weights, load_pipeline, draw_into, args.seed, args.steps, ranks, args.redraw
         )
     finally:
         ranks.close()
+
+
+def _write_storyboard(
+    out: Path,
+    story: Story,
+    cfg: Config,
+    result: StoryboardResult,
+    weights: Path | None,
+    targets: list[int],
+    kept: list[int],
+    size: tuple[int, int],
+    previous: dict | None,
+) -> tuple[dict, Path]:
+    """The drawn shots (earlier takes of re-rolled ones moved to takes/) and the contact sheet, written into
+    `out`; returns the record to write and the sheet's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    takes = shot_takes(previous, len(story.shots))
+    if previous is not None:
+        takes = keep_earlier_takes(out, targets, takes)
+    save_shots(out, targets, result.images)
+    weights_label = str(weights) if weights else "base model (no LoRA)"
+    title = f"{result.mode} · seed {result.seed} · {len(result.step_seconds)} steps · weights {weights_label}"
+    sheet = write_contact_sheet(out, story, size, title, takes)
+    return _record(story, cfg, result, weights, targets, kept, size, takes), sheet
 
 
 def _targets(story: Story, regenerate: list[int] | None) -> list[int]:
@@ -152,6 +199,7 @@ def _record(
     targets: list[int],
     kept: list[int],
     size: tuple[int, int],
+    takes: dict[int, int],
 ) -> dict:
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -164,7 +212,7 @@ def _record(
         "drawn_shots": targets,
         "kept_shots": kept,
         "shots": [
-            {"index": n, "file": shot_file(n), "annotation": shot.annotation}
+            {"index": n, "file": shot_file(n), "annotation": shot.annotation, "take": takes[n]}
             for n, shot in enumerate(story.shots, start=1)
         ],
         "references": [{**asdict(ref), "image": str(ref.image)} for ref in story.references],

@@ -86,7 +86,7 @@ def evaluate(
         stories = {story.id: story for story in bench.stories}
 
         def draw(pipeline: StoryboardPipeline, job: DrawJob) -> tuple[dict, list[str]]:
-            return _draw(pipeline, stories[job.id], job, cfg, size)
+            return _draw(pipeline, stories[job.id], job, cfg, size, label)
 
         draw_stories(jobs, fingerprint, ranks, out, load_pipeline, draw)
     _score_share(suite, cache, bench, shots_dir, ev.mode, ranks)
@@ -117,10 +117,10 @@ def draw_jobs(cfg: Config, bench: Benchmark, shots_dir: Path, size: tuple[int, i
 
 
 def _draw(
-    pipeline: StoryboardPipeline, story: BenchStory, job: DrawJob, cfg: Config, size: tuple[int, int]
+    pipeline: StoryboardPipeline, story: BenchStory, job: DrawJob, cfg: Config, size: tuple[int, int], label: str
 ) -> tuple[dict, list[str]]:
     ev = cfg.eval
-    shots, sheet = draw_story(pipeline, story, ev.mode, size, cfg.inference.seed, ev.steps)
+    shots, sheet = draw_story(pipeline, story, ev.mode, size, cfg.inference.seed, ev.steps, label)
     write_story(job.folder, shots, sheet)
     prompts = {shot.index: shot.prompt for shot in story.shots}
     record = {

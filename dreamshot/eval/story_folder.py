@@ -14,12 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dreamshot.config.schema import Config
+from dreamshot.diffusion.conditioning import check_trained
 from dreamshot.eval.drawing import DrawJob, draw_stories
 from dreamshot.eval.progress import LOGS_DIR
 from dreamshot.eval.resume import ResultsFolder, drawing_fingerprint, story_digest
 from dreamshot.eval.sharding import Ranks
-from dreamshot.inference.outputs import save_shots, shot_file, write_contact_sheet
-from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
+from dreamshot.inference.outputs import shot_file
+from dreamshot.inference.pipeline import StoryboardPipeline
 from dreamshot.inference.story import Story, load_story, story_request
 from dreamshot.planner.sampling import drawing_cost
 from dreamshot.planner.shape import model_shape
@@ -27,8 +28,9 @@ from dreamshot.planner.workload import tokens_per_frame
 from dreamshot.utils.errors import DataError
 
 STORY_SUFFIXES = (".yaml", ".yml", ".json")
-# What a story folder's drawings record (generate.py's `generation.json`, one per story).
-Record = Callable[[Story, Config, StoryboardResult, Path | None, list[int], list[int], tuple[int, int]], dict]
+# draw_into(pipeline, story, folder, seed, steps, size) draws a story into its folder as `dreamshot generate` does
+# (shots, contact sheet) and returns its `generation.json` record.
+DrawInto = Callable[[StoryboardPipeline, Story, Path, int, int, tuple[int, int]], dict]
 
 
 def load_story_folder(folder: Path) -> dict[str, Story]:
@@ -53,7 +55,7 @@ def generate_folder(
     out: Path,
     weights: Path | None,
     load_pipeline: Callable[[], StoryboardPipeline],
-    record: Record,
+    draw_into: DrawInto,
     seed: int | None = None,
     steps: int | None = None,
     ranks: Ranks | None = None,
@@ -69,17 +71,15 @@ def generate_folder(
     results = ResultsFolder(out, {"command": "generate", "stories": str(folder.absolute())}, fingerprint)
     ranks.decide(lambda: results.check(redraw))
     settings = {name: _settings(story, cfg, seed, steps, default_size) for name, story in stories.items()}
+    for name, story in stories.items():
+        check_trained(cfg.storyboard, story_request(story, settings[name][2]).mode)
     jobs = _jobs(stories, settings, cfg, out)
     ranks.decide(results.write)
 
     def draw(pipeline: StoryboardPipeline, job: DrawJob) -> tuple[dict, list[str]]:
         story, (story_seed, story_steps, size) = stories[job.id], settings[job.id]
-        result = pipeline(story_request(story, size), seed=story_seed, steps=story_steps, progress=False)
-        targets = list(range(1, len(story.shots) + 1))
-        job.folder.mkdir(parents=True, exist_ok=True)
-        save_shots(job.folder, targets, result.images)
-        write_contact_sheet(job.folder, story, size)
-        return record(story, pipeline.config, result, weights, targets, [], size), [shot_file(n) for n in targets]
+        record = draw_into(pipeline, story, job.folder, story_seed, story_steps, size)
+        return record, [shot_file(n) for n in range(1, len(story.shots) + 1)]
 
     drawn = draw_stories(jobs, fingerprint, ranks, out, load_pipeline, draw)
     if ranks.is_main:

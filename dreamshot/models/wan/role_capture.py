@@ -2,8 +2,9 @@
 
 In the configured blocks, `RoleCaptureSelfAttnProcessor` runs Wan's self-attention unchanged (the fused
 kernel through diffusers' attention dispatch) and, only while its block runs under a `RoleCapture`, also
-forms the role-attention maps from the same post-qk-norm, post-RoPE queries and keys
-(`dreamshot.diffusion.racl.role_attention_maps`: only the role query rows, one target shot at a time).
+forms the role-attention maps (and, for absent roles, the attention masses) from the same post-qk-norm,
+post-RoPE queries and keys (`dreamshot.diffusion.racl.role_attention_maps`: only the role query rows, one
+target shot at a time, in float32).
 
 The capture is switched on by the block runner for the duration of one block call, inside the function that
 gradient checkpointing replays, so a recomputed block captures again and nothing is left on the processor
@@ -35,15 +36,20 @@ class RoleCapture:
     blocks: frozenset[int]
     # Materialise the full attention matrix instead (reference for tests and the benchmark only).
     naive: bool = False
+    # Also capture the attention masses (racl.absent_negative).
+    with_mass: bool = False
     # block index -> one (P, N, S) map per sample
     maps: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # block index -> one (P, N) attention mass per sample (with_mass only)
+    masses: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
     def block_mean(self) -> list[torch.Tensor]:
         """Per sample, the maps averaged over the captured blocks: (P, N, S)."""
-        if not self.maps:
-            raise RuntimeError("no block captured role attention: check racl.blocks against the model depth")
-        per_block = list(self.maps.values())
-        return [torch.stack(maps).mean(0) for maps in zip(*per_block, strict=True)]
+        return _mean_over_blocks(self.maps)
+
+    def block_mean_mass(self) -> list[torch.Tensor]:
+        """Per sample, the attention masses averaged over the captured blocks: (P, N)."""
+        return _mean_over_blocks(self.masses)
 
     def runner(self, index: int, block, hidden, text, temb, rotary_emb) -> torch.Tensor:
         """A `BlockRunner`: runs a block, capturing in it when it is one of `blocks`."""
@@ -58,6 +64,12 @@ class RoleCapture:
                 return block(hidden, text, temb, rotary_emb)
         finally:
             processor.sink = None
+
+
+def _mean_over_blocks(per_block: dict[int, list[torch.Tensor]]) -> list[torch.Tensor]:
+    if not per_block:
+        raise RuntimeError("no block captured role attention: check racl.blocks against the model depth")
+    return [torch.stack(blocks).mean(0) for blocks in zip(*per_block.values(), strict=True)]
 
 
 class RoleCaptureSelfAttnProcessor:
@@ -76,10 +88,13 @@ class RoleCaptureSelfAttnProcessor:
         if self.sink is not None:
             capture, index = self.sink
             maps_fn = naive_role_attention_maps if capture.naive else role_attention_maps
-            capture.maps[index] = [
-                maps_fn(query[b], key[b], plan.source_weights, plan.target_tokens)
+            captured = [
+                maps_fn(query[b], key[b], plan.source_weights, plan.target_tokens, capture.with_mass)
                 for b, plan in enumerate(capture.plans)
             ]
+            capture.maps[index] = [attention.maps for attention in captured]
+            if capture.with_mass:
+                capture.masses[index] = [attention.mass for attention in captured]
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
