@@ -12,7 +12,9 @@ naming the key, before a model is built. STORY may be a folder of story files: e
 
 Precedence (also in `--help`): the noise seed is `--seed`, else (re-roll) the previous run's seed + 1, else the
 story's `seed`, else `inference.seed`; the steps are `--steps`, else the story's `steps`, else
-`inference.steps`; the shot size is the story's height/width, else `data.resolution`.
+`inference.steps`; the shot size is the story's height/width, else `data.resolution`. `--preset exact|fast` sets
+the sampler to a measured setting (`dreamshot/inference/presets.py`) before the command line's overrides apply;
+`generation.json` records it (`preset`: its name and overrides; the resolved values under `config.inference`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from dreamshot.config.schema import Config
 from dreamshot.diffusion.conditioning import check_trained
 from dreamshot.eval.sharding import Ranks
 from dreamshot.eval.story_folder import generate_folder
-from dreamshot.inference.loading import add_weight_arguments, load_model, read_lora, resolve_config, run_weights
+from dreamshot.inference.loading import (
+    add_weight_arguments,
+    check_sampling,
+    load_model,
+    read_lora,
+    resolve_config,
+    run_weights,
+)
 from dreamshot.inference.outputs import (
     keep_earlier_takes,
     load_kept_shots,
@@ -42,6 +51,7 @@ from dreamshot.inference.outputs import (
     write_record,
 )
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
+from dreamshot.inference.presets import PRESETS, preset_overrides
 from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
 from dreamshot.utils.errors import DataError
 
@@ -65,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps", type=positive_int, help="sampler steps (default: the story's steps, else inference.steps)"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--preset",
+        help=f"a measured sampler setting ({' | '.join(PRESETS)}), before the command line's overrides",
+    )
     parser.add_argument(
         "--redraw", action="store_true", help="STORY a folder: draw again what --out holds from another config"
     )
@@ -98,21 +112,22 @@ def run(args: argparse.Namespace) -> None:
             f"dreamshot generate: warning: {story.path}: {where} names {tag}, which no reference shows", file=sys.stderr
         )
     weights = run_weights(args.run) if args.run else args.lora
-    cfg = resolve_config(weights, args.config, args.overrides)
+    cfg = resolve_config(weights, args.config, _overrides(args))
     size = story.size or (cfg.data.resolution[0], cfg.data.resolution[1])
     targets = _targets(story, args.regenerate)
     previous = read_record(args.out) if args.regenerate else None
     kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
     check_trained(cfg.storyboard, request.mode)
+    steps = args.steps if args.steps is not None else story.steps
+    second = check_sampling(cfg, steps)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg, adapter = load_model(cfg, weights, device)
+    cfg, adapter = load_model(cfg, weights, device, second=second)
     seed = _seed(args.seed, previous, story, cfg)
-    steps = args.steps if args.steps is not None else story.steps
     result = StoryboardPipeline(adapter, cfg)(request, seed=seed, steps=steps)
 
-    record, sheet = _write_storyboard(args.out, story, cfg, result, weights, targets, kept, size, previous)
+    record, sheet = _write_storyboard(args.out, story, cfg, result, weights, targets, kept, size, previous, args.preset)
     write_record(args.out, record, previous)
     drawn = ", ".join(map(str, targets))
     print(
@@ -125,21 +140,22 @@ def _run_folder(args: argparse.Namespace) -> None:
     if args.regenerate:
         raise DataError(f"{args.story}: --regenerate re-rolls shots of one story file, not of a folder")
     weights = run_weights(args.run) if args.run else args.lora
-    cfg = resolve_config(weights, args.config, args.overrides)
+    cfg = resolve_config(weights, args.config, _overrides(args))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ranks = Ranks.from_environment(device.type)
     device = ranks.device(device)
     # Read (and checked) before anything is written; the model is built by a rank with a story to draw.
     lora = read_lora(weights) if weights is not None else None
+    second = check_sampling(cfg, args.steps)
 
     def load_pipeline() -> StoryboardPipeline:
-        model_cfg, adapter = load_model(cfg, weights, device, lora)
+        model_cfg, adapter = load_model(cfg, weights, device, lora, second)
         return StoryboardPipeline(adapter, model_cfg)
 
     def draw_into(pipeline: StoryboardPipeline, story: Story, out: Path, seed: int, steps: int, size) -> dict:
         result = pipeline(story_request(story, size), seed=seed, steps=steps, progress=False)
         targets = list(range(1, len(story.shots) + 1))
-        return _write_storyboard(out, story, pipeline.config, result, weights, targets, [], size, None)[0]
+        return _write_storyboard(out, story, pipeline.config, result, weights, targets, [], size, None, args.preset)[0]
 
     try:
         generate_folder(
@@ -147,6 +163,11 @@ def _run_folder(args: argparse.Namespace) -> None:
         )
     finally:
         ranks.close()
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The command line's config overrides, after those of `--preset`."""
+    return [*(preset_overrides(args.preset) if args.preset else []), *args.overrides]
 
 
 def _write_storyboard(
@@ -159,6 +180,7 @@ def _write_storyboard(
     kept: list[int],
     size: tuple[int, int],
     previous: dict | None,
+    preset: str | None,
 ) -> tuple[dict, Path]:
     """The drawn shots (earlier takes of re-rolled ones moved to takes/) and the contact sheet, written into
     `out`; returns the record to write and the sheet's path."""
@@ -170,7 +192,7 @@ def _write_storyboard(
     weights_label = str(weights) if weights else "base model (no LoRA)"
     title = f"{result.mode} · seed {result.seed} · {len(result.step_seconds)} steps · weights {weights_label}"
     sheet = write_contact_sheet(out, story, size, title, takes)
-    return _record(story, cfg, result, weights, targets, kept, size, takes), sheet
+    return _record(story, cfg, result, weights, targets, kept, size, takes, preset), sheet
 
 
 def _targets(story: Story, regenerate: list[int] | None) -> list[int]:
@@ -200,6 +222,7 @@ def _record(
     kept: list[int],
     size: tuple[int, int],
     takes: dict[int, int],
+    preset: str | None,
 ) -> dict:
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -217,5 +240,6 @@ def _record(
         ],
         "references": [{**asdict(ref), "image": str(ref.image)} for ref in story.references],
         "timings": {"steps_s": result.step_seconds, "total_s": result.total_seconds},
+        "preset": {"name": preset, "overrides": preset_overrides(preset)} if preset else None,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
     }

@@ -25,9 +25,12 @@ from omegaconf.errors import OmegaConfBaseException
 from dreamshot.config.load import check_weights, load_config
 from dreamshot.config.schema import Config, ModelConfig
 from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.models.wan.block_cache import cache_config
+from dreamshot.models.wan.build import build_transformer_on_meta
 from dreamshot.models.wan.lora import (
     OWN_ADAPTER,
     SECOND_ADAPTER,
+    check_lora_fits,
     lora_config_for,
     set_lora_scales,
     stack_lora,
@@ -97,12 +100,16 @@ def build_adapter(cfg: Config, device: torch.device | str = "cpu") -> WanAdapter
 
 
 def load_model(
-    cfg: Config, weights: Path | None, device: torch.device | str = "cpu", lora: LoraWeights | None = None
+    cfg: Config,
+    weights: Path | None,
+    device: torch.device | str = "cpu",
+    lora: LoraWeights | None = None,
+    second: LoraWeights | None = None,
 ) -> tuple[Config, WanAdapter]:
     """The backbone of `cfg` on `device` with the LoRA of `weights` (None: none; `lora`: its weights, already
-    read), set up for sampling (`prepare_sampling`), and `cfg` with `model.lora` as that LoRA sets it
-    (`with_lora`)."""
-    second = _read_second_lora(cfg)
+    read), set up for sampling (`prepare_sampling`; `second`: `inference.second_lora` already read by
+    `check_sampling`), and `cfg` with `model.lora` as that LoRA sets it (`with_lora`)."""
+    second = second or check_sampling(cfg)
     if weights is None:
         adapter = build_adapter(cfg, device)
     else:
@@ -114,13 +121,25 @@ def load_model(
     return cfg, adapter
 
 
-def _read_second_lora(cfg: Config) -> LoraWeights | None:
-    if cfg.inference.second_lora is None:
+def check_sampling(cfg: Config, steps: int | None = None) -> LoraWeights | None:
+    """What `inference` asks of the model, checked on its shape (built on the meta device) before a model is built
+    or anything written: the cache hook's options (`block_cache.cache_config`, for `steps` sampler steps) and the
+    second LoRA, which is read and returned (None without one)."""
+    settings = cfg.inference
+    if settings.cache == "none" and settings.second_lora is None:
         return None
+    transformer = build_transformer_on_meta(cfg.model)
+    if settings.cache != "none":
+        cache_config(transformer, settings, steps or settings.steps)
+    if settings.second_lora is None:
+        return None
+    source = f"inference.second_lora={settings.second_lora}"
     try:
-        return read_lora(Path(cfg.inference.second_lora))
+        second = read_lora(Path(settings.second_lora))
     except WeightsError as e:
         raise WeightsError(f"inference.second_lora: {e}") from None
+    check_lora_fits(transformer, cfg.model, second, source)
+    return second
 
 
 def prepare_sampling(adapter: WanAdapter, cfg: Config, second: LoraWeights | None = None) -> None:

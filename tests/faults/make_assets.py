@@ -16,6 +16,7 @@ from pathlib import Path
 import av
 import numpy as np
 from PIL import Image
+from safetensors.numpy import save_file as save_numpy
 
 from dreamshot.prepare.toyvideo import render_toy_video
 
@@ -249,6 +250,25 @@ def main() -> None:
     write_benchmarks()
     write_sharding_cases()
     write_videos()
+    write_loras()
+
+
+def write_loras() -> None:
+    """Second LoRAs (`inference.second_lora`) the tiny Wan (attention width 48) cannot take: one in ComfyUI's format
+    for a model of width 64, one in diffusers' format whose modules have two ranks."""
+    rng = np.random.default_rng(0)
+
+    def weights(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    q = "diffusion_model.blocks.0.self_attn.q"
+    other_size = {f"{q}.lora_down.weight": weights(4, 64), f"{q}.lora_up.weight": weights(64, 4)}
+    save_numpy(other_size | {f"{q}.alpha": np.array(4.0, dtype=np.float32)}, DATA / "lora_other_size.safetensors")
+    mixed = {}
+    for module, rank in (("attn1.to_q", 4), ("attn1.to_k", 2)):
+        name = f"transformer.blocks.0.{module}"
+        mixed |= {f"{name}.lora_A.weight": weights(rank, 48), f"{name}.lora_B.weight": weights(48, rank)}
+    save_numpy(mixed, DATA / "lora_mixed_ranks.safetensors")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,11 @@ def cache_config(transformer, settings: InferenceConfig, steps: int):
     if "taylor_factors_dtype" in options:
         options["taylor_factors_dtype"] = _dtype(options["taylor_factors_dtype"])
     if kind == "mag":
+        if options.get("mag_ratios") is None and not options.get("calibrate"):
+            raise ConfigError(
+                "inference.cache=mag needs inference.cache_options.mag_ratios, one per step: run once with "
+                "inference.cache_options.calibrate=true and diffusers prints them"
+            )
         recorded = options.setdefault("num_inference_steps", steps)
         if recorded != steps:
             raise ConfigError(f"inference.cache_options.num_inference_steps={recorded}, the sampler runs {steps} steps")

@@ -135,8 +135,8 @@ def check_lora_fits(transformer, cfg: ModelConfig, weights: LoraWeights, source:
         for part, tensor in (("lora_A", down), ("lora_B", up)):
             if tuple(tensor.shape) != expected[part]:
                 raise WeightsError(
-                    f"{source}: {name}.{part} is {tuple(tensor.shape)}, the {cfg.name} transformer's {name} takes "
-                    f"{expected[part]} (a LoRA for another model size, or A and B of different ranks)"
+                    f"{source}: {name}.{part} is {tuple(tensor.shape)}, the {cfg.name} transformer's {name} needs "
+                    f"{expected[part]}: a LoRA for another model size, or A and B of different ranks"
                 )
 
 
