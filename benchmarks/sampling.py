@@ -70,7 +70,8 @@ from dreamshot.config.schema import Config
 from dreamshot.inference.loading import build_adapter, prepare_sampling, read_lora
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest, initial_noise
 from dreamshot.inference.presets import PRESETS
-from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.models.wan.build import build_transformer_on_meta
+from dreamshot.models.wan.lora import apply_lora, lora_state_dict
 from dreamshot.models.wan.lora_formats import to_comfyui
 
 SETTINGS = {
@@ -140,23 +141,30 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     return result
 
 
-def random_lora(adapter: WanAdapter, seed: int, rank: int | None = None) -> dict[str, torch.Tensor]:
-    """LoRA weights for every adapted linear of `adapter` (its own rank, or `rank`), N(0, LORA_SCALE²)."""
+def lora_shapes(cfg: Config) -> dict[str, torch.Size]:
+    """The shapes of the run's LoRA weights (peft names), from a transformer built on the meta device."""
+    transformer = build_transformer_on_meta(cfg.model)
+    apply_lora(transformer, cfg.model.lora)
+    return {key: value.shape for key, value in lora_state_dict(transformer).items()}
+
+
+def random_lora(shapes: dict[str, torch.Size], seed: int, rank: int | None = None) -> dict[str, torch.Tensor]:
+    """N(0, LORA_SCALE²) LoRA weights of `shapes` (at `rank` instead of theirs when given), drawn on the CPU."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for key, value in adapter.lora_state_dict().items():
-        shape = list(value.shape)
+    for key, shape in shapes.items():
+        shape = list(shape)
         if rank is not None:
             shape[0 if ".lora_A." in key else 1] = rank
         state[key] = torch.randn(shape, generator=generator) * LORA_SCALE
     return state
 
 
-def second_lora_file(adapter: WanAdapter, folder: Path) -> Path:
+def second_lora_file(shapes: dict[str, torch.Size], folder: Path) -> Path:
     """A random rank-4 LoRA on the same linears, written in ComfyUI's format (what a public Wan LoRA looks like)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "second_lora_comfyui.safetensors"
-    written = to_comfyui(random_lora(adapter, seed=7, rank=SECOND_RANK), alpha=float(SECOND_RANK))
+    written = to_comfyui(random_lora(shapes, seed=7, rank=SECOND_RANK), alpha=float(SECOND_RANK))
     save_file(written.tensors, path, written.metadata)
     return path
 
@@ -177,7 +185,7 @@ def build_setting(name: str, overrides: list[str], base: Config, device: torch.d
     cfg = with_overrides(base, overrides)
     with device:
         adapter = build_adapter(cfg, device)
-    adapter.load_lora_state_dict(random_lora(adapter, seed=1))
+    adapter.load_lora_state_dict(random_lora(lora_shapes(cfg), seed=1))
     second = read_lora(Path(cfg.inference.second_lora)) if cfg.inference.second_lora else None
     prepare_sampling(adapter, cfg, second)
     return Setting(name, StoryboardPipeline(adapter, cfg))
@@ -268,9 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     base, peer = base_config(args)
     work = work_of(base, peer)
     torch.manual_seed(base.seed)
-    with device:
-        lora_shapes = build_adapter(base, device)
-    second = f"inference.second_lora={second_lora_file(lora_shapes, args.out)}"
+    shapes = lora_shapes(base)
+    second = f"inference.second_lora={second_lora_file(shapes, args.out)}"
     settings = {
         name: build_setting(name, SETTINGS[name] + ([second] if name == "few_step" else []), base, device)
         for name in args.settings
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     totals = {name: [] for name in settings}
     sides = timed_sides(list(settings.values()), request, base.seed, totals)
     if not args.no_diffusers:
-        sides["diffusers"] = diffusers_side(base, work, device, random_lora(lora_shapes, seed=1), args.steps)
+        sides["diffusers"] = diffusers_side(base, work, device, random_lora(shapes, seed=1), args.steps)
     steps = interleaved(sides, args.rounds)
     if args.profile:
         profile_steps(settings, request, device, args.profile)

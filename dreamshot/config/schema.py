@@ -320,19 +320,20 @@ class InferenceConfig:
     # torch.compile every DiT block for sampling (as trainer.compile_blocks for training): compiles on the first
     # storyboard (seconds to minutes), then fuses the blocks' elementwise work; pays off over many storyboards.
     compile: bool = False
-    # Opt-in, approximate (off by default; speed-up and drift measured in benchmarks/RESULTS.md "Sampling"):
+    # Opt-in, approximate (off by default; speed-up and drift in docs/sampling.md, benchmarks/RESULTS.md "Sampling"):
     # A diffusers cache hook on the DiT's blocks (diffusers.hooks): none | first_block (FirstBlockCache: skip the
     # other blocks while the first block's output changes little) | taylorseer (TaylorSeer: predict the attention
-    # and FFN outputs from earlier steps between full steps) | mag (MagCache: skip steps by the model's calibrated
-    # residual magnitudes). Faster the more it skips; the output drifts from the exact sampler's.
+    # and FFN outputs from earlier steps between full steps; keeps those outputs: ~26 GiB for the 1.3B at 480p, too
+    # much for the 14B without use_lite_mode) | mag (MagCache: skip steps by the model's calibrated residual
+    # magnitudes). Faster the more it skips; the output drifts from the exact sampler's.
     cache: str = "none"
     # Options of that diffusers config (FirstBlockCacheConfig, TaylorSeerCacheConfig, MagCacheConfig), by field name,
     # e.g. {threshold: 0.1} for first_block; mag needs {mag_ratios: [...]} from a {calibrate: true} run. Checked
     # against the diffusers class when a sampler starts.
     cache_options: dict[str, Any] = field(default_factory=dict)
     # Share of the steps, from the first, that apply guidance (Eq. 9: two or three branches a step); the rest use v_c
-    # alone (one forward, ω1 = ω2 = 1). 1: every step (exact); 0.5: 1.5-2.3x fewer forwards over the run, the late
-    # steps unguided; 0: no guidance, for a guidance-distilled second LoRA.
+    # alone (one forward, Eq. 9 with ω1 = ω2 = 1). 1: every step (exact); 0.5: about 1.5x faster per step (a guided
+    # r2s step costs 2.7x an unguided one), the late steps unguided; 0: none, for a guidance-distilled second LoRA.
     guidance_fraction: float = 1.0
     # Scale of the run's own LoRA (1: as trained).
     lora_weight: float = 1.0
