@@ -243,7 +243,7 @@ def test_story_faults_name_the_field(tmp_path, mutate, field):
 def test_story_file_faults(tmp_path, capsys):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("shots: [unclosed\n")
-    with pytest.raises(DataError, match=r"bad\.yaml: not valid YAML"):
+    with pytest.raises(DataError, match=r"bad\.yaml: not valid yaml"):
         load_story(bad_yaml)
     path = _write_story(tmp_path, STORY)
     (tmp_path / "refs" / "role1.png").write_bytes(b"not a png")
