@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
+from dreamshot.config.values import SEED_LIMIT
 from dreamshot.inference.loading import add_weight_arguments, build_adapter, load_lora, resolve_config, run_weights
 from dreamshot.inference.outputs import (
     load_kept_shots,
@@ -33,6 +34,7 @@ from dreamshot.inference.outputs import (
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
 from dreamshot.inference.story import Story, load_story, story_request
 from dreamshot.utils.errors import DataError
+from dreamshot.utils.io import check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_weight_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--regenerate", type=shot_list, help="re-roll only these shots (1-based), e.g. 3,5")
-    parser.add_argument("--seed", type=int, help="noise seed (see precedence above)")
+    parser.add_argument("--seed", type=seed, help="noise seed (see precedence above)")
     parser.add_argument("--steps", type=positive_int, help="sampler steps (see precedence above)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
@@ -55,6 +57,13 @@ def shot_list(text: str) -> list[int]:
     if indices[0] < 1:
         raise argparse.ArgumentTypeError(f"shot numbers start at 1, got {text!r}")
     return indices
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{SEED_LIMIT - 1}, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -73,6 +82,9 @@ def run(args: argparse.Namespace) -> None:
     previous = read_record(args.out) if args.regenerate else None
     kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
+    # Shots and contact sheet as uncompressed RGB at most, checked before the model is built.
+    pixels = size[0] * size[1] * (2 * len(story.shots) + len(story.references))
+    check_output_dir(args.out, "--out", 3 * pixels + 2**20, "the storyboard's images")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     adapter = build_adapter(cfg, device)
@@ -108,7 +120,7 @@ def _seed(explicit: int | None, previous: dict | None, story: Story, cfg: Config
         return explicit
     if previous is not None:
         # A re-roll must draw new noise: the same seed would redraw the same shots.
-        return int(previous["seed"]) + 1
+        return (int(previous["seed"]) + 1) % SEED_LIMIT
     return story.seed if story.seed is not None else cfg.inference.seed
 
 

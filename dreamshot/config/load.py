@@ -18,15 +18,16 @@ member's config, `load_config(..., member=m)` one of them.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dreamshot.config.schema import Config
 from dreamshot.utils.errors import ConfigError
+from dreamshot.utils.text import read_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
@@ -84,24 +85,66 @@ def load_config(
     cfg = OmegaConf.structured(Config)
     if chain:
         cfg.name = chain[-1][0].stem
+    # (where, what it set) of every merge, so a bad value is reported with the file that set it.
+    sources: list[tuple[str, Any]] = []
+
+    def merge(update: Any, source: Path | str) -> DictConfig:
+        sources.append((str(source), update))
+        return merge_checked(cfg, update, source)
+
     for group, option in groups.items():
-        cfg = merge_checked(cfg, {group: read_yaml(_group_file(group, option))}, _group_file(group, option))
+        cfg = merge({group: read_yaml(_group_file(group, option))}, _group_file(group, option))
     for path, body in chain:
-        cfg = merge_checked(cfg, {k: v for k, v in body.items() if k not in _META_KEYS}, path)
-    local = Path(os.environ.get("DREAMSHOT_LOCAL_CONFIG", CONF_DIR / "local.yaml"))
-    if local.is_file():
-        cfg = merge_checked(cfg, read_yaml(local), local)
+        cfg = merge({k: v for k, v in body.items() if k not in _META_KEYS}, path)
+    local = local_config()
+    if local is not None:
+        cfg = merge(read_yaml(local), local)
     if members:
         stem = chain[-1][0].stem
         sweep = {"name": f"{stem}/{member}", "tags": [*cfg.tags, member], "logger": {"group": stem}}
-        cfg = merge_checked(cfg, sweep, f"sweep member {member!r}")
-    cfg = merge_checked(cfg, OmegaConf.from_dotlist(dotlist), "command line")
+        cfg = merge(sweep, f"sweep member {member!r}")
+    cfg = merge(OmegaConf.from_dotlist(dotlist), "command line")
     try:
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config: {describe_error(e)}") from None
-    config.validate()
+    try:
+        config.validate()
+    except ConfigError as e:
+        origin = _origin(sources, e.key) if e.key else None
+        if origin is None:
+            raise
+        raise ConfigError(f"{e} (set {origin})", e.key) from None
     return config
+
+
+def _origin(sources: list[tuple[str, Any]], key: str) -> str | None:
+    """Where the last of `sources` to set `key` ("optim.betas", "curriculum[0].steps") is ("in FILE", "on the
+    command line", "by sweep member 'a'"); None for a schema default."""
+    parts = [part for part in re.split(r"[.\[\]]+", key) if part]
+    for source, update in reversed(sources):
+        node = OmegaConf.to_container(update) if isinstance(update, DictConfig) else update
+        for part in parts:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                break
+        else:
+            if source == "command line":
+                return "on the command line"
+            return f"by {source}" if source.startswith("sweep member") else f"in {source}"
+    return None
+
+
+def local_config() -> Path | None:
+    """`$DREAMSHOT_LOCAL_CONFIG` (which must then exist), else `conf/local.yaml` when there is one."""
+    named = os.environ.get("DREAMSHOT_LOCAL_CONFIG")
+    if named:
+        return Path(named)
+    default = CONF_DIR / "local.yaml"
+    return default if default.exists() else None
 
 
 def to_yaml(config: Config) -> str:
@@ -177,10 +220,7 @@ def _sweep_of(sweep: Any, path: Path) -> dict[str, list[str]]:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        body = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid yaml ({str(e).splitlines()[0]})") from None
+    body = read_yaml_file(path, "config file", ConfigError) or {}
     if not isinstance(body, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return body

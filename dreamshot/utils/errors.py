@@ -1,12 +1,20 @@
-"""User-facing errors: the CLI prints them as one line and exits with status 2 (no traceback)."""
+"""User-facing errors: the CLI prints them as one line and exits with their `exit_status` (no traceback):
+2 for a fault in the input, 130 for a command the user interrupted."""
 
 
 class DreamShotError(Exception):
     """A fault in user input (config, data, weights, paths), reported as one line naming what and where."""
 
+    exit_status = 2
+
 
 class ConfigError(DreamShotError):
-    """An invalid configuration: unknown key, wrong type, or contradictory values."""
+    """An invalid configuration: unknown key, wrong type, or contradictory values. `key` is the config key at
+    fault when there is one: the loader then adds which file (or the command line) set it."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class DataError(DreamShotError):
@@ -15,3 +23,9 @@ class DataError(DreamShotError):
 
 class WeightsError(DreamShotError):
     """Missing or malformed model weights."""
+
+
+class Interrupted(DreamShotError):
+    """The user stopped a command (Ctrl-C); the message says what was kept and how to continue."""
+
+    exit_status = 130
