@@ -79,10 +79,18 @@ def load_lora(adapter: WanAdapter, path: Path) -> None:
     if not path.exists():
         raise WeightsError(f"{path}: LoRA file not found")
     state = read_lora(path)
+    require_finite(state, path)
     try:
         adapter.load_lora_state_dict(state)
     except WeightsError as e:
         raise WeightsError(f"{path}: {e}") from None
+
+
+def require_finite(state: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse LoRA weights holding NaN or infinity: applied, they would turn every output into NaN, silently."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise WeightsError(f"{source}: LoRA weight {key!r} holds NaN or infinite values (a diverged run?)")
 
 
 def read_lora(weights: Path) -> dict[str, torch.Tensor]:
