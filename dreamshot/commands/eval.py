@@ -21,6 +21,7 @@ from dreamshot.eval.runner import evaluate
 from dreamshot.inference.loading import add_weight_arguments, build_adapter, load_lora, resolve_config, run_weights
 from dreamshot.inference.pipeline import StoryboardPipeline
 from dreamshot.utils.errors import DataError
+from dreamshot.utils.io import check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides) if args.outputs else resolve_config(weights, args.config, overrides)
     device = torch.device(args.device or cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = args.out or Path("outputs") / "eval" / f"{cfg.eval.benchmark}-{cfg.eval.mode}"
+    check_output_dir(out, "--out")
     label = args.label or _label(args)
     if args.outputs:
         evaluate(cfg, out, device, label, outputs=args.outputs)

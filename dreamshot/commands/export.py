@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dreamshot.inference.loading import RUN_CONFIG, read_lora, resolve_config, run_weights
+from dreamshot.inference.loading import RUN_CONFIG, read_lora, require_finite, resolve_config, run_weights
 from dreamshot.models.wan.lora_formats import FORMATS
 from dreamshot.training.callbacks import write_lora_files
 from dreamshot.utils.errors import ConfigError, WeightsError
+from dreamshot.utils.io import check_output_dir
 
 # Where a DeepSpeed checkpoint folder written by Lightning (tag "checkpoint") keeps rank 0's module state:
 # ZeRO-2 writes one file, ZeRO-3 one per rank.
@@ -39,6 +40,9 @@ def run(args: argparse.Namespace) -> None:
     weights = source_weights(Path(args.source))
     cfg = resolve_config(weights, args.config, [])
     state = read_lora(weights)
+    require_finite(state, weights)
+    need = len(formats) * sum(4 * t.numel() for t in state.values()) + 2**20
+    check_output_dir(args.out, "--out", need, "the LoRA files")
     metadata = {"source": str(weights)}
     for path in write_lora_files(state, Path(args.out), cfg.model.lora.alpha, metadata, formats):
         print(path)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dreamshot.config.schema import Config
 from dreamshot.eval.benchmarks import load_benchmark
-from dreamshot.eval.generation import draw_story, read_story_shots, story_shot_files, write_story
+from dreamshot.eval.generation import draw_story, read_story_shots, write_story
 from dreamshot.eval.report import EvalResults, describe, log_tables, write_results
 from dreamshot.eval.story_metrics import AlignmentMetric, StorySample
 from dreamshot.eval.suite import build_suite
@@ -44,13 +44,13 @@ def evaluate(
     if (pipeline is None) == (outputs is None):
         raise ValueError("give exactly one of pipeline (draw the shots) and outputs (score a folder)")
     ev = cfg.eval
-    out.mkdir(parents=True, exist_ok=True)
     bench = load_benchmark(ev, out)
     suite = build_suite(ev, bench, out, device)
     if outputs is not None:
-        # A missing story or shot is reported before scoring starts, not after the stories before it.
+        # A missing or unreadable story or shot is reported before scoring starts, not after the stories before it.
         for story in bench.stories:
-            story_shot_files(outputs, story, ev.mode)
+            read_story_shots(outputs, story, ev.mode)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
     shots_dir = outputs or out / SHOTS_DIR
     size = (cfg.data.resolution[0], cfg.data.resolution[1])
     story_shots = {story.id: len(story.scored_shots(ev.mode)) for story in bench.stories}
