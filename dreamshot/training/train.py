@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import warnings
@@ -9,35 +11,50 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from dreamshot.config.load import to_yaml
-from dreamshot.config.schema import Config
+from dreamshot.config.schema import Config, TrainerConfig
 from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.eval.callback import eval_callbacks
-from dreamshot.training.callbacks import LORA_FILE, ExportLora, PhaseProgressBar, RoleMaskPreview, TrainSummary
+from dreamshot.planner.workload import zero_stage
+from dreamshot.training.callbacks import (
+    EXPORT_FILES,
+    LORA_FILE,
+    ExportLora,
+    PhaseProgressBar,
+    RoleMaskPreview,
+    SaveOnInterrupt,
+    StepCheckpoints,
+    TrainSummary,
+)
 from dreamshot.training.checkpoint_io import AtomicCheckpointIO
-from dreamshot.training.guards import check_disk, check_writable, checkpoint_count, lora_checkpoint_bytes
+from dreamshot.training.guards import checkpoint_bytes, checkpoint_count, lora_files_bytes
 from dreamshot.training.module import DreamShotModule
+from dreamshot.training.resume import CHECKPOINT_DIR, LAST_CHECKPOINT, check_weights, read_resume, resume_path
+from dreamshot.training.run_folder import RunLock, check_fresh_start, clear_run, record_resume
 from dreamshot.training.strategy import build_strategy
-from dreamshot.utils.errors import WeightsError
-from dreamshot.utils.io import atomic_write_text, remove_stale_temporaries
-
-CHECKPOINT_DIR = "checkpoints"
+from dreamshot.utils.errors import ConfigError, DreamShotError
+from dreamshot.utils.io import atomic_write_text, check_output_dir, remove_stale_temporaries
 
 # The frozen VAE and umT5 stay in eval mode on purpose (WanAdapter.train); Lightning warns about every such module.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# One run per output folder (run_folder): a resumed run's checkpoint folder is its own, not a collision.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 # Lightning 2.6 calls a pytree check that this torch deprecates, on every fit: nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class _NoProductTips(logging.Filter):
-    """Drops Lightning's product tips ("💡 Tip: ... try installing litlogger") from every run's output."""
+    """Drops Lightning's product tips ("💡 Tip: ... try installing litlogger") from every run's output, and its
+    notice of a Ctrl-C, which `SaveOnInterrupt`'s one line replaces."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("💡 Tip")
+        message = record.getMessage()
+        return not (message.startswith("💡 Tip") or "Detected KeyboardInterrupt" in message)
 
 
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
@@ -47,42 +64,98 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
 def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> Path:
     """Fit `cfg` and return its output folder (config.yaml, checkpoints/, lora.safetensors, summary.json, logs).
 
+    Everything that can be wrong with the inputs (machine, checkpoint, output folder, data, disk) is found
+    before anything is written, and the folder is locked for the run's life (`run_folder`).
     `callbacks` are added to the run's own (notebooks and tests observe or steer a run with them).
     """
     out = Path(cfg.output_dir)
-    # Everything that can be wrong with the inputs is found before anything is written.
-    if cfg.trainer.ckpt_path and not Path(cfg.trainer.ckpt_path).exists():  # a DeepSpeed checkpoint is a folder
-        raise WeightsError(f"checkpoint {cfg.trainer.ckpt_path} does not exist (trainer.ckpt_path)")
+    check_accelerator(cfg.trainer)
+    launcher = rank_zero_only.rank == 0  # other ranks are started by it (or beside it) into the same run
+    lock = RunLock(out)
+    if launcher:
+        lock.check()
+    checkpoint = resume_path(cfg, out)
+    resume = read_resume(checkpoint, cfg) if checkpoint is not None else None
+    if launcher:
+        check_fresh_start(out, resume, cfg.trainer.overwrite)
+    check_output_dir(out, "output_dir")
     # Without a curriculum an epoch is a data pass, so raising max_steps extends a run with the same data stream.
     datamodule = StoryboardDataModule(
         cfg.data, out, cfg.seed, cfg.curriculum, cfg.trainer.accumulate_grad_batches, model=cfg.model
     )
-    if cfg.data.manifest is None:
-        check_writable(out)  # the toy world is written into the output folder
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    if cfg.data.manifest is not None:  # the toy world is written into the output folder: after the lock
+        datamodule.prepare_data()
+        datamodule.setup("fit")
     module = DreamShotModule(cfg)
-    check_writable(out)
+    if resume is not None:
+        check_weights(resume, module.adapter.lora_state_dict() if resume.peft_names else lora_parameters(module))
+    trainable = module.adapter.trainable_parameters()
+    deepspeed = zero_stage(cfg.trainer.strategy) > 0
     checkpoints = checkpoint_count(cfg.trainer.max_steps, cfg.trainer.checkpoint_every_n_steps)
-    check_disk(out, lora_checkpoint_bytes(module.adapter.trainable_parameters()), checkpoints)
-    remove_stale_temporaries(out / CHECKPOINT_DIR)
-    atomic_write_text(out / "config.yaml", to_yaml(cfg))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    logger = build_logger(cfg, out)
-    trainer = build_trainer(cfg, out, logger, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.trainer.ckpt_path)
+    need = checkpoints * checkpoint_bytes(trainable, cfg.trainer.max_steps, deepspeed)
+    need += lora_files_bytes(trainable, len(EXPORT_FILES))
+    check_output_dir(out, "output_dir", need, f"the run's {checkpoints} checkpoints and LoRA files")
+    with lock if launcher else contextlib.nullcontext():
+        if cfg.trainer.overwrite and launcher:
+            clear_run(out)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        remove_stale_temporaries(out / CHECKPOINT_DIR)
+        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+        if resume is not None and launcher:
+            record_resume(out, resume)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        logger = build_logger(cfg, out)
+        trainer = build_trainer(cfg, out, logger, callbacks)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else resume.path)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            saved = checkpoint_io(trainer).last_saved_step
+            kept = f"checkpoints up to step {saved} intact" if saved is not None else "earlier checkpoints intact"
+            raise DreamShotError(
+                f"no space left on the disk of output_dir {out} at step {trainer.global_step}: {kept}; free space "
+                "and continue with trainer.ckpt_path=last"
+            ) from None
     return out
+
+
+def check_accelerator(trainer: TrainerConfig) -> None:
+    """`trainer.accelerator=gpu` needs as many CUDA devices as `trainer.devices` on this machine."""
+    if trainer.accelerator not in ("gpu", "cuda"):
+        return
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available < trainer.devices:
+        found = "no CUDA device" if available == 0 else f"{available} CUDA devices"
+        raise ConfigError(
+            f"trainer.accelerator={trainer.accelerator} with trainer.devices={trainer.devices}, but this machine has "
+            f"{found}: use trainer=cpu (or fewer trainer.devices)",
+            key="trainer.accelerator",
+        )
+
+
+def lora_parameters(module: DreamShotModule) -> dict[str, torch.Tensor]:
+    """The trainable weights by the names Lightning's checkpoints give them."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def checkpoint_io(trainer: L.Trainer) -> AtomicCheckpointIO:
+    return trainer.strategy.checkpoint_io
 
 
 def build_trainer(cfg: Config, out: Path, logger: Logger, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     t = cfg.trainer
-    checkpoints = ModelCheckpoint(
+    checkpoints = StepCheckpoints(
         dirpath=out / CHECKPOINT_DIR,
         filename="step{step:06d}",
         auto_insert_metric_name=False,
         every_n_train_steps=t.checkpoint_every_n_steps,
         save_top_k=-1,
         save_last=True,
+        # One run per folder (run_folder): a file under the name of a step is that run's, to be overwritten
+        # when it resumes from an earlier step, never kept beside it as "-v1".
+        enable_version_counter=False,
     )
     artifacts = {
         "output_dir": str(out),
@@ -111,6 +184,7 @@ def build_trainer(cfg: Config, out: Path, logger: Logger, callbacks: Sequence[L.
         callbacks=[
             PhaseProgressBar(len(cfg.curriculum)),
             checkpoints,
+            SaveOnInterrupt(out / CHECKPOINT_DIR / LAST_CHECKPOINT),
             ExportLora(out),
             TrainSummary(out, artifacts),
             RoleMaskPreview(out, cfg.racl.mask_threshold),
