@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from dreamshot.cli import main
+from dreamshot.commands import generate as generate_command
 from dreamshot.config.load import to_yaml
 from dreamshot.config.schema import Config, ToyWorldConfig
 from dreamshot.data.manifest import load_manifest
@@ -252,3 +254,15 @@ def test_story_file_faults(tmp_path, capsys):
         reference_images(story, (HEIGHT, WIDTH))
     assert main(["generate", str(tmp_path / "absent.yaml"), "--base", "--out", str(tmp_path / "o")]) == 2
     assert "absent.yaml: cannot read story file" in capsys.readouterr().err
+
+
+def test_too_little_space_for_the_storyboard_is_reported_before_the_model_is_built(
+    story, tmp_path, capsys, monkeypatch
+):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 1000))
+    monkeypatch.setattr(generate_command, "build_adapter", lambda *a: pytest.fail("the model was built"))
+    assert main(["generate", str(story), "--base", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "GiB free, the storyboard's images need about" in err
+    assert not (tmp_path / "out").exists()
