@@ -328,10 +328,12 @@ class DetectorConfig:
 class JudgeConfig:
     """The vision-language judge of the Alignment score (any OpenAI-compatible chat-completions endpoint)."""
 
-    # Base URL ending before /chat/completions, e.g. https://api.openai.com/v1. None: Alignment is missing.
+    # Base URL ending before /chat/completions, e.g. https://api.openai.com/v1 (no user, password or key in it:
+    # refused, see utils/secrets.py). None: Alignment is missing.
     endpoint: str | None = None
     model: str = "gpt-4.1"
-    # Environment variable holding the API key (the key itself never goes into a config or a log).
+    # Environment variable holding the API key (the key itself never goes into a config or a log: a value that
+    # looks like a key is refused).
     api_key_env: str = "OPENAI_API_KEY"
     temperature: float = 0.0
     seed: int = 123

@@ -145,10 +145,12 @@ class VlmConfig:
     """The vision-language model behind `grouping.judge: vlm` and `roles.annotator: vlm`: any
     OpenAI-compatible chat-completions endpoint, through the evaluation judge's client (dreamshot.eval.judge)."""
 
-    # Base URL ending before /chat/completions. None: the vlm backends cannot be selected.
+    # Base URL ending before /chat/completions (no user, password or key in it). None: the vlm backends cannot be
+    # selected.
     endpoint: str | None = None
     model: str = "gpt-4.1"
-    # Environment variable holding the API key (the key itself never goes into a config or a log).
+    # Environment variable holding the API key (the key itself never goes into a config or a log: a value that
+    # looks like a key is refused).
     api_key_env: str = "OPENAI_API_KEY"
     # Side of the square JPEG each image is sent as.
     image_size: int = 512
