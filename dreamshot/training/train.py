@@ -34,7 +34,14 @@ from dreamshot.training.callbacks import (
 from dreamshot.training.checkpoint_io import AtomicCheckpointIO
 from dreamshot.training.guards import checkpoint_bytes, checkpoint_count, lora_files_bytes
 from dreamshot.training.module import DreamShotModule
-from dreamshot.training.resume import CHECKPOINT_DIR, LAST_CHECKPOINT, check_weights, read_resume, resume_path
+from dreamshot.training.resume import (
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    Resume,
+    check_weights,
+    read_resume,
+    resume_path,
+)
 from dreamshot.training.run_folder import RunLock, check_fresh_start, clear_run, record_resume
 from dreamshot.training.strategy import build_strategy
 from dreamshot.utils.errors import ConfigError, DreamShotError
@@ -65,15 +72,33 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> Path:
     """Fit `cfg` and return its output folder (config.yaml, checkpoints/, lora.safetensors, summary.json, logs).
 
     Everything that can be wrong with the inputs (machine, checkpoint, output folder, data, disk) is found
-    before anything is written, and the folder is locked for the run's life (`run_folder`).
+    before anything is written (`preflight`), and the folder is locked for the run's life (`run_folder`).
     `callbacks` are added to the run's own (notebooks and tests observe or steer a run with them).
     """
     out = Path(cfg.output_dir)
-    check_accelerator(cfg.trainer)
     launcher = rank_zero_only.rank == 0  # other ranks are started by it (or beside it) into the same run
-    lock = RunLock(out)
+    resume, datamodule, module = preflight(cfg, out, launcher)
+    with RunLock(out) if launcher else contextlib.nullcontext():
+        if cfg.trainer.overwrite and launcher:
+            clear_run(out)
+        datamodule.prepare_data()  # the toy world is written into the output folder
+        datamodule.setup("fit")
+        remove_stale_temporaries(out / CHECKPOINT_DIR)
+        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+        if resume is not None and launcher:
+            record_resume(out, resume)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        trainer = build_trainer(cfg, out, build_logger(cfg, out), callbacks)
+        fit(trainer, module, datamodule, resume, out)
+    return out
+
+
+def preflight(cfg: Config, out: Path, launcher: bool) -> tuple[Resume | None, StoryboardDataModule, DreamShotModule]:
+    """Check the machine, the checkpoint to resume, the output folder, the data and the disk, writing nothing;
+    returns the resume (None for a fresh run), the datamodule and the module."""
+    check_accelerator(cfg.trainer)
     if launcher:
-        lock.check()
+        RunLock(out).check()
     checkpoint = resume_path(cfg, out)
     resume = read_resume(checkpoint, cfg) if checkpoint is not None else None
     if launcher:
@@ -83,42 +108,39 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> Path:
     datamodule = StoryboardDataModule(
         cfg.data, out, cfg.seed, cfg.curriculum, cfg.trainer.accumulate_grad_batches, model=cfg.model
     )
-    if cfg.data.manifest is not None:  # the toy world is written into the output folder: after the lock
+    if cfg.data.manifest is not None:  # a toy world is checked as it is written
         datamodule.prepare_data()
         datamodule.setup("fit")
     module = DreamShotModule(cfg)
     if resume is not None:
         check_weights(resume, module.adapter.lora_state_dict() if resume.peft_names else lora_parameters(module))
     trainable = module.adapter.trainable_parameters()
-    deepspeed = zero_stage(cfg.trainer.strategy) > 0
     checkpoints = checkpoint_count(cfg.trainer.max_steps, cfg.trainer.checkpoint_every_n_steps)
-    need = checkpoints * checkpoint_bytes(trainable, cfg.trainer.max_steps, deepspeed)
+    need = checkpoints * checkpoint_bytes(trainable, cfg.trainer.max_steps, zero_stage(cfg.trainer.strategy) > 0)
     need += lora_files_bytes(trainable, len(EXPORT_FILES))
     check_output_dir(out, "output_dir", need, f"the run's {checkpoints} checkpoints and LoRA files")
-    with lock if launcher else contextlib.nullcontext():
-        if cfg.trainer.overwrite and launcher:
-            clear_run(out)
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        remove_stale_temporaries(out / CHECKPOINT_DIR)
-        atomic_write_text(out / "config.yaml", to_yaml(cfg))
-        if resume is not None and launcher:
-            record_resume(out, resume)
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        logger = build_logger(cfg, out)
-        trainer = build_trainer(cfg, out, logger, callbacks)
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else resume.path)
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            saved = checkpoint_io(trainer).last_saved_step
-            kept = f"checkpoints up to step {saved} intact" if saved is not None else "earlier checkpoints intact"
-            raise DreamShotError(
-                f"no space left on the disk of output_dir {out} at step {trainer.global_step}: {kept}; free space "
-                "and continue with trainer.ckpt_path=last"
-            ) from None
-    return out
+    return resume, datamodule, module
+
+
+def fit(
+    trainer: L.Trainer,
+    module: DreamShotModule,
+    datamodule: StoryboardDataModule,
+    resume: Resume | None,
+    out: Path,
+) -> None:
+    """`trainer.fit`; a disk that fills up is one line with the last checkpoint written whole."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else resume.path)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        saved = trainer.strategy.checkpoint_io.last_saved_step
+        kept = f"checkpoints up to step {saved} intact" if saved is not None else "earlier checkpoints intact"
+        raise DreamShotError(
+            f"no space left on the disk of output_dir {out} at step {trainer.global_step}: {kept}; free space and "
+            "continue with trainer.ckpt_path=last"
+        ) from None
 
 
 def check_accelerator(trainer: TrainerConfig) -> None:
@@ -138,10 +160,6 @@ def check_accelerator(trainer: TrainerConfig) -> None:
 def lora_parameters(module: DreamShotModule) -> dict[str, torch.Tensor]:
     """The trainable weights by the names Lightning's checkpoints give them."""
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
-
-
-def checkpoint_io(trainer: L.Trainer) -> AtomicCheckpointIO:
-    return trainer.strategy.checkpoint_io
 
 
 def build_trainer(cfg: Config, out: Path, logger: Logger, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
