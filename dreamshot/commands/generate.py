@@ -29,6 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
+from dreamshot.config.values import SEED_LIMIT
 from dreamshot.diffusion.conditioning import check_trained
 from dreamshot.eval.sharding import Ranks
 from dreamshot.eval.story_folder import generate_folder
@@ -54,6 +55,7 @@ from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
 from dreamshot.inference.presets import PRESETS, preset_overrides
 from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
 from dreamshot.utils.errors import DataError
+from dreamshot.utils.io import check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=seed_value,
         help="noise seed (default: with --regenerate the previous seed + 1, else the story's, else inference.seed)",
     )
     parser.add_argument(
@@ -93,6 +95,13 @@ def shot_list(text: str) -> list[int]:
     if indices[0] < 1:
         raise argparse.ArgumentTypeError(f"shot numbers start at 1, got {text!r}")
     return indices
+
+
+def seed_value(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{SEED_LIMIT - 1}, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -121,6 +130,9 @@ def run(args: argparse.Namespace) -> None:
     check_trained(cfg.storyboard, request.mode)
     steps = args.steps if args.steps is not None else story.steps
     second = check_sampling(cfg, steps)
+    # Shots and contact sheet as uncompressed RGB at most, checked before the model is built.
+    pixels = size[0] * size[1] * (2 * len(story.shots) + len(story.references))
+    check_output_dir(args.out, "--out", 3 * pixels + 2**20, "the storyboard's images")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg, adapter = load_model(cfg, weights, device, second=second)
@@ -209,7 +221,7 @@ def _seed(explicit: int | None, previous: dict | None, story: Story, cfg: Config
         return explicit
     if previous is not None:
         # A re-roll must draw new noise: the same seed would redraw the same shots.
-        return int(previous["seed"]) + 1
+        return (int(previous["seed"]) + 1) % SEED_LIMIT
     return story.seed if story.seed is not None else cfg.inference.seed
 
 

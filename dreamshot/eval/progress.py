@@ -76,7 +76,7 @@ class Progress:
 
     def _watch(self) -> None:
         start = time.monotonic()
-        bar_format = "{desc} |{bar}| {n_fmt}/{total_fmt} shots, {rate_fmt}, {postfix}"
+        bar_format = "{desc} |{bar}| {n_fmt}/{total_fmt} shots, {rate_fmt}{postfix}"  # tqdm puts ", " before a postfix
         with tqdm(total=self.totals["shots"], desc="drawing", unit="shot", bar_format=bar_format, disable=None) as bar:
             while True:
                 stopping = self._stop.wait(POLL_SECONDS)
