@@ -334,7 +334,7 @@ class InferenceConfig:
     # Opt-in, approximate (off by default; speed-up and drift in docs/sampling.md, benchmarks/RESULTS.md "Sampling"):
     # A diffusers cache hook on the DiT's blocks (diffusers.hooks): none | first_block (FirstBlockCache: skip the
     # other blocks while the first block's output changes little) | taylorseer (TaylorSeer: predict the attention
-    # and FFN outputs from earlier steps between full steps; keeps those outputs: ~26 GiB for the 1.3B at 480p, too
+    # and FFN outputs from earlier steps between full steps; keeps those outputs: ~24 GiB for the 1.3B at 480p, too
     # much for the 14B without use_lite_mode) | mag (MagCache: skip steps by the model's calibrated residual
     # magnitudes). Faster the more it skips; the output drifts from the exact sampler's.
     cache: str = "none"

@@ -43,7 +43,7 @@ from dreamshot.diffusion.guidance import guided_velocity
 from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.attention import CrossAttentionText
-from dreamshot.models.wan.block_cache import CacheContext, block_cache, no_cache_context
+from dreamshot.models.wan.block_cache import CacheContext, no_cache_context
 from dreamshot.models.wan.latents import encode_references, encode_shots
 
 
@@ -192,7 +192,7 @@ class StoryboardPipeline:
         scheduler.set_timesteps(settings.steps if steps is None else steps, device=self.device)
         guided_steps = settings.guidance_fraction * len(scheduler.timesteps)
         step_seconds = []
-        with block_cache(self.adapter.transformer, settings, len(scheduler.timesteps)) as cache_context:
+        with self.adapter.block_cache(settings, len(scheduler.timesteps)) as cache_context:
             for index, timestep in enumerate(
                 tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)
             ):

@@ -6,13 +6,16 @@ The trainer, the pipeline and the metrics talk to it in storyboard terms — ima
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 from torch import nn
 
-from dreamshot.config.schema import ModelConfig
+from dreamshot.config.schema import InferenceConfig, ModelConfig
 from dreamshot.diffusion.conditioning import StoryboardLatents
 from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.attention import CrossAttentionText, cross_attention_text, use_shotwise_cross_attention
+from dreamshot.models.wan.block_cache import CacheContext, block_cache
 from dreamshot.models.wan.build import build_components
 from dreamshot.models.wan.forward import compile_blocks, run_block, storyboard_forward, use_frame_modulation
 from dreamshot.models.wan.latents import decode_in_context, encode_references, encode_shots
@@ -98,6 +101,11 @@ class WanAdapter(nn.Module):
         decoded in one stream with the given shots' latents (B, C, M, h, w) when there are any."""
         given = targets[:, :, :0] if given is None else given
         return decode_in_context(self.vae, given, targets, given_positions or [], target_positions)
+
+    def block_cache(self, settings: InferenceConfig, steps: int) -> AbstractContextManager[CacheContext]:
+        """`inference.cache` on the DiT for one sampling run of `steps` steps (`block_cache.py`); the context yields
+        the function that names each forward's cache context."""
+        return block_cache(self.transformer, settings, steps)
 
     @torch.no_grad()
     def cross_attention_text(self, texts: torch.Tensor) -> CrossAttentionText:
