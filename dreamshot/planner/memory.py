@@ -119,7 +119,7 @@ def block_saved_bytes(shape: ModelShape, work: Workload, training: Training, fus
     per_text_token = text_norm + 2 * b * dim + lora_text
     per_sample = 0 if work.per_token_timestep else modulation
     per_block = (2 * FP32 * dim if b < FP32 else 0) + lora_weights
-    return work.tokens * per_token + work.text_tokens * per_text_token + per_sample + per_block
+    return work.rank_tokens * per_token + work.rank_text_tokens * per_text_token + per_sample + per_block
 
 
 def lora_saved_bytes(shape: ModelShape, work: Workload, training: Training) -> tuple[int, int, int]:
@@ -153,9 +153,10 @@ def activation_memory(shape: ModelShape, work: Workload, training: Training) -> 
     """Activation bytes per GPU for a micro-batch, with or without checkpointing as `work` says."""
     b, mb, layers = work.activation_bytes, work.micro_batch, shape.num_layers
     block = block_saved_bytes(shape, work, training)
+    tokens = "T" if work.context_parallel == 1 else f"T/{work.context_parallel}"
     if work.checkpointing:
         items = {
-            "block inputs": Item(layers * work.tokens * shape.dim * b * mb, f"{layers} checkpoints of T×D"),
+            "block inputs": Item(layers * work.rank_tokens * shape.dim * b * mb, f"{layers} checkpoints of {tokens}×D"),
             "one block recomputed": Item(block * mb, "its saved tensors, during backward"),
         }
     else:
@@ -163,10 +164,14 @@ def activation_memory(shape: ModelShape, work: Workload, training: Training) -> 
     items["shared block inputs"] = Item(shared_bytes(shape, work), "timestep modulation, text, RoPE")
     # FlashAttention-style backward: dQ, dK, dV and an fp32 dQ accumulator for one attention at a time.
     items["attention backward"] = Item(
-        (3 * b + FP32) * work.tokens * shape.dim * mb, "fused kernel: dQ, dK, dV + fp32 dQ accum, O(T)"
+        (3 * b + FP32) * work.rank_tokens * shape.dim * mb, f"fused kernel: dQ, dK, dV + fp32 dQ accum, O({tokens})"
     )
     if work.racl_blocks:
-        items["RACL capture"] = Item(racl_bytes(work), f"|Q| = {work.racl_queries} rows × S per chunk")
+        items["RACL capture"] = Item(racl_bytes(work), f"|Q| = {work.rank_racl_queries} rows × S per chunk")
+        if work.context_parallel > 1:
+            # Every captured block scores its rows against all ranks' keys, kept for backward like the softmax.
+            kept = 1 if work.checkpointing else work.racl_blocks
+            items["RACL gathered keys"] = Item(kept * work.tokens * shape.dim * b * mb, "all T keys, T×D")
     return items
 
 
@@ -175,9 +180,9 @@ def shared_bytes(shape: ModelShape, work: Workload) -> int:
     per sample, b each), the raw and projected text (F·L × (text_dim + D) × b), RoPE cos and sin (fp32, 2·4·d
     per token, shared by the micro-batch)."""
     b = work.activation_bytes
-    timestep = 7 * shape.dim * b * (work.tokens if work.per_token_timestep else 1)
-    text = work.text_tokens * (shape.text_dim + shape.dim) * b
-    rope = 2 * FP32 * shape.head_dim * work.tokens
+    timestep = 7 * shape.dim * b * (work.rank_tokens if work.per_token_timestep else 1)
+    text = work.rank_text_tokens * (shape.text_dim + shape.dim) * b
+    rope = 2 * FP32 * shape.head_dim * work.rank_tokens
     return (timestep + text) * work.micro_batch + rope
 
 
@@ -187,9 +192,9 @@ def racl_bytes(work: Workload) -> int:
     One chunk is the |Q| source-token rows scored against one target shot's S keys: logits (b), their fp32
     copy and the fp32 softmax, live one chunk at a time: |Q|·S·(b + 8). The softmax of every chunk is kept for
     backward: |Q|·S·4 per target shot and captured block — of all captured blocks without checkpointing, of
-    the one block being recomputed with it.
+    the one block being recomputed with it. Under context parallelism |Q| is one GPU's share of the rows.
     """
-    chunk = work.racl_queries * work.tokens_per_frame
+    chunk = work.rank_racl_queries * work.tokens_per_frame
     kept_blocks = 1 if work.checkpointing else work.racl_blocks
     kept = chunk * FP32 * work.target_frames * kept_blocks * work.micro_batch
     return chunk * (work.activation_bytes + 2 * FP32) + kept

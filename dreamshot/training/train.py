@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -18,6 +19,7 @@ from dreamshot.config.schema import Config
 from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.eval.callback import eval_callbacks
 from dreamshot.models.wan.lora_formats import lora_modules
+from dreamshot.planner.plan import shot_window
 from dreamshot.training.callbacks import (
     LORA_FILE,
     ExportLora,
@@ -63,7 +65,13 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> Path:
         raise WeightsError(f"checkpoint {cfg.trainer.ckpt_path} does not exist (trainer.ckpt_path)")
     # Without a curriculum an epoch is a data pass, so raising max_steps extends a run with the same data stream.
     datamodule = StoryboardDataModule(
-        cfg.data, out, cfg.seed, cfg.curriculum, cfg.trainer.accumulate_grad_batches, model=cfg.model
+        cfg.data,
+        out,
+        cfg.seed,
+        cfg.curriculum,
+        cfg.trainer.accumulate_grad_batches,
+        model=cfg.model,
+        shot_window=functools.partial(shot_window, cfg),
     )
     if cfg.data.manifest is None:
         check_writable(out)  # the toy world is written into the output folder

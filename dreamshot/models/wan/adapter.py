@@ -14,10 +14,11 @@ from dreamshot.diffusion.conditioning import StoryboardLatents
 from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.attention import use_shotwise_cross_attention
 from dreamshot.models.wan.build import build_components
+from dreamshot.models.wan.context_parallel import ContextParallel
 from dreamshot.models.wan.forward import compile_blocks, run_block, storyboard_forward
 from dreamshot.models.wan.latents import decode_shots, encode_references, encode_shots
 from dreamshot.models.wan.lora import apply_lora, load_lora_state_dict, lora_state_dict
-from dreamshot.models.wan.role_capture import RoleCapture, use_role_capture
+from dreamshot.models.wan.role_capture import RoleCapture, use_role_capture, use_storyboard_self_attention
 from dreamshot.models.wan.rope import storyboard_rotary_emb
 from dreamshot.models.wan.text import encode_texts
 
@@ -41,10 +42,14 @@ class WanAdapter(nn.Module):
         self.text_encoder = parts.text_encoder
         self.tokenizer = parts.tokenizer
         use_shotwise_cross_attention(self.transformer, cfg.text_len)
+        use_storyboard_self_attention(self.transformer)
         use_role_capture(self.transformer, capture_blocks or [])
         apply_lora(self.transformer, cfg.lora)
         if compiled:
             compile_blocks(self.transformer)
+        # The group this process shares each storyboard with (set once the processes are started: the training
+        # strategy's mesh, or torchrun's for sampling); degree 1 until then.
+        self.context_parallel = ContextParallel()
 
     @classmethod
     def seeded(cls, cfg: ModelConfig, seed: int, **kwargs) -> WanAdapter:
@@ -126,6 +131,7 @@ class WanAdapter(nn.Module):
             rotary,
             gradient_checkpointing=self.gradient_checkpointing,
             block_runner=capture.runner if capture is not None else run_block,
+            shard=self.context_parallel.shard(frames, (height // p_h) * (width // p_w)),
         )
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,162 @@
+"""Context parallelism on CPU: two gloo processes sharing one storyboard against one process (its twin).
+
+Each spawned rank runs the same seeded tiny Wan twice on the same batch, once alone (degree 1) and once with its
+group (degree 2), and reports the largest differences: the prediction, the losses, the role-attention maps and
+the LoRA gradients averaged over the group as DDP and DeepSpeed average them. The storyboards are 15 tokens per
+frame with an odd number of frames, so the degree never divides the sequence and the padding path always runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from cp_support import run_group
+
+from dreamshot.config.schema import Config
+from dreamshot.data.bucketing import StoryboardBatch
+from dreamshot.diffusion.conditioning import BatchPlan
+from dreamshot.models.wan.context_parallel import ContextParallel
+from dreamshot.training.module import DreamShotModule
+
+TOLERANCE = 1e-5
+SIZE = (48, 80)  # 3 x 5 = 15 tokens per frame
+# (layout, mode, given shots): every frame count below is odd (K = 2 references, N = 3 shots, and 1 given in s2s).
+CASES = [
+    ("refs_first", "r2s", 0),
+    ("last", "r2s", 0),
+    ("refs_first", "t2s", 0),
+    ("refs_first", "s2s", 1),
+    ("last", "s2s", 1),
+]
+
+
+def _config(layout: str) -> Config:
+    cfg = Config()
+    cfg.racl.weight = 0.1
+    cfg.racl.blocks = [0, 1]
+    cfg.racl.absent_negative = True
+    cfg.storyboard.layout = layout
+    return cfg
+
+
+def _batch(shots: int = 3, refs: int = 2, seed: int = 0) -> StoryboardBatch:
+    g = torch.Generator().manual_seed(seed)
+    height, width = SIZE
+    masks = torch.zeros(1, shots, refs, height, width)
+    for n in range(shots):
+        for k in range(refs):
+            if (n + k) % 3:  # some roles absent from some shots
+                top, left = 16 * (n % 2), 16 * ((n + 2 * k) % 4)
+                masks[0, n, k, top : top + 32, left : left + 32] = 1
+    ref_masks = torch.zeros(1, refs, height, width)
+    ref_masks[:, :, 8:40, 16:64] = 1
+    return StoryboardBatch(
+        ids=["cp"],
+        sources=["synthetic"],
+        shots=torch.rand(1, shots, 3, height, width, generator=g) * 2 - 1,
+        shot_texts=[[f"shot {n}" for n in range(shots)]],
+        refs=torch.rand(1, refs, 3, height, width, generator=g) * 2 - 1,
+        ref_texts=[[f"role {k}" for k in range(refs)]],
+        ref_masks=ref_masks,
+        shot_masks=masks,
+    )
+
+
+def _random_lora(module: DreamShotModule) -> None:
+    """Trained-like LoRA weights (B is zero at init, which would leave A without gradient)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in module.adapter.trainable_parameters():
+            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=g))
+
+
+def _step(module: DreamShotModule, batch: StoryboardBatch, plan: BatchPlan) -> dict[str, torch.Tensor]:
+    """Prediction, losses, role maps and LoRA gradients of one training step."""
+    recorded = {}
+    predict, role_capture = module.adapter.predict_velocity, module._role_capture
+
+    def record_prediction(*args, **kwargs):
+        recorded["prediction"] = predict(*args, **kwargs)
+        return recorded["prediction"]
+
+    def record_capture(composed):
+        recorded["capture"] = role_capture(composed)
+        return recorded["capture"]
+
+    module.adapter.predict_velocity, module._role_capture = record_prediction, record_capture
+    try:
+        losses = module.model_step(batch, plan, torch.Generator().manual_seed(2), racl_weight=0.1, diagnostic=True)
+    finally:
+        del module.adapter.predict_velocity, module._role_capture
+    gradients = torch.autograd.grad(losses["loss"], module.adapter.trainable_parameters())
+    return {
+        "prediction": recorded["prediction"].detach(),
+        "maps": torch.cat(recorded["capture"].block_mean()).detach(),
+        **{name: value.detach() for name, value in losses.items()},
+        "gradients": torch.cat([g.flatten() for g in gradients]),
+    }
+
+
+def compare_step(cp: ContextParallel, cases) -> dict[str, float]:
+    """Rank's largest |CP − one process| per case and quantity; gradients averaged over the group first."""
+    batch, differences = _batch(), {}
+    for layout, mode, given in cases:
+        module = DreamShotModule(_config(layout))
+        _random_lora(module)
+        plan = BatchPlan(mode, given, False, (False,))
+        alone = _step(module, batch, plan)
+        module.adapter.context_parallel = cp
+        shared = _step(module, batch, plan)
+        dist.all_reduce(shared["gradients"])  # the data-parallel average of DDP / DeepSpeed over the group
+        shared["gradients"] /= cp.degree
+        for name, value in alone.items():
+            key = f"{layout}/{mode}/{name}"
+            differences[key] = (shared[name] - value).abs().max().item()
+        differences[f"{layout}/{mode}/gradient scale"] = alone["gradients"].abs().max().item()
+    return differences
+
+
+@pytest.fixture(scope="module")
+def step_differences():
+    return run_group(compare_step, 2, CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{layout}-{mode}" for layout, mode, _ in CASES])
+def test_two_processes_equal_one_on_an_undivided_sequence(step_differences, case):
+    layout, mode, _ = case
+    for rank, differences in enumerate(step_differences):
+        assert differences[f"{layout}/{mode}/gradient scale"] > 1e-3, "no LoRA gradient to compare"
+        for name in ("prediction", "loss", "loss_fm", "loss_racl", "racl_in_mask", "maps", "gradients"):
+            difference = differences[f"{layout}/{mode}/{name}"]
+            assert difference < TOLERANCE, f"rank {rank}: {name} differs by {difference:.2e}"
+
+
+def test_shards_cover_the_sequence_once():
+    """Every token (real or padding) on exactly one rank; padding only at the end."""
+
+    class Rank(ContextParallel):
+        @property
+        def rank(self):
+            return self._rank
+
+    for frames, per_frame, degree in ((5, 15, 2), (34, 1560, 8), (3, 7, 4)):
+        covered = []
+        for rank in range(degree):
+            cp = Rank(degree=degree)
+            object.__setattr__(cp, "_rank", rank)
+            shard = cp.shard(frames, per_frame)
+            covered += list(range(shard.start, shard.start + shard.real))
+            assert shard.local * degree - frames * per_frame < degree
+            assert shard.first_frame + shard.local_frames <= frames
+        assert covered == list(range(frames * per_frame))
+
+
+def test_degree_one_is_the_identity():
+    shard = ContextParallel().shard(5, 15)
+    x = torch.randn(1, 75, 4)
+    assert shard.tokens(x) is x and shard.gather(x) is x and shard.sum(x) is x
+    t = torch.rand(1, 75)
+    assert shard.timesteps(t) is t
+    assert shard.whole_frames(x)[0] is x
+

@@ -1,0 +1,93 @@
+"""A context-parallel training run on CPU (toy_long_storyboard: two gloo processes share every storyboard) against
+its one-process twin: the same batches, the same losses and the same LoRA.
+
+The CP run is a subprocess executing this file, `python tests/test_context_parallel_train.py OUT` (Lightning's DDP
+launcher starts rank 1 by running the same command again), so it can pass a recording callback to `train()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dreamshot.config.load import load_config
+from dreamshot.training.callbacks import EXPORT_FILES
+from dreamshot.training.train import train
+
+STEPS = 3
+OVERRIDES = [
+    "logger=csv",
+    "data.toy.groups=3",
+    f"trainer.max_steps={STEPS}",
+    f"trainer.checkpoint_every_n_steps={STEPS}",
+    "trainer.val_check_interval=100",
+]
+# The twin: one process, no context parallelism, and windows as long as the CP run's (whole storyboards).
+ALONE = ["trainer=cpu", "trainer.context_parallel.degree=1", "data.max_shots=30"]
+
+
+class RecordBatches(L.Callback):
+    """Writes `batches_rank<r>.json` ([ids, shots, loss] per step) and `lora_rank<r>.safetensors` per rank."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir, self.batches = output_dir, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches.append([batch.ids, batch.num_shots, float(outputs["loss"])])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        rank = trainer.global_rank
+        (self.output_dir / f"batches_rank{rank}.json").write_text(json.dumps(self.batches))
+        lora = {k: v.detach().clone().contiguous() for k, v in pl_module.adapter.lora_state_dict().items()}
+        save_file(lora, self.output_dir / f"lora_rank{rank}.safetensors")
+
+
+def _train(output_dir: Path, *overrides: str) -> None:
+    cfg = load_config("toy_long_storyboard", [*OVERRIDES, *overrides, f"output_dir={output_dir}"])
+    train(cfg, callbacks=[RecordBatches(output_dir)])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    shared, alone = tmp_path_factory.mktemp("cp") / "run", tmp_path_factory.mktemp("alone") / "run"
+    shared.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    result = subprocess.run([sys.executable, __file__, str(shared)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    alone.mkdir()
+    _train(alone, *ALONE)
+    return shared, alone
+
+
+@pytest.mark.slow
+def test_both_ranks_train_the_same_whole_long_storyboards(runs):
+    shared, alone = runs
+    ranks = [json.loads((shared / f"batches_rank{rank}.json").read_text()) for rank in range(2)]
+    twin = json.loads((alone / "batches_rank0.json").read_text())
+    assert [ids for ids, _, _ in ranks[0]] == [ids for ids, _, _ in ranks[1]] == [ids for ids, _, _ in twin]
+    assert all(shots >= 24 for _, shots, _ in ranks[0]), "a storyboard was cut to data.max_shots"
+    for (_, _, loss), (_, _, loss_1), (_, _, twin_loss) in zip(*ranks, twin, strict=True):
+        assert loss == loss_1 and abs(loss - twin_loss) < 1e-5
+
+
+@pytest.mark.slow
+def test_lora_equals_the_one_process_run(runs):
+    shared, alone = runs
+    exported, twin = load_file(shared / EXPORT_FILES["peft"]), load_file(alone / EXPORT_FILES["peft"])
+    assert any(value.abs().sum() > 0 for key, value in twin.items() if ".lora_B." in key), "LoRA never trained"
+    assert exported.keys() == twin.keys()
+    for key, value in exported.items():
+        torch.testing.assert_close(value, twin[key], atol=1e-5, rtol=0, msg=key)
+    assert torch.load(shared / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
+
+
+if __name__ == "__main__":
+    _train(Path(sys.argv[1]))
