@@ -16,23 +16,27 @@ from cp_support import run_group
 from dreamshot.config.schema import Config
 from dreamshot.data.bucketing import StoryboardBatch
 from dreamshot.diffusion.conditioning import BatchPlan
+from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest
+from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.context_parallel import ContextParallel
 from dreamshot.training.module import DreamShotModule
 
 TOLERANCE = 1e-5
 SIZE = (48, 80)  # 3 x 5 = 15 tokens per frame
-# (layout, mode, given shots): every frame count below is odd (K = 2 references, N = 3 shots, and 1 given in s2s).
+# (layout, mode, given shots, gradient checkpointing): every frame count below is odd (K = 2 references, N = 3
+# shots, 1 of them given in s2s).
 CASES = [
-    ("refs_first", "r2s", 0),
-    ("last", "r2s", 0),
-    ("refs_first", "t2s", 0),
-    ("refs_first", "s2s", 1),
-    ("last", "s2s", 1),
+    ("refs_first", "r2s", 0, False),
+    ("last", "r2s", 0, True),
+    ("refs_first", "t2s", 0, False),
+    ("refs_first", "s2s", 1, True),
+    ("last", "s2s", 1, False),
 ]
 
 
-def _config(layout: str) -> Config:
+def _config(layout: str, checkpointing: bool) -> Config:
     cfg = Config()
+    cfg.trainer.gradient_checkpointing = checkpointing
     cfg.racl.weight = 0.1
     cfg.racl.blocks = [0, 1]
     cfg.racl.absent_negative = True
@@ -101,8 +105,8 @@ def _step(module: DreamShotModule, batch: StoryboardBatch, plan: BatchPlan) -> d
 def compare_step(cp: ContextParallel, cases) -> dict[str, float]:
     """Rank's largest |CP − one process| per case and quantity; gradients averaged over the group first."""
     batch, differences = _batch(), {}
-    for layout, mode, given in cases:
-        module = DreamShotModule(_config(layout))
+    for layout, mode, given, checkpointing in cases:
+        module = DreamShotModule(_config(layout, checkpointing))
         _random_lora(module)
         plan = BatchPlan(mode, given, False, (False,))
         alone = _step(module, batch, plan)
@@ -117,15 +121,20 @@ def compare_step(cp: ContextParallel, cases) -> dict[str, float]:
     return differences
 
 
+def compare_all(cp: ContextParallel) -> dict[str, dict[str, float]]:
+    """Both comparisons in one group of processes (starting one costs seconds)."""
+    return {"step": compare_step(cp, CASES), "sampling": compare_sampling(cp)}
+
+
 @pytest.fixture(scope="module")
-def step_differences():
-    return run_group(compare_step, 2, CASES)
+def group_differences():
+    return run_group(compare_all, 2)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{layout}-{mode}" for layout, mode, _ in CASES])
-def test_two_processes_equal_one_on_an_undivided_sequence(step_differences, case):
-    layout, mode, _ = case
-    for rank, differences in enumerate(step_differences):
+@pytest.mark.parametrize("case", CASES, ids=[f"{layout}-{mode}" for layout, mode, _, _ in CASES])
+def test_two_processes_equal_one_on_an_undivided_sequence(group_differences, case):
+    layout, mode, _, _ = case
+    for rank, differences in enumerate(ranks["step"] for ranks in group_differences):
         assert differences[f"{layout}/{mode}/gradient scale"] > 1e-3, "no LoRA gradient to compare"
         for name in ("prediction", "loss", "loss_fm", "loss_racl", "racl_in_mask", "maps", "gradients"):
             difference = differences[f"{layout}/{mode}/{name}"]
@@ -160,3 +169,36 @@ def test_degree_one_is_the_identity():
     assert shard.timesteps(t) is t
     assert shard.whole_frames(x)[0] is x
 
+
+# --- sampling ------------------------------------------------------------------------------------------------
+
+
+def compare_sampling(cp: ContextParallel) -> dict[str, float]:
+    """Rank's largest |CP − one process| of the final latents of an r2s and an s2s storyboard (2 steps)."""
+    cfg = Config()
+    cfg.inference.steps = 2
+    adapter = WanAdapter.seeded(cfg.model, cfg.seed).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in adapter.trainable_parameters():
+            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=g))
+    images = torch.rand(4, 3, *SIZE, generator=g) * 2 - 1
+    requests = {
+        "r2s": StoryboardRequest(["a", "b", "c"], SIZE, images[:2], ["role 1", "role 2"]),
+        "s2s": StoryboardRequest(["c", "d", "e"], SIZE, given_shots=images[2:], given_texts=["a", "b"]),
+    }
+    differences = {}
+    for name, request in requests.items():
+        adapter.context_parallel = ContextParallel()
+        alone = StoryboardPipeline(adapter, cfg)(request, seed=0, progress=False)
+        adapter.context_parallel = cp
+        shared = StoryboardPipeline(adapter, cfg)(request, seed=0, progress=False)
+        differences[name] = (shared.latents - alone.latents).abs().max().item()
+        differences[f"{name} images"] = (shared.images - alone.images).abs().max().item()
+    return differences
+
+
+def test_two_processes_sample_the_storyboard_of_one(group_differences):
+    for rank, differences in enumerate(ranks["sampling"] for ranks in group_differences):
+        for name, difference in differences.items():
+            assert difference < TOLERANCE, f"rank {rank}: {name} differs by {difference:.2e}"

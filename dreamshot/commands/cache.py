@@ -18,10 +18,10 @@ from dreamshot.config.load import available_experiments, load_config, load_runs
 from dreamshot.config.schema import Config
 from dreamshot.data.cache import CachedRecord, cache_fingerprint, encode_record, write_cache
 from dreamshot.data.datamodule import StoryboardDataModule
-from dreamshot.planner.plan import shot_window
 from dreamshot.data.dataset import Resolution
 from dreamshot.data.manifest import StoryboardRecord, load_manifest
 from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.planner.plan import shot_window
 from dreamshot.utils.errors import ConfigError
 
 

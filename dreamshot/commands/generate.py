@@ -8,11 +8,16 @@ references.
 Precedence: the noise seed is `--seed`, else (re-roll) the previous run's seed + 1, else the story's `seed`,
 else `inference.seed`; the steps are `--steps`, else the story's `steps`, else `inference.steps`; the shot
 size is the story's height/width, else `data.resolution`.
+
+With `inference.context_parallel.degree=N`, N processes started by torchrun draw the storyboard together, each
+holding 1/N of its tokens (`torchrun --nproc-per-node N -m dreamshot.cli generate STORY
+inference.context_parallel.degree=N ...`); the first one writes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +37,7 @@ from dreamshot.inference.outputs import (
 )
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
 from dreamshot.inference.story import Story, load_story, story_request
+from dreamshot.models.wan.context_parallel import launched_group
 from dreamshot.utils.errors import DataError
 
 
@@ -74,11 +80,16 @@ def run(args: argparse.Namespace) -> None:
     kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg, adapter = load_model(cfg, weights, device)
-    seed = _seed(args.seed, previous, story, cfg)
-    steps = args.steps if args.steps is not None else story.steps
-    result = StoryboardPipeline(adapter, cfg)(request, seed=seed, steps=steps)
+    device = _device(args.device, cfg.inference.context_parallel.degree)
+    with launched_group(cfg.inference.context_parallel, device, "inference.context_parallel") as group:
+        cfg, adapter = load_model(cfg, weights, device)
+        adapter.context_parallel = group
+        seed = _seed(args.seed, previous, story, cfg)
+        steps = args.steps if args.steps is not None else story.steps
+        writer = group.rank == 0
+        result = StoryboardPipeline(adapter, cfg)(request, seed=seed, steps=steps, progress=writer)
+    if not writer:
+        return
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_shots(args.out, targets, result.images)
@@ -90,6 +101,14 @@ def run(args: argparse.Namespace) -> None:
         f"{result.mode}: drew shots {drawn} of {len(story.shots)} in {result.total_seconds:.1f} s"
         f" (seed {result.seed}, {len(result.step_seconds)} steps) -> {args.out} ({sheet.name})"
     )
+
+
+def _device(name: str | None, processes: int) -> torch.device:
+    """--device, else cuda when available (under torchrun, each process its LOCAL_RANK's GPU), else cpu."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and processes > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 def _targets(story: Story, regenerate: list[int] | None) -> list[int]:

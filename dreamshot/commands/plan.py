@@ -11,10 +11,10 @@ from dreamshot.planner.plan import config_training, config_workload, longest_sto
 from dreamshot.planner.report import render
 from dreamshot.planner.shape import model_shape
 from dreamshot.planner.workload import Training, Workload, parse_resolution, tokens_per_frame
+from dreamshot.utils.errors import ConfigError
 
 # Storyboards longer than this are not searched for (the longest that fits is reported as at least this).
 LONGEST_SEARCHED = 1000
-from dreamshot.utils.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,8 +135,8 @@ def _header(cfg: Config, training: Training, work: Workload) -> str:
         [
             f"dreamshot plan: {cfg.name}, model {cfg.model.name} ({cfg.model.dtype}), "
             f"LoRA rank {lora.rank} on {', '.join(lora.target_modules)}",
-            f"  {training.world_size} GPU(s), {zero}, precision {cfg.trainer.precision}, "
-            f"context parallel {work.context_parallel}, micro-batch {work.micro_batch}, accumulate {training.accumulate}, "
+            f"  {training.world_size} GPU(s), {zero}, context parallel {work.context_parallel}, "
+            f"precision {cfg.trainer.precision}, micro-batch {work.micro_batch}, accumulate {training.accumulate}, "
             f"gradient checkpointing {'on' if work.checkpointing else 'off'}, "
             f"{cfg.diffusion.timestep_mode} timesteps, text_len {work.text_len}",
         ]

@@ -104,7 +104,9 @@ def longest_storyboard(
     refs = work.frames - work.target_frames
 
     def fits(shots: int) -> bool:
-        plan = plan_phase("", shape, dataclasses.replace(work, frames=shots + refs, target_frames=shots), training, encoders)
+        plan = plan_phase(
+            "", shape, dataclasses.replace(work, frames=shots + refs, target_frames=shots), training, encoders
+        )
         return plan.total_bytes(work.checkpointing) <= memory_gib * GIB
 
     low, high = 0, limit  # fits(low) holds (0 shots: nothing to fit), the answer is in [low, high]
@@ -126,5 +128,7 @@ def shot_window(cfg: Config, refs: int, longest: int) -> int:
         per_frame = tokens_per_frame(*phase.resolution, "resolution")
         work = config_workload(cfg, 1, refs, per_frame, cfg.racl_weight(i))
         encoders = cfg.data.cache_dir is None
-        window = min(window, longest_storyboard(shape, work, training, cfg.trainer.device_memory_gib, encoders, longest))
+        window = min(
+            window, longest_storyboard(shape, work, training, cfg.trainer.device_memory_gib, encoders, longest)
+        )
     return max(window, 1)

@@ -53,7 +53,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +67,9 @@ from diffusers.models._modeling_parallel import ParallelConfig
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from dreamshot.config.schema import ContextParallelConfig
+from dreamshot.utils.errors import ConfigError
+
 MESH_DIMS = ("dp", "ring", "ulysses")
 # Ring attention merges its chunks by their log-sum-exp, which diffusers' native (SDPA) kernel does not return.
 RING_BACKEND = AttentionBackendName._NATIVE_CUDNN
@@ -75,6 +80,31 @@ def build_mesh(world_size: int, degree: int, attention: str, device_type: str) -
     Collective: every process must call it."""
     ring, ulysses = (degree, 1) if attention == "ring" else (1, degree)
     return init_device_mesh(device_type, (world_size // degree, ring, ulysses), mesh_dim_names=MESH_DIMS)
+
+
+@contextmanager
+def launched_group(config: ContextParallelConfig, device: torch.device, key: str) -> Iterator[ContextParallel]:
+    """All the processes torchrun started as one group, for sampling one storyboard together (degree 1: none),
+    its process group closed on exit. `key` names the config in errors."""
+    if config.degree == 1:
+        yield ContextParallel()
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != config.degree:
+        raise ConfigError(
+            f"{key}.degree={config.degree} needs {config.degree} processes started by the distributed launcher "
+            f"(torchrun --nproc-per-node {config.degree} -m dreamshot.cli ...), this is {world}"
+        )
+    if config.attention == "ring" and device.type != "cuda":
+        raise ConfigError(f"{key}.attention=ring needs CUDA GPUs (kernels that return the log-sum-exp); use ulysses")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        mesh = build_mesh(world, config.degree, config.attention, device.type)
+        yield ContextParallel.from_mesh(mesh, config.attention, device)
+    finally:
+        dist.destroy_process_group()
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,7 +122,9 @@ class ContextParallel:
         ring, ulysses = mesh["ring"].size(), mesh["ulysses"].size()
         if ring * ulysses == 1:
             return cls()
-        config = ParallelConfig(context_parallel_config=DiffusersContextParallel(ring_degree=ring, ulysses_degree=ulysses))
+        config = ParallelConfig(
+            context_parallel_config=DiffusersContextParallel(ring_degree=ring, ulysses_degree=ulysses)
+        )
         config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh)
         return cls(ring * ulysses, attention, mesh, config)
 

@@ -2,8 +2,8 @@
 
 Every block's self-attention is `StoryboardSelfAttnProcessor`: Wan's T2V self-attention, its attention call made
 through the block's `SequenceShard` (the context-parallel seam, `context_parallel.py`: the plain fused kernel
-without context parallelism). In the configured blocks, `RoleCaptureSelfAttnProcessor` runs Wan's self-attention unchanged (the fused
-kernel through diffusers' attention dispatch) and, only while its block runs under a `RoleCapture`, also
+through diffusers' attention dispatch without context parallelism). In the configured blocks,
+`RoleCaptureSelfAttnProcessor` runs the same self-attention and, only while its block runs under a `RoleCapture`, also
 forms the role-attention maps from the same post-qk-norm, post-RoPE queries and keys
 (`dreamshot.diffusion.racl.role_attention_maps`: only the role query rows, one target shot at a time).
 

@@ -1,8 +1,12 @@
-"""A context-parallel training run on CPU (toy_long_storyboard: two gloo processes share every storyboard) against
-its one-process twin: the same batches, the same losses and the same LoRA.
+"""Context-parallel runs on CPU against their one-process twins, through the real launchers.
 
-The CP run is a subprocess executing this file, `python tests/test_context_parallel_train.py OUT` (Lightning's DDP
-launcher starts rank 1 by running the same command again), so it can pass a recording callback to `train()`.
+Training (toy_long_storyboard: two gloo processes share every storyboard): the same batches, the same losses and
+the same LoRA as one process. The CP run is a subprocess executing this file, `python
+tests/test_context_parallel_runs.py OUT` (Lightning's DDP launcher starts rank 1 by running the same command
+again), so it can pass a recording callback to `train()`.
+
+Sampling: `torchrun --nproc-per-node 2 -m dreamshot.cli generate ... inference.context_parallel.degree=2` draws
+the shots one process draws.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from dreamshot.cli import main
 from dreamshot.config.load import load_config
 from dreamshot.training.callbacks import EXPORT_FILES
 from dreamshot.training.train import train
@@ -60,7 +68,9 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     shared, alone = tmp_path_factory.mktemp("cp") / "run", tmp_path_factory.mktemp("alone") / "run"
     shared.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    result = subprocess.run([sys.executable, __file__, str(shared)], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, __file__, str(shared)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     alone.mkdir()
     _train(alone, *ALONE)
@@ -87,6 +97,38 @@ def test_lora_equals_the_one_process_run(runs):
     for key, value in exported.items():
         torch.testing.assert_close(value, twin[key], atol=1e-5, rtol=0, msg=key)
     assert torch.load(shared / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
+
+
+def _story(folder: Path) -> Path:
+    """Two references and three shots at 48x80: 15 tokens per frame, 5 and 3 frames, never split evenly."""
+    for k in (1, 2):
+        Image.fromarray(np.full((40, 40, 3), 60 * k, dtype=np.uint8)).save(folder / f"role{k}.png")
+    story = {
+        "seed": 0,
+        "height": 48,
+        "width": 80,
+        "references": [{"role": f"role{k}", "image": f"role{k}.png", "prompt": f"<Role {k}>"} for k in (1, 2)],
+        "shots": [{"annotation": f"shot {n}: <Role 1> and <Role 2>."} for n in range(3)],
+    }
+    path = folder / "story.yaml"
+    path.write_text(yaml.safe_dump(story))
+    return path
+
+
+@pytest.mark.slow
+def test_torchrun_generate_draws_the_shots_of_one_process(tmp_path):
+    story = _story(tmp_path)
+    arguments = [str(story), "--base", "--steps", "2", "--device", "cpu", "--out"]
+    assert main(["generate", *arguments, str(tmp_path / "alone")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dreamshot.cli"]
+    command = [*torchrun, "generate", str(story), "inference.context_parallel.degree=2", *arguments[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*command, str(tmp_path / "shared")], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for n in (1, 2, 3):
+        alone = np.asarray(Image.open(tmp_path / "alone" / f"shot_{n:02d}.png"), dtype=int)
+        shared = np.asarray(Image.open(tmp_path / "shared" / f"shot_{n:02d}.png"), dtype=int)
+        assert np.abs(alone - shared).max() <= 1  # 8-bit rounding of values equal to float tolerance
 
 
 if __name__ == "__main__":
