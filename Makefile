@@ -36,15 +36,17 @@ CKPT ?=
 OUT ?= outputs/storyboard
 .PHONY: generate
 generate: $(STAMP) ## Draw a storyboard: make generate STORY=examples/story.yaml CKPT=outputs/demo [OUT=dir] (CKPT: run folder, .safetensors or .ckpt; none: bare model)
+	@$(if $(CKPT),,echo "make generate: no CKPT given: drawing with the bare model, no LoRA (CKPT=outputs/demo uses a trained run)")
 	$(BIN)/dreamshot generate $(STORY) $(ARGS) $(if $(CKPT),$$(test -d $(CKPT) && echo --run || echo --lora) $(CKPT),--base) --out $(OUT)
 
 BENCH ?= toy
 MODE ?= r2s
 OUTPUTS ?=
-EVAL_OUT ?= outputs/eval/$(BENCH)-$(MODE)
+EVAL_OUT ?=
 .PHONY: eval
-eval: $(STAMP) ## Score a benchmark: make eval BENCH=toy|dreamshot_test|vistorybench CKPT=outputs/demo [MODE=r2s|t2s|s2s] [OUTPUTS=dir of shots to score instead] [EVAL_OUT=dir]
-	$(BIN)/dreamshot eval $(BENCH) $(ARGS) --mode $(MODE) $(if $(OUTPUTS),--outputs $(OUTPUTS),$(if $(CKPT),$$(test -d $(CKPT) && echo --run || echo --lora) $(CKPT),--base)) --out $(EVAL_OUT)
+eval: $(STAMP) ## Score a benchmark: make eval BENCH=toy|dreamshot_test|vistorybench CKPT=outputs/demo [MODE=r2s|t2s|s2s] [OUTPUTS=dir of shots to score instead] [EVAL_OUT=dir; default outputs/eval/<run>-<bench>-<mode>]
+	@$(if $(or $(CKPT),$(OUTPUTS)),,echo "make eval: no CKPT given: scoring the bare model, no LoRA")
+	$(BIN)/dreamshot eval $(BENCH) $(ARGS) --mode $(MODE) $(if $(OUTPUTS),--outputs $(OUTPUTS),$(if $(CKPT),$$(test -d $(CKPT) && echo --run || echo --lora) $(CKPT),--base)) $(if $(EVAL_OUT),--out $(EVAL_OUT))
 
 SWEEP ?=
 GROUP ?= $(SWEEP)
@@ -67,7 +69,7 @@ test: $(STAMP) ## Fast CPU test suite (skips tests marked slow or gpu)
 test-full: $(STAMP) ## Every test, slow ones included (gpu tests run where CUDA is present)
 	$(BIN)/pytest -q $(ARGS)
 
-bench-gpu: $(STAMP) ## On a CUDA machine: throughput, MFU and memory of 1.3B / 14B at 480p, then the gpu tests (logs: benchmarks/logs)
+bench-gpu: $(STAMP) ## On a CUDA machine: throughput, MFU and memory of 1.3B / 14B at 480p, the gpu tests, the peers (bench extra) (logs: benchmarks/logs)
 	PATH=$(BIN):$$PATH bash benchmarks/gpu_checks.sh
 
 lint: $(STAMP) ## Ruff lint and format check

@@ -2,8 +2,15 @@
 # Every check of DreamShot that needs a GPU, in one run: training throughput, MFU and peak memory of the 1.3B and
 # 14B Wan at 480p with 8 shots + 3 references (DeepSpeed ZeRO-2, eager and with compiled blocks, side by side;
 # plain bf16 autocast for 1.3B), then the gpu-marked tests (real DeepSpeed ZeRO-2 / ZeRO-3 training through
-# Lightning). Each check has its own time limit, so one that hangs does not cost the others. Logs: $LOG_DIR
-# (default benchmarks/logs), one file per check; CHECKS="name ..." runs only those checks, in the order below.
+# Lightning), then DreamShot side by side with DiffSynth-Studio's training step and diffusers' sampling step
+# (benchmarks/peers.py, 1.3B eager and compiled, 14B). Each check has its own time limit, so one that hangs does
+# not cost the others. Logs: $LOG_DIR (default benchmarks/logs), one file per check; CHECKS="name ..." runs only
+# those checks, in the order below.
+#
+# The limits add up to more than one 15-minute device budget: run them in groups, e.g. the peers alone,
+#     CHECKS="peers_wan1_3b peers_wan1_3b_compiled peers_wan14b"    (limits 540 s in all),
+# which need the bench extra's wheels on the machine (diffsynth, modelscope, pandas: `pip download` them here
+# and `pip install --no-index --find-links` there; without them peers.py exits with one line saying so).
 #
 #     bash benchmarks/gpu_checks.sh            # on a machine with one CUDA GPU, from the repository root
 set -u
@@ -34,3 +41,7 @@ check pytest_gpu 150 python -m pytest tests/test_strategy.py -m gpu -p no:cachep
 check wan14b_compiled 300 "${bench[@]}" --model wan14b --compile --steps 3
 check wan14b_eager 240 "${bench[@]}" --model wan14b --steps 3
 check wan1_3b_autocast 120 "${bench[@]}" --model wan1_3b --zero 0 --steps 5
+peers=(python benchmarks/peers.py --device cuda)
+check peers_wan1_3b 150 "${peers[@]}" --shape wan1_3b --profile "$log/peers_wan1_3b_profile"
+check peers_wan1_3b_compiled 150 "${peers[@]}" --shape wan1_3b --compile --rows train
+check peers_wan14b 240 "${peers[@]}" --shape wan14b --steps 2 --sample-calls 1 --sample-steps 2

@@ -59,7 +59,7 @@ def step(adapter, latents, text, layout, plan, mode: str) -> float:
     velocity = adapter.predict_velocity(latents, torch.tensor([500.0]), text, layout, capture)
     loss = velocity[:, :, REFS:].square().mean()
     if capture is not None:
-        loss = loss + 0.1 * racl_loss(capture.block_mean()[0], plan.target_masks, plan.loss_pairs)
+        loss = loss + 0.1 * racl_loss(capture.block_mean()[0], plan.target_masks, plan.present_pairs)
     loss.backward()
     return time.perf_counter() - start
 
@@ -106,7 +106,7 @@ def main() -> None:
     frames = REFS + SHOTS
     latents = torch.randn(1, 16, frames, 2 * GRID[0], 2 * GRID[1], generator=g)
     text = torch.randn(1, frames, cfg.text_len, 32, generator=g)
-    layout = StoryboardLayout(REFS, SHOTS)
+    layout = StoryboardLayout.of(REFS, SHOTS)
     plan = build_role_plan(role_masks(args.roles, g), layout.target_frames())
 
     modes = ("fm", "racl", "naive")

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from dreamshot.config.load import load_config
-from dreamshot.config.schema import Config, TextEncoderConfig, VaeConfig
+from dreamshot.config.schema import Config, ModelConfig, TextEncoderConfig, VaeConfig
 from dreamshot.diffusion.flow_matching import (
     add_noise,
     dit_timesteps,
@@ -84,17 +84,22 @@ def run_config(args: argparse.Namespace) -> Config:
     return load_config("dreamshot", [f"model={args.model}"])
 
 
-def build_adapter(cfg: Config, device: torch.device, compiled: bool = False) -> WanAdapter:
-    """The adapter initialised directly on `device` (on the CPU the 14B DiT takes minutes of init). The text
-    embeddings and latents are random, so umT5 and the VAE are never called: they are built one layer deep, keeping
-    umT5-XXL's 11 GB out of the peak."""
-    model = dataclasses.replace(
-        cfg.model,
-        text_encoder=dataclasses.replace(TextEncoderConfig(), d_model=cfg.model.text_encoder.d_model, num_layers=1),
-        vae=dataclasses.replace(VaeConfig(), z_dim=cfg.model.vae.z_dim),
+def shallow_encoders(model: ModelConfig) -> ModelConfig:
+    """`model` with umT5 and the VAE built one layer deep: a benchmark feeds random latents and text embeddings,
+    so they are never called on the timed path, and umT5-XXL's 11 GB stays out of the peak."""
+    return dataclasses.replace(
+        model,
+        text_encoder=dataclasses.replace(TextEncoderConfig(), d_model=model.text_encoder.d_model, num_layers=1),
+        vae=dataclasses.replace(VaeConfig(), z_dim=model.vae.z_dim),
     )
+
+
+def build_adapter(cfg: Config, device: torch.device, compiled: bool = False) -> WanAdapter:
+    """The adapter initialised directly on `device` (on the CPU the 14B DiT takes minutes of init)."""
     with device:
-        adapter = WanAdapter.seeded(model, cfg.seed, gradient_checkpointing=True, compiled=compiled)
+        adapter = WanAdapter.seeded(
+            shallow_encoders(cfg.model), cfg.seed, gradient_checkpointing=True, compiled=compiled
+        )
     return adapter.train()
 
 
@@ -120,7 +125,7 @@ def flow_matching_loss(adapter: WanAdapter, data: dict, layout: StoryboardLayout
     t = sample_timesteps(1, shift, device=targets.device)
     noise = torch.randn_like(targets)
     sequence = layout.assemble(data["conditions"], add_noise(targets, noise, t))
-    timesteps = dit_timesteps(t, layout.target_frames(), adapter.tokens_per_frame(*targets.shape[-2:]), True)
+    timesteps = dit_timesteps(t, layout.target_frames(), True)
     prediction = adapter.predict_velocity(sequence, timesteps, data["text"], layout)
     target = layout.assemble(data["conditions"], velocity_target(targets, noise))
     return frame_masked_mse(prediction, target, layout.target_frames().to(targets.device))
@@ -266,7 +271,7 @@ def main() -> None:
     adapter = build_adapter(cfg, device, args.compile)
     stepper = Stepper(cfg, adapter, args.zero, autocast=half and not args.zero)
     data = synthetic_storyboard(cfg, args, device, compute_dtype)
-    layout = StoryboardLayout(args.refs, args.shots)
+    layout = StoryboardLayout.of(args.refs, args.shots)
 
     def loss():
         return flow_matching_loss(adapter, data, layout, cfg.diffusion.shift)
@@ -283,20 +288,26 @@ def main() -> None:
     if peak_bytes is not None and args.zero == 2:
         zero2_estimate(cfg, args, data, peak_bytes, plan)
     if args.profile:
-        profile_step(stepper, loss, args.profile)
+        profile_step(lambda: stepper.step(loss), device, args.profile)
+        print(f"profile of one step       {args.profile}")
 
 
-def profile_step(stepper: Stepper, loss_fn, path: Path) -> None:
-    """Where one step's time goes, by operator (self time on the device first): what to fix when MFU is low."""
+def profile_step(step, device: torch.device, path: Path, rows: int = 30, shapes: bool = False) -> None:
+    """Where one call of `step()` spends its time, by operator (self time on the device first), optionally split by
+    input shapes (which matmul is which): what to fix when a step is slow. Written as a text table to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
-    on_gpu = stepper.adapter.transformer.device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
-        stepper.step(loss_fn)
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities, record_shapes=shapes) as prof:
+        step()
+        synchronize(device)
     sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    table = prof.key_averages(group_by_input_shape=shapes).table(
+        sort_by=sort_by, row_limit=rows, max_name_column_width=70, max_shapes_column_width=90
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=70))
-    print(f"profile of one step       {path}")
+    path.write_text(table)
 
 
 if __name__ == "__main__":

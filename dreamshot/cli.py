@@ -43,13 +43,28 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The top-level parser takes no option but --help: the first other word names the command.
     command = next((word for word in argv if not word.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    args = parse_with_overrides(build_parser(command), argv)
     try:
         _module(args.command).run(args)
     except DreamShotError as e:
         print(f"dreamshot {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse `argv`, taking `key=value` words anywhere on the line as config overrides, in the order given
+    (argparse alone takes a positional list only before the first option)."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [word for word in extra if "=" in word and not word.startswith("-")]
+    unknown = [word for word in extra if word not in overrides]
+    if overrides and not hasattr(args, "overrides"):
+        unknown = extra
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # exits with status 2
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def _module(name: str):

@@ -39,3 +39,43 @@ def test_help_lists_every_command(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert all(name in out for name in COMMANDS)
+
+
+def test_overrides_are_taken_anywhere_on_the_line(capsys):
+    argv = ["train", "toy_racl_ablation", "--member", "with_racl", "trainer.max_steps=200", "--print-commands"]
+    argv.append("seed=3")
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == (
+        "dreamshot train toy_racl_ablation trainer.max_steps=200 seed=3 --member with_racl"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "smoke", "--bogus", "seed=3"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["toyworld", "--out", "x", "seed=3"])  # a command without overrides
+
+
+def test_training_an_evaluation_time_sweep_is_refused(capsys):
+    assert main(["train", "toy_guidance"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "evaluation-time experiment" in err and "make sweep SWEEP=toy_guidance CKPT=" in err
+
+
+def test_print_commands_refuses_a_recipe_without_its_data_and_weights(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DREAMSHOT_LOCAL_CONFIG", str(tmp_path / "no_local.yaml"))
+    assert main(["train", "racl_ablation", "--print-commands"]) == 2
+    assert "data.manifest is not set" in capsys.readouterr().err
+    assert main(["train", "racl_ablation", "data.manifest=/d/m.jsonl", "--print-commands"]) == 2
+    assert "model.pretrained_path is not set" in capsys.readouterr().err
+    inputs = ["data.manifest=/d/m.jsonl", "model.pretrained_path=/w"]
+    assert main(["train", "racl_ablation", *inputs, "--print-commands"]) == 0
+
+
+def test_a_config_typo_is_reported_before_torch_is_imported():
+    code = (
+        "import sys; from dreamshot.cli import main; status = main(['train', 'smoke', 'trainer.max_stepz=1']); "
+        "print(status, 'torch' in sys.modules, 'lightning' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "2 False False"
+    assert "trainer.max_stepz" in result.stderr and "Did you mean: 'max_steps'" in result.stderr

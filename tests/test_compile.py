@@ -14,8 +14,8 @@ def _loss_and_grads(adapter: WanAdapter) -> tuple[torch.Tensor, dict[str, torch.
     g = torch.Generator().manual_seed(3)
     latents = torch.randn(1, 16, 4, 4, 6, generator=g)
     text = torch.randn(1, 4, adapter.cfg.text_len, 32, generator=g)
-    timesteps = torch.full((1, 4 * (4 // 2) * (6 // 2)), 500.0)  # one per token: frames × patched h × w
-    loss = adapter.predict_velocity(latents, timesteps, text, StoryboardLayout(1, 3)).square().mean()
+    timesteps = torch.tensor([[0.0, 500.0, 500.0, 500.0]])  # one per frame: a clean condition, 3 targets
+    loss = adapter.predict_velocity(latents, timesteps, text, StoryboardLayout.of(1, 3)).square().mean()
     loss.backward()
     grads = {name: p.grad for name, p in adapter.transformer.named_parameters() if p.requires_grad}
     return loss.detach(), grads

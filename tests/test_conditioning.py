@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from dreamshot.config.schema import ModeMixConfig, StoryboardConfig
-from dreamshot.diffusion.conditioning import BatchPlan, StoryboardLatents, compose, sample_plan
+from dreamshot.diffusion.conditioning import (
+    MODES,
+    BatchPlan,
+    StoryboardLatents,
+    check_trained,
+    compose,
+    sample_plan,
+    trained_modes,
+)
+from dreamshot.utils.errors import ConfigError
 
 
 def _latents(batch=2, refs=3, shots=5):
@@ -20,20 +29,75 @@ def _latents(batch=2, refs=3, shots=5):
 
 
 def test_mode_mix_matches_configuration():
-    cfg = StoryboardConfig(modes=ModeMixConfig(t2s=0.2, r2s=0.5, s2s=0.3), drop_refs=0.0, drop_text=0.25)
+    mix = ModeMixConfig(t2s=0.2, r2s=0.4, s2s=0.25, r2s_s2s=0.15)
+    cfg = StoryboardConfig(modes=mix, drop_joint=0.0, drop_refs=0.0, drop_text=0.25)
     rng = random.Random(0)
     plans = [sample_plan(cfg, num_shots=5, num_refs=2, batch_size=1, rng=rng) for _ in range(4000)]
     modes = Counter(p.mode for p in plans)
-    for mode, expected in (("t2s", 0.2), ("r2s", 0.5), ("s2s", 0.3)):
+    for mode, expected in (("t2s", 0.2), ("r2s", 0.4), ("s2s", 0.25), ("r2s_s2s", 0.15)):
         assert abs(modes[mode] / 4000 - expected) < 0.03
     assert abs(sum(p.dropped_text[0] for p in plans) / 4000 - 0.25) < 0.03
-    assert all(1 <= p.given_shots <= 4 for p in plans if p.mode == "s2s")
+    assert all(1 <= p.given_shots <= 4 for p in plans if p.mode in ("s2s", "r2s_s2s"))
 
 
-def test_impossible_modes_fall_back():
-    cfg = StoryboardConfig(modes=ModeMixConfig(t2s=0.0, r2s=0.0, s2s=1.0))
-    plan = sample_plan(cfg, num_shots=1, num_refs=0, batch_size=1, rng=random.Random(0))
-    assert plan.mode == "t2s"  # s2s needs two shots, r2s needs a reference
+@pytest.mark.parametrize(
+    ("mode", "shots", "refs", "expected"),
+    [("s2s", 1, 0, "t2s"), ("s2s", 1, 2, "r2s"), ("r2s_s2s", 1, 2, "r2s"), ("r2s_s2s", 3, 0, "s2s")],
+)
+def test_impossible_modes_fall_back(mode, shots, refs, expected):
+    # Given shots need two shots, references need a reference.
+    cfg = StoryboardConfig(modes=ModeMixConfig(**{name: float(name == mode) for name in MODES}))
+    plan = sample_plan(cfg, num_shots=shots, num_refs=refs, batch_size=1, rng=random.Random(0))
+    assert plan.mode == expected
+
+
+def test_default_mix_gives_the_unconditioned_branch_a_tenth_of_the_samples():
+    """Eq. 9 weights v_u (no condition frame, negative prompt) by -(ω1 - 1): it needs a usual CFG share (~10%)."""
+    cfg, rng = StoryboardConfig(), random.Random(0)
+    draws, unconditioned = 20000, 0
+    for _ in range(draws):
+        plan = sample_plan(cfg, num_shots=5, num_refs=2, batch_size=1, rng=rng)
+        no_conditions = plan.dropped_all or not (plan.keeps_references or plan.given_shots)
+        unconditioned += no_conditions and plan.dropped_text[0]
+    assert 0.09 < unconditioned / draws < 0.12
+    assert 0.07 < cfg.drop_joint < 0.09
+
+
+def test_joint_drop_removes_every_condition_and_every_text():
+    latents, negative = _latents(), torch.full((6, 8), 7.0)
+    plan = BatchPlan("r2s_s2s", 2, False, (True, True), dropped_all=True)
+    composed = compose(plan, latents, negative, StoryboardConfig())
+    assert composed.layout.num_conditions == 0 and composed.conditions.shape[2] == 0
+    assert (composed.target_text == 7.0).all() and torch.equal(composed.targets, latents.shots[:, :, 2:])
+    # The targets keep their story positions (2..4); without conditions only their differences matter.
+    assert composed.layout.target_shots == (2, 3, 4)
+    assert plan.counts() == {"mode_r2s_s2s": 2, "drop_refs": 0, "drop_text": 0, "drop_joint": 2}
+
+
+def test_r2s_s2s_conditions_on_references_and_the_first_shots():
+    latents = _latents()
+    composed = compose(BatchPlan("r2s_s2s", 2, False, (False, False)), latents, torch.zeros(6, 8), StoryboardConfig())
+    assert torch.equal(composed.conditions, torch.cat([latents.refs, latents.shots[:, :, :2]], dim=2))
+    assert torch.equal(composed.condition_text, torch.cat([latents.ref_text, latents.shot_text[:, :2]], dim=1))
+    assert torch.equal(composed.targets, latents.shots[:, :, 2:])
+    layout = composed.layout
+    assert (layout.num_references, layout.given_shots, layout.target_shots) == (3, (0, 1), (2, 3, 4))
+    # Shots at K + story position: the same indices as r2s gives them.
+    assert layout.frame_positions().tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    dropped = compose(BatchPlan("r2s_s2s", 2, True, (False, False)), latents, torch.zeros(6, 8), StoryboardConfig())
+    assert dropped.layout.num_references == 0 and dropped.layout.given_shots == (0, 1)  # trains as s2s
+
+
+def test_inference_asks_only_for_condition_sets_the_mix_trained():
+    assert trained_modes(StoryboardConfig()) == {"t2s", "r2s", "s2s", "r2s_s2s"}
+    paper_mix = StoryboardConfig(modes=ModeMixConfig(t2s=0.2, r2s=0.6, s2s=0.2, r2s_s2s=0.0))
+    assert trained_modes(paper_mix) == {"t2s", "r2s", "s2s"}
+    with pytest.raises(ConfigError, match=r"^storyboard\.modes\.r2s_s2s is 0\.0: this run never trained references"):
+        check_trained(paper_mix, "r2s_s2s")
+    # Dropping the references of r2s batches trains t2s even when t2s is never drawn.
+    no_t2s = StoryboardConfig(modes=ModeMixConfig(t2s=0.0, r2s=1.0, s2s=0.0, r2s_s2s=0.0))
+    assert trained_modes(no_t2s) == {"r2s", "t2s"}
+    check_trained(no_t2s, "t2s")
 
 
 def test_t2s_batch_has_no_reference_frames():
@@ -77,6 +141,7 @@ def test_plan_counts():
         "mode_r2s": 3,
         "drop_refs": 3,
         "drop_text": 2,
+        "drop_joint": 0,
     }
 
 
@@ -100,3 +165,7 @@ def test_frame_masks_follow_the_frames(layout):
     s2s = compose(BatchPlan("s2s", 2, False, (False, False)), latents, torch.zeros(6, 8), cfg)
     cond_masks, target_masks = s2s.layout.split(s2s.frame_masks, dim=1)
     assert torch.equal(cond_masks, latents.shot_masks[:, :2]) and torch.equal(target_masks, latents.shot_masks[:, 2:])
+    both = compose(BatchPlan("r2s_s2s", 2, False, (False, False)), latents, torch.zeros(6, 8), cfg)
+    cond_masks, target_masks = both.layout.split(both.frame_masks, dim=1)
+    assert torch.equal(cond_masks, torch.cat([latents.ref_masks, latents.shot_masks[:, :2]], dim=1))
+    assert torch.equal(target_masks, latents.shot_masks[:, 2:])

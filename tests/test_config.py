@@ -1,9 +1,12 @@
 """Config composition: groups, experiments, overrides, and one-line errors naming key and file."""
 
+import subprocess
+import sys
+
 import pytest
 
-from dreamshot.config.load import CONF_DIR, available_experiments, load_config, to_yaml
-from dreamshot.config.schema import Config
+from dreamshot.config.load import CONF_DIR, available_experiments, load_config, load_runs, scale_phases, to_yaml
+from dreamshot.config.schema import Config, PhaseConfig
 from dreamshot.utils.errors import ConfigError
 
 
@@ -92,8 +95,6 @@ def test_experiments_folder_is_not_empty():
 def test_sweep_members_are_runs_of_one_group(tmp_path):
     exp = tmp_path / "pair.yaml"
     exp.write_text("tags: [t]\nsweep:\n  a: [optim.lr=0.5]\n  b: [optim.lr=0.25, model=wan1_3b]\n")
-    from dreamshot.config.load import load_runs
-
     a, b = load_runs(exp, ["trainer.max_steps=3"])
     assert (a.name, b.name) == ("pair/a", "pair/b") and a.logger.group == b.logger.group == "pair"
     assert (a.optim.lr, b.optim.lr) == (0.5, 0.25) and b.model.name == "wan1_3b"
@@ -108,3 +109,84 @@ def test_malformed_sweep_is_an_error(tmp_path):
     exp.write_text("sweep:\n  a: optim.lr=0.5\n")
     with pytest.raises(ConfigError, match="bad.yaml.*list of key=value"):
         load_config(exp, member="a")
+
+
+def test_a_run_refuses_a_placeholder_left_unset_and_names_where_it_goes(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMSHOT_LOCAL_CONFIG", str(tmp_path / "no_local.yaml"))
+    # data=manifest says `manifest: ???`: a run must not fall back to the toy world.
+    with pytest.raises(ConfigError, match=r"data\.manifest is not set.*conf/local\.yaml") as err:
+        load_config("racl_ablation", [], "with_racl", require_inputs=True)
+    assert "data: {manifest: ...}" in str(err.value) and "\n" not in str(err.value)
+    local = tmp_path / "local.yaml"
+    local.write_text("data: {manifest: /data/sb/manifest.jsonl}\nmodel: {pretrained_path: /data/wan14b}\n")
+    monkeypatch.setenv("DREAMSHOT_LOCAL_CONFIG", str(local))
+    cfg = load_config("racl_ablation", [], "with_racl", require_inputs=True)
+    assert cfg.data.manifest == "/data/sb/manifest.jsonl"
+
+
+def test_a_full_size_model_without_weights_is_refused_unless_random_init(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMSHOT_LOCAL_CONFIG", str(tmp_path / "no_local.yaml"))  # this machine's weights aside
+    data = ["data.manifest=/data/manifest.jsonl"]
+    with pytest.raises(ConfigError, match=r"model\.pretrained_path is not set for the full-size model 'wan14b'"):
+        load_config("dreamshot", data, require_inputs=True)
+    with pytest.raises(ConfigError, match="model.pretrained_path"):
+        load_config("smoke", ["model=wan1_3b"], require_inputs=True)
+    # Any DiT of ~100M parameters or more counts, whatever its name.
+    dims = {"num_layers": 12, "num_attention_heads": 8, "attention_head_dim": 96, "ffn_dim": 4096}
+    big = [f"model.transformer.{key}={value}" for key, value in dims.items()]
+    with pytest.raises(ConfigError, match="full-size model 'tiny'"):
+        load_config("smoke", big, require_inputs=True)
+    assert load_config("dreamshot", [*data, "model.random_init=true"], require_inputs=True).model.random_init
+    assert load_config("smoke", require_inputs=True).model.name == "tiny"
+    # Commands that only read a config (the planner, reports) still compose the recipe as it ships.
+    assert load_config("dreamshot").data.manifest is None
+
+
+def test_list_entries_can_be_overridden_by_index_and_the_run_length_follows():
+    cfg = load_config("toy_reproduction", ["curriculum.0.steps=15"], "with_racl")
+    assert [p.steps for p in cfg.curriculum] == [15, 300] and cfg.trainer.max_steps == 315
+    assert load_config("smoke", ["data.resolution.1=96"]).data.resolution == [64, 96]
+    for bad in ("curriculum.2.steps=1", "curriculum.x.steps=1"):
+        with pytest.raises(ConfigError, match=r"curriculum is a list of 2, index it with 0\.\.1"):
+            load_config("toy_reproduction", [bad], "with_racl")
+    with pytest.raises(ConfigError, match="curriculum is an empty list"):
+        load_config("smoke", ["curriculum.0.steps=1"])
+
+
+def test_max_steps_on_the_command_line_scales_every_phase_by_its_share():
+    cfg = load_config("toy_reproduction", ["trainer.max_steps=20"], "with_racl")
+    phases = [(p.steps, p.resolution, p.use_racl) for p in cfg.curriculum]
+    assert phases == [(17, [64, 112], True), (3, [96, 160], False)]
+    assert cfg.trainer.max_steps == 20
+    (paper,) = load_runs("dreamshot", ["data.manifest=/data/manifest.jsonl", "trainer.max_steps=20"])
+    assert [p.steps for p in paper.curriculum] == [10, 10]
+    with pytest.raises(ConfigError, match="trainer.max_steps=1 is shorter than the curriculum's 2 phases"):
+        load_config("toy_reproduction", ["trainer.max_steps=1"], "with_racl")
+
+
+def test_scaled_phases_sum_to_the_steps_and_keep_one_step_each():
+    phases = [PhaseConfig(steps) for steps in (1000, 1, 1)]
+    assert [p.steps for p in scale_phases(phases, 5)] == [3, 1, 1]
+    assert [p.steps for p in scale_phases([PhaseConfig(1), PhaseConfig(2)], 10)] == [3, 7]
+
+
+def test_every_sweep_member_gets_its_own_folder_whatever_output_dir_says():
+    runs = load_runs("toy_racl_ablation", ["output_dir=/scratch/ablation"])
+    assert [cfg.output_dir for cfg in runs] == ["/scratch/ablation/with_racl", "/scratch/ablation/without_racl"]
+    named = load_runs("toy_racl_ablation", ["output_dir=/scratch/${name}"])
+    assert [cfg.output_dir for cfg in named] == [
+        "/scratch/toy_racl_ablation/with_racl",
+        "/scratch/toy_racl_ablation/without_racl",
+    ]
+    assert load_config("toy_racl_ablation", [], "with_racl").output_dir == "outputs/toy_racl_ablation/with_racl"
+    assert load_config("toy_racl_ablation", ["output_dir=/x/with_racl"], "with_racl").output_dir == "/x/with_racl"
+    assert load_config("smoke", ["output_dir=/scratch/one"]).output_dir == "/scratch/one"
+
+
+def test_composing_a_config_imports_no_torch():
+    code = (
+        "import sys; from dreamshot.config.load import load_runs; load_runs('toy_racl_ablation'); "
+        "print(sorted(m for m in ('torch', 'lightning', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

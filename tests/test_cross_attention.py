@@ -71,6 +71,22 @@ def test_each_frame_sees_only_its_own_text():
     assert not torch.allclose(wan_before[:, frame_slice(0)], wan_after[:, frame_slice(0)], atol=1e-3)
 
 
+def test_zero_padding_is_attended_so_text_len_changes_the_output():
+    """Wan does not mask its text padding: the same text padded to another length gives another output. This is
+    why a shorter model.text_len is not free with pretrained weights (README, planner)."""
+    attn = cross_attention()
+    attn.set_processor(ShotwiseCrossAttnProcessor(TEXT_LEN))
+    generator = torch.Generator().manual_seed(0)
+    video = torch.randn(1, TOKENS, DIM, generator=generator)
+    words = torch.randn(1, 3, DIM, generator=generator)
+    outputs = []
+    for length in (TEXT_LEN, 2 * TEXT_LEN):
+        attn.processor.text_len = length
+        text = torch.cat([words, torch.zeros(1, length - 3, DIM)], dim=1)
+        outputs.append(attn(video, text))
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("video_tokens", "text_tokens", "message"),
     [(12, 2 * TEXT_LEN + 1, "text_len=5"), (13, 2 * TEXT_LEN, "13 video tokens")],

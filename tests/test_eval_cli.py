@@ -113,9 +113,9 @@ def test_validation_callback_logs_metrics_and_storyboards(tmp_path):
     callback_cfg = ["enabled=true", "every_n_steps=2", "steps=1", "stories=1"]
     cfg = load_config(None, [*SMALL, *(f"eval.callback.{item}" for item in callback_cfg)])  # fmt: skip
     logger = CSVLogger(tmp_path, name="csv", version=0)
-    assert any(isinstance(c, StoryboardMetrics) for c in build_trainer(cfg, tmp_path, logger).callbacks)
+    assert any(isinstance(c, StoryboardMetrics) for c in build_trainer(cfg, tmp_path, [logger]).callbacks)
     off = load_config(None, SMALL)
-    assert not any(isinstance(c, StoryboardMetrics) for c in build_trainer(off, tmp_path, logger).callbacks)
+    assert not any(isinstance(c, StoryboardMetrics) for c in build_trainer(off, tmp_path, [logger]).callbacks)
 
     module = DreamShotModule(cfg)
     callback = StoryboardMetrics(cfg, tmp_path)
@@ -123,9 +123,9 @@ def test_validation_callback_logs_metrics_and_storyboards(tmp_path):
 
     class Trainer:
         global_step = 1
-        logger = None
+        loggers = []
 
-    Trainer.logger = type("Recorder", (), {"log_metrics": lambda self, m, step: logged.append((step, m))})()
+    Trainer.loggers = [type("Recorder", (), {"log_metrics": lambda self, m, step: logged.append((step, m))})()]
     callback.on_train_batch_end(Trainer, module, None, None, 0)
     assert logged == []  # not a multiple of every_n_steps
     Trainer.global_step = 2
@@ -136,3 +136,24 @@ def test_validation_callback_logs_metrics_and_storyboards(tmp_path):
     assert step == 2 and {f"eval/{name}" for name in TOY_VALUES} == set(metrics)
     assert (tmp_path / CALLBACK_DIR / "step000002.png").is_file()
     assert module.adapter.training  # put back in training mode
+
+
+def test_the_default_results_folder_names_what_is_scored(tmp_path, monkeypatch):
+    """A second checkpoint scored without --out does not overwrite the first's results."""
+    from dreamshot.cli import build_parser, parse_with_overrides
+    from dreamshot.commands.eval import scored_name
+
+    cfg = load_config("toy_racl_ablation", [], "with_racl")
+    parser = build_parser("eval")
+
+    def name(*argv):
+        return scored_name(parse_with_overrides(parser, ["eval", "toy", *argv]), cfg)
+
+    assert name("--run", "outputs/toy_racl_ablation/with_racl") == "toy_racl_ablation-with_racl"
+    assert name("--lora", "outputs/x/checkpoints/step000100.ckpt") == "toy_racl_ablation-with_racl-step000100"
+    assert name("--lora", "outputs/x/lora.safetensors") == "toy_racl_ablation-with_racl"
+    assert (name("--base"), name("--outputs", "theirs/shots")) == ("base", "shots")
+    # `make eval` leaves the folder to `dreamshot eval` unless EVAL_OUT says otherwise.
+    dry = ["make", "-n", "-o", ".venv/.installed", "eval", "BENCH=toy", "CKPT=outputs/demo"]
+    line = subprocess.run(dry, cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    assert "dreamshot eval toy" in line and "--out" not in line

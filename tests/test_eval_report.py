@@ -8,7 +8,7 @@ import json
 import pytest
 
 from dreamshot.eval.published import PUBLISHED
-from dreamshot.eval.report import EvalResults, comparison, describe, log_tables, write_results
+from dreamshot.eval.report import EvalResults, comparison, describe, log_tables, missing_line, write_results
 
 
 def _results(benchmark: str = "vistorybench", mode: str = "r2s") -> EvalResults:
@@ -45,7 +45,14 @@ def test_side_by_side_table_prints_the_published_rows_and_ours():
     assert rows["DreamShot"][-6:] == ["65.6", "60.2", "61.8", "43.9", "5.40", "3.37"]
     # Ours: cosines x100, AES on its scale, missing values marked and explained.
     assert rows["ours (run)"][-6:] == ["62.0", "48.5", "60.2", "missing", "5.23", "missing"]
-    assert "missing csd_cross: eval.csd.weights is not set" in lines
+    # Every missing value on one line, grouped by reason.
+    assert lines[-1] == "missing: csd_cross (eval.csd.weights is not set); alignment (eval.judge.endpoint is not set)"
+    assert sum(line.startswith("missing") for line in lines) == 1
+
+
+def test_missing_values_sharing_a_reason_are_listed_together():
+    reasons = {"cids_cross": "eval.clip.weights is not set", "cids_self": "eval.clip.weights is not set", "aes": "x"}
+    assert missing_line(reasons) == "missing: cids_cross, cids_self (eval.clip.weights is not set); aes (x)"
 
 
 @pytest.mark.parametrize("key", sorted(PUBLISHED))

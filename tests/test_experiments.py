@@ -3,6 +3,7 @@
 import pytest
 
 from dreamshot.config.load import available_experiments, load_runs
+from dreamshot.diffusion.conditioning import MODES, trained_modes
 from dreamshot.models.wan.role_capture import RoleCaptureSelfAttnProcessor
 from dreamshot.planner.shape import model_shape
 from dreamshot.training.module import DreamShotModule
@@ -41,6 +42,8 @@ def test_paper_recipe_and_its_ablations():
     assert paper.model.name == "wan14b" and paper.model.lora.rank == 256 and paper.optim.lr == 1e-4
     assert [(p.steps, p.resolution) for p in paper.phases()] == [(10000, [192, 336]), (10000, [480, 832])]
     assert paper.racl_weight(0) > 0 and paper.racl_weight(1) == 0
+    # The recipe trains every condition set inference builds (re-rolls of r2s storyboards: references and shots).
+    assert trained_modes(paper.storyboard) == set(MODES) and paper.storyboard.modes.r2s_s2s > 0
     with_racl, without = load_runs("racl_ablation", DATA)
     assert with_racl.logger.group == without.logger.group == "racl_ablation"
     assert with_racl.racl.weight > 0 and without.racl.weight == 0

@@ -5,9 +5,9 @@ import torch
 from dreamshot.diffusion.flow_matching import (
     add_noise,
     frame_masked_mse,
+    frame_timesteps,
     sample_timesteps,
     shift_timesteps,
-    token_timesteps,
     velocity_target,
 )
 
@@ -49,10 +49,8 @@ def test_masked_mse_ignores_condition_frames():
     assert torch.isclose(frame_masked_mse(pred, target, frames), torch.tensor(1 / 3))
 
 
-def test_token_timesteps_zero_on_clean_frames():
+def test_frame_timesteps_zero_on_clean_frames():
     t = torch.tensor([0.5, 0.25])
     frames = torch.tensor([False, True, True])
-    ts = token_timesteps(t, frames, tokens_per_frame=4)
-    assert ts.shape == (2, 12)
-    assert (ts[:, :4] == 0).all()
-    assert torch.equal(ts[0, 4:], torch.full((8,), 500.0)) and torch.equal(ts[1, 4:], torch.full((8,), 250.0))
+    ts = frame_timesteps(t, frames)
+    assert ts.tolist() == [[0, 500, 500], [0, 250, 250]]

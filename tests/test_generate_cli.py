@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,10 @@ from dreamshot.config.load import to_yaml
 from dreamshot.config.schema import Config, ToyWorldConfig
 from dreamshot.data.manifest import load_manifest
 from dreamshot.data.toyworld import ensure_toyworld
-from dreamshot.inference.contact_sheet import panel_size
+from dreamshot.inference import outputs
+from dreamshot.inference.contact_sheet import header_height, panel_size
 from dreamshot.inference.loading import build_adapter, load_model
-from dreamshot.inference.outputs import RECORD_FILE, SHEET_FILE, shot_file, shot_index
+from dreamshot.inference.outputs import RECORD_FILE, SHEET_FILE, TAKES_DIR, shot_file, shot_index
 from dreamshot.inference.story import image_to_tensor, load_story, reference_images
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.latents import encode_references, encode_shots
@@ -91,8 +93,8 @@ def test_outputs(generated):
     assert [shot_index(p) for p in sorted(generated.glob("shot_*.png"))] == [1, 2, 3]
     panel_w, panel_h = panel_size((WIDTH, HEIGHT))
     with Image.open(generated / SHEET_FILE) as sheet:
-        # One reference column and three shots in a row; two references stack to two panel heights.
-        assert sheet.size == (4 * panel_w, 2 * panel_h)
+        # The title, then one reference column and three shots in a row; two references stack to two panels.
+        assert sheet.size == (4 * panel_w, header_height("a title") + 2 * panel_h)
     record = json.loads((generated / RECORD_FILE).read_text())
     assert record["mode"] == "r2s" and record["seed"] == 0 and record["steps"] == 2
     assert record["drawn_shots"] == [1, 2, 3] and record["kept_shots"] == [] and record["history"] == []
@@ -129,10 +131,65 @@ def test_regenerate_keeps_the_other_shots(generated, story, run_dir, tmp_path, m
         assert (layout.num_conditions, layout.num_targets) == (4, 1)
         for row in layout.split(latents)[0]:
             torch.testing.assert_close(row[None], expected, rtol=0, atol=0)
+        # Each shot at its story position: references 0, 1; kept shots 1 and 3 at 2 and 4; the drawn shot 2 at 3.
+        assert layout.frame_positions().tolist() == [0, 1, 2, 4, 3]
     record = json.loads((out / RECORD_FILE).read_text())
-    assert record["mode"] == "s2s" and record["drawn_shots"] == [2] and record["kept_shots"] == [1, 3]
+    assert record["mode"] == "r2s_s2s" and record["drawn_shots"] == [2] and record["kept_shots"] == [1, 3]
     assert record["seed"] == 1  # the previous seed + 1: a re-roll draws new noise
     assert [h["drawn_shots"] for h in record["history"]] == [[1, 2, 3]]
+    # The earlier take is kept, outside the shots a reader of the folder sees; the record counts the takes.
+    assert (out / TAKES_DIR / "shot_02_take_1.png").read_bytes() == before[2]
+    assert [shot["take"] for shot in record["shots"]] == [1, 2, 1]
+    second = (out / shot_file(2)).read_bytes()
+    assert main(["generate", str(story), "--run", str(run_dir), "--out", str(out), "--regenerate", "2"]) == 0
+    assert (out / TAKES_DIR / "shot_02_take_2.png").read_bytes() == second
+    assert (out / TAKES_DIR / "shot_02_take_1.png").read_bytes() == before[2]
+    assert [shot["take"] for shot in json.loads((out / RECORD_FILE).read_text())["shots"]] == [1, 3, 1]
+
+
+def test_the_sheet_is_titled_and_shows_given_shots_first_and_marks_re_rolls(story, run_dir, tmp_path, monkeypatch):
+    body = json.loads(json.dumps(STORY))
+    body["previous_shots"] = [{"image": "refs/role1.png", "annotation": "Earlier: <Role 1> alone."}]
+    path = _write_story(tmp_path, body)
+    sheets = []
+    original = outputs.contact_sheet
+    monkeypatch.setattr(outputs, "contact_sheet", lambda *a, **k: sheets.append((a, k)) or original(*a, **k))
+    out = tmp_path / "out"
+    assert main(["generate", str(path), "--run", str(run_dir), "--out", str(out)]) == 0
+    assert main(["generate", str(path), "--run", str(run_dir), "--out", str(out), "--regenerate", "3"]) == 0
+    (shots, captions, *_), options = sheets[-1]
+    assert len(shots) == 4 and captions[0] == "Earlier: <Role 1> alone."
+    # Given shot first, then the story's three shots, the re-rolled third on its second take.
+    assert options["tags"] == ["given", "", "", "take 2"]
+    assert options["title"].startswith("s2s · seed 1 · 2 steps · weights ") and "lora.safetensors" in options["title"]
+
+
+def test_an_annotation_naming_a_role_without_a_reference_warns(run_dir, tmp_path, capsys):
+    body = json.loads(json.dumps(STORY))
+    body["shots"][1]["annotation"] = "Close-up: <Role 3> waves at <Role 2>."
+    path = _write_story(tmp_path, body)
+    assert main(["generate", str(path), "--run", str(run_dir), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: " in err and "shots[1].annotation names <Role 3>, which no reference shows" in err
+    assert "<Role 2>" not in err
+
+
+def test_a_condition_set_the_run_never_trained_is_refused(generated, story, run_dir, tmp_path, capsys):
+    """A run trained on the paper's three modes only never saw references and given shots together."""
+    run = tmp_path / "paper_mix"
+    shutil.copytree(run_dir, run)
+    cfg = Config()
+    cfg.storyboard.modes.r2s, cfg.storyboard.modes.r2s_s2s = 0.65, 0.0
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    out = tmp_path / "out"
+    shutil.copytree(generated, out)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert main(["generate", str(story), "--run", str(run), "--out", str(out), "--regenerate", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "storyboard.modes.r2s_s2s" in err and "Traceback" not in err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    # The same run still draws what it trained: the r2s storyboard itself.
+    assert main(["generate", str(story), "--run", str(run), "--out", str(tmp_path / "fresh")]) == 0
 
 
 def test_base_model_differs_from_the_lora(generated, story, tmp_path):
@@ -250,3 +307,21 @@ def test_story_file_faults(tmp_path, capsys):
         reference_images(story, (HEIGHT, WIDTH))
     assert main(["generate", str(tmp_path / "absent.yaml"), "--base", "--out", str(tmp_path / "o")]) == 2
     assert "absent.yaml: cannot read story file" in capsys.readouterr().err
+
+
+def test_make_generate_without_ckpt_says_it_draws_with_the_bare_model():
+    repo = EXAMPLE_STORY.parents[1]
+    dry = ["make", "-n", "-o", ".venv/.installed", "generate"]
+    bare = subprocess.run(dry, cwd=repo, capture_output=True, text=True, check=True).stdout
+    assert "no CKPT given: drawing with the bare model" in bare and "--base" in bare
+    trained = subprocess.run([*dry, "CKPT=outputs/demo"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    assert "bare model" not in trained
+
+
+def test_generate_help_states_the_precedence_it_refers_to(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "see precedence" not in text
+    assert "the previous seed + 1, else the story's, else inference.seed" in text
+    assert "the story's steps, else inference.steps" in text

@@ -8,6 +8,7 @@ from diffusers import AutoencoderKLWan
 
 from dreamshot.models.wan.latents import (
     decode_images,
+    decode_in_context,
     decode_shots,
     denormalize_latents,
     encode_references,
@@ -114,6 +115,30 @@ def test_decode_takes_frame_zero_then_the_last_frame_of_each_group(stats_vae, mo
     assert images.shape == (2, 5, 3, 16, 32)
     assert images[:, :, 0, 0, 0].tolist() == [[0, 4, 8, 12, 16]] * 2
     assert torch.allclose(seen[0], denormalize_latents(latents, stats_vae))
+
+
+@pytest.mark.parametrize(
+    ("given", "targets"),
+    [([], [0, 1, 2, 3]), ([0, 1], [2, 3]), ([0, 2, 3], [1]), ([1, 2, 3], [0])],
+    ids=["t2s-r2s", "s2s", "re-roll-middle", "re-roll-first"],
+)
+def test_round_trip_per_mode_decodes_targets_as_the_whole_storyboard_does(vae, given, targets):
+    """Encode a storyboard as training does, split it as each mode does, decode the targets in their stream.
+
+    The random tiny VAE is no identity (its round trip is off by ~0.5 on the [-1, 1] scale), so what it allows is
+    its own reconstruction of the whole storyboard: each drawn shot must come back exactly as that, value by value,
+    the same distance from the input image. Decoding a later shot's latent alone would take the first-frame path.
+    """
+    shots = _images(1, 4, seed=3)
+    z = encode_shots(vae, shots)
+    whole = decode_shots(vae, z)
+    decoded = decode_in_context(vae, z[:, :, given], z[:, :, targets], given, targets)
+    torch.testing.assert_close(decoded, whole[:, targets], rtol=0, atol=1e-5)
+    error, allowed = ((x - shots[:, targets]).abs().mean((2, 3, 4)) for x in (decoded, whole[:, targets]))
+    torch.testing.assert_close(error, allowed, rtol=0, atol=1e-6)
+    if targets[0] > 0:  # the first drawn shot follows a given one: decoded alone it would come out otherwise
+        alone = decode_shots(vae, z[:, :, targets])
+        assert (alone[:, 0] - whole[:, targets[0]]).abs().max() > 0.1
 
 
 def test_normalization_matches_wan_pipeline_and_inverts(stats_vae):

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from dreamshot.config.schema import Config
-from dreamshot.diffusion.flow_matching import token_timesteps
+from dreamshot.diffusion.flow_matching import frame_timesteps
 from dreamshot.inference.loading import build_adapter
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest, initial_noise
 from dreamshot.models.layout import StoryboardLayout
-from dreamshot.models.wan.latents import encode_references, encode_shots
+from dreamshot.models.wan.latents import decode_shots, encode_references, encode_shots
+from dreamshot.utils.errors import ConfigError
 
 SIZE = (32, 48)
 SHOTS = ["Close-up: <Role 1> on the left.", "Wide shot: <Role 2> in the centre."]
@@ -113,13 +114,13 @@ def test_s2s_conditions_stay_clean_at_timestep_zero(adapter, calls, layout):
     )
     conditioned = [c for c in calls if c.layout.num_conditions]
     assert len(conditioned) == 3
-    tokens = adapter.tokens_per_frame(SIZE[0] // 8, SIZE[1] // 8)
     for call in conditioned:
         assert call.layout.num_conditions == 3 and call.layout.position_mode == layout
         conditions, targets = call.layout.split(call.latents)
         for row in conditions:
             torch.testing.assert_close(row[None], expected, rtol=0, atol=0)
-        per_frame = call.timesteps.unflatten(1, (-1, tokens))
+        per_frame = call.timesteps
+        assert per_frame.shape == (call.latents.shape[0], 5)
         assert (per_frame[:, call.layout.condition_slice()] == 0).all()
         assert (per_frame[:, call.layout.target_slice()] > 0).all()
 
@@ -131,11 +132,10 @@ def test_unit_guidance_one_euler_step_is_one_conditional_prediction(adapter):
     result = StoryboardPipeline(adapter, cfg)(request, seed=5, progress=False)
 
     noise = initial_noise((1, 16, 2, SIZE[0] // 8, SIZE[1] // 8), 5)
-    layout = StoryboardLayout(2, 2)
+    layout = StoryboardLayout.of(2, 2)
     refs = encode_references(adapter.vae, request.references[None])
     text = adapter.encode_text([request.reference_texts + request.shot_texts])
-    tokens = adapter.tokens_per_frame(SIZE[0] // 8, SIZE[1] // 8)
-    timesteps = token_timesteps(torch.ones(1), layout.target_frames(), tokens)
+    timesteps = frame_timesteps(torch.ones(1), layout.target_frames())
     with torch.no_grad():
         velocity = adapter.predict_velocity(layout.assemble(refs, noise), timesteps, text, layout)
     torch.testing.assert_close(result.latents, noise - layout.split(velocity)[1], rtol=1e-4, atol=1e-4)
@@ -145,6 +145,39 @@ def test_global_timestep_mode_gives_one_timestep_per_sample(adapter, calls):
     StoryboardPipeline(adapter, config(diffusion__timestep_mode="global"))(r2s_request(), progress=False)
     assert all(c.timesteps.shape == (c.latents.shape[0],) for c in calls)
     assert calls[0].timesteps[0] > 0
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    return images.float().add(1).div(2).clamp(0, 1)
+
+
+@pytest.mark.parametrize(
+    ("given_positions", "shot_positions"),
+    [([0, 1], [2, 3]), ([0, 2], [1, 3])],
+    ids=["continuation", "middle re-roll"],
+)
+def test_drawn_shots_are_decoded_in_the_stream_of_the_given_shots(adapter, given_positions, shot_positions):
+    """Training encodes one shot stream: a shot after the first is a 4-frame-group latent, so it is decoded with
+    the shots before it, not alone through the VAE's first-frame path."""
+    request = s2s_request()
+    request.given_positions, request.shot_positions = given_positions, shot_positions
+    result = StoryboardPipeline(adapter, config())(request, seed=1, progress=False)
+    given = encode_shots(adapter.vae, request.given_shots[None])
+    latents = {p: given[:, :, i] for i, p in enumerate(given_positions)}
+    latents.update({p: result.latents[:, :, i] for i, p in enumerate(shot_positions)})
+    stream = decode_shots(adapter.vae, torch.stack([latents[p] for p in range(4)], dim=2))[0]
+    torch.testing.assert_close(result.images, _to_unit(stream[shot_positions]), rtol=0, atol=1e-6)
+    alone = _to_unit(decode_shots(adapter.vae, result.latents)[0])
+    assert (alone - result.images).abs().max() > 0.1
+
+
+def test_a_condition_set_the_mix_never_trained_is_refused_before_sampling(adapter, calls):
+    cfg = config()
+    cfg.storyboard.modes.r2s, cfg.storyboard.modes.r2s_s2s = 0.65, 0.0
+    with pytest.raises(ConfigError, match="storyboard.modes.r2s_s2s"):
+        StoryboardPipeline(adapter, cfg)(s2s_request(), progress=False)
+    assert not calls
+    assert s2s_request().mode == "r2s_s2s" and r2s_request().mode == "r2s"
 
 
 def test_request_checks_counts():

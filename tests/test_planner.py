@@ -13,6 +13,7 @@ from dreamshot.config.load import load_config
 from dreamshot.config.schema import LoraConfig, ModelConfig, TransformerConfig
 from dreamshot.models.wan.attention import use_shotwise_cross_attention
 from dreamshot.models.wan.build import build_components
+from dreamshot.models.wan.forward import use_frame_modulation
 from dreamshot.models.wan.lora import apply_lora
 from dreamshot.planner.flops import (
     CROSS_PROJECTIONS,
@@ -94,11 +95,13 @@ def test_racl_flops_and_memory_by_hand(toy_shape):
     flops = training_flops(toy_shape, work)
     # 2 target shots x 5 query rows x 8 keys x D = 64
     assert flops.forward[RACL] == 2 * 2 * 5 * 8 * 64 and flops.backward[RACL] == 2 * flops.forward[RACL]
-    # live chunk 5 x 8 x (bf16 logits + fp32 copy + fp32 softmax) + the softmax of every chunk kept
-    assert racl_bytes(work) == 5 * 8 * 10 + 5 * 8 * 4 * 2
-    assert racl_bytes(dataclasses.replace(work, racl_blocks=3)) == 5 * 8 * 10 + 5 * 8 * 4 * 2 * 3
+    # live chunk: fp32 logits + softmax of 5 x 8, the shot's 8 keys in fp32 (D = 64); kept for backward: each of
+    # the 2 chunks' softmax and fp32 keys, and the 5 fp32 query rows
+    live, kept = 5 * 8 * 8 + 8 * 64 * 4, 2 * (5 * 8 + 8 * 64) * 4 + 5 * 64 * 4
+    assert racl_bytes(toy_shape, work) == live + kept
+    assert racl_bytes(toy_shape, dataclasses.replace(work, racl_blocks=3)) == live + 3 * kept
     checkpointed = dataclasses.replace(work, racl_blocks=3, checkpointing=True)
-    assert racl_bytes(checkpointed) == racl_bytes(work)  # only the recomputed block keeps its chunks
+    assert racl_bytes(toy_shape, checkpointed) == racl_bytes(toy_shape, work)  # only the recomputed block keeps
 
 
 # The three ways the LoRA branch of a bf16 model runs: apply_lora's float32 weights without autocast
@@ -117,6 +120,7 @@ def _saved_by_autograd(cfg: ModelConfig, work: Workload, training: Training) -> 
     torch.manual_seed(0)
     transformer = build_components(dataclasses.replace(cfg, dtype="bfloat16")).transformer
     use_shotwise_cross_attention(transformer, work.text_len)
+    use_frame_modulation(transformer)
     apply_lora(transformer, cfg.lora)
     if training.deepspeed_half:
         for parameter in transformer.parameters():
@@ -125,7 +129,7 @@ def _saved_by_autograd(cfg: ModelConfig, work: Workload, training: Training) -> 
     dim, head_dim = 64, cfg.transformer.attention_head_dim
     hidden = torch.randn(1, work.tokens, dim, dtype=torch.bfloat16, requires_grad=True)
     text = torch.randn(1, work.text_tokens, dim, dtype=torch.bfloat16)
-    temb = torch.randn(1, *((work.tokens,) if work.per_token_timestep else ()), 6, dim, dtype=torch.bfloat16)
+    temb = torch.randn(1, *((work.frames,) if work.per_token_timestep else ()), 6, dim, dtype=torch.bfloat16)
     rotary = (torch.randn(1, work.tokens, 1, head_dim), torch.randn(1, work.tokens, 1, head_dim))
     saved = []
     # Lightning enters autocast with cache_enabled=False: every matmul casts its weight afresh.
@@ -241,6 +245,15 @@ def test_cli_prints_the_table(capsys):
     # --no-encoders: umT5 and the VAE are counted as parameters but not resident in memory.
     assert "5,680,910,336" in out and "umT5 weights" not in out
     assert out.index("Memory per GPU") < out.index("What this cannot know")
+
+
+def test_plan_states_the_text_len_trade_off_and_pretrained_models_keep_512(capsys):
+    assert main(["plan", "smoke", "model=wan1_3b", "model.text_len=128", "--resolution", "192p"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "A smaller text_len cuts the cross-attention cost but is not free with pretrained weights" in out
+    assert "Wan attends to its padding" in out
+    for model in ("wan1_3b", "wan14b"):
+        assert load_config(overrides=[f"model={model}"]).model.text_len == 512
 
 
 def test_cli_unknown_experiment_and_bad_option_exit_2_with_one_line(capsys):

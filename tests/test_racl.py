@@ -51,10 +51,12 @@ def test_role_plan_sources_targets_and_absent_roles():
     assert plan.source_weights[0, :2].tolist() == [0.5, 0.5]
     assert plan.target_tokens.tolist() == [[4, 5, 6, 7], [8, 9, 10, 11]]
     # Role 0 is absent from shot 2; a source never targets its own frame.
-    assert plan.loss_pairs.tolist() == [[True, False], [False, False], [False, True], [True, False]]
+    assert plan.present_pairs.tolist() == [[True, False], [False, False], [False, True], [True, False]]
+    assert not plan.absent_pairs.any()
     assert plan.other_masks[0, 0].tolist() == [0, 0, 0, 1]
     negative = build_role_plan(_frame_masks(), targets, absent_negative=True)
-    assert negative.loss_pairs.tolist() == [[True, True], [False, True], [False, True], [True, False]]
+    assert torch.equal(negative.present_pairs, plan.present_pairs)
+    assert negative.absent_pairs.tolist() == [[False, True], [False, True], [False, False], [False, False]]
     assert negative.target_masks[0, 1].sum() == 0  # the label of an absent role is all zero
 
 
@@ -72,10 +74,59 @@ def test_efficient_maps_equal_naive_and_are_distributions():
     g = torch.Generator().manual_seed(0)
     query, key = torch.randn(12, 2, 8, generator=g), torch.randn(12, 2, 8, generator=g)
     plan = build_role_plan(_frame_masks(), torch.tensor([False, True, True]))
-    maps = role_attention_maps(query, key, plan.source_weights, plan.target_tokens)
-    naive = naive_role_attention_maps(query, key, plan.source_weights, plan.target_tokens)
+    maps, mass = role_attention_maps(query, key, plan.source_weights, plan.target_tokens, with_mass=True)
+    naive, naive_mass = naive_role_attention_maps(query, key, plan.source_weights, plan.target_tokens, True)
     torch.testing.assert_close(maps, naive, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(maps.sum(-1), torch.ones(4, 2))
+    # The mass is the share of all T keys' attention on the shot: in (0, 1), below 1 with a reference frame.
+    torch.testing.assert_close(mass, naive_mass, atol=1e-6, rtol=1e-5)
+    assert (mass > 0).all() and (mass.sum(-1) < 1).all()
+    assert role_attention_maps(query, key, plan.source_weights, plan.target_tokens).mass is None
+
+
+def _float64_maps(query, key, plan):
+    """Eq. 5 computed in float64 from the same (rounded) inputs."""
+    heads, head_dim = query.shape[-2:]
+    logits = query.double().flatten(-2) @ key.double().flatten(-2).T / (heads * head_dim**0.5)
+    return torch.stack([plan.source_weights.double() @ torch.softmax(logits[:, t], -1) for t in plan.target_tokens], 1)
+
+
+def test_bf16_queries_and_keys_give_float32_accurate_maps():
+    """The role rows' logits are formed in float32: bf16 logits would round each to ~3 significant digits."""
+    g = torch.Generator().manual_seed(0)
+    query, key = (torch.randn(12, 2, 8, generator=g).mul(3).bfloat16() for _ in range(2))
+    plan = build_role_plan(_frame_masks(), torch.tensor([False, True, True]))
+    maps = role_attention_maps(query, key, plan.source_weights, plan.target_tokens).maps
+    assert maps.dtype == torch.float32
+    torch.testing.assert_close(maps.double(), _float64_maps(query, key, plan), atol=1e-6, rtol=1e-5)
+
+
+def test_absent_role_term_pushes_the_attention_mass_on_the_shot_down():
+    """A role absent from shot 2: raising every logit of shot 2's keys (which leaves the renormalised map, and so
+    its max-scaled BCE, unchanged) must raise the loss, and a gradient step must lower the mass."""
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(12, 2, 8, generator=g)
+    key = torch.randn(12, 2, 8, generator=g)
+    masks = torch.zeros(3, 1, 4, dtype=torch.bool)
+    masks[0, 0, 0] = True  # one query token: role 0 in its reference
+    masks[1, 0, :2] = True  # role 0 visible in shot 1, absent from shot 2
+    plan = build_role_plan(masks, torch.tensor([False, True, True]), absent_negative=True)
+    assert plan.absent_pairs.tolist() == [[False, True], [False, True]]
+    shift = torch.zeros((), requires_grad=True)
+    shot2 = torch.zeros(12, 1, 1)
+    shot2[8:] = 1.0
+    # Adding shift·q to shot 2's keys adds shift·|q|²/(H·√d) to every logit of the one query row on shot 2.
+    shifted = key + shift * shot2 * query[0:1]
+    maps, mass = role_attention_maps(query, shifted, plan.source_weights, plan.target_tokens, with_mass=True)
+    loss = racl_loss(maps, plan.target_masks, plan.present_pairs, mass, plan.absent_pairs)
+    (slope,) = torch.autograd.grad(loss, shift)
+    assert slope > 0
+    key = key.clone().requires_grad_(True)
+    before = role_attention_maps(query, key, plan.source_weights, plan.target_tokens, with_mass=True)
+    racl_loss(before.maps, plan.target_masks, plan.present_pairs, before.mass, plan.absent_pairs).backward()
+    with torch.no_grad():
+        after = role_attention_maps(query, key - 0.5 * key.grad, plan.source_weights, plan.target_tokens, True)
+    assert (after.mass[:, 1] < before.mass[:, 1].detach()).all()
 
 
 def test_loss_prefers_maps_inside_the_mask():
@@ -109,7 +160,7 @@ def _run(transformer, capture=None, checkpointing=False):
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 16, 3, 4, 4, generator=g)  # 3 frames of 2x2 = 4 tokens
     text = torch.randn(1, 3 * 5, 32, generator=g)
-    rotary = storyboard_rotary_emb(StoryboardLayout(1, 2), (2, 2), 24)
+    rotary = storyboard_rotary_emb(StoryboardLayout.of(1, 2), (2, 2), 24)
     runner = capture.runner if capture is not None else None
     kwargs = {"block_runner": runner} if runner else {}
     return storyboard_forward(
@@ -172,7 +223,7 @@ def test_racl_gradients_reach_parameters_and_match_naive(transformer, checkpoint
         transformer.zero_grad()
         capture = RoleCapture([plan], frozenset({0, 1}), naive=naive)
         _run(transformer, capture, checkpointing=checkpointing)
-        racl_loss(capture.block_mean()[0], plan.target_masks, plan.loss_pairs).backward()
+        racl_loss(capture.block_mean()[0], plan.target_masks, plan.present_pairs).backward()
         grads.append(transformer.blocks[0].attn1.to_q.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
@@ -188,7 +239,7 @@ def test_compiled_blocks_give_the_same_role_maps_and_gradients(transformer):
         transformer.zero_grad()
         capture = RoleCapture([plan], frozenset({1}))
         output = _run(transformer, capture, checkpointing=True)
-        (output.square().mean() + racl_loss(capture.block_mean()[0], plan.target_masks, plan.loss_pairs)).backward()
+        (output.square().mean() + racl_loss(capture.block_mean()[0], plan.target_masks, plan.present_pairs)).backward()
         grads = {name: p.grad.clone() for name, p in transformer.named_parameters() if p.grad is not None}
         results.append((capture.block_mean()[0].detach(), grads))
     (eager_map, eager_grads), (compiled_map, compiled_grads) = results

@@ -1,5 +1,5 @@
-"""`dreamshot report`: reading run folders (CSV logs, offline W&B runs, results.json), the comparison table, the
-plots as files, and the W&B logging of a report. Run folders are written here in the formats training and
+"""`dreamshot report`: reading run folders (CSV logs, results.json), the comparison table, the plots as files,
+missing data shown as such, and the W&B logging of a report. Run folders are written here in the formats training and
 evaluation write (the sweep test in test_sweeps.py makes real ones)."""
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from dreamshot.eval.report import EvalResults, write_results
 from dreamshot.report.build import read_report, write_report
 from dreamshot.report.history import read_curves
 from dreamshot.report.runs import find_runs, read_run, read_runs
-from dreamshot.report.table import build_table, relative_improvement
+from dreamshot.report.table import build_table, missing_data, relative_improvement
 from dreamshot.report.wandb_log import log_report, wandb_setting
-from dreamshot.report.wandb_offline import offline_runs, read_history
 
 CSV_COLUMNS = ["epoch", "step", "train/loss", "train/loss_fm", "val/loss", "val/racl_in_mask", "val/racl_confusion"]
 
@@ -98,27 +97,29 @@ def test_a_run_folder_gives_its_config_final_metrics_and_evaluations(sweep_group
     }
 
 
-def test_offline_wandb_history_is_read_back_as_logged(tmp_path: Path):
-    import wandb
-
-    run = wandb.init(project="dreamshot-test", dir=str(tmp_path), mode="offline", name="history")
-    for step in range(3):
-        run.log({"trainer/global_step": step, "train/loss": 1.0 / (step + 1)})
-    # A record far longer than one 32 KiB block, and an image whose metadata must not pass for metrics.
-    run.log({"trainer/global_step": 3, "val/loss": 0.25, "notes": "x" * 100_000})
-    run.log({"trainer/global_step": 3, "debug/sheet": wandb.Image(Image.new("RGB", (8, 8)))})
-    run.finish()
-    (path,) = offline_runs(tmp_path)
-    assert len(settled(lambda: read_history(path), 5)) == 5
-    curves = read_curves(tmp_path)
-    assert curves == {"train/loss": {0: 1.0, 1: 0.5, 2: pytest.approx(1 / 3)}, "val/loss": {3: 0.25}}
-
-
 def test_relative_improvement_is_positive_when_better_in_either_direction():
     assert relative_improvement(1.1, 1.0, higher_better=True) == pytest.approx(10.0)
     assert relative_improvement(0.9, 1.0, higher_better=False) == pytest.approx(10.0)
     assert relative_improvement(1.2, -2.0, higher_better=True) == pytest.approx(160.0)
     assert math.isnan(relative_improvement(0.5, 0.0, higher_better=True))
+
+
+def test_a_change_against_a_baseline_near_zero_is_not_a_percentage():
+    # 0 against 1e-9 would be "-100%" (and "+100%" for a lower-is-better metric): the baseline is noise.
+    assert math.isnan(relative_improvement(0.0, 1e-9, higher_better=False))
+    # Near 0 for the metric's own scale: 0.0004 against the largest value 0.9 of the runs.
+    assert math.isnan(relative_improvement(0.9, 0.0004, higher_better=True, scale=0.9))
+    assert relative_improvement(0.9, 0.3, higher_better=True, scale=0.9) == pytest.approx(200.0)
+
+
+def test_the_table_marks_a_near_zero_baseline_n_a(sweep_group: Path):
+    runs = read_runs(find_runs(sweep_group))
+    runs[1].evals[0].values["toy_identity_cross"] = 1e-9
+    table = build_table("toy_racl_ablation", runs, baseline="without_racl")
+    assert math.isnan(table.relative()["with_racl"]["toy_identity_cross"])
+    relative_rows = table.to_markdown().split("Relative improvement")[1]
+    # Not "+4e+10": the other metrics keep their changes.
+    assert "| with_racl | 0.1 | n/a | +10 | +100 | +50 |" in relative_rows
 
 
 def test_table_finds_the_swept_key_and_compares_against_the_baseline(sweep_group: Path):
@@ -164,8 +165,9 @@ def test_evaluation_only_members_get_their_swept_values_and_the_guidance_grid(tm
     report = write_report("toy_guidance", runs, tmp_path / "report", baseline="w1_0-w2_1")
     assert report.table.swept_keys == ["inference.omega1", "inference.omega2"]
     assert report.table.swept["w1_4-w2_5"] == {"inference.omega1": 4, "inference.omega2": 5}
-    assert {"guidance_grid", "relative_improvement", "shot_count"} <= set(report.plots)
-    assert "loss_curves" not in report.plots  # nothing was trained here
+    assert {"guidance_grid", "relative_improvement"} <= set(report.plots)
+    # Nothing was trained here, and one story of 3 shots has no trend over the shot count.
+    assert not {"loss_curves", "shot_count"} & set(report.plots)
 
 
 def test_report_errors_name_the_folder_and_the_baseline(tmp_path: Path, sweep_group: Path, capsys):
@@ -196,3 +198,41 @@ def test_a_logged_report_holds_its_plots(sweep_group: Path, tmp_path: Path):
     logged = settled(lambda: {path.name.split("_")[0] for path in (media / "images" / "report").glob("*.png")}, 3)
     assert logged == {"relative", "shot", "loss"}
     assert list((media / "table" / "report").glob("table_*.table.json"))
+
+
+def test_runs_of_one_experiment_with_other_settings_are_named_by_what_differs(tmp_path: Path, capsys):
+    for seed in (1, 2):
+        run = tmp_path / f"run{seed}"
+        run.mkdir()
+        (run / "config.yaml").write_text(to_yaml(load_config("smoke", [f"seed={seed}", f"output_dir={run}"])))
+        write_metrics(run, 0, [{"step": 4, "val/loss": 1.0 + seed}])
+    runs = read_runs([tmp_path / "run1", tmp_path / "run2"])
+    assert [run.name for run in runs] == ["smoke (seed=1)", "smoke (seed=2)"]
+    assert main(["report", "smokes", str(tmp_path / "run1"), str(tmp_path / "run2"), "--out", str(tmp_path / "r")]) == 0
+    assert "| smoke (seed=2) | 2 | 3 |" in capsys.readouterr().out
+
+
+def test_a_member_without_data_is_a_warning_and_a_note_not_an_empty_row(sweep_group: Path, capsys):
+    # without_racl never ran: its folder is gone; an extra run folder holds a config but logged nothing.
+    for path in sorted((sweep_group / "without_racl").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (sweep_group / "without_racl").rmdir()
+    empty = sweep_group / "crashed"
+    empty.mkdir()
+    (empty / "config.yaml").write_text(to_yaml(load_config("toy_racl_ablation", [f"output_dir={empty}"], "with_racl")))
+    (empty / "config.yaml").write_text((empty / "config.yaml").read_text().replace("with_racl", "crashed"))
+    notes = missing_data(read_runs(find_runs(sweep_group)), ["with_racl", "without_racl"])
+    assert notes[0].startswith("member without_racl: no run folder") and notes[1].startswith("crashed: no metrics")
+    assert main(["report", "toy_racl_ablation", "--root", str(sweep_group.parent)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: member without_racl: no run folder" in err and "warning: crashed: no metrics" in err
+    markdown = (sweep_group / "report" / "report.md").read_text()
+    assert "Missing data:" in markdown and "- member without_racl: no run folder" in markdown
+
+
+def test_the_shot_count_plot_needs_stories_of_two_shot_counts(sweep_group: Path, tmp_path: Path):
+    runs = read_runs(find_runs(sweep_group))
+    assert "shot_count" in write_report("g", runs, tmp_path / "two", "with_racl").plots
+    for run in runs:
+        run.evals[0].story_shots = {story: 3 for story in run.evals[0].story_shots}
+    assert "shot_count" not in write_report("g", runs, tmp_path / "one", "with_racl").plots

@@ -26,7 +26,7 @@ def test_default_layout_equals_wan_rope():
         freq_dim=32,
         ffn_dim=32,
     )
-    layout = StoryboardLayout(num_conditions=2, num_targets=3)
+    layout = StoryboardLayout.of(2, 3)
     hidden_states = torch.randn(1, 16, layout.num_frames, 2 * GRID[0], 2 * GRID[1])
     wan_cos, wan_sin = transformer.rope(hidden_states)
 
@@ -41,11 +41,11 @@ def test_default_layout_equals_wan_rope():
 @pytest.mark.parametrize(
     ("layout", "positions", "phases"),
     [
-        (StoryboardLayout(3, 4, "refs_first"), [0, 1, 2, 3, 4, 5, 6], [0] * 7),
-        (StoryboardLayout(3, 4, "phase", phase=0.5), [0, 1, 2, 3, 4, 5, 6], [0.5] * 3 + [0] * 4),
-        (StoryboardLayout(3, 4, "neg", neg_offset=2.0), [-5, -4, -3, 0, 1, 2, 3], [0] * 7),
+        (StoryboardLayout.of(3, 4, position_mode="refs_first"), [0, 1, 2, 3, 4, 5, 6], [0] * 7),
+        (StoryboardLayout.of(3, 4, position_mode="phase", phase=0.5), [0, 1, 2, 3, 4, 5, 6], [0.5] * 3 + [0] * 4),
+        (StoryboardLayout.of(3, 4, position_mode="neg", neg_offset=2.0), [-5, -4, -3, 0, 1, 2, 3], [0] * 7),
         # Targets first in the sequence (0..3), conditions after them (4..6).
-        (StoryboardLayout(3, 4, "last"), [0, 1, 2, 3, 4, 5, 6], [0] * 7),
+        (StoryboardLayout.of(3, 4, position_mode="last"), [0, 1, 2, 3, 4, 5, 6], [0] * 7),
     ],
     ids=["refs_first", "phase", "neg", "last"],
 )
@@ -76,8 +76,8 @@ def test_fractional_and_negative_positions_rotate_by_position_times_frequency(po
 
 
 def test_phase_changes_only_the_temporal_part_of_condition_tokens():
-    plain = storyboard_rotary_emb(StoryboardLayout(2, 3, "refs_first"), GRID, HEAD_DIM)
-    phased = storyboard_rotary_emb(StoryboardLayout(2, 3, "phase", phase=0.7), GRID, HEAD_DIM)
+    plain = storyboard_rotary_emb(StoryboardLayout.of(2, 3, position_mode="refs_first"), GRID, HEAD_DIM)
+    phased = storyboard_rotary_emb(StoryboardLayout.of(2, 3, position_mode="phase", phase=0.7), GRID, HEAD_DIM)
     t_dim = rope_split(HEAD_DIM)[0]
     condition_tokens = 2 * GRID[0] * GRID[1]
     for a, b in zip(plain, phased, strict=True):

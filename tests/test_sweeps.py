@@ -3,6 +3,7 @@ an evaluation-time member hands to `dreamshot eval`, and a 2-member toy sweep ru
 
 from __future__ import annotations
 
+import csv
 import shlex
 from pathlib import Path
 
@@ -12,10 +13,13 @@ from PIL import Image
 
 from dreamshot.cli import main as cli_main
 from dreamshot.config.load import available_experiments, load_config, load_runs, sweep_members, to_yaml
+from dreamshot.report.build import read_report
 from dreamshot.report.sweep import EVAL_TIME_TAG, is_eval_time, main, sweep_commands
 from dreamshot.utils.errors import ConfigError
 
 DATA = ["data.manifest=/data/storyboards/manifest.jsonl"]
+# A training line is refused without the recipe's data and weights (nothing is read while printing).
+INPUTS = [*DATA, "model.pretrained_path=/data/Wan2.1-T2V-14B-Diffusers"]
 EVAL_TIME = [e for e in available_experiments() if is_eval_time(load_runs(e, DATA)[0])]
 # The tiny Wan for two steps on three 32x48 toy storyboards, scored on two toy stories with one sampler step.
 TINY = [
@@ -50,7 +54,7 @@ def test_the_studies_of_the_paper_are_shipped_at_both_scales():
 @pytest.mark.parametrize("experiment", sorted(set(available_experiments()) - set(EVAL_TIME)))
 def test_training_experiments_launch_one_train_line_per_member(experiment):
     members = list(sweep_members(experiment))
-    commands = sweep_commands(experiment, DATA)
+    commands = sweep_commands(experiment, INPUTS)
     assert [c[:2] for c in commands] == [["train", experiment]] * max(len(members), 1)
     assert [c[c.index("--member") + 1] for c in commands if "--member" in c] == members
 
@@ -118,18 +122,32 @@ def one_thread():
 
 
 def test_a_two_member_toy_sweep_trains_scores_and_reports(tmp_path: Path, monkeypatch, one_thread):
+    """Each member in one process: its own W&B run, its own folder, its own row in the report."""
     monkeypatch.chdir(tmp_path)
-    assert main(["toy_racl_ablation", *TINY, "--eval", "toy"]) == 0
+    tiny_wandb = [item for item in TINY if item != "logger.backend=csv"]
+    assert main(["toy_racl_ablation", *tiny_wandb, "--eval", "toy"]) == 0
     group = tmp_path / "outputs" / "toy_racl_ablation"
+    run_ids, own_val_loss = set(), {}
     for member in ("with_racl", "without_racl"):
         run = load_config(group / member / "config.yaml")
         assert run.logger.group == "toy_racl_ablation" and member in run.tags
         assert (group / member / "lora.safetensors").is_file()
         assert (group / member / "eval" / "toy-r2s" / "results.json").is_file()
+        # The member's own offline W&B run, whose id its folder records.
+        (wandb_run,) = (group / member / "wandb").glob("offline-run-*")
+        run_id = (group / member / "wandb_run_id").read_text().strip()
+        assert wandb_run.name.endswith(f"-{run_id}")
+        run_ids.add(run_id)
+        with open(group / member / "csv" / "version_0" / "metrics.csv") as f:
+            own_val_loss[member] = [float(row["val/loss"]) for row in csv.DictReader(f) if row["val/loss"]][-1]
+    assert len(run_ids) == 2
     assert cli_main(["report", "toy_racl_ablation"]) == 0
     markdown = (group / "report" / "report.md").read_text()
     assert "| with_racl | 0.1 |" in markdown and "| without_racl | 0.0 |" in markdown
     assert "toy_identity_cross" in markdown and "val/racl_in_mask" in markdown
+    table, _ = read_report(group / "report")
+    assert own_val_loss["with_racl"] != own_val_loss["without_racl"]
+    assert {member: table.rows[member]["val/loss"] for member in own_val_loss} == own_val_loss
     for name in ("relative_improvement", "loss_curves", "shot_count"):
         with Image.open(group / "report" / "plots" / f"{name}.png") as image:
             assert image.format == "PNG"

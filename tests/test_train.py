@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from safetensors.torch import load_file
 
 from dreamshot.config.load import load_config
-from dreamshot.training.callbacks import PhaseProgressBar
+from dreamshot.diffusion.conditioning import MODES
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.train import train
 
@@ -51,7 +51,7 @@ def test_checkpoint_holds_only_lora_weights(smoke_run):
     keys = list(ckpt["state_dict"])
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
     assert ckpt["global_step"] == 3 and ckpt["optimizer_states"]
-    assert sum(ckpt["mix_counts"].get(f"mode_{m}", 0) for m in ("t2s", "r2s", "s2s")) == 3
+    assert sum(ckpt["mix_counts"].get(f"mode_{m}", 0) for m in MODES) == 3
 
 
 def test_exported_lora_matches_checkpoint(smoke_run):
@@ -68,6 +68,8 @@ def test_logged_metric_names(smoke_run):
     names = _metric_names(smoke_run)
     assert {"train/loss", "train/loss_fm", "val/loss", "val/loss_fm", "step"} <= names
     assert any(n.startswith("train/count_mode_") for n in names)
+    # Every kind of condition dropout is counted, the joint drop (v_u of Eq. 9) included, even at 0.
+    assert {f"train/count_drop_{kind}" for kind in ("refs", "text", "joint")} <= names
 
 
 def test_role_mask_debug_image_is_written(smoke_run):
@@ -155,11 +157,6 @@ def test_s2s_given_shots_stay_clean_and_out_of_the_loss(smoke_run):
     assert torch.equal(fed[0][:, :, :1], clean[:, :, :1])  # the given shot enters clean
     assert not torch.equal(fed[0][:, :, 1:], clean[:, :, 1:])  # the rest is noised
     assert torch.equal(base, shifted)
-
-
-def test_progress_bar_is_titled_with_the_phase_or_the_data_pass():
-    assert PhaseProgressBar(2)._get_train_description(1).strip() == "phase 2/2"
-    assert PhaseProgressBar(0)._get_train_description(2).strip() == "pass 3"
 
 
 def test_lightning_product_tips_are_dropped_and_other_messages_kept(caplog):

@@ -37,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.member:
-        runs = [load_config(args.experiment, args.overrides, args.member)]
+        runs = [load_config(args.experiment, args.overrides, args.member, require_inputs=True)]
     else:
-        runs = load_runs(args.experiment, args.overrides)
+        runs = load_runs(args.experiment, args.overrides, require_inputs=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for cfg in runs:
         encoded = build_cache(cfg, device, progress=not args.no_progress)

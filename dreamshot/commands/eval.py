@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from dreamshot.config.load import load_config
-from dreamshot.config.schema import EVAL_BENCHMARKS, EVAL_MODES
+from dreamshot.config.schema import EVAL_BENCHMARKS, EVAL_MODES, Config
 from dreamshot.eval.runner import evaluate
 from dreamshot.inference.loading import add_weight_arguments, load_model, resolve_config, run_weights
 from dreamshot.inference.pipeline import StoryboardPipeline
+from dreamshot.training.callbacks import LORA_FILE
 from dreamshot.utils.errors import DataError
 
 
@@ -29,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = add_weight_arguments(parser)
     source.add_argument("--outputs", type=Path, help="score this folder of shots instead of drawing them")
     parser.add_argument("--mode", choices=EVAL_MODES, help="r2s, t2s or s2s (default: eval.mode)")
-    parser.add_argument("--out", type=Path, help="results folder (default: outputs/eval/<benchmark>-<mode>)")
+    parser.add_argument(
+        "--out", type=Path, help="results folder (default: outputs/eval/<run or weights>-<benchmark>-<mode>)"
+    )
     parser.add_argument("--label", help="name of this run's row in the table (default: the weights' name)")
     parser.add_argument("--device", default=None, help="torch device (default: eval.device, else cuda when available)")
 
@@ -43,13 +46,26 @@ def run(args: argparse.Namespace) -> None:
     weights = run_weights(args.run) if args.run else args.lora
     cfg = load_config(args.config, overrides) if args.outputs else resolve_config(weights, args.config, overrides)
     device = torch.device(args.device or cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = args.out or Path("outputs") / "eval" / f"{cfg.eval.benchmark}-{cfg.eval.mode}"
+    out = args.out or Path("outputs") / "eval" / f"{scored_name(args, cfg)}-{cfg.eval.benchmark}-{cfg.eval.mode}"
     label = args.label or _label(args)
     if args.outputs:
         evaluate(cfg, out, device, label, outputs=args.outputs)
         return
     cfg, adapter = load_model(cfg, weights, device)
     evaluate(cfg, out, device, label, pipeline=StoryboardPipeline(adapter, cfg))
+
+
+def scored_name(args: argparse.Namespace, cfg: Config) -> str:
+    """What is scored, for the default results folder: the run's name (`toy_racl_ablation-with_racl`), with a
+    checkpoint's or LoRA file's stem when it is not the run's own `lora` (`demo-step000100`), `base`, or the
+    folder of outputs — so scoring a second checkpoint does not overwrite the first's results."""
+    if args.outputs:
+        return args.outputs.name
+    if args.base:
+        return "base"
+    run = cfg.name.replace("/", "-")
+    stem = Path(args.lora).stem if args.lora else Path(LORA_FILE).stem
+    return run if stem == Path(LORA_FILE).stem else f"{run}-{stem}"
 
 
 def _label(args: argparse.Namespace) -> str:

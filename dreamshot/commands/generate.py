@@ -1,13 +1,16 @@
 """`dreamshot generate STORY [key=value ...] (--run DIR | --lora FILE | --base) --out DIR [--regenerate 3,5]`.
 
 Draws a story's shots into DIR (`shot_01.png` …, `sheet/storyboard.png`, `generation.json`). Config overrides
-come right after STORY. `--regenerate` re-rolls only the listed shots of an earlier run in DIR: every other shot
-is read back from its PNG (which is not rewritten) and given to the model as a clean condition after the
-references.
+may stand anywhere on the line. `--regenerate` re-rolls only the listed shots of an earlier run in DIR: every
+other shot is read back from its PNG (which is not rewritten) and given to the model as a clean condition after
+the references; the re-rolled shots' earlier takes move to `DIR/takes/` (`outputs.py`). Every kept
+shot keeps its story position. A run whose mode mix never trained the condition set a call needs (a re-roll of an
+r2s storyboard needs references and given shots together: `storyboard.modes.r2s_s2s`) is refused with one line
+naming the key, before a model is built.
 
-Precedence: the noise seed is `--seed`, else (re-roll) the previous run's seed + 1, else the story's `seed`,
-else `inference.seed`; the steps are `--steps`, else the story's `steps`, else `inference.steps`; the shot
-size is the story's height/width, else `data.resolution`.
+Precedence (also in `--help`): the noise seed is `--seed`, else (re-roll) the previous run's seed + 1, else the
+story's `seed`, else `inference.seed`; the steps are `--steps`, else the story's `steps`, else
+`inference.steps`; the shot size is the story's height/width, else `data.resolution`.
 
 With `inference.context_parallel.degree=N`, N processes started by torchrun draw the storyboard together, each
 holding 1/N of its tokens (`torchrun --nproc-per-node N -m dreamshot.cli generate STORY
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,29 +30,40 @@ import torch
 from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
+from dreamshot.diffusion.conditioning import check_trained
 from dreamshot.inference.loading import add_weight_arguments, load_model, resolve_config, run_weights
 from dreamshot.inference.outputs import (
+    keep_earlier_takes,
     load_kept_shots,
     read_record,
     save_shots,
     shot_file,
+    shot_takes,
     write_contact_sheet,
     write_record,
 )
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
-from dreamshot.inference.story import Story, load_story, story_request
+from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
 from dreamshot.models.wan.context_parallel import launched_group
 from dreamshot.utils.errors import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("story", type=Path, help="story file (yaml/json): references, shots, previous_shots")
-    parser.add_argument("overrides", nargs="*", help="config overrides right after STORY: key.sub=value")
+    parser.add_argument("overrides", nargs="*", help="config overrides, anywhere on the line: key.sub=value")
     add_weight_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--regenerate", type=shot_list, help="re-roll only these shots (1-based), e.g. 3,5")
-    parser.add_argument("--seed", type=int, help="noise seed (see precedence above)")
-    parser.add_argument("--steps", type=positive_int, help="sampler steps (see precedence above)")
+    parser.add_argument(
+        "--regenerate", type=shot_list, help="re-roll only these shots (1-based), e.g. 3,5; earlier takes go to takes/"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="noise seed (default: with --regenerate the previous seed + 1, else the story's, else inference.seed)",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, help="sampler steps (default: the story's steps, else inference.steps)"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
@@ -72,6 +87,10 @@ def positive_int(text: str) -> int:
 
 def run(args: argparse.Namespace) -> None:
     story = load_story(args.story)
+    for where, tag in unreferenced_roles(story):
+        print(
+            f"dreamshot generate: warning: {story.path}: {where} names {tag}, which no reference shows", file=sys.stderr
+        )
     weights = run_weights(args.run) if args.run else args.lora
     cfg = resolve_config(weights, args.config, args.overrides)
     size = story.size or (cfg.data.resolution[0], cfg.data.resolution[1])
@@ -79,6 +98,7 @@ def run(args: argparse.Namespace) -> None:
     previous = read_record(args.out) if args.regenerate else None
     kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
+    check_trained(cfg.storyboard, request.mode)
 
     device = _device(args.device, cfg.inference.context_parallel.degree)
     with launched_group(cfg.inference.context_parallel, device, "inference.context_parallel") as group:
@@ -92,9 +112,14 @@ def run(args: argparse.Namespace) -> None:
         return
 
     args.out.mkdir(parents=True, exist_ok=True)
+    takes = shot_takes(previous, len(story.shots))
+    if previous is not None:
+        takes = keep_earlier_takes(args.out, targets, takes)
     save_shots(args.out, targets, result.images)
-    sheet = write_contact_sheet(args.out, story, size)
-    record = _record(story, cfg, result, weights, targets, kept, size)
+    weights_label = str(weights) if weights else "base model (no LoRA)"
+    title = f"{result.mode} · seed {result.seed} · {len(result.step_seconds)} steps · weights {weights_label}"
+    sheet = write_contact_sheet(args.out, story, size, title, takes)
+    record = _record(story, cfg, result, weights, targets, kept, size, takes)
     write_record(args.out, record, previous)
     drawn = ", ".join(map(str, targets))
     print(
@@ -137,6 +162,7 @@ def _record(
     targets: list[int],
     kept: list[int],
     size: tuple[int, int],
+    takes: dict[int, int],
 ) -> dict:
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -149,7 +175,7 @@ def _record(
         "drawn_shots": targets,
         "kept_shots": kept,
         "shots": [
-            {"index": n, "file": shot_file(n), "annotation": shot.annotation}
+            {"index": n, "file": shot_file(n), "annotation": shot.annotation, "take": takes[n]}
             for n, shot in enumerate(story.shots, start=1)
         ],
         "references": [{**asdict(ref), "image": str(ref.image)} for ref in story.references],

@@ -3,19 +3,24 @@
 GROUP is an experiment name, whose runs are the folders in `<root>/<GROUP>/` (a sweep's members, or the
 evaluations of an evaluation-time sweep), or a folder of run folders. Given RUN_DIRs, those runs are compared
 instead and GROUP only names the report. Each run contributes its `results.json` values (`dreamshot eval`)
-and its last validation metrics (val/loss, val/racl_in_mask, val/racl_confusion, from its CSV or offline W&B
-logs). Writes report.md, report.csv, report.json and plots/*.png into `<group folder>/report` (or --out), and
-logs the table and plots to W&B when the runs' W&B mode (WANDB_MODE, else their logger.mode) is online.
+and its last validation metrics (val/loss, val/racl_in_mask, val/racl_confusion, from the CSV logs every run
+writes, W&B or not). Runs that share a name (one experiment run with different settings) are named by the
+config values that differ. A sweep member without a folder and a run without any metric are warnings on stderr
+and notes under the table. Writes report.md, report.csv, report.json and plots/*.png into
+`<group folder>/report` (or --out), and logs the table and plots to W&B when the runs' W&B mode (WANDB_MODE,
+else their logger.mode) is online.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from dreamshot.config.load import available_experiments, sweep_members
 from dreamshot.report.build import write_report
 from dreamshot.report.runs import RunRecord, find_runs, read_runs
+from dreamshot.report.table import missing_data
 from dreamshot.report.wandb_log import log_report, wandb_setting
 
 REPORT_DIR = "report"
@@ -39,7 +44,10 @@ def run(args: argparse.Namespace) -> None:
     runs = _in_member_order(read_runs(args.runs or find_runs(folder), members), list(members))
     baseline = args.baseline or default_baseline(runs, list(members))
     out = args.out or folder / REPORT_DIR
-    report = write_report(name, runs, out, baseline)
+    notes = missing_data(runs, [] if args.runs else list(members))
+    for note in notes:
+        print(f"dreamshot report: warning: {note}", file=sys.stderr)
+    report = write_report(name, runs, out, baseline, notes)
     project, mode = wandb_setting(runs)
     if mode == "online":
         log_report(report, project, mode, out)

@@ -1,22 +1,38 @@
-"""`dreamshot train EXPERIMENT [key=value ...]`: one run, or every member of a sweep one after another."""
+"""`dreamshot train EXPERIMENT [key=value ...]`: one run, or every member of a sweep one after another.
+
+Every run's config is composed and checked before torch, diffusers or Lightning is imported, so a typo or a
+missing input costs a second, not the imports.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
+from pathlib import Path
 
-from dreamshot.config.load import available_experiments, load_config, load_runs, sweep_members
+from dreamshot.config.load import (
+    EVAL_TIME_TAG,
+    available_experiments,
+    describe_curriculum,
+    is_eval_time,
+    load_config,
+    load_runs,
+    sweep_members,
+)
 from dreamshot.config.schema import Config
-from dreamshot.training.callbacks import SUMMARY_FILE
-from dreamshot.training.train import train
+from dreamshot.utils.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "experiment", help=f"a name in experiments/ ({', '.join(available_experiments())}) or a yaml path"
     )
-    parser.add_argument("overrides", nargs="*", help="config overrides: key.sub=value, or group=option (model=wan14b)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides, anywhere on the line: key.sub=value, list.0.key=value, or group=option (model=wan14b)",
+    )
     parser.add_argument("--member", help="train only this member of a sweep experiment")
     parser.add_argument(
         "--print-commands",
@@ -26,27 +42,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    runs = training_runs(args.experiment, args.overrides, args.member)
     if args.print_commands:
-        for line in launch_lines(args.experiment, args.overrides):
+        for line in launch_lines(args.experiment, args.overrides, args.member):
             print(line)
         return
-    if args.member:
-        runs = [load_config(args.experiment, args.overrides, args.member)]
-    else:
-        runs = load_runs(args.experiment, args.overrides)
+    from dreamshot.training.train import train  # imported once every config is known to be good
+
     for cfg in runs:
+        print(f"{cfg.name}: {describe_curriculum(cfg)}", flush=True)
         report(cfg, train(cfg))
 
 
-def launch_lines(experiment: str, overrides: list[str]) -> list[str]:
-    """`dreamshot train` command lines, one per run of the experiment."""
-    load_runs(experiment, overrides)  # fail here, not on the cluster
+def training_runs(experiment: str, overrides: list[str], member: str | None = None) -> list[Config]:
+    """The configs to train, with their data and weights required; an evaluation-time experiment is refused."""
+
+    def load(require_inputs: bool) -> list[Config]:
+        if member:
+            return [load_config(experiment, overrides, member, require_inputs)]
+        return load_runs(experiment, overrides, require_inputs)
+
+    # Looked at first: an evaluation-time experiment may leave the training data unset, and that is not its fault.
+    if is_eval_time(load(require_inputs=False)[0]):
+        name = Path(experiment).stem
+        raise ConfigError(
+            f"{name} is an evaluation-time experiment (tag {EVAL_TIME_TAG}): training its members would give "
+            f"identical LoRAs; score a trained run with `make sweep SWEEP={name} CKPT=<run folder>`"
+        )
+    return load(require_inputs=True)
+
+
+def launch_lines(experiment: str, overrides: list[str], member: str | None = None) -> list[str]:
+    """`dreamshot train` command lines, one per run of the experiment (or of `member`)."""
     base = ["dreamshot", "train", experiment, *overrides]
-    members = sweep_members(experiment)
+    members = [member] if member else list(sweep_members(experiment))
     return [shlex.join([*base, "--member", m]) for m in members] or [shlex.join(base)]
 
 
-def report(cfg: Config, out) -> None:
+def report(cfg: Config, out: Path) -> None:
+    from dreamshot.training.callbacks import SUMMARY_FILE  # training has imported it already
+
     summary = json.loads((out / SUMMARY_FILE).read_text())
     print(f"\n{cfg.name}: {summary['steps']} steps")
     if "loss_start" in summary:

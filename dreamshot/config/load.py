@@ -10,13 +10,25 @@ Order (later wins):
   5. `key.sub=value` overrides from the command line.
 Every merge is checked against the schema, so an unknown key or a wrong type fails naming the key and the file.
 
+Overrides (a sweep member's, then the command line's) may index into lists: `curriculum.0.steps=15`. On a
+curriculum, the overrides decide the run's length: a `trainer.max_steps` among them scales every phase to it
+(each phase keeps its share of the steps, at least one; `fit_curriculum`), and a curriculum changed without a
+`trainer.max_steps` sets it to the new total. In the files themselves the two must agree.
+
 An experiment may define a `sweep:` — named members, each a list of `key=value` overrides. Its runs share the
-experiment's W&B group; member m is named `<experiment>/<m>` and tagged with m. `load_runs` gives every
-member's config, `load_config(..., member=m)` one of them.
+experiment's W&B group; member m is named `<experiment>/<m>`, tagged with m, and writes into
+`<output_dir>/<m>` unless output_dir names it already (`${name}`, as the default `outputs/${name}` =
+`outputs/<experiment>/<m>` does, or a last folder called m), so members never share a folder. `load_runs`
+gives every member's config, `load_config(..., member=m)` one of them.
+
+A config can be composed for a command that only reads it (`dreamshot plan`, reports) with placeholders
+(`???`, e.g. `data.manifest` of `data=manifest`) left unset and no weights; a command that trains asks for
+`require_inputs=True`, which refuses both (`raise_unset`, `check_weights`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,7 +37,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dreamshot.config.schema import Config
+from dreamshot.config.schema import Config, ModelConfig, PhaseConfig
 from dreamshot.utils.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +46,12 @@ EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 GROUPS = ("model", "data", "trainer", "logger")
 # Keys of an experiment file that steer composition rather than set config values.
 _META_KEYS = ("extends", "groups", "sweep")
+# Experiments tagged so train nothing: their members score a trained run (`dreamshot.report.sweep`).
+EVAL_TIME_TAG = "eval_time"
+# Shipped model options that are full-size Wan checkpoints, and the DiT size (parameters, roughly) above which any
+# other model counts as one: without model.pretrained_path it would train from random weights for hours.
+FULL_SIZE_MODELS = ("wan1_3b", "wan14b")
+FULL_SIZE_PARAMETERS = 100e6
 
 
 def available_experiments() -> list[str]:
@@ -44,12 +62,12 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def load_runs(experiment: str | Path, overrides: list[str] | None = None) -> list[Config]:
-    """The configs of an experiment's runs: one, or one per sweep member."""
+def load_runs(experiment: str | Path, overrides: list[str] | None = None, require_inputs: bool = False) -> list[Config]:
+    """The configs of an experiment's runs: one, or one per sweep member (`require_inputs`: see `load_config`)."""
     members = sweep_members(experiment)
     if not members:
-        return [load_config(experiment, overrides)]
-    return [load_config(experiment, overrides, member) for member in members]
+        return [load_config(experiment, overrides, require_inputs=require_inputs)]
+    return [load_config(experiment, overrides, member, require_inputs) for member in members]
 
 
 def sweep_members(experiment: str | Path) -> dict[str, list[str]]:
@@ -61,11 +79,15 @@ def sweep_members(experiment: str | Path) -> dict[str, list[str]]:
 
 
 def load_config(
-    experiment: str | Path | None = None, overrides: list[str] | None = None, member: str | None = None
+    experiment: str | Path | None = None,
+    overrides: list[str] | None = None,
+    member: str | None = None,
+    require_inputs: bool = False,
 ) -> Config:
     """The typed, validated config of an experiment (a name in `experiments/` or a yaml path).
 
     For a sweep experiment, `member` names the run (its overrides apply before the command line's).
+    `require_inputs`: the config is for a run that reads data and weights (`raise_unset`, `check_weights`).
     """
     members = sweep_members(experiment) if experiment else {}
     if members and member not in members:
@@ -85,23 +107,166 @@ def load_config(
     if chain:
         cfg.name = chain[-1][0].stem
     for group, option in groups.items():
-        cfg = merge_checked(cfg, {group: read_yaml(_group_file(group, option))}, _group_file(group, option))
+        cfg = merge_layer(cfg, {group: read_yaml(_group_file(group, option))}, _group_file(group, option))
     for path, body in chain:
-        cfg = merge_checked(cfg, {k: v for k, v in body.items() if k not in _META_KEYS}, path)
+        cfg = merge_layer(cfg, {k: v for k, v in body.items() if k not in _META_KEYS}, path)
     local = Path(os.environ.get("DREAMSHOT_LOCAL_CONFIG", CONF_DIR / "local.yaml"))
     if local.is_file():
-        cfg = merge_checked(cfg, read_yaml(local), local)
+        cfg = merge_layer(cfg, read_yaml(local), local)
     if members:
         stem = chain[-1][0].stem
         sweep = {"name": f"{stem}/{member}", "tags": [*cfg.tags, member], "logger": {"group": stem}}
         cfg = merge_checked(cfg, sweep, f"sweep member {member!r}")
-    cfg = merge_checked(cfg, OmegaConf.from_dotlist(dotlist), "command line")
+    cfg = apply_overrides(cfg, dotlist)
+    output_dir = cfg._get_node("output_dir")._value()  # unresolved: does it name the run (`${name}`)?
+    if members and "${name}" not in output_dir and Path(output_dir).name != member:
+        cfg.output_dir = f"{output_dir}/{member}"
+    unset = sorted(OmegaConf.missing_keys(cfg))
+    if require_inputs and unset:
+        raise_unset(unset[0])
+    defaults = OmegaConf.structured(Config)
+    for key in unset:  # a command that only reads the config sees the schema default
+        OmegaConf.update(cfg, key, OmegaConf.select(defaults, key))
     try:
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config: {describe_error(e)}") from None
+    overridden = {item.split("=", 1)[0] for item in dotlist}
+    fit_curriculum(config, "trainer.max_steps" in overridden, any(_under("curriculum", k) for k in overridden))
     config.validate()
+    if require_inputs:
+        check_weights(config.model)
     return config
+
+
+def apply_overrides(cfg: DictConfig, dotlist: list[str]) -> DictConfig:
+    """Apply `key=value` overrides in order (values read as yaml); a key may index a list (`curriculum.0.steps`)."""
+    for item in dotlist:
+        key = item.split("=", 1)[0]
+        _check_indices(cfg, key)
+        try:
+            cfg.merge_with_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"command line: {item}: {describe_error(e)}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"command line: {item}: the value is not valid yaml ({str(e).splitlines()[0]})") from None
+    return cfg
+
+
+def _check_indices(cfg: DictConfig, key: str) -> None:
+    """Every list index in the dotted `key` is a number within its list (omegaconf's own errors do not say so)."""
+    node, path = cfg, []
+    for part in key.split("."):
+        if OmegaConf.is_list(node):
+            if not part.isdigit() or int(part) >= len(node):
+                where = ".".join(path)
+                raise ConfigError(
+                    f"command line: {key}: {where} is a list of {len(node)}, index it with 0..{len(node) - 1}"
+                    if len(node)
+                    else f"command line: {key}: {where} is an empty list; set it whole ({where}=[...])"
+                )
+            node = node[int(part)]
+        elif OmegaConf.is_dict(node) and part in node:
+            node = node._get_node(part)  # no interpolation is resolved while walking
+        else:
+            return  # an unknown key: the merge names it
+        path.append(part)
+
+
+def _under(section: str, key: str) -> bool:
+    return key == section or key.startswith(f"{section}.")
+
+
+def fit_curriculum(config: Config, max_steps_given: bool, curriculum_given: bool) -> None:
+    """Make `trainer.max_steps` and the curriculum agree when the overrides changed one of them (in place).
+
+    A given `trainer.max_steps` scales the phases to it; a curriculum changed without it sets `trainer.max_steps`
+    to the curriculum's total. Otherwise (or with a phase of fewer than one step) nothing changes, and
+    `Config.validate` refuses a mismatch.
+    """
+    phases = config.curriculum
+    if not phases or any(phase.steps < 1 for phase in phases):
+        return
+    if max_steps_given:
+        config.curriculum = scale_phases(phases, config.trainer.max_steps)
+    elif curriculum_given:
+        config.trainer.max_steps = sum(phase.steps for phase in phases)
+
+
+def scale_phases(phases: list[PhaseConfig], total: int) -> list[PhaseConfig]:
+    """The phases with their steps rescaled to sum to `total`: each keeps its share (rounded down, the steps left
+    go to the phases that lost the most), and at least one step."""
+    if total < len(phases):
+        raise ConfigError(f"trainer.max_steps={total} is shorter than the curriculum's {len(phases)} phases")
+    old = sum(phase.steps for phase in phases)
+    exact = [phase.steps * total / old for phase in phases]
+    steps = [max(1, math.floor(share)) for share in exact]
+    while sum(steps) != total:
+        if sum(steps) < total:
+            i = max(range(len(steps)), key=lambda j: exact[j] - steps[j])
+            steps[i] += 1
+        else:  # the one-step floor took more than the shares allow: take from the longest phase
+            steps[max(range(len(steps)), key=lambda j: steps[j])] -= 1
+    return [PhaseConfig(n, list(phase.resolution), phase.use_racl) for phase, n in zip(phases, steps, strict=True)]
+
+
+def describe_curriculum(config: Config) -> str:
+    """One line: the run's steps and, per phase, steps, resolution and loss (printed when a run starts)."""
+    phases = config.phases()
+    parts = []
+    for i, phase in enumerate(phases):
+        weight = config.racl_weight(i)
+        loss = f"L_FM + {weight:g}·L_RACL" if weight > 0 else "L_FM"
+        height, width = phase.resolution
+        parts.append(f"phase {i + 1}: {phase.steps} step{'s' * (phase.steps != 1)} at {height}x{width}, {loss}")
+    rule = " (trainer.max_steps, split by the phases' shares)" if config.curriculum else ""
+    return f"{config.trainer.max_steps} steps{rule}; " + "; ".join(parts)
+
+
+def raise_unset(key: str) -> None:
+    """A placeholder (`???`) that no layer set, for a run that needs it."""
+    raise ConfigError(
+        f"{key} is not set (the config leaves it to you, `???`): pass {key}=... on the command line, "
+        f"or put `{_nested_yaml(key, '...')}` in conf/local.yaml"
+    )
+
+
+def check_weights(model: ModelConfig) -> None:
+    """A full-size model needs its weights: `model.pretrained_path`, or `model.random_init=true` on purpose."""
+    if model.pretrained_path is not None or model.random_init or not is_full_size(model):
+        return
+    raise ConfigError(
+        f"model.pretrained_path is not set for the full-size model {model.name!r} (~{dit_parameters(model) / 1e9:.1f}B "
+        "DiT parameters): point it at a local diffusers-format Wan2.1 folder, e.g. "
+        f"`{_nested_yaml('model.pretrained_path', '/data/Wan2.1-T2V-14B-Diffusers')}` in conf/local.yaml "
+        "(model.random_init=true trains random weights on purpose)"
+    )
+
+
+def is_full_size(model: ModelConfig) -> bool:
+    return model.name in FULL_SIZE_MODELS or dit_parameters(model) >= FULL_SIZE_PARAMETERS
+
+
+def dit_parameters(model: ModelConfig) -> float:
+    """Rough DiT size from its dimensions: per block, self- and cross-attention (8·d²) and the FFN (2·d·ffn).
+    The planner counts exactly (`dreamshot plan`), but builds the model; this needs no torch."""
+    t = model.transformer
+    dim = t.num_attention_heads * t.attention_head_dim
+    return t.num_layers * (8 * dim * dim + 2 * dim * t.ffn_dim)
+
+
+def _nested_yaml(key: str, value: str) -> str:
+    """`a.b` -> `a: {b: value}` (how the key is written in a yaml file)."""
+    parts = key.split(".")
+    text = f"{parts[-1]}: {value}"
+    for part in reversed(parts[:-1]):
+        text = f"{part}: {{{text}}}"
+    return text
+
+
+def is_eval_time(config: Config) -> bool:
+    """An evaluation-time experiment: its members score a trained run and train nothing."""
+    return EVAL_TIME_TAG in config.tags
 
 
 def to_yaml(config: Config) -> str:
@@ -184,6 +349,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return body
+
+
+def merge_layer(cfg: DictConfig, body: dict[str, Any], source: Path) -> DictConfig:
+    """Merge one yaml file; its `???` placeholders unset their keys (omegaconf's merge would keep the value
+    below), so a value the user must give stays visibly missing until a later layer gives it."""
+    cfg = merge_checked(cfg, body, source)
+    for key in OmegaConf.missing_keys(OmegaConf.create(body)):
+        OmegaConf.update(cfg, key, "???")
+    return cfg
 
 
 def merge_checked(cfg: DictConfig, update: Any, source: Path | str) -> DictConfig:

@@ -7,10 +7,9 @@ The structured schema makes omegaconf reject unknown keys and wrong types; cross
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
-from dreamshot.models.layout import POSITION_MODES
 from dreamshot.utils.errors import ConfigError
 
 
@@ -74,7 +73,12 @@ class ModelConfig:
     name: str = "tiny"
     # Local diffusers-format Wan2.1 directory (transformer/ vae/ text_encoder/ tokenizer/). None: random init.
     pretrained_path: str | None = None
-    # Tokens per text (shot annotation or role prompt); Wan itself uses 512.
+    # Train or draw a full-size model (wan1_3b, wan14b, any DiT over ~100M parameters) from random weights on
+    # purpose (benchmarks); otherwise such a model without pretrained_path is refused before anything is built.
+    random_init: bool = False
+    # Tokens per text (shot annotation or role prompt), zero-padded. Wan2.1 was trained with 512 and attends to
+    # the padding (unmasked), so with pretrained weights a shorter text_len is cheaper but changes the outputs:
+    # model=wan1_3b / wan14b keep 512.
     text_len: int = 32
     # Parameter dtype of the frozen parts: float32 | bfloat16.
     dtype: str = "float32"
@@ -139,25 +143,41 @@ class DiffusionConfig:
 
 @dataclass
 class ModeMixConfig:
-    """Probability of each training mode per batch (DESIGN §2 "Modes"); they must sum to 1."""
+    """Probability of each training mode per batch (DESIGN §2 "Modes"); they must sum to 1. Inference refuses a
+    condition set the mix never trains (dreamshot/diffusion/conditioning.py: `check_trained`)."""
 
     t2s: float = 0.2
-    r2s: float = 0.6
-    s2s: float = 0.2
+    r2s: float = 0.5
+    s2s: float = 0.15
+    # References and the first m shots together: a story with references and previous shots, or a re-roll of
+    # shots of an r2s storyboard (`dreamshot generate --regenerate`), conditions on both.
+    r2s_s2s: float = 0.15
+
+
+# Storyboard RoPE layouts (paper Tab. 3), built by dreamshot/models/layout.py.
+POSITION_MODES = ("refs_first", "phase", "neg", "last")
 
 
 @dataclass
 class StoryboardConfig:
     """How a storyboard becomes one DiT sequence: positions, training modes, condition dropout."""
 
-    # refs_first | phase | neg | last (paper Tab. 3).
+    # refs_first | phase | neg | last (paper Tab. 3; dreamshot/models/layout.py).
     layout: str = "refs_first"
     # `phase` layout: angle (radians) added to reference tokens' temporal rotation (the paper does not give it).
     phase: float = 1.5707963267948966
-    # `neg` layout: references take positions -K-offset..-1-offset.
-    neg_offset: float = 0.0
+    # `neg` layout (Neg-Pos, "shifts the effective positional index backward"): shots keep their story positions
+    # 0..N-1 and the K references take -K-g..-1-g, g = this gap of empty positions. g = 0 would be `refs_first`
+    # moved by -K, which RoPE cannot tell apart (it sees only differences). The paper does not give g; 4 keeps
+    # the farthest reference-to-shot distance of the longest training storyboards (4 references, 12 shots: 19)
+    # inside the 21 latent frames of Wan2.1's 81-frame pretraining clips.
+    neg_offset: float = 4.0
     modes: ModeMixConfig = field(default_factory=ModeMixConfig)
-    # Probability that a batch with references trains without them (the v_u branch of Eq. 9).
+    # Probability that a batch drops every condition frame and every shot text together (negative prompt): it
+    # trains v_u of Eq. 9. With the default mix, 0.08 gives v_u about 10% of the samples (t2s batches whose texts
+    # are dropped add ~2.5%), the share of usual classifier-free guidance training.
+    drop_joint: float = 0.08
+    # Probability that a batch with references trains without them, shot texts kept (r2s as t2s, r2s_s2s as s2s).
     drop_refs: float = 0.1
     # Probability that a sample's shot texts are replaced by the negative prompt (the v_r branch of Eq. 9).
     drop_text: float = 0.1
@@ -174,7 +194,8 @@ class RaclConfig:
     blocks: list[int] | None = None
     # A token belongs to a role where the role's mask covers at least this share of its 16x16 pixel cell.
     mask_threshold: float = 0.5
-    # Shots where a role is absent push its map towards zero.
+    # Shots where a role is absent push the role's attention mass on them (softmax over all keys) towards zero, by
+    # BCE against 0; the max-scaled map of the other terms cannot approach an all-zero label.
     absent_negative: bool = False
     # Log the role-attention diagnostic (in-mask share, confusion) in validation, whatever the weight.
     diagnostic: bool = True
@@ -199,7 +220,28 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_steps: int = 0
+    # Learning rate after the warm-up: constant | linear | cosine, the last two decaying from lr to
+    # min_lr_ratio·lr at trainer.max_steps.
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    # Exponential moving average of the LoRA weights, updated every optimizer step (0: off; e.g. 0.999). On, the
+    # run's LoRA files hold the averaged weights; checkpoints keep both (resume continues the average).
+    ema_decay: float = 0.0
+
+
+@dataclass
+class SampleConfig:
+    """A storyboard drawn during training with the weights being trained: a contact sheet under
+    `<output_dir>/samples/`, logged to W&B as `samples/storyboard`."""
+
+    # Every n optimizer steps (0: never).
+    every_n_steps: int = 0
+    # Story file to draw (the format of `dreamshot generate`). None: the first validation storyboard, from its
+    # references and annotations (r2s), drawn above its ground-truth shots.
+    story: str | None = None
+    # Sampler steps (few: it runs inside training).
+    steps: int = 8
 
 
 # Lightning strategies a run can use (dreamshot/training/strategy.py builds them).
@@ -240,15 +282,19 @@ class TrainerConfig:
     # torch.compile the DiT blocks (a block capturing role attention runs eagerly for that call): fuses their
     # elementwise work; the first steps pay the compilation, and a new storyboard shape may compile once more.
     compile_blocks: bool = False
+    # Log metrics every n optimizer steps; when stdout is not a terminal, also print a progress line.
     log_every_n_steps: int = 10
     # Save a checkpoint every n optimizer steps (and at the end).
     checkpoint_every_n_steps: int = 50
+    # Keep only the newest n step checkpoints (`last.ckpt` is kept too). None: keep every one.
+    keep_last_checkpoints: int | None = None
     val_check_interval: int = 50
     accumulate_grad_batches: int = 1
     # Resume from this checkpoint (a file written by a previous run).
     ckpt_path: str | None = None
     # Steps with a non-finite loss or gradient that may be skipped (no update) before the run stops.
     max_nonfinite_steps: int = 0
+    sample: SampleConfig = field(default_factory=SampleConfig)
     # Split one storyboard's sequence over a group of processes (needs a strategy in CONTEXT_PARALLEL_STRATEGIES).
     # Data and per-step randomness then follow the data-parallel rank: the degree processes of a group train on
     # the same storyboard.
@@ -436,7 +482,9 @@ class Config:
     name: str = "run"
     tags: list[str] = field(default_factory=list)
     seed: int = 0
-    # Run outputs: checkpoints, LoRA, logs, toy data. Relative paths are relative to the working directory.
+    # Run outputs: checkpoints, LoRA, logs, toy data. Relative paths are relative to the working directory. A sweep
+    # member writes into `<output_dir>/<member>` unless output_dir names it already (`${name}`, as the default
+    # does, or a last folder named after the member).
     output_dir: str = "outputs/${name}"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -444,6 +492,8 @@ class Config:
     storyboard: StoryboardConfig = field(default_factory=StoryboardConfig)
     racl: RaclConfig = field(default_factory=RaclConfig)
     # Training phases run in order inside one run. Empty: one phase, data.resolution, racl.weight, trainer.max_steps.
+    # With phases, `trainer.max_steps=N` on the command line scales every phase to N steps in all (each keeps its
+    # share), and `curriculum.0.steps=N` alone sets trainer.max_steps to the new total; files must agree.
     curriculum: list[PhaseConfig] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -491,6 +541,7 @@ class Config:
         _check_curriculum(self)
         _check_trainer(self.trainer)
         _check_context_parallel(self)
+        _check_schedule_averaging_samples(self)
         if self.diffusion.shift <= 0:
             raise ConfigError(f"diffusion.shift must be > 0, got {self.diffusion.shift}")
         if self.data.toy.min_shots < 1 or self.data.toy.min_shots > self.data.toy.max_shots:
@@ -565,6 +616,28 @@ def _check_context_parallel(cfg: Config) -> None:
                 )
 
 
+def _check_schedule_averaging_samples(cfg: Config) -> None:
+    optim, trainer, sample = cfg.optim, cfg.trainer, cfg.trainer.sample
+    _check_choice(optim.schedule, ("constant", "linear", "cosine"), "optim.schedule")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}")
+    if not 0 <= optim.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0: off), got {optim.ema_decay}")
+    keep = trainer.keep_last_checkpoints
+    if keep is not None and keep < 1:
+        raise ConfigError(f"trainer.keep_last_checkpoints must be >= 1 (None: keep all), got {keep}")
+    if sample.every_n_steps < 0 or sample.steps < 1:
+        raise ConfigError("trainer.sample.every_n_steps must be >= 0 (0: never) and trainer.sample.steps >= 1")
+    if sample.every_n_steps and sample.story is None and cfg.data.val_groups < 1:
+        raise ConfigError("trainer.sample draws the first validation storyboard: set data.val_groups >= 1 or a story")
+    if trainer.strategy == "deepspeed_stage_3":
+        # A ZeRO-3 rank holds a flat shard of each weight (no average to keep of it), and a forward on rank 0 alone
+        # would wait for the others to gather the weights.
+        for key, on in (("optim.ema_decay", optim.ema_decay), ("trainer.sample.every_n_steps", sample.every_n_steps)):
+            if on:
+                raise ConfigError(f"{key} is not supported with trainer.strategy=deepspeed_stage_3")
+
+
 def _check_sizes(size: list[int], key: str, multiple: int) -> None:
     if len(size) != 2 or any(s <= 0 or s % multiple for s in size):
         raise ConfigError(f"{key} must be [height, width], positive multiples of {multiple}; got {list(size)}")
@@ -576,13 +649,14 @@ def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
 
 
 def _check_probabilities(storyboard: StoryboardConfig) -> None:
-    modes = storyboard.modes
-    weights = {"t2s": modes.t2s, "r2s": modes.r2s, "s2s": modes.s2s}
+    weights = asdict(storyboard.modes)
     if any(p < 0 for p in weights.values()) or abs(sum(weights.values()) - 1) > 1e-6:
         raise ConfigError(f"storyboard.modes must be non-negative and sum to 1, got {weights}")
-    for key in ("drop_refs", "drop_text"):
+    for key in ("drop_joint", "drop_refs", "drop_text"):
         if not 0 <= getattr(storyboard, key) <= 1:
             raise ConfigError(f"storyboard.{key} must be in [0, 1], got {getattr(storyboard, key)}")
+    if storyboard.neg_offset < 0:
+        raise ConfigError(f"storyboard.neg_offset (the gap before the shots) must be >= 0, got {storyboard.neg_offset}")
 
 
 def _check_racl(cfg: Config) -> None:

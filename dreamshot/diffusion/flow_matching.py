@@ -48,21 +48,20 @@ def frame_masked_mse(pred: torch.Tensor, target: torch.Tensor, frames: torch.Ten
     return diff.pow(2).mean()
 
 
-def token_timesteps(t: torch.Tensor, target_frames: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
-    """Per-token DiT timesteps: `t·1000` on noised frames' tokens, 0 on clean frames' tokens.
+def frame_timesteps(t: torch.Tensor, target_frames: torch.Tensor) -> torch.Tensor:
+    """Per-frame DiT timesteps: `t·1000` on noised frames, 0 on clean frames. Every token of a frame shares its
+    frame's timestep (diffusers' per-token timestep, stored once per frame; the forward broadcasts it).
 
-    t: (B,); target_frames: (F,) bool in sequence order. Returns (B, F·tokens_per_frame), frame-major like
-    Wan's token order.
+    t: (B,); target_frames: (F,) bool in sequence order. Returns (B, F).
     """
-    per_frame = t[:, None] * target_frames.to(t)[None, :] * NUM_TRAIN_TIMESTEPS
-    return per_frame.repeat_interleave(tokens_per_frame, dim=1)
+    return t[:, None] * target_frames.to(t)[None, :] * NUM_TRAIN_TIMESTEPS
 
 
-def dit_timesteps(t: torch.Tensor, target_frames: torch.Tensor, tokens_per_frame: int, per_token: bool) -> torch.Tensor:
-    """What the DiT is fed: per token (`token_timesteps`, clean frames at 0) or one `t·1000` per sample.
+def dit_timesteps(t: torch.Tensor, target_frames: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """What the DiT is fed: per token (`frame_timesteps`: clean frames at 0) or one `t·1000` per sample.
 
-    t: (B,); target_frames: (F,) bool. Returns (B, F·tokens_per_frame) or (B,).
+    t: (B,); target_frames: (F,) bool. Returns (B, F) or (B,).
     """
     if per_token:
-        return token_timesteps(t, target_frames.to(t.device), tokens_per_frame)
+        return frame_timesteps(t, target_frames.to(t.device))
     return t * NUM_TRAIN_TIMESTEPS

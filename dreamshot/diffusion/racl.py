@@ -8,12 +8,24 @@ keys are the S tokens of that shot. For source p and target j the role-attention
     A_{p→j} = mean_{i ∈ Q_p} softmax_{keys of shot j}( mean_heads(q_i · k / √d) )        (S,)
 
 and it is compared, scaled to [0, 1] by its maximum, with the role's token mask in shot j by binary
-cross-entropy. Only the |Q| rows of the role query tokens are ever formed, one target shot at a time.
+cross-entropy. Only the |Q| rows of the role query tokens are ever formed, one target shot at a time, in
+float32 (|Q| rows only, so cheap; bf16 logits would carry ~1% relative error into the softmax).
+
+A role absent from shot j has an all-zero label, which the max-scaled map cannot approach (a map that sums to 1
+over shot j, scaled by its maximum, is minimised by a one-hot). So with `racl.absent_negative` the absent-role
+term penalises the attention mass instead: the share of the role's attention, softmax over ALL T keys, that
+lands on shot j,
+
+    m_{p→j} = mean_{i ∈ Q_p} Σ_{k ∈ shot j} softmax_{all keys}( mean_heads(q_i · k / √d) )[k]        (scalar)
+
+by BCE against 0, −log(1 − m): its gradient always moves attention away from the shot. This needs the
+log-sum-exp of the role rows over the other frames too (one more chunk per frame that is not a target).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,16 +50,17 @@ class RolePlan:
     target_tokens: (N, S) long — sequence indices of each target shot's tokens.
     target_masks: (P, N, S) float — role r's token mask in target shot j (the BCE label).
     other_masks: (P, N, S) float — the other roles' tokens in shot j (for the confusion diagnostic).
-    loss_pairs: (P, N) bool — pairs that enter the loss.
-    present_pairs: (P, N) bool — pairs whose role is visible in the target shot (for the diagnostic).
+    present_pairs: (P, N) bool — pairs whose role is visible in the target shot: the map BCE and the diagnostic.
+    absent_pairs: (P, N) bool — pairs whose role is absent from the target shot, penalised through the
+        attention mass (all False unless `absent_negative`).
     """
 
     source_weights: torch.Tensor
     target_tokens: torch.Tensor
     target_masks: torch.Tensor
     other_masks: torch.Tensor
-    loss_pairs: torch.Tensor
     present_pairs: torch.Tensor
+    absent_pairs: torch.Tensor
 
 
 def build_role_plan(frame_masks: torch.Tensor, target_frames: torch.Tensor, absent_negative: bool = False) -> RolePlan:
@@ -55,8 +68,8 @@ def build_role_plan(frame_masks: torch.Tensor, target_frames: torch.Tensor, abse
 
     frame_masks: (F, R, S) bool — role r's tokens in frame f, frames in sequence order (all-False where absent).
     target_frames: (F,) bool — the noised shots.
-    A source never targets its own frame. A role absent from a target shot enters the loss (label all zero)
-    only with `absent_negative`.
+    A source never targets its own frame. A role absent from a target shot enters the loss (through its
+    attention mass) only with `absent_negative`.
     """
     frames, roles, tokens = frame_masks.shape
     present = frame_masks.any(-1)  # (F, R)
@@ -80,57 +93,104 @@ def build_role_plan(frame_masks: torch.Tensor, target_frames: torch.Tensor, abse
         target_tokens=token_index[targets],
         target_masks=target_masks,
         other_masks=other_masks,
-        loss_pairs=not_self & (role_in_target | absent_negative),
         present_pairs=not_self & role_in_target,
+        absent_pairs=not_self & ~role_in_target & absent_negative,
     )
 
 
-def role_attention_maps(
-    query: torch.Tensor, key: torch.Tensor, source_weights: torch.Tensor, target_tokens: torch.Tensor
-) -> torch.Tensor:
-    """Attention of each source's query tokens over each target shot, averaged as in Eq. 5.
+class RoleAttention(NamedTuple):
+    """The role-attention maps (P, N, S) of one sample and, when asked for, the attention masses (P, N)."""
 
-    query, key: (T, H, d) after qk-norm and RoPE (one sample). source_weights: (P, T), rows sum to 1.
-    target_tokens: (N, S). Returns (P, N, S); each (p, n) row sums to 1.
+    maps: torch.Tensor
+    mass: torch.Tensor | None = None
+
+
+def role_attention_maps(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    source_weights: torch.Tensor,
+    target_tokens: torch.Tensor,
+    with_mass: bool = False,
+) -> RoleAttention:
+    """Attention of each source's query tokens over each target shot, averaged as in Eq. 5 (module docstring).
+
+    query, key: (T, H, d) after qk-norm and RoPE (one sample), any dtype; computed in float32.
+    source_weights: (P, T), rows sum to 1. target_tokens: (N, S).
+    Returns maps (P, N, S), each (p, n) row summing to 1, and with `with_mass` the masses m_{p→n} (P, N).
     Logits are averaged over heads before the softmax: mean_h q_h·k_h/√d = (q_flat · k_flat) / (H·√d).
     """
     heads, head_dim = query.shape[-2:]
     rows = (source_weights > 0).any(0).nonzero(as_tuple=True)[0]
-    q = query.flatten(-2)[rows]  # (U, H·d): only tokens that belong to some source
-    weights = source_weights[:, rows].to(q.dtype)
-    scale = 1.0 / (heads * head_dim**0.5)
-    maps = []
+    q = query.flatten(-2)[rows].float() / (heads * head_dim**0.5)  # (U, H·d): only tokens of some source
+    keys = key.flatten(-2)
+    weights = source_weights[:, rows].float()
+    maps, target_lse = [], []
     for tokens in target_tokens:
-        probs = torch.softmax((q @ key.flatten(-2)[tokens].T).float() * scale, dim=-1)  # (U, S)
-        maps.append(weights.float() @ probs)
-    return torch.stack(maps, dim=1)
+        logits = q @ keys[tokens].float().T  # (U, S)
+        maps.append(weights @ torch.softmax(logits, dim=-1))
+        if with_mass:
+            target_lse.append(torch.logsumexp(logits, dim=-1))
+    maps = torch.stack(maps, dim=1)
+    if not with_mass:
+        return RoleAttention(maps)
+    targeted = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
+    targeted[target_tokens.flatten()] = True
+    others = (~targeted).nonzero(as_tuple=True)[0].split(target_tokens.shape[1])
+    other_lse = [torch.logsumexp(q @ keys[tokens].float().T, dim=-1) for tokens in others]
+    total = torch.stack(target_lse + other_lse).logsumexp(0)  # (U,): over all T keys
+    share = torch.exp(torch.stack(target_lse, dim=1) - total[:, None])  # (U, N)
+    return RoleAttention(maps, weights @ share)
 
 
 def naive_role_attention_maps(
-    query: torch.Tensor, key: torch.Tensor, source_weights: torch.Tensor, target_tokens: torch.Tensor
-) -> torch.Tensor:
+    query: torch.Tensor,
+    key: torch.Tensor,
+    source_weights: torch.Tensor,
+    target_tokens: torch.Tensor,
+    with_mass: bool = False,
+) -> RoleAttention:
     """Reference for `role_attention_maps` that materialises the full (H, T, T) logit matrix.
 
     Same shapes and result; used only by the tests (exactness, gradients) and benchmarks/racl_step.py (the cost
     of the naive capture). Never used in training.
     """
     head_dim = query.shape[-1]
-    logits = torch.einsum("qhd,khd->hqk", query, key).float() / head_dim**0.5  # (H, T, T)
+    logits = torch.einsum("qhd,khd->hqk", query.float(), key.float()) / head_dim**0.5  # (H, T, T)
     mean_logits = logits.mean(0)
     maps = [source_weights.float() @ torch.softmax(mean_logits[:, tokens], dim=-1) for tokens in target_tokens]
-    return torch.stack(maps, dim=1)
+    mass = None
+    if with_mass:
+        attention = torch.softmax(mean_logits, dim=-1)
+        mass = torch.stack([source_weights.float() @ attention[:, tokens].sum(-1) for tokens in target_tokens], 1)
+    return RoleAttention(torch.stack(maps, dim=1), mass)
 
 
-def racl_loss(maps: torch.Tensor, target_masks: torch.Tensor, pairs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Eq. 7-8: BCE between max-scaled maps and role masks, averaged over the pairs present.
+def racl_loss(
+    maps: torch.Tensor,
+    target_masks: torch.Tensor,
+    pairs: torch.Tensor,
+    mass: torch.Tensor | None = None,
+    absent_pairs: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Eq. 7-8: BCE between max-scaled maps and role masks over the present `pairs`, and, for `absent_pairs`,
+    BCE between the attention mass and 0; averaged over all the terms.
 
-    maps, target_masks: (P, N, S); pairs: (P, N) bool. Returns a scalar (0 with a graph when no pair is present).
+    maps, target_masks: (P, N, S); pairs, absent_pairs: (P, N) bool; mass: (P, N). Returns a scalar (0 with a
+    graph when no term is present).
     """
-    if not pairs.any():
-        return maps.sum() * 0.0
     scaled = maps / maps.amax(-1, keepdim=True).clamp_min(eps)
     bce = F.binary_cross_entropy(scaled.clamp(eps, 1 - eps), target_masks.to(scaled.dtype), reduction="none")
-    return bce.mean(-1)[pairs].mean()
+    terms = [bce.mean(-1)[pairs]]
+    if absent_pairs is not None and absent_pairs.any():
+        if mass is None:
+            raise ValueError("absent-role pairs need the attention mass: capture with with_mass=True")
+        absent_mass = mass.clamp(eps, 1 - eps)[absent_pairs]
+        terms.append(F.binary_cross_entropy(absent_mass, torch.zeros_like(absent_mass), reduction="none"))
+    terms = torch.cat(terms)
+    if terms.numel() == 0:
+        return maps.sum() * 0.0
+    return terms.mean()
 
 
 def attention_shares(

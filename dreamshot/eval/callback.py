@@ -37,10 +37,10 @@ class StoryboardMetrics(L.Callback):
             return
         self.last_step = step
         values, sheet = self.evaluate(pl_module)
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({f"eval/{name}": value for name, value in values.items()}, step=step)
-            if isinstance(trainer.logger, WandbLogger):
-                trainer.logger.log_image("eval/storyboards", [sheet], step=step)
+        for logger in trainer.loggers:  # W&B and the CSV beside it
+            logger.log_metrics({f"eval/{name}": value for name, value in values.items()}, step=step)
+            if isinstance(logger, WandbLogger):
+                logger.log_image("eval/storyboards", [sheet], step=step)
         self.folder.mkdir(parents=True, exist_ok=True)
         sheet.save(self.folder / f"step{step:06d}.png")
 

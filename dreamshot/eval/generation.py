@@ -17,11 +17,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from dreamshot.eval.benchmarks.types import BenchStory
+from dreamshot.eval.benchmarks.types import BenchShot, BenchStory
 from dreamshot.inference.contact_sheet import contact_sheet
 from dreamshot.inference.outputs import SHEET_FILE, save_png, shot_file, shot_index, to_image
 from dreamshot.inference.pipeline import StoryboardPipeline
-from dreamshot.inference.story import Story, StoryRole, StoryShot, open_rgb, story_request
+from dreamshot.inference.story import Story, StoryRole, StoryShot, load_shot, open_rgb, story_request
 from dreamshot.utils.errors import DataError
 
 # The shot files ViStoryBench's output reader takes (its IMAGE_EXTS, compared in lower case).
@@ -41,16 +41,47 @@ def story_for_mode(story: BenchStory, mode: str) -> Story:
 
 
 def draw_story(
-    pipeline: StoryboardPipeline, story: BenchStory, mode: str, size: tuple[int, int], seed: int, steps: int | None
+    pipeline: StoryboardPipeline,
+    story: BenchStory,
+    mode: str,
+    size: tuple[int, int],
+    seed: int,
+    steps: int | None,
+    weights: str = "",
 ) -> tuple[dict[int, Image.Image], Image.Image]:
-    """Draw the shots `mode` asks for at `size` (H, W): ({shot index: image}, the contact sheet)."""
+    """Draw the shots `mode` asks for at `size` (H, W): ({shot index: image}, the contact sheet).
+
+    The sheet is titled with the story, mode, seed and `weights` (a label); in s2s the given shots come first,
+    tagged; every shot is numbered by its index in the story, and under the drawn shots stand the benchmark's
+    true shots where it has them.
+    """
     request = story_request(story_for_mode(story, mode), size)
     result = pipeline(request, seed=seed, steps=steps, progress=False)
-    indices = [shot.index for shot in story.scored_shots(mode)]
+    scored = story.scored_shots(mode)
+    indices = [shot.index for shot in scored]
     shots = {index: to_image(pixels) for index, pixels in zip(indices, result.images, strict=True)}
     references = [] if request.references is None else [to_image((ref + 1) / 2) for ref in request.references]
-    sheet = contact_sheet(list(shots.values()), request.shot_texts, references, request.reference_texts)
+    given = [] if request.given_shots is None else [to_image((shot + 1) / 2) for shot in request.given_shots]
+    numbers = [shot.index for shot in story.shots[: len(given)]] + indices
+    title = " · ".join(part for part in (f"story {story.id}", mode, f"seed {seed}", weights) if part)
+    sheet = contact_sheet(
+        [*given, *shots.values()],
+        [*request.given_texts, *request.shot_texts],
+        references,
+        request.reference_texts,
+        title=title,
+        numbers=numbers,
+        tags=["given"] * len(given) + [""] * len(shots),
+        ground_truth=[None] * len(given) + [_truth(shot, size, story.id) for shot in scored],
+    )
     return shots, sheet
+
+
+def _truth(shot: BenchShot, size: tuple[int, int], story_id: str) -> Image.Image | None:
+    """The benchmark's own image of `shot` at `size` (H, W), prepared as a drawn shot is; None without one."""
+    if shot.image is None:
+        return None
+    return to_image((load_shot(shot.image, size, f"story {story_id}: shot {shot.index}") + 1) / 2)
 
 
 def write_story(folder: Path, shots: dict[int, Image.Image], sheet: Image.Image) -> None:

@@ -88,8 +88,17 @@ def describe(results: EvalResults) -> str:
         f"{results.benchmark} / {results.mode}: {len(results.per_story)} stories, {results.shots} shots ({source})",
         format_table(*comparison(results)),
     ]
-    text += [f"missing {name}: {reason}" for name, reason in results.missing.items()]
+    if results.missing:
+        text.append(missing_line(results.missing))
     return "\n".join(text)
+
+
+def missing_line(missing: dict[str, str]) -> str:
+    """One line for every missing value, grouped by reason: `missing: a, b (reason); c (other reason)`."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in missing.items():
+        by_reason.setdefault(reason, []).append(name)
+    return "missing: " + "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items())
 
 
 def write_results(out: Path, results: EvalResults) -> tuple[Path, Path]:

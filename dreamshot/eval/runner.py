@@ -59,7 +59,8 @@ def evaluate(
         for story in tqdm(bench.stories, desc=f"{bench.name} stories", position=0, disable=None):
             if pipeline is not None:
                 write_story(
-                    shots_dir / story.id, *draw_story(pipeline, story, ev.mode, size, cfg.inference.seed, ev.steps)
+                    shots_dir / story.id,
+                    *draw_story(pipeline, story, ev.mode, size, cfg.inference.seed, ev.steps, label),
                 )
             suite.update(StorySample(story, read_story_shots(shots_dir, story, ev.mode)))
             shot_bar.update(story_shots[story.id])

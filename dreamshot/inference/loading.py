@@ -20,7 +20,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dreamshot.config.load import load_config
+from dreamshot.config.load import check_weights, load_config
 from dreamshot.config.schema import Config, ModelConfig
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.lora import lora_config_for
@@ -81,8 +81,10 @@ def build_adapter(cfg: Config, device: torch.device | str = "cpu") -> WanAdapter
     """The backbone of `cfg` in eval mode on `device`, LoRA initialised (B = 0: the bare model's output).
 
     A randomly initialised (tiny) backbone is drawn under `cfg.seed` exactly as `DreamShotModule` draws it, so
-    LoRA weights trained on it apply to the same frozen weights here.
+    LoRA weights trained on it apply to the same frozen weights here. A full-size model without its weights is
+    refused before anything is built (`check_weights`).
     """
+    check_weights(cfg.model)
     return WanAdapter.seeded(cfg.model, cfg.seed).to(device).eval()
 
 

@@ -3,10 +3,13 @@
 Shots are `shot_01.png`, `shot_02.png`, … — ViStoryBench's naming: the shot index (1-based) is the number
 after the last `_`. `sheet/storyboard.png` is the contact sheet (`contact_sheet.py`), in a subfolder so that
 ViStoryBench's output reader, which takes every image file beside the shots for a shot, never sees it (it
-stops on `storyboard.png`, which has no shot number). `generation.json` records
-the latest call (mode, seed, steps, weights, resolved config, timings per step and in total, which shots were
-drawn and which kept) and, under `history`, the records of the calls before it in the same folder (re-rolls).
-Every file is written atomically.
+stops on `storyboard.png`, which has no shot number): titled with the mode, seed, steps and weights, an s2s
+story's given shots first (tagged), every shot numbered by its place in the story. `generation.json` records the
+latest call (mode, seed, steps, weights, resolved config, timings per step and in total, which shots were drawn
+and which kept, each shot's take) and, under `history`, the records of the calls before it in the same folder
+(re-rolls). A re-rolled shot's earlier take is kept as `takes/shot_NN_take_K.png` (outside the folder's shots,
+so readers of the layout do not see it); `shot_NN.png` is always the latest take. Every file is written
+atomically.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import torch
 from PIL import Image
 
 from dreamshot.inference.contact_sheet import contact_sheet
-from dreamshot.inference.story import Story, load_shot, reference_images
+from dreamshot.inference.story import Story, load_shot, previous_shot_images, reference_images
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.io import atomic_path, atomic_write_text
 
 SHEET_FILE = "sheet/storyboard.png"
 RECORD_FILE = "generation.json"
+TAKES_DIR = "takes"
 
 
 def shot_file(index: int) -> str:
@@ -74,18 +78,54 @@ def load_kept_shots(out_dir: Path, indices: list[int], size: tuple[int, int]) ->
     return torch.stack(shots) if shots else torch.zeros(0, 3, *size)
 
 
-def write_contact_sheet(out_dir: Path, story: Story, size: tuple[int, int]) -> Path:
-    """`sheet/storyboard.png` from the folder's shot files and the story's references and annotations."""
+def take_file(index: int, take: int) -> str:
+    """File name (under `TAKES_DIR`) of an earlier take of shot `index`."""
+    return f"shot_{index:02d}_take_{take}.png"
+
+
+def shot_takes(record: dict | None, count: int) -> dict[int, int]:
+    """Shot index -> its take in the folder of `record` (1 for every shot when there is no earlier record)."""
+    takes = {n: 1 for n in range(1, count + 1)}
+    for shot in (record or {}).get("shots", []):
+        if isinstance(shot, dict) and shot.get("index") in takes:
+            takes[shot["index"]] = int(shot.get("take", 1))
+    return takes
+
+
+def keep_earlier_takes(out_dir: Path, indices: list[int], takes: dict[int, int]) -> dict[int, int]:
+    """Before shots `indices` are drawn again: move each one's file to `takes/`; returns the takes after the
+    re-roll (those shots one take further)."""
+    for index in indices:
+        path = out_dir / shot_file(index)
+        if path.is_file():
+            (out_dir / TAKES_DIR).mkdir(exist_ok=True)
+            path.replace(out_dir / TAKES_DIR / take_file(index, takes[index]))
+    return {n: take + (n in indices) for n, take in takes.items()}
+
+
+def write_contact_sheet(
+    out_dir: Path, story: Story, size: tuple[int, int], title: str = "", takes: dict[int, int] | None = None
+) -> Path:
+    """`sheet/storyboard.png` from the folder's shot files and the story's references and annotations: the story's
+    previous shots first (tagged "given"), then its shots, numbered after them; a shot past its first take is
+    tagged with its take."""
+    given = [to_image((image + 1) / 2) for image in previous_shot_images(story, size)]
     shots = []
     for index in range(1, len(story.shots) + 1):
         with Image.open(out_dir / shot_file(index)) as image:
             shots.append(image.convert("RGB"))
+    takes = takes or {}
+    tags = ["given"] * len(given) + [
+        f"take {takes[n]}" if takes.get(n, 1) > 1 else "" for n in range(1, len(story.shots) + 1)
+    ]
     references = [to_image((ref + 1) / 2) for ref in reference_images(story, size)]
     sheet = contact_sheet(
-        shots,
-        [shot.annotation for shot in story.shots],
+        given + shots,
+        [shot.annotation for shot in [*story.previous_shots, *story.shots]],
         references,
         [ref.prompt for ref in story.references],
+        title=title,
+        tags=tags,
     )
     path = out_dir / SHEET_FILE
     save_png(sheet, path)

@@ -3,12 +3,16 @@
 One storyboard per call. The condition frames — the references, then the given shots (s2s: a story's previous
 shots, or the kept shots when re-rolling) — stand clean in the layout's condition slot at every step, with
 per-token timestep 0, exactly as in training; only the N target frames start from noise and are stepped by the
-scheduler. Each step needs three velocity predictions; the branches that share a sequence layout run as ONE
-batched forward:
+scheduler. Every shot, given or drawn, takes its story position in the RoPE indices (`StoryboardLayout`), so a
+re-rolled middle shot sits between its neighbours as in training. A request whose condition set the run's mode
+mix never trained (e.g. references and given shots together with `storyboard.modes.r2s_s2s = 0`) is refused
+before anything runs. Each step needs three velocity predictions; the branches that share a sequence layout run
+as ONE batched forward:
 - with condition frames: [v_r, v_c] together (K+M conditions, N targets), v_u alone (no conditions);
 - without (t2s): [v_u, v_c] together, and the guidance is ordinary CFG with ω2.
 The negative prompt (`storyboard.negative_prompt`) replaces the shot texts in v_u and v_r; condition frames keep
-their own texts, as in training's text dropout.
+their own texts, as in training's text dropout. The drawn latents are decoded in one shot stream with the given
+shots' latents, in story order, as training encoded them (`decode_in_context`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from tqdm.auto import tqdm
 
 from dreamshot.config.schema import Config
-from dreamshot.diffusion.conditioning import storyboard_layout
+from dreamshot.diffusion.conditioning import check_trained, storyboard_layout
 from dreamshot.diffusion.flow_matching import NUM_TRAIN_TIMESTEPS, dit_timesteps
 from dreamshot.diffusion.guidance import guided_velocity
 from dreamshot.models.layout import StoryboardLayout
@@ -35,6 +39,8 @@ class StoryboardRequest:
 
     references: (K, 3, H, W) with K `reference_texts`; given_shots: (M, 3, H, W) with M `given_texts`,
     in story order (they are encoded as one shot stream, like the first shots of a training storyboard).
+    given_positions / shot_positions: the story position (0-based) of each given shot and each shot to draw;
+    default: the given shots first (0..M-1), then the shots to draw (M..M+N-1).
     """
 
     shot_texts: list[str]
@@ -43,6 +49,8 @@ class StoryboardRequest:
     reference_texts: list[str] = field(default_factory=list)
     given_shots: torch.Tensor | None = None
     given_texts: list[str] = field(default_factory=list)
+    given_positions: list[int] | None = None
+    shot_positions: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not self.shot_texts:
@@ -54,11 +62,19 @@ class StoryboardRequest:
             count = 0 if images is None else images.shape[0]
             if count != len(texts):
                 raise ValueError(f"{name}: {count} images but {len(texts)} texts")
+        given, shots = len(self.given_texts), len(self.shot_texts)
+        if self.given_positions is None:
+            self.given_positions = list(range(given))
+        if self.shot_positions is None:
+            self.shot_positions = list(range(given, given + shots))
+        if (len(self.given_positions), len(self.shot_positions)) != (given, shots):
+            raise ValueError(f"{given} given shots and {shots} shots to draw need as many story positions")
 
     @property
     def mode(self) -> str:
+        """The condition set: t2s (none), r2s (references), s2s (given shots), r2s_s2s (both)."""
         if self.given_texts:
-            return "s2s"
+            return "r2s_s2s" if self.reference_texts else "s2s"
         return "r2s" if self.reference_texts else "t2s"
 
 
@@ -76,16 +92,20 @@ class StoryboardResult:
 
 @dataclass
 class EncodedRequest:
-    """conditions: (1, C, K+M, h, w) clean latents; texts (1, frames, L, D): conditions', shots', negative."""
+    """conditions: (1, C, K+M, h, w) clean latents (references, then given shots); texts (1, frames, L, D):
+    conditions', shots', negative; the story positions of the given shots and of the shots to draw."""
 
     conditions: torch.Tensor
     condition_text: torch.Tensor
     shot_text: torch.Tensor
     negative_text: torch.Tensor
+    num_references: int
+    given_positions: list[int]
+    shot_positions: list[int]
 
     @property
-    def num_conditions(self) -> int:
-        return self.conditions.shape[2]
+    def given_latents(self) -> torch.Tensor:
+        return self.conditions[:, :, self.num_references :]
 
 
 def build_scheduler(name: str, shift: float):
@@ -123,6 +143,7 @@ class StoryboardPipeline:
         """Sample the N target shots of `request` (seed / steps default to the config's `inference`)."""
         settings = self.config.inference
         seed = settings.seed if seed is None else seed
+        check_trained(self.config.storyboard, request.mode)
         start = time.perf_counter()
         encoded = self.encode(request)
         targets = initial_noise(self.latent_shape(request), seed).to(self.device)
@@ -135,7 +156,10 @@ class StoryboardPipeline:
             targets = scheduler.step(velocity, timestep, targets, return_dict=False)[0]
             _synchronize(self.device)
             step_seconds.append(time.perf_counter() - tick)
-        images = self.adapter.decode_shots(targets)[0].float().add(1).div(2).clamp(0, 1).cpu()
+        images = self.adapter.decode_shots(
+            targets, encoded.shot_positions, encoded.given_latents, encoded.given_positions
+        )
+        images = images[0].float().add(1).div(2).clamp(0, 1).cpu()
         return StoryboardResult(images, targets, request.mode, seed, step_seconds, time.perf_counter() - start)
 
     def latent_shape(self, request: StoryboardRequest) -> tuple[int, int, int, int, int]:
@@ -162,13 +186,17 @@ class StoryboardPipeline:
             condition_text=embedded[:, :conditions],
             shot_text=embedded[:, conditions : conditions + shots],
             negative_text=embedded[:, -1:].expand(-1, shots, -1, -1),
+            num_references=len(request.reference_texts),
+            given_positions=list(request.given_positions),
+            shot_positions=list(request.shot_positions),
         )
 
     def velocity(self, encoded: EncodedRequest, targets: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """Guided velocity (1, C, N, h, w) of the targets at a scheduler timestep (0..1000)."""
         settings = self.config.inference
         t = (timestep.float() / NUM_TRAIN_TIMESTEPS).reshape(1).to(self.device)
-        layout = self.layout(encoded.num_conditions, targets.shape[2])
+        cfg = self.config.storyboard
+        layout = storyboard_layout(cfg, encoded.num_references, encoded.shot_positions, encoded.given_positions)
         texts = [
             layout.assemble(encoded.condition_text, text, dim=1) for text in (encoded.negative_text, encoded.shot_text)
         ]
@@ -176,7 +204,7 @@ class StoryboardPipeline:
         if layout.num_conditions == 0:
             # t2s: the negative-prompt branch has no condition frames, so it is v_u and v_r does not exist.
             return guided_velocity(negative, v_c, None, settings.omega1, settings.omega2)
-        free = self.layout(0, targets.shape[2])
+        free = storyboard_layout(cfg, 0, encoded.shot_positions)
         (v_u,) = self.predict(free, encoded.conditions[:, :, :0], targets, t, [encoded.negative_text])
         return guided_velocity(v_u, v_c, negative, settings.omega1, settings.omega2)
 
@@ -195,18 +223,11 @@ class StoryboardPipeline:
         batch = len(texts)
         dtype = self.adapter.transformer.dtype
         sequence = layout.assemble(conditions.to(dtype), targets.to(dtype)).repeat(batch, 1, 1, 1, 1)
-        timesteps = self.timesteps(t.expand(batch), layout, sequence)
+        # The DiT timesteps as the model was trained: per token (condition frames at 0) or one per sample.
+        per_token = self.config.diffusion.timestep_mode == "per_token"
+        timesteps = dit_timesteps(t.expand(batch), layout.target_frames(), per_token)
         velocity = self.adapter.predict_velocity(sequence, timesteps, torch.cat(texts), layout)
         return layout.split(velocity.float())[1].chunk(batch)
-
-    def timesteps(self, t: torch.Tensor, layout: StoryboardLayout, sequence: torch.Tensor) -> torch.Tensor:
-        """The DiT timesteps, as the model was trained: per token (condition frames at 0) or one per sample."""
-        per_token = self.config.diffusion.timestep_mode == "per_token"
-        tokens = self.adapter.tokens_per_frame(*sequence.shape[-2:])
-        return dit_timesteps(t, layout.target_frames(), tokens, per_token)
-
-    def layout(self, num_conditions: int, num_targets: int) -> StoryboardLayout:
-        return storyboard_layout(self.config.storyboard, num_conditions, num_targets)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -7,7 +7,7 @@ height: 480              # optional, with width: shot size in pixels, multiples 
 width: 832
 references:              # optional: one image and prompt per role -> r2s
   - {role: ana, image: refs/ana.png, prompt: "<Role 1>: a girl in a red coat"}
-previous_shots:          # optional: shots already drawn, kept clean as conditions -> s2s
+previous_shots:          # optional: shots already drawn, kept clean as conditions -> s2s (with references: r2s_s2s)
   - {image: earlier/shot_01.png, annotation: "Wide shot: <Role 1> at the station."}
 shots:                   # the shots to draw, in order (at least one)
   - {annotation: "Close-up: <Role 1> looks at the train."}
@@ -22,6 +22,7 @@ white canvas at the shot size, shots resized to cover it and centre-cropped.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ _REFERENCE_FIELDS = ("role", "image", "prompt")
 _PREVIOUS_FIELDS = ("image", "annotation")
 _SHOT_FIELDS = ("annotation",)
 SIZE_MULTIPLE = 16
+# How annotations and reference prompts name a role (the toy world's and the paper's convention).
+ROLE_TAG = re.compile(r"<Role \d+>")
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,22 @@ def load_story(path: str | os.PathLike) -> Story:
     )
 
 
+def unreferenced_roles(story: Story) -> list[tuple[str, str]]:
+    """(field, tag) of every `<Role N>` an annotation names that no reference prompt names, when the story has
+    references (r2s, s2s): such a role is drawn from its text alone, which is rarely what was meant."""
+    if not story.references:
+        return []
+    shown = {tag for ref in story.references for tag in ROLE_TAG.findall(ref.prompt)}
+    fields = [(f"previous_shots[{m}]", shot) for m, shot in enumerate(story.previous_shots)]
+    fields += [(f"shots[{n}]", shot) for n, shot in enumerate(story.shots)]
+    return [
+        (f"{at}.annotation", tag)
+        for at, shot in fields
+        for tag in dict.fromkeys(ROLE_TAG.findall(shot.annotation))
+        if tag not in shown
+    ]
+
+
 def story_request(
     story: Story, size: tuple[int, int], targets: Sequence[int] | None = None, kept: torch.Tensor | None = None
 ) -> StoryboardRequest:
@@ -113,9 +132,10 @@ def story_request(
     Every other shot is a kept shot (re-roll): its image is in `kept`, (N − len(targets), 3, H, W) in [-1, 1]
     in story order. Kept shots join the given shots after the story's previous shots, so in the sequence they
     stand in the condition slot after the references, with their own annotations, like the given shots of s2s
-    training; the shots to draw are the targets, in story order.
+    training; the shots to draw are the targets, in story order. Every shot keeps its story position: P previous
+    shots take 0..P-1 and shot n of the story takes P + n - 1, kept or drawn.
     """
-    count = len(story.shots)
+    count, previous = len(story.shots), len(story.previous_shots)
     targets = list(range(1, count + 1)) if targets is None else sorted(targets)
     kept_indices = [n for n in range(1, count + 1) if n not in targets]
     kept = torch.zeros(0, 3, *size) if kept is None else kept
@@ -131,6 +151,8 @@ def story_request(
         reference_texts=[ref.prompt for ref in story.references],
         given_shots=given,
         given_texts=given_texts,
+        given_positions=list(range(previous)) + [previous + n - 1 for n in kept_indices],
+        shot_positions=[previous + n - 1 for n in targets],
     )
 
 

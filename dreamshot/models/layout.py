@@ -1,13 +1,24 @@
 """The arrangement of one batch's latent frames: which are clean conditions, which are noised targets, where.
 
-A storyboard forward sees K condition frames (reference images in r2s, the given shots in s2s, none in t2s)
-and N target frames (the shots being generated). The layout says in which order they stand in the sequence
-and which temporal RoPE index (and phase) each frame gets (DESIGN §2 "Positions", paper Tab. 3):
+A storyboard forward sees K reference frames and M given shots (the clean conditions: references in r2s, the
+given shots in s2s, both in r2s_s2s, none in t2s) and N target shots (the shots being drawn). Every shot, given
+or drawn, has a story position: its 0-based index in the storyboard. The layout gives each frame its place in the
+sequence and its temporal RoPE index (and phase) (DESIGN §2 "Positions", paper Tab. 3):
 
-- `refs_first` (default): conditions 0..K-1, targets K..K+N-1, conditions first in the sequence.
-- `phase`: as `refs_first`, plus a constant angle φ added to every temporal rotation of condition tokens.
-- `neg`: targets 0..N-1, conditions -K-offset..-1-offset (conditions first in the sequence).
-- `last`: targets first in the sequence (0..N-1), conditions after them (N..N+K-1).
+- `refs_first` (default): references 0..K-1, the shot at story position s at K+s.
+- `phase`: as `refs_first`, plus a constant angle φ added to every temporal rotation of reference tokens.
+- `neg`: shots at their story positions s, references at -K-g..-1-g: shifted back by a gap of g = `neg_offset`
+  empty positions before the first shot. With g = 0 this is `refs_first` moved by -K, and RoPE sees only
+  differences, so `neg` differs from the baseline only through the gap.
+- `last`: shots at their story positions, references after the whole story (P..P+K-1, P = the number of story
+  positions), and after the shots in the sequence.
+
+The layouts move the references only. A given shot is a shot: it keeps its story position whichever shots are
+kept, so training's s2s (the first m shots given) and a re-roll of shot j (every other shot given) put the same
+story position at the same index. Where DESIGN puts s2s's given shots "in the reference slot", that is the
+condition slot of the sequence: [references, given shots, targets], or [targets, references, given shots] for
+`last`. The sequence order is bookkeeping only: attention sees tokens through their RoPE indices, so permuting
+frames permutes the output.
 
 One layout object is built per forward and passed down explicitly; nothing about it is stored on modules.
 """
@@ -18,28 +29,53 @@ from dataclasses import dataclass
 
 import torch
 
-POSITION_MODES = ("refs_first", "phase", "neg", "last")
+from dreamshot.config.schema import POSITION_MODES
 
 
 @dataclass(frozen=True)
 class StoryboardLayout:
-    num_conditions: int
-    num_targets: int
+    num_references: int
+    # Story positions (0-based) of the noised target shots, in sequence order.
+    target_shots: tuple[int, ...]
+    # Story positions of the clean given shots, in sequence order (after the references in the condition slot).
+    given_shots: tuple[int, ...] = ()
     position_mode: str = "refs_first"
-    # `phase`: the angle (radians) added to condition tokens' temporal rotations.
+    # `phase`: the angle (radians) added to reference tokens' temporal rotations.
     phase: float = 0.0
-    # `neg`: conditions are shifted back by this many extra positions.
+    # `neg`: empty positions between the last reference and story position 0.
     neg_offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.position_mode not in POSITION_MODES:
             raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
-        if self.num_conditions < 0 or self.num_targets < 1:
-            raise ValueError(f"need num_conditions >= 0 and num_targets >= 1, got {self}")
+        shots = [*self.given_shots, *self.target_shots]
+        if self.num_references < 0 or not self.target_shots:
+            raise ValueError(f"need num_references >= 0 and at least one target shot, got {self}")
+        if min(shots) < 0 or len(set(shots)) != len(shots):
+            raise ValueError(f"story positions must be distinct and >= 0, got {self}")
+
+    @classmethod
+    def of(cls, num_references: int, num_targets: int, num_given: int = 0, **options) -> StoryboardLayout:
+        """The layout of every training mode: the first `num_given` shots given, the next `num_targets` drawn."""
+        targets = tuple(range(num_given, num_given + num_targets))
+        return cls(num_references, targets, tuple(range(num_given)), **options)
+
+    @property
+    def num_conditions(self) -> int:
+        return self.num_references + len(self.given_shots)
+
+    @property
+    def num_targets(self) -> int:
+        return len(self.target_shots)
 
     @property
     def num_frames(self) -> int:
         return self.num_conditions + self.num_targets
+
+    @property
+    def story_length(self) -> int:
+        """P: the story positions this storyboard spans (0..P-1)."""
+        return max((*self.given_shots, *self.target_shots)) + 1
 
     @property
     def conditions_last(self) -> bool:
@@ -47,20 +83,24 @@ class StoryboardLayout:
 
     def frame_positions(self) -> torch.Tensor:
         """Temporal RoPE index of every frame, in sequence order. Shape (F,), float64 (may be <0 or fractional)."""
-        k, n = self.num_conditions, self.num_targets
-        conditions = torch.arange(k, dtype=torch.float64)
-        targets = torch.arange(n, dtype=torch.float64)
-        if self.position_mode in ("refs_first", "phase"):
-            return torch.cat([conditions, targets + k])
+        k = self.num_references
+        references = torch.arange(k, dtype=torch.float64)
         if self.position_mode == "neg":
-            return torch.cat([conditions - k - self.neg_offset, targets])
-        return torch.cat([targets, conditions + n])
+            references = references - k - self.neg_offset
+        elif self.position_mode == "last":
+            references = references + self.story_length
+        # refs_first / phase: the references take the first K indices, so the story starts at K.
+        start = k if self.position_mode in ("refs_first", "phase") else 0
+        given = torch.tensor(self.given_shots, dtype=torch.float64) + start
+        targets = torch.tensor(self.target_shots, dtype=torch.float64) + start
+        return self.assemble(torch.cat([references, given]), targets, dim=0)
 
     def frame_phases(self) -> torch.Tensor:
         """Extra temporal rotation angle of every frame, in sequence order. Shape (F,), float64."""
         phases = torch.zeros(self.num_frames, dtype=torch.float64)
         if self.position_mode == "phase":
-            phases[self.condition_slice()] = self.phase
+            start = self.condition_slice().start
+            phases[start : start + self.num_references] = self.phase
         return phases
 
     def condition_slice(self) -> slice:

@@ -26,6 +26,7 @@ role-attention capture (|Q|×S per chunk).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from dreamshot.planner.shape import ModelShape
@@ -94,7 +95,9 @@ def block_saved_bytes(shape: ModelShape, work: Workload, training: Training, fus
         fused CUDA kernel (`fused_rms_norm`, it keeps its input) and 4·D for the composite CPU path (which
         keeps an fp32 copy);
       - per-token timesteps: the fp32 (6, D) modulation (kept alive by the gates' views: 24·D) and the two
-        fp32 (1 + scale) factors (2 × 4·D); with a global timestep these are per sample, not per token;
+        fp32 (1 + scale) factors (2 × 4·D) — per frame, not per token: every token of a frame shares its timestep
+        and the blocks broadcast the frame's modulation (`storyboard_block_forward`); with a global timestep they
+        are per sample;
       - the attention kernels' q, k, v, out (self: 4·b·D) and q, out (cross: 2·b·D), and each one's fp32
         logsumexp (2 × 4·H) — O(T), no T×T matrix;
       - the GELU input (b·F_ffn);
@@ -112,14 +115,23 @@ def block_saved_bytes(shape: ModelShape, work: Workload, training: Training, fus
     layer_norms = 3 * (FP32 * dim + 2 * FP32)
     attention = 6 * b * dim + 2 * FP32 * heads
     per_token = layer_norms + 3 * rms_norm + attention + b * ffn + lora_video
-    if work.per_token_timestep:
-        per_token += modulation
 
     text_norm = rms_norm if any(linear.name == "attn2.to_k" and linear.lora for linear in shape.linears) else 0
     per_text_token = text_norm + 2 * b * dim + lora_text
-    per_sample = 0 if work.per_token_timestep else modulation
+    per_sample = modulation * modulation_groups(work)
     per_block = (2 * FP32 * dim if b < FP32 else 0) + lora_weights
     return work.rank_tokens * per_token + work.rank_text_tokens * per_text_token + per_sample + per_block
+
+
+def modulation_groups(work: Workload) -> int:
+    """How many timestep modulations a sample carries: one per frame with per-token timesteps (a frame's tokens
+    share its timestep), one with a global timestep. Under context parallelism one GPU's: one per run of
+    gcd(S, its tokens) tokens (`SequenceShard.timesteps`)."""
+    if not work.per_token_timestep:
+        return 1
+    if work.context_parallel == 1:
+        return work.frames
+    return work.rank_tokens // math.gcd(work.tokens_per_frame, work.rank_tokens)
 
 
 def lora_saved_bytes(shape: ModelShape, work: Workload, training: Training) -> tuple[int, int, int]:
@@ -167,37 +179,42 @@ def activation_memory(shape: ModelShape, work: Workload, training: Training) -> 
         (3 * b + FP32) * work.rank_tokens * shape.dim * mb, f"fused kernel: dQ, dK, dV + fp32 dQ accum, O({tokens})"
     )
     if work.racl_blocks:
-        items["RACL capture"] = Item(racl_bytes(work), f"|Q| = {work.rank_racl_queries} rows × S per chunk")
+        items["RACL capture"] = Item(
+            racl_bytes(shape, work), f"|Q| = {work.rank_racl_queries} rows × S per chunk, fp32"
+        )
         if work.context_parallel > 1:
-            # Every captured block scores its rows against all ranks' keys, kept for backward like the softmax.
-            kept = 1 if work.checkpointing else work.racl_blocks
-            items["RACL gathered keys"] = Item(kept * work.tokens * shape.dim * b * mb, "all T keys, T×D")
+            # A captured block scores its rows against every rank's keys, gathered while it runs.
+            items["RACL gathered keys"] = Item(work.tokens * shape.dim * b * mb, "all T keys, while a block captures")
     return items
 
 
 def shared_bytes(shape: ModelShape, work: Workload) -> int:
-    """Tensors every block reads, kept once: the timestep embedding and its (6, D) projection (per token or
+    """Tensors every block reads, kept once: the timestep embedding and its (6, D) projection (per frame or
     per sample, b each), the raw and projected text (F·L × (text_dim + D) × b), RoPE cos and sin (fp32, 2·4·d
     per token, shared by the micro-batch)."""
     b = work.activation_bytes
-    timestep = 7 * shape.dim * b * (work.rank_tokens if work.per_token_timestep else 1)
+    timestep = 7 * shape.dim * b * modulation_groups(work)
     text = work.rank_text_tokens * (shape.text_dim + shape.dim) * b
     rope = 2 * FP32 * shape.head_dim * work.rank_tokens
     return (timestep + text) * work.micro_batch + rope
 
 
-def racl_bytes(work: Workload) -> int:
-    """The role-attention capture (DESIGN §2 "Memory of the role-attention capture").
+def racl_bytes(shape: ModelShape, work: Workload) -> int:
+    """The role-attention capture (DESIGN §2 "Memory of the role-attention capture"), formed in float32.
 
-    One chunk is the |Q| source-token rows scored against one target shot's S keys: logits (b), their fp32
-    copy and the fp32 softmax, live one chunk at a time: |Q|·S·(b + 8). The softmax of every chunk is kept for
-    backward: |Q|·S·4 per target shot and captured block — of all captured blocks without checkpointing, of
-    the one block being recomputed with it. Under context parallelism |Q| is one GPU's share of the rows.
+    The |Q| source-token query rows are cast to fp32 once per captured block (|Q|·D·4). One chunk scores them
+    against one target shot's S keys, cast to fp32 (S·D·4): fp32 logits and their fp32 softmax, live one chunk at
+    a time: |Q|·S·8 + S·D·4. For backward every chunk keeps its softmax and its fp32 keys, (|Q|·S + S·D)·4 per
+    target shot, and the block keeps its fp32 query rows — of all captured blocks without checkpointing, of the
+    one block being recomputed with it. Under context parallelism |Q| is one GPU's share of the rows.
+    `racl.absent_negative` adds one log-sum-exp chunk per reference frame
+    (not counted: off by default).
     """
-    chunk = work.rank_racl_queries * work.tokens_per_frame
-    kept_blocks = 1 if work.checkpointing else work.racl_blocks
-    kept = chunk * FP32 * work.target_frames * kept_blocks * work.micro_batch
-    return chunk * (work.activation_bytes + 2 * FP32) + kept
+    queries, dim, per_frame = work.rank_racl_queries, shape.dim, work.tokens_per_frame
+    kept_blocks = (1 if work.checkpointing else work.racl_blocks) * work.micro_batch
+    live = queries * per_frame * 2 * FP32 + per_frame * dim * FP32
+    kept_chunks = (queries * per_frame + per_frame * dim) * FP32 * work.target_frames
+    return live + (kept_chunks + queries * dim * FP32) * kept_blocks
 
 
 def _sharded(total: int, world_size: int, sharded: bool, note: str) -> Item:

@@ -22,15 +22,18 @@ Assumptions
     LoRA branch: peft casts each adapter's input to the adapter's dtype on its own, so with float32 LoRA in a
     bf16 model every adapter keeps its own fp32 copy of its input (a bf16 one, plus bf16 weight casts, under
     autocast); LoRA in the activation dtype (DeepSpeed bf16 mode, fp32 model) shares the block's tensors.
-  RACL: a capture chunk is |Q| source-role query rows against one target shot's S keys; |Q| defaults to one
-    frame's tokens (--racl-queries). Captured blocks: racl.blocks, in phases with a RACL weight > 0.
+  RACL: a capture chunk is |Q| source-role query rows against one target shot's S keys, in fp32; |Q| defaults
+    to one frame's tokens (--racl-queries). Captured blocks: racl.blocks, in phases with a RACL weight > 0.
   LoRA state: apply_lora keeps the weights in fp32, so gradients and AdamW m, v are fp32 and, without ZeRO,
     the weights are their own master (16 B/param). DeepSpeed's bf16 mode (ZeRO + 16-bit precision) casts every
     parameter, LoRA's included, to bf16 and keeps its own fp32 master next to m, v (2 + 2 + 12 B/param);
     ZeRO-1/2 clone a master even of fp32 weights, ZeRO-3 updates fp32 partitions in place. 16-bit precision
     without DeepSpeed is taken as bf16-mixed (autocast), not bf16-true (which would cast LoRA to bf16).
     DeepSpeed's fp32 gradient partition made at the optimiser step is not counted.
-  Frames: the largest sample (all shots + all references); t2s samples have no reference frames."""
+  Frames: the largest sample (all shots + all references); t2s samples have no reference frames.
+  Text: every frame carries model.text_len tokens, its zero padding included. A smaller text_len cuts the
+    cross-attention cost but is not free with pretrained weights: Wan attends to its padding (it does not mask
+    it), so the outputs change with text_len; Wan2.1 was trained with 512, which model=wan1_3b / wan14b keep."""
 
 CANNOT_KNOW = """\
 What this cannot know

@@ -28,7 +28,8 @@ class Workload:
     target_frames: int
     micro_batch: int = 1
     checkpointing: bool = True
-    # Per-token timesteps (clean references at t = 0) give every token its own modulation; global: one per sample.
+    # Per-token timesteps (clean references at t = 0) give every frame its own modulation, broadcast over the
+    # frame's tokens; global: one per sample.
     per_token_timestep: bool = True
     # Bytes per activation value (2 for bf16 compute, 4 for float32).
     activation_bytes: int = 2

@@ -74,7 +74,7 @@ def reference_attention(adapter: WanAdapter, cfg: Config, sample: dict, t: float
     shots, refs = sample["shots"].to(device), sample["refs"].to(device)
     (k, _, height, width), n = refs.shape, shots.shape[0]
     latents = adapter.encode_storyboard(shots[None], refs[None], [sample["shot_texts"]], [sample["ref_texts"]])
-    layout = storyboard_layout(cfg.storyboard, k, n)
+    layout = storyboard_layout(cfg.storyboard, k, range(n))
 
     # 1. Sources: reference k's tokens of role k. Shots get empty masks: they are only attended to.
     ref_masks = torch.eye(k, device=device)[:, :, None, None] * sample["ref_masks"].to(device)[:, None]
@@ -91,7 +91,7 @@ def reference_attention(adapter: WanAdapter, cfg: Config, sample: dict, t: float
     sequence = layout.assemble(latents.refs, add_noise(latents.shots, noise, level))
     text = layout.assemble(latents.ref_text, latents.shot_text, dim=1)
     per_token = cfg.diffusion.timestep_mode == "per_token"
-    timesteps = dit_timesteps(level, layout.target_frames(), adapter.tokens_per_frame(*sequence.shape[-2:]), per_token)
+    timesteps = dit_timesteps(level, layout.target_frames(), per_token)
     adapter.predict_velocity(sequence, timesteps, text, layout, capture)
 
     # 3. Maps per source, averaged over the captured blocks; sources are (frame, role) pairs in frame order.

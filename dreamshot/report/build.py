@@ -5,7 +5,7 @@
 <out>/report.csv                        one row per run: swept values, metrics, relative improvement
 <out>/report.json                       the table and the plot files, for programs (`read_report`)
 <out>/plots/relative_improvement.png    with a baseline (paper Fig. 9 / Fig. 12)
-<out>/plots/shot_count.png              with per-story evaluation results (paper Fig. 13)
+<out>/plots/shot_count.png              when an evaluation's stories have two shot counts or more (paper Fig. 13)
 <out>/plots/guidance_grid.png           when the runs sweep inference.omega1 and inference.omega2 (paper Fig. 8)
 <out>/plots/loss_curves.png             when the runs logged training curves
 ```
@@ -53,9 +53,12 @@ class Report:
     plots: dict[str, Path] = field(default_factory=dict)
 
 
-def write_report(group: str, runs: list[RunRecord], out: Path, baseline: str | None = None) -> Report:
-    """Compare `runs` (relative improvement against the run named `baseline`) and write the report into `out`."""
-    table = build_table(group, runs, baseline)
+def write_report(
+    group: str, runs: list[RunRecord], out: Path, baseline: str | None = None, notes: list[str] | None = None
+) -> Report:
+    """Compare `runs` (relative improvement against the run named `baseline`) and write the report into `out`;
+    `notes` (what is missing) go under the table."""
+    table = build_table(group, runs, baseline, notes)
     figures = draw_figures(table, runs)
     plots = {name: _save(figure, out / PLOTS_DIR / f"{name}.png") for name, figure in figures.items()}
     markdown, csv_path, json_path = out / REPORT_MD, out / REPORT_CSV, out / REPORT_JSON

@@ -38,13 +38,14 @@ def relative_improvement_figure(table: ComparisonTable) -> Figure:
         gains = np.array([relative[run].get(m, math.nan) for m in metrics])
         offsets = positions + (i - (len(runs) - 1) / 2) * width
         bars = ax.bar(offsets, np.nan_to_num(gains), width, label=run)
-        ax.bar_label(bars, labels=[_gain_label(g) for g in gains], fontsize=7, padding=2)
+        labels = [_gain_label(relative[run].get(m)) for m in metrics]
+        ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(positions, [m if higher_is_better(m) else f"{m} ↓" for m in metrics], rotation=20, ha="right")
     ax.set_ylabel(f"change vs {table.baseline} (%, positive = better)")
     ax.set_title(
         f"{table.group}: relative improvement over {table.baseline}\n"
-        "(↓: lower is better, sign flipped; n/a: the baseline is 0)",
+        "(↓: lower is better, sign flipped; n/a: the baseline is 0 or near it; no data: a run lacks the metric)",
         fontsize=10,
     )
     ax.legend(title="run", fontsize=8)
@@ -111,9 +112,10 @@ def guidance_grid_figure(table: ComparisonTable) -> Figure | None:
 
 def shot_count_figure(runs: list[RunRecord], group: str) -> Figure | None:
     """Paper Fig. 13: each per-story metric, averaged over the stories of each shot count, against the shot count;
-    one line per run (and evaluation). None when no evaluation recorded its stories' shots."""
+    one line per run (and evaluation). None when no evaluation has stories of two shot counts or more (a single
+    count would draw dots, not the trend the figure shows)."""
     series = _shot_count_series(runs)
-    metrics = sorted({metric for lines in series.values() for metric in lines})
+    metrics = sorted({metric for lines in series.values() for metric, (counts, _) in lines.items() if len(counts) > 1})
     if not metrics:
         return None
     fig, axes = _panels(len(metrics), (4.4, 3.6))
@@ -161,7 +163,9 @@ def _panels(count: int, size: tuple[float, float]) -> tuple[Figure, list]:
     return fig, list(axes[:count])
 
 
-def _gain_label(gain: float) -> str:
+def _gain_label(gain: float | None) -> str:
+    if gain is None:
+        return "no data"
     return "n/a" if math.isnan(gain) else f"{gain:+.3g}"
 
 

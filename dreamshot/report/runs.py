@@ -24,6 +24,19 @@ from dreamshot.utils.errors import ConfigError, DataError
 EVAL_DIR = "eval"
 # Training diagnostics a report compares when a run has no evaluation results (DESIGN §2, RACL).
 TRAINING_METRICS = ("val/loss", "val/racl_in_mask", "val/racl_confusion")
+# Config keys that name or place a run (or only watch it) rather than change what it computes.
+UNSWEPT = (
+    "name",
+    "tags",
+    "output_dir",
+    "logger.",
+    "trainer.ckpt_path",
+    "trainer.checkpoint_every_n_steps",
+    "trainer.keep_last_checkpoints",
+    "trainer.log_every_n_steps",
+    "trainer.sample.",
+    "data.cache_dir",
+)
 
 
 @dataclass
@@ -94,14 +107,30 @@ def read_run(folder: Path, member_overrides: dict[str, list[str]] | None = None)
 
 
 def read_runs(folders: list[Path], member_overrides: dict[str, list[str]] | None = None) -> list[RunRecord]:
-    """Read every folder; run names must differ (they label the table's rows)."""
+    """Read every folder. Names label the table's rows, so runs that share one (the same experiment run with
+    different settings) are named by what differs: `smoke (seed=1)`, else by their folder."""
     runs = [read_run(folder, member_overrides) for folder in folders]
-    names = [run.name for run in runs]
-    duplicate = next((name for name in names if names.count(name) > 1), None)
-    if duplicate is not None:
-        paths = ", ".join(str(run.path) for run in runs if run.name == duplicate)
-        raise ConfigError(f"two runs are named {duplicate!r} ({paths}): compare runs with distinct names")
+    for name in {run.name for run in runs}:
+        same = [run for run in runs if run.name == name]
+        if len(same) > 1:
+            for run, label in zip(same, _distinguishing_labels(same), strict=True):
+                run.name = f"{name} ({label})"
     return runs
+
+
+def _distinguishing_labels(runs: list[RunRecord]) -> list[str]:
+    """`key=value, ...` of the computing config keys whose values differ among `runs`; the folders when none do
+    (or when that leaves two alike)."""
+    keys = sorted({key for run in runs for key in run.config if not key.startswith(UNSWEPT)})
+    differing = [key for key in keys if len({_text(run.config.get(key)) for run in runs}) > 1]
+    labels = [", ".join(f"{key}={_text(run.config.get(key))}" for key in differing) for run in runs]
+    if not differing or len(set(labels)) < len(labels):
+        labels = [str(run.path) for run in runs]
+    return labels
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, list | dict) else str(value)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -25,12 +25,12 @@ from typing import Any
 
 import yaml
 
-from dreamshot.config.load import available_experiments, load_config, sweep_members
+from dreamshot.cli import parse_with_overrides
+from dreamshot.config.load import EVAL_TIME_TAG, available_experiments, is_eval_time, load_config, sweep_members
 from dreamshot.config.schema import EVAL_BENCHMARKS, Config
 from dreamshot.report.runs import EVAL_DIR, flatten
 from dreamshot.utils.errors import ConfigError, DreamShotError
 
-EVAL_TIME_TAG = "eval_time"
 # Config sections an evaluation-time run may change: everything else is the trained run's.
 EVAL_TIME_SECTIONS = ("inference", "eval")
 _EVAL_TIME_PREFIXES = tuple(f"{section}." for section in EVAL_TIME_SECTIONS)
@@ -84,6 +84,8 @@ def sweep_commands(
             eval_member_command(cfg, [*members.get(name, []), *overrides], run_dir, name, base)
             for cfg, name in zip(configs, names, strict=True)
         ]
+    # A training run must have its data and weights: refused here, not on the cluster.
+    configs = [load_config(experiment, overrides, name, require_inputs=True) for name in names]
     commands = []
     for cfg, name in zip(configs, names, strict=True):
         commands.append(["train", experiment, *overrides, *(["--member", name] if name else [])])
@@ -92,10 +94,6 @@ def sweep_commands(
             folder = out / EVAL_DIR / f"{benchmark}-{cfg.eval.mode}"
             commands.append(["eval", benchmark, "--run", str(out), "--out", str(folder), "--label", name or cfg.name])
     return commands
-
-
-def is_eval_time(cfg: Config) -> bool:
-    return EVAL_TIME_TAG in cfg.tags
 
 
 def eval_member_command(
@@ -136,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: a `DreamShotError` is one line on stderr and exit status 2, as in `dreamshot`."""
     parser = argparse.ArgumentParser(prog="python -m dreamshot.report.sweep", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
     try:
         return run(args)
     except DreamShotError as e:

@@ -7,23 +7,12 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from dreamshot.report.runs import TRAINING_METRICS, RunRecord
+from dreamshot.report.runs import TRAINING_METRICS, UNSWEPT, RunRecord
 from dreamshot.utils.errors import ConfigError
 
-# Config keys that name or place a run rather than change what it computes.
-UNSWEPT = (
-    "name",
-    "tags",
-    "output_dir",
-    "logger.",
-    "trainer.ckpt_path",
-    "trainer.checkpoint_every_n_steps",
-    "trainer.log_every_n_steps",
-    "data.cache_dir",
-)
 # Metrics where a smaller value is better; every evaluation metric (CIDS, CSD, AES, Alignment, toy proxies) and
 # the in-mask attention share grow with quality.
 LOWER_IS_BETTER = frozenset({"train/loss", "train/loss_fm", "val/loss", "val/racl_confusion"})
@@ -33,10 +22,17 @@ def higher_is_better(metric: str) -> bool:
     return metric not in LOWER_IS_BETTER
 
 
-def relative_improvement(value: float, baseline: float, higher_better: bool) -> float:
+# A baseline this close to 0 (absolutely, or against the metric's largest value among the runs) has no meaningful
+# relative change: a value of 0 against a baseline of 1e-9 is not "-100%".
+NEAR_ZERO_ABSOLUTE = 1e-6
+NEAR_ZERO_RELATIVE = 1e-3
+
+
+def relative_improvement(value: float, baseline: float, higher_better: bool, scale: float = 0.0) -> float:
     """100 * (value - baseline) / |baseline|, sign-flipped for lower-is-better metrics (positive = better).
-    NaN when the baseline is 0."""
-    if baseline == 0:
+    NaN when the baseline is near 0: within NEAR_ZERO_ABSOLUTE, or NEAR_ZERO_RELATIVE of `scale` (the metric's
+    largest magnitude among the compared runs)."""
+    if abs(baseline) <= max(NEAR_ZERO_ABSOLUTE, NEAR_ZERO_RELATIVE * scale):
         return math.nan
     change = 100 * (value - baseline) / abs(baseline)
     return change if higher_better else -change
@@ -44,7 +40,8 @@ def relative_improvement(value: float, baseline: float, higher_better: bool) -> 
 
 @dataclass
 class ComparisonTable:
-    """rows: run name -> metric -> value (a run may lack a metric); swept: run name -> swept key -> value."""
+    """rows: run name -> metric -> value (a run may lack a metric); swept: run name -> swept key -> value;
+    notes: what the table cannot show (runs or sweep members without data)."""
 
     group: str
     runs: list[str]
@@ -53,15 +50,18 @@ class ComparisonTable:
     metrics: list[str]
     rows: dict[str, dict[str, float]]
     baseline: str | None
+    notes: list[str] = field(default_factory=list)
 
     def relative(self) -> dict[str, dict[str, float]]:
-        """run -> metric -> relative improvement (%) over the baseline, for every run but the baseline."""
+        """run -> metric -> relative improvement (%) over the baseline, for every run but the baseline (NaN where
+        the baseline is near 0; a metric either run lacks is left out)."""
         if self.baseline is None:
             return {}
         base = self.rows[self.baseline]
+        scale = {m: max(abs(values[m]) for values in self.rows.values() if m in values) for m in self.metrics}
         return {
             run: {
-                m: relative_improvement(self.rows[run][m], base[m], higher_is_better(m))
+                m: relative_improvement(self.rows[run][m], base[m], higher_is_better(m), scale[m])
                 for m in self.metrics
                 if m in self.rows[run] and m in base
             }
@@ -80,6 +80,10 @@ class ComparisonTable:
                 "so lower-is-better metrics ↓ are sign-flipped):\n"
             )
             text.append(_markdown(headers, [self._row(run, relative[run], _percent) for run in relative]))
+            text.append("\n(-: no value for the run or the baseline; n/a: the baseline is 0 or near it)")
+        if self.notes:
+            text.append("\nMissing data:\n")
+            text += [f"- {note}" for note in self.notes]
         return "\n".join(text)
 
     def to_csv(self) -> str:
@@ -102,8 +106,11 @@ class ComparisonTable:
         return [_cell(self.swept[run].get(key)) for key in self.swept_keys]
 
 
-def build_table(group: str, runs: list[RunRecord], baseline: str | None = None) -> ComparisonTable:
-    """The table of `runs`. `baseline` must name one of them; None: no relative improvement."""
+def build_table(
+    group: str, runs: list[RunRecord], baseline: str | None = None, notes: list[str] | None = None
+) -> ComparisonTable:
+    """The table of `runs`. `baseline` must name one of them; None: no relative improvement. `notes` name what
+    is missing (`missing_data`)."""
     names = [run.name for run in runs]
     if baseline is not None and baseline not in names:
         raise ConfigError(f"baseline {baseline!r} is not a run of {group} (runs: {', '.join(names)})")
@@ -117,7 +124,20 @@ def build_table(group: str, runs: list[RunRecord], baseline: str | None = None) 
         metrics=_metric_order(rows),
         rows=rows,
         baseline=baseline,
+        notes=list(notes or []),
     )
+
+
+def missing_data(runs: list[RunRecord], members: list[str]) -> list[str]:
+    """What a reader of the table must be told: sweep members with no run folder, runs without any metric."""
+    names = {run.name for run in runs}
+    notes = [f"member {m}: no run folder (not run yet, or written elsewhere)" for m in members if m not in names]
+    notes += [
+        f"{run.name}: no metrics (no results.json, no validation in its csv/ logs) in {run.path}"
+        for run in runs
+        if not run.metrics()
+    ]
+    return notes
 
 
 def swept_keys(runs: list[RunRecord]) -> list[str]:
@@ -155,7 +175,9 @@ def _number(value: float | None) -> str:
 
 
 def _percent(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:+.3g}"
+    if value is None:
+        return "-"
+    return "n/a" if math.isnan(value) else f"{value:+.3g}"
 
 
 def _raw(value: float | None) -> str:

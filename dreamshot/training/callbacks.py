@@ -9,7 +9,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_only
@@ -43,25 +42,6 @@ def save_lora(state: dict, path: Path, metadata: dict[str, str]) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-
-
-class PhaseProgressBar(RichProgressBar):
-    """Lightning's progress bar, titled with the curriculum phase ("phase 2/2": one epoch per phase) or the data
-    pass ("pass 3"). A run ends at max_steps with max_epochs=-1, which Lightning's own title shows as "Epoch 1/-2"."""
-
-    def __init__(self, phases: int) -> None:
-        super().__init__()
-        self.phases = phases
-
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        # The phase is in the title, and the logger's version number says nothing while a run trains.
-        metrics = super().get_metrics(trainer, pl_module)
-        return {name: value for name, value in metrics.items() if name not in ("v_num", "train/phase")}
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        title = f"phase {current_epoch + 1}/{self.phases}" if self.phases else f"pass {current_epoch + 1}"
-        # As wide as the validation title, so the bar does not move when validation starts.
-        return f"{title:{len(self.validation_description)}}"
 
 
 class ExportLora(L.Callback):
@@ -132,6 +112,33 @@ def check_exportable(modules: set[str], formats: Sequence[str] = FORMATS) -> Non
                 f"model.lora.target_modules: the {name} export cannot hold a LoRA on {unwritable[0]!r} (it holds "
                 f"the block linears and {', '.join(WAN_OUTER_LINEARS)}; {len(unwritable)} module(s) outside them)"
             )
+
+
+class KeepNewestCheckpoints(L.Callback):
+    """Removes all but the newest `keep` step checkpoints (`step<N>.ckpt`, files or DeepSpeed folders) of
+    `folder` after each save; `last.ckpt` is never touched. Placed after the checkpoint callback."""
+
+    def __init__(self, folder: Path, keep: int) -> None:
+        self.folder, self.keep = Path(folder), keep
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self._prune(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._prune(trainer)
+
+    def _prune(self, trainer: L.Trainer) -> None:
+        if not trainer.is_global_zero:  # rank 0 alone lists and removes: another rank could see a file vanish
+            return
+        steps = sorted(self.folder.glob("step*.ckpt"), key=lambda path: (_step_of(path), path.stat().st_mtime))
+        for path in steps[: -self.keep]:
+            trainer.strategy.remove_checkpoint(path)  # a DeepSpeed folder as a whole
+
+
+def _step_of(path: Path) -> int:
+    """6 of `step000006.ckpt` (or `step000006-v1.ckpt`)."""
+    digits = path.stem.removeprefix("step").split("-")[0]
+    return int(digits) if digits.isdigit() else -1
 
 
 class TrainSummary(L.Callback):

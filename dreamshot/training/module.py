@@ -26,6 +26,7 @@ from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.context_parallel import ContextParallel
 from dreamshot.models.wan.role_capture import RoleCapture
 from dreamshot.training.guards import TrainingDivergedError, describe, drop_gradients, finite_gradients
+from dreamshot.training.schedule import lr_factor
 from dreamshot.utils.errors import WeightsError
 
 
@@ -121,11 +122,13 @@ class DreamShotModule(L.LightningModule):
             return losses
         maps = torch.cat(capture.block_mean())
         labels = {name: stack_plans(capture.plans, name) for name in ("target_masks", "other_masks")}
+        present = stack_plans(capture.plans, "present_pairs")
         if racl_weight > 0:
-            loss_racl = racl_loss(maps, labels["target_masks"], stack_plans(capture.plans, "loss_pairs"))
+            mass = torch.cat(capture.block_mean_mass()) if capture.with_mass else None
+            absent = stack_plans(capture.plans, "absent_pairs")
+            loss_racl = racl_loss(maps, labels["target_masks"], present, mass, absent)
             losses.update(loss=loss_fm + racl_weight * loss_racl, loss_racl=loss_racl.detach())
         if diagnostic:
-            present = stack_plans(capture.plans, "present_pairs")
             in_mask, confusion = attention_shares(maps.detach(), *labels.values(), present)
             losses.update(racl_in_mask=in_mask, racl_confusion=confusion)
         return losses
@@ -139,8 +142,7 @@ class DreamShotModule(L.LightningModule):
         sequence = layout.assemble(composed.conditions, add_noise(targets, noise, t))
         text = layout.assemble(composed.condition_text, composed.target_text, dim=1)
         per_token = self.cfg.diffusion.timestep_mode == "per_token"
-        tokens = self.adapter.tokens_per_frame(*sequence.shape[-2:])
-        timesteps = dit_timesteps(t, layout.target_frames(), tokens, per_token)
+        timesteps = dit_timesteps(t, layout.target_frames(), per_token)
         prediction = self.adapter.predict_velocity(sequence, timesteps, text, layout, capture)
         # Condition frames stand in the target only to keep shapes aligned; the frame mask excludes them.
         target = layout.assemble(composed.conditions, velocity_target(targets, noise))
@@ -152,8 +154,9 @@ class DreamShotModule(L.LightningModule):
         grid = (composed.targets.shape[-2] // p_h, composed.targets.shape[-1] // p_w)
         masks = token_grid_masks(composed.frame_masks, grid, self.cfg.racl.mask_threshold)
         targets = composed.layout.target_frames().to(masks.device)
-        plans = [build_role_plan(m.flatten(-2), targets, self.cfg.racl.absent_negative) for m in masks]
-        return RoleCapture(plans, frozenset(self.cfg.racl_blocks()))
+        absent_negative = self.cfg.racl.absent_negative
+        plans = [build_role_plan(m.flatten(-2), targets, absent_negative) for m in masks]
+        return RoleCapture(plans, frozenset(self.cfg.racl_blocks()), with_mass=absent_negative)
 
     def negative_text(self) -> torch.Tensor:
         """(L, D) embedding of the negative prompt, encoded once per device."""
@@ -197,8 +200,10 @@ class DreamShotModule(L.LightningModule):
             eps=opt.eps,
             weight_decay=opt.weight_decay,
         )
-        warmup = max(opt.warmup_steps, 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total = self.cfg.trainer.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, opt.warmup_steps, total, opt.schedule, opt.min_lr_ratio)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- checkpoints: LoRA weights and training state only -------------------------------------------------

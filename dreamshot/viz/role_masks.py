@@ -1,7 +1,9 @@
 """Role masks on the DiT's token grid drawn over the images they come from (the RACL labels, DESIGN §2).
 
-Each role gets a colour; a token cell that belongs to a role is tinted with it, so one can check at a glance
-that the coverage threshold keeps the roles and that the 16×16-pixel grid is coarse where it is.
+The images are shown in grey, so every colour on the sheet is a label, never a character's own colour. Each
+role gets a colour; a token cell that belongs to the role is tinted with it and outlined, and the legend says
+which role each colour is, so one can check at a glance that the coverage threshold keeps the roles and that the
+16×16-pixel grid is coarse where it is.
 """
 
 from __future__ import annotations
@@ -26,15 +28,29 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def role_colour(role: int) -> tuple[int, int, int]:
+    return ROLE_COLOURS[role % len(ROLE_COLOURS)]
+
+
 def overlay_token_masks(image: torch.Tensor, token_masks: torch.Tensor, alpha: float = 0.55) -> Image.Image:
-    """image: (3, H, W) in [-1, 1]; token_masks: (R, h, w) bool. Role r's cells are tinted with colour r."""
-    base = np.asarray(to_pil(image), dtype=np.float32)
+    """image: (3, H, W) in [-1, 1]; token_masks: (R, h, w) bool. The image in grey; role r's cells tinted with
+    colour r, and the edge of its region drawn in it."""
+    grey = np.asarray(to_pil(image).convert("L").convert("RGB"), dtype=np.float32)
+    base = grey.copy()
     scale = base.shape[0] // token_masks.shape[-2]
     for role, cells in enumerate(token_masks):
         pixels = cells.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
-        colour = np.array(ROLE_COLOURS[role % len(ROLE_COLOURS)], dtype=np.float32)
+        colour = np.array(role_colour(role), dtype=np.float32)
         base[pixels] = (1 - alpha) * base[pixels] + alpha * colour
+        base[_edge(pixels)] = colour
     return Image.fromarray(base.round().astype(np.uint8))
+
+
+def _edge(region: np.ndarray) -> np.ndarray:
+    """The pixels of `region` (H, W) bool next to a pixel outside it (or the border)."""
+    padded = np.pad(region, 1, constant_values=False)
+    inside = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return region & ~inside
 
 
 def role_mask_sheet(sample: dict, threshold: float) -> Image.Image:
@@ -48,7 +64,15 @@ def role_mask_sheet(sample: dict, threshold: float) -> Image.Image:
         for k, image in enumerate(sample["refs"])
     ]
     shots = [overlay_token_masks(image, masks) for image, masks in zip(sample["shots"], shot_tokens, strict=True)]
-    return contact_sheet(shots, _captions(sample["shot_texts"]), references, _captions(sample["ref_texts"]))
+    legend = [(role_colour(k), f"role {k + 1}: {text}") for k, text in enumerate(sample["ref_texts"])]
+    return contact_sheet(
+        shots,
+        _captions(sample["shot_texts"]),
+        references,
+        _captions(sample["ref_texts"]),
+        title=f"RACL labels of {sample['id']}: token cells covered >= {threshold:g} by a role (images in grey)",
+        legend=legend,
+    )
 
 
 def _only_role(mask: torch.Tensor, role: int, roles: int) -> torch.Tensor:

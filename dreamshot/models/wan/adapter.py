@@ -15,8 +15,8 @@ from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.attention import use_shotwise_cross_attention
 from dreamshot.models.wan.build import build_components
 from dreamshot.models.wan.context_parallel import ContextParallel
-from dreamshot.models.wan.forward import compile_blocks, run_block, storyboard_forward
-from dreamshot.models.wan.latents import decode_shots, encode_references, encode_shots
+from dreamshot.models.wan.forward import compile_blocks, run_block, storyboard_forward, use_frame_modulation
+from dreamshot.models.wan.latents import decode_in_context, encode_references, encode_shots
 from dreamshot.models.wan.lora import apply_lora, load_lora_state_dict, lora_state_dict
 from dreamshot.models.wan.role_capture import RoleCapture, use_role_capture, use_storyboard_self_attention
 from dreamshot.models.wan.rope import storyboard_rotary_emb
@@ -42,6 +42,7 @@ class WanAdapter(nn.Module):
         self.text_encoder = parts.text_encoder
         self.tokenizer = parts.tokenizer
         use_shotwise_cross_attention(self.transformer, cfg.text_len)
+        use_frame_modulation(self.transformer)
         use_storyboard_self_attention(self.transformer)
         use_role_capture(self.transformer, capture_blocks or [])
         apply_lora(self.transformer, cfg.lora)
@@ -70,10 +71,6 @@ class WanAdapter(nn.Module):
     def patch_size(self) -> tuple[int, int, int]:
         return tuple(self.transformer.config.patch_size)
 
-    def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
-        _, p_h, p_w = self.patch_size
-        return (latent_height // p_h) * (latent_width // p_w)
-
     @torch.no_grad()
     def encode_text(self, texts: list[list[str]]) -> torch.Tensor:
         """Texts (B rows of F strings) -> (B, F, L, D) umT5 embeddings, zero after each text's end."""
@@ -95,9 +92,17 @@ class WanAdapter(nn.Module):
         )
 
     @torch.no_grad()
-    def decode_shots(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, N, h, w) normalised latents -> (B, N, 3, H, W) images in [-1, 1]."""
-        return decode_shots(self.vae, latents)
+    def decode_shots(
+        self,
+        targets: torch.Tensor,
+        target_positions: list[int],
+        given: torch.Tensor | None = None,
+        given_positions: list[int] | None = None,
+    ) -> torch.Tensor:
+        """(B, C, N, h, w) normalised target latents at their story positions -> (B, N, 3, H, W) in [-1, 1],
+        decoded in one stream with the given shots' latents (B, C, M, h, w) when there are any."""
+        given = targets[:, :, :0] if given is None else given
+        return decode_in_context(self.vae, given, targets, given_positions or [], target_positions)
 
     def predict_velocity(
         self,
@@ -109,7 +114,7 @@ class WanAdapter(nn.Module):
     ) -> torch.Tensor:
         """v_θ for one storyboard sequence.
 
-        latents: (B, C, F, h, w) in the layout's sequence order; timesteps: (B,) or (B, T) per token;
+        latents: (B, C, F, h, w) in the layout's sequence order; timesteps: (B,) or (B, F) per frame;
         text: (B, F, L, D), each frame's own text in the same order. Returns (B, C, F, h, w).
         With `capture`, the captured blocks also fill `capture.maps` with role-attention maps.
         """

@@ -12,6 +12,8 @@ its own dtype, without gradients.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 # Pixel frames per latent frame after the first one.
@@ -84,6 +86,31 @@ def decode_shots(vae, latents: torch.Tensor) -> torch.Tensor:
     video = vae.decode(z, return_dict=False)[0]
     frames = torch.arange(latents.shape[2], device=video.device) * TEMPORAL_GROUP
     return video.index_select(2, frames).transpose(1, 2)
+
+
+@torch.no_grad()
+def decode_in_context(
+    vae,
+    given: torch.Tensor,
+    targets: torch.Tensor,
+    given_positions: Sequence[int],
+    target_positions: Sequence[int],
+) -> torch.Tensor:
+    """Decode target shot latents inside the shot stream they belong to: (B, N, 3, H, W) in [-1, 1].
+
+    given: (B, C, M, h, w) clean shot latents at story positions `given_positions`; targets: (B, C, N, h, w) at
+    `target_positions`. Training encodes a storyboard's shots as one stream, so the latent of a shot after the
+    first is a 4-frame-group latent whose meaning depends on the shots before it; decoding it alone would send it
+    through the VAE's first-frame path instead. So the given and target latents are decoded as one stream in story
+    order and each target takes its own frame of it (`decode_shots`). Without given shots this is
+    `decode_shots(vae, targets)`.
+    """
+    positions = [*given_positions, *target_positions]
+    order = sorted(range(len(positions)), key=positions.__getitem__)
+    stream = torch.cat([given, targets], dim=2)[:, :, order]
+    images = decode_shots(vae, stream)
+    frame_of = {latent: frame for frame, latent in enumerate(order)}
+    return images[:, [frame_of[given.shape[2] + n] for n in range(targets.shape[2])]]
 
 
 @torch.no_grad()

@@ -3,9 +3,10 @@
 Every block's self-attention is `StoryboardSelfAttnProcessor`: Wan's T2V self-attention, its attention call made
 through the block's `SequenceShard` (the context-parallel seam, `context_parallel.py`: the plain fused kernel
 through diffusers' attention dispatch without context parallelism). In the configured blocks,
-`RoleCaptureSelfAttnProcessor` runs the same self-attention and, only while its block runs under a `RoleCapture`, also
-forms the role-attention maps from the same post-qk-norm, post-RoPE queries and keys
-(`dreamshot.diffusion.racl.role_attention_maps`: only the role query rows, one target shot at a time).
+`RoleCaptureSelfAttnProcessor` runs the same self-attention and, only while its block runs under a `RoleCapture`,
+also forms the role-attention maps (and, for absent roles, the attention masses) from the same post-qk-norm,
+post-RoPE queries and keys (`dreamshot.diffusion.racl.role_attention_maps`: only the role query rows, one
+target shot at a time, in float32).
 
 The capture is switched on by the block runner for the duration of one block call, inside the function that
 gradient checkpointing replays, so a recomputed block captures again and nothing is left on the processor
@@ -37,15 +38,20 @@ class RoleCapture:
     blocks: frozenset[int]
     # Materialise the full attention matrix instead (reference for tests and the benchmark only).
     naive: bool = False
+    # Also capture the attention masses (racl.absent_negative).
+    with_mass: bool = False
     # block index -> one (P, N, S) map per sample
     maps: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # block index -> one (P, N) attention mass per sample (with_mass only)
+    masses: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
     def block_mean(self) -> list[torch.Tensor]:
         """Per sample, the maps averaged over the captured blocks: (P, N, S)."""
-        if not self.maps:
-            raise RuntimeError("no block captured role attention: check racl.blocks against the model depth")
-        per_block = list(self.maps.values())
-        return [torch.stack(maps).mean(0) for maps in zip(*per_block, strict=True)]
+        return _mean_over_blocks(self.maps)
+
+    def block_mean_mass(self) -> list[torch.Tensor]:
+        """Per sample, the attention masses averaged over the captured blocks: (P, N)."""
+        return _mean_over_blocks(self.masses)
 
     def runner(self, index: int, block, hidden, text, temb, rotary_emb) -> torch.Tensor:
         """A `BlockRunner`: runs a block, capturing in it when it is one of `blocks`."""
@@ -60,6 +66,12 @@ class RoleCapture:
                 return block(hidden, text, temb, rotary_emb)
         finally:
             processor.sink = None
+
+
+def _mean_over_blocks(per_block: dict[int, list[torch.Tensor]]) -> list[torch.Tensor]:
+    if not per_block:
+        raise RuntimeError("no block captured role attention: check racl.blocks against the model depth")
+    return [torch.stack(blocks).mean(0) for blocks in zip(*per_block.values(), strict=True)]
 
 
 class StoryboardSelfAttnProcessor:
@@ -94,17 +106,22 @@ class RoleCaptureSelfAttnProcessor(StoryboardSelfAttnProcessor):
         self.sink: tuple[RoleCapture, int] | None = None
 
     def capture(self, query: torch.Tensor, key: torch.Tensor) -> None:
-        """Under context parallelism each rank scores its own source rows against every key; the partial maps
-        (sums over rows) add up over the group to the maps of the whole sequence."""
+        """Under context parallelism each rank scores its own source rows against every key; the partial maps and
+        masses (sums over rows) add up over the group to those of the whole sequence."""
         if self.sink is None:
             return
         capture, index = self.sink
         maps_fn = naive_role_attention_maps if capture.naive else role_attention_maps
         keys = self.shard.gather(key)
-        capture.maps[index] = [
-            self.shard.sum(maps_fn(query[b], keys[b], self.shard.local_rows(plan.source_weights), plan.target_tokens))
+        captured = [
+            maps_fn(
+                query[b], keys[b], self.shard.local_rows(plan.source_weights), plan.target_tokens, capture.with_mass
+            )
             for b, plan in enumerate(capture.plans)
         ]
+        capture.maps[index] = [self.shard.sum(attention.maps) for attention in captured]
+        if capture.with_mass:
+            capture.masses[index] = [self.shard.sum(attention.mass) for attention in captured]
 
 
 def use_storyboard_self_attention(transformer) -> None:

@@ -1,0 +1,81 @@
+"""A storyboard drawn during training (`trainer.sample`): every n optimizer steps, the model being trained draws
+one storyboard — a story file, or the run's first validation storyboard from its references and annotations —
+into `<output_dir>/samples/step<N>.png` (a contact sheet, the validation storyboard's true shots under the drawn
+ones) and logs it to W&B as `samples/storyboard`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
+
+from dreamshot.config.schema import Config
+from dreamshot.data.dataset import StoryboardDataset, load_images
+from dreamshot.inference.contact_sheet import contact_sheet
+from dreamshot.inference.outputs import save_png, to_image
+from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest
+from dreamshot.inference.story import Story, load_story, story_request
+
+SAMPLES_DIR = "samples"
+
+
+class SampleStoryboard(L.Callback):
+    def __init__(self, cfg: Config, output_dir: Path) -> None:
+        self.cfg = cfg
+        self.folder = Path(output_dir) / SAMPLES_DIR
+        # A story file is read (and checked) now, before training starts.
+        self.story: Story | None = load_story(cfg.trainer.sample.story) if cfg.trainer.sample.story else None
+        self.last_step = -1
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        # With gradient accumulation global_step stays put for several batches: draw once per step.
+        if step == 0 or step % self.cfg.trainer.sample.every_n_steps or step == self.last_step:
+            return
+        self.last_step = step
+        sheet = self.draw(pl_module, trainer.datamodule.val_set, step)
+        save_png(sheet, self.folder / f"step{step:06d}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples/storyboard", [sheet], step=step)
+
+    def draw(self, pl_module: L.LightningModule, val_set: StoryboardDataset, step: int) -> Image.Image:
+        """The storyboard drawn with the module's current weights, as a contact sheet."""
+        request, truth = self._request(val_set)
+        adapter = pl_module.adapter
+        was_training = adapter.training
+        adapter.eval()
+        try:
+            seed, steps = self.cfg.inference.seed, self.cfg.trainer.sample.steps
+            result = StoryboardPipeline(adapter, self.cfg)(request, seed=seed, steps=steps, progress=False)
+        finally:
+            adapter.train(was_training)
+        references = [] if request.references is None else [to_image((r + 1) / 2) for r in request.references]
+        return contact_sheet(
+            [to_image(pixels) for pixels in result.images],
+            request.shot_texts,
+            references,
+            request.reference_texts,
+            title=f"{self.cfg.name} · step {step} · {result.mode} · seed {seed} · {steps} sampler steps",
+            ground_truth=truth,
+        )
+
+    def _request(self, val_set: StoryboardDataset) -> tuple[StoryboardRequest, list[Image.Image] | None]:
+        """What to draw, and the true shots when it is a validation storyboard."""
+        if self.story is not None:
+            size = self.story.size or (self.cfg.data.resolution[0], self.cfg.data.resolution[1])
+            return story_request(self.story, size), None
+        record, size, window = val_set.records[0], val_set.resolutions[0], val_set.window(0)
+        shots, refs = load_images(record, size, window)  # images even when training reads a latent cache
+        request = StoryboardRequest(
+            shot_texts=[record.shots[n].annotation for n in window],
+            size=size,
+            references=refs if len(refs) else None,
+            reference_texts=[ref.prompt for ref in record.references],
+        )
+        return request, [to_image((shot + 1) / 2) for shot in shots]

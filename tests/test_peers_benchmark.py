@@ -1,0 +1,59 @@
+"""benchmarks/peers.py: DreamShot's training and sampling steps side by side with DiffSynth-Studio and diffusers.
+
+The end-to-end run needs the bench extra (`pip install -e '.[bench]'`) and is skipped without it; the timing
+helper needs nothing beyond the project's own dependencies.
+"""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def peers(monkeypatch):
+    """The script's namespace (its sibling modules importable as it imports them when run from benchmarks/)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return runpy.run_path(str(BENCHMARKS / "peers.py"), run_name="peers")
+
+
+def test_interleaved_alternates_the_order_and_drops_the_warm_up_round(peers):
+    calls = []
+
+    def side(name, seconds):
+        def run():
+            calls.append(name)
+            return [seconds[len([c for c in calls if c == name]) - 1]]
+
+        return run
+
+    medians = peers["interleaved"]({"a": side("a", [9.0, 1.0, 2.0, 3.0]), "b": side("b", [9.0, 5.0, 7.0, 6.0])}, 3)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert medians == {"a": 2.0, "b": 6.0}
+
+
+@pytest.mark.slow
+def test_peers_benchmark_runs_every_row_on_the_tiny_wan(peers, capsys):
+    pytest.importorskip("diffsynth")
+    argv = ["--shape", "tiny", "--resolution", "32x48", "--steps", "1", "--sample-calls", "1", "--sample-steps", "2"]
+    peers["main"](argv)
+    out = capsys.readouterr().out
+    # The two DiTs are the same model: equal frozen and LoRA parameter counts (the script stops otherwise).
+    assert "frozen DiT parameters 85,840 = 85,840" in out
+    assert "LoRA parameters 16,896 = 16,896" in out
+    assert "11 latent frames × 6 tokens" in out
+    rows = {
+        line.split()[0] + " " + line.split()[1]: line.split()
+        for line in out.splitlines()
+        if line[:6] in ("train ", "sample")
+    }
+    assert set(rows) == {"train fm", "train racl", "sample t2s", "sample r2s"}
+    # Training: both sides process the same tokens; sampling r2s: our three branches against diffusers' two.
+    assert rows["train fm"][5] == "66/66" and rows["sample t2s"][5] == "96/96" and rows["sample r2s"][5] == "180/132"
+    for fields in rows.values():
+        ours, peer, ratio = float(fields[3]), float(fields[4]), float(fields[6].rstrip("×"))
+        assert ours > 0 and peer > 0 and ratio > 0
