@@ -161,7 +161,8 @@ def test_the_sheet_is_titled_and_shows_given_shots_first_and_marks_re_rolls(stor
     assert len(shots) == 4 and captions[0] == "Earlier: <Role 1> alone."
     # Given shot first, then the story's three shots, the re-rolled third on its second take.
     assert options["tags"] == ["given", "", "", "take 2"]
-    assert options["title"].startswith("s2s · seed 1 · 2 steps · weights ") and "lora.safetensors" in options["title"]
+    title = options["title"]
+    assert title.startswith("r2s_s2s · seed 1 · 2 steps · weights ") and "lora.safetensors" in title
 
 
 def test_an_annotation_naming_a_role_without_a_reference_warns(run_dir, tmp_path, capsys):
@@ -183,11 +184,11 @@ def test_a_condition_set_the_run_never_trained_is_refused(generated, story, run_
     (run / "config.yaml").write_text(to_yaml(cfg))
     out = tmp_path / "out"
     shutil.copytree(generated, out)
-    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    before = _folder_bytes(out)
     assert main(["generate", str(story), "--run", str(run), "--out", str(out), "--regenerate", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "storyboard.modes.r2s_s2s" in err and "Traceback" not in err
-    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert _folder_bytes(out) == before
     # The same run still draws what it trained: the r2s storyboard itself.
     assert main(["generate", str(story), "--run", str(run), "--out", str(tmp_path / "fresh")]) == 0
 
@@ -325,3 +326,7 @@ def test_generate_help_states_the_precedence_it_refers_to(capsys):
     assert "see precedence" not in text
     assert "the previous seed + 1, else the story's, else inference.seed" in text
     assert "the story's steps, else inference.steps" in text
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
