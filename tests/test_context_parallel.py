@@ -20,17 +20,19 @@ from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.context_parallel import ContextParallel
 from dreamshot.training.module import DreamShotModule
+from dreamshot.training.strategy import ContextParallelDDPStrategy
 
 TOLERANCE = 1e-5
 SIZE = (48, 80)  # 3 x 5 = 15 tokens per frame
 # (layout, mode, given shots, gradient checkpointing): every frame count below is odd (K = 2 references, N = 3
-# shots, 1 of them given in s2s).
+# shots, 1 of them given in s2s and r2s_s2s).
 CASES = [
     ("refs_first", "r2s", 0, False),
     ("last", "r2s", 0, True),
     ("refs_first", "t2s", 0, False),
     ("refs_first", "s2s", 1, True),
     ("last", "s2s", 1, False),
+    ("refs_first", "r2s_s2s", 1, False),
 ]
 
 
@@ -202,3 +204,20 @@ def test_two_processes_sample_the_storyboard_of_one(group_differences):
     for rank, differences in enumerate(ranks["sampling"] for ranks in group_differences):
         for name, difference in differences.items():
             assert difference < TOLERANCE, f"rank {rank}: {name} differs by {difference:.2e}"
+
+
+def test_strategies_shard_data_over_data_parallel_ranks_only():
+    """A context-parallel group is one data-parallel replica: 4 ranks in groups of 2 are 2 replicas."""
+    config = Config().trainer.context_parallel
+    config.degree = 2
+
+    class OfRank(ContextParallelDDPStrategy):
+        world_size = 4
+        global_rank = property(lambda self: self.rank_for_test)
+
+    seen = []
+    for rank in range(4):
+        strategy = OfRank(config)
+        strategy.rank_for_test = rank
+        seen.append(strategy.distributed_sampler_kwargs)
+    assert seen == [{"num_replicas": 2, "rank": r} for r in (0, 0, 1, 1)]

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from dreamshot.cli import main
 from dreamshot.config.load import load_config
 from dreamshot.training.callbacks import EXPORT_FILES
+from dreamshot.training.strategy import build_strategy
 from dreamshot.training.train import train
 
 STEPS = 3
@@ -38,12 +39,15 @@ OVERRIDES = [
     f"trainer.checkpoint_every_n_steps={STEPS}",
     "trainer.val_check_interval=100",
 ]
+# ZeRO-2 in float32, so that it can equal the float32 twin.
+ZERO2 = ["trainer.strategy=deepspeed_stage_2", "trainer.precision=32-true"]
 # The twin: one process, no context parallelism, and windows as long as the CP run's (whole storyboards).
 ALONE = ["trainer=cpu", "trainer.context_parallel.degree=1", "data.max_shots=30"]
 
 
 class RecordBatches(L.Callback):
-    """Writes `batches_rank<r>.json` ([ids, shots, loss] per step) and `lora_rank<r>.safetensors` per rank."""
+    """Writes `batches_rank<r>.json` ([ids, shots, loss] per step), `degree_rank<r>` (the context-parallel degree
+    the adapter ran with) and `lora_rank<r>.safetensors` per rank."""
 
     def __init__(self, output_dir: Path) -> None:
         self.output_dir, self.batches = output_dir, []
@@ -54,6 +58,7 @@ class RecordBatches(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         rank = trainer.global_rank
         (self.output_dir / f"batches_rank{rank}.json").write_text(json.dumps(self.batches))
+        (self.output_dir / f"degree_rank{rank}").write_text(str(pl_module.adapter.context_parallel.degree))
         lora = {k: v.detach().clone().contiguous() for k, v in pl_module.adapter.lora_state_dict().items()}
         save_file(lora, self.output_dir / f"lora_rank{rank}.safetensors")
 
@@ -63,18 +68,45 @@ def _train(output_dir: Path, *overrides: str) -> None:
     train(cfg, callbacks=[RecordBatches(output_dir)])
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, Path]:
-    shared, alone = tmp_path_factory.mktemp("cp") / "run", tmp_path_factory.mktemp("alone") / "run"
-    shared.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    result = subprocess.run(
-        [sys.executable, __file__, str(shared)], env=env, capture_output=True, text=True, timeout=600
+def _train_with_zero2_on_cpu(output_dir: Path) -> None:
+    """toy_long_storyboard under DeepSpeed ZeRO-2, through DeepSpeed's CPU accelerator (test_strategy's shim)."""
+    from test_strategy import _run_on_deepspeeds_cpu_accelerator
+
+    from dreamshot.training import train as train_module
+
+    def build(trainer, micro_batch):
+        strategy = build_strategy(trainer, micro_batch)
+        _run_on_deepspeeds_cpu_accelerator(strategy)
+        return strategy
+
+    train_module.build_strategy = build
+    cfg = load_config(
+        "toy_long_storyboard", [*OVERRIDES, *ZERO2, "trainer.accelerator=gpu", f"output_dir={output_dir}"]
     )
+    cfg.trainer.accelerator = "cpu"  # after validation, which wants DeepSpeed on GPUs
+    train_module.train(cfg, callbacks=[RecordBatches(output_dir)])
+
+
+def _launch(output_dir: Path, *flags: str) -> Path:
+    output_dir.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    command = [sys.executable, __file__, str(output_dir), *flags]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    alone.mkdir()
-    _train(alone, *ALONE)
-    return shared, alone
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("alone") / "run"
+    out.mkdir()
+    _train(out, *ALONE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, alone) -> tuple[Path, Path]:
+    return _launch(tmp_path_factory.mktemp("cp") / "run"), alone
 
 
 @pytest.mark.slow
@@ -82,6 +114,7 @@ def test_both_ranks_train_the_same_whole_long_storyboards(runs):
     shared, alone = runs
     ranks = [json.loads((shared / f"batches_rank{rank}.json").read_text()) for rank in range(2)]
     twin = json.loads((alone / "batches_rank0.json").read_text())
+    assert [(shared / f"degree_rank{rank}").read_text() for rank in range(2)] == ["2", "2"]
     assert [ids for ids, _, _ in ranks[0]] == [ids for ids, _, _ in ranks[1]] == [ids for ids, _, _ in twin]
     assert all(shots >= 24 for _, shots, _ in ranks[0]), "a storyboard was cut to data.max_shots"
     for (_, _, loss), (_, _, loss_1), (_, _, twin_loss) in zip(*ranks, twin, strict=True):
@@ -97,6 +130,16 @@ def test_lora_equals_the_one_process_run(runs):
     for key, value in exported.items():
         torch.testing.assert_close(value, twin[key], atol=1e-5, rtol=0, msg=key)
     assert torch.load(shared / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
+
+
+@pytest.mark.slow
+def test_zero2_with_context_parallelism_reaches_the_lora_of_one_process(tmp_path, alone):
+    shared = _launch(tmp_path / "zero2", "--zero2")
+    assert [(shared / f"degree_rank{rank}").read_text() for rank in range(2)] == ["2", "2"]
+    exported, twin = load_file(shared / EXPORT_FILES["peft"]), load_file(alone / EXPORT_FILES["peft"])
+    assert exported.keys() == twin.keys()
+    for key, value in exported.items():
+        torch.testing.assert_close(value, twin[key], atol=1e-5, rtol=0, msg=key)
 
 
 def _story(folder: Path) -> Path:
@@ -132,4 +175,7 @@ def test_torchrun_generate_draws_the_shots_of_one_process(tmp_path):
 
 
 if __name__ == "__main__":
-    _train(Path(sys.argv[1]))
+    if "--zero2" in sys.argv:
+        _train_with_zero2_on_cpu(Path(sys.argv[1]))
+    else:
+        _train(Path(sys.argv[1]))

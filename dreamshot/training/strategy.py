@@ -81,8 +81,8 @@ class HostsContextParallel:
         self.context_parallel_config = config
         self.context_parallel = ContextParallel()
 
-    def setup_environment(self) -> None:
-        super().setup_environment()
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
         config = self.context_parallel_config
         if config.degree > 1:
             mesh = build_mesh(self.world_size, config.degree, config.attention, self.root_device.type)
