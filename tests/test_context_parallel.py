@@ -221,3 +221,22 @@ def test_strategies_shard_data_over_data_parallel_ranks_only():
         strategy.rank_for_test = rank
         seen.append(strategy.distributed_sampler_kwargs)
     assert seen == [{"num_replicas": 2, "rank": r} for r in (0, 0, 1, 1)]
+
+
+def compare_compiled_step(cp: ContextParallel) -> dict[str, float]:
+    """`compare_step` of one r2s storyboard with compiled blocks (the non-capturing blocks run compiled)."""
+    module = DreamShotModule(_config("refs_first", False))
+    module.adapter = WanAdapter.seeded(module.cfg.model, module.cfg.seed, capture_blocks=[0], compiled=True)
+    _random_lora(module)
+    plan, batch = BatchPlan("r2s", 0, False, (False,)), _batch()
+    alone = _step(module, batch, plan)
+    module.adapter.context_parallel = cp
+    shared = _step(module, batch, plan)
+    return {name: (shared[name] - alone[name]).abs().max().item() for name in ("prediction", "loss", "maps")}
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_context_parallelism_equal_one_process():
+    for rank, differences in enumerate(run_group(compare_compiled_step, 2)):
+        for name, difference in differences.items():
+            assert difference < TOLERANCE, f"rank {rank}: {name} differs by {difference:.2e}"

@@ -179,3 +179,14 @@ if __name__ == "__main__":
         _train_with_zero2_on_cpu(Path(sys.argv[1]))
     else:
         _train(Path(sys.argv[1]))
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_runs_on_a_torchrun_group():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)]
+    command = [*torchrun, "--tiny", "--device", "cpu", "--steps", "1", "--shots", "7"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("GPU-seconds per 1k tokens") == 1 and "(context parallel 2)" in result.stdout

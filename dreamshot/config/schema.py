@@ -115,7 +115,8 @@ class DataConfig:
     resolution: list[int] = field(default_factory=lambda: [64, 112])
     # Use aspect-ratio buckets of about the area of `resolution` (False: every group at `resolution`).
     aspect_buckets: bool = False
-    # Longer storyboards are cut to a random window of this many consecutive shots.
+    # Longer storyboards are cut to a random window of this many consecutive shots (with trainer.context_parallel
+    # on: of the most shots that fit trainer.device_memory_gib, as the planner predicts).
     max_shots: int = 12
     batch_size: int = 1
     num_workers: int = 0

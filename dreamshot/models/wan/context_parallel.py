@@ -258,7 +258,7 @@ class SequenceShard:
         Differentiable: the backward sums every rank's gradient of its copy (reduce-scatter)."""
         if self.cp.degree == 1:
             return x
-        whole = funcol.all_gather_single(x.contiguous(), dim, self.cp.group)
+        whole = _waited(funcol.all_gather_single(x.contiguous(), dim, self.cp.group))
         return whole.narrow(dim, 0, self.length)
 
     def local_rows(self, weights: torch.Tensor) -> torch.Tensor:
@@ -269,7 +269,7 @@ class SequenceShard:
         """Sum of every rank's `x` (same shape on all), on every rank. Differentiable (all-reduce backward)."""
         if self.cp.degree == 1:
             return x
-        return funcol.all_reduce(x.contiguous(), "sum", self.cp.group)
+        return _waited(funcol.all_reduce(x.contiguous(), "sum", self.cp.group))
 
     # --- binding to the blocks -----------------------------------------------------------------------------
 
@@ -288,6 +288,12 @@ class SequenceShard:
                     processor.shard = None
 
         return run
+
+
+def _waited(x: torch.Tensor) -> torch.Tensor:
+    """A functional collective's result once it has arrived (its autograd kept): the first use would wait for it
+    anyway, but a result whose only uses are views is otherwise never waited on."""
+    return funcol.wait_tensor(x)
 
 
 # What an attention processor works with outside a context-parallel forward: the whole sequence, plain attention.
