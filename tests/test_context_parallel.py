@@ -226,7 +226,9 @@ def test_strategies_shard_data_over_data_parallel_ranks_only():
 def compare_compiled_step(cp: ContextParallel) -> dict[str, float]:
     """`compare_step` of one r2s storyboard with compiled blocks (the non-capturing blocks run compiled)."""
     module = DreamShotModule(_config("refs_first", False))
-    module.adapter = WanAdapter.seeded(module.cfg.model, module.cfg.seed, capture_blocks=[0], compiled=True)
+    module.adapter = WanAdapter.seeded(
+        module.cfg.model, module.cfg.seed, capture_blocks=module.cfg.racl_blocks(), compiled=True
+    )
     _random_lora(module)
     plan, batch = BatchPlan("r2s", 0, False, (False,)), _batch()
     alone = _step(module, batch, plan)

@@ -34,6 +34,9 @@ from dreamshot.training.train import train
 STEPS = 3
 OVERRIDES = [
     "logger=csv",
+    # Rank 0 draws a storyboard alone while the group trains: it must not wait for its group.
+    "trainer.sample.every_n_steps=2",
+    "trainer.sample.steps=1",
     "data.toy.groups=3",
     f"trainer.max_steps={STEPS}",
     f"trainer.checkpoint_every_n_steps={STEPS}",
@@ -115,6 +118,7 @@ def test_both_ranks_train_the_same_whole_long_storyboards(runs):
     ranks = [json.loads((shared / f"batches_rank{rank}.json").read_text()) for rank in range(2)]
     twin = json.loads((alone / "batches_rank0.json").read_text())
     assert [(shared / f"degree_rank{rank}").read_text() for rank in range(2)] == ["2", "2"]
+    assert (shared / "samples" / "step000002.png").is_file()
     assert [ids for ids, _, _ in ranks[0]] == [ids for ids, _, _ in ranks[1]] == [ids for ids, _, _ in twin]
     assert all(shots >= 24 for _, shots, _ in ranks[0]), "a storyboard was cut to data.max_shots"
     for (_, _, loss), (_, _, loss_1), (_, _, twin_loss) in zip(*ranks, twin, strict=True):
