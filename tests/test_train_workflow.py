@@ -55,7 +55,8 @@ def test_without_a_terminal_a_line_is_printed_every_n_steps(tmp_path: Path):
 
 
 def _offline_run_ids(out: Path) -> list[str]:
-    return [path.name.rsplit("-", 1)[1] for path in sorted((out / "wandb").glob("offline-run-*"))]
+    # The id from each run's log file: a folder's name gains a "-1" suffix when two launches start in one second.
+    return [path.stem.removeprefix("run-") for path in sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))]
 
 
 def test_a_resumed_run_continues_its_wandb_run_and_logs_a_csv_beside_it(tmp_path: Path):

@@ -6,6 +6,11 @@ storyboards are drawn first; with --outputs an existing folder in ViStoryBench's
 …) is scored. Writes results.json and results.csv into --out, logs a W&B table when the logger is W&B, and prints
 the results beside the paper's published rows for the benchmark and mode. A metric whose weights are not set is
 reported as missing.
+
+Run it again with the same --out and only what is missing is drawn and scored again (cached features, judge
+answers); `--redraw` draws again a folder drawn with another config (else refused). Under
+`torchrun --nproc-per-node N -m dreamshot.cli eval ...` the stories are shared by the N processes
+(docs/evaluation.md "Several GPUs").
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import torch
 from dreamshot.config.load import load_config
 from dreamshot.config.schema import EVAL_BENCHMARKS, EVAL_MODES, Config
 from dreamshot.eval.runner import evaluate
-from dreamshot.inference.loading import add_weight_arguments, load_model, resolve_config, run_weights
+from dreamshot.eval.sharding import Ranks
+from dreamshot.inference.loading import add_weight_arguments, load_model, read_lora, resolve_config, run_weights
 from dreamshot.inference.pipeline import StoryboardPipeline
 from dreamshot.training.callbacks import LORA_FILE
 from dreamshot.utils.errors import DataError
@@ -35,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--label", help="name of this run's row in the table (default: the weights' name)")
     parser.add_argument("--device", default=None, help="torch device (default: eval.device, else cuda when available)")
+    parser.add_argument(
+        "--redraw", action="store_true", help="draw again the stories of an --out folder drawn with another config"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -48,11 +57,24 @@ def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device or cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = args.out or Path("outputs") / "eval" / f"{scored_name(args, cfg)}-{cfg.eval.benchmark}-{cfg.eval.mode}"
     label = args.label or _label(args)
-    if args.outputs:
-        evaluate(cfg, out, device, label, outputs=args.outputs)
-        return
-    cfg, adapter = load_model(cfg, weights, device)
-    evaluate(cfg, out, device, label, pipeline=StoryboardPipeline(adapter, cfg))
+    ranks = Ranks.from_environment(device.type)
+    device = ranks.device(device)
+    try:
+        if args.outputs:
+            evaluate(cfg, out, device, label, outputs=args.outputs, ranks=ranks)
+            return
+
+        # The LoRA is read (and checked) now, before anything is written; the model is built only by a rank with a
+        # story left to draw.
+        lora = read_lora(weights) if weights is not None else None
+
+        def load_pipeline() -> StoryboardPipeline:
+            model_cfg, adapter = load_model(cfg, weights, device, lora)
+            return StoryboardPipeline(adapter, model_cfg)
+
+        evaluate(cfg, out, device, label, load_pipeline, weights=weights, ranks=ranks, redraw=args.redraw)
+    finally:
+        ranks.close()
 
 
 def scored_name(args: argparse.Namespace, cfg: Config) -> str:

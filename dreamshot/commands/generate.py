@@ -6,7 +6,9 @@ other shot is read back from its PNG (which is not rewritten) and given to the m
 the references; the re-rolled shots' earlier takes move to `DIR/takes/` (`outputs.py`). Every kept
 shot keeps its story position. A run whose mode mix never trained the condition set a call needs (a re-roll of an
 r2s storyboard needs references and given shots together: `storyboard.modes.r2s_s2s`) is refused with one line
-naming the key, before a model is built.
+naming the key, before a model is built. STORY may be a folder of story files: each is drawn into
+`DIR/<file stem>/`, resumably and, under torchrun, shared by the processes (`dreamshot.eval.story_folder`;
+`--redraw` as for `dreamshot eval`).
 
 Precedence (also in `--help`): the noise seed is `--seed`, else (re-roll) the previous run's seed + 1, else the
 story's `seed`, else `inference.seed`; the steps are `--steps`, else the story's `steps`, else
@@ -31,7 +33,9 @@ from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
 from dreamshot.diffusion.conditioning import check_trained
-from dreamshot.inference.loading import add_weight_arguments, load_model, resolve_config, run_weights
+from dreamshot.eval.sharding import Ranks
+from dreamshot.eval.story_folder import generate_folder
+from dreamshot.inference.loading import add_weight_arguments, load_model, read_lora, resolve_config, run_weights
 from dreamshot.inference.outputs import (
     keep_earlier_takes,
     load_kept_shots,
@@ -49,7 +53,9 @@ from dreamshot.utils.errors import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("story", type=Path, help="story file (yaml/json): references, shots, previous_shots")
+    parser.add_argument(
+        "story", type=Path, help="story file (yaml/json): references, shots, previous_shots; or a folder of them"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, anywhere on the line: key.sub=value")
     add_weight_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -65,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps", type=positive_int, help="sampler steps (default: the story's steps, else inference.steps)"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--redraw", action="store_true", help="STORY a folder: draw again what --out holds from another config"
+    )
 
 
 def shot_list(text: str) -> list[int]:
@@ -86,6 +95,9 @@ def positive_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.story.is_dir():
+        _run_folder(args)
+        return
     story = load_story(args.story)
     for where, tag in unreferenced_roles(story):
         print(
@@ -111,15 +123,7 @@ def run(args: argparse.Namespace) -> None:
     if not writer:
         return
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    takes = shot_takes(previous, len(story.shots))
-    if previous is not None:
-        takes = keep_earlier_takes(args.out, targets, takes)
-    save_shots(args.out, targets, result.images)
-    weights_label = str(weights) if weights else "base model (no LoRA)"
-    title = f"{result.mode} · seed {result.seed} · {len(result.step_seconds)} steps · weights {weights_label}"
-    sheet = write_contact_sheet(args.out, story, size, title, takes)
-    record = _record(story, cfg, result, weights, targets, kept, size, takes)
+    record, sheet = _write_storyboard(args.out, story, cfg, result, weights, targets, kept, size, previous)
     write_record(args.out, record, previous)
     drawn = ", ".join(map(str, targets))
     print(
@@ -128,12 +132,65 @@ def run(args: argparse.Namespace) -> None:
     )
 
 
+<<<<<<< HEAD
 def _device(name: str | None, processes: int) -> torch.device:
     """--device, else cuda when available (under torchrun, each process its LOCAL_RANK's GPU), else cpu."""
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None and processes > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+=======
+def _run_folder(args: argparse.Namespace) -> None:
+    if args.regenerate:
+        raise DataError(f"{args.story}: --regenerate re-rolls shots of one story file, not of a folder")
+    weights = run_weights(args.run) if args.run else args.lora
+    cfg = resolve_config(weights, args.config, args.overrides)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ranks = Ranks.from_environment(device.type)
+    device = ranks.device(device)
+    # Read (and checked) before anything is written; the model is built by a rank with a story to draw.
+    lora = read_lora(weights) if weights is not None else None
+
+    def load_pipeline() -> StoryboardPipeline:
+        model_cfg, adapter = load_model(cfg, weights, device, lora)
+        return StoryboardPipeline(adapter, model_cfg)
+
+    def draw_into(pipeline: StoryboardPipeline, story: Story, out: Path, seed: int, steps: int, size) -> dict:
+        result = pipeline(story_request(story, size), seed=seed, steps=steps, progress=False)
+        targets = list(range(1, len(story.shots) + 1))
+        return _write_storyboard(out, story, pipeline.config, result, weights, targets, [], size, None)[0]
+
+    try:
+        generate_folder(
+            args.story, cfg, args.out, weights, load_pipeline, draw_into, args.seed, args.steps, ranks, args.redraw
+        )
+    finally:
+        ranks.close()
+
+
+def _write_storyboard(
+    out: Path,
+    story: Story,
+    cfg: Config,
+    result: StoryboardResult,
+    weights: Path | None,
+    targets: list[int],
+    kept: list[int],
+    size: tuple[int, int],
+    previous: dict | None,
+) -> tuple[dict, Path]:
+    """The drawn shots (earlier takes of re-rolled ones moved to takes/) and the contact sheet, written into
+    `out`; returns the record to write and the sheet's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    takes = shot_takes(previous, len(story.shots))
+    if previous is not None:
+        takes = keep_earlier_takes(out, targets, takes)
+    save_shots(out, targets, result.images)
+    weights_label = str(weights) if weights else "base model (no LoRA)"
+    title = f"{result.mode} · seed {result.seed} · {len(result.step_seconds)} steps · weights {weights_label}"
+    sheet = write_contact_sheet(out, story, size, title, takes)
+    return _record(story, cfg, result, weights, targets, kept, size, takes), sheet
+>>>>>>> main
 
 
 def _targets(story: Story, regenerate: list[int] | None) -> list[int]:

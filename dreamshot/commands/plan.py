@@ -1,14 +1,25 @@
 """`dreamshot plan EXPERIMENT [key=value ...] [options]`: parameters, tokens, FLOPs and per-GPU memory of a
-training step, computed analytically (nothing is allocated, no GPU needed)."""
+training step, computed analytically (nothing is allocated, no GPU needed). With `--eval BENCH`: the cost of
+drawing that benchmark with the experiment's model instead, per mode (forwards, FLOPs, GPU-hours at a stated
+MFU, and the hours of the most loaded of `--gpus` GPUs)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import tempfile
+from pathlib import Path
 
 from dreamshot.config.load import available_experiments, load_config
+<<<<<<< HEAD
 from dreamshot.config.schema import Config, PhaseConfig
 from dreamshot.planner.plan import config_training, config_workload, longest_storyboard, plan_phase
+=======
+from dreamshot.config.schema import EVAL_BENCHMARKS, Config, PhaseConfig
+from dreamshot.planner.plan import plan_phase
+>>>>>>> main
 from dreamshot.planner.report import render
+from dreamshot.planner.sampling import DEFAULT_MFU, PEAK_TFLOPS
 from dreamshot.planner.shape import model_shape
 from dreamshot.planner.workload import Training, Workload, parse_resolution, tokens_per_frame
 from dreamshot.utils.errors import ConfigError
@@ -62,11 +73,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="count umT5 and the VAE as resident on the GPU (--no-encoders: latents and texts are cached)",
     )
+    parser.add_argument("--eval", choices=EVAL_BENCHMARKS, help="plan drawing this benchmark instead of training")
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"--eval: MFU assumed (default {DEFAULT_MFU})")
+    parser.add_argument(
+        "--gpu-tflops", type=float, default=PEAK_TFLOPS, help=f"--eval: peak TFLOPS of a GPU (default {PEAK_TFLOPS:g})"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.experiment, args.overrides)
     _check_counts(args)
+    if args.eval:
+        _plan_eval(cfg, args)
+        return
     shape = model_shape(cfg.model)
     training = config_training(cfg, args.gpus, args.zero)
     _check_context_parallel(args, training, shape.num_heads, cfg.trainer.context_parallel.attention)
@@ -82,6 +101,20 @@ def run(args: argparse.Namespace) -> None:
         longest.append(longest_storyboard(shape, work, training, args.gpu_memory, args.encoders, LONGEST_SEARCHED))
     report = render(_header(cfg, training, plans[0].work), shape, plans, args.gpu_memory, args.link_bandwidth, longest)
     print(report, end="")
+
+
+def _plan_eval(cfg: Config, args: argparse.Namespace) -> None:
+    from dreamshot.eval.benchmarks import load_benchmark  # imported here: a training plan needs none of it
+    from dreamshot.eval.cost import benchmark_plan
+
+    if not 0 < args.mfu <= 1 or args.gpu_tflops <= 0:
+        raise ConfigError(f"--mfu must be in (0, 1] and --gpu-tflops > 0, got {args.mfu} and {args.gpu_tflops}")
+    ev = dataclasses.replace(cfg.eval, benchmark=args.eval)
+    size = parse_resolution(args.resolution) if args.resolution else tuple(cfg.data.resolution)
+    steps = ev.steps or cfg.inference.steps
+    with tempfile.TemporaryDirectory() as work:  # the toy benchmark is written, then forgotten
+        bench = load_benchmark(ev, Path(work))
+        print(benchmark_plan(cfg, bench, size, steps, args.gpus or 1, args.mfu, args.gpu_tflops), end="")
 
 
 def _workload(cfg: Config, args: argparse.Namespace, racl_weight: float, per_frame: int) -> Workload:

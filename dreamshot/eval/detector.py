@@ -53,8 +53,12 @@ class CharacterDetector(nn.Module):
 
     def crops(self, image: Image.Image, limit: int | None = None) -> list[Image.Image]:
         """The detections of `image` (the `limit` best ones, or all), cropped; empty boxes are dropped."""
-        boxes, _ = self.detect(image.convert("RGB"))
-        return [image.crop(box) for box in (clip_box(b, image.size) for b in boxes[:limit]) if box is not None]
+        return crop_boxes(image, self.detect(image.convert("RGB"))[0], limit)
+
+
+def crop_boxes(image: Image.Image, boxes: torch.Tensor, limit: int | None = None) -> list[Image.Image]:
+    """`image` cut to the first `limit` (or all) of the (n, 4) `boxes`; empty boxes are dropped."""
+    return [image.crop(box) for box in (clip_box(b, image.size) for b in boxes[:limit]) if box is not None]
 
 
 def clip_box(box: torch.Tensor, size: tuple[int, int]) -> Box | None:

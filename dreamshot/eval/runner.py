@@ -2,16 +2,25 @@
 
 Output folder:
 ```
+<out>/run.json                                             what the folder holds the results of (resume.py)
 <out>/shots/<story id>/shot_NN.png, sheet/storyboard.png   drawn shots (not when scoring an existing folder)
+<out>/shots/<story id>/generation.json                     the story's record: written last, it marks it complete
 <out>/toy_benchmark/                                       the toy benchmark's data (toy only)
+<out>/features/                                            extracted features per image (feature_cache.py)
+<out>/logs/rank<r>.log                                     each rank's log of the stories it drew
 <out>/judge_cache.jsonl                                    the judge's answers (unless eval.judge.cache is set)
 <out>/results.json, <out>/results.csv                      dataset-level and per-story values
 ```
+
+Under torchrun the stories are spread over the ranks (`sharding.py`): the ones left to draw by drawing cost
+(`drawing.py`), then every story by its shot count for scoring; rank 0 merges the per-story values in the
+benchmark's order and writes the results, equal to a one-process run's. One process takes the same path.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,12 +29,21 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from dreamshot.config.schema import Config
-from dreamshot.eval.benchmarks import load_benchmark
-from dreamshot.eval.generation import draw_story, read_story_shots, story_shot_files, write_story
+from dreamshot.eval.benchmarks import Benchmark, BenchStory, load_benchmark
+from dreamshot.eval.cost import story_costs
+from dreamshot.eval.drawing import DrawJob, draw_stories
+from dreamshot.eval.feature_cache import FEATURES_DIR, FeatureCache
+from dreamshot.eval.generation import draw_story, read_story_shots, story_for_mode, story_shot_files, write_story
 from dreamshot.eval.report import EvalResults, describe, log_tables, write_results
+from dreamshot.eval.resume import ResultsFolder, drawing_fingerprint, eval_identity, story_digest
+from dreamshot.eval.sharding import Ranks, share_of
 from dreamshot.eval.story_metrics import AlignmentMetric, StorySample
-from dreamshot.eval.suite import build_suite
+from dreamshot.eval.suite import MetricSuite, build_suite
+from dreamshot.inference.outputs import shot_file
 from dreamshot.inference.pipeline import StoryboardPipeline
+from dreamshot.inference.story import open_rgb
+from dreamshot.planner.shape import model_shape
+from dreamshot.utils.errors import DataError
 
 SHOTS_DIR = "shots"
 
@@ -35,45 +53,131 @@ def evaluate(
     out: Path,
     device: torch.device,
     label: str,
-    pipeline: StoryboardPipeline | None = None,
+    load_pipeline: Callable[[], StoryboardPipeline] | None = None,
     outputs: Path | None = None,
+    weights: Path | None = None,
+    ranks: Ranks | None = None,
+    redraw: bool = False,
 ) -> EvalResults:
-    """Score `cfg.eval.benchmark` in `cfg.eval.mode`: shots drawn with `pipeline` into `<out>/shots`, or read
-    from `outputs` (ViStoryBench layout). Writes results.json / results.csv, logs W&B tables when the logger is
-    W&B, prints the comparison with the published rows, and returns the results."""
-    if (pipeline is None) == (outputs is None):
-        raise ValueError("give exactly one of pipeline (draw the shots) and outputs (score a folder)")
+    """Score `cfg.eval.benchmark` in `cfg.eval.mode`: shots drawn into `<out>/shots` with the pipeline
+    `load_pipeline` builds (called only when a story is left to draw; `weights` is its LoRA file, None for
+    none), or read from `outputs` (ViStoryBench layout). Writes results.json / results.csv (rank 0), logs W&B
+    tables when the logger is W&B, prints the comparison with the published rows, and returns the results.
+    `redraw`: a folder drawn with another config is drawn again instead of refused."""
+    if (load_pipeline is None) == (outputs is None):
+        raise ValueError("give exactly one of load_pipeline (draw the shots) and outputs (score a folder)")
+    ranks = ranks or Ranks()
     ev = cfg.eval
-    out.mkdir(parents=True, exist_ok=True)
-    bench = load_benchmark(ev, out)
-    suite = build_suite(ev, bench, out, device)
-    if outputs is not None:
-        # A missing story or shot is reported before scoring starts, not after the stories before it.
-        for story in bench.stories:
-            story_shot_files(outputs, story, ev.mode)
-    shots_dir = outputs or out / SHOTS_DIR
     size = (cfg.data.resolution[0], cfg.data.resolution[1])
-    story_shots = {story.id: len(story.scored_shots(ev.mode)) for story in bench.stories}
-    # Bars only on a terminal (disable=None): in a log file they are noise, and an error stays one line.
-    with tqdm(total=sum(story_shots.values()), desc="shots", position=1, leave=False, disable=None) as shot_bar:
-        for story in tqdm(bench.stories, desc=f"{bench.name} stories", position=0, disable=None):
-            if pipeline is not None:
-                write_story(
-                    shots_dir / story.id,
-                    *draw_story(pipeline, story, ev.mode, size, cfg.inference.seed, ev.steps, label),
+    steps = ev.steps or cfg.inference.steps
+    fingerprint = None if outputs else ranks.decide(lambda: drawing_fingerprint(cfg, weights, size, steps, ev.mode))
+    folder = ResultsFolder(out, eval_identity(cfg, outputs), fingerprint)
+    ranks.decide(lambda: folder.check(redraw))
+    # Loaded by rank 0 alone (the toy benchmark is written into `out`), and sent to the others.
+    bench = ranks.decide(lambda: load_benchmark(ev, out))
+    shots_dir = outputs or out / SHOTS_DIR
+    cache = FeatureCache(out / FEATURES_DIR)
+    suite = build_suite(ev, bench, out, device, cache)
+    if outputs is not None:
+        ranks.decide(lambda: check_outputs(outputs, bench, ev.mode))
+    jobs = draw_jobs(cfg, bench, shots_dir, size, steps) if load_pipeline is not None else []
+    ranks.decide(folder.write)
+    if load_pipeline is not None:
+        stories = {story.id: story for story in bench.stories}
+
+        def draw(pipeline: StoryboardPipeline, job: DrawJob) -> tuple[dict, list[str]]:
+            return _draw(pipeline, stories[job.id], job, cfg, size, label)
+
+        draw_stories(jobs, fingerprint, ranks, out, load_pipeline, draw)
+    _score_share(suite, cache, bench, shots_dir, ev.mode, ranks)
+    results = _merged_results(suite, bench, cfg, label, ranks)
+    if ranks.is_main:
+        write_results(out, results)
+        if cfg.logger.backend == "wandb":
+            _log_wandb(cfg, out, results)
+        print(describe(results))
+    return results
+
+
+def draw_jobs(cfg: Config, bench: Benchmark, shots_dir: Path, size: tuple[int, int], steps: int) -> list[DrawJob]:
+    """Every story of the benchmark as a job: its drawing cost and the digest of what it is drawn from."""
+    costs = story_costs(model_shape(cfg.model, count_encoders=False), cfg, bench, cfg.eval.mode, size, steps)
+    jobs = []
+    for story in bench.stories:
+        request = story_for_mode(story, cfg.eval.mode)
+        inputs = {
+            "references": [[r.role, r.prompt] for r in request.references],
+            "previous": [s.annotation for s in request.previous_shots],
+            "shots": [[shot.index, shot.prompt] for shot in story.scored_shots(cfg.eval.mode)],
+        }
+        images = [r.image for r in request.references] + [s.image for s in request.previous_shots]
+        digest = story_digest(inputs, images)
+        jobs.append(DrawJob(story.id, shots_dir / story.id, len(request.shots), costs[story.id], digest))
+    return jobs
+
+
+def _draw(
+    pipeline: StoryboardPipeline, story: BenchStory, job: DrawJob, cfg: Config, size: tuple[int, int], label: str
+) -> tuple[dict, list[str]]:
+    ev = cfg.eval
+    shots, sheet = draw_story(pipeline, story, ev.mode, size, cfg.inference.seed, ev.steps, label)
+    write_story(job.folder, shots, sheet)
+    prompts = {shot.index: shot.prompt for shot in story.shots}
+    record = {
+        "story": story.id,
+        "benchmark": ev.benchmark,
+        "mode": ev.mode,
+        "seed": cfg.inference.seed,
+        "steps": ev.steps or cfg.inference.steps,
+        "size": list(size),
+        "shots": [{"index": index, "file": shot_file(index), "annotation": prompts[index]} for index in shots],
+    }
+    return record, [shot_file(index) for index in shots]
+
+
+def check_outputs(outputs: Path, bench: Benchmark, mode: str) -> None:
+    """Every story's shots are in `outputs` (a missing story or shot is reported before scoring starts, not after
+    the stories before it), and the shots of a story share one size."""
+    for story in bench.stories:
+        files = story_shot_files(outputs, story, mode)
+        # Decoded, not only opened: a truncated file is reported here too.
+        sizes = {path: open_rgb(path, f"story {story.id}: shot {index}").size for index, path in files.items()}
+        first = next(iter(files.values()))
+        for path, found in sizes.items():
+            if found != sizes[first]:
+                raise DataError(
+                    f"{path}: story {story.id}: shot is {found[0]}x{found[1]}, {first.name} is "
+                    f"{sizes[first][0]}x{sizes[first][1]}: the shots of a story must share one size"
                 )
-            suite.update(StorySample(story, read_story_shots(shots_dir, story, ev.mode)))
-            shot_bar.update(story_shots[story.id])
+
+
+def _score_share(
+    suite: MetricSuite, cache: FeatureCache, bench: Benchmark, shots_dir: Path, mode: str, ranks: Ranks
+) -> None:
+    """Score this rank's share of the stories (balanced by shot count); features are cached per story."""
+    stories = {story.id: story for story in bench.stories}
+    mine = share_of(ranks, {story.id: float(len(story.scored_shots(mode))) for story in bench.stories})
+    # A bar only on a terminal (disable=None): in a log file it is noise, and an error stays one line.
+    for story_id in tqdm(mine, desc=f"scoring {bench.name}", disable=None if ranks.is_main else True):
+        story = stories[story_id]
+        suite.update(StorySample(story, read_story_shots(shots_dir, story, mode)))
+        cache.flush(story.id)
+
+
+def _merged_results(suite: MetricSuite, bench: Benchmark, cfg: Config, label: str, ranks: Ranks) -> EvalResults:
+    """Every rank's story values, merged in the benchmark's order into this rank's suite, and the results."""
+    alignment = suite.metrics.get("alignment")
+    judge = asdict(alignment.judge.stats) if isinstance(alignment, AlignmentMetric) else None
+    parts = ranks.all_gather({"metrics": suite.scored(), "judge": judge})
+    suite.merge([part["metrics"] for part in parts], [story.id for story in bench.stories])
+    ev = cfg.eval
+    story_shots = {story.id: len(story.scored_shots(ev.mode)) for story in bench.stories}
     results = EvalResults(
         bench.name, ev.mode, label, suite.compute(), suite.missing_values(), suite.per_story(), story_shots
     )
-    alignment = suite.metrics.get("alignment")
-    if isinstance(alignment, AlignmentMetric):
-        results.extra["judge"] = {"model": ev.judge.model, **asdict(alignment.judge.stats)}
-    write_results(out, results)
-    if cfg.logger.backend == "wandb":
-        _log_wandb(cfg, out, results)
-    print(describe(results))
+    if judge is not None:
+        stats = {key: sum(part["judge"][key] for part in parts) for key in judge}
+        results.extra["judge"] = {"model": ev.judge.model, **stats}
     return results
 
 

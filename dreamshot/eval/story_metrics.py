@@ -1,8 +1,9 @@
 """torchmetrics `Metric`s over stories: each `update` scores one story's generated shots with the extractors
 and the pure functions of `metrics`; `compute` is the plain mean over the stories seen (EVAL.md "Common").
 
-The per-story values are kept in `per_story` (story id -> values) for the results files. Sums and counts are
-metric states reduced by summation, so a metric also aggregates across processes.
+The per-story values are kept in `per_story` (story id -> values) for the results files. Processes are merged
+by their per-story values, not by syncing states: a story scored elsewhere is given to `update` as a
+`ScoredStory`, in benchmark order, so a merged run sums exactly as one process does (`compute` never syncs).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -52,6 +54,14 @@ class StorySample:
         return self._matches[id(matcher)]
 
 
+@dataclass(frozen=True)
+class ScoredStory:
+    """A story's values as `StoryMetric.score` gave them (on another rank): recorded, not scored again."""
+
+    story: str
+    values: dict[str, float]
+
+
 class StoryMetric(Metric):
     """Mean over stories of the values `score(sample)` returns (a value a story lacks is left out of its mean).
 
@@ -63,7 +73,7 @@ class StoryMetric(Metric):
     failure: str | None = None
 
     def __init__(self, names: tuple[str, ...]) -> None:
-        super().__init__()
+        super().__init__(sync_on_compute=False)
         self.names = names
         self.add_state("total", default=torch.zeros(len(names), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros(len(names), dtype=torch.float64), dist_reduce_fx="sum")
@@ -73,12 +83,15 @@ class StoryMetric(Metric):
     def score(self, sample: StorySample) -> dict[str, float]:
         """One story's values, by name."""
 
-    def update(self, sample: StorySample) -> None:
-        values = self.score(sample)
+    def update(self, sample: StorySample | ScoredStory) -> None:
+        if isinstance(sample, ScoredStory):
+            story, values = sample.story, sample.values
+        else:
+            story, values = sample.story.id, self.score(sample)
         if self.failure is not None:
             self.per_story = {}
             return
-        self.per_story[sample.story.id] = values
+        self.per_story[story] = values
         for i, name in enumerate(self.names):
             if name in values:
                 self.total[i] += values[name]

@@ -4,6 +4,7 @@ A metric whose weights are not configured (its config key unset) is reported as 
 never as zero; a key that is set must name an existing file (else a WeightsError). `toy_proxy` is the
 weight-free identity / style proxy of the toy benchmark (colour histograms on role-mask crops), reported
 under its own names, never as CIDS or CSD; other benchmarks skip it (it does not apply, so it is not missing).
+With a `FeatureCache` every extractor (encoders and the detector) reads it before computing.
 """
 
 from __future__ import annotations
@@ -15,18 +16,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dreamshot.config.schema import EvalConfig
+from dreamshot.config.schema import DetectorConfig, EvalConfig
 from dreamshot.eval.benchmarks.types import FACE_TAG, Benchmark
 from dreamshot.eval.crops import DetectorCrops, MaskCrops
-from dreamshot.eval.detector import load_detector
-from dreamshot.eval.extractors import ColourHistogram, load_aesthetic_scorer, load_clip_encoder, load_csd_encoder
+from dreamshot.eval.detector import CharacterDetector, load_detector
+from dreamshot.eval.extractors import (
+    ColourHistogram,
+    Encoder,
+    load_aesthetic_scorer,
+    load_clip_encoder,
+    load_csd_encoder,
+)
 from dreamshot.eval.faces import face_models, load_face_encoder, published_ensemble
+from dreamshot.eval.feature_cache import CachedDetector, FeatureCache, extractor_identity
 from dreamshot.eval.identity import CharacterMatcher
 from dreamshot.eval.judge import build_judge
 from dreamshot.eval.story_metrics import (
     AestheticMetric,
     AlignmentMetric,
     IdentityMetric,
+    ScoredStory,
     StoryMetric,
     StorySample,
     StyleMetric,
@@ -82,6 +91,24 @@ class MetricSuite:
         for metric in self.metrics.values():
             metric.reset()
 
+    def scored(self) -> dict[str, dict]:
+        """What this process scored, as plain data for the other ranks: per metric, its story values and its
+        failure."""
+        return {name: {"stories": m.per_story, "failure": m.failure} for name, m in self.metrics.items()}
+
+    def merge(self, parts: list[dict[str, dict]], stories: list[str]) -> None:
+        """Start again from every rank's `scored()`, recording the story values in the order of `stories` (the
+        benchmark's: a one-process run's order); a metric that failed on any rank fails."""
+        self.reset()
+        for name, metric in self.metrics.items():
+            failure = next((part[name]["failure"] for part in parts if part[name]["failure"]), None)
+            if failure is not None:
+                metric.failure = failure
+            values = {story: v for part in parts for story, v in part[name]["stories"].items()}
+            for story in stories:
+                if story in values:
+                    metric.update(ScoredStory(story, values[story]))
+
 
 def crop_mode(cfg: EvalConfig, bench: Benchmark) -> str:
     """detector | masks: `eval.crops`, with `auto` choosing masks when every story has them."""
@@ -94,15 +121,19 @@ def crop_mode(cfg: EvalConfig, bench: Benchmark) -> str:
     return cfg.crops
 
 
-def build_suite(cfg: EvalConfig, bench: Benchmark, work_dir: Path, device: torch.device) -> MetricSuite:
+def build_suite(
+    cfg: EvalConfig, bench: Benchmark, work_dir: Path, device: torch.device, cache: FeatureCache | None = None
+) -> MetricSuite:
     """Load the extractors and build the metrics (weights stay on `device`; ONNX face models on CPU)."""
     suite = MetricSuite()
     wanted = list(dict.fromkeys(cfg.metrics))
+    cached = _Cached(cache)
     with tqdm(total=len(wanted), desc="loading metrics", leave=False, disable=None) as bar:
-        matcher, why_not = _identity_matcher(cfg, bench, device) if {"cids", "alignment"} & set(wanted) else (None, "")
+        with_matcher = {"cids", "alignment"} & set(wanted)
+        matcher, why_not = _identity_matcher(cfg, bench, device, cached) if with_matcher else (None, "")
         for name in wanted:
             bar.set_postfix_str(name)
-            reason = _add_metric(suite, name, cfg, bench, work_dir, device, matcher, why_not)
+            reason = _add_metric(suite, name, cfg, bench, work_dir, device, matcher, why_not, cached)
             if reason:
                 suite.missing.update({value: reason for value in VALUE_NAMES[name] if value not in _names(suite)})
             bar.update()
@@ -118,6 +149,7 @@ def _add_metric(
     device: torch.device,
     matcher: CharacterMatcher | None,
     why_not: str,
+    cached: _Cached,
 ) -> str | None:
     """Add metric group `name` to `suite`; returns why it (or part of it) is missing, else None."""
     if name == "cids":
@@ -127,11 +159,13 @@ def _add_metric(
     elif name == "csd":
         if cfg.csd.weights is None:
             return "eval.csd.weights is not set"
-        suite.metrics[name] = StyleMetric(load_csd_encoder(cfg.csd).to(device))
+        encoder = load_csd_encoder(cfg.csd).to(device)
+        suite.metrics[name] = StyleMetric(cached(encoder, "csd", {"arch": cfg.csd.arch}, [cfg.csd.weights]))
     elif name == "aes":
         if cfg.aes.siglip is None or cfg.aes.head is None:
             return "eval.aes.siglip and eval.aes.head must both be set"
-        suite.metrics[name] = AestheticMetric(load_aesthetic_scorer(cfg.aes).to(device))
+        scorer = load_aesthetic_scorer(cfg.aes).to(device)
+        suite.metrics[name] = AestheticMetric(cached(scorer, "aes", {}, [cfg.aes.siglip, cfg.aes.head]))
     elif name == "alignment":
         if cfg.judge.endpoint is None:
             return "eval.judge.endpoint is not set"
@@ -139,13 +173,16 @@ def _add_metric(
         return None if matcher is not None else f"single-character action needs character crops: {why_not}"
     elif name == "toy_proxy" and bench.name == "toy":
         histogram = ColourHistogram()
+        histogram = cached(histogram, "colour_histogram", {"bins": histogram.bins})
         proxy = CharacterMatcher(MaskCrops(), {"general": histogram})
         suite.metrics["toy_identity"] = IdentityMetric(proxy, prefix="toy_identity")
         suite.metrics["toy_style"] = StyleMetric(histogram, prefix="toy_style")
     return None
 
 
-def _identity_matcher(cfg: EvalConfig, bench: Benchmark, device: torch.device) -> tuple[CharacterMatcher | None, str]:
+def _identity_matcher(
+    cfg: EvalConfig, bench: Benchmark, device: torch.device, cached: _Cached
+) -> tuple[CharacterMatcher | None, str]:
     """The CIDS matcher, or None and the config key(s) to set."""
     tags = {c.tag for c in bench.characters()}
     mode = crop_mode(cfg, bench)
@@ -160,14 +197,18 @@ def _identity_matcher(cfg: EvalConfig, bench: Benchmark, device: torch.device) -
         return None, f"{', '.join(unset)} not set"
     encoders = {}
     if tags - {FACE_TAG}:
-        encoders["general"] = load_clip_encoder(cfg.clip).to(device)
+        clip = load_clip_encoder(cfg.clip).to(device)
+        encoders["general"] = cached(clip, "clip", {"arch": cfg.clip.arch}, [cfg.clip.weights])
     if FACE_TAG in tags:
-        encoders["face"] = load_face_encoder(cfg.face)
+        face = cfg.face
+        weights = [face.detector, *face.recognizers, face.adaface, face.facenet]
+        encoders["face"] = cached(load_face_encoder(face), "face", {"det_size": face.det_size}, weights)
         if not published_ensemble(cfg.face):
             _warn_face_ensemble(cfg, bench)
     if mode == "masks":
         return CharacterMatcher(MaskCrops(), encoders), ""
-    return CharacterMatcher(DetectorCrops(load_detector(cfg.detector).to(device)), encoders), ""
+    detector = cached.detector(load_detector(cfg.detector).to(device), cfg.detector)
+    return CharacterMatcher(DetectorCrops(detector), encoders), ""
 
 
 def _warn_face_ensemble(cfg: EvalConfig, bench: Benchmark) -> None:
@@ -180,6 +221,24 @@ def _warn_face_ensemble(cfg: EvalConfig, bench: Benchmark) -> None:
         bench.name,
         " + ".join(face_models(cfg.face)),
     )
+
+
+class _Cached:
+    """Wraps an encoder with the feature cache (when there is one) under its identity."""
+
+    def __init__(self, cache: FeatureCache | None) -> None:
+        self.cache = cache
+
+    def __call__(self, encoder: Encoder, kind: str, settings: dict, weights: list | None = None) -> Encoder:
+        if self.cache is None:
+            return encoder
+        return self.cache.encoder(encoder, extractor_identity(kind, settings, weights or []))
+
+    def detector(self, detector: CharacterDetector, cfg: DetectorConfig) -> CharacterDetector | CachedDetector:
+        if self.cache is None:
+            return detector
+        settings = {"prompt": cfg.prompt, "box": cfg.box_threshold, "text": cfg.text_threshold}
+        return self.cache.detector(detector, extractor_identity("detector", settings, [cfg.weights]))
 
 
 def _names(suite: MetricSuite) -> set[str]:

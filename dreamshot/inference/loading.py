@@ -88,12 +88,14 @@ def build_adapter(cfg: Config, device: torch.device | str = "cpu") -> WanAdapter
     return WanAdapter.seeded(cfg.model, cfg.seed).to(device).eval()
 
 
-def load_model(cfg: Config, weights: Path | None, device: torch.device | str = "cpu") -> tuple[Config, WanAdapter]:
-    """The backbone of `cfg` on `device` with the LoRA of `weights` (None: none), and `cfg` with `model.lora` as
-    that LoRA sets it (`with_lora`)."""
+def load_model(
+    cfg: Config, weights: Path | None, device: torch.device | str = "cpu", lora: LoraWeights | None = None
+) -> tuple[Config, WanAdapter]:
+    """The backbone of `cfg` on `device` with the LoRA of `weights` (None: none; `lora`: its weights, already
+    read), and `cfg` with `model.lora` as that LoRA sets it (`with_lora`)."""
     if weights is None:
         return cfg, build_adapter(cfg, device)
-    lora = read_lora(weights)
+    lora = lora or read_lora(weights)
     cfg = with_lora(cfg, lora, str(weights))
     adapter = build_adapter(cfg, device)
     load_lora(adapter, lora, weights)

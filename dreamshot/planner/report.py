@@ -123,14 +123,14 @@ def tokens_table(plan: PhasePlan) -> str:
 
 def flops_table(plan: PhasePlan) -> str:
     flops = plan.flops
-    unit, scale = _flop_unit(flops.total)
+    unit, scale = flop_unit(flops.total)
     lines = [f"FLOPs per sample ({unit})".ljust(44) + f"{'forward':>11}{'backward':>11}{'recompute':>11}"]
     for name in flops.forward:
         values = (flops.forward[name], flops.backward[name], flops.recompute[name])
         lines.append(f"  {name:<42}" + "".join(f"{v / scale:>11.3f}" for v in values))
     sums = (sum(flops.forward.values()), sum(flops.backward.values()), sum(flops.recompute.values()))
     lines.append(f"  {'total':<42}" + "".join(f"{v / scale:>11.3f}" for v in sums))
-    step_unit, step_scale = _flop_unit(plan.optimizer_step_flops)
+    step_unit, step_scale = flop_unit(plan.optimizer_step_flops)
     training = plan.training
     lines += [
         f"  {'forward + backward + recompute':<42}{flops.total / scale:>11.3f} {unit} per sample",
@@ -176,7 +176,7 @@ def _short_count(count: int) -> str:
     return str(count)
 
 
-def _flop_unit(value: int) -> tuple[str, float]:
+def flop_unit(value: int) -> tuple[str, float]:
     for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
         if value >= scale:
             return unit, scale

@@ -92,7 +92,9 @@ def sweep_commands(
         if benchmark:
             out = Path(cfg.output_dir)
             folder = out / EVAL_DIR / f"{benchmark}-{cfg.eval.mode}"
-            commands.append(["eval", benchmark, "--run", str(out), "--out", str(folder), "--label", name or cfg.name])
+            # --redraw: the folder belongs to the run just trained; shots of an earlier training are stale.
+            where = ["--run", str(out), "--out", str(folder), "--label", name or cfg.name, "--redraw"]
+            commands.append(["eval", benchmark, *where])
     return commands
 
 
@@ -116,7 +118,8 @@ def eval_member_command(
     keys = [k for k in values if base.get(k) != values[k] or any(k == n or k.startswith(f"{n}.") for n in named)]
     settings = [f"{key}={_dotlist_value(values[key])}" for key in keys]
     identity = [f"name={cfg.name}", f"logger.group={cfg.logger.group or cfg.name}", f"tags={_dotlist_value(cfg.tags)}"]
-    where = ["--run", str(run_dir), "--out", cfg.output_dir, "--label", name or cfg.name]
+    # --redraw: the member's folder follows the run it scores (retrained, its shots are stale).
+    where = ["--run", str(run_dir), "--out", cfg.output_dir, "--label", name or cfg.name, "--redraw"]
     return ["eval", cfg.eval.benchmark, *settings, *identity, *where]
 
 

@@ -15,3 +15,7 @@ class DataError(DreamShotError):
 
 class WeightsError(DreamShotError):
     """Missing or malformed model weights."""
+
+
+class ResourceError(DreamShotError):
+    """A run that cannot go on with the resources it has (e.g. a story that does not fit in GPU memory)."""

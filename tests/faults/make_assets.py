@@ -169,6 +169,36 @@ def write_benchmarks() -> None:
     shot.save(BENCH / "shots_other_story" / "02" / "shot_01.png")
 
 
+def write_sharding_cases() -> None:
+    """Results folders of `dreamshot eval` that belong to another run (`bench/results_*`: their run.json), a test
+    file of two shots and one of two stories, and a folder of shots of two sizes in one story."""
+    from dreamshot.config.schema import ToyWorldConfig
+    from dreamshot.eval.resume import RUN_RECORD
+
+    story = {
+        "id": "01",
+        "characters": [{"key": "lily", "tag": "non_human", "prompt": "Lily: a red box", "images": ["ref.png"]}],
+        "shots": [{"prompt": "Wide shot: Lily waits.", "characters": ["lily"]}, {"prompt": "Lily.", "characters": []}],
+    }
+    (BENCH / "test_two_shots.jsonl").write_text(json.dumps(story) + "\n")
+    stories = [{**story, "shots": story["shots"][:1]}, {**story, "id": "02", "shots": story["shots"][:1]}]
+    (BENCH / "test_two_stories.jsonl").write_text("".join(json.dumps(s) + "\n" for s in stories))
+    (BENCH / "shots_mixed_sizes" / "01").mkdir(parents=True)
+    rgb(120).resize((32, 24)).save(BENCH / "shots_mixed_sizes" / "01" / "shot_01.png")
+    rgb(120).resize((24, 24)).save(BENCH / "shots_mixed_sizes" / "01" / "shot_02.png")
+    drawn = {"mode": "r2s", "scored": "drawn"}
+    other_benchmark = {"command": "eval", "benchmark": "dreamshot_test", "data": "/data/test.jsonl", **drawn}
+    # The identity of `eval toy eval.toy.groups=1`, drawn with another model.
+    toy = {"command": "eval", "benchmark": "toy", "data": vars(ToyWorldConfig(groups=1, seed=1000)), **drawn}
+    for name, identity, fingerprint in (
+        ("results_other_benchmark", other_benchmark, None),
+        ("results_other_config", toy, {"model": {"name": "wan14b"}}),
+    ):
+        (BENCH / name).mkdir()
+        record = {"identity": identity, "fingerprint": fingerprint}
+        (BENCH / name / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def write_videos() -> None:
     """`videos/<fault>/`: folders of `dreamshot prepare` in which no video is usable."""
     shutil.rmtree(VIDEOS, ignore_errors=True)
@@ -217,6 +247,7 @@ def main() -> None:
     (DATA / "not_a_checkpoint.ckpt").write_text("not a checkpoint\n")
     write_manifests()
     write_benchmarks()
+    write_sharding_cases()
     write_videos()
 
 
