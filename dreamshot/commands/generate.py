@@ -49,7 +49,7 @@ from dreamshot.inference.outputs import (
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
 from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
 from dreamshot.models.wan.context_parallel import launched_group
-from dreamshot.utils.errors import DataError
+from dreamshot.utils.errors import ConfigError, DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,19 +132,24 @@ def run(args: argparse.Namespace) -> None:
     )
 
 
-<<<<<<< HEAD
 def _device(name: str | None, processes: int) -> torch.device:
     """--device, else cuda when available (under torchrun, each process its LOCAL_RANK's GPU), else cpu."""
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None and processes > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
-=======
+
+
 def _run_folder(args: argparse.Namespace) -> None:
     if args.regenerate:
         raise DataError(f"{args.story}: --regenerate re-rolls shots of one story file, not of a folder")
     weights = run_weights(args.run) if args.run else args.lora
     cfg = resolve_config(weights, args.config, args.overrides)
+    if cfg.inference.context_parallel.degree > 1:
+        raise ConfigError(
+            f"inference.context_parallel.degree={cfg.inference.context_parallel.degree} draws one story file on "
+            f"its processes; a folder of stories is shared out over them instead (degree 1)"
+        )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ranks = Ranks.from_environment(device.type)
     device = ranks.device(device)
@@ -190,7 +195,6 @@ def _write_storyboard(
     title = f"{result.mode} · seed {result.seed} · {len(result.step_seconds)} steps · weights {weights_label}"
     sheet = write_contact_sheet(out, story, size, title, takes)
     return _record(story, cfg, result, weights, targets, kept, size, takes), sheet
->>>>>>> main
 
 
 def _targets(story: Story, regenerate: list[int] | None) -> list[int]:

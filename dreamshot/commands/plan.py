@@ -11,13 +11,8 @@ import tempfile
 from pathlib import Path
 
 from dreamshot.config.load import available_experiments, load_config
-<<<<<<< HEAD
-from dreamshot.config.schema import Config, PhaseConfig
-from dreamshot.planner.plan import config_training, config_workload, longest_storyboard, plan_phase
-=======
 from dreamshot.config.schema import EVAL_BENCHMARKS, Config, PhaseConfig
-from dreamshot.planner.plan import plan_phase
->>>>>>> main
+from dreamshot.planner.plan import config_training, config_workload, longest_storyboard, plan_phase
 from dreamshot.planner.report import render
 from dreamshot.planner.sampling import DEFAULT_MFU, PEAK_TFLOPS
 from dreamshot.planner.shape import model_shape
