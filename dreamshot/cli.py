@@ -1,7 +1,8 @@
 """`dreamshot` command line: one subcommand per module in `dreamshot.commands`.
 
-A `DreamShotError` (bad config, data or weights) is printed as one line on stderr with exit status 2;
-anything else is a bug and keeps its traceback.
+A `DreamShotError` (bad config, data or weights) is printed as one line on stderr with exit status 2, and
+Ctrl-C as one line with status 130 (what was kept, and how to continue); anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from dreamshot.utils.errors import DreamShotError
+from dreamshot.utils.errors import DreamShotError, Interrupted
 
 # Subcommand name -> module under dreamshot.commands exposing `add_arguments(parser)` and `run(args)`.
 COMMANDS = {
@@ -27,11 +28,18 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other user error (`--help` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Every subcommand with its help line; only `command`'s module is imported, to add its arguments, so a
     command loads its own dependencies alone (`dreamshot plan` needs no PyAV, `dreamshot toyworld` no DeepSpeed)."""
-    parser = argparse.ArgumentParser(prog="dreamshot", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = OneLineParser(prog="dreamshot", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     for name, help_text in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
@@ -47,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _module(args.command).run(args)
     except DreamShotError as e:
-        print(f"dreamshot {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        label = "" if isinstance(e, Interrupted) else "error: "
+        print(f"dreamshot {args.command}: {label}{e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        # Every writer is atomic: what a command finished is kept, and the same command continues from it.
+        print(f"dreamshot {args.command}: interrupted; finished work is kept, rerun to continue", file=sys.stderr)
+        return Interrupted.exit_status
     return 0
 
 

@@ -2,6 +2,8 @@
 VAE, and refusal of a cache built for another run."""
 
 import json
+import shutil
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from dreamshot.config.load import load_config
 from dreamshot.data import cache as cache_module
 from dreamshot.data import dataset as dataset_module
 from dreamshot.data.bucketing import collate_storyboards
-from dreamshot.data.cache import INDEX_NAME, LatentCache, cache_fingerprint, pack_texts, unpack_texts
+from dreamshot.data.cache import INDEX_NAME, LatentCache, cache_bytes, cache_fingerprint, pack_texts, unpack_texts
 from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.data.dataset import StoryboardDataset
 from dreamshot.data.manifest import load_manifest
@@ -24,7 +26,7 @@ from dreamshot.data.toyworld import generate_toyworld
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.train import train
-from dreamshot.utils.errors import ConfigError
+from dreamshot.utils.errors import ConfigError, DreamShotError
 
 MAX_SHOTS = 2
 SIZE = (32, 48)
@@ -209,3 +211,19 @@ def test_a_cache_of_another_run_is_refused(built, tmp_path):
         _datamodule(_cfg(edited, tmp_path, cache_dir))
     with pytest.raises(ConfigError, match="no latent cache there"):
         _datamodule(_cfg(cfg.data.manifest, tmp_path, f"data.cache_dir={tmp_path / 'empty'}"))
+
+
+def test_too_little_space_for_the_cache_is_reported_before_the_model_is_built(manifest, tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 1000))
+    monkeypatch.setattr(cache_command, "_encoder", lambda *a: pytest.fail("the model was built"))
+    with pytest.raises(DreamShotError, match=r"data.cache_dir .*cache: 0.00 GiB free, the latents of every storyboard"):
+        build_cache(_cfg(manifest, tmp_path), progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_cache_estimate_covers_what_is_written(built):
+    cfg, _ = built
+    entries = _datamodule(cfg).cache_entries(load_manifest(cfg.data.manifest))
+    written = sum(p.stat().st_size for p in Path(cfg.data.cache_dir).rglob("*.safetensors"))
+    assert written <= cache_bytes(entries, cfg.model, cfg.data.max_shots) <= 3 * written

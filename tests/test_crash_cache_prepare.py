@@ -1,26 +1,33 @@
-"""`dreamshot cache` and `dreamshot prepare` killed with SIGKILL in the middle of writing a file, then rerun:
-the result equals an uninterrupted run's, and no file under a final name is ever half written.
+"""`dreamshot cache` and `dreamshot prepare` killed with SIGKILL, or interrupted with Ctrl-C (SIGINT), in the
+middle of writing a file, then rerun: the result equals an uninterrupted run's, and no file under a final name
+is ever half written. A Ctrl-C ends the command with one line and status 130.
 
 The killed command is a real `python -m dreamshot.cli` process. To kill it at a known moment, its atomic
 writer (`atomic_path`, in the module under test) stops once it has written half of one temporary file: the
 test then sends SIGKILL, so the process dies with the temporary half written and the rename never done, which
-is what a power cut in the middle of a write leaves.
+is what a power cut in the middle of a write leaves. The interrupted command runs in this process, which sends
+itself SIGINT at the same moment.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from dreamshot.cli import main
 from dreamshot.commands.cache import build_cache
 from dreamshot.config.load import load_config
 from dreamshot.data.cache import INDEX_NAME
@@ -99,13 +106,83 @@ def _cached_tensors(root: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_cache_killed_mid_shard_resumes_to_the_same_tensors(tmp_path):
-    manifest = generate_toyworld(
-        tmp_path / "toy", groups=2, seed=1, image_size=(32, 48), min_shots=2, max_shots=3, max_roles=2
-    )
-    straight = load_config("smoke", _cache_overrides(manifest, tmp_path / "straight"))
-    assert build_cache(straight, progress=False) == 2
+def _interrupt_while_writing(monkeypatch, module: str, part: str, argv: list[str], capfd) -> str:
+    """Run `dreamshot ARGV` here; a real SIGINT arrives while it writes the first file whose path contains
+    `part`. Returns the one line it printed on stderr (it must exit with status 130)."""
+    target = importlib.import_module(module)
+    real = target.atomic_path
 
+    @contextlib.contextmanager
+    def interrupted(path):
+        with real(path) as tmp:
+            yield tmp
+            if part in str(path):
+                tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(60)  # KeyboardInterrupt is raised here
+
+    monkeypatch.setattr(target, "atomic_path", interrupted)
+    capfd.readouterr()
+    assert main(argv) == 130
+    monkeypatch.undo()
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cache_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """A toy manifest of 2 groups and the cache an uninterrupted `dreamshot cache` builds of it (1 per shard)."""
+    tmp = tmp_path_factory.mktemp("cache")
+    manifest = generate_toyworld(
+        tmp / "toy", groups=2, seed=1, image_size=(32, 48), min_shots=2, max_shots=3, max_roles=2
+    )
+    straight = load_config("smoke", _cache_overrides(manifest, tmp / "straight"))
+    assert build_cache(straight, progress=False) == 2
+    return manifest, tmp / "straight" / "cache"
+
+
+def _assert_same_cache(root: Path, straight: Path) -> None:
+    a, b = _cached_tensors(straight), _cached_tensors(root)
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_cache_interrupted_mid_shard_says_so_and_resumes_to_the_same_tensors(
+    cache_inputs, tmp_path, monkeypatch, capfd
+):
+    manifest, straight = cache_inputs
+    argv = ["cache", "smoke", *_cache_overrides(manifest, tmp_path), "--device", "cpu", "--no-progress"]
+    line = _interrupt_while_writing(monkeypatch, "dreamshot.data.cache", "shard-00001", argv, capfd)
+    assert line == "dreamshot cache: interrupted; finished work is kept, rerun to continue"
+    root = tmp_path / "cache"
+    assert [s["file"] for s in json.loads((root / INDEX_NAME).read_text())["resolutions"]["32x48"]] == [
+        "32x48/shard-00000.safetensors"
+    ]
+    assert not _temporaries(root)  # the interrupted writer removed its temporary
+    assert build_cache(load_config("smoke", _cache_overrides(manifest, tmp_path)), progress=False) == 1
+    _assert_same_cache(root, straight)
+
+
+def test_a_damaged_shard_is_encoded_again_without_clobbering_the_others(cache_inputs, tmp_path):
+    manifest, straight = cache_inputs
+    root = tmp_path / "cache"
+    shutil.copytree(straight, root)
+    first, second = root / "32x48" / "shard-00000.safetensors", root / "32x48" / "shard-00001.safetensors"
+    kept = second.read_bytes()
+    first.write_bytes(first.read_bytes()[:100])  # truncated, as a partial copy leaves it
+    assert build_cache(load_config("smoke", _cache_overrides(manifest, tmp_path)), progress=False) == 1
+    assert second.read_bytes() == kept and not first.exists()
+    assert [s["file"] for s in json.loads((root / INDEX_NAME).read_text())["resolutions"]["32x48"]] == [
+        "32x48/shard-00001.safetensors",
+        "32x48/shard-00002.safetensors",
+    ]
+    _assert_same_cache(root, straight)
+
+
+def test_cache_killed_mid_shard_resumes_to_the_same_tensors(cache_inputs, tmp_path):
+    manifest, straight = cache_inputs
     killed = tmp_path / "killed"
     argv = ["cache", "smoke", *_cache_overrides(manifest, killed), "--device", "cpu", "--no-progress"]
     _kill_while_writing("dreamshot.data.cache", "shard-00001", argv, tmp_path)
@@ -120,10 +197,7 @@ def test_cache_killed_mid_shard_resumes_to_the_same_tensors(tmp_path):
     resumed = load_config("smoke", _cache_overrides(manifest, killed))
     assert build_cache(resumed, progress=False) == 1  # only the group no complete shard held
     assert not _temporaries(root)
-    a, b = _cached_tensors(tmp_path / "straight" / "cache"), _cached_tensors(root)
-    assert a.keys() == b.keys() and len(a) > 0
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    _assert_same_cache(root, straight)
 
 
 # --- dreamshot prepare -------------------------------------------------------------------------------------
@@ -136,14 +210,35 @@ def _files(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_prepare_killed_mid_keyframe_resumes_to_the_same_manifest(tmp_path):
-    videos = tmp_path / "videos"
+@pytest.fixture(scope="module")
+def prepare_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """Two toy videos and the output folder of an uninterrupted `dreamshot prepare` of them."""
+    tmp = tmp_path_factory.mktemp("prepare")
+    videos = tmp / "videos"
     render_toy_video(videos / "a.mp4", scenes=2, seed=0)
     render_toy_video(videos / "b.mp4", scenes=2, seed=1)
-    cfg = load_prepare_config(overrides=toy_overrides())
-    straight = prepare(videos, tmp_path / "straight", cfg, progress=False)
+    straight = prepare(videos, tmp / "straight", load_prepare_config(overrides=toy_overrides()), progress=False)
     assert straight.groups >= 2
+    return videos, tmp / "straight"
 
+
+def test_prepare_interrupted_mid_keyframe_says_so_and_resumes_to_the_same_manifest(
+    prepare_inputs, tmp_path, monkeypatch, capfd
+):
+    videos, straight = prepare_inputs
+    out = tmp_path / "interrupted"
+    argv = ["prepare", str(videos), *toy_overrides(), "--out", str(out), "--no-progress"]
+    line = _interrupt_while_writing(monkeypatch, "dreamshot.prepare.files", "frames/b/", argv, capfd)
+    assert line == "dreamshot prepare: interrupted; finished work is kept, rerun to continue"
+    assert (out / "state" / "a" / "keyframes.json").is_file() and not _temporaries(out)
+    resumed = prepare(videos, out, load_prepare_config(overrides=toy_overrides()), progress=False)
+    assert [c.done for c in resumed.counts] == [0, 0, 1, 2, 2, 2]  # only b's keyframes and the later stages
+    assert _files(out) == _files(straight)
+
+
+def test_prepare_killed_mid_keyframe_resumes_to_the_same_manifest(prepare_inputs, tmp_path):
+    videos, straight = prepare_inputs
+    cfg = load_prepare_config(overrides=toy_overrides())
     out = tmp_path / "killed"
     argv = ["prepare", str(videos), *toy_overrides(), "--out", str(out), "--no-progress"]
     # Killed while writing video b's first keyframe: video a's keyframes stage is done.
@@ -160,5 +255,5 @@ def test_prepare_killed_mid_keyframe_resumes_to_the_same_manifest(tmp_path):
     resumed = prepare(videos, out, cfg, progress=False)
     assert [c.done for c in resumed.counts] == [0, 0, 1, 2, 2, 2]  # only b's keyframes and the later stages
     assert not _temporaries(out)
-    assert (out / MANIFEST_NAME).read_text() == (tmp_path / "straight" / MANIFEST_NAME).read_text()
-    assert _files(out) == _files(tmp_path / "straight")
+    assert (out / MANIFEST_NAME).read_text() == (straight / MANIFEST_NAME).read_text()
+    assert _files(out) == _files(straight)

@@ -97,7 +97,7 @@ def test_read_json_lines_skips_blank_lines_and_names_bad_ones(tmp_path: Path) ->
     )
     path.write_bytes(b'{"id": "\xff"}\n')
     assert _message(lambda: list(read_json_lines(path, "manifest", "record"))) == (
-        f"{path}: manifest is not UTF-8 text (byte 8)"
+        f"{path}: manifest is not UTF-8 text (byte 8); save it as UTF-8"
     )
     missing = tmp_path / "no.jsonl"
     assert "cannot read test file" in _message(lambda: list(read_json_lines(missing, "test file", "story")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from dreamshot.cli import main
+from dreamshot.commands import generate as generate_command
 from dreamshot.config.load import to_yaml
 from dreamshot.config.schema import Config, ToyWorldConfig
 from dreamshot.data.manifest import load_manifest
@@ -299,7 +301,7 @@ def test_story_faults_name_the_field(tmp_path, mutate, field):
 def test_story_file_faults(tmp_path, capsys):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("shots: [unclosed\n")
-    with pytest.raises(DataError, match=r"bad\.yaml: not valid YAML"):
+    with pytest.raises(DataError, match=r"bad\.yaml: not valid yaml"):
         load_story(bad_yaml)
     path = _write_story(tmp_path, STORY)
     (tmp_path / "refs" / "role1.png").write_bytes(b"not a png")
@@ -326,6 +328,18 @@ def test_generate_help_states_the_precedence_it_refers_to(capsys):
     assert "see precedence" not in text
     assert "the previous seed + 1, else the story's, else inference.seed" in text
     assert "the story's steps, else inference.steps" in text
+
+
+def test_too_little_space_for_the_storyboard_is_reported_before_the_model_is_built(
+    story, tmp_path, capsys, monkeypatch
+):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 1000))
+    monkeypatch.setattr(generate_command, "load_model", lambda *a: pytest.fail("the model was built"))
+    assert main(["generate", str(story), "--base", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "GiB free, the storyboard's images need about" in err
+    assert not (tmp_path / "out").exists()
 
 
 def _folder_bytes(folder: Path) -> dict[str, bytes]:

@@ -1,5 +1,6 @@
 """Numerical guard, output-folder checks, and the package's loading hygiene."""
 
+import errno
 import re
 import shutil
 from collections import namedtuple
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from dreamshot.config.load import load_config
-from dreamshot.training.guards import TrainingDivergedError
+from dreamshot.training import checkpoint_io
+from dreamshot.training.guards import TrainingDivergedError, checkpoint_bytes
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.train import train
 from dreamshot.utils.errors import DreamShotError
@@ -48,12 +50,41 @@ def test_nonfinite_steps_can_be_skipped(tmp_path, monkeypatch):
     assert ckpt["nonfinite_skips"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
-def test_unwritable_output_dir_is_reported_before_training(tmp_path):
+def test_output_dir_under_a_file_is_reported_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     cfg = load_config("smoke", [*FAST, f"output_dir={blocker / 'run'}"])
-    with pytest.raises(DreamShotError, match="not writable"):
+    with pytest.raises(DreamShotError, match=r"file/run: not a folder \(.*file is a file\)"):
         train(cfg)
+
+
+def test_the_disk_estimate_covers_a_real_checkpoint(tmp_path):
+    out = train(load_config("smoke", [*FAST, f"output_dir={tmp_path}", "trainer.max_steps=2"]))
+    module = DreamShotModule(load_config("smoke", FAST))
+    estimate = checkpoint_bytes(module.adapter.trainable_parameters(), max_steps=2)
+    real = (out / "checkpoints" / "last.ckpt").stat().st_size
+    assert real <= estimate <= 2 * real
+
+
+def test_a_disk_that_fills_mid_run_says_so_and_keeps_the_checkpoints(tmp_path, monkeypatch):
+    saved = []
+
+    def save(checkpoint, f):  # the disk is full once step 1's checkpoint is written (before its last.ckpt)
+        if saved:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(checkpoint["global_step"])
+        real_save(checkpoint, f)
+
+    real_save = torch.save
+    monkeypatch.setattr(checkpoint_io.torch, "save", save)
+    cfg = load_config("smoke", [*FAST, f"output_dir={tmp_path}", "trainer.checkpoint_every_n_steps=1"])
+    with pytest.raises(
+        DreamShotError, match=r"no space left on the disk of output_dir .* at step 1: checkpoints up to step 1 intact"
+    ):
+        train(cfg)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "checkpoints" / "step000001.ckpt", weights_only=True)["global_step"] == 1
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
 
 
 def test_too_little_disk_is_reported_before_training(tmp_path, monkeypatch):

@@ -93,22 +93,28 @@ def test_only_lora_parameters_train():
     assert not any(p.requires_grad for p in module.adapter.text_encoder.parameters())
 
 
-def test_resume_continues_to_the_same_weights(tmp_path):
+def test_resume_with_safe_changes_continues_to_the_same_weights_and_records_them(tmp_path):
     straight = train(_config(tmp_path, "straight", "trainer.max_steps=4"))
-    first = train(_config(tmp_path, "resumed", "trainer.max_steps=2"))
-    resumed = train(
-        _config(
-            tmp_path,
-            "resumed",
-            "trainer.max_steps=4",
-            f"trainer.ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
-        )
-    )
+    train(_config(tmp_path, "resumed", "trainer.max_steps=2"))
+    # Longer, with other checkpoint, log and validation intervals: none changes a training step.
+    safe = ["trainer.max_steps=4", "trainer.checkpoint_every_n_steps=1", "trainer.log_every_n_steps=3"]
+    resumed = train(_config(tmp_path, "resumed", "trainer.ckpt_path=last", "trainer.val_check_interval=4", *safe))
     ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
     a, b = load_file(straight / "lora.safetensors"), load_file(resumed / "lora.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    (record,) = [json.loads(line) for line in (resumed / "resumes.jsonl").read_text().splitlines()]
+    assert record["step"] == 2 and record["checkpoint"] == str(resumed / "checkpoints" / "last.ckpt")
+    assert record["changed"] == {
+        "trainer.max_steps": {"from": 2, "to": 4},
+        "trainer.checkpoint_every_n_steps": {"from": 2, "to": 1},
+        "trainer.log_every_n_steps": {"from": 1, "to": 3},
+        "trainer.val_check_interval": {"from": 2, "to": 4},
+    }
+    assert load_config(resumed / "config.yaml").trainer.max_steps == 4
+    names = sorted(p.name for p in (resumed / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step000002.ckpt", "step000003.ckpt", "step000004.ckpt"]  # no "-v1" copies
 
 
 def test_reference_tokens_get_timestep_zero(smoke_run):

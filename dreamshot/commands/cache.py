@@ -16,13 +16,14 @@ import torch
 
 from dreamshot.config.load import available_experiments, load_config, load_runs
 from dreamshot.config.schema import Config
-from dreamshot.data.cache import CachedRecord, cache_fingerprint, encode_record, write_cache
+from dreamshot.data.cache import CachedRecord, cache_bytes, cache_fingerprint, encode_record, write_cache
 from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.data.dataset import Resolution
 from dreamshot.data.manifest import StoryboardRecord, load_manifest
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.planner.plan import shot_window
 from dreamshot.utils.errors import ConfigError
+from dreamshot.utils.io import check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,12 +63,15 @@ def build_cache(cfg: Config, device: str = "cpu", progress: bool = True) -> int:
     manifest = datamodule.manifest_path()
     # Every group, whatever the split and source filter: runs that differ only there share one cache.
     records = load_manifest(manifest, check_files=True)
+    entries = datamodule.cache_entries(records)
     max_shots = datamodule.window(records)
+    need = cache_bytes(entries, cfg.model, max_shots)
+    check_output_dir(cfg.data.cache_dir, "data.cache_dir", need, "the latents of every storyboard")
     return write_cache(
         cfg.data.cache_dir,
         cache_fingerprint(cfg.model, cfg.seed, max_shots, manifest),
         manifest,
-        datamodule.cache_entries(records),
+        entries,
         functools.partial(_encoder, cfg, device, max_shots),
         cfg.data.cache_shard_size,
         progress,

@@ -28,6 +28,7 @@ from dreamshot.inference.loading import add_weight_arguments, load_model, read_l
 from dreamshot.inference.pipeline import StoryboardPipeline
 from dreamshot.training.callbacks import LORA_FILE
 from dreamshot.utils.errors import DataError
+from dreamshot.utils.io import check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides) if args.outputs else resolve_config(weights, args.config, overrides)
     device = torch.device(args.device or cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = args.out or Path("outputs") / "eval" / f"{scored_name(args, cfg)}-{cfg.eval.benchmark}-{cfg.eval.mode}"
+    check_output_dir(out, "--out")
     label = args.label or _label(args)
     ranks = Ranks.from_environment(device.type)
     device = ranks.device(device)

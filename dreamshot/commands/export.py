@@ -17,6 +17,7 @@ from dreamshot.inference.loading import RUN_CONFIG, read_lora, resolve_config, r
 from dreamshot.models.wan.lora_formats import FORMATS
 from dreamshot.training.callbacks import write_lora_files
 from dreamshot.utils.errors import ConfigError, WeightsError
+from dreamshot.utils.io import check_output_dir
 
 # Where a DeepSpeed checkpoint folder written by Lightning (tag "checkpoint") keeps rank 0's module state:
 # ZeRO-2 writes one file, ZeRO-3 one per rank.
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> None:
     weights = source_weights(Path(args.source))
     lora = read_lora(weights)
     cfg = with_lora(resolve_config(weights, args.config, []), lora, str(weights))
+    need = len(formats) * sum(4 * t.numel() for t in lora.state.values()) + 2**20
+    check_output_dir(args.out, "--out", need, "the LoRA files")
     metadata = {"source": str(weights)}
     for path in write_lora_files(lora.state, Path(args.out), cfg.model, metadata, formats):
         print(path)

@@ -32,6 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
+from dreamshot.config.values import SEED_LIMIT
 from dreamshot.diffusion.conditioning import check_trained
 from dreamshot.eval.sharding import Ranks
 from dreamshot.eval.story_folder import generate_folder
@@ -50,6 +51,7 @@ from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
 from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
 from dreamshot.models.wan.context_parallel import launched_group
 from dreamshot.utils.errors import ConfigError, DataError
+from dreamshot.utils.io import check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=seed_value,
         help="noise seed (default: with --regenerate the previous seed + 1, else the story's, else inference.seed)",
     )
     parser.add_argument(
@@ -85,6 +87,13 @@ def shot_list(text: str) -> list[int]:
     if indices[0] < 1:
         raise argparse.ArgumentTypeError(f"shot numbers start at 1, got {text!r}")
     return indices
+
+
+def seed_value(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{SEED_LIMIT - 1}, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -111,6 +120,9 @@ def run(args: argparse.Namespace) -> None:
     kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
     check_trained(cfg.storyboard, request.mode)
+    # Shots and contact sheet as uncompressed RGB at most, checked before the model is built.
+    pixels = size[0] * size[1] * (2 * len(story.shots) + len(story.references))
+    check_output_dir(args.out, "--out", 3 * pixels + 2**20, "the storyboard's images")
 
     device = _device(args.device, cfg.inference.context_parallel.degree)
     with launched_group(cfg.inference.context_parallel, device, "inference.context_parallel") as group:
@@ -211,7 +223,7 @@ def _seed(explicit: int | None, previous: dict | None, story: Story, cfg: Config
         return explicit
     if previous is not None:
         # A re-roll must draw new noise: the same seed would redraw the same shots.
-        return int(previous["seed"]) + 1
+        return (int(previous["seed"]) + 1) % SEED_LIMIT
     return story.seed if story.seed is not None else cfg.inference.seed
 
 

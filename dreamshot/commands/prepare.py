@@ -7,6 +7,7 @@ import argparse
 from dreamshot.prepare.config import load_prepare_config
 from dreamshot.prepare.pipeline import prepare
 from dreamshot.prepare.report import format_table
+from dreamshot.utils.io import check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = load_prepare_config(args.config, args.overrides)
+    check_output_dir(args.out, "--out")
     summary = prepare(args.videos, args.out, cfg, progress=not args.no_progress)
     print(format_table(summary.counts))
     print(f"{summary.manifest}: {summary.groups} groups, {summary.shots} shots")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dreamshot.config.schema import Config, ModelConfig, PhaseConfig
 from dreamshot.utils.errors import ConfigError
+from dreamshot.utils.text import read_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
@@ -106,18 +108,26 @@ def load_config(
     cfg = OmegaConf.structured(Config)
     if chain:
         cfg.name = chain[-1][0].stem
+    # (where, what it set) of every merge, so a bad value is reported with the file that set it.
+    sources: list[tuple[str, Any]] = []
+
+    def merge(update: Any, source: Path | str) -> DictConfig:
+        sources.append((str(source), update))
+        return merge_layer(cfg, update, source)
+
     for group, option in groups.items():
-        cfg = merge_layer(cfg, {group: read_yaml(_group_file(group, option))}, _group_file(group, option))
+        cfg = merge({group: read_yaml(_group_file(group, option))}, _group_file(group, option))
     for path, body in chain:
-        cfg = merge_layer(cfg, {k: v for k, v in body.items() if k not in _META_KEYS}, path)
-    local = Path(os.environ.get("DREAMSHOT_LOCAL_CONFIG", CONF_DIR / "local.yaml"))
-    if local.is_file():
-        cfg = merge_layer(cfg, read_yaml(local), local)
+        cfg = merge({k: v for k, v in body.items() if k not in _META_KEYS}, path)
+    local = local_config()
+    if local is not None:
+        cfg = merge(read_yaml(local), local)
     if members:
         stem = chain[-1][0].stem
         sweep = {"name": f"{stem}/{member}", "tags": [*cfg.tags, member], "logger": {"group": stem}}
-        cfg = merge_checked(cfg, sweep, f"sweep member {member!r}")
+        cfg = merge(sweep, f"sweep member {member!r}")
     cfg = apply_overrides(cfg, dotlist)
+    sources.append(("command line", _key_tree(item.split("=", 1)[0] for item in dotlist)))
     output_dir = cfg._get_node("output_dir")._value()  # unresolved: does it name the run (`${name}`)?
     if members and "${name}" not in output_dir and Path(output_dir).name != member:
         cfg.output_dir = f"{output_dir}/{member}"
@@ -133,7 +143,13 @@ def load_config(
         raise ConfigError(f"config: {describe_error(e)}") from None
     overridden = {item.split("=", 1)[0] for item in dotlist}
     fit_curriculum(config, "trainer.max_steps" in overridden, any(_under("curriculum", k) for k in overridden))
-    config.validate()
+    try:
+        config.validate()
+    except ConfigError as e:
+        origin = _origin(sources, e.key) if e.key else None
+        if origin is None:
+            raise
+        raise ConfigError(f"{e} (set {origin})", e.key) from None
     if require_inputs:
         check_weights(config.model)
     return config
@@ -269,6 +285,45 @@ def is_eval_time(config: Config) -> bool:
     return EVAL_TIME_TAG in config.tags
 
 
+def _origin(sources: list[tuple[str, Any]], key: str) -> str | None:
+    """Where the last of `sources` to set `key` ("optim.betas", "curriculum[0].steps") is ("in FILE", "on the
+    command line", "by sweep member 'a'"); None for a schema default."""
+    parts = [part for part in re.split(r"[.\[\]]+", key) if part]
+    for source, update in reversed(sources):
+        node = OmegaConf.to_container(update) if isinstance(update, DictConfig) else update
+        for part in parts:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                break
+        else:
+            if source == "command line":
+                return "on the command line"
+            return f"by {source}" if source.startswith("sweep member") else f"in {source}"
+    return None
+
+
+def local_config() -> Path | None:
+    """`$DREAMSHOT_LOCAL_CONFIG` (which must then exist), else `conf/local.yaml` when there is one."""
+    named = os.environ.get("DREAMSHOT_LOCAL_CONFIG")
+    if named:
+        return Path(named)
+    default = CONF_DIR / "local.yaml"
+    return default if default.exists() else None
+
+
+def _key_tree(keys) -> dict[str, Any]:
+    """Dotted keys (`curriculum.0.steps`) as the nested mapping they set, for `_origin` (values left out)."""
+    tree: dict[str, Any] = {}
+    for key in keys:
+        node = tree
+        for part in key.split("."):
+            node = node.setdefault(part, {})
+    return tree
+
+
 def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
@@ -342,10 +397,7 @@ def _sweep_of(sweep: Any, path: Path) -> dict[str, list[str]]:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        body = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid yaml ({str(e).splitlines()[0]})") from None
+    body = read_yaml_file(path, "config file", ConfigError) or {}
     if not isinstance(body, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return body

@@ -8,9 +8,10 @@ The structured schema makes omegaconf reject unknown keys and wrong types; cross
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from urllib.parse import urlsplit
 
+from dreamshot.config.values import RULES, check_values
 from dreamshot.utils.errors import ConfigError
+from dreamshot.utils.secrets import check_endpoint, check_key_variable
 
 
 @dataclass
@@ -247,6 +248,9 @@ class SampleConfig:
 
 # Lightning strategies a run can use (dreamshot/training/strategy.py builds them).
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "deepspeed_stage_2", "deepspeed_stage_3")
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+LOGGER_MODES = ("offline", "online", "disabled")
 # The strategies whose process groups a context-parallel mesh can be built on (one process per device).
 CONTEXT_PARALLEL_STRATEGIES = ("ddp", "ddp_spawn", "deepspeed_stage_2", "deepspeed_stage_3")
 CONTEXT_PARALLEL_ATTENTION = ("ulysses", "ring")
@@ -272,12 +276,14 @@ class TrainerConfig:
     """Lightning Trainer settings."""
 
     max_steps: int = 100
+    # cpu | gpu | cuda | mps | auto (Lightning's accelerators).
     accelerator: str = "cpu"
     devices: int = 1
     num_nodes: int = 1
     # auto | ddp | ddp_spawn | deepspeed_stage_2 | deepspeed_stage_3 (DeepSpeed ZeRO-2 / ZeRO-3, GPUs only);
     # built by dreamshot/training/strategy.py.
     strategy: str = "auto"
+    # One of PRECISIONS (Lightning's names): 32-true | 16-mixed | bf16-mixed | 16-true | bf16-true | 64-true.
     precision: str = "32-true"
     gradient_checkpointing: bool = False
     # torch.compile the DiT blocks (a block capturing role attention runs eagerly for that call): fuses their
@@ -291,8 +297,13 @@ class TrainerConfig:
     keep_last_checkpoints: int | None = None
     val_check_interval: int = 50
     accumulate_grad_batches: int = 1
-    # Resume from this checkpoint (a file written by a previous run).
+    # Resume from this checkpoint (a file or DeepSpeed folder written by a run): `last` is the output_dir's own
+    # checkpoints/last.ckpt when it has one (else the run starts fresh). Only RESUME_SAFE_KEYS may differ from
+    # the checkpoint's config (training/resume.py); output_dir then holds `resumes.jsonl`, a line per resume.
     ckpt_path: str | None = None
+    # Start over in an output_dir that holds another run: its checkpoints, LoRA files and summary are deleted
+    # first. Without it such a folder is refused (resume it with ckpt_path=last, or pick another output_dir).
+    overwrite: bool = False
     # Steps with a non-finite loss or gradient that may be skipped (no update) before the run stops.
     max_nonfinite_steps: int = 0
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -399,10 +410,12 @@ class DetectorConfig:
 class JudgeConfig:
     """The vision-language judge of the Alignment score (any OpenAI-compatible chat-completions endpoint)."""
 
-    # Base URL ending before /chat/completions, e.g. https://api.openai.com/v1. None: Alignment is missing.
+    # Base URL ending before /chat/completions, e.g. https://api.openai.com/v1 (no user, password or key in it:
+    # refused, see utils/secrets.py). None: Alignment is missing.
     endpoint: str | None = None
     model: str = "gpt-4.1"
-    # Environment variable holding the API key (the key itself never goes into a config or a log).
+    # Environment variable holding the API key (the key itself never goes into a config or a log: a value that
+    # looks like a key is refused).
     api_key_env: str = "OPENAI_API_KEY"
     temperature: float = 0.0
     seed: int = 123
@@ -521,13 +534,21 @@ class Config:
         return sorted({i % layers for i in self.racl.blocks})
 
     def validate(self) -> None:
-        """Cross-field rules; raises ConfigError naming the keys."""
+        """Value ranges (`check_values`) and cross-field rules; raises ConfigError naming the keys."""
+        check_values(self, RULES)
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            raise ConfigError(
+                f"optim.betas must be [beta1, beta2], each in [0, 1), got {list(self.optim.betas)}", key="optim.betas"
+            )
+        if not self.model.lora.target_modules:
+            raise ConfigError(
+                "model.lora.target_modules must name at least one module", key="model.lora.target_modules"
+            )
         _check_sizes(self.data.resolution, "data.resolution", multiple=16)
         _check_sizes(self.data.toy.image_size, "data.toy.image_size", multiple=1)
-        if not 0 <= self.data.toy.real_share <= 1:
-            raise ConfigError(f"data.toy.real_share must be in [0, 1], got {self.data.toy.real_share}")
         _check_choice(self.diffusion.timestep_mode, ("per_token", "global"), "diffusion.timestep_mode")
         _check_choice(self.logger.backend, ("wandb", "csv"), "logger.backend")
+        _check_choice(self.logger.mode, LOGGER_MODES, "logger.mode")
         _check_choice(self.model.dtype, ("float32", "bfloat16"), "model.dtype")
         _check_choice(self.storyboard.layout, POSITION_MODES, "storyboard.layout")
         _check_probabilities(self.storyboard)
@@ -543,12 +564,8 @@ class Config:
         _check_trainer(self.trainer)
         _check_context_parallel(self)
         _check_schedule_averaging_samples(self)
-        if self.diffusion.shift <= 0:
-            raise ConfigError(f"diffusion.shift must be > 0, got {self.diffusion.shift}")
         if self.data.toy.min_shots < 1 or self.data.toy.min_shots > self.data.toy.max_shots:
             raise ConfigError("data.toy.min_shots must be in 1..data.toy.max_shots")
-        if self.model.lora.rank < 1:
-            raise ConfigError(f"model.lora.rank must be >= 1, got {self.model.lora.rank}")
         head_dim = self.model.transformer.attention_head_dim
         if head_dim % 2 or head_dim < 6:
             raise ConfigError(f"model.transformer.attention_head_dim must be even and >= 6, got {head_dim}")
@@ -556,13 +573,17 @@ class Config:
 
 def _check_trainer(trainer: TrainerConfig) -> None:
     _check_choice(trainer.strategy, STRATEGIES, "trainer.strategy")
-    for key in ("devices", "num_nodes", "max_steps", "accumulate_grad_batches"):
-        if getattr(trainer, key) < 1:
-            raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(trainer, key)}")
+    _check_choice(trainer.accelerator, ACCELERATORS, "trainer.accelerator")
+    _check_choice(trainer.precision, PRECISIONS, "trainer.precision")
     if trainer.strategy.startswith("deepspeed") and trainer.accelerator not in ("gpu", "cuda"):
         raise ConfigError(
             f"trainer.strategy={trainer.strategy} runs on CUDA GPUs only: set trainer.accelerator=gpu "
             f"(got {trainer.accelerator!r}), or use trainer.strategy=ddp on CPU"
+        )
+    if trainer.overwrite and trainer.ckpt_path:
+        raise ConfigError(
+            "trainer.overwrite starts a run over, trainer.ckpt_path resumes one: set only one of them",
+            key="trainer.overwrite",
         )
     if trainer.compile_blocks and trainer.strategy == "deepspeed_stage_3":
         # ZeRO-3 gathers every weight through module hooks inside the blocks, which dynamo cannot compile through.
@@ -620,15 +641,6 @@ def _check_context_parallel(cfg: Config) -> None:
 def _check_schedule_averaging_samples(cfg: Config) -> None:
     optim, trainer, sample = cfg.optim, cfg.trainer, cfg.trainer.sample
     _check_choice(optim.schedule, ("constant", "linear", "cosine"), "optim.schedule")
-    if not 0 <= optim.min_lr_ratio <= 1:
-        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}")
-    if not 0 <= optim.ema_decay < 1:
-        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0: off), got {optim.ema_decay}")
-    keep = trainer.keep_last_checkpoints
-    if keep is not None and keep < 1:
-        raise ConfigError(f"trainer.keep_last_checkpoints must be >= 1 (None: keep all), got {keep}")
-    if sample.every_n_steps < 0 or sample.steps < 1:
-        raise ConfigError("trainer.sample.every_n_steps must be >= 0 (0: never) and trainer.sample.steps >= 1")
     if sample.every_n_steps and sample.story is None and cfg.data.val_groups < 1:
         raise ConfigError("trainer.sample draws the first validation storyboard: set data.val_groups >= 1 or a story")
     if trainer.strategy == "deepspeed_stage_3":
@@ -646,18 +658,13 @@ def _check_sizes(size: list[int], key: str, multiple: int) -> None:
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
     if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}", key=key)
 
 
 def _check_probabilities(storyboard: StoryboardConfig) -> None:
     weights = asdict(storyboard.modes)
     if any(p < 0 for p in weights.values()) or abs(sum(weights.values()) - 1) > 1e-6:
         raise ConfigError(f"storyboard.modes must be non-negative and sum to 1, got {weights}")
-    for key in ("drop_joint", "drop_refs", "drop_text"):
-        if not 0 <= getattr(storyboard, key) <= 1:
-            raise ConfigError(f"storyboard.{key} must be in [0, 1], got {getattr(storyboard, key)}")
-    if storyboard.neg_offset < 0:
-        raise ConfigError(f"storyboard.neg_offset (the gap before the shots) must be >= 0, got {storyboard.neg_offset}")
 
 
 def _check_racl(cfg: Config) -> None:
@@ -665,17 +672,11 @@ def _check_racl(cfg: Config) -> None:
     for index in cfg.racl.blocks or []:
         if not -layers <= index < layers:
             raise ConfigError(f"racl.blocks: block {index} does not exist in a {layers}-layer model")
-    if not 0 < cfg.racl.mask_threshold <= 1:
-        raise ConfigError(f"racl.mask_threshold must be in (0, 1], got {cfg.racl.mask_threshold}")
-    if cfg.racl.weight < 0:
-        raise ConfigError(f"racl.weight must be >= 0, got {cfg.racl.weight}")
 
 
 def _check_curriculum(cfg: Config) -> None:
     for i, phase in enumerate(cfg.curriculum):
         _check_sizes(phase.resolution, f"curriculum[{i}].resolution", multiple=16)
-        if phase.steps < 1:
-            raise ConfigError(f"curriculum[{i}].steps must be >= 1, got {phase.steps}")
     total = sum(phase.steps for phase in cfg.curriculum)
     if cfg.curriculum and total != cfg.trainer.max_steps:
         raise ConfigError(
@@ -685,10 +686,6 @@ def _check_curriculum(cfg: Config) -> None:
 
 def _check_inference(inference: InferenceConfig) -> None:
     _check_choice(inference.scheduler, ("unipc", "euler"), "inference.scheduler")
-    if inference.steps < 1:
-        raise ConfigError(f"inference.steps must be >= 1, got {inference.steps}")
-    if inference.shift <= 0:
-        raise ConfigError(f"inference.shift must be > 0, got {inference.shift}")
 
 
 EVAL_BENCHMARKS = ("toy", "dreamshot_test", "vistorybench")
@@ -703,25 +700,7 @@ def _check_eval(ev: EvalConfig) -> None:
     _check_choice(ev.crops, ("auto", "detector", "masks"), "eval.crops")
     for name in ev.metrics:
         _check_choice(name, EVAL_METRICS, "eval.metrics")
-    if ev.steps is not None and ev.steps < 1:
-        raise ConfigError(f"eval.steps must be >= 1, got {ev.steps}")
-    if ev.callback.every_n_steps < 1 or ev.callback.stories < 1 or ev.callback.steps < 1:
-        raise ConfigError("eval.callback.every_n_steps, .stories and .steps must be >= 1")
     if ev.callback.enabled and ev.benchmark != "toy" and ev.data is None:
         raise ConfigError(f"eval.callback.enabled: the {ev.benchmark} benchmark needs eval.data")
-    if ev.judge.max_retries < 1:
-        raise ConfigError(f"eval.judge.max_retries must be >= 1, got {ev.judge.max_retries}")
-    if ev.judge.endpoint and "@" in urlsplit(ev.judge.endpoint).netloc:
-        # The URL itself is left out of the message: it holds the secret.
-        raise ConfigError(
-            "eval.judge.endpoint holds credentials (user:key@host); give the base URL alone and the key in the "
-            "environment variable named by eval.judge.api_key_env"
-        )
-    if ev.judge.max_concurrency < 1:
-        raise ConfigError(f"eval.judge.max_concurrency must be >= 1, got {ev.judge.max_concurrency}")
-    for key in ("backoff_base_s", "backoff_max_s", "backoff_total_s"):
-        if getattr(ev.judge, key) <= 0:
-            raise ConfigError(f"eval.judge.{key} must be > 0, got {getattr(ev.judge, key)}")
-    for key in ("box_threshold", "text_threshold"):
-        if not 0 <= getattr(ev.detector, key) <= 1:
-            raise ConfigError(f"eval.detector.{key} must be in [0, 1], got {getattr(ev.detector, key)}")
+    check_endpoint(ev.judge.endpoint, "eval.judge.endpoint", "eval.judge.api_key_env")
+    check_key_variable(ev.judge.api_key_env, "eval.judge.api_key_env")

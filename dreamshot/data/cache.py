@@ -27,7 +27,9 @@ frames, about 88 MiB.
 Writing: a shard goes to a temporary file, is fsynced and renamed (`atomic_path`), then the index is rewritten
 atomically; a reader only opens shards that the index lists. A killed writer therefore leaves complete shards,
 an index naming only them, and at most one temporary file, which the next writer removes; that rerun encodes
-only the storyboards no listed shard holds. One writer per cache folder at a time.
+only the storyboards no listed shard holds. A listed shard that is missing or truncated (copied in part, a
+damaged disk) makes training refuse the cache naming it; the next `dreamshot cache` unlists it and encodes its
+storyboards again. One writer per cache folder at a time.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -50,6 +52,7 @@ from dreamshot.data.manifest import StoryboardRecord
 from dreamshot.models.wan.latents import encode_references, encode_shots
 from dreamshot.utils.errors import ConfigError
 from dreamshot.utils.io import atomic_path, atomic_write_text, remove_stale_temporaries
+from dreamshot.utils.text import read_text
 
 if TYPE_CHECKING:
     from dreamshot.models.wan.adapter import WanAdapter
@@ -92,6 +95,20 @@ def cache_fingerprint(model: ModelConfig, seed: int, max_shots: int, manifest: P
     return built
 
 
+def cache_bytes(entries: Sequence[tuple[StoryboardRecord, Resolution]], model: ModelConfig, max_shots: int) -> int:
+    """An upper estimate of what caching `entries` writes: the latent frames of every window and reference (the
+    storage formula of the module docstring) and every text's `text_len` rows, unpacked."""
+    element = 4 if model.dtype == "float32" else 2
+    total = 0
+    for record, (height, width) in entries:
+        shots, refs = len(record.shots), len(record.references)
+        window = min(shots, max_shots)
+        frames = (shots - window + 1) * window + refs
+        total += frames * model.vae.z_dim * (height // 8) * (width // 8) * element
+        total += (shots + refs) * model.text_len * model.transformer.text_dim * element
+    return total
+
+
 def size_name(size: Resolution) -> str:
     """(H, W) -> "HxW", the name of the folder of that resolution's shards."""
     return f"{size[0]}x{size[1]}"
@@ -113,7 +130,7 @@ class LatentCache:
         self.shards = _shard_of(index)
 
     def require(self, entries: Sequence[tuple[str, Resolution]]) -> None:
-        """Raise ConfigError unless every (record id, (H, W)) is cached."""
+        """Raise ConfigError unless every (record id, (H, W)) is cached in a shard that is whole."""
         missing = [(rid, size) for rid, size in entries if (rid, size_name(size)) not in self.shards]
         if missing:
             rid, size = missing[0]
@@ -122,6 +139,13 @@ class LatentCache:
                 f"data.cache_dir={self.root}: {len(missing)} of {len(entries)} storyboards are not cached "
                 f"(first: {rid!r} at {size_name(size)}; cached sizes: {', '.join(held)}); {BUILD_HINT}"
             )
+        for file in sorted({self.shards[(rid, size_name(size))] for rid, size in entries}):
+            fault = shard_fault(self.root / file)
+            if fault:
+                raise ConfigError(
+                    f"data.cache_dir={self.root}: shard {file} listed in {INDEX_NAME} is {fault}; rerun "
+                    "`dreamshot cache <experiment>` with this run's config to encode it again"
+                )
 
     def load(self, record_id: str, size: Resolution, window: range) -> dict[str, torch.Tensor]:
         """The cached tensors of a record's shots `window` (N shots) and its K references, as
@@ -189,6 +213,7 @@ def write_cache(
     # Left by a killed writer; never listed in the index, so never read.
     for folder in [root, *root.glob("*/")]:
         remove_stale_temporaries(folder)
+    _drop_damaged_shards(root, index)
     cached = _shard_of(index)
     todo: dict[Resolution, list[StoryboardRecord]] = {}
     for record, size in entries:
@@ -215,11 +240,42 @@ def _write_shard(
 ) -> None:
     """Write one shard atomically, then list it in the index (also written atomically)."""
     shards = index["resolutions"].setdefault(size_name(size), [])
-    name = f"{size_name(size)}/shard-{len(shards):05d}.safetensors"
+    number = len(shards)
+    # A dropped damaged shard leaves a gap: the name must not be one a listed shard has.
+    while (
+        any(shard["file"] == _shard_name(size, number) for shard in shards)
+        or (root / _shard_name(size, number)).exists()
+    ):
+        number += 1
+    name = _shard_name(size, number)
     with atomic_path(root / name) as tmp:
         save_file({key: t.contiguous() for key, t in tensors.items()}, tmp)
     shards.append({"file": name, "records": ids})
     atomic_write_text(root / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+
+
+def _shard_name(size: Resolution, number: int) -> str:
+    return f"{size_name(size)}/shard-{number:05d}.safetensors"
+
+
+def shard_fault(path: Path) -> str | None:
+    """What is wrong with a shard file ("missing", "unreadable (...)"), None when its header covers the file."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with safe_open(path, framework="pt"):
+            return None
+    except (SafetensorError, OSError) as e:
+        return f"unreadable ({' '.join(str(e).split())}; truncated?)"
+
+
+def _drop_damaged_shards(root: Path, index: dict[str, Any]) -> None:
+    """Unlist (and delete) the shards that are missing or unreadable, so their storyboards are encoded again."""
+    for size, shards in index["resolutions"].items():
+        damaged = [shard for shard in shards if shard_fault(root / shard["file"])]
+        for shard in damaged:
+            (root / shard["file"]).unlink(missing_ok=True)
+        index["resolutions"][size] = [shard for shard in shards if shard not in damaged]
 
 
 def _record_tensors(record_id: str, cached: CachedRecord) -> dict[str, torch.Tensor]:
@@ -254,12 +310,32 @@ def unpack_texts(packed: torch.Tensor, lengths: torch.Tensor, text_len: int) -> 
 
 def _read_index(root: Path) -> dict[str, Any] | None:
     path = root / INDEX_NAME
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable cache index ({e})") from None
+        index = json.loads(read_text(path, "cache index", ConfigError))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: unreadable cache index ({e}); delete the cache folder and rebuild it") from None
+    if not _index_shape_ok(index):
+        raise ConfigError(
+            f"{path}: not a cache index (needs 'built_with' and 'resolutions' with the shards' 'file' and "
+            "'records'); delete the cache folder and rebuild it"
+        )
+    return index
+
+
+def _index_shape_ok(index: Any) -> bool:
+    if not (isinstance(index, dict) and isinstance(index.get("built_with"), dict)):
+        return False
+    resolutions = index.get("resolutions")
+    return isinstance(resolutions, dict) and all(
+        isinstance(shards, list)
+        and all(
+            isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("records"), list)
+            for shard in shards
+        )
+        for shards in resolutions.values()
+    )
 
 
 def _shard_of(index: dict[str, Any]) -> dict[tuple[str, str], str]:

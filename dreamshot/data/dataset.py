@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from dreamshot.data.bucketing import aspect_bucket
 from dreamshot.data.manifest import MASK_MODES, StoryboardRecord
 from dreamshot.utils.errors import DataError
+from dreamshot.utils.images import open_oriented, oriented_size
 
 if TYPE_CHECKING:
     from dreamshot.data.cache import LatentCache
@@ -227,10 +228,7 @@ def _load_mask(path: Path, where: str) -> Image.Image:
 
 def _decode(path: Path, where: str) -> Image.Image:
     try:
-        with Image.open(path) as image:
-            image.load()
-            # Closing the file also frees the decoded pixels, so a copy leaves the `with`.
-            return image.copy()
+        return open_oriented(path)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{where}: cannot decode {path} ({' '.join(str(e).split())})") from None
 
@@ -252,4 +250,5 @@ def _stack(tensors: list[torch.Tensor], empty_shape: tuple[int, ...]) -> torch.T
 
 def _image_height_width(path: Path) -> tuple[int, int]:
     with Image.open(path) as image:
-        return image.height, image.width
+        width, height = oriented_size(image)
+    return height, width

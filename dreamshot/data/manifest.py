@@ -28,6 +28,7 @@ from PIL import Image
 
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.fields import Where, read_json_lines
+from dreamshot.utils.images import open_oriented, oriented_size
 from dreamshot.utils.io import atomic_write_text
 
 SOURCES = ("real", "synthetic")
@@ -191,8 +192,7 @@ def _check_mask(path: Path, image_size: tuple[int, int], where: Where, at: str) 
     if size != image_size:
         raise where.error(at, f"mask {path} is {size[0]}x{size[1]}, its image is {image_size[0]}x{image_size[1]}")
     # Masks are small: decoding them here catches what a header cannot show, before any training starts.
-    with Image.open(path) as image:
-        values = np.asarray(image.convert("L"))
+    values = np.asarray(open_oriented(path).convert("L"))
     if not ((values == 0) | (values == 255)).all():
         raise where.error(at, f"mask {path} has values other than 0 and 255")
     if not values.any():
@@ -200,12 +200,13 @@ def _check_mask(path: Path, image_size: tuple[int, int], where: Where, at: str) 
 
 
 def _image_header(path: Path, where: Where, at: str) -> tuple[tuple[int, int], str]:
-    """(width, height), mode of an image, after checking that its file is complete (`verify`)."""
+    """(width, height) as shown (EXIF orientation applied), mode of an image, after checking that its file is
+    complete (`verify`)."""
     if not path.is_file():
         raise where.error(at, f"file not found: {path}")
     try:
         with Image.open(path) as image:
-            size, mode = image.size, image.mode
+            size, mode = oriented_size(image), image.mode
             image.verify()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise where.error(at, f"unreadable image {path} ({e})") from None

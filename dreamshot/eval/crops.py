@@ -21,6 +21,7 @@ from dreamshot.eval.benchmarks.types import BenchCharacter, BenchShot
 from dreamshot.eval.detector import CharacterDetector
 from dreamshot.inference.story import open_rgb
 from dreamshot.utils.errors import DataError
+from dreamshot.utils.images import open_oriented
 
 # (owner, crop): owner is the character key when the crop source knows it (masks), None for detections.
 ShotCrop = tuple[str | None, Image.Image]
@@ -76,8 +77,7 @@ def mask_box(mask: Image.Image) -> tuple[int, int, int, int] | None:
 
 def _open_mask(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as mask:
-            return mask.convert("L")
+        return open_oriented(path).convert("L")
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read mask ({e})") from None
 

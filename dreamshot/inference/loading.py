@@ -116,9 +116,22 @@ def load_lora(adapter: WanAdapter, lora: LoraWeights, source: Path | str) -> Non
         raise WeightsError(f"{source}: {e}") from None
 
 
+def require_finite(state: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse LoRA weights holding NaN or infinity: applied, they would turn every output into NaN, silently."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise WeightsError(f"{source}: LoRA weight {key!r} holds NaN or infinite values (a diverged run?)")
+
+
 def read_lora(weights: Path) -> LoraWeights:
     """The LoRA of a file or folder that `--lora` accepts, or of a DreamShot checkpoint (Lightning `.ckpt` or
-    DeepSpeed folder: alpha from the config it was trained with)."""
+    DeepSpeed folder: alpha from the config it was trained with). Weights holding NaN or infinity are refused."""
+    lora = _read_any(weights)
+    require_finite(lora.state, weights)
+    return lora
+
+
+def _read_any(weights: Path) -> LoraWeights:
     if not weights.exists():
         raise WeightsError(f"{weights}: LoRA file not found")
     if weights.is_dir() and not any((weights / name).is_file() for name in (PEFT_CONFIG, DIFFUSERS_WEIGHTS)):

@@ -25,6 +25,7 @@ from dreamshot.inference.contact_sheet import contact_sheet
 from dreamshot.inference.story import Story, load_shot, previous_shot_images, reference_images
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.io import atomic_path, atomic_write_text
+from dreamshot.utils.text import read_text
 
 SHEET_FILE = "sheet/storyboard.png"
 RECORD_FILE = "generation.json"
@@ -135,10 +136,10 @@ def write_contact_sheet(
 def read_record(out_dir: Path) -> dict:
     """The folder's `generation.json`."""
     path = out_dir / RECORD_FILE
+    if not path.exists():
+        raise DataError(f"{path}: not found (expected the output folder of `dreamshot generate`)")
     try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found (expected the output folder of `dreamshot generate`)") from None
+        record = json.loads(read_text(path, "generation record"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
     if not (isinstance(record, dict) and isinstance(record.get("seed"), int) and isinstance(record.get("shots"), list)):

@@ -30,13 +30,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
+from dreamshot.config.values import INT64_MAX, SEED_LIMIT
 from dreamshot.data.dataset import WHITE, cover, letterbox
 from dreamshot.inference.pipeline import StoryboardRequest
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.fields import Where
+from dreamshot.utils.images import open_oriented
+from dreamshot.utils.text import read_yaml_file
 
 _TOP_FIELDS = ("seed", "steps", "height", "width", "references", "previous_shots", "shots")
 _REFERENCE_FIELDS = ("role", "image", "prompt")
@@ -102,7 +104,7 @@ def load_story(path: str | os.PathLike) -> Story:
         references=references,
         previous_shots=previous,
         shots=shots,
-        seed=_integer(body, "seed", 0, where),
+        seed=_integer(body, "seed", 0, where, maximum=SEED_LIMIT - 1),
         steps=_integer(body, "steps", 1, where),
         size=_size(body, where),
     )
@@ -183,10 +185,9 @@ def load_shot(path: Path, size: tuple[int, int], where: str) -> torch.Tensor:
 
 
 def open_rgb(path: Path, where: str) -> Image.Image:
-    """Decode an image file as RGB; an unreadable file is a DataError naming `where`."""
+    """Decode an image file as RGB, EXIF orientation applied; an unreadable file is a DataError naming `where`."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return open_oriented(path).convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{where}: cannot read image {path} ({' '.join(str(e).split())})") from None
 
@@ -205,13 +206,7 @@ def _stack(images: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
 
 
 def _read(path: Path, where: Where) -> dict[str, Any]:
-    try:
-        body = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise DataError(f"{path}: cannot read story file ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
-    return where.check(body, dict, "(file)")
+    return where.check(read_yaml_file(path, "story file"), dict, "(file)")
 
 
 def _objects(body: dict[str, Any], key: str, known: tuple[str, ...], where: Where) -> list[tuple[str, dict[str, Any]]]:
@@ -228,13 +223,14 @@ def _image(item: dict[str, Any], root: Path, where: Where, at: str) -> Path:
     return where.existing_file(where.get(item, "image", str, at), root, f"{at}.image")
 
 
-def _integer(body: dict[str, Any], key: str, minimum: int, where: Where) -> int | None:
+def _integer(body: dict[str, Any], key: str, minimum: int, where: Where, maximum: int = INT64_MAX) -> int | None:
     value = body.get(key)
     if value is None:
         return None
     # bool is an int subclass: `seed: yes` must not pass as 1.
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise where.error(key, f"expected an integer >= {minimum}, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        wanted = f">= {minimum}" if maximum == INT64_MAX else f"in {minimum}..{maximum}"
+        raise where.error(key, f"expected an integer {wanted}, got {value!r}")
     return value
 
 

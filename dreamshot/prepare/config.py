@@ -17,7 +17,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dreamshot.config.load import describe_error, merge_checked, read_yaml
+from dreamshot.config.values import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, Rule, check_values
 from dreamshot.utils.errors import ConfigError
+from dreamshot.utils.secrets import check_endpoint, check_key_variable
 
 DETECTORS = ("content", "adaptive", "threshold", "histogram", "hash")
 AESTHETIC_BACKENDS = ("none", "aesthetic_v25")
@@ -25,6 +27,21 @@ OVERLAY_BACKENDS = ("none", "corner_logo")
 JUDGES = ("features", "vlm")
 SEGMENTERS = ("border_colour",)
 ANNOTATORS = ("placeholder", "vlm")
+
+# Bounded values of a prepare config (every number must also be finite: `check_values`).
+PREPARE_RULES: dict[str, Rule] = {
+    "curation.min_bitrate_kbps": NON_NEGATIVE,
+    "shots.min_scene_len": NON_NEGATIVE,
+    "shots.min_shot_seconds": NON_NEGATIVE,
+    "keyframes.min_relative_sharpness": UNIT,
+    "grouping.similarity": UNIT,
+    "roles.min_role_area": UNIT,
+    "roles.role_similarity": UNIT,
+    "roles.max_roles": AT_LEAST_ONE,
+    "vlm.image_size": AT_LEAST_ONE,
+    "vlm.max_retries": AT_LEAST_ONE,
+    "vlm.timeout_s": POSITIVE,
+}
 
 
 @dataclass
@@ -128,10 +145,12 @@ class VlmConfig:
     """The vision-language model behind `grouping.judge: vlm` and `roles.annotator: vlm`: any
     OpenAI-compatible chat-completions endpoint, through the evaluation judge's client (dreamshot.eval.judge)."""
 
-    # Base URL ending before /chat/completions. None: the vlm backends cannot be selected.
+    # Base URL ending before /chat/completions (no user, password or key in it). None: the vlm backends cannot be
+    # selected.
     endpoint: str | None = None
     model: str = "gpt-4.1"
-    # Environment variable holding the API key (the key itself never goes into a config or a log).
+    # Environment variable holding the API key (the key itself never goes into a config or a log: a value that
+    # looks like a key is refused).
     api_key_env: str = "OPENAI_API_KEY"
     # Side of the square JPEG each image is sent as.
     image_size: int = 512
@@ -157,7 +176,11 @@ class PrepareConfig:
         return asdict(getattr(self, name))
 
     def validate(self) -> None:
-        """Cross-field rules; raises ConfigError naming the key."""
+        """Value ranges (`PREPARE_RULES`), the VLM's credentials and cross-field rules; raises ConfigError naming
+        the key."""
+        check_values(self, PREPARE_RULES)
+        check_endpoint(self.vlm.endpoint, "vlm.endpoint", "vlm.api_key_env")
+        check_key_variable(self.vlm.api_key_env, "vlm.api_key_env")
         _choice(self.shots.detector, DETECTORS, "shots.detector")
         _choice(self.shots.backend, ("opencv", "pyav"), "shots.backend")
         _choice(self.quality.aesthetic, AESTHETIC_BACKENDS, "quality.aesthetic")
@@ -185,7 +208,7 @@ def load_prepare_config(path: str | Path | None = None, overrides: list[str] | N
     """The defaults, then the yaml file at `path` (if any), then `key.sub=value` overrides; validated."""
     cfg = OmegaConf.structured(PrepareConfig)
     if path is not None:
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise ConfigError(f"{path}: prepare config file not found")
         cfg = merge_checked(cfg, read_yaml(Path(path)), path)
     try:

@@ -1,14 +1,18 @@
-"""Training callbacks: LoRA export (every format) at the end of training and a loss summary people can read."""
+"""Training callbacks: LoRA export (every format) at the end of training, a loss summary people can read, the
+step checkpoints, and the checkpoint saved when the user interrupts training."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_only
@@ -24,7 +28,7 @@ from dreamshot.models.wan.lora_formats import (
     lora_modules,
     unwritable_modules,
 )
-from dreamshot.utils.errors import ConfigError
+from dreamshot.utils.errors import ConfigError, Interrupted
 from dreamshot.utils.io import atomic_path, atomic_write_text
 from dreamshot.viz.role_masks import role_mask_sheet
 
@@ -191,3 +195,57 @@ def loss_trend(losses: list[float]) -> dict[str, float]:
         "loss_end": sum(losses[-window:]) / window,
         "loss_window": window,
     }
+
+
+class StepCheckpoints(ModelCheckpoint):
+    """Lightning's ModelCheckpoint under a state key without its interval (Lightning's holds
+    `every_n_train_steps`), so a run resumed with another `trainer.checkpoint_every_n_steps` gets its state back."""
+
+    @property
+    def state_key(self) -> str:
+        return type(self).__name__
+
+
+class SaveOnInterrupt(Checkpoint):
+    """Ctrl-C (SIGINT) while training: the optimiser step under way finishes, `last.ckpt` is saved, and the run
+    stops with `Interrupted` naming the step, so no work since the previous checkpoint is lost and
+    `trainer.ckpt_path=last` continues as if the run had never stopped. A second Ctrl-C stops at once.
+
+    A `Checkpoint` so that Lightning runs it after `StepCheckpoints` at the same step; every rank takes the
+    decision together (a rank may be the only one signalled), since saving a checkpoint is collective.
+    """
+
+    def __init__(self, last_checkpoint: Path) -> None:
+        self.path = Path(last_checkpoint)
+        self.requested = False
+        self._previous_handler = None
+        self._step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step = trainer.global_step
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous_handler)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        stepped, self._step = trainer.global_step != self._step, trainer.global_step
+        if not stepped or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)
+        raise Interrupted(
+            f"interrupted at step {trainer.global_step}: saved {self.path}; continue with trainer.ckpt_path=last"
+        )
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None

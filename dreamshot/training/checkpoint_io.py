@@ -13,9 +13,17 @@ from dreamshot.utils.io import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """`last_saved_step`: the step of the last checkpoint written whole (None before the first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_saved_step: int | None = None
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        # Through a Python file, a full disk is an OSError (ENOSPC) rather than torch's opaque RuntimeError.
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+        self.last_saved_step = checkpoint.get("global_step")
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         path = Path(path)

@@ -1,7 +1,7 @@
 """Guards that stop a run early and clearly instead of late and obscurely.
 
-- `check_writable`, `check_disk`: the output folder is writable and its disk can hold the run's checkpoints,
-  checked before training starts.
+- `checkpoint_bytes`, `lora_files_bytes`: what the run's checkpoints and LoRA files take on disk, so that
+  `train` can check that the output folder's disk holds them before training starts (`check_output_dir`).
 - non-finite loss or gradients (checked by the LightningModule with the helpers below): the update is skipped
   (up to `trainer.max_nonfinite_steps` times) or the run stops with the step and the loss terms. Checkpoints are
   written only at good steps and atomically, so the last good one is kept.
@@ -10,38 +10,19 @@
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
 
 from dreamshot.utils.errors import DreamShotError
 
+# Zip record of one tensor in a torch.save archive (local header, name, alignment, central directory), generously.
+TENSOR_RECORD_BYTES = 512
+# What a checkpoint holds besides tensors: config text, loop and callback state.
+CHECKPOINT_BASE_BYTES = 64 * 1024
+
 
 class TrainingDivergedError(DreamShotError):
     """The loss or the gradients stopped being finite."""
-
-
-def check_writable(out: Path) -> None:
-    """Create `out` and write a file in it, or raise a DreamShotError naming it."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise DreamShotError(f"output_dir {out} is not writable ({e.strerror or type(e).__name__})") from None
-
-
-def check_disk(out: Path, checkpoint_bytes: int, checkpoints: int) -> None:
-    """Raise a DreamShotError if the disk of `out` lacks room for `checkpoints` of `checkpoint_bytes`."""
-    needed = checkpoint_bytes * checkpoints
-    free = shutil.disk_usage(out).free
-    if free < needed:
-        raise DreamShotError(
-            f"output_dir {out}: {free / 2**30:.2f} GiB free, the run's {checkpoints} checkpoints need about "
-            f"{needed / 2**30:.2f} GiB (raise trainer.checkpoint_every_n_steps or free space)"
-        )
 
 
 def checkpoint_count(max_steps: int, every_n_steps: int) -> int:
@@ -49,9 +30,24 @@ def checkpoint_count(max_steps: int, every_n_steps: int) -> int:
     return math.ceil(max_steps / max(every_n_steps, 1)) + 1
 
 
-def lora_checkpoint_bytes(trainable: list[torch.nn.Parameter]) -> int:
-    """A checkpoint holds the LoRA weights and AdamW's two moments, all in the weights' dtype."""
-    return sum(3 * p.numel() * p.element_size() for p in trainable)
+def checkpoint_bytes(trainable: list[torch.nn.Parameter], max_steps: int, deepspeed: bool = False) -> int:
+    """An upper estimate of one checkpoint's size on disk.
+
+    It holds the LoRA weights (their dtype) and AdamW's two moments (fp32), each tensor a record of the zip
+    archive; DeepSpeed adds its fp32 master weights and the gathered LoRA copy (`ExportLora`). Around them: the
+    config, the loops' state and the loss of every step (`TrainSummary`).
+    """
+    numel = sum(p.numel() for p in trainable)
+    weights = sum(p.numel() * p.element_size() for p in trainable)
+    size = weights + 8 * numel + TENSOR_RECORD_BYTES * 4 * len(trainable)
+    if deepspeed:
+        size += 4 * numel + weights + TENSOR_RECORD_BYTES * len(trainable)
+    return size + CHECKPOINT_BASE_BYTES + 32 * max_steps
+
+
+def lora_files_bytes(trainable: list[torch.nn.Parameter], formats: int) -> int:
+    """The LoRA files written at the end of a run, one per export format (fp32 at most)."""
+    return formats * sum(4 * p.numel() + TENSOR_RECORD_BYTES for p in trainable)
 
 
 def finite_gradients(optimizer: torch.optim.Optimizer) -> bool:

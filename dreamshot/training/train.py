@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import logging
 import os
@@ -11,51 +13,68 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from dreamshot.config.load import check_weights, to_yaml
-from dreamshot.config.schema import Config
+from dreamshot.config.schema import Config, TrainerConfig
 from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.eval.callback import eval_callbacks
+from dreamshot.inference.loading import read_lora, with_lora
 from dreamshot.models.wan.lora_formats import lora_modules
 from dreamshot.planner.plan import shot_window
+from dreamshot.planner.workload import zero_stage
 from dreamshot.training.callbacks import (
+    EXPORT_FILES,
     LORA_FILE,
     ExportLora,
     KeepNewestCheckpoints,
     RoleMaskPreview,
+    SaveOnInterrupt,
+    StepCheckpoints,
     TrainSummary,
     check_exportable,
 )
 from dreamshot.training.checkpoint_io import AtomicCheckpointIO
 from dreamshot.training.ema import LoraEma
-from dreamshot.training.guards import check_disk, check_writable, checkpoint_count, lora_checkpoint_bytes
+from dreamshot.training.guards import checkpoint_bytes, checkpoint_count, lora_files_bytes
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.progress import StepProgress
+from dreamshot.training.resume import (
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    Resume,
+    check_checkpoint_lora,
+    read_resume,
+    resume_path,
+)
+from dreamshot.training.run_folder import RunLock, check_fresh_start, clear_run, record_resume
 from dreamshot.training.samples import SampleStoryboard
 from dreamshot.training.strategy import build_strategy
-from dreamshot.utils.errors import WeightsError
-from dreamshot.utils.io import atomic_write_text, remove_stale_temporaries
+from dreamshot.utils.errors import ConfigError, DreamShotError
+from dreamshot.utils.io import atomic_write_text, check_output_dir, remove_stale_temporaries
 
-CHECKPOINT_DIR = "checkpoints"
 STEP_CHECKPOINT = "step{step:06d}"
 # The W&B run id of the run in an output folder (its resumes continue that run).
 WANDB_RUN_ID_FILE = "wandb_run_id"
 
 # The frozen VAE and umT5 stay in eval mode on purpose (WanAdapter.train); Lightning warns about every such module.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# One run per output folder (run_folder): a resumed run's checkpoint folder is its own, not a collision.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 # Lightning 2.6 calls a pytree check that this torch deprecates, on every fit: nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class _NoProductTips(logging.Filter):
-    """Drops Lightning's product tips ("💡 Tip: ... try installing litlogger") from every run's output."""
+    """Drops Lightning's product tips ("💡 Tip: ... try installing litlogger") from every run's output, and its
+    notice of a Ctrl-C, which `SaveOnInterrupt`'s one line replaces."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("💡 Tip")
+        message = record.getMessage()
+        return not (message.startswith("💡 Tip") or "Detected KeyboardInterrupt" in message)
 
 
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
@@ -65,13 +84,56 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
 def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> Path:
     """Fit `cfg` and return its output folder (config.yaml, checkpoints/, lora.safetensors, summary.json, logs).
 
+    Everything that can be wrong with the inputs (machine, checkpoint, output folder, data, disk) is found
+    before anything is written (`preflight`), and the folder is locked for the run's life (`run_folder`).
     `callbacks` are added to the run's own (notebooks and tests observe or steer a run with them).
     """
     out = Path(cfg.output_dir)
-    # Everything that can be wrong with the inputs is found before anything is written.
+    launcher = rank_zero_only.rank == 0  # other ranks are started by it (or beside it) into the same run
+    cfg = with_init_from(cfg)
+    resume, datamodule, module = preflight(cfg, out, launcher)
+    with RunLock(out) if launcher else contextlib.nullcontext():
+        if cfg.trainer.overwrite and launcher:
+            clear_run(out)
+        datamodule.prepare_data()  # the toy world is written into the output folder
+        datamodule.setup("fit")
+        remove_stale_temporaries(out / CHECKPOINT_DIR)
+        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+        if resume is not None and launcher:
+            record_resume(out, resume)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        loggers = build_loggers(cfg, out, resuming=resume is not None)
+        trainer = build_trainer(cfg, out, loggers, callbacks)
+        try:
+            fit(trainer, module, datamodule, resume, out)
+        except BaseException:
+            finish_wandb(loggers, failed=True)
+            raise
+        finish_wandb(loggers)
+    return out
+
+
+def with_init_from(cfg: Config) -> Config:
+    """`cfg` with `model.lora` as its `model.lora.init_from` LoRA sets it (rank, alpha and targets from the file),
+    so that a resume is compared with, and `config.yaml` records, what the run trains."""
+    init_from = cfg.model.lora.init_from
+    if init_from is None:
+        return cfg
+    return with_lora(cfg, read_lora(Path(init_from)), f"model.lora.init_from={init_from}")
+
+
+def preflight(cfg: Config, out: Path, launcher: bool) -> tuple[Resume | None, StoryboardDataModule, DreamShotModule]:
+    """Check the weights, the machine, the checkpoint to resume, the output folder, the data and the disk,
+    writing nothing; returns the resume (None for a fresh run), the datamodule and the module."""
     check_weights(cfg.model)
-    if cfg.trainer.ckpt_path and not Path(cfg.trainer.ckpt_path).exists():  # a DeepSpeed checkpoint is a folder
-        raise WeightsError(f"checkpoint {cfg.trainer.ckpt_path} does not exist (trainer.ckpt_path)")
+    check_accelerator(cfg.trainer)
+    if launcher:
+        RunLock(out).check()
+    checkpoint = resume_path(cfg, out)
+    resume = read_resume(checkpoint, cfg) if checkpoint is not None else None
+    if launcher:
+        check_fresh_start(out, resume, cfg.trainer.overwrite)
+    check_output_dir(out, "output_dir")
     # Without a curriculum an epoch is a data pass, so raising max_steps extends a run with the same data stream.
     datamodule = StoryboardDataModule(
         cfg.data,
@@ -82,39 +144,74 @@ def train(cfg: Config, callbacks: Sequence[L.Callback] = ()) -> Path:
         model=cfg.model,
         shot_window=functools.partial(shot_window, cfg),
     )
-    if cfg.data.manifest is None:
-        check_writable(out)  # the toy world is written into the output folder
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    if cfg.data.manifest is not None:  # a toy world is checked as it is written
+        datamodule.prepare_data()
+        datamodule.setup("fit")
     module = DreamShotModule(cfg)
-    cfg = module.cfg  # with model.lora as model.lora.init_from sets it
     check_exportable(lora_modules(module.adapter.lora_state_dict()))
-    check_writable(out)
+    if resume is not None:
+        expected = module.adapter.lora_state_dict() if resume.peft_names else lora_parameters(module)
+        check_checkpoint_lora(resume, expected)
+    trainable = module.adapter.trainable_parameters()
     checkpoints = checkpoint_count(cfg.trainer.max_steps, cfg.trainer.checkpoint_every_n_steps)
-    check_disk(out, lora_checkpoint_bytes(module.adapter.trainable_parameters()), checkpoints)
-    remove_stale_temporaries(out / CHECKPOINT_DIR)
-    atomic_write_text(out / "config.yaml", to_yaml(cfg))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    loggers = build_loggers(cfg, out, resuming=cfg.trainer.ckpt_path is not None)
-    trainer = build_trainer(cfg, out, loggers, callbacks)
+    need = checkpoints * checkpoint_bytes(trainable, cfg.trainer.max_steps, zero_stage(cfg.trainer.strategy) > 0)
+    need += lora_files_bytes(trainable, len(EXPORT_FILES))
+    check_output_dir(out, "output_dir", need, f"the run's {checkpoints} checkpoints and LoRA files")
+    return resume, datamodule, module
+
+
+def fit(
+    trainer: L.Trainer,
+    module: DreamShotModule,
+    datamodule: StoryboardDataModule,
+    resume: Resume | None,
+    out: Path,
+) -> None:
+    """`trainer.fit`; a disk that fills up is one line with the last checkpoint written whole."""
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.trainer.ckpt_path)
-    except BaseException:
-        finish_wandb(loggers, failed=True)
-        raise
-    finish_wandb(loggers)
-    return out
+        trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else resume.path)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        saved = trainer.strategy.checkpoint_io.last_saved_step
+        kept = f"checkpoints up to step {saved} intact" if saved is not None else "earlier checkpoints intact"
+        raise DreamShotError(
+            f"no space left on the disk of output_dir {out} at step {trainer.global_step}: {kept}; free space and "
+            "continue with trainer.ckpt_path=last"
+        ) from None
+
+
+def check_accelerator(trainer: TrainerConfig) -> None:
+    """`trainer.accelerator=gpu` needs as many CUDA devices as `trainer.devices` on this machine."""
+    if trainer.accelerator not in ("gpu", "cuda"):
+        return
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available < trainer.devices:
+        found = "no CUDA device" if available == 0 else f"{available} CUDA devices"
+        raise ConfigError(
+            f"trainer.accelerator={trainer.accelerator} with trainer.devices={trainer.devices}, but this machine has "
+            f"{found}: use trainer=cpu (or fewer trainer.devices)",
+            key="trainer.accelerator",
+        )
+
+
+def lora_parameters(module: DreamShotModule) -> dict[str, torch.Tensor]:
+    """The trainable weights by the names Lightning's checkpoints give them."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
 def build_trainer(cfg: Config, out: Path, loggers: Sequence[Logger], callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     t = cfg.trainer
-    checkpoints = ModelCheckpoint(
+    checkpoints = StepCheckpoints(
         dirpath=out / CHECKPOINT_DIR,
         filename=STEP_CHECKPOINT,
         auto_insert_metric_name=False,
         every_n_train_steps=t.checkpoint_every_n_steps,
         save_top_k=-1,
         save_last=True,
+        # One run per folder (run_folder): a file under the name of a step is that run's, to be overwritten
+        # when it resumes from an earlier step, never kept beside it as "-v1".
+        enable_version_counter=False,
     )
     keep = t.keep_last_checkpoints
     csv_logger = next(logger for logger in loggers if isinstance(logger, CSVLogger))
@@ -147,6 +244,7 @@ def build_trainer(cfg: Config, out: Path, loggers: Sequence[Logger], callbacks: 
             StepProgress(len(cfg.curriculum), t.log_every_n_steps),
             checkpoints,
             *([KeepNewestCheckpoints(out / CHECKPOINT_DIR, keep)] if keep else []),
+            SaveOnInterrupt(out / CHECKPOINT_DIR / LAST_CHECKPOINT),
             # Before the export: at the end of training it puts the averaged weights in place.
             *([LoraEma(cfg.optim.ema_decay)] if cfg.optim.ema_decay else []),
             ExportLora(out),

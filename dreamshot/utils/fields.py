@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamshot.utils.errors import DataError
+from dreamshot.utils.text import read_text
 
 _JSON_NAMES: dict[type, str] = {
     type(None): "null",
@@ -108,12 +109,7 @@ def read_json_lines(path: Path, what: str, noun: str) -> Iterator[tuple[Where, d
     `what` names the file in read faults ("manifest"); each line holds one `noun` ("record") whose id the
     caller sets on its `Where` once it has read it.
     """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read {what} ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
+    lines = read_text(path, what).splitlines()
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue

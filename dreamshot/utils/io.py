@@ -1,12 +1,16 @@
-"""Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
+"""Atomic file writes (a crash leaves either the old file or the new one, never half of one), and the check that
+an output folder can take a command's files, made before the command works."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from dreamshot.utils.errors import DreamShotError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -19,12 +23,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
-    # mkstemp creates the file private (0600); give the result the permissions of an ordinary new file.
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)
     try:
         yield tmp
+        # mkstemp creates the file private (0600), and some writers (safetensors) recreate it so: the result gets
+        # the permissions of an ordinary new file, the user's umask applied, once it is written.
+        tmp.chmod(0o666 & ~current_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -43,3 +46,32 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def check_output_dir(path: str | os.PathLike, what: str, need_bytes: int = 0, need_what: str = "its files") -> None:
+    """Raise a DreamShotError naming `what` (the option or key, e.g. "--out") unless the folder `path`, which
+    need not exist yet, can be created or written and its disk has `need_bytes` free for `need_what`. Creates
+    nothing."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is a file)"
+        raise DreamShotError(f"{what} {path}: not a folder{where}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise DreamShotError(f"{what} {path} is not writable ({e.strerror or type(e).__name__})") from None
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise DreamShotError(
+            f"{what} {path}: {free / 2**30:.2f} GiB free, {need_what} need about {need_bytes / 2**30:.2f} GiB"
+        )

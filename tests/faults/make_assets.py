@@ -5,7 +5,10 @@
 Good files: ref.png / ref_mask.png, shot1.png / shot1_mask.png, shot2.png. Faulty ones are named after their fault.
 Also writes one manifest per manifest fault (`data/<fault>.jsonl`): the valid record below with one change;
 the benchmark folders of `dreamshot eval` (`bench/`: ViStoryBench copies, DreamShot test files, folders of
-shots to score) and the video folders of `dreamshot prepare` (`videos/`), each with one fault.
+shots to score), the video folders of `dreamshot prepare` (`videos/`), text files in encodings no reader
+accepts and folders where files belong (`write_encodings`), an earlier `generate` output (`generated/`) and
+latent caches of `data/valid.jsonl` (`caches/`: built for `CACHE_RUN`, the run of the cache cases), each with
+one fault.
 """
 
 import copy
@@ -15,15 +18,24 @@ from pathlib import Path
 
 import av
 import numpy as np
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
+from dreamshot.config.load import load_config
+from dreamshot.data.cache import INDEX_NAME, cache_fingerprint, size_name
+from dreamshot.data.datamodule import StoryboardDataModule
+from dreamshot.data.manifest import load_manifest
 from dreamshot.prepare.toyvideo import render_toy_video
 
 FAULTS = Path(__file__).parent
 DATA = FAULTS / "data"
 BENCH = FAULTS / "bench"
 VIDEOS = FAULTS / "videos"
+CACHES = FAULTS / "caches"
 H, W = 48, 80
+# The overrides of `smoke` in the cache cases (cases.yaml, `cached`): the caches' index is built for them.
+CACHE_RUN = ["data=manifest", "data.val_groups=0", "data.resolution=[64,112]", "data.aspect_buckets=false"]
 
 
 def rgb(value: int) -> Image.Image:
@@ -119,13 +131,15 @@ def vistory_story(appearing: str = "lily") -> dict:
     return {"Story_type": text("Picture book"), "Characters": characters, "Shots": [shot]}
 
 
-def write_vistory(name: str, stories: dict[str, dict | str | None], images: bool = True) -> None:
-    """`bench/vistory/<name>/ViStory/<NN>/`: story.json (a body, raw text, or None for no file) and lily's image."""
+def write_vistory(name: str, stories: dict[str, dict | str | bytes | None], images: bool = True) -> None:
+    """`bench/vistory/<name>/ViStory/<NN>/`: story.json (a body, raw text or bytes, or None for no file) and
+    lily's image."""
     for number, body in stories.items():
         folder = BENCH / "vistory" / name / "ViStory" / number
         folder.mkdir(parents=True)
         if body is not None:
-            (folder / "story.json").write_text(body if isinstance(body, str) else json.dumps(body))
+            text = body if isinstance(body, str | bytes) else json.dumps(body)
+            (folder / "story.json").write_bytes(text if isinstance(text, bytes) else text.encode())
         if images:
             (folder / "image" / "lily").mkdir(parents=True)
             rgb(240).resize((16, 16)).save(folder / "image" / "lily" / "00.png")
@@ -227,6 +241,51 @@ def write_audio_only(path: Path) -> None:
         container.mux(stream.encode(None))
 
 
+def write_encodings() -> None:
+    """Text files no reader accepts (Latin-1, UTF-16 without a byte-order mark) and folders named like files."""
+    configs, stories = FAULTS / "configs", FAULTS / "stories"
+    (configs / "latin1.yaml").write_bytes("extends: smoke\ntags: [café]\n".encode("latin-1"))
+    (configs / "utf16_no_bom.yaml").write_bytes("extends: smoke\n".encode("utf-16-le"))
+    (configs / "prepare_latin1.yaml").write_bytes("# Réglages\nshots: {min_scene_len: 1}\n".encode("latin-1"))
+    (stories / "latin1.yaml").write_bytes("shots:\n  - {annotation: 'Zoë waits.'}\n".encode("latin-1"))
+    for folder in (configs / "folder.yaml", stories / "folder.yaml"):
+        folder.mkdir(exist_ok=True)
+        (folder / ".keep").write_text("a folder named like a file\n")
+    record = _set("references.0.prompt", "<Role 1>: une boîte rouge")(copy.deepcopy(VALID))
+    (DATA / "latin1.jsonl").write_bytes((json.dumps(record, ensure_ascii=False) + "\n").encode("latin-1"))
+    story = _set("Characters.lily.name_en", "Lilé")(vistory_story())
+    write_vistory("latin1", {"01": json.dumps(story, ensure_ascii=False).encode("latin-1")})
+    earlier = FAULTS / "generated" / "latin1_record"
+    earlier.mkdir(parents=True, exist_ok=True)
+    record_text = json.dumps({"seed": 1, "story": "café"}, ensure_ascii=False)
+    (earlier / "generation.json").write_bytes(record_text.encode("latin-1"))
+
+
+def write_caches() -> None:
+    """`caches/<fault>/`: latent caches of data/valid.jsonl for `CACHE_RUN`, each damaged in one way."""
+    shutil.rmtree(CACHES, ignore_errors=True)
+    cfg = load_config("smoke", [*CACHE_RUN, f"data.manifest={DATA / 'valid.jsonl'}"])
+    manifest = Path(cfg.data.manifest)
+    datamodule = StoryboardDataModule(cfg.data, FAULTS, cfg.seed, cfg.curriculum, model=cfg.model)
+    (record, size), *_ = datamodule.cache_entries(load_manifest(manifest))
+    shard = f"{size_name(size)}/shard-00000.safetensors"
+    index = {
+        "built_with": cache_fingerprint(cfg.model, cfg.seed, cfg.data.max_shots, manifest),
+        "manifest": "data/valid.jsonl",
+        "resolutions": {size_name(size): [{"file": shard, "records": [record.id]}]},
+    }
+    for name in ("empty_index", "not_an_index", "shard_missing", "shard_truncated"):
+        (CACHES / name).mkdir(parents=True)
+    (CACHES / "empty_index" / INDEX_NAME).write_text("")
+    (CACHES / "not_an_index" / INDEX_NAME).write_text("[]\n")
+    for name in ("shard_missing", "shard_truncated"):
+        (CACHES / name / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+    whole = CACHES / "shard_truncated" / shard
+    whole.parent.mkdir(parents=True)
+    save_file({f"{record.id}/refs": torch.zeros(16, 1, 8, 14)}, whole)
+    whole.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+
+
 def main() -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     rgb(240).save(DATA / "ref.png")
@@ -249,6 +308,8 @@ def main() -> None:
     write_benchmarks()
     write_sharding_cases()
     write_videos()
+    write_encodings()
+    write_caches()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Any
 from dreamshot.eval.benchmarks.types import TAGS, BenchCharacter, Benchmark, BenchShot, BenchStory
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.fields import Where
+from dreamshot.utils.text import read_text
 
 # fmt: off
 LITE = ("01", "08", "09", "15", "17", "19", "24", "27", "28", "29",
@@ -132,11 +133,10 @@ def sentences(*parts: str) -> str:
 
 
 def _read_json(path: Path, where: Where) -> dict[str, Any]:
+    # Some published story files start with a byte-order mark: `read_text` accepts it, as everywhere.
+    text = read_text(path, "story file")
     try:
-        # utf-8-sig: some published story files start with a byte-order mark.
-        body = json.loads(path.read_text(encoding="utf-8-sig"))
-    except OSError as e:
-        raise DataError(f"{path}: cannot read story file ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     return where.check(body, dict, "(file)")

@@ -1,0 +1,127 @@
+"""Per-value checks of a composed config, so a meaningless number fails at load rather than deep in torch.
+
+Every float must be finite and every integer must fit in 64 bits (torch and numpy take nothing larger);
+`RULES` bounds the run config's values that have a meaningful range (`PREPARE_RULES` those of
+`dreamshot prepare`). Cross-field rules stay in the configs' `validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from dreamshot.utils.errors import ConfigError
+
+INT64_MAX = 2**63 - 1
+# torch.manual_seed, numpy and Lightning's seed_everything all take seeds in [0, 2**32).
+SEED_LIMIT = 2**32
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """`what` a value must be ("> 0"), and the test."""
+
+    what: str
+    holds: Callable[[Any], bool]
+
+
+POSITIVE = Rule("> 0", lambda v: v > 0)
+NON_NEGATIVE = Rule(">= 0", lambda v: v >= 0)
+AT_LEAST_ONE = Rule(">= 1", lambda v: v >= 1)
+SEED = Rule(f"an integer in [0, 2**32) (0..{SEED_LIMIT - 1})", lambda v: 0 <= v < SEED_LIMIT)
+UNIT_OPEN = Rule("in [0, 1)", lambda v: 0 <= v < 1)
+UNIT = Rule("in [0, 1]", lambda v: 0 <= v <= 1)
+
+# The run config's bounded values; keys as `flat_items` writes them, list indices as "[]".
+RULES: dict[str, Rule] = {
+    "seed": SEED,
+    "model.text_len": AT_LEAST_ONE,
+    "model.lora.rank": AT_LEAST_ONE,
+    "model.lora.alpha": POSITIVE,
+    "model.lora.dropout": UNIT_OPEN,
+    "data.toy.seed": SEED,
+    "data.toy.groups": AT_LEAST_ONE,
+    "data.toy.max_roles": AT_LEAST_ONE,
+    "data.toy.real_share": UNIT,
+    "data.cache_shard_size": AT_LEAST_ONE,
+    "diffusion.shift": POSITIVE,
+    "storyboard.drop_joint": UNIT,
+    "storyboard.drop_refs": UNIT,
+    "storyboard.drop_text": UNIT,
+    # The `neg` layout's backward gap between the references and the shots.
+    "storyboard.neg_offset": NON_NEGATIVE,
+    "racl.weight": NON_NEGATIVE,
+    "racl.mask_threshold": Rule("in (0, 1]", lambda v: 0 < v <= 1),
+    "curriculum[].steps": AT_LEAST_ONE,
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.eps": POSITIVE,
+    "optim.warmup_steps": NON_NEGATIVE,
+    "optim.grad_clip": NON_NEGATIVE,
+    "optim.min_lr_ratio": UNIT,
+    "optim.ema_decay": UNIT_OPEN,
+    "trainer.max_steps": AT_LEAST_ONE,
+    "trainer.devices": AT_LEAST_ONE,
+    "trainer.num_nodes": AT_LEAST_ONE,
+    "trainer.accumulate_grad_batches": AT_LEAST_ONE,
+    "trainer.log_every_n_steps": AT_LEAST_ONE,
+    "trainer.checkpoint_every_n_steps": AT_LEAST_ONE,
+    "trainer.val_check_interval": AT_LEAST_ONE,
+    "trainer.max_nonfinite_steps": NON_NEGATIVE,
+    "trainer.keep_last_checkpoints": AT_LEAST_ONE,
+    "trainer.sample.every_n_steps": NON_NEGATIVE,
+    "trainer.sample.steps": AT_LEAST_ONE,
+    "inference.steps": AT_LEAST_ONE,
+    "inference.shift": POSITIVE,
+    "inference.seed": SEED,
+    "eval.steps": AT_LEAST_ONE,
+    "eval.toy.seed": SEED,
+    "eval.toy.groups": AT_LEAST_ONE,
+    "eval.face.det_size": AT_LEAST_ONE,
+    "eval.detector.box_threshold": UNIT,
+    "eval.detector.text_threshold": UNIT,
+    "eval.callback.every_n_steps": AT_LEAST_ONE,
+    "eval.callback.stories": AT_LEAST_ONE,
+    "eval.callback.steps": AT_LEAST_ONE,
+    "eval.judge.seed": SEED,
+    "eval.judge.max_retries": AT_LEAST_ONE,
+    "eval.judge.max_concurrency": AT_LEAST_ONE,
+    "eval.judge.backoff_base_s": POSITIVE,
+    "eval.judge.backoff_max_s": POSITIVE,
+    "eval.judge.backoff_total_s": POSITIVE,
+    "eval.judge.temperature": NON_NEGATIVE,
+    "eval.judge.max_tokens": AT_LEAST_ONE,
+    "eval.judge.retry_wait_s": NON_NEGATIVE,
+    "eval.judge.timeout_s": POSITIVE,
+    "eval.judge.image_size": AT_LEAST_ONE,
+}
+
+
+def check_values(config: Any, rules: dict[str, Rule]) -> None:
+    """Raise ConfigError (with its `key`) at the first value of the dataclass `config` that is not finite, does
+    not fit in 64 bits or breaks its rule in `rules`."""
+    for key, value in flat_items(dataclasses.asdict(config)):
+        if isinstance(value, bool) or value is None or not isinstance(value, int | float):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}", key=key)
+        if isinstance(value, int) and abs(value) > INT64_MAX:
+            raise ConfigError(f"{key} is out of range: {value} does not fit in 64 bits", key=key)
+        rule = rules.get(re.sub(r"\[\d+\]", "[]", key))
+        if rule is not None and not rule.holds(value):
+            raise ConfigError(f"{key} must be {rule.what}, got {value!r}", key=key)
+
+
+def flat_items(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of nested dicts and lists: "optim.lr", "curriculum[0].steps"."""
+    if isinstance(node, dict):
+        for name, child in node.items():
+            yield from flat_items(child, f"{prefix}.{name}" if prefix else str(name))
+    elif isinstance(node, list):
+        for index, child in enumerate(node):
+            yield from flat_items(child, f"{prefix}[{index}]")
+    else:
+        yield prefix, node

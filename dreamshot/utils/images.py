@@ -1,0 +1,28 @@
+"""Opening user images as viewers show them: with their EXIF orientation applied. A phone stores a portrait
+photo sideways with an orientation tag; a mask drawn on the photo as shown must line up with its pixels, so
+images and masks are both read through here (and their sizes, for the checks made from headers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import ExifTags, Image, ImageOps
+
+# EXIF orientations that turn the image by 90 degrees (its stored width is its shown height).
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def open_oriented(path: str | Path) -> Image.Image:
+    """The decoded image at `path`, turned upright by its EXIF orientation (PIL's errors propagate)."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image)
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened, not yet decoded image as it is shown (its header only)."""
+    width, height = image.size
+    # PIL decodes a PNG to look for EXIF after its pixels; EXIF before them (the usual place) is in `info`.
+    if image.format == "PNG" and "exif" not in image.info:
+        return width, height
+    turned = image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS
+    return (height, width) if turned else (width, height)
