@@ -42,3 +42,11 @@ def trained_adapter():
         return adapter
 
     return build
+
+
+@pytest.fixture()
+def no_local_config(tmp_path, monkeypatch):
+    """An empty machine config in place of this machine's conf/local.yaml (its weights and data paths aside)."""
+    local = tmp_path / "empty_local.yaml"
+    local.write_text("")
+    monkeypatch.setenv("DREAMSHOT_LOCAL_CONFIG", str(local))

@@ -61,8 +61,7 @@ def test_training_an_evaluation_time_sweep_is_refused(capsys):
     assert "\n" not in err and "evaluation-time experiment" in err and "make sweep SWEEP=toy_guidance CKPT=" in err
 
 
-def test_print_commands_refuses_a_recipe_without_its_data_and_weights(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("DREAMSHOT_LOCAL_CONFIG", str(tmp_path / "no_local.yaml"))
+def test_print_commands_refuses_a_recipe_without_its_data_and_weights(capsys, no_local_config):
     assert main(["train", "racl_ablation", "--print-commands"]) == 2
     assert "data.manifest is not set" in capsys.readouterr().err
     assert main(["train", "racl_ablation", "data.manifest=/d/m.jsonl", "--print-commands"]) == 2

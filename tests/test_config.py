@@ -111,8 +111,7 @@ def test_malformed_sweep_is_an_error(tmp_path):
         load_config(exp, member="a")
 
 
-def test_a_run_refuses_a_placeholder_left_unset_and_names_where_it_goes(tmp_path, monkeypatch):
-    monkeypatch.setenv("DREAMSHOT_LOCAL_CONFIG", str(tmp_path / "no_local.yaml"))
+def test_a_run_refuses_a_placeholder_left_unset_and_names_where_it_goes(tmp_path, monkeypatch, no_local_config):
     # data=manifest says `manifest: ???`: a run must not fall back to the toy world.
     with pytest.raises(ConfigError, match=r"data\.manifest is not set.*conf/local\.yaml") as err:
         load_config("racl_ablation", [], "with_racl", require_inputs=True)
@@ -124,8 +123,7 @@ def test_a_run_refuses_a_placeholder_left_unset_and_names_where_it_goes(tmp_path
     assert cfg.data.manifest == "/data/sb/manifest.jsonl"
 
 
-def test_a_full_size_model_without_weights_is_refused_unless_random_init(tmp_path, monkeypatch):
-    monkeypatch.setenv("DREAMSHOT_LOCAL_CONFIG", str(tmp_path / "no_local.yaml"))  # this machine's weights aside
+def test_a_full_size_model_without_weights_is_refused_unless_random_init(tmp_path, monkeypatch, no_local_config):
     data = ["data.manifest=/data/manifest.jsonl"]
     with pytest.raises(ConfigError, match=r"model\.pretrained_path is not set for the full-size model 'wan14b'"):
         load_config("dreamshot", data, require_inputs=True)

@@ -304,21 +304,20 @@ def test_a_run_from_init_from_records_the_lora_it_trained(trained_cfg, state, tm
     from dreamshot.training.train import train
 
     (path,) = write_lora_files(state, tmp_path, trained_cfg.model, {}, ["diffusers"])
-    out = train(
-        load_config(
-            "smoke",
-            [
-                *FAST,
-                "seed=3",
-                f"model.lora.init_from={path}",
-                "trainer.max_steps=1",
-                f"output_dir={tmp_path / 'run'}",
-                "trainer.checkpoint_every_n_steps=1",
-                "trainer.val_check_interval=1",
-            ],
-        )
-    )
+    overrides = [
+        *FAST,
+        "seed=3",
+        f"model.lora.init_from={path}",
+        f"output_dir={tmp_path / 'run'}",
+        "trainer.checkpoint_every_n_steps=1",
+        "trainer.val_check_interval=1",
+    ]
+    out = train(load_config("smoke", [*overrides, "trainer.max_steps=1"]))
     saved = load_config(out / "config.yaml")
     assert (saved.model.lora.rank, saved.model.lora.alpha) == (RANK, ALPHA)
     assert sorted(p.name for p in out.glob("lora*.safetensors")) == sorted(EXPORT_FILES.values())
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    # The same command line resumes it: the checkpoint's config is compared with the resolved LoRA settings,
+    # not with the defaults the command line leaves them at.
+    train(load_config("smoke", [*overrides, "trainer.max_steps=2", "trainer.ckpt_path=last"]))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
