@@ -13,11 +13,16 @@ naming the key, before a model is built. STORY may be a folder of story files: e
 Precedence (also in `--help`): the noise seed is `--seed`, else (re-roll) the previous run's seed + 1, else the
 story's `seed`, else `inference.seed`; the steps are `--steps`, else the story's `steps`, else
 `inference.steps`; the shot size is the story's height/width, else `data.resolution`.
+
+With `inference.context_parallel.degree=N`, N processes started by torchrun draw the storyboard together, each
+holding 1/N of its tokens (`torchrun --nproc-per-node N -m dreamshot.cli generate STORY
+inference.context_parallel.degree=N ...`); the first one writes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -44,7 +49,8 @@ from dreamshot.inference.outputs import (
 )
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
 from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
-from dreamshot.utils.errors import DataError
+from dreamshot.models.wan.context_parallel import launched_group
+from dreamshot.utils.errors import ConfigError, DataError
 from dreamshot.utils.io import check_output_dir
 
 
@@ -118,11 +124,16 @@ def run(args: argparse.Namespace) -> None:
     pixels = size[0] * size[1] * (2 * len(story.shots) + len(story.references))
     check_output_dir(args.out, "--out", 3 * pixels + 2**20, "the storyboard's images")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg, adapter = load_model(cfg, weights, device)
-    seed = _seed(args.seed, previous, story, cfg)
-    steps = args.steps if args.steps is not None else story.steps
-    result = StoryboardPipeline(adapter, cfg)(request, seed=seed, steps=steps)
+    device = _device(args.device, cfg.inference.context_parallel.degree)
+    with launched_group(cfg.inference.context_parallel, device, "inference.context_parallel") as group:
+        cfg, adapter = load_model(cfg, weights, device)
+        adapter.context_parallel = group
+        seed = _seed(args.seed, previous, story, cfg)
+        steps = args.steps if args.steps is not None else story.steps
+        writer = group.rank == 0
+        result = StoryboardPipeline(adapter, cfg)(request, seed=seed, steps=steps, progress=writer)
+    if not writer:
+        return
 
     record, sheet = _write_storyboard(args.out, story, cfg, result, weights, targets, kept, size, previous)
     write_record(args.out, record, previous)
@@ -133,11 +144,24 @@ def run(args: argparse.Namespace) -> None:
     )
 
 
+def _device(name: str | None, processes: int) -> torch.device:
+    """--device, else cuda when available (under torchrun, each process its LOCAL_RANK's GPU), else cpu."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and processes > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 def _run_folder(args: argparse.Namespace) -> None:
     if args.regenerate:
         raise DataError(f"{args.story}: --regenerate re-rolls shots of one story file, not of a folder")
     weights = run_weights(args.run) if args.run else args.lora
     cfg = resolve_config(weights, args.config, args.overrides)
+    if cfg.inference.context_parallel.degree > 1:
+        raise ConfigError(
+            f"inference.context_parallel.degree={cfg.inference.context_parallel.degree} draws one story file on "
+            f"its processes; a folder of stories is shared out over them instead (degree 1)"
+        )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ranks = Ranks.from_environment(device.type)
     device = ranks.device(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import secrets
@@ -23,6 +24,7 @@ from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.eval.callback import eval_callbacks
 from dreamshot.inference.loading import read_lora, with_lora
 from dreamshot.models.wan.lora_formats import lora_modules
+from dreamshot.planner.plan import shot_window
 from dreamshot.planner.workload import zero_stage
 from dreamshot.training.callbacks import (
     EXPORT_FILES,
@@ -134,7 +136,13 @@ def preflight(cfg: Config, out: Path, launcher: bool) -> tuple[Resume | None, St
     check_output_dir(out, "output_dir")
     # Without a curriculum an epoch is a data pass, so raising max_steps extends a run with the same data stream.
     datamodule = StoryboardDataModule(
-        cfg.data, out, cfg.seed, cfg.curriculum, cfg.trainer.accumulate_grad_batches, model=cfg.model
+        cfg.data,
+        out,
+        cfg.seed,
+        cfg.curriculum,
+        cfg.trainer.accumulate_grad_batches,
+        model=cfg.model,
+        shot_window=functools.partial(shot_window, cfg),
     )
     if cfg.data.manifest is not None:  # a toy world is checked as it is written
         datamodule.prepare_data()

@@ -6,6 +6,9 @@ The trainer, the pipeline and the metrics talk to it in storyboard terms — ima
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -14,10 +17,11 @@ from dreamshot.diffusion.conditioning import StoryboardLatents
 from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.attention import use_shotwise_cross_attention
 from dreamshot.models.wan.build import build_components
+from dreamshot.models.wan.context_parallel import ContextParallel
 from dreamshot.models.wan.forward import compile_blocks, run_block, storyboard_forward, use_frame_modulation
 from dreamshot.models.wan.latents import decode_in_context, encode_references, encode_shots
 from dreamshot.models.wan.lora import apply_lora, load_lora_state_dict, lora_state_dict
-from dreamshot.models.wan.role_capture import RoleCapture, use_role_capture
+from dreamshot.models.wan.role_capture import RoleCapture, use_role_capture, use_storyboard_self_attention
 from dreamshot.models.wan.rope import storyboard_rotary_emb
 from dreamshot.models.wan.text import encode_texts
 
@@ -42,10 +46,14 @@ class WanAdapter(nn.Module):
         self.tokenizer = parts.tokenizer
         use_shotwise_cross_attention(self.transformer, cfg.text_len)
         use_frame_modulation(self.transformer)
+        use_storyboard_self_attention(self.transformer)
         use_role_capture(self.transformer, capture_blocks or [])
         apply_lora(self.transformer, cfg.lora)
         if compiled:
             compile_blocks(self.transformer)
+        # The group this process shares each storyboard with (set once the processes are started: the training
+        # strategy's mesh, or torchrun's for sampling); degree 1 until then.
+        self.context_parallel = ContextParallel()
 
     @classmethod
     def seeded(cls, cfg: ModelConfig, seed: int, **kwargs) -> WanAdapter:
@@ -131,7 +139,18 @@ class WanAdapter(nn.Module):
             rotary,
             gradient_checkpointing=self.gradient_checkpointing,
             block_runner=capture.runner if capture is not None else run_block,
+            shard=self.context_parallel.shard(frames, (height // p_h) * (width // p_w)),
         )
+
+    @contextmanager
+    def alone(self) -> Iterator[WanAdapter]:
+        """This process draws whole storyboards by itself for a while (a sample drawn on rank 0 during training,
+        while the other ranks of its context-parallel group train on)."""
+        group, self.context_parallel = self.context_parallel, ContextParallel()
+        try:
+            yield self
+        finally:
+            self.context_parallel = group
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         return lora_state_dict(self.transformer)

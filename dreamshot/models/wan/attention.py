@@ -4,12 +4,18 @@ Each frame's text embedding is padded to a fixed length L with zero embeddings a
 padding is attended, not masked, as Wan does with its own text padding. Frames are folded into the batch so
 every (sample, frame) pair is one small attention of h·w queries against L keys: the dense masked form over
 F·h·w × F·L costs F times more and is kept here only as a reference for tests and the benchmark.
+
+Under context parallelism a rank holds a run of tokens that may start and end inside a frame, and the texts of
+the frames it touches; its queries are placed in those whole frames (`SequenceShard.whole_frames`) and attend
+to their own frame's text as above: no communication.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from dreamshot.models.wan.context_parallel import WHOLE_SEQUENCE
 
 
 def _per_frame(length: int, num_frames: int) -> int:
@@ -66,13 +72,15 @@ class ShotwiseCrossAttnProcessor:
 
     Same call signature and projections as diffusers' `WanAttnProcessor`; only the attention itself is
     shot-wise. The text sequence is F frames of `text_len` tokens; F is read from its length at each call, so
-    one instance serves every block and every storyboard size (it holds no per-call state).
+    one instance serves every block and every storyboard size; its only per-call state is the `shard` a block
+    runner binds for the duration of a block call.
     """
 
     def __init__(self, text_len: int) -> None:
         if text_len < 1:
             raise ValueError(f"text_len must be positive, got {text_len}")
         self.text_len = text_len
+        self.shard = WHOLE_SEQUENCE
 
     def __call__(
         self,
@@ -86,13 +94,14 @@ class ShotwiseCrossAttnProcessor:
         self._check_module(attn)
         if encoder_hidden_states is None or attention_mask is not None or rotary_emb is not None:
             raise ValueError("shot-wise cross-attention needs text states and takes no mask or rotary emb")
-        num_frames = self.num_frames(encoder_hidden_states.shape[1], hidden_states.shape[1])
 
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
         value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
 
-        hidden_states = shotwise_attention(query, key, value, num_frames).flatten(2, 3).type_as(query)
+        query, restore = self.shard.whole_frames(query)
+        num_frames = self.num_frames(encoder_hidden_states.shape[1], query.shape[1])
+        hidden_states = restore(shotwise_attention(query, key, value, num_frames)).flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
 

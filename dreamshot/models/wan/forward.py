@@ -12,7 +12,11 @@ diffusers' forward cannot take as arguments:
   (`use_frame_modulation`), which does diffusers' block arithmetic on (frame, token) views, so the output is
   bit-equal to per-token modulation (tests/test_wan_forward.py, benchmarks/modulation_memory.py);
 - the block loop is ours, so a block can be wrapped (role-attention capture) and checkpointed as a unit;
-- nothing is stored on the modules between calls.
+- nothing is stored on the modules between calls;
+- under context parallelism (`context_parallel.py`) the blocks run on this rank's share of the tokens: the
+  `SequenceShard` slices the tokens, timesteps, texts and RoPE before the blocks, binds itself to the blocks'
+  attention processors, and gathers the prediction after the output head (with degree 1 all of it is the
+  identity).
 With Wan's own positions and a global timestep it equals diffusers' forward (tests/test_wan_forward.py).
 """
 
@@ -23,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from dreamshot.models.wan.context_parallel import ContextParallel, SequenceShard
 
 # (block index, block, hidden (B, T, D), text (B, L_total, D), temb, rotary_emb) -> hidden (B, T, D)
 BlockRunner = Callable[[int, torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, tuple], torch.Tensor]
@@ -100,6 +106,7 @@ def storyboard_forward(
     rotary_emb: tuple[torch.Tensor, torch.Tensor],
     gradient_checkpointing: bool = False,
     block_runner: BlockRunner = run_block,
+    shard: SequenceShard | None = None,
 ) -> torch.Tensor:
     """Velocity prediction for a storyboard latent sequence.
 
@@ -109,7 +116,8 @@ def storyboard_forward(
     token, as diffusers' Wan takes it.
     text: (B, F·L, D_text) — every frame's own text embedding, frames in sequence order.
     rotary_emb: (cos, sin), each (1, T, 1, head_dim).
-    Returns (B, C_out, F, h, w).
+    shard: this rank's share of the tokens (`ContextParallel.shard`); None: all of them.
+    Returns (B, C_out, F, h, w), the whole sequence on every rank.
     """
     batch, _, frames, height, width = latents.shape
     p_t, p_h, p_w = transformer.config.patch_size
@@ -120,9 +128,13 @@ def storyboard_forward(
         raise ValueError(f"{timesteps.shape[1]} timesteps per sample cannot split {tokens} tokens into equal groups")
     if grouped and timesteps.shape[1] < tokens and not uses_frame_modulation(transformer):
         raise ValueError("timesteps per group of tokens need the blocks of use_frame_modulation(transformer)")
+    shard = shard or ContextParallel().shard(grid[0], grid[1] * grid[2])
 
-    # 1. Patchify to tokens (B, T, D).
-    hidden = transformer.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+    # 1. Patchify to tokens (B, T, D); this rank's share of them and of everything per token or per frame.
+    hidden = shard.tokens(transformer.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous())
+    timesteps, text = shard.timesteps(timesteps), shard.text(text)
+    rotary_emb = tuple(shard.tokens(x) for x in rotary_emb)
+    block_runner = shard.runner(block_runner)
 
     # 2. Time and text conditioning: one (6, D) modulation per sample, or per group of tokens.
     temb, timestep_proj, text, _ = transformer.condition_embedder(
@@ -144,6 +156,6 @@ def storyboard_forward(
     shift, scale = (transformer.scale_shift_table.unsqueeze(0) + per_group.unsqueeze(2)).unsqueeze(2).unbind(3)
     normed = transformer.norm_out(hidden.float()).unflatten(1, (per_group.shape[1], -1))
     hidden = (normed * (1 + scale) + shift).flatten(1, 2).type_as(hidden)
-    hidden = transformer.proj_out(hidden)
+    hidden = shard.gather(transformer.proj_out(hidden))
     hidden = hidden.reshape(batch, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
     return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3)
