@@ -74,6 +74,9 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> ar
     if overrides and not hasattr(args, "overrides"):
         unknown = extra
     if unknown:
+        if getattr(args, "command", None):
+            # The subcommand's parser left them over: its name leads the line, as in its own errors.
+            parser.prog = f"{parser.prog} {args.command}"
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # exits with status 2
     if overrides:
         args.overrides = [*args.overrides, *overrides]
