@@ -23,7 +23,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
@@ -44,6 +43,7 @@ from dreamshot.inference.outputs import (
 )
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
 from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
+from dreamshot.utils.devices import pick_device
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.io import check_output_dir
 
@@ -114,11 +114,11 @@ def run(args: argparse.Namespace) -> None:
     kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
     check_trained(cfg.storyboard, request.mode)
+    device = pick_device(args.device, "--device")
     # Shots and contact sheet as uncompressed RGB at most, checked before the model is built.
     pixels = size[0] * size[1] * (2 * len(story.shots) + len(story.references))
     check_output_dir(args.out, "--out", 3 * pixels + 2**20, "the storyboard's images")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg, adapter = load_model(cfg, weights, device)
     seed = _seed(args.seed, previous, story, cfg)
     steps = args.steps if args.steps is not None else story.steps
@@ -138,7 +138,7 @@ def _run_folder(args: argparse.Namespace) -> None:
         raise DataError(f"{args.story}: --regenerate re-rolls shots of one story file, not of a folder")
     weights = run_weights(args.run) if args.run else args.lora
     cfg = resolve_config(weights, args.config, args.overrides)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device, "--device")
     ranks = Ranks.from_environment(device.type)
     device = ranks.device(device)
     # Read (and checked) before anything is written; the model is built by a rank with a story to draw.

@@ -51,7 +51,8 @@ from dreamshot.training.resume import (
 from dreamshot.training.run_folder import RunLock, check_fresh_start, clear_run, record_resume
 from dreamshot.training.samples import SampleStoryboard
 from dreamshot.training.strategy import build_strategy
-from dreamshot.utils.errors import ConfigError, DreamShotError
+from dreamshot.utils.devices import require_cuda
+from dreamshot.utils.errors import DreamShotError
 from dreamshot.utils.io import atomic_write_text, check_output_dir, remove_stale_temporaries
 
 STEP_CHECKPOINT = "step{step:06d}"
@@ -177,14 +178,12 @@ def check_accelerator(trainer: TrainerConfig) -> None:
     """`trainer.accelerator=gpu` needs as many CUDA devices as `trainer.devices` on this machine."""
     if trainer.accelerator not in ("gpu", "cuda"):
         return
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if available < trainer.devices:
-        found = "no CUDA device" if available == 0 else f"{available} CUDA devices"
-        raise ConfigError(
-            f"trainer.accelerator={trainer.accelerator} with trainer.devices={trainer.devices}, but this machine has "
-            f"{found}: use trainer=cpu (or fewer trainer.devices)",
-            key="trainer.accelerator",
-        )
+    require_cuda(
+        trainer.devices,
+        f"trainer.accelerator={trainer.accelerator} with trainer.devices={trainer.devices}",
+        "use trainer=cpu (or fewer trainer.devices)",
+        key="trainer.accelerator",
+    )
 
 
 def lora_parameters(module: DreamShotModule) -> dict[str, torch.Tensor]:
