@@ -38,6 +38,7 @@ from dreamshot.inference.outputs import (
     save_shots,
     shot_file,
     shot_takes,
+    storyboard_bytes,
     write_contact_sheet,
     write_record,
 )
@@ -115,9 +116,9 @@ def run(args: argparse.Namespace) -> None:
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
     check_trained(cfg.storyboard, request.mode)
     device = pick_device(args.device, "--device")
-    # Shots and contact sheet as uncompressed RGB at most, checked before the model is built.
-    pixels = size[0] * size[1] * (2 * len(story.shots) + len(story.references))
-    check_output_dir(args.out, "--out", 3 * pixels + 2**20, "the storyboard's images")
+    # Checked before the model is built.
+    need = storyboard_bytes(size, len(story.shots), len(story.shots) + len(story.references))
+    check_output_dir(args.out, "--out", need, "the storyboard's images")
 
     cfg, adapter = load_model(cfg, weights, device)
     seed = _seed(args.seed, previous, story, cfg)
