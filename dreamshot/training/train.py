@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
 from dreamshot.config.load import check_weights, to_yaml
@@ -52,7 +53,7 @@ from dreamshot.training.run_folder import RunLock, check_fresh_start, clear_run,
 from dreamshot.training.samples import SampleStoryboard
 from dreamshot.training.strategy import build_strategy
 from dreamshot.utils.devices import require_cuda
-from dreamshot.utils.errors import DreamShotError
+from dreamshot.utils.errors import DreamShotError, Terminated
 from dreamshot.utils.io import atomic_write_text, check_output_dir, remove_stale_temporaries
 
 STEP_CHECKPOINT = "step{step:06d}"
@@ -160,18 +161,27 @@ def fit(
     resume: Resume | None,
     out: Path,
 ) -> None:
-    """`trainer.fit`; a disk that fills up is one line with the last checkpoint written whole."""
+    """`trainer.fit`; a disk that fills up, or a SIGTERM Lightning's handler stops the fit for (one before the
+    first step or a second one: `SaveOnInterrupt`), is one line with the last checkpoint written whole."""
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else resume.path)
+    except SIGTERMException:
+        raise Terminated(
+            f"terminated (SIGTERM) at step {trainer.global_step}: {_intact(trainer)}; continue with "
+            "trainer.ckpt_path=last"
+        ) from None
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        saved = trainer.strategy.checkpoint_io.last_saved_step
-        kept = f"checkpoints up to step {saved} intact" if saved is not None else "earlier checkpoints intact"
         raise DreamShotError(
-            f"no space left on the disk of output_dir {out} at step {trainer.global_step}: {kept}; free space and "
-            "continue with trainer.ckpt_path=last"
+            f"no space left on the disk of output_dir {out} at step {trainer.global_step}: {_intact(trainer)}; free "
+            "space and continue with trainer.ckpt_path=last"
         ) from None
+
+
+def _intact(trainer: L.Trainer) -> str:
+    saved = trainer.strategy.checkpoint_io.last_saved_step
+    return f"checkpoints up to step {saved} intact" if saved is not None else "earlier checkpoints intact"
 
 
 def check_accelerator(trainer: TrainerConfig) -> None:
