@@ -1,8 +1,8 @@
 """`dreamshot` command line: one subcommand per module in `dreamshot.commands`.
 
 A `DreamShotError` (bad config, data or weights) is printed as one line on stderr with exit status 2, and
-Ctrl-C as one line with status 130 (what was kept, and how to continue); anything else is a bug and keeps its
-traceback.
+Ctrl-C as one line with status 130 (what was kept, and how to continue; `train` stops at a SIGTERM the same way,
+status 143); so is a usage error, named with its subcommand. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
