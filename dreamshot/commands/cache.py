@@ -22,6 +22,7 @@ from dreamshot.data.dataset import Resolution
 from dreamshot.data.manifest import StoryboardRecord, load_manifest
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.planner.plan import shot_window
+from dreamshot.utils.devices import pick_device
 from dreamshot.utils.errors import ConfigError
 from dreamshot.utils.io import check_output_dir
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
         runs = [load_config(args.experiment, args.overrides, args.member, require_inputs=True)]
     else:
         runs = load_runs(args.experiment, args.overrides, require_inputs=True)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device, "--device")
     for cfg in runs:
         encoded = build_cache(cfg, device, progress=not args.no_progress)
         root = Path(cfg.data.cache_dir)
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"{cfg.name}: latent cache {root} ({sizes}; {size / 2**20:.1f} MiB), {encoded} storyboards encoded now")
 
 
-def build_cache(cfg: Config, device: str = "cpu", progress: bool = True) -> int:
+def build_cache(cfg: Config, device: str | torch.device = "cpu", progress: bool = True) -> int:
     """Cache every group of the run's manifest at every phase's resolution in `data.cache_dir`; returns how
     many (group, resolution) pairs were encoded (0 when the cache was already complete)."""
     if cfg.data.cache_dir is None:
@@ -78,7 +79,9 @@ def build_cache(cfg: Config, device: str = "cpu", progress: bool = True) -> int:
     )
 
 
-def _encoder(cfg: Config, device: str, max_shots: int) -> Callable[[StoryboardRecord, Resolution], CachedRecord]:
+def _encoder(
+    cfg: Config, device: str | torch.device, max_shots: int
+) -> Callable[[StoryboardRecord, Resolution], CachedRecord]:
     """The encoder of the adapter a training run of `cfg` builds (same seed, so a random backbone has the same
     VAE and umT5), with only its VAE and umT5 moved to `device`."""
     adapter = WanAdapter.seeded(cfg.model, cfg.seed).eval()

@@ -44,12 +44,14 @@ from dreamshot.inference.outputs import (
     save_shots,
     shot_file,
     shot_takes,
+    storyboard_bytes,
     write_contact_sheet,
     write_record,
 )
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
 from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
 from dreamshot.models.wan.context_parallel import launched_group
+from dreamshot.utils.devices import pick_device
 from dreamshot.utils.errors import ConfigError, DataError
 from dreamshot.utils.io import check_output_dir
 
@@ -120,11 +122,11 @@ def run(args: argparse.Namespace) -> None:
     kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
     check_trained(cfg.storyboard, request.mode)
-    # Shots and contact sheet as uncompressed RGB at most, checked before the model is built.
-    pixels = size[0] * size[1] * (2 * len(story.shots) + len(story.references))
-    check_output_dir(args.out, "--out", 3 * pixels + 2**20, "the storyboard's images")
-
     device = _device(args.device, cfg.inference.context_parallel.degree)
+    # Checked before the model is built.
+    need = storyboard_bytes(size, len(story.shots), len(story.shots) + len(story.references))
+    check_output_dir(args.out, "--out", need, "the storyboard's images")
+
     with launched_group(cfg.inference.context_parallel, device, "inference.context_parallel") as group:
         cfg, adapter = load_model(cfg, weights, device)
         adapter.context_parallel = group
@@ -146,7 +148,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _device(name: str | None, processes: int) -> torch.device:
     """--device, else cuda when available (under torchrun, each process its LOCAL_RANK's GPU), else cpu."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(name, "--device")
     if device.type == "cuda" and device.index is None and processes > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
@@ -162,7 +164,7 @@ def _run_folder(args: argparse.Namespace) -> None:
             f"inference.context_parallel.degree={cfg.inference.context_parallel.degree} draws one story file on "
             f"its processes; a folder of stories is shared out over them instead (degree 1)"
         )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device, "--device")
     ranks = Ranks.from_environment(device.type)
     device = ranks.device(device)
     # Read (and checked) before anything is written; the model is built by a rank with a story to draw.

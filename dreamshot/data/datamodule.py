@@ -21,9 +21,11 @@ batches then carry the cached latents and embeddings instead of images.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -183,7 +185,7 @@ class StoryboardDataModule(L.LightningDataModule):
         replicas, rank = (sharding["num_replicas"], sharding["rank"]) if sharding else (1, 0)
         sampler = BucketBatchSampler(dataset.bucket_keys(), self.cfg.batch_size, shuffle, self.seed, replicas, rank)
         workers = self.cfg.num_workers
-        loader_class = DataLoader if progress is None else ResumableLoader
+        loader_class = StoryboardLoader if progress is None else ResumableLoader
         return loader_class(
             dataset.with_cache(self.cache),
             batch_sampler=EpochBatches(sampler, self._trainer_epoch, progress or EpochProgress(), length),
@@ -251,7 +253,30 @@ class EpochBatches:
         return [[(index, pass_id) for index in batch] for batch in self.sampler]
 
 
-class ResumableLoader(DataLoader):
+class StoryboardLoader(DataLoader):
+    """A DataLoader whose workers outlive SIGTERM. A scheduler sends it to every process of a job (SLURM signals
+    the whole job step), and the training process, which finishes its step and saves first (`SaveOnInterrupt`),
+    ends its workers itself; a worker killed by it would end the run with a DataLoader error instead. A worker
+    inherits the signal mask of the process that starts it: SIGTERM is blocked while workers start, so one that
+    comes before a worker has set it aside (torch's own worker handler would die of it) waits and is ignored."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, worker_init_fn=_ignore_sigterm, **kwargs)
+
+    def __iter__(self) -> Iterator:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+class ResumableLoader(StoryboardLoader):
     """A DataLoader over `EpochBatches` whose state is their `EpochProgress`: Lightning stores the state of a
     training loader in checkpoints and restores it before the resumed run's first iteration."""
 

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
 from dreamshot.config.load import check_weights, to_yaml
@@ -53,7 +54,8 @@ from dreamshot.training.resume import (
 from dreamshot.training.run_folder import RunLock, check_fresh_start, clear_run, record_resume
 from dreamshot.training.samples import SampleStoryboard
 from dreamshot.training.strategy import build_strategy
-from dreamshot.utils.errors import ConfigError, DreamShotError
+from dreamshot.utils.devices import require_cuda
+from dreamshot.utils.errors import DreamShotError, Terminated
 from dreamshot.utils.io import atomic_write_text, check_output_dir, remove_stale_temporaries
 
 STEP_CHECKPOINT = "step{step:06d}"
@@ -167,32 +169,39 @@ def fit(
     resume: Resume | None,
     out: Path,
 ) -> None:
-    """`trainer.fit`; a disk that fills up is one line with the last checkpoint written whole."""
+    """`trainer.fit`; a disk that fills up, or a SIGTERM Lightning's handler stops the fit for (one before the
+    first step or a second one: `SaveOnInterrupt`), is one line with the last checkpoint written whole."""
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else resume.path)
+    except SIGTERMException:
+        raise Terminated(
+            f"terminated (SIGTERM) at step {trainer.global_step}: {_intact(trainer)}; continue with "
+            "trainer.ckpt_path=last"
+        ) from None
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        saved = trainer.strategy.checkpoint_io.last_saved_step
-        kept = f"checkpoints up to step {saved} intact" if saved is not None else "earlier checkpoints intact"
         raise DreamShotError(
-            f"no space left on the disk of output_dir {out} at step {trainer.global_step}: {kept}; free space and "
-            "continue with trainer.ckpt_path=last"
+            f"no space left on the disk of output_dir {out} at step {trainer.global_step}: {_intact(trainer)}; free "
+            "space and continue with trainer.ckpt_path=last"
         ) from None
+
+
+def _intact(trainer: L.Trainer) -> str:
+    saved = trainer.strategy.checkpoint_io.last_saved_step
+    return f"checkpoints up to step {saved} intact" if saved is not None else "earlier checkpoints intact"
 
 
 def check_accelerator(trainer: TrainerConfig) -> None:
     """`trainer.accelerator=gpu` needs as many CUDA devices as `trainer.devices` on this machine."""
     if trainer.accelerator not in ("gpu", "cuda"):
         return
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if available < trainer.devices:
-        found = "no CUDA device" if available == 0 else f"{available} CUDA devices"
-        raise ConfigError(
-            f"trainer.accelerator={trainer.accelerator} with trainer.devices={trainer.devices}, but this machine has "
-            f"{found}: use trainer=cpu (or fewer trainer.devices)",
-            key="trainer.accelerator",
-        )
+    require_cuda(
+        trainer.devices,
+        f"trainer.accelerator={trainer.accelerator} with trainer.devices={trainer.devices}",
+        "use trainer=cpu (or fewer trainer.devices)",
+        key="trainer.accelerator",
+    )
 
 
 def lora_parameters(module: DreamShotModule) -> dict[str, torch.Tensor]:
