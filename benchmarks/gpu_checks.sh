@@ -9,6 +9,12 @@
 # not cost the others. Logs: $LOG_DIR (default benchmarks/logs), one file per check; CHECKS="name ..." runs only
 # those checks, in the order below.
 #
+# Context parallelism (issue 17): step time per token and peak memory against the planner, 1.3B and 14B at 480p,
+# 8 shots + 3 references and 30 shots + 4 references, bf16 autocast; CP 1 on one GPU, CP 2 / 4 through torchrun
+# where the machine has that many GPUs (otherwise the check prints that it was skipped). Goals: GPU-seconds per
+# token at CP 4 <= 1.2x CP 1's, memory as the planner says within 10%. One group of its own (limits 720 s on one GPU):
+#     CHECKS="cp1_wan1_3b_8 cp1_wan1_3b_30 cp1_wan14b_8 cp1_wan14b_30"
+#
 # The limits add up to more than one 15-minute device budget: run them in groups, e.g. the peers alone,
 #     CHECKS="peers_wan1_3b peers_wan1_3b_compiled peers_wan14b"    (limits 540 s in all),
 # which need the bench extra's wheels on the machine (diffsynth, modelscope, pandas: `pip download` them here
@@ -49,6 +55,20 @@ peers=(python benchmarks/peers.py --device cuda)
 check peers_wan1_3b 150 "${peers[@]}" --shape wan1_3b --profile "$log/peers_wan1_3b_profile"
 check peers_wan1_3b_compiled 150 "${peers[@]}" --shape wan1_3b --compile --rows train
 check peers_wan14b 240 "${peers[@]}" --shape wan14b --steps 2 --sample-calls 1 --sample-steps 2
+cp=(benchmarks/train_throughput.py --zero 0)
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+for degree in 1 2 4; do
+    if ((gpus < degree)); then
+        echo "=== cp${degree}_*: skipped, needs $degree GPUs (this machine has $gpus)"
+        continue
+    fi
+    run=(python "${cp[@]}")
+    ((degree > 1)) && run=(torchrun --nproc-per-node "$degree" "${cp[@]}")
+    check "cp${degree}_wan1_3b_8" 90 "${run[@]}" --model wan1_3b --shots 8 --refs 3 --steps 3
+    check "cp${degree}_wan1_3b_30" 150 "${run[@]}" --model wan1_3b --shots 30 --refs 4 --steps 2
+    check "cp${degree}_wan14b_8" 180 "${run[@]}" --model wan14b --shots 8 --refs 3 --steps 2
+    check "cp${degree}_wan14b_30" 300 "${run[@]}" --model wan14b --shots 30 --refs 4 --steps 1
+done
 sampling=(python benchmarks/sampling.py --device cuda --rounds 1 --out "$log")
 check sampling_wan1_3b 240 "${sampling[@]}" --shape wan1_3b --steps 10 --settings per_step,exact,compiled,guide_half,few_step
 check sampling_wan1_3b_caches 150 "${sampling[@]}" --shape wan1_3b --steps 10 --settings exact,fbc_01,taylorseer,fast --no-diffusers

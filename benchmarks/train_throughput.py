@@ -9,6 +9,9 @@ built one layer deep), in bf16 with gradient checkpointing of the DiT blocks, as
              whole DiT, LoRA included, in bf16; fp32 master weights in the optimiser);
   --zero 0   plain PyTorch: bf16 autocast, LoRA and AdamW in fp32 (what `trainer=ddp` trains with);
   --compile  the DiT blocks compiled (`trainer.compile_blocks`, on in `trainer=gpu`); the warm-up compiles.
+Started by torchrun with N processes, the N GPUs share the storyboard as one context-parallel group (Ulysses,
+dreamshot/models/wan/context_parallel.py); the first prints. The LoRA gradients are not synchronised over the group
+(that all-reduce is the data-parallel cost, the same at every degree for a given number of GPUs).
 It prints
   tokens/s   video tokens per second of training (forward + backward + optimiser step);
   MFU        model FLOPs per step (the planner's count, checkpoint recompute excluded; HFU includes it) over the
@@ -20,6 +23,7 @@ Goals: MFU ≥ 40% for 1.3B on an H100; 14B phase 2 within 80 GB per GPU under Z
 
     python benchmarks/train_throughput.py --model wan1_3b --compile  # then --model wan14b, and without --compile
     python benchmarks/train_throughput.py --tiny --device cpu        # dry run of the script (tiny Wan, fp32)
+    torchrun --nproc-per-node 4 benchmarks/train_throughput.py --zero 0 --shots 30 --refs 4   # context parallel 4
     bash benchmarks/gpu_checks.sh                                    # every GPU check (figures: RESULTS.md)
 """
 
@@ -35,7 +39,7 @@ from pathlib import Path
 import torch
 
 from dreamshot.config.load import load_config
-from dreamshot.config.schema import Config, ModelConfig, TextEncoderConfig, VaeConfig
+from dreamshot.config.schema import Config, ContextParallelConfig, ModelConfig, TextEncoderConfig, VaeConfig
 from dreamshot.diffusion.flow_matching import (
     add_noise,
     dit_timesteps,
@@ -45,6 +49,7 @@ from dreamshot.diffusion.flow_matching import (
 )
 from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.models.wan.context_parallel import launched_group
 from dreamshot.planner.plan import PhasePlan, plan_phase
 from dreamshot.planner.shape import model_shape
 from dreamshot.planner.workload import Training, Workload, parse_resolution, tokens_per_frame
@@ -196,7 +201,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def planned(cfg: Config, args, data: dict, zero: int, world_size: int, half: bool) -> PhasePlan:
+def planned(
+    cfg: Config, args, data: dict, zero: int, world_size: int, half: bool, context_parallel: int = 1
+) -> PhasePlan:
     """The planner's phase for this step (L_FM only, checkpointing on, encoders not resident)."""
     height, width = (8 * side for side in data["targets"].shape[-2:])
     work = Workload(
@@ -206,6 +213,7 @@ def planned(cfg: Config, args, data: dict, zero: int, world_size: int, half: boo
         target_frames=args.shots,
         checkpointing=True,
         activation_bytes=2 if half else 4,
+        context_parallel=context_parallel,
     )
     training = Training(
         world_size=world_size,
@@ -233,6 +241,8 @@ def report(cfg: Config, args, plan: PhasePlan, seconds: float, peak_rate: float,
     print(f"matmul peak (measured)    {peak_rate / 1e12:10.1f} TFLOP/s")
     print(f"step time                 {seconds:10.3f} s (mean of {args.steps} after warm-up)")
     print(f"tokens/s                  {work.tokens / seconds:10,.0f}")
+    gpu_seconds = seconds * work.context_parallel / work.tokens * 1e3
+    print(f"GPU-seconds per 1k tokens {gpu_seconds:10.4f} (context parallel {work.context_parallel})")
     recompute = sum(flops.recompute.values())
     print(f"model FLOPs per step      {model_flops:10.3e} FLOP (+ {recompute:.3e} recomputed)")
     goal = f" (goal ≥ {GOAL_MFU:.0%} for 1.3B on an H100)" if cfg.model.name == "wan1_3b" else ""
@@ -262,6 +272,14 @@ def zero2_estimate(cfg: Config, args, data: dict, measured: int, one_gpu: PhaseP
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
+    degree = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda" and degree > 1:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    with launched_group(ContextParallelConfig(degree=degree), device, "WORLD_SIZE") as group:
+        measure(args, device, group)
+
+
+def measure(args, device: torch.device, group) -> None:
     cfg = run_config(args)
     # bf16 on GPUs, for bf16 models, and wherever DeepSpeed's bf16 mode runs; the tiny dry run on the CPU is float32.
     half = device.type == "cuda" or args.zero > 0 or cfg.model.dtype == "bfloat16"
@@ -269,6 +287,7 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
 
     adapter = build_adapter(cfg, device, args.compile)
+    adapter.context_parallel = group
     stepper = Stepper(cfg, adapter, args.zero, autocast=half and not args.zero)
     data = synthetic_storyboard(cfg, args, device, compute_dtype)
     layout = StoryboardLayout.of(args.refs, args.shots)
@@ -283,7 +302,9 @@ def main() -> None:
     seconds = timed(lambda: [stepper.step(loss) for _ in range(args.steps)], device) / args.steps
     peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
-    plan = planned(cfg, args, data, args.zero, world_size=1, half=half)
+    plan = planned(cfg, args, data, args.zero, group.degree, half, group.degree)
+    if group.rank != 0:
+        return
     report(cfg, args, plan, seconds, matmul_rate(device, compute_dtype), peak_bytes)
     if peak_bytes is not None and args.zero == 2:
         zero2_estimate(cfg, args, data, peak_bytes, plan)

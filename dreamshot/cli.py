@@ -1,8 +1,8 @@
 """`dreamshot` command line: one subcommand per module in `dreamshot.commands`.
 
 A `DreamShotError` (bad config, data or weights) is printed as one line on stderr with exit status 2, and
-Ctrl-C as one line with status 130 (what was kept, and how to continue); anything else is a bug and keeps its
-traceback.
+Ctrl-C as one line with status 130 (what was kept, and how to continue; `train` stops at a SIGTERM the same way,
+status 143); so is a usage error, named with its subcommand. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> ar
     if overrides and not hasattr(args, "overrides"):
         unknown = extra
     if unknown:
+        if getattr(args, "command", None):
+            # The subcommand's parser left them over: its name leads the line, as in its own errors.
+            parser.prog = f"{parser.prog} {args.command}"
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # exits with status 2
     if overrides:
         args.overrides = [*args.overrides, *overrides]

@@ -55,6 +55,38 @@ def test_overrides_are_taken_anywhere_on_the_line(capsys):
         main(["toyworld", "--out", "x", "seed=3"])  # a command without overrides
 
 
+# Each command with its required arguments, so that an unknown option is what argparse refuses.
+COMMAND_LINES = {
+    "toyworld": ["--out", "x"],
+    "cache": ["smoke"],
+    "train": ["smoke"],
+    "export": ["run", "--out", "x"],
+    "plan": ["smoke"],
+    "generate": ["story.yaml", "--base", "--out", "x"],
+    "animate": ["storyboard", "--i2v", "wan", "--out", "clip.mp4"],
+    "prepare": ["videos", "--out", "x"],
+    "eval": ["toy", "--base"],
+    "report": ["group"],
+}
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_usage_error_is_one_line_naming_the_command(command, capsys):
+    assert set(COMMAND_LINES) == set(COMMANDS)
+    unknown = _usage_error([command, *COMMAND_LINES[command], "--bogus", "x=1"], capsys)
+    assert unknown.startswith(f"dreamshot {command}: error: unrecognized arguments: --bogus"), unknown
+    missing = _usage_error([command, "--bogus"], capsys)  # the required arguments are missing
+    assert missing.startswith(f"dreamshot {command}: error: "), missing
+
+
 def test_training_an_evaluation_time_sweep_is_refused(capsys):
     assert main(["train", "toy_guidance"]) == 2
     err = capsys.readouterr().err.strip()

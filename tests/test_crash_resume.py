@@ -1,8 +1,10 @@
-"""A training process killed with SIGKILL after a checkpoint, or interrupted with Ctrl-C (SIGINT) at any moment,
-resumes to the same weights as a run never stopped. Ctrl-C finishes the optimiser step under way, saves
-`last.ckpt` there and ends with one line (status 130), so no work since the previous checkpoint is lost."""
+"""A training process killed with SIGKILL after a checkpoint, or interrupted with Ctrl-C (SIGINT) or SIGTERM (a
+scheduler's preemption) at any moment, resumes to the same weights as a run never stopped. Ctrl-C and SIGTERM
+finish the optimiser step under way, save `last.ckpt` there and end with one line (status 130, 143), so no work
+since the previous checkpoint is lost."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from safetensors.torch import load_file
 
 from dreamshot.config.load import load_config
 from dreamshot.training.train import train
-from dreamshot.utils.errors import Interrupted
+from dreamshot.utils.errors import Interrupted, Terminated
 
 RUN = [
     "logger=csv",
@@ -72,24 +74,88 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(straight, tmp_path):
     _resume_and_compare(killed, straight)  # its lock is stale: the resumed run takes it over
 
 
-class CtrlC(L.Callback):
-    """Sends this process a real SIGINT while step `step` is under way."""
+class Signal(L.Callback):
+    """Sends this process a real `signum` once, in the first backward of step `step` (0-based)."""
 
-    def __init__(self, step):
-        self.step = step
+    def __init__(self, signum, step):
+        self.signum, self.step, self.sent = signum, step, False
 
     def on_before_backward(self, trainer, pl_module, loss):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
 
 
-def test_ctrl_c_saves_the_step_under_way_then_resume_matches_an_uninterrupted_run(straight, tmp_path):
+@pytest.mark.parametrize(
+    ("signum", "error", "said"),
+    [(signal.SIGINT, Interrupted, "interrupted"), (signal.SIGTERM, Terminated, r"terminated \(SIGTERM\)")],
+)
+def test_a_signal_saves_the_step_under_way_then_resume_matches_an_uninterrupted_run(
+    signum, error, said, straight, tmp_path
+):
     out = tmp_path / "interrupted"
-    with pytest.raises(Interrupted, match=r"^interrupted at step 3: saved .*last\.ckpt; continue with trainer"):
-        train(load_config("smoke", [*RUN, f"output_dir={out}", "trainer.checkpoint_every_n_steps=5"]), [CtrlC(2)])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    handler = signal.getsignal(signum)
+    with pytest.raises(error, match=rf"^{said} at step 3: saved .*last\.ckpt; continue with trainer"):
+        run = load_config("smoke", [*RUN, f"output_dir={out}", "trainer.checkpoint_every_n_steps=5"])
+        train(run, [Signal(signum, 2)])
+    assert signal.getsignal(signum) is handler
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert not (out / "lora.safetensors").exists()
+    _resume_and_compare(out, straight)
+
+
+def test_sigterm_mid_accumulation_finishes_the_step_then_resume_matches(tmp_path):
+    """Lightning's own SIGTERM handler would stop after the micro-batch under way, half a step, with no checkpoint."""
+    accumulated = [*RUN, "trainer.max_steps=4", "trainer.accumulate_grad_batches=2"]
+    straight = train(load_config("smoke", [*accumulated, f"output_dir={tmp_path / 'a'}"]))
+    straight = load_file(straight / "lora.safetensors")
+    out = tmp_path / "b"
+    stopped = load_config("smoke", [*accumulated, f"output_dir={out}", "trainer.checkpoint_every_n_steps=5"])
+    with pytest.raises(Terminated, match=r"^terminated \(SIGTERM\) at step 2: saved .*last\.ckpt"):
+        train(stopped, [Signal(signal.SIGTERM, 1)])
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    resumed = train(load_config("smoke", [*accumulated, f"output_dir={out}", "trainer.ckpt_path=last"]))
+    for key, value in load_file(resumed / "lora.safetensors").items():
+        torch.testing.assert_close(straight[key], value, atol=1e-6, rtol=0)
+
+
+class SigtermAtStart(L.Callback):
+    """Sends this process SIGTERM as training starts, while Lightning's own handler still has it."""
+
+    def on_train_start(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_before_the_first_step_saves_it(tmp_path):
+    run = load_config("smoke", [*RUN, "trainer.max_steps=3", f"output_dir={tmp_path}"])
+    with pytest.raises(Terminated, match=r"^terminated \(SIGTERM\) at step 1: saved .*last\.ckpt; continue with"):
+        train(run, [SigtermAtStart()])
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+def test_a_sigterm_lightning_stops_for_mid_step_names_the_last_checkpoint(tmp_path):
+    """Lightning's handler ends the fit after the micro-batch under way with SystemExit (status 0 for a scheduler):
+    it is one line, status 143."""
+    accumulated = [*RUN, "trainer.max_steps=3", "trainer.accumulate_grad_batches=2", f"output_dir={tmp_path}"]
+    with pytest.raises(Terminated, match=r"^terminated \(SIGTERM\) at step 0: earlier checkpoints intact; "):
+        train(load_config("smoke", accumulated), [SigtermAtStart()])
+
+
+def test_sigterm_to_the_job_saves_the_step_exits_143_and_resume_matches(straight, tmp_path):
+    """As SLURM stops a job (preemption, time limit, `scancel`): SIGTERM to every process of the command, its data
+    worker included."""
+    out = tmp_path / "run"
+    process = _start(out, [*RUN, "trainer.checkpoint_every_n_steps=2", "data.num_workers=1"])
+    _wait_for(process, out / "checkpoints" / "step000002.ckpt")
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    lines = err.decode().strip().splitlines()
+    assert process.returncode == 143, err.decode()[-2000:]
+    assert "Traceback" not in err.decode() and lines[-1].startswith("dreamshot train: terminated (SIGTERM) at step ")
+    assert lines[-1].endswith("last.ckpt; continue with trainer.ckpt_path=last")
+    step = int(lines[-1].split("step ")[1].split(":")[0])
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step >= 2
+    assert not (out / "run.lock").exists() and not (out / "lora.safetensors").exists()
     _resume_and_compare(out, straight)
 
 
@@ -107,3 +173,17 @@ def test_ctrl_c_in_a_terminal_ends_the_command_with_one_line(tmp_path):
     step = int(line.split("step ")[1].split(":")[0])
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step >= 2
     assert not (out / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank_0_of_two_stops_both_at_one_step(tmp_path):
+    """Two gloo processes (Lightning starts rank 1): a SIGTERM to rank 0 alone stops both at the same step."""
+    out = tmp_path / "run"
+    process = _start(out, [*RUN, "trainer=ddp_cpu", "data.toy.groups=6", "trainer.max_steps=400"])
+    _wait_for(process, out / "checkpoints" / "step000002.ckpt")
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    # Each rank says it; their lines may interleave on the one stderr.
+    steps = re.findall(r"dreamshot train: terminated \(SIGTERM\) at step (\d+): saved ", err.decode())
+    assert process.returncode == 143 and len(steps) == 2 and steps[0] == steps[1], err.decode()[-2000:]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == int(steps[0]) >= 2

@@ -4,7 +4,9 @@ as one-line errors; the validation callback logs metrics and the storyboard imag
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -13,13 +15,19 @@ from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_file
 
 from dreamshot.cli import main
+from dreamshot.commands import eval as eval_command
 from dreamshot.config.load import load_config, to_yaml
+from dreamshot.data.toyworld import toyworld_bytes
+from dreamshot.eval import runner
+from dreamshot.eval.benchmarks import load_benchmark
 from dreamshot.eval.callback import CALLBACK_DIR, StoryboardMetrics
+from dreamshot.eval.runner import evaluation_bytes
 from dreamshot.inference.loading import build_adapter
 from dreamshot.inference.outputs import SHEET_FILE
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.train import build_trainer
 from dreamshot.utils.errors import ConfigError
+from dreamshot.utils.io import folder_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and fast: two toy stories of at most three shots, two sampler steps, 32 x 48 shots, CSV logs.
@@ -82,6 +90,26 @@ def test_scoring_the_ground_truth_folder_beats_the_drawn_shots(run_dir, tmp_path
     # The toy characters' colours are found in their own ground-truth shots, not in the untrained model's.
     identity = truth_body["metrics"]["toy_identity_cross"]["value"]
     assert identity > 0.5 and identity > drawn_body["metrics"]["toy_identity_cross"]["value"] + 0.2
+    # The free-space estimates checked before it began cover what it wrote.
+    toy = load_config(None, SMALL).eval.toy
+    benchmark = folder_bytes(drawn / "toy_benchmark")
+    assert benchmark <= toyworld_bytes(toy.groups, (32, 48), toy.max_shots, toy.max_roles)
+    bench = load_benchmark(load_config(None, SMALL).eval, drawn)
+    assert folder_bytes(drawn) - benchmark <= evaluation_bytes(bench, "s2s", (32, 48), drawing=True)
+    assert folder_bytes(truth) <= evaluation_bytes(bench, "s2s", (32, 48), drawing=False)
+
+
+def test_too_little_space_is_reported_before_a_model_is_built(run_dir, tmp_path, capsys, monkeypatch):
+    toy = load_config(None, SMALL).eval.toy
+    free = toyworld_bytes(toy.groups, (32, 48), toy.max_shots, toy.max_roles)  # room for the benchmark alone
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2 * free, free, free))
+    monkeypatch.setattr(runner, "build_suite", lambda *a: pytest.fail("an extractor was built"))
+    monkeypatch.setattr(eval_command, "load_model", lambda *a: pytest.fail("the model was built"))
+    assert main(["eval", "toy", *SMALL, "--run", str(run_dir), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "GiB free, the shots, contact sheets and results need about" in err
+    assert not (tmp_path / "out" / "shots").exists() and not (tmp_path / "out" / "run.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,9 @@ def test_bad_input_is_one_line_and_status_2(case, tmp_path, capfd, monkeypatch, 
     place = {"faults": FAULTS, "out": out, "given": given}
     for name, value in case.get("env", {}).items():
         monkeypatch.setenv(name, value.format(**place))
+    if "disk_free" in case:  # every disk as full as the case says
+        usage = shutil.disk_usage(tmp_path)._replace(free=case["disk_free"])
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
     words = [w for arg in case["argv"] for w in (arg if isinstance(arg, list) else [arg])]  # yaml aliases nest
     argv = [word.format(**place) for word in words]
     before = _snapshot(tmp_path, FAULTS)

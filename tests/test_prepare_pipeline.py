@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import namedtuple
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from dreamshot.prepare import curation, grouping, keyframes, pipeline, quality, 
 from dreamshot.prepare.config import load_prepare_config
 from dreamshot.prepare.pipeline import STAGES, prepare
 from dreamshot.prepare.report import format_table
+from dreamshot.prepare.space import prepare_bytes
 from dreamshot.prepare.toyvideo import render_toy_video, toy_overrides
+from dreamshot.utils.io import folder_bytes
 
 STAGE_MODULES = {"curation": curation, "shots": shots, "keyframes": keyframes, "quality": quality}
 STAGE_MODULES.update({"grouping": grouping, "roles": roles})
@@ -156,6 +159,22 @@ def test_cli_prints_the_summary_and_reports_bad_settings(videos, tmp_path, capsy
     assert "shots.detectr" in capsys.readouterr().err
     assert main(["prepare", str(videos[0]), "shots.detector=magic", *options]) == 2
     assert "shots.detector must be one of" in capsys.readouterr().err
+
+
+def test_the_space_estimate_covers_what_is_written(prepared, videos):
+    out, _ = prepared
+    assert folder_bytes(out) <= prepare_bytes(pipeline.find_videos(videos[0], out), _config())
+
+
+def test_too_little_space_is_reported_before_a_video_is_decoded(videos, tmp_path, capsys, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 1000))
+    monkeypatch.setattr(pipeline, "build_backends", lambda *a: pytest.fail("a model was built"))
+    monkeypatch.setattr(shots, "detect_shots", lambda *a: pytest.fail("a video was decoded"))
+    assert main(["prepare", str(videos[0]), *toy_overrides(), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "GiB free, the keyframes, masks and references of 3 videos need about" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_empty_folder_is_a_one_line_error(tmp_path, capsys):

@@ -21,6 +21,7 @@ from dreamshot.report.history import read_curves
 from dreamshot.report.runs import find_runs, read_run, read_runs
 from dreamshot.report.table import build_table, missing_data, relative_improvement
 from dreamshot.report.wandb_log import log_report, wandb_setting
+from dreamshot.utils.errors import DataError
 
 CSV_COLUMNS = ["epoch", "step", "train/loss", "train/loss_fm", "val/loss", "val/racl_in_mask", "val/racl_confusion"]
 
@@ -95,6 +96,25 @@ def test_a_run_folder_gives_its_config_final_metrics_and_evaluations(sweep_group
         "val/racl_in_mask": 0.6,
         "val/racl_confusion": 0.1,
     }
+
+
+def test_run_files_are_read_by_the_text_rule(sweep_group: Path, capsys):
+    """A config.yaml saved as UTF-16 by a Windows editor and a results.json with a UTF-8 byte-order mark are read;
+    a key written twice is an error naming the file, not the last value silently."""
+    run = sweep_group / "with_racl"
+    config = run / "config.yaml"
+    config.write_bytes(config.read_text().encode("utf-16"))
+    results = run / "eval" / "toy-r2s" / "results.json"
+    results.write_bytes(results.read_text().encode("utf-8-sig"))
+    record = read_run(run)
+    assert record.config["racl.weight"] == 0.1 and record.evals[0].story_shots == {"story-a": 2, "story-b": 4}
+    config.write_text("name: toy_racl_ablation/with_racl\nseed: 0\nseed: 1\n")
+    assert main(["report", str(sweep_group)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "with_racl/config.yaml" in err and "duplicate key 'seed', line 3" in err
+    config.write_bytes("seed: 0 # café\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"config.yaml: run config is not UTF-8 text \(byte 13\)"):
+        read_run(run)
 
 
 def test_relative_improvement_is_positive_when_better_in_either_direction():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -77,6 +78,24 @@ def test_last_starts_a_fresh_run_holding_the_lock_then_overwrite_starts_over(tmp
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]  # the old run's are gone
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
+
+
+def test_lightnings_slurm_requeue_checkpoint_is_the_runs_not_a_silent_resume(tmp_path):
+    """Under SLURM, Lightning saves `hpc_ckpt_N.ckpt` into the folder on SIGUSR1 and would resume the newest, unchecked,
+    for a job started without a checkpoint path: the run folder counts them as its checkpoints instead."""
+    out = tmp_path / "run"
+    train(_config(out, "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=1"))
+    checkpoints = out / "checkpoints"
+    (checkpoints / "step000001.ckpt").rename(out / "hpc_ckpt_9.ckpt")
+    (checkpoints / "last.ckpt").rename(out / "hpc_ckpt_10.ckpt")
+    shutil.rmtree(checkpoints)
+    with pytest.raises(DreamShotError, match=r"holds another run \(hpc_ckpt_9\.ckpt, hpc_ckpt_10\.ckpt, lora"):
+        train(_config(out, "trainer.max_steps=3"))
+    train(_config(out, "trainer.max_steps=3", "trainer.ckpt_path=last", "trainer.checkpoint_every_n_steps=1"))
+    (resumed,) = [json.loads(line) for line in (out / RESUME_LOG).read_text().splitlines()]
+    assert (resumed["checkpoint"], resumed["step"]) == (str(out / "hpc_ckpt_10.ckpt"), 2)  # the newest, not by name
+    train(_config(out, "trainer.max_steps=1", "trainer.overwrite=true"))
+    assert not list(out.glob("hpc_ckpt_*"))
 
 
 def test_a_checkpoint_of_another_folder_is_not_resumed_into_a_third_run(tmp_path):

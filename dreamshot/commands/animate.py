@@ -14,6 +14,7 @@ import torch
 from dreamshot.inference.animate import ClipSettings, animate_shots, load_i2v_pipeline, write_video
 from dreamshot.inference.outputs import storyboard_shots
 from dreamshot.inference.story import open_rgb
+from dreamshot.utils.devices import pick_device
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -41,7 +42,7 @@ def clip_length(text: str) -> int:
 
 def run(args: argparse.Namespace) -> None:
     shots = storyboard_shots(args.storyboard)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device, "--device")
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     pipe = load_i2v_pipeline(args.i2v, device, dtype)
     settings = ClipSettings(args.frames, args.steps, args.guidance, args.negative_prompt, args.seed)

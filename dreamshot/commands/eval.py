@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from dreamshot.config.load import load_config
 from dreamshot.config.schema import EVAL_BENCHMARKS, EVAL_MODES, Config
 from dreamshot.eval.runner import evaluate
@@ -34,6 +32,7 @@ from dreamshot.inference.loading import (
 )
 from dreamshot.inference.pipeline import StoryboardPipeline
 from dreamshot.training.callbacks import LORA_FILE
+from dreamshot.utils.devices import pick_device
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.io import check_output_dir
 
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> None:
         overrides.append(f"eval.mode={args.mode}")
     weights = run_weights(args.run) if args.run else args.lora
     cfg = load_config(args.config, overrides) if args.outputs else resolve_config(weights, args.config, overrides)
-    device = torch.device(args.device or cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device, "--device") if args.device else pick_device(cfg.eval.device, "eval.device")
     out = args.out or Path("outputs") / "eval" / f"{scored_name(args, cfg)}-{cfg.eval.benchmark}-{cfg.eval.mode}"
     check_output_dir(out, "--out")
     label = args.label or _label(args)

@@ -15,11 +15,16 @@ story's `seed`, else `inference.seed`; the steps are `--steps`, else the story's
 `inference.steps`; the shot size is the story's height/width, else `data.resolution`. `--preset exact|fast` sets
 the sampler to a measured setting (`dreamshot/inference/presets.py`) before the command line's overrides apply;
 `generation.json` records it (`preset`: its name and overrides; the resolved values under `config.inference`).
+
+With `inference.context_parallel.degree=N`, N processes started by torchrun draw the storyboard together, each
+holding 1/N of its tokens (`torchrun --nproc-per-node N -m dreamshot.cli generate STORY
+inference.context_parallel.degree=N ...`); the first one writes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -48,13 +53,16 @@ from dreamshot.inference.outputs import (
     save_shots,
     shot_file,
     shot_takes,
+    storyboard_bytes,
     write_contact_sheet,
     write_record,
 )
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
 from dreamshot.inference.presets import PRESETS, preset_overrides
 from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
-from dreamshot.utils.errors import DataError
+from dreamshot.models.wan.context_parallel import launched_group
+from dreamshot.utils.devices import pick_device
+from dreamshot.utils.errors import ConfigError, DataError
 from dreamshot.utils.io import check_output_dir
 
 
@@ -130,14 +138,19 @@ def run(args: argparse.Namespace) -> None:
     check_trained(cfg.storyboard, request.mode)
     steps = args.steps if args.steps is not None else story.steps
     second = check_sampling(cfg, steps)
-    # Shots and contact sheet as uncompressed RGB at most, checked before the model is built.
-    pixels = size[0] * size[1] * (2 * len(story.shots) + len(story.references))
-    check_output_dir(args.out, "--out", 3 * pixels + 2**20, "the storyboard's images")
+    device = _device(args.device, cfg.inference.context_parallel.degree)
+    # Checked before the model is built.
+    need = storyboard_bytes(size, len(story.shots), len(story.shots) + len(story.references))
+    check_output_dir(args.out, "--out", need, "the storyboard's images")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg, adapter = load_model(cfg, weights, device, second=second)
-    seed = _seed(args.seed, previous, story, cfg)
-    result = StoryboardPipeline(adapter, cfg)(request, seed=seed, steps=steps)
+    with launched_group(cfg.inference.context_parallel, device, "inference.context_parallel") as group:
+        cfg, adapter = load_model(cfg, weights, device, second=second)
+        adapter.context_parallel = group
+        seed = _seed(args.seed, previous, story, cfg)
+        writer = group.rank == 0
+        result = StoryboardPipeline(adapter, cfg)(request, seed=seed, steps=steps, progress=writer)
+    if not writer:
+        return
 
     record, sheet = _write_storyboard(args.out, story, cfg, result, weights, targets, kept, size, previous, args.preset)
     write_record(args.out, record, previous)
@@ -148,12 +161,25 @@ def run(args: argparse.Namespace) -> None:
     )
 
 
+def _device(name: str | None, processes: int) -> torch.device:
+    """--device, else cuda when available (under torchrun, each process its LOCAL_RANK's GPU), else cpu."""
+    device = pick_device(name, "--device")
+    if device.type == "cuda" and device.index is None and processes > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 def _run_folder(args: argparse.Namespace) -> None:
     if args.regenerate:
         raise DataError(f"{args.story}: --regenerate re-rolls shots of one story file, not of a folder")
     weights = run_weights(args.run) if args.run else args.lora
     cfg = resolve_config(weights, args.config, _overrides(args))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.inference.context_parallel.degree > 1:
+        raise ConfigError(
+            f"inference.context_parallel.degree={cfg.inference.context_parallel.degree} draws one story file on "
+            f"its processes; a folder of stories is shared out over them instead (degree 1)"
+        )
+    device = pick_device(args.device, "--device")
     ranks = Ranks.from_environment(device.type)
     device = ranks.device(device)
     # Read (and checked) before anything is written; the model is built by a rank with a story to draw.

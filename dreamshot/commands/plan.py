@@ -12,12 +12,15 @@ from pathlib import Path
 
 from dreamshot.config.load import available_experiments, load_config
 from dreamshot.config.schema import EVAL_BENCHMARKS, Config, PhaseConfig
-from dreamshot.planner.plan import plan_phase
+from dreamshot.planner.plan import config_training, config_workload, longest_storyboard, plan_phase
 from dreamshot.planner.report import render
 from dreamshot.planner.sampling import DEFAULT_MFU, PEAK_TFLOPS
 from dreamshot.planner.shape import model_shape
-from dreamshot.planner.workload import Training, Workload, parse_resolution, tokens_per_frame, zero_stage
+from dreamshot.planner.workload import Training, Workload, parse_resolution, tokens_per_frame
 from dreamshot.utils.errors import ConfigError
+
+# Storyboards longer than this are not searched for (the longest that fits is reported as at least this).
+LONGEST_SEARCHED = 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="|Q|, query rows of one role-attention capture chunk (default: one frame's tokens)",
     )
     parser.add_argument(
+        "--context-parallel",
+        type=int,
+        help="GPUs that split one storyboard's sequence (default: trainer.context_parallel.degree)",
+    )
+    parser.add_argument(
+        "--link-bandwidth",
+        type=float,
+        default=200.0,
+        help="GB/s one GPU sends at inside its context-parallel group, for the seconds (default 200)",
+    )
+    parser.add_argument(
         "--encoders",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -68,16 +82,20 @@ def run(args: argparse.Namespace) -> None:
         _plan_eval(cfg, args)
         return
     shape = model_shape(cfg.model)
-    training = _training(cfg, args)
+    training = config_training(cfg, args.gpus, args.zero)
+    _check_context_parallel(args, training, shape.num_heads, cfg.trainer.context_parallel.attention)
     phases = cfg.phases()
-    plans = []
+    plans, longest = [], []
     for i in _chosen_phases(phases, args.phase):
         height, width = parse_resolution(args.resolution) if args.resolution else phases[i].resolution
         work = _workload(cfg, args, cfg.racl_weight(i), tokens_per_frame(height, width, "resolution"))
         racl = f"RACL (weight {cfg.racl_weight(i):g}) in {work.racl_blocks} blocks" if work.racl_blocks else ""
         label = f"phase {i + 1}/{len(phases)}: {height}x{width}, {racl or 'no RACL'}"
-        plans.append(plan_phase(label, shape, work, training, args.encoders))
-    print(render(_header(cfg, training, plans[0].work), shape, plans, args.gpu_memory), end="")
+        attention = cfg.trainer.context_parallel.attention
+        plans.append(plan_phase(label, shape, work, training, args.encoders, attention))
+        longest.append(longest_storyboard(shape, work, training, args.gpu_memory, args.encoders, LONGEST_SEARCHED))
+    report = render(_header(cfg, training, plans[0].work), shape, plans, args.gpu_memory, args.link_bandwidth, longest)
+    print(report, end="")
 
 
 def _plan_eval(cfg: Config, args: argparse.Namespace) -> None:
@@ -95,28 +113,29 @@ def _plan_eval(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _workload(cfg: Config, args: argparse.Namespace, racl_weight: float, per_frame: int) -> Workload:
-    return Workload(
-        frames=args.shots + args.refs,
-        tokens_per_frame=per_frame,
-        text_len=cfg.model.text_len,
-        target_frames=args.shots,
-        micro_batch=args.micro_batch or cfg.data.batch_size,
-        checkpointing=cfg.trainer.gradient_checkpointing if args.checkpointing is None else args.checkpointing,
-        per_token_timestep=cfg.diffusion.timestep_mode == "per_token",
-        activation_bytes=2 if cfg.model.dtype == "bfloat16" or "16" in cfg.trainer.precision else 4,
-        racl_blocks=len(cfg.racl_blocks()) if racl_weight > 0 else 0,
-        racl_queries=per_frame if args.racl_queries is None else args.racl_queries,
+    return config_workload(
+        cfg,
+        args.shots,
+        args.refs,
+        per_frame,
+        racl_weight,
+        micro_batch=args.micro_batch,
+        checkpointing=args.checkpointing,
+        racl_queries=args.racl_queries,
+        context_parallel=args.context_parallel,
     )
 
 
-def _training(cfg: Config, args: argparse.Namespace) -> Training:
-    return Training(
-        world_size=args.gpus or cfg.trainer.devices * cfg.trainer.num_nodes,
-        zero_stage=zero_stage(cfg.trainer.strategy) if args.zero is None else args.zero,
-        accumulate=cfg.trainer.accumulate_grad_batches,
-        model_bytes=2 if cfg.model.dtype == "bfloat16" else 4,
-        half_precision="16" in cfg.trainer.precision,
-    )
+def _check_context_parallel(args: argparse.Namespace, training: Training, heads: int, attention: str) -> None:
+    if args.link_bandwidth <= 0:
+        raise ConfigError(f"--link-bandwidth must be > 0, got {args.link_bandwidth}")
+    degree = args.context_parallel
+    if degree is None:
+        return
+    if degree < 1 or training.world_size % degree:
+        raise ConfigError(f"--context-parallel {degree} must be >= 1 and divide the {training.world_size} GPU(s)")
+    if attention == "ulysses" and heads % degree:
+        raise ConfigError(f"--context-parallel {degree} does not divide the model's {heads} attention heads (ulysses)")
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -144,8 +163,8 @@ def _header(cfg: Config, training: Training, work: Workload) -> str:
         [
             f"dreamshot plan: {cfg.name}, model {cfg.model.name} ({cfg.model.dtype}), "
             f"LoRA rank {lora.rank} on {', '.join(lora.target_modules)}",
-            f"  {training.world_size} GPU(s), {zero}, precision {cfg.trainer.precision}, "
-            f"micro-batch {work.micro_batch}, accumulate {training.accumulate}, "
+            f"  {training.world_size} GPU(s), {zero}, context parallel {work.context_parallel}, "
+            f"precision {cfg.trainer.precision}, micro-batch {work.micro_batch}, accumulate {training.accumulate}, "
             f"gradient checkpointing {'on' if work.checkpointing else 'off'}, "
             f"{cfg.diffusion.timestep_mode} timesteps, text_len {work.text_len}",
         ]

@@ -6,7 +6,8 @@ import argparse
 
 from dreamshot.config.schema import ToyWorldConfig
 from dreamshot.data.manifest import load_manifest
-from dreamshot.data.toyworld import generate_toyworld
+from dreamshot.data.toyworld import generate_toyworld, toyworld_bytes
+from dreamshot.utils.io import check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    need = toyworld_bytes(args.groups, (args.height, args.width), args.max_shots, args.max_roles)
+    check_output_dir(args.out, "--out", need, "the toy world's images")
     manifest = generate_toyworld(
         args.out,
         groups=args.groups,

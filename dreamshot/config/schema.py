@@ -117,7 +117,8 @@ class DataConfig:
     resolution: list[int] = field(default_factory=lambda: [64, 112])
     # Use aspect-ratio buckets of about the area of `resolution` (False: every group at `resolution`).
     aspect_buckets: bool = False
-    # Longer storyboards are cut to a random window of this many consecutive shots.
+    # Longer storyboards are cut to a random window of this many consecutive shots (with trainer.context_parallel
+    # on: of the most shots that fit trainer.device_memory_gib, as the planner predicts).
     max_shots: int = 12
     batch_size: int = 1
     num_workers: int = 0
@@ -251,6 +252,24 @@ STRATEGIES = ("auto", "ddp", "ddp_spawn", "deepspeed_stage_2", "deepspeed_stage_
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 LOGGER_MODES = ("offline", "online", "disabled")
+# The strategies whose process groups a context-parallel mesh can be built on (one process per device).
+CONTEXT_PARALLEL_STRATEGIES = ("ddp", "ddp_spawn", "deepspeed_stage_2", "deepspeed_stage_3")
+CONTEXT_PARALLEL_ATTENTION = ("ulysses", "ring")
+
+
+@dataclass
+class ContextParallelConfig:
+    """Context parallelism: one storyboard's tokens split over a group of processes (GPUs), in training and in
+    sampling (dreamshot/models/wan/context_parallel.py, docs/multinode.md)."""
+
+    # Processes per storyboard; 1: off. Must divide the world size (training: trainer.devices x trainer.num_nodes;
+    # sampling: the torchrun processes, all in one group) and, with ulysses, the attention heads (14B: 40, 1.3B: 12).
+    degree: int = 1
+    # ulysses: all-to-all, each process attends every token for degree-th of the heads (any attention kernel,
+    # CPU too); a sequence the degree does not divide is padded and the padding masked out. ring: key/value
+    # chunks passed around the group (no rule on the heads), GPU kernels that return the log-sum-exp only, and
+    # the degree must divide the tokens per frame (ring attention cannot mask padding).
+    attention: str = "ulysses"
 
 
 @dataclass
@@ -289,6 +308,13 @@ class TrainerConfig:
     # Steps with a non-finite loss or gradient that may be skipped (no update) before the run stops.
     max_nonfinite_steps: int = 0
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # Split one storyboard's sequence over a group of processes (needs a strategy in CONTEXT_PARALLEL_STRATEGIES).
+    # Data and per-step randomness then follow the data-parallel rank: the degree processes of a group train on
+    # the same storyboard.
+    context_parallel: ContextParallelConfig = field(default_factory=ContextParallelConfig)
+    # GiB per device that a storyboard must fit in, as `dreamshot plan` predicts: with context parallelism on,
+    # storyboards longer than data.max_shots train whole when they fit, else in windows of the longest that fits.
+    device_memory_gib: float = 80.0
 
 
 @dataclass
@@ -353,6 +379,8 @@ class InferenceConfig:
     second_lora: str | None = None
     # Scale of `second_lora`.
     second_lora_weight: float = 1.0
+    # Sample one storyboard on a group of processes started by torchrun (degree = --nproc-per-node).
+    context_parallel: ContextParallelConfig = field(default_factory=ContextParallelConfig)
 
 
 @dataclass
@@ -568,6 +596,7 @@ class Config:
             )
         _check_curriculum(self)
         _check_trainer(self.trainer)
+        _check_context_parallel(self)
         _check_schedule_averaging_samples(self)
         if self.data.toy.min_shots < 1 or self.data.toy.min_shots > self.data.toy.max_shots:
             raise ConfigError("data.toy.min_shots must be in 1..data.toy.max_shots")
@@ -596,6 +625,51 @@ def _check_trainer(trainer: TrainerConfig) -> None:
             "trainer.compile_blocks is not supported with trainer.strategy=deepspeed_stage_3: "
             "set trainer.compile_blocks=false (trainer=zero3 does)"
         )
+
+
+def _check_context_parallel(cfg: Config) -> None:
+    heads = cfg.model.transformer.num_attention_heads
+    for key, cp in (("trainer", cfg.trainer.context_parallel), ("inference", cfg.inference.context_parallel)):
+        key = f"{key}.context_parallel"
+        _check_choice(cp.attention, CONTEXT_PARALLEL_ATTENTION, f"{key}.attention")
+        if cp.degree < 1:
+            raise ConfigError(f"{key}.degree must be >= 1, got {cp.degree}")
+        if cp.degree > 1 and cp.attention == "ulysses" and heads % cp.degree:
+            raise ConfigError(
+                f"{key}.degree={cp.degree} does not divide the {heads} attention heads "
+                "(model.transformer.num_attention_heads) that ulysses splits; choose a divisor or attention=ring"
+            )
+    trainer, cp = cfg.trainer, cfg.trainer.context_parallel
+    if trainer.device_memory_gib <= 0:
+        raise ConfigError(f"trainer.device_memory_gib must be > 0, got {trainer.device_memory_gib}")
+    if cp.degree == 1:
+        return
+    if trainer.strategy not in CONTEXT_PARALLEL_STRATEGIES:
+        raise ConfigError(
+            f"trainer.context_parallel.degree={cp.degree} needs a strategy with one process per device to build "
+            f"its groups on (trainer.strategy={' or '.join(CONTEXT_PARALLEL_STRATEGIES)}); "
+            f"trainer.strategy={trainer.strategy} cannot host it"
+        )
+    world = trainer.devices * trainer.num_nodes
+    if world % cp.degree:
+        raise ConfigError(
+            f"trainer.context_parallel.degree={cp.degree} does not divide the world size {world} "
+            f"(trainer.devices={trainer.devices} x trainer.num_nodes={trainer.num_nodes})"
+        )
+    if cp.attention == "ring":
+        if trainer.accelerator not in ("gpu", "cuda"):
+            raise ConfigError(
+                "trainer.context_parallel.attention=ring needs GPU attention kernels that return the log-sum-exp "
+                f"(got trainer.accelerator={trainer.accelerator!r}); use attention=ulysses on CPU"
+            )
+        for i, phase in enumerate(cfg.phases()):
+            tokens = (phase.resolution[0] // 16) * (phase.resolution[1] // 16)
+            if tokens % cp.degree:
+                where = f"curriculum[{i}].resolution" if cfg.curriculum else "data.resolution"
+                raise ConfigError(
+                    f"trainer.context_parallel.attention=ring cannot pad: degree {cp.degree} must divide the "
+                    f"{tokens} tokens per frame of {where}={list(phase.resolution)}; use attention=ulysses"
+                )
 
 
 def _check_schedule_averaging_samples(cfg: Config) -> None:
@@ -657,6 +731,13 @@ def _check_inference(inference: InferenceConfig) -> None:
         # MagCache indexes its calibrated ratios by the calls of each kind of forward, which guidance_fraction splits.
         raise ConfigError(
             "inference.cache=mag counts steps per kind of forward: it needs inference.guidance_fraction=1"
+        )
+    if inference.cache == "first_block" and inference.context_parallel.degree > 1:
+        # Each rank would decide from its own tokens whether to skip the blocks, and a rank that skips them leaves
+        # the others waiting in the attention's all-to-all.
+        raise ConfigError(
+            "inference.cache=first_block decides per rank from its tokens: it cannot run with "
+            f"inference.context_parallel.degree={inference.context_parallel.degree} (taylorseer and mag can)"
         )
 
 

@@ -2,7 +2,9 @@
 
 The manifest is `data.manifest`, or the toy world written into `<output_dir>/toyworld`. `prepare_data`, which
 Lightning runs on one process per node before `setup`, writes the toy world and checks the manifest's files;
-`setup` (every rank) checks the records only. The last `data.val_groups`
+`setup` (every rank) checks the records only. Storyboards longer than `data.max_shots` are cut to windows of that
+many shots, or, under context parallelism, of the most shots the planner fits on a device (`shot_window`).
+The last `data.val_groups`
 groups are held out for validation; `data.sources` then filters the training groups. Batches come from
 `BucketBatchSampler`, which shards across ranks itself: the Trainer needs `use_distributed_sampler=False`.
 The training loader's state (the batches trained in the current epoch) goes into Lightning's checkpoints, so
@@ -19,9 +21,11 @@ batches then carry the cached latents and embeddings instead of images.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -47,13 +51,19 @@ class StoryboardDataModule(L.LightningDataModule):
         phases: Sequence[PhaseConfig] = (),
         accumulate: int = 1,
         model: ModelConfig | None = None,
+        shot_window: Callable[[int, int], int] | None = None,
     ) -> None:
         """`model`: the run's model config, which a latent cache (`data.cache_dir`) must have been built with;
-        needed only with a cache."""
+        needed only with a cache. `shot_window(references, longest)`: the shots a storyboard with that many
+        references may keep, given the manifest's longest (`planner.plan.shot_window`: under context parallelism
+        the most that fit the device); None: `data.max_shots`."""
         super().__init__()
         _check_config(cfg)
         self.cfg, self.output_dir, self.seed = cfg, Path(output_dir), seed
         self.phases, self.accumulate, self.model = list(phases), accumulate, model
+        self.shot_window = shot_window
+        # Shots per training window: data.max_shots, or shot_window's, set in setup once the manifest is read.
+        self.max_shots = cfg.max_shots
         self.cache: LatentCache | None = None
         self.train_records: list[StoryboardRecord] = []
         self.val_records: list[StoryboardRecord] = []
@@ -84,6 +94,7 @@ class StoryboardDataModule(L.LightningDataModule):
             return
         manifest = self.manifest_path()
         records = load_manifest(manifest, check_files=False)
+        self.max_shots = self.window(records)
         val_groups = self.cfg.val_groups
         if val_groups >= len(records):
             raise ConfigError(f"data.val_groups={val_groups} leaves no training groups: {manifest} has {len(records)}")
@@ -95,6 +106,12 @@ class StoryboardDataModule(L.LightningDataModule):
         self.train_records, self.val_records = train, records[len(records) - val_groups :]
         self.cache = self._open_cache(manifest)
         self._use_resolution(self.resolution())
+
+    def window(self, records: Sequence[StoryboardRecord]) -> int:
+        """Shots per window over all of `records` (every split, as the latent cache holds them)."""
+        if self.shot_window is None or not records:
+            return self.cfg.max_shots
+        return self.shot_window(max(len(r.references) for r in records), max(len(r.shots) for r in records))
 
     def phase_index(self) -> int:
         """The curriculum phase of the trainer's current epoch (0 without a trainer or phases)."""
@@ -139,7 +156,7 @@ class StoryboardDataModule(L.LightningDataModule):
 
     def _dataset(self, records: list[StoryboardRecord], train: bool, target: tuple[int, int]) -> StoryboardDataset:
         resolution = record_resolutions(records, target, self.cfg.aspect_buckets)
-        return StoryboardDataset(records, resolution, self.cfg.max_shots, self.seed, train)
+        return StoryboardDataset(records, resolution, self.max_shots, self.seed, train)
 
     def _open_cache(self, manifest: Path) -> LatentCache | None:
         """The latent cache of `data.cache_dir` (None without one), checked against this run."""
@@ -147,7 +164,7 @@ class StoryboardDataModule(L.LightningDataModule):
             return None
         if self.model is None:
             raise ValueError("with data.cache_dir, StoryboardDataModule needs the run's model config (model=...)")
-        fingerprint = cache_fingerprint(self.model, self.seed, self.cfg.max_shots, manifest)
+        fingerprint = cache_fingerprint(self.model, self.seed, self.max_shots, manifest)
         cache = LatentCache(self.cfg.cache_dir, fingerprint)
         cache.require([(record.id, size) for record, size in self.cache_entries(self.train_records + self.val_records)])
         return cache
@@ -163,10 +180,12 @@ class StoryboardDataModule(L.LightningDataModule):
         `length`: batches per epoch (a phase), else one pass over the data."""
         if dataset is None:
             raise RuntimeError("StoryboardDataModule.setup() must run before its dataloaders are built")
-        replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        # Data-parallel replicas: the ranks of a context-parallel group share one (strategy.py).
+        sharding = self.trainer.distributed_sampler_kwargs if self.trainer else None
+        replicas, rank = (sharding["num_replicas"], sharding["rank"]) if sharding else (1, 0)
         sampler = BucketBatchSampler(dataset.bucket_keys(), self.cfg.batch_size, shuffle, self.seed, replicas, rank)
         workers = self.cfg.num_workers
-        loader_class = DataLoader if progress is None else ResumableLoader
+        loader_class = StoryboardLoader if progress is None else ResumableLoader
         return loader_class(
             dataset.with_cache(self.cache),
             batch_sampler=EpochBatches(sampler, self._trainer_epoch, progress or EpochProgress(), length),
@@ -234,7 +253,30 @@ class EpochBatches:
         return [[(index, pass_id) for index in batch] for batch in self.sampler]
 
 
-class ResumableLoader(DataLoader):
+class StoryboardLoader(DataLoader):
+    """A DataLoader whose workers outlive SIGTERM. A scheduler sends it to every process of a job (SLURM signals
+    the whole job step), and the training process, which finishes its step and saves first (`SaveOnInterrupt`),
+    ends its workers itself; a worker killed by it would end the run with a DataLoader error instead. A worker
+    inherits the signal mask of the process that starts it: SIGTERM is blocked while workers start, so one that
+    comes before a worker has set it aside (torch's own worker handler would die of it) waits and is ignored."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, worker_init_fn=_ignore_sigterm, **kwargs)
+
+    def __iter__(self) -> Iterator:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+class ResumableLoader(StoryboardLoader):
     """A DataLoader over `EpochBatches` whose state is their `EpochProgress`: Lightning stores the state of a
     training loader in checkpoints and restores it before the resumed run's first iteration."""
 

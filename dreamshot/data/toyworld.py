@@ -298,6 +298,15 @@ def annotate(plan: GroupPlan, shot: ShotPlan) -> str:
 # --- writing -----------------------------------------------------------------------------------------------
 
 
+def toyworld_bytes(groups: int, image_size: tuple[int, int], max_shots: int, max_roles: int) -> int:
+    """At most what `generate_toyworld` writes: every group at `max_shots` shots of `image_size` (H, W) with a
+    mask per role, and `max_roles` references (squares of the short side) with their masks, uncompressed (PNG is
+    smaller), and 4 KiB of records per group."""
+    height, width = image_size
+    side = min(height, width)
+    return groups * (max_shots * height * width * (3 + max_roles) + max_roles * side * side * 4 + 2**12)
+
+
 def generate_toyworld(
     out_dir: str | os.PathLike,
     groups: int,

@@ -59,10 +59,11 @@ class StoryboardMetrics(L.Callback):
         size = (self.cfg.data.resolution[0], self.cfg.data.resolution[1])
         sheets = []
         try:
-            for story in self.stories:
-                shots, sheet = draw_story(pipeline, story, ev.mode, size, self.cfg.inference.seed, ev.callback.steps)
-                self.suite.update(StorySample(story, shots))
-                sheets.append(sheet)
+            with adapter.alone():  # rank 0 draws by itself, also under context parallelism
+                for story in self.stories:
+                    draw = draw_story(pipeline, story, ev.mode, size, self.cfg.inference.seed, ev.callback.steps)
+                    self.suite.update(StorySample(story, draw[0]))
+                    sheets.append(draw[1])
             values = self.suite.compute()
         finally:
             self.suite.reset()

@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from dreamshot.config.schema import Config
+from dreamshot.data.toyworld import toyworld_bytes
 from dreamshot.eval.benchmarks import Benchmark, BenchStory, load_benchmark
 from dreamshot.eval.cost import story_costs
 from dreamshot.eval.drawing import DrawJob, draw_stories
@@ -39,11 +40,12 @@ from dreamshot.eval.resume import ResultsFolder, drawing_fingerprint, eval_ident
 from dreamshot.eval.sharding import Ranks, share_of
 from dreamshot.eval.story_metrics import AlignmentMetric, StorySample
 from dreamshot.eval.suite import MetricSuite, build_suite
-from dreamshot.inference.outputs import shot_file
+from dreamshot.inference.outputs import shot_file, storyboard_bytes
 from dreamshot.inference.pipeline import StoryboardPipeline
 from dreamshot.inference.story import open_rgb
 from dreamshot.planner.shape import model_shape
 from dreamshot.utils.errors import DataError
+from dreamshot.utils.io import check_output_dir, folder_bytes
 
 SHOTS_DIR = "shots"
 
@@ -63,7 +65,8 @@ def evaluate(
     `load_pipeline` builds (called only when a story is left to draw; `weights` is its LoRA file, None for
     none), or read from `outputs` (ViStoryBench layout). Writes results.json / results.csv (rank 0), logs W&B
     tables when the logger is W&B, prints the comparison with the published rows, and returns the results.
-    `redraw`: a folder drawn with another config is drawn again instead of refused."""
+    `redraw`: a folder drawn with another config is drawn again instead of refused. The free space of `out` is
+    checked before any model (the storyboard pipeline, the metrics' extractors) is built."""
     if (load_pipeline is None) == (outputs is None):
         raise ValueError("give exactly one of load_pipeline (draw the shots) and outputs (score a folder)")
     ranks = ranks or Ranks()
@@ -74,7 +77,7 @@ def evaluate(
     folder = ResultsFolder(out, eval_identity(cfg, outputs), fingerprint)
     ranks.decide(lambda: folder.check(redraw))
     # Loaded by rank 0 alone (the toy benchmark is written into `out`), and sent to the others.
-    bench = ranks.decide(lambda: load_benchmark(ev, out))
+    bench = ranks.decide(lambda: _load_benchmark(cfg, out, size, drawing=load_pipeline is not None))
     shots_dir = outputs or out / SHOTS_DIR
     cache = FeatureCache(out / FEATURES_DIR)
     suite = build_suite(ev, bench, out, device, cache)
@@ -97,6 +100,35 @@ def evaluate(
             _log_wandb(cfg, out, results)
         print(describe(results))
     return results
+
+
+def _load_benchmark(cfg: Config, out: Path, size: tuple[int, int], drawing: bool) -> Benchmark:
+    """The benchmark, each part of what the evaluation writes checked against the free space of `out` first:
+    the toy benchmark's data (written into `out` as it loads), then the shots, sheets and results
+    (`evaluation_bytes`). What `out` holds already (a resumed run) is not written again."""
+    ev, held = cfg.eval, folder_bytes(out)
+    if ev.benchmark == "toy":
+        toy = ev.toy
+        need = toyworld_bytes(toy.groups, (toy.image_size[0], toy.image_size[1]), toy.max_shots, toy.max_roles)
+        check_output_dir(out, "--out", need - held, "the toy benchmark's images")
+    bench = load_benchmark(ev, out)
+    what = "the shots, contact sheets and results" if drawing else "the features and results"
+    check_output_dir(out, "--out", evaluation_bytes(bench, ev.mode, size, drawing) - held, what)
+    return bench
+
+
+def evaluation_bytes(bench: Benchmark, mode: str, size: tuple[int, int], drawing: bool) -> int:
+    """About the most an evaluation writes besides the toy benchmark's data: drawing, every story's shots and
+    contact sheet at `size` (H, W), the conditions and the true shots under the drawn ones included
+    (`storyboard_bytes`); scoring a folder, 1 MiB of features per story; and 1 MiB of results."""
+    if not drawing:
+        return 2**20 * (len(bench.stories) + 1)
+    total = 2**20
+    for story in bench.stories:
+        request = story_for_mode(story, mode)
+        drawn = len(request.shots)
+        total += storyboard_bytes(size, drawn, len(request.references) + len(request.previous_shots) + 2 * drawn)
+    return total
 
 
 def draw_jobs(cfg: Config, bench: Benchmark, shots_dir: Path, size: tuple[int, int], steps: int) -> list[DrawJob]:

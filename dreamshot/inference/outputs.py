@@ -53,6 +53,13 @@ def to_image(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
+def storyboard_bytes(size: tuple[int, int], shots: int, sheet_images: int) -> int:
+    """About the most a drawn storyboard takes on disk, to check a folder's free space before drawing: its
+    `shots` shot files and a contact sheet of `sheet_images` images, all of `size` (H, W), as uncompressed RGB
+    (PNG is smaller), and 1 MiB for its record and captions."""
+    return 3 * size[0] * size[1] * (shots + sheet_images) + 2**20
+
+
 def save_png(image: Image.Image, path: Path) -> None:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")

@@ -3,6 +3,10 @@
 Notation (one sample): T video tokens in F frames of S tokens, L text tokens per frame, D = heads·head_dim,
 r the LoRA rank, n the tokens a linear reads (F·L for the cross-attention K/V, T otherwise).
 
+Under context parallelism of degree N every count is one GPU's share of the sample: its ⌈T/N⌉ tokens (and its
+frames' texts) through the linears, its queries against all T keys in self-attention (Ulysses: all T × T for
+H/N heads, the same product), its own role rows in the RACL capture.
+
 Forward, per block:
   frozen linear in→out               2·n·in·out
   self-attention QKᵀ and P·V         2·T²·D each -> 4·T²·D (joint over all frames)
@@ -66,15 +70,15 @@ def training_flops(shape: ModelShape, work: Workload) -> Flops:
     backward = dict.fromkeys(COMPONENTS, 0)
     for linear in shape.linears:
         group = _LINEAR_GROUPS[linear.name.split(".")[0]]
-        tokens = work.text_tokens if linear.text else work.tokens
+        tokens = work.rank_text_tokens if linear.text else work.rank_tokens
         frozen = 2 * tokens * linear.in_features * linear.out_features
         forward[group] += frozen
         backward[group] += 0 if linear.text else frozen
         if linear.lora:
             forward[LORA] += lora_forward(linear, tokens, shape.lora_rank)
             backward[LORA] += lora_backward(linear, tokens, shape.lora_rank)
-    forward[SELF_SCORES] = 4 * work.tokens**2 * shape.dim
-    forward[CROSS_SCORES] = 4 * work.tokens * work.text_len * shape.dim
+    forward[SELF_SCORES] = 4 * work.tokens * work.rank_tokens * shape.dim
+    forward[CROSS_SCORES] = 4 * work.rank_tokens * work.text_len * shape.dim
     for scores in (SELF_SCORES, CROSS_SCORES):
         backward[scores] = 5 * forward[scores] // 2
     forward = {name: value * shape.num_layers for name, value in forward.items()}
@@ -99,5 +103,5 @@ def lora_backward(linear: Linear, tokens: int, rank: int) -> int:
 
 def racl_forward(shape: ModelShape, work: Workload) -> int:
     """2·|Q|·S·D logits per target shot and captured block."""
-    per_chunk = 2 * work.racl_queries * work.tokens_per_frame * shape.dim
+    per_chunk = 2 * work.rank_racl_queries * work.tokens_per_frame * shape.dim
     return per_chunk * work.target_frames * work.racl_blocks

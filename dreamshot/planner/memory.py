@@ -26,6 +26,7 @@ role-attention capture (|Q|×S per chunk).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from dreamshot.planner.shape import ModelShape
@@ -119,13 +120,18 @@ def block_saved_bytes(shape: ModelShape, work: Workload, training: Training, fus
     per_text_token = text_norm + 2 * b * dim + lora_text
     per_sample = modulation * modulation_groups(work)
     per_block = (2 * FP32 * dim if b < FP32 else 0) + lora_weights
-    return work.tokens * per_token + work.text_tokens * per_text_token + per_sample + per_block
+    return work.rank_tokens * per_token + work.rank_text_tokens * per_text_token + per_sample + per_block
 
 
 def modulation_groups(work: Workload) -> int:
     """How many timestep modulations a sample carries: one per frame with per-token timesteps (a frame's tokens
-    share its timestep), one with a global timestep."""
-    return work.frames if work.per_token_timestep else 1
+    share its timestep), one with a global timestep. Under context parallelism one GPU's: one per run of
+    gcd(S, its tokens) tokens (`SequenceShard.timesteps`)."""
+    if not work.per_token_timestep:
+        return 1
+    if work.context_parallel == 1:
+        return work.frames
+    return work.rank_tokens // math.gcd(work.tokens_per_frame, work.rank_tokens)
 
 
 def lora_saved_bytes(shape: ModelShape, work: Workload, training: Training) -> tuple[int, int, int]:
@@ -159,9 +165,10 @@ def activation_memory(shape: ModelShape, work: Workload, training: Training) -> 
     """Activation bytes per GPU for a micro-batch, with or without checkpointing as `work` says."""
     b, mb, layers = work.activation_bytes, work.micro_batch, shape.num_layers
     block = block_saved_bytes(shape, work, training)
+    tokens = "T" if work.context_parallel == 1 else f"T/{work.context_parallel}"
     if work.checkpointing:
         items = {
-            "block inputs": Item(layers * work.tokens * shape.dim * b * mb, f"{layers} checkpoints of T×D"),
+            "block inputs": Item(layers * work.rank_tokens * shape.dim * b * mb, f"{layers} checkpoints of {tokens}×D"),
             "one block recomputed": Item(block * mb, "its saved tensors, during backward"),
         }
     else:
@@ -169,10 +176,15 @@ def activation_memory(shape: ModelShape, work: Workload, training: Training) -> 
     items["shared block inputs"] = Item(shared_bytes(shape, work), "timestep modulation, text, RoPE")
     # FlashAttention-style backward: dQ, dK, dV and an fp32 dQ accumulator for one attention at a time.
     items["attention backward"] = Item(
-        (3 * b + FP32) * work.tokens * shape.dim * mb, "fused kernel: dQ, dK, dV + fp32 dQ accum, O(T)"
+        (3 * b + FP32) * work.rank_tokens * shape.dim * mb, f"fused kernel: dQ, dK, dV + fp32 dQ accum, O({tokens})"
     )
     if work.racl_blocks:
-        items["RACL capture"] = Item(racl_bytes(shape, work), f"|Q| = {work.racl_queries} rows × S per chunk, fp32")
+        items["RACL capture"] = Item(
+            racl_bytes(shape, work), f"|Q| = {work.rank_racl_queries} rows × S per chunk, fp32"
+        )
+        if work.context_parallel > 1:
+            # A captured block scores its rows against every rank's keys, gathered while it runs.
+            items["RACL gathered keys"] = Item(work.tokens * shape.dim * b * mb, "all T keys, while a block captures")
     return items
 
 
@@ -182,8 +194,8 @@ def shared_bytes(shape: ModelShape, work: Workload) -> int:
     per token, shared by the micro-batch)."""
     b = work.activation_bytes
     timestep = 7 * shape.dim * b * modulation_groups(work)
-    text = work.text_tokens * (shape.text_dim + shape.dim) * b
-    rope = 2 * FP32 * shape.head_dim * work.tokens
+    text = work.rank_text_tokens * (shape.text_dim + shape.dim) * b
+    rope = 2 * FP32 * shape.head_dim * work.rank_tokens
     return (timestep + text) * work.micro_batch + rope
 
 
@@ -194,10 +206,11 @@ def racl_bytes(shape: ModelShape, work: Workload) -> int:
     against one target shot's S keys, cast to fp32 (S·D·4): fp32 logits and their fp32 softmax, live one chunk at
     a time: |Q|·S·8 + S·D·4. For backward every chunk keeps its softmax and its fp32 keys, (|Q|·S + S·D)·4 per
     target shot, and the block keeps its fp32 query rows — of all captured blocks without checkpointing, of the
-    one block being recomputed with it. `racl.absent_negative` adds one log-sum-exp chunk per reference frame
+    one block being recomputed with it. Under context parallelism |Q| is one GPU's share of the rows.
+    `racl.absent_negative` adds one log-sum-exp chunk per reference frame
     (not counted: off by default).
     """
-    queries, dim, per_frame = work.racl_queries, shape.dim, work.tokens_per_frame
+    queries, dim, per_frame = work.rank_racl_queries, shape.dim, work.tokens_per_frame
     kept_blocks = (1 if work.checkpointing else work.racl_blocks) * work.micro_batch
     live = queries * per_frame * 2 * FP32 + per_frame * dim * FP32
     kept_chunks = (queries * per_frame + per_frame * dim) * FP32 * work.target_frames

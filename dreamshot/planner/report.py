@@ -14,6 +14,9 @@ Assumptions
     Frozen weights: backward forms only activation gradients (2x forward in all; none for the text K/V);
     LoRA: weight + activation gradients (3x forward in all); fused attention backward recomputes QK^T (2.5x).
     Checkpointing adds one recompute of every block's forward.
+  Context parallelism (degree N): each GPU holds ceil(T/N) tokens (the sequence padded to a multiple of N), its
+    frames' texts and its share of the RACL rows; counts are one GPU's. The full-sequence patch embedding and
+    RoPE made before the blocks are split at once and not counted.
   Activations: bf16 compute; each block keeps the tensors listed in planner/memory.py:block_saved_bytes
     (fused CUDA RMSNorm); attention runs in a fused kernel, so no T x T matrix is ever stored.
     LoRA branch: peft casts each adapter's input to the adapter's dtype on its own, so with float32 LoRA in a
@@ -43,17 +46,43 @@ What this cannot know
   - the transient peak of VAE / umT5 encoding before the DiT forward (none with cached latents)."""
 
 
-def render(header: str, shape: ModelShape, phases: list[PhasePlan], gpu_memory_gib: float) -> str:
-    """The full report: header, parameters, one section per phase, assumptions and caveats."""
+def render(
+    header: str,
+    shape: ModelShape,
+    phases: list[PhasePlan],
+    gpu_memory_gib: float,
+    link_gbps: float = 200.0,
+    longest: list[int] | None = None,
+) -> str:
+    """The full report: header, parameters, one section per phase, assumptions and caveats.
+
+    `link_gbps`: GB/s a GPU sends at, for the context-parallel traffic; `longest`: per phase, the most shots that
+    fit `gpu_memory_gib` with the phase's references (printed when given)."""
     sections = [header, parameters_table(shape)]
-    for plan in phases:
-        sections += [
-            f"== {plan.label} ==",
-            tokens_table(plan),
-            flops_table(plan),
-            memory_table(plan, gpu_memory_gib),
-        ]
+    for i, plan in enumerate(phases):
+        sections += [f"== {plan.label} ==", tokens_table(plan), flops_table(plan), memory_table(plan, gpu_memory_gib)]
+        if plan.communication:
+            sections.append(communication_table(plan, link_gbps))
+        if longest is not None:
+            sections.append(longest_line(plan, longest[i], gpu_memory_gib))
     return "\n\n".join([*sections, ASSUMPTIONS, CANNOT_KNOW]) + "\n"
+
+
+def communication_table(plan: PhasePlan, link_gbps: float) -> str:
+    """What one GPU sends per micro-batch for context parallelism, and how long that takes at `link_gbps`."""
+    lines = [f"{f'Context parallel {plan.work.context_parallel}: sent per GPU step':<44}{'GiB':>11}{'seconds':>11}"]
+    for name, sent in {**plan.communication, "total": sum(plan.communication.values())}.items():
+        lines.append(f"  {name:<42}{sent / GIB:>11.3f}{sent / (link_gbps * 1e9):>11.3f}")
+    lines.append(f"  at {link_gbps:g} GB/s per GPU, none of it overlapped with compute")
+    return "\n".join(lines)
+
+
+def longest_line(plan: PhasePlan, shots: int, gpu_memory_gib: float) -> str:
+    refs = plan.work.frames - plan.work.target_frames
+    setup = f"{plan.training.world_size} GPU(s), context parallel {plan.work.context_parallel}"
+    if shots == 0:
+        return f"Longest storyboard in {gpu_memory_gib:g} GiB ({setup}): none, not even 1 shot + {refs} references"
+    return f"Longest storyboard in {gpu_memory_gib:g} GiB ({setup}): {shots} shots + {refs} references"
 
 
 def parameters_table(shape: ModelShape) -> str:
@@ -80,6 +109,14 @@ def tokens_table(plan: PhasePlan) -> str:
             f"  {'video tokens':<32}{work.tokens:>9,}  ({work.frames} frames x {work.tokens_per_frame:,} per frame)",
             f"  {'text tokens':<32}{work.text_tokens:>9,}  ({work.frames} frames x {work.text_len}, each frame "
             "attends to its own)",
+            *(
+                [
+                    f"  {'video tokens per GPU':<32}{work.rank_tokens:>9,}  (context parallel {work.context_parallel}, "
+                    f"padded by {work.rank_tokens * work.context_parallel - work.tokens})"
+                ]
+                if work.context_parallel > 1
+                else []
+            ),
         ]
     )
 

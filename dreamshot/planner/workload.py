@@ -36,6 +36,8 @@ class Workload:
     # Role-attention capture: blocks captured (0: RACL off) and |Q|, the query rows of one capture chunk.
     racl_blocks: int = 0
     racl_queries: int = 0
+    # Context-parallel degree N: the sample's tokens are split over N GPUs (dreamshot/models/wan/context_parallel.py).
+    context_parallel: int = 1
 
     @property
     def tokens(self) -> int:
@@ -46,6 +48,24 @@ class Workload:
     def text_tokens(self) -> int:
         """F·L: text tokens per sample (every frame attends to its own L)."""
         return self.frames * self.text_len
+
+    @property
+    def rank_tokens(self) -> int:
+        """The video tokens one GPU of the CP group holds: ⌈T / N⌉ (the sequence padded to a multiple of N)."""
+        return -(-self.tokens // self.context_parallel)
+
+    @property
+    def rank_text_tokens(self) -> int:
+        """The text tokens one GPU reads: the texts of the frames its tokens touch (one more than its share of
+        frames when its tokens start inside a frame), at most all F·L."""
+        if self.context_parallel == 1:
+            return self.text_tokens
+        return min(self.frames, -(-self.rank_tokens // self.tokens_per_frame) + 1) * self.text_len
+
+    @property
+    def rank_racl_queries(self) -> int:
+        """|Q| rows of one capture chunk on one GPU: each scores its own source tokens."""
+        return -(-self.racl_queries // self.context_parallel)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Stages run in order over all videos (one progress bar each); a video goes on to the next stage while it
 keeps something. Each (video, stage) result is stored in a state file (`dreamshot.prepare.state`) and read
 back instead of recomputed when its inputs are unchanged, so an interrupted run resumes where it stopped
-and a finished one costs nothing to rerun (it first deletes the temporary files a killed run left). A stage
+and a finished one costs nothing to rerun (it first deletes the temporary files a killed run left). Before
+anything is decoded, the output folder's disk is checked for what the videos may give (`space.py`). A stage
 that no video gets through ends the run with a DataError (there would be no groups); its results are stored
 only once a video has got through it, so a folder with no readable video leaves nothing behind. At the end
 the output folder holds:
@@ -30,10 +31,11 @@ from dreamshot.prepare import curation, grouping, keyframes, quality, roles, sho
 from dreamshot.prepare.backends import Backends, build_backends
 from dreamshot.prepare.config import PrepareConfig
 from dreamshot.prepare.report import REPORT_NAME, StageCounts, write_report
+from dreamshot.prepare.space import prepare_bytes
 from dreamshot.prepare.stage import VideoJob
 from dreamshot.prepare.state import StateStore, digest
 from dreamshot.utils.errors import DataError
-from dreamshot.utils.io import atomic_write_text, remove_stale_temporaries
+from dreamshot.utils.io import atomic_write_text, check_output_dir, folder_bytes, remove_stale_temporaries
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts")
 MANIFEST_NAME = "manifest.jsonl"
@@ -97,6 +99,9 @@ def prepare(
     """Run every stage over the videos of `videos_dir` into `out_dir` (see the module docstring)."""
     out_dir = Path(out_dir).absolute()
     jobs = find_videos(Path(videos_dir), out_dir)
+    # Before a model is built or a video decoded; what the folder holds (a resumed run) is not written again.
+    need = prepare_bytes(jobs, cfg) - folder_bytes(out_dir)
+    check_output_dir(out_dir, "--out", need, f"the keyframes, masks and references of {len(jobs)} videos")
     backends = backends or build_backends(cfg)
     _remove_stale_temporaries(out_dir)
     store = StateStore(out_dir)

@@ -3,7 +3,8 @@
 A run folder is a training run (`config.yaml`, `summary.json`, CSV or offline W&B logs, written by
 `dreamshot train`) or an evaluation (`results.json`, written by `dreamshot eval`); a training run's own
 evaluations are looked for in `<run>/eval/*/results.json`. A group is a folder of run folders: a sweep's
-members land in `outputs/<experiment>/<member>`.
+members land in `outputs/<experiment>/<member>`. Its files are read by the rule of every text file a user may
+have edited (`dreamshot.utils.text`: encodings, duplicate YAML keys).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dreamshot.inference.loading import RUN_CONFIG
 from dreamshot.report.history import last_value, read_curves
 from dreamshot.training.callbacks import SUMMARY_FILE
 from dreamshot.utils.errors import ConfigError, DataError
+from dreamshot.utils.text import read_text, read_yaml_file
 
 EVAL_DIR = "eval"
 # Training diagnostics a report compares when a run has no evaluation results (DESIGN §2, RACL).
@@ -101,7 +103,7 @@ def read_run(folder: Path, member_overrides: dict[str, list[str]] | None = None)
     if not config and member_overrides and name in member_overrides:
         config = parse_overrides(member_overrides[name])
     summary = folder / SUMMARY_FILE
-    steps = json.loads(summary.read_text())["steps"] if summary.is_file() else None
+    steps = _read_json(summary, "run summary")["steps"] if summary.is_file() else None
     evals = [_read_eval(path) for path in _results_files(folder)]
     return RunRecord(name, folder, config, read_curves(folder), evals, steps)
 
@@ -152,11 +154,17 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        body = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: not valid yaml ({str(e).splitlines()[0]})") from None
+    body = read_yaml_file(path, "run config") or {}
+    if not isinstance(body, dict):
+        raise DataError(f"{path}: a run config is a mapping of config keys, got a {type(body).__name__}")
     return flatten(body)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: {what} is not valid JSON ({e})") from None
 
 
 def _results_files(folder: Path) -> list[Path]:
@@ -165,12 +173,12 @@ def _results_files(folder: Path) -> list[Path]:
 
 
 def _read_eval(path: Path) -> EvalRecord:
+    body = _read_json(path, "results file")
     try:
-        body = json.loads(path.read_text())
         values = {name: float(m["value"]) for name, m in body["metrics"].items() if "value" in m}
         per_story = {story: dict(v) for story, v in body.get("per_story", {}).items()}
         story_shots = {story: int(n) for story, n in body.get("story_shots", {}).items()}
         benchmark, mode = body["benchmark"], body["mode"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: not a results file of `dreamshot eval` ({type(e).__name__}: {e})") from None
     return EvalRecord(path, benchmark, mode, values, per_story, story_shots)

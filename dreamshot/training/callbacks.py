@@ -1,5 +1,5 @@
 """Training callbacks: LoRA export (every format) at the end of training, a loss summary people can read, the
-step checkpoints, and the checkpoint saved when the user interrupts training."""
+step checkpoints, and the checkpoint saved when the user or a scheduler stops training."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -28,7 +29,7 @@ from dreamshot.models.wan.lora_formats import (
     lora_modules,
     unwritable_modules,
 )
-from dreamshot.utils.errors import ConfigError, Interrupted
+from dreamshot.utils.errors import ConfigError, Interrupted, Terminated
 from dreamshot.utils.io import atomic_path, atomic_write_text
 from dreamshot.viz.role_masks import role_mask_sheet
 
@@ -207,37 +208,53 @@ class StepCheckpoints(ModelCheckpoint):
 
 
 class SaveOnInterrupt(Checkpoint):
-    """Ctrl-C (SIGINT) while training: the optimiser step under way finishes, `last.ckpt` is saved, and the run
-    stops with `Interrupted` naming the step, so no work since the previous checkpoint is lost and
-    `trainer.ckpt_path=last` continues as if the run had never stopped. A second Ctrl-C stops at once.
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption or time limit, `scancel`, Kubernetes) while training:
+    the optimiser step under way finishes (every micro-batch of it), `last.ckpt` is saved, and the run stops with
+    `Interrupted` (status 130) or `Terminated` (143) naming the step, so no work since the previous checkpoint is
+    lost and `trainer.ckpt_path=last` continues as if the run had never stopped. A second signal goes to the
+    handler that was there before: a second Ctrl-C stops at once, a second SIGTERM at the end of the batch
+    (Lightning's; `train.fit` names the last checkpoint).
+
+    For the steps, SIGTERM is taken from Lightning's own handler (restored after), which would stop at the end of
+    the batch under way, mid-accumulation too, without a checkpoint, and exit with status 0; one it caught
+    (`trainer.received_sigterm`: before training started, or a second one) is taken at the next step. Lightning's
+    SLURM auto-requeue (on SIGUSR1, when the job asks for it: an `hpc_ckpt_N.ckpt` and `scontrol requeue`) is
+    left as it is; docs/multinode.md says how the two meet.
 
     A `Checkpoint` so that Lightning runs it after `StepCheckpoints` at the same step; every rank takes the
     decision together (a rank may be the only one signalled), since saving a checkpoint is collective.
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self, last_checkpoint: Path) -> None:
         self.path = Path(last_checkpoint)
-        self.requested = False
-        self._previous_handler = None
+        self.received: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
         self._step: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step = trainer.global_step
         if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGINT, self._request)
+            self._previous_handlers = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
 
     def _request(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous_handler)
+        self.received = self.received or signum
+        signal.signal(signum, self._previous_handlers[signum])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         stepped, self._step = trainer.global_step != self._step, trainer.global_step
-        if not stepped or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        # A SIGTERM Lightning's handler caught counts as one of ours.
+        signum = self.received or (signal.SIGTERM if trainer.received_sigterm else None)
+        if not stepped or not trainer.strategy.reduce_boolean_decision(signum is not None, all=False):
             return
+        # A rank that was not signalled says what the others were sent.
+        terminated = trainer.strategy.reduce_boolean_decision(signum == signal.SIGTERM, all=False)
         trainer.save_checkpoint(self.path, weights_only=False)
-        raise Interrupted(
-            f"interrupted at step {trainer.global_step}: saved {self.path}; continue with trainer.ckpt_path=last"
-        )
+        kept = f"at step {trainer.global_step}: saved {self.path}; continue with trainer.ckpt_path=last"
+        if terminated:
+            raise Terminated(f"terminated (SIGTERM) {kept}")
+        raise Interrupted(f"interrupted {kept}")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
@@ -246,6 +263,6 @@ class SaveOnInterrupt(Checkpoint):
         self._restore()
 
     def _restore(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}

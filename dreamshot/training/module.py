@@ -23,6 +23,7 @@ from dreamshot.diffusion.flow_matching import (
 from dreamshot.diffusion.racl import attention_shares, build_role_plan, racl_loss, stack_plans, token_grid_masks
 from dreamshot.inference.loading import load_lora, read_lora, with_lora
 from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.models.wan.context_parallel import ContextParallel
 from dreamshot.models.wan.role_capture import RoleCapture
 from dreamshot.training.guards import TrainingDivergedError, describe, drop_gradients, finite_gradients
 from dreamshot.training.schedule import lr_factor
@@ -56,6 +57,10 @@ class DreamShotModule(L.LightningModule):
         self._negative_text: torch.Tensor | None = None
         self.nonfinite_skips = 0
         self._last_losses: dict[str, torch.Tensor] = {}
+
+    def setup(self, stage: str) -> None:
+        # The strategy has started the processes and built the context-parallel groups by now.
+        self.adapter.context_parallel = getattr(self.trainer.strategy, "context_parallel", ContextParallel())
 
     @property
     def racl_weight(self) -> float:
@@ -160,8 +165,10 @@ class DreamShotModule(L.LightningModule):
         return self._negative_text
 
     def _step_randomness(self, step: str) -> tuple[random.Random, torch.Generator]:
-        """Randomness derived from (seed, step, rank) only, so a resumed run redraws the same values."""
-        key = f"{self.cfg.seed}-{step}-{self.global_rank}"
+        """Randomness derived from (seed, step, data-parallel rank) only, so a resumed run redraws the same values
+        and the ranks of a context-parallel group draw the same."""
+        sharding = self._trainer.distributed_sampler_kwargs if self._trainer is not None else None
+        key = f"{self.cfg.seed}-{step}-{sharding['rank'] if sharding else 0}"
         rng = random.Random(key)
         generator = torch.Generator(device=self.device).manual_seed(rng.getrandbits(63))
         return rng, generator

@@ -1,8 +1,9 @@
 """Resuming a run (`trainer.ckpt_path`): the checkpoint is read and checked against the config before anything is
 written, so a refused resume leaves the run it refused exactly as it was.
 
-- `last` is the output folder's own `checkpoints/last.ckpt` (file or DeepSpeed folder); without one the run
-  starts fresh, so one command line both starts a run and resumes it (a requeued cluster job).
+- `last` is the output folder's own `checkpoints/last.ckpt` (file or DeepSpeed folder), else the newest
+  `hpc_ckpt_N.ckpt` Lightning's SLURM auto-requeue saved into the folder (docs/multinode.md); without either the
+  run starts fresh, so one command line both starts a run and resumes it (a requeued cluster job).
 - A LoRA `.safetensors` file, a folder that is not a DeepSpeed checkpoint, a truncated or foreign file: one line.
 - The config may differ from the checkpoint's only in `RESUME_SAFE_KEYS`, and in curriculum phases not started
   yet (the current phase may change its length, not below the steps it has done). Any other change would make
@@ -13,6 +14,7 @@ written, so a refused resume leaves the run it refused exactly as it was.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,9 @@ from dreamshot.utils.errors import ConfigError, WeightsError
 LAST = "last"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+# Lightning's SLURM auto-requeue saves these into the run folder (on SIGUSR1) and, left alone, would resume the
+# newest itself, unchecked, when a job starts without a checkpoint path.
+HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
 # Keys a resumed run may change: they name or place the run, say when to log, validate or checkpoint, how to
 # execute the same computation, or what is drawn and scored; none changes a training step. A key ending in "."
 # stands for every key under it.
@@ -76,8 +81,15 @@ def resume_path(cfg: Config, out: Path) -> Path | None:
         return None
     if given == LAST:
         last = out / CHECKPOINT_DIR / LAST_CHECKPOINT
-        return last if last.exists() else None
+        requeued = hpc_checkpoints(out)
+        return last if last.exists() else (requeued[-1] if requeued else None)
     return Path(given)
+
+
+def hpc_checkpoints(out: Path) -> list[Path]:
+    """The `hpc_ckpt_N.ckpt` files of Lightning's SLURM auto-requeue in the run folder `out`, oldest first."""
+    found = [(match, path) for path in out.glob("hpc_ckpt_*.ckpt") if (match := HPC_CHECKPOINT.fullmatch(path.name))]
+    return [path for match, path in sorted(found, key=lambda item: int(item[0].group(1)))]
 
 
 def read_resume(path: Path, cfg: Config) -> Resume:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamshot.training.callbacks import EXPORT_FILES, SUMMARY_FILE
-from dreamshot.training.resume import CHECKPOINT_DIR, Resume
+from dreamshot.training.resume import CHECKPOINT_DIR, Resume, hpc_checkpoints
 from dreamshot.utils.errors import DreamShotError
 from dreamshot.utils.io import atomic_write_text
 
@@ -98,9 +98,11 @@ def _alive(pid: int) -> bool:
 
 
 def run_contents(out: Path) -> list[str]:
-    """What of a training run `out` holds: its checkpoint files or folders and exported LoRA files."""
+    """What of a training run `out` holds: its checkpoint files or folders (Lightning's SLURM requeue ones too)
+    and exported LoRA files."""
     checkpoints = out / CHECKPOINT_DIR
     found = sorted(f"{CHECKPOINT_DIR}/{p.name}" for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
+    found += [path.name for path in hpc_checkpoints(out)]
     return found + [name for name in EXPORT_FILES.values() if (out / name).exists()]
 
 
@@ -122,6 +124,8 @@ def check_fresh_start(out: Path, resume: Resume | None, overwrite: bool) -> None
 def clear_run(out: Path) -> None:
     """Delete a run's checkpoints, LoRA files, summary and resume log (`trainer.overwrite`)."""
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    for path in hpc_checkpoints(out):
+        path.unlink()
     for name in [*EXPORT_FILES.values(), SUMMARY_FILE, RESUME_LOG]:
         (out / name).unlink(missing_ok=True)
 

@@ -52,7 +52,8 @@ class SampleStoryboard(L.Callback):
         adapter.eval()
         try:
             seed, steps = self.cfg.inference.seed, self.cfg.trainer.sample.steps
-            result = StoryboardPipeline(adapter, self.cfg)(request, seed=seed, steps=steps, progress=False)
+            with adapter.alone():  # rank 0 draws by itself, also under context parallelism
+                result = StoryboardPipeline(adapter, self.cfg)(request, seed=seed, steps=steps, progress=False)
         finally:
             adapter.train(was_training)
         references = [] if request.references is None else [to_image((r + 1) / 2) for r in request.references]

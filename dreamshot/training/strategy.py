@@ -10,6 +10,13 @@ default on GPUs, ZeRO-3 available; DDP for GPUs or CPUs).
 - `auto`: Lightning's choice (one device: no strategy).
 The names and the rules they must obey (DeepSpeed needs CUDA GPUs) are checked when the config loads
 (`config/schema.py`).
+
+The DDP and DeepSpeed strategies host the context-parallel groups (`trainer.context_parallel`): once they have
+started the processes they build the (dp, ring, ulysses) `DeviceMesh` of `models/wan/context_parallel.py`, the
+module hands its group to the adapter, and the data sampler and the per-step randomness follow the data-parallel
+rank (`distributed_sampler_kwargs`, as Lightning's own mesh strategies report it), so the ranks of a group train on
+the same storyboard. Gradients are still averaged over every rank, which is what context parallelism needs (see
+its module docstring).
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import lightning as L
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 from torch import nn
 
-from dreamshot.config.schema import TrainerConfig
+from dreamshot.config.schema import ContextParallelConfig, TrainerConfig
+from dreamshot.models.wan.context_parallel import ContextParallel, build_mesh
 from dreamshot.planner.workload import zero_stage
 
 # Elements per DeepSpeed reduce / all-gather bucket (Lightning's default is 2e8). With overlap_comm DeepSpeed keeps
@@ -38,6 +46,7 @@ def build_strategy(trainer: TrainerConfig, micro_batch: int) -> Strategy | str:
     stage = zero_stage(trainer.strategy)
     if stage:
         strategy = LoraDeepSpeedStrategy(
+            trainer.context_parallel,
             stage=stage,
             exclude_frozen_parameters=True,
             allgather_bucket_size=DEEPSPEED_BUCKET_ELEMENTS,
@@ -50,7 +59,8 @@ def build_strategy(trainer: TrainerConfig, micro_batch: int) -> Strategy | str:
         strategy.config["train_micro_batch_size_per_gpu"] = micro_batch
         return strategy
     if trainer.strategy in DDP_START_METHODS:
-        return DDPStrategy(
+        return ContextParallelDDPStrategy(
+            trainer.context_parallel,
             start_method=DDP_START_METHODS[trainer.strategy],
             # Every LoRA weight is used in every step (all modes run every block), so DDP need not search the
             # graph for unused ones.
@@ -63,8 +73,35 @@ def build_strategy(trainer: TrainerConfig, micro_batch: int) -> Strategy | str:
     return trainer.strategy
 
 
-class LoraDeepSpeedStrategy(DeepSpeedStrategy):
-    """DeepSpeed whose checkpoints hold the trainable (LoRA) weights of the module and nothing frozen.
+class HostsContextParallel:
+    """Mixin for a DDP-family strategy: the context-parallel groups of `config`, built once the processes run."""
+
+    def __init__(self, config: ContextParallelConfig, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.context_parallel_config = config
+        self.context_parallel = ContextParallel()
+
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        config = self.context_parallel_config
+        if config.degree > 1:
+            mesh = build_mesh(self.world_size, config.degree, config.attention, self.root_device.type)
+            self.context_parallel = ContextParallel.from_mesh(mesh, config.attention, self.root_device)
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, int]:
+        """The data-parallel replicas and this rank's: a context-parallel group is one replica."""
+        degree = self.context_parallel_config.degree
+        return {"num_replicas": self.world_size // degree, "rank": self.global_rank // degree}
+
+
+class ContextParallelDDPStrategy(HostsContextParallel, DDPStrategy):
+    """Lightning's DDP, hosting the context-parallel groups."""
+
+
+class LoraDeepSpeedStrategy(HostsContextParallel, DeepSpeedStrategy):
+    """DeepSpeed whose checkpoints hold the trainable (LoRA) weights of the module and nothing frozen, hosting the
+    context-parallel groups.
 
     `exclude_frozen_parameters` drops the frozen weights that `named_parameters()` lists, but a frozen weight
     that is a tied alias of another slips through (umT5's `encoder.embed_tokens` is its `shared` embedding:

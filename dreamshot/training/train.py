@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import secrets
@@ -15,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
 from dreamshot.config.load import check_weights, to_yaml
@@ -23,6 +25,7 @@ from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.eval.callback import eval_callbacks
 from dreamshot.inference.loading import read_lora, with_lora
 from dreamshot.models.wan.lora_formats import lora_modules
+from dreamshot.planner.plan import shot_window
 from dreamshot.planner.workload import zero_stage
 from dreamshot.training.callbacks import (
     EXPORT_FILES,
@@ -51,7 +54,8 @@ from dreamshot.training.resume import (
 from dreamshot.training.run_folder import RunLock, check_fresh_start, clear_run, record_resume
 from dreamshot.training.samples import SampleStoryboard
 from dreamshot.training.strategy import build_strategy
-from dreamshot.utils.errors import ConfigError, DreamShotError
+from dreamshot.utils.devices import require_cuda
+from dreamshot.utils.errors import DreamShotError, Terminated
 from dreamshot.utils.io import atomic_write_text, check_output_dir, remove_stale_temporaries
 
 STEP_CHECKPOINT = "step{step:06d}"
@@ -134,7 +138,13 @@ def preflight(cfg: Config, out: Path, launcher: bool) -> tuple[Resume | None, St
     check_output_dir(out, "output_dir")
     # Without a curriculum an epoch is a data pass, so raising max_steps extends a run with the same data stream.
     datamodule = StoryboardDataModule(
-        cfg.data, out, cfg.seed, cfg.curriculum, cfg.trainer.accumulate_grad_batches, model=cfg.model
+        cfg.data,
+        out,
+        cfg.seed,
+        cfg.curriculum,
+        cfg.trainer.accumulate_grad_batches,
+        model=cfg.model,
+        shot_window=functools.partial(shot_window, cfg),
     )
     if cfg.data.manifest is not None:  # a toy world is checked as it is written
         datamodule.prepare_data()
@@ -159,32 +169,39 @@ def fit(
     resume: Resume | None,
     out: Path,
 ) -> None:
-    """`trainer.fit`; a disk that fills up is one line with the last checkpoint written whole."""
+    """`trainer.fit`; a disk that fills up, or a SIGTERM Lightning's handler stops the fit for (one before the
+    first step or a second one: `SaveOnInterrupt`), is one line with the last checkpoint written whole."""
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else resume.path)
+    except SIGTERMException:
+        raise Terminated(
+            f"terminated (SIGTERM) at step {trainer.global_step}: {_intact(trainer)}; continue with "
+            "trainer.ckpt_path=last"
+        ) from None
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        saved = trainer.strategy.checkpoint_io.last_saved_step
-        kept = f"checkpoints up to step {saved} intact" if saved is not None else "earlier checkpoints intact"
         raise DreamShotError(
-            f"no space left on the disk of output_dir {out} at step {trainer.global_step}: {kept}; free space and "
-            "continue with trainer.ckpt_path=last"
+            f"no space left on the disk of output_dir {out} at step {trainer.global_step}: {_intact(trainer)}; free "
+            "space and continue with trainer.ckpt_path=last"
         ) from None
+
+
+def _intact(trainer: L.Trainer) -> str:
+    saved = trainer.strategy.checkpoint_io.last_saved_step
+    return f"checkpoints up to step {saved} intact" if saved is not None else "earlier checkpoints intact"
 
 
 def check_accelerator(trainer: TrainerConfig) -> None:
     """`trainer.accelerator=gpu` needs as many CUDA devices as `trainer.devices` on this machine."""
     if trainer.accelerator not in ("gpu", "cuda"):
         return
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if available < trainer.devices:
-        found = "no CUDA device" if available == 0 else f"{available} CUDA devices"
-        raise ConfigError(
-            f"trainer.accelerator={trainer.accelerator} with trainer.devices={trainer.devices}, but this machine has "
-            f"{found}: use trainer=cpu (or fewer trainer.devices)",
-            key="trainer.accelerator",
-        )
+    require_cuda(
+        trainer.devices,
+        f"trainer.accelerator={trainer.accelerator} with trainer.devices={trainer.devices}",
+        "use trainer=cpu (or fewer trainer.devices)",
+        key="trainer.accelerator",
+    )
 
 
 def lora_parameters(module: DreamShotModule) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
 """User-facing errors: the CLI prints them as one line and exits with their `exit_status` (no traceback):
-2 for a fault in the input, 130 for a command the user interrupted."""
+2 for a fault in the input, 130 for a command the user interrupted, 143 for one a scheduler terminated."""
 
 
 class DreamShotError(Exception):
@@ -33,3 +33,10 @@ class Interrupted(DreamShotError):
     """The user stopped a command (Ctrl-C); the message says what was kept and how to continue."""
 
     exit_status = 130
+
+
+class Terminated(Interrupted):
+    """A command stopped by SIGTERM (a scheduler's preemption or time limit, `scancel`, Kubernetes). 143 = 128 + 15,
+    the status of a process SIGTERM ends, which schedulers and shells read as terminated, not as success."""
+
+    exit_status = 143

@@ -54,6 +54,12 @@ def current_umask() -> int:
     return umask
 
 
+def folder_bytes(path: str | os.PathLike) -> int:
+    """The size of the files under `path` (0 for none): what a resumed command keeps instead of writing again."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
 def check_output_dir(path: str | os.PathLike, what: str, need_bytes: int = 0, need_what: str = "its files") -> None:
     """Raise a DreamShotError naming `what` (the option or key, e.g. "--out") unless the folder `path`, which
     need not exist yet, can be created or written and its disk has `need_bytes` free for `need_what`. Creates

@@ -218,6 +218,7 @@ def write_videos() -> None:
     shutil.rmtree(VIDEOS, ignore_errors=True)
     for folder in ("no_videos", "not_a_video", "zero_bytes", "truncated", "audio_only", "duplicate_ids"):
         (VIDEOS / folder).mkdir(parents=True)
+    write_valid_video()
     (VIDEOS / "no_videos" / "notes.txt").write_text("no video here\n")
     (VIDEOS / "not_a_video" / "clip.mp4").write_text("this is text, not an MP4\n")
     (VIDEOS / "zero_bytes" / "clip.mp4").write_bytes(b"")
@@ -228,6 +229,11 @@ def write_videos() -> None:
     write_audio_only(VIDEOS / "audio_only" / "clip.mp4")
     (VIDEOS / "duplicate_ids" / "clip.mp4").write_text("one\n")
     (VIDEOS / "duplicate_ids" / "clip.mkv").write_text("two\n")
+
+
+def write_valid_video() -> None:
+    """`videos/valid/`: one readable toy video (for faults of the output folder rather than of the videos)."""
+    render_toy_video(VIDEOS / "valid" / "clip.mp4", scenes=1, size=(32, 48))
 
 
 def write_audio_only(path: Path) -> None:

@@ -6,7 +6,8 @@ The trainer, the pipeline and the metrics talk to it in storyboard terms — ima
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -17,10 +18,11 @@ from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.attention import CrossAttentionText, cross_attention_text, use_shotwise_cross_attention
 from dreamshot.models.wan.block_cache import CacheContext, block_cache
 from dreamshot.models.wan.build import build_components
+from dreamshot.models.wan.context_parallel import ContextParallel
 from dreamshot.models.wan.forward import compile_blocks, run_block, storyboard_forward, use_frame_modulation
 from dreamshot.models.wan.latents import decode_in_context, encode_references, encode_shots
 from dreamshot.models.wan.lora import apply_lora, load_lora_state_dict, lora_state_dict
-from dreamshot.models.wan.role_capture import RoleCapture, use_role_capture
+from dreamshot.models.wan.role_capture import RoleCapture, use_role_capture, use_storyboard_self_attention
 from dreamshot.models.wan.rope import storyboard_rotary_emb
 from dreamshot.models.wan.text import encode_texts
 
@@ -45,10 +47,14 @@ class WanAdapter(nn.Module):
         self.tokenizer = parts.tokenizer
         use_shotwise_cross_attention(self.transformer, cfg.text_len)
         use_frame_modulation(self.transformer)
+        use_storyboard_self_attention(self.transformer)
         use_role_capture(self.transformer, capture_blocks or [])
         apply_lora(self.transformer, cfg.lora)
         if compiled:
             compile_blocks(self.transformer)
+        # The group this process shares each storyboard with (set once the processes are started: the training
+        # strategy's mesh, or torchrun's for sampling); degree 1 until then.
+        self.context_parallel = ContextParallel()
 
     @classmethod
     def seeded(cls, cfg: ModelConfig, seed: int, **kwargs) -> WanAdapter:
@@ -141,6 +147,7 @@ class WanAdapter(nn.Module):
             raise ValueError(f"layout has {layout.num_frames} frames, latents {frames}, texts {text.shape[1]}")
         if rotary is None:
             rotary = self.rotary_emb(layout, (height, width), latents.device)
+        _, p_h, p_w = self.patch_size
         return storyboard_forward(
             self.transformer,
             latents,
@@ -149,7 +156,18 @@ class WanAdapter(nn.Module):
             rotary,
             gradient_checkpointing=self.gradient_checkpointing,
             block_runner=capture.runner if capture is not None else run_block,
+            shard=self.context_parallel.shard(frames, (height // p_h) * (width // p_w)),
         )
+
+    @contextmanager
+    def alone(self) -> Iterator[WanAdapter]:
+        """This process draws whole storyboards by itself for a while (a sample drawn on rank 0 during training,
+        while the other ranks of its context-parallel group train on)."""
+        group, self.context_parallel = self.context_parallel, ContextParallel()
+        try:
+            yield self
+        finally:
+            self.context_parallel = group
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         return lora_state_dict(self.transformer)

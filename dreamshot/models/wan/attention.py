@@ -9,6 +9,10 @@ A frame's text keys and values depend on its text alone, not on the video tokens
 computes them once per storyboard (`cross_attention_text`: the condition embedder's text projection, then every
 block's K/V projections, for each distinct frame text) and every forward of every step picks its frames' rows
 (`CrossAttentionText.select`): the same arithmetic on the same rows, so the same output within float rounding.
+
+Under context parallelism a rank holds a run of tokens that may start and end inside a frame, and the texts of
+the frames it touches; its queries are placed in those whole frames (`SequenceShard.whole_frames`) and attend
+to their own frame's text as above: no communication.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from dreamshot.models.wan.context_parallel import WHOLE_SEQUENCE
 
 
 def _per_frame(length: int, num_frames: int) -> int:
@@ -142,13 +148,15 @@ class ShotwiseCrossAttnProcessor:
 
     Same call signature and projections as diffusers' `WanAttnProcessor`; only the attention itself is
     shot-wise. The text sequence is F frames of `text_len` tokens; F is read from its length at each call, so
-    one instance serves every block and every storyboard size (it holds no per-call state).
+    one instance serves every block and every storyboard size; its only per-call state is the `shard` a block
+    runner binds for the duration of a block call.
     """
 
     def __init__(self, text_len: int) -> None:
         if text_len < 1:
             raise ValueError(f"text_len must be positive, got {text_len}")
         self.text_len = text_len
+        self.shard = WHOLE_SEQUENCE
 
     def __call__(
         self,
@@ -166,12 +174,13 @@ class ShotwiseCrossAttnProcessor:
         self.check_module(attn)
         if encoder_hidden_states is None or attention_mask is not None or rotary_emb is not None:
             raise ValueError("shot-wise cross-attention needs text states and takes no mask or rotary emb")
-        text = encoder_hidden_states
-        if not isinstance(text, TextKV):
-            text = text_key_value(attn, text, self.num_frames(text.shape[1], hidden_states.shape[1]))
 
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        hidden_states = _attend_folded(query, text).flatten(2, 3).type_as(query)
+        query, restore = self.shard.whole_frames(query)
+        text = encoder_hidden_states
+        if not isinstance(text, TextKV):
+            text = text_key_value(attn, text, self.num_frames(text.shape[1], query.shape[1]))
+        hidden_states = restore(_attend_folded(query, text)).flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
 

@@ -14,7 +14,11 @@ diffusers' forward cannot take as arguments:
 - the block loop is ours, so a block can be wrapped (role-attention capture) and checkpointed as a unit;
 - the text may come as its cross-attention keys and values, projected once per storyboard by a sampler
   (`CrossAttentionText`): the condition embedder then runs its time part alone and every block gets its own;
-- nothing is stored on the modules between calls.
+- nothing is stored on the modules between calls;
+- under context parallelism (`context_parallel.py`) the blocks run on this rank's share of the tokens: the
+  `SequenceShard` slices the tokens, timesteps, texts and RoPE before the blocks, binds itself to the blocks'
+  attention processors, and gathers the prediction after the output head (with degree 1 all of it is the
+  identity).
 With Wan's own positions and a global timestep it equals diffusers' forward (tests/test_wan_forward.py).
 """
 
@@ -28,6 +32,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dreamshot.models.wan.attention import CrossAttentionText
+from dreamshot.models.wan.context_parallel import ContextParallel, SequenceShard
 
 # (block index, block, hidden (B, T, D), text (B, L_total, D) or the block's TextKV, temb, rotary_emb) -> (B, T, D)
 BlockRunner = Callable[[int, torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, tuple], torch.Tensor]
@@ -109,6 +114,7 @@ def storyboard_forward(
     rotary_emb: tuple[torch.Tensor, torch.Tensor],
     gradient_checkpointing: bool = False,
     block_runner: BlockRunner = run_block,
+    shard: SequenceShard | None = None,
 ) -> torch.Tensor:
     """Velocity prediction for a storyboard latent sequence.
 
@@ -119,7 +125,8 @@ def storyboard_forward(
     text: (B, F·L, D_text) — every frame's own text embedding, frames in sequence order; or its cross-attention
     keys and values (`CrossAttentionText` with the B × F frames selected).
     rotary_emb: (cos, sin), each (1, T, 1, head_dim).
-    Returns (B, C_out, F, h, w).
+    shard: this rank's share of the tokens (`ContextParallel.shard`); None: all of them.
+    Returns (B, C_out, F, h, w), the whole sequence on every rank.
     """
     batch, _, frames, height, width = latents.shape
     p_t, p_h, p_w = transformer.config.patch_size
@@ -130,13 +137,19 @@ def storyboard_forward(
         raise ValueError(f"{timesteps.shape[1]} timesteps per sample cannot split {tokens} tokens into equal groups")
     if grouped and timesteps.shape[1] < tokens and not uses_frame_modulation(transformer):
         raise ValueError("timesteps per group of tokens need the blocks of use_frame_modulation(transformer)")
+    shard = shard or ContextParallel().shard(grid[0], grid[1] * grid[2])
 
-    # 1. Patchify to tokens (B, T, D).
-    hidden = transformer.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+    # 1. Patchify to tokens (B, T, D); this rank's share of them and of everything per token or per frame.
+    hidden = shard.tokens(transformer.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous())
+    projected = isinstance(text, CrossAttentionText)
+    # Projected text is sliced by its frames' indices (B, F): one "token" of text per frame.
+    text = text.select(shard.text(text.frames)) if projected else shard.text(text)
+    timesteps = shard.timesteps(timesteps)
+    rotary_emb = tuple(shard.tokens(x) for x in rotary_emb)
+    block_runner = shard.runner(block_runner)
 
     # 2. Time and text conditioning: one (6, D) modulation per sample, or per group of tokens. Text already projected
     # to keys and values is not embedded again: the embedder gets zero text tokens, so only its time part runs.
-    projected = isinstance(text, CrossAttentionText)
     temb, timestep_proj, embedded, _ = transformer.condition_embedder(
         timesteps.flatten(),
         text.empty_text() if projected else text,
@@ -160,6 +173,6 @@ def storyboard_forward(
     shift, scale = (transformer.scale_shift_table.unsqueeze(0) + per_group.unsqueeze(2)).unsqueeze(2).unbind(3)
     normed = transformer.norm_out(hidden.float()).unflatten(1, (per_group.shape[1], -1))
     hidden = (normed * (1 + scale) + shift).flatten(1, 2).type_as(hidden)
-    hidden = transformer.proj_out(hidden)
+    hidden = shard.gather(transformer.proj_out(hidden))
     hidden = hidden.reshape(batch, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
     return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3)

@@ -1,0 +1,244 @@
+"""Context parallelism on CPU: two gloo processes sharing one storyboard against one process (its twin).
+
+Each spawned rank runs the same seeded tiny Wan twice on the same batch, once alone (degree 1) and once with its
+group (degree 2), and reports the largest differences: the prediction, the losses, the role-attention maps and
+the LoRA gradients averaged over the group as DDP and DeepSpeed average them. The storyboards are 15 tokens per
+frame with an odd number of frames, so the degree never divides the sequence and the padding path always runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from cp_support import run_group
+
+from dreamshot.config.schema import Config
+from dreamshot.data.bucketing import StoryboardBatch
+from dreamshot.diffusion.conditioning import BatchPlan
+from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest
+from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.models.wan.context_parallel import ContextParallel
+from dreamshot.training.module import DreamShotModule
+from dreamshot.training.strategy import ContextParallelDDPStrategy
+
+TOLERANCE = 1e-5
+SIZE = (48, 80)  # 3 x 5 = 15 tokens per frame
+# (layout, mode, given shots, gradient checkpointing): every frame count below is odd (K = 2 references, N = 3
+# shots, 1 of them given in s2s and r2s_s2s).
+CASES = [
+    ("refs_first", "r2s", 0, False),
+    ("last", "r2s", 0, True),
+    ("refs_first", "t2s", 0, False),
+    ("refs_first", "s2s", 1, True),
+    ("last", "s2s", 1, False),
+    ("refs_first", "r2s_s2s", 1, False),
+]
+
+
+def _config(layout: str, checkpointing: bool) -> Config:
+    cfg = Config()
+    cfg.trainer.gradient_checkpointing = checkpointing
+    cfg.racl.weight = 0.1
+    cfg.racl.blocks = [0, 1]
+    cfg.racl.absent_negative = True
+    cfg.storyboard.layout = layout
+    return cfg
+
+
+def _batch(shots: int = 3, refs: int = 2, seed: int = 0) -> StoryboardBatch:
+    g = torch.Generator().manual_seed(seed)
+    height, width = SIZE
+    masks = torch.zeros(1, shots, refs, height, width)
+    for n in range(shots):
+        for k in range(refs):
+            if (n + k) % 3:  # some roles absent from some shots
+                top, left = 16 * (n % 2), 16 * ((n + 2 * k) % 4)
+                masks[0, n, k, top : top + 32, left : left + 32] = 1
+    ref_masks = torch.zeros(1, refs, height, width)
+    ref_masks[:, :, 8:40, 16:64] = 1
+    return StoryboardBatch(
+        ids=["cp"],
+        sources=["synthetic"],
+        shots=torch.rand(1, shots, 3, height, width, generator=g) * 2 - 1,
+        shot_texts=[[f"shot {n}" for n in range(shots)]],
+        refs=torch.rand(1, refs, 3, height, width, generator=g) * 2 - 1,
+        ref_texts=[[f"role {k}" for k in range(refs)]],
+        ref_masks=ref_masks,
+        shot_masks=masks,
+    )
+
+
+def _random_lora(module: DreamShotModule) -> None:
+    """Trained-like LoRA weights (B is zero at init, which would leave A without gradient)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in module.adapter.trainable_parameters():
+            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=g))
+
+
+def _step(module: DreamShotModule, batch: StoryboardBatch, plan: BatchPlan) -> dict[str, torch.Tensor]:
+    """Prediction, losses, role maps and LoRA gradients of one training step."""
+    recorded = {}
+    predict, role_capture = module.adapter.predict_velocity, module._role_capture
+
+    def record_prediction(*args, **kwargs):
+        recorded["prediction"] = predict(*args, **kwargs)
+        return recorded["prediction"]
+
+    def record_capture(composed):
+        recorded["capture"] = role_capture(composed)
+        return recorded["capture"]
+
+    module.adapter.predict_velocity, module._role_capture = record_prediction, record_capture
+    try:
+        losses = module.model_step(batch, plan, torch.Generator().manual_seed(2), racl_weight=0.1, diagnostic=True)
+    finally:
+        del module.adapter.predict_velocity, module._role_capture
+    gradients = torch.autograd.grad(losses["loss"], module.adapter.trainable_parameters())
+    return {
+        "prediction": recorded["prediction"].detach(),
+        "maps": torch.cat(recorded["capture"].block_mean()).detach(),
+        **{name: value.detach() for name, value in losses.items()},
+        "gradients": torch.cat([g.flatten() for g in gradients]),
+    }
+
+
+def compare_step(cp: ContextParallel, cases) -> dict[str, float]:
+    """Rank's largest |CP − one process| per case and quantity; gradients averaged over the group first."""
+    batch, differences = _batch(), {}
+    for layout, mode, given, checkpointing in cases:
+        module = DreamShotModule(_config(layout, checkpointing))
+        _random_lora(module)
+        plan = BatchPlan(mode, given, False, (False,))
+        alone = _step(module, batch, plan)
+        module.adapter.context_parallel = cp
+        shared = _step(module, batch, plan)
+        dist.all_reduce(shared["gradients"])  # the data-parallel average of DDP / DeepSpeed over the group
+        shared["gradients"] /= cp.degree
+        for name, value in alone.items():
+            key = f"{layout}/{mode}/{name}"
+            differences[key] = (shared[name] - value).abs().max().item()
+        differences[f"{layout}/{mode}/gradient scale"] = alone["gradients"].abs().max().item()
+    return differences
+
+
+def compare_all(cp: ContextParallel) -> dict[str, dict[str, float]]:
+    """Both comparisons in one group of processes (starting one costs seconds)."""
+    return {"step": compare_step(cp, CASES), "sampling": compare_sampling(cp)}
+
+
+@pytest.fixture(scope="module")
+def group_differences():
+    return run_group(compare_all, 2)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{layout}-{mode}" for layout, mode, _, _ in CASES])
+def test_two_processes_equal_one_on_an_undivided_sequence(group_differences, case):
+    layout, mode, _, _ = case
+    for rank, differences in enumerate(ranks["step"] for ranks in group_differences):
+        assert differences[f"{layout}/{mode}/gradient scale"] > 1e-3, "no LoRA gradient to compare"
+        for name in ("prediction", "loss", "loss_fm", "loss_racl", "racl_in_mask", "maps", "gradients"):
+            difference = differences[f"{layout}/{mode}/{name}"]
+            assert difference < TOLERANCE, f"rank {rank}: {name} differs by {difference:.2e}"
+
+
+def test_shards_cover_the_sequence_once():
+    """Every token (real or padding) on exactly one rank; padding only at the end."""
+
+    class Rank(ContextParallel):
+        @property
+        def rank(self):
+            return self._rank
+
+    for frames, per_frame, degree in ((5, 15, 2), (34, 1560, 8), (3, 7, 4)):
+        covered = []
+        for rank in range(degree):
+            cp = Rank(degree=degree)
+            object.__setattr__(cp, "_rank", rank)
+            shard = cp.shard(frames, per_frame)
+            covered += list(range(shard.start, shard.start + shard.real))
+            assert shard.local * degree - frames * per_frame < degree
+            assert shard.first_frame + shard.local_frames <= frames
+        assert covered == list(range(frames * per_frame))
+
+
+def test_degree_one_is_the_identity():
+    shard = ContextParallel().shard(5, 15)
+    x = torch.randn(1, 75, 4)
+    assert shard.tokens(x) is x and shard.gather(x) is x and shard.sum(x) is x
+    t = torch.rand(1, 75)
+    assert shard.timesteps(t) is t
+    assert shard.whole_frames(x)[0] is x
+
+
+# --- sampling ------------------------------------------------------------------------------------------------
+
+
+def compare_sampling(cp: ContextParallel) -> dict[str, float]:
+    """Rank's largest |CP − one process| of the final latents of an r2s and an s2s storyboard (2 steps)."""
+    cfg = Config()
+    cfg.inference.steps = 2
+    adapter = WanAdapter.seeded(cfg.model, cfg.seed).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in adapter.trainable_parameters():
+            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=g))
+    images = torch.rand(4, 3, *SIZE, generator=g) * 2 - 1
+    requests = {
+        "r2s": StoryboardRequest(["a", "b", "c"], SIZE, images[:2], ["role 1", "role 2"]),
+        "s2s": StoryboardRequest(["c", "d", "e"], SIZE, given_shots=images[2:], given_texts=["a", "b"]),
+    }
+    differences = {}
+    for name, request in requests.items():
+        adapter.context_parallel = ContextParallel()
+        alone = StoryboardPipeline(adapter, cfg)(request, seed=0, progress=False)
+        adapter.context_parallel = cp
+        shared = StoryboardPipeline(adapter, cfg)(request, seed=0, progress=False)
+        differences[name] = (shared.latents - alone.latents).abs().max().item()
+        differences[f"{name} images"] = (shared.images - alone.images).abs().max().item()
+    return differences
+
+
+def test_two_processes_sample_the_storyboard_of_one(group_differences):
+    for rank, differences in enumerate(ranks["sampling"] for ranks in group_differences):
+        for name, difference in differences.items():
+            assert difference < TOLERANCE, f"rank {rank}: {name} differs by {difference:.2e}"
+
+
+def test_strategies_shard_data_over_data_parallel_ranks_only():
+    """A context-parallel group is one data-parallel replica: 4 ranks in groups of 2 are 2 replicas."""
+    config = Config().trainer.context_parallel
+    config.degree = 2
+
+    class OfRank(ContextParallelDDPStrategy):
+        world_size = 4
+        global_rank = property(lambda self: self.rank_for_test)
+
+    seen = []
+    for rank in range(4):
+        strategy = OfRank(config)
+        strategy.rank_for_test = rank
+        seen.append(strategy.distributed_sampler_kwargs)
+    assert seen == [{"num_replicas": 2, "rank": r} for r in (0, 0, 1, 1)]
+
+
+def compare_compiled_step(cp: ContextParallel) -> dict[str, float]:
+    """`compare_step` of one r2s storyboard with compiled blocks (the non-capturing blocks run compiled)."""
+    module = DreamShotModule(_config("refs_first", False))
+    module.adapter = WanAdapter.seeded(
+        module.cfg.model, module.cfg.seed, capture_blocks=module.cfg.racl_blocks(), compiled=True
+    )
+    _random_lora(module)
+    plan, batch = BatchPlan("r2s", 0, False, (False,)), _batch()
+    alone = _step(module, batch, plan)
+    module.adapter.context_parallel = cp
+    shared = _step(module, batch, plan)
+    return {name: (shared[name] - alone[name]).abs().max().item() for name in ("prediction", "loss", "maps")}
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_context_parallelism_equal_one_process():
+    for rank, differences in enumerate(run_group(compare_compiled_step, 2)):
+        for name, difference in differences.items():
+            assert difference < TOLERANCE, f"rank {rank}: {name} differs by {difference:.2e}"

@@ -1,0 +1,196 @@
+"""Context-parallel runs on CPU against their one-process twins, through the real launchers.
+
+Training (toy_long_storyboard: two gloo processes share every storyboard): the same batches, the same losses and
+the same LoRA as one process. The CP run is a subprocess executing this file, `python
+tests/test_context_parallel_runs.py OUT` (Lightning's DDP launcher starts rank 1 by running the same command
+again), so it can pass a recording callback to `train()`.
+
+Sampling: `torchrun --nproc-per-node 2 -m dreamshot.cli generate ... inference.context_parallel.degree=2` draws
+the shots one process draws.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from dreamshot.cli import main
+from dreamshot.config.load import load_config
+from dreamshot.training.callbacks import EXPORT_FILES
+from dreamshot.training.strategy import build_strategy
+from dreamshot.training.train import train
+
+STEPS = 3
+OVERRIDES = [
+    "logger=csv",
+    # Rank 0 draws a storyboard alone while the group trains: it must not wait for its group.
+    "trainer.sample.every_n_steps=2",
+    "trainer.sample.steps=1",
+    "data.toy.groups=3",
+    f"trainer.max_steps={STEPS}",
+    f"trainer.checkpoint_every_n_steps={STEPS}",
+    "trainer.val_check_interval=100",
+]
+# ZeRO-2 in float32, so that it can equal the float32 twin.
+ZERO2 = ["trainer.strategy=deepspeed_stage_2", "trainer.precision=32-true"]
+# The twin: one process, no context parallelism, and windows as long as the CP run's (whole storyboards).
+ALONE = ["trainer=cpu", "trainer.context_parallel.degree=1", "data.max_shots=30"]
+
+
+class RecordBatches(L.Callback):
+    """Writes `batches_rank<r>.json` ([ids, shots, loss] per step), `degree_rank<r>` (the context-parallel degree
+    the adapter ran with) and `lora_rank<r>.safetensors` per rank."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir, self.batches = output_dir, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches.append([batch.ids, batch.num_shots, float(outputs["loss"])])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        rank = trainer.global_rank
+        (self.output_dir / f"batches_rank{rank}.json").write_text(json.dumps(self.batches))
+        (self.output_dir / f"degree_rank{rank}").write_text(str(pl_module.adapter.context_parallel.degree))
+        lora = {k: v.detach().clone().contiguous() for k, v in pl_module.adapter.lora_state_dict().items()}
+        save_file(lora, self.output_dir / f"lora_rank{rank}.safetensors")
+
+
+def _train(output_dir: Path, *overrides: str) -> None:
+    cfg = load_config("toy_long_storyboard", [*OVERRIDES, *overrides, f"output_dir={output_dir}"])
+    train(cfg, callbacks=[RecordBatches(output_dir)])
+
+
+def _train_with_zero2_on_cpu(output_dir: Path) -> None:
+    """toy_long_storyboard under DeepSpeed ZeRO-2, through DeepSpeed's CPU accelerator (test_strategy's shim)."""
+    from test_strategy import _run_on_deepspeeds_cpu_accelerator
+
+    from dreamshot.training import train as train_module
+
+    def build(trainer, micro_batch):
+        strategy = build_strategy(trainer, micro_batch)
+        _run_on_deepspeeds_cpu_accelerator(strategy)
+        return strategy
+
+    train_module.build_strategy = build
+    cfg = load_config(
+        "toy_long_storyboard", [*OVERRIDES, *ZERO2, "trainer.accelerator=gpu", f"output_dir={output_dir}"]
+    )
+    cfg.trainer.accelerator = "cpu"  # after validation, which wants DeepSpeed on GPUs
+    train_module.train(cfg, callbacks=[RecordBatches(output_dir)])
+
+
+def _launch(output_dir: Path, *flags: str) -> Path:
+    output_dir.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    command = [sys.executable, __file__, str(output_dir), *flags]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("alone") / "run"
+    out.mkdir()
+    _train(out, *ALONE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, alone) -> tuple[Path, Path]:
+    return _launch(tmp_path_factory.mktemp("cp") / "run"), alone
+
+
+@pytest.mark.slow
+def test_both_ranks_train_the_same_whole_long_storyboards(runs):
+    shared, alone = runs
+    ranks = [json.loads((shared / f"batches_rank{rank}.json").read_text()) for rank in range(2)]
+    twin = json.loads((alone / "batches_rank0.json").read_text())
+    assert [(shared / f"degree_rank{rank}").read_text() for rank in range(2)] == ["2", "2"]
+    assert (shared / "samples" / "step000002.png").is_file()
+    assert [ids for ids, _, _ in ranks[0]] == [ids for ids, _, _ in ranks[1]] == [ids for ids, _, _ in twin]
+    assert all(shots >= 24 for _, shots, _ in ranks[0]), "a storyboard was cut to data.max_shots"
+    for (_, _, loss), (_, _, loss_1), (_, _, twin_loss) in zip(*ranks, twin, strict=True):
+        assert loss == loss_1 and abs(loss - twin_loss) < 1e-5
+
+
+@pytest.mark.slow
+def test_lora_equals_the_one_process_run(runs):
+    shared, alone = runs
+    exported, twin = load_file(shared / EXPORT_FILES["peft"]), load_file(alone / EXPORT_FILES["peft"])
+    assert any(value.abs().sum() > 0 for key, value in twin.items() if ".lora_B." in key), "LoRA never trained"
+    assert exported.keys() == twin.keys()
+    for key, value in exported.items():
+        torch.testing.assert_close(value, twin[key], atol=1e-5, rtol=0, msg=key)
+    assert torch.load(shared / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
+
+
+@pytest.mark.slow
+def test_zero2_with_context_parallelism_reaches_the_lora_of_one_process(tmp_path, alone):
+    shared = _launch(tmp_path / "zero2", "--zero2")
+    assert [(shared / f"degree_rank{rank}").read_text() for rank in range(2)] == ["2", "2"]
+    exported, twin = load_file(shared / EXPORT_FILES["peft"]), load_file(alone / EXPORT_FILES["peft"])
+    assert exported.keys() == twin.keys()
+    for key, value in exported.items():
+        torch.testing.assert_close(value, twin[key], atol=1e-5, rtol=0, msg=key)
+
+
+def _story(folder: Path) -> Path:
+    """Two references and three shots at 48x80: 15 tokens per frame, 5 and 3 frames, never split evenly."""
+    for k in (1, 2):
+        Image.fromarray(np.full((40, 40, 3), 60 * k, dtype=np.uint8)).save(folder / f"role{k}.png")
+    story = {
+        "seed": 0,
+        "height": 48,
+        "width": 80,
+        "references": [{"role": f"role{k}", "image": f"role{k}.png", "prompt": f"<Role {k}>"} for k in (1, 2)],
+        "shots": [{"annotation": f"shot {n}: <Role 1> and <Role 2>."} for n in range(3)],
+    }
+    path = folder / "story.yaml"
+    path.write_text(yaml.safe_dump(story))
+    return path
+
+
+@pytest.mark.slow
+def test_torchrun_generate_draws_the_shots_of_one_process(tmp_path):
+    story = _story(tmp_path)
+    arguments = [str(story), "--base", "--steps", "2", "--device", "cpu", "--out"]
+    assert main(["generate", *arguments, str(tmp_path / "alone")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dreamshot.cli"]
+    command = [*torchrun, "generate", str(story), "inference.context_parallel.degree=2", *arguments[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*command, str(tmp_path / "shared")], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for n in (1, 2, 3):
+        alone = np.asarray(Image.open(tmp_path / "alone" / f"shot_{n:02d}.png"), dtype=int)
+        shared = np.asarray(Image.open(tmp_path / "shared" / f"shot_{n:02d}.png"), dtype=int)
+        assert np.abs(alone - shared).max() <= 1  # 8-bit rounding of values equal to float tolerance
+
+
+if __name__ == "__main__":
+    if "--zero2" in sys.argv:
+        _train_with_zero2_on_cpu(Path(sys.argv[1]))
+    else:
+        _train(Path(sys.argv[1]))
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_runs_on_a_torchrun_group():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)]
+    command = [*torchrun, "--tiny", "--device", "cpu", "--steps", "1", "--shots", "7"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("GPU-seconds per 1k tokens") == 1 and "(context parallel 2)" in result.stdout
