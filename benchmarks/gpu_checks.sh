@@ -3,7 +3,9 @@
 # 14B Wan at 480p with 8 shots + 3 references (DeepSpeed ZeRO-2, eager and with compiled blocks, side by side;
 # plain bf16 autocast for 1.3B), then the gpu-marked tests (real DeepSpeed ZeRO-2 / ZeRO-3 training through
 # Lightning), then DreamShot side by side with DiffSynth-Studio's training step and diffusers' sampling step
-# (benchmarks/peers.py, 1.3B eager and compiled, 14B). Each check has its own time limit, so one that hangs does
+# (benchmarks/peers.py, 1.3B eager and compiled, 14B), then the sampler settings' speed and drift
+# (benchmarks/sampling.py: exact savings, compiled blocks, cache hooks, partial guidance, a stacked LoRA with four
+# steps; 1.3B in two groups, 14B exact savings only). Each check has its own time limit, so one that hangs does
 # not cost the others. Logs: $LOG_DIR (default benchmarks/logs), one file per check; CHECKS="name ..." runs only
 # those checks, in the order below.
 #
@@ -16,7 +18,9 @@
 # The limits add up to more than one 15-minute device budget: run them in groups, e.g. the peers alone,
 #     CHECKS="peers_wan1_3b peers_wan1_3b_compiled peers_wan14b"    (limits 540 s in all),
 # which need the bench extra's wheels on the machine (diffsynth, modelscope, pandas: `pip download` them here
-# and `pip install --no-index --find-links` there; without them peers.py exits with one line saying so).
+# and `pip install --no-index --find-links` there; without them peers.py exits with one line saying so), or the
+# sampling checks alone (no extra needed; limits 600 s in all):
+#     CHECKS="sampling_wan1_3b sampling_wan1_3b_caches sampling_wan14b"
 #
 #     bash benchmarks/gpu_checks.sh            # on a machine with one CUDA GPU, from the repository root
 set -u
@@ -65,3 +69,7 @@ for degree in 1 2 4; do
     check "cp${degree}_wan14b_8" 180 "${run[@]}" --model wan14b --shots 8 --refs 3 --steps 2
     check "cp${degree}_wan14b_30" 300 "${run[@]}" --model wan14b --shots 30 --refs 4 --steps 1
 done
+sampling=(python benchmarks/sampling.py --device cuda --rounds 1 --out "$log")
+check sampling_wan1_3b 240 "${sampling[@]}" --shape wan1_3b --steps 10 --settings per_step,exact,compiled,guide_half,few_step
+check sampling_wan1_3b_caches 150 "${sampling[@]}" --shape wan1_3b --steps 10 --settings exact,fbc_01,taylorseer,fast --no-diffusers
+check sampling_wan14b 210 "${sampling[@]}" --shape wan14b --steps 4 --settings per_step,exact --no-diffusers

@@ -5,7 +5,7 @@ Rows (medians of timed steps after a warm-up round; the two sides alternate step
 every round, so the machine's noise hits both; seconds are wall time with the device drained on a GPU, and the
 process's CPU time on the CPU, which other processes on a shared machine do not inflate as they do wall time):
   train fm      our training step — `DreamShotModule.model_step` on an r2s storyboard of N shots + K references
-                (flow matching, per-token timesteps, shot-wise cross-attention), backward, AdamW step — against
+                (flow matching, per-frame timesteps, shot-wise cross-attention), backward, AdamW step — against
                 DiffSynth-Studio's (`diffsynth` on PyPI): its `WanModel`, its `FlowMatchSFTLoss` through its
                 `WanVideoPipeline.model_fn`, its LoRA injection (`DiffusionTrainingModule.add_lora_to_model`), the
                 same AdamW step, on a video of the same K + N latent frames;
@@ -36,13 +36,14 @@ What cannot be made equal, and how the comparison handles it:
   - text: a storyboard has one text per frame and every frame's queries attend to their own L tokens (shot-wise
     cross-attention); DiffSynth and diffusers attend the whole video to one prompt. Each side is given L text
     tokens per query, so the cross-attention scores are the same work, but our text embedder and K/V projections
-    run over F·L tokens against their L. It is real work of the method, counted against us; its share of our
-    step's matmul FLOPs is printed ("work only ours does"), and on the CPU the default text length (20 tokens
-    per 60-token frame) keeps Wan's 480p ratio of text to video tokens (512 per 1,560).
-  - timesteps: ours are per token (clean references at t = 0, DESIGN §2), so the time embedding and every
-    block's modulation are computed per token; DiffSynth's and diffusers' Wan2.1 use one timestep per sample.
-    Counted against us; the time embedding's share of our FLOPs is printed too (a model with few blocks, as on
-    the CPU, inflates it: it is paid once per step, the blocks' work once per block).
+    run over F·L tokens against their L. It is real work of the method, counted against us in training; its share
+    of our step's matmul FLOPs is printed ("work only ours does"), and on the CPU the default text length (20
+    tokens per 60-token frame) keeps Wan's 480p ratio of text to video tokens (512 per 1,560). In sampling our
+    text keys and values are projected once per storyboard (`StoryboardPipeline.encode`, outside the timed step),
+    as diffusers' prompt embeddings are given ready-made.
+  - timesteps: ours are per frame (clean references at t = 0, DESIGN §2), so the time embedding runs on F rows
+    and every block's modulation is kept per frame (`forward.py`); DiffSynth's and diffusers' Wan2.1 use one
+    timestep per sample. Counted against us; the time embedding's share of our FLOPs is printed too.
   - RoPE and norms: DiffSynth applies RoPE in complex float64 and its own RMSNorm; diffusers' (ours) in float32.
     That is DiffSynth's code as users run it, so it stays.
   - LoRA injection: both are peft LoRA layers (DiffSynth `inject_adapter_in_model`, ours diffusers'
@@ -83,7 +84,7 @@ from dreamshot.data.bucketing import StoryboardBatch
 from dreamshot.diffusion.conditioning import BatchPlan, StoryboardLatents
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest, build_scheduler, initial_noise
 from dreamshot.models.wan.build import DTYPES, build_components
-from dreamshot.models.wan.lora import apply_lora, trainable_parameter_count
+from dreamshot.models.wan.lora import apply_lora, load_lora_state_dict, trainable_parameter_count
 from dreamshot.planner.flops import training_flops
 from dreamshot.planner.shape import model_shape
 from dreamshot.planner.workload import Workload, parse_resolution, tokens_per_frame
@@ -341,15 +342,26 @@ def our_sampling(cfg: Config, module: DreamShotModule, work: Work, device: torch
     return run
 
 
-def diffusers_sampling(cfg: Config, work: Work, device: torch.device):
+def diffusers_sampling(
+    cfg: Config,
+    work: Work,
+    device: torch.device,
+    lora_state: dict[str, torch.Tensor] | None = None,
+    fuse_lora: bool = False,
+):
     """`run(frames, steps)` -> seconds of each denoising step of one diffusers `WanPipeline` call: a random Wan DiT
-    of our shape with the same LoRA, the same scheduler, a video of `frames` latent frames, prompt and negative
-    prompt embeddings of L tokens (guidance on: its cond and uncond forwards each step)."""
+    of our shape with the same LoRA (`lora_state`: its weights; `fuse_lora`: folded in by diffusers' `fuse_lora`),
+    the same scheduler, a video of `frames` latent frames, prompt and negative prompt embeddings of L tokens
+    (guidance on: its cond and uncond forwards each step)."""
     from diffusers import WanPipeline
 
     with device:
         parts = build_components(cfg.model)
     apply_lora(parts.transformer, cfg.model.lora)
+    if lora_state is not None:
+        load_lora_state_dict(parts.transformer, lora_state)
+    if fuse_lora:
+        parts.transformer.fuse_lora()
     pipe = WanPipeline(
         tokenizer=parts.tokenizer,
         text_encoder=parts.text_encoder,
@@ -458,17 +470,17 @@ def check_equal(what: str, ours: int, peer: int) -> str:
 def extra_work(cfg: Config, work: Work, checkpointing: bool) -> dict[str, float]:
     """Shares of our training step's FLOPs that the peers do not do (matmuls; the planner's count plus the
     embedders it leaves out): the text embedder and every block's K/V over F·L text tokens against one prompt of
-    L, and the time embedding (D → D → 6·D) of every token against one per sample."""
+    L, and the time embedding (D → D → 6·D) of every frame against one per sample."""
     shape = model_shape(cfg.model, count_encoders=False)
     dims, dim = cfg.model.transformer, shape.dim
     workload = Workload(work.frames, work.tokens_per_frame, work.text_len, work.shots, checkpointing=checkpointing)
-    text_tokens, tokens = workload.text_tokens, workload.tokens
+    text_tokens = workload.text_tokens
     text_embedder = 2 * (dims.text_dim * dim + dim * dim)
     time_embedder = 2 * (dims.freq_dim * dim + 7 * dim * dim)
     blocks_text = training_flops(shape, dataclasses.replace(workload, tokens_per_frame=0)).total
-    total = training_flops(shape, workload).total + text_tokens * text_embedder + tokens * time_embedder
+    total = training_flops(shape, workload).total + text_tokens * text_embedder + work.frames * time_embedder
     extra_text = (blocks_text + text_tokens * text_embedder) * (work.frames - 1) / work.frames
-    return {"text": extra_text / total, "timesteps": (tokens - 1) * time_embedder / total}
+    return {"text": extra_text / total, "timesteps": (work.frames - 1) * time_embedder / total}
 
 
 def train_rows(cfg: Config, args, work: Work, device: torch.device) -> tuple[list[Row], list[str], DreamShotModule]:
@@ -484,7 +496,7 @@ def train_rows(cfg: Config, args, work: Work, device: torch.device) -> tuple[lis
     shares = extra_work(cfg, work, checkpointing)
     notes.append(
         f"work only ours does: {shares['text']:.1%} of our step's matmul FLOPs on text (F·L tokens embedded and "
-        f"projected to K/V, theirs L), {shares['timesteps']:.1%} on per-token time embeddings (theirs one)"
+        f"projected to K/V, theirs L), {shares['timesteps']:.1%} on per-frame time embeddings (theirs one)"
     )
     tokens = work.frames * work.tokens_per_frame
     rows = []

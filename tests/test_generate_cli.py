@@ -344,3 +344,29 @@ def test_too_little_space_for_the_storyboard_is_reported_before_the_model_is_bui
 
 def _folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_preset_picks_the_sampler_setting_and_the_record_says_which(story, run_dir, generated, tmp_path, monkeypatch):
+    forwards = []
+    original = WanAdapter.predict_velocity
+
+    def record(self, latents, timesteps, text, layout, **kwargs):
+        forwards.append(latents.shape[0])
+        return original(self, latents, timesteps, text, layout, **kwargs)
+
+    monkeypatch.setattr(WanAdapter, "predict_velocity", record)
+    out = tmp_path / "fast"
+    argv = ["generate", str(story), "--run", str(run_dir), "--out", str(out), "--preset", "fast", "--steps", "4"]
+    assert main([*argv, "inference.guidance_fraction=0.25"]) == 0
+    saved = json.loads((out / RECORD_FILE).read_text())
+    assert saved["preset"]["name"] == "fast" and "inference.cache=first_block" in saved["preset"]["overrides"]
+    inference = saved["config"]["inference"]
+    # The preset's setting, with the command line's override applied after it.
+    assert inference["cache"] == "first_block" and inference["guidance_fraction"] == 0.25
+    assert forwards == [2, 1, 1, 1, 1]  # one guided step (the pair, v_u), then v_c alone
+
+    out = tmp_path / "exact"
+    assert main(["generate", str(story), "--run", str(run_dir), "--out", str(out), "--preset", "exact"]) == 0
+    saved = json.loads((out / RECORD_FILE).read_text())
+    assert saved["preset"]["name"] == "exact" and saved["config"]["inference"]["cache"] == "none"
+    assert json.loads((generated / RECORD_FILE).read_text())["preset"] is None

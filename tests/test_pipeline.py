@@ -84,21 +84,18 @@ def test_t2s_runs_unconditioned_and_conditioned_as_one_batch(adapter, calls):
     StoryboardPipeline(adapter, config(steps=3))(StoryboardRequest(SHOTS, SIZE), progress=False)
     assert [c.latents.shape[0] for c in calls] == [2, 2, 2]
     assert all(c.layout.num_conditions == 0 for c in calls)
-    negative, shots = calls[0].text
-    # Row 0 is the negative prompt on every shot (v_u), row 1 the shot prompts (v_c).
-    torch.testing.assert_close(negative[0], negative[1])
-    assert not torch.allclose(shots[0], shots[1]) and not torch.allclose(negative, shots)
+    # The frames' texts, as indices into the storyboard's distinct texts (the shots', then the negative prompt's):
+    # row 0 is the negative prompt on every shot (v_u), row 1 the shot prompts (v_c).
+    assert calls[0].text.frames.tolist() == [[2, 2], [0, 1]]
 
 
 def test_r2s_batches_the_two_branches_with_references(adapter, calls):
     StoryboardPipeline(adapter, config(steps=2))(r2s_request(), progress=False)
     assert [(c.latents.shape[0], c.layout.num_conditions) for c in calls] == [(2, 2), (1, 0), (2, 2), (1, 0)]
-    with_refs = calls[0].text
-    # v_r and v_c share the references' own prompts and differ in the shot texts only.
-    torch.testing.assert_close(with_refs[0, :2], with_refs[1, :2])
-    assert not torch.allclose(with_refs[0, 2:], with_refs[1, 2:])
-    # v_u (no references) sees the same negative prompt as v_r.
-    torch.testing.assert_close(calls[1].text[0], with_refs[0, 2:])
+    # Distinct texts: the 2 references', the 2 shots', the negative prompt. v_r and v_c share the references'
+    # own prompts and differ in the shot texts only; v_u (no references) sees the same negative prompt as v_r.
+    assert calls[0].text.frames.tolist() == [[0, 1, 4, 4], [0, 1, 2, 3]]
+    assert calls[1].text.frames.tolist() == [[4, 4]]
 
 
 @pytest.mark.parametrize("layout", ["refs_first", "last"])

@@ -22,7 +22,14 @@ from dreamshot.config.load import load_config
 from dreamshot.config.schema import EVAL_BENCHMARKS, EVAL_MODES, Config
 from dreamshot.eval.runner import evaluate
 from dreamshot.eval.sharding import Ranks
-from dreamshot.inference.loading import add_weight_arguments, load_model, read_lora, resolve_config, run_weights
+from dreamshot.inference.loading import (
+    add_weight_arguments,
+    check_sampling,
+    load_model,
+    read_lora,
+    resolve_config,
+    run_weights,
+)
 from dreamshot.inference.pipeline import StoryboardPipeline
 from dreamshot.training.callbacks import LORA_FILE
 from dreamshot.utils.devices import pick_device
@@ -68,9 +75,10 @@ def run(args: argparse.Namespace) -> None:
         # The LoRA is read (and checked) now, before anything is written; the model is built only by a rank with a
         # story left to draw.
         lora = read_lora(weights) if weights is not None else None
+        second = check_sampling(cfg)
 
         def load_pipeline() -> StoryboardPipeline:
-            model_cfg, adapter = load_model(cfg, weights, device, lora)
+            model_cfg, adapter = load_model(cfg, weights, device, lora, second)
             return StoryboardPipeline(adapter, model_cfg)
 
         evaluate(cfg, out, device, label, load_pipeline, weights=weights, ranks=ranks, redraw=args.redraw)

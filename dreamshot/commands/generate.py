@@ -12,7 +12,9 @@ naming the key, before a model is built. STORY may be a folder of story files: e
 
 Precedence (also in `--help`): the noise seed is `--seed`, else (re-roll) the previous run's seed + 1, else the
 story's `seed`, else `inference.seed`; the steps are `--steps`, else the story's `steps`, else
-`inference.steps`; the shot size is the story's height/width, else `data.resolution`.
+`inference.steps`; the shot size is the story's height/width, else `data.resolution`. `--preset exact|fast` sets
+the sampler to a measured setting (`dreamshot/inference/presets.py`) before the command line's overrides apply;
+`generation.json` records it (`preset`: its name and overrides; the resolved values under `config.inference`).
 
 With `inference.context_parallel.degree=N`, N processes started by torchrun draw the storyboard together, each
 holding 1/N of its tokens (`torchrun --nproc-per-node N -m dreamshot.cli generate STORY
@@ -36,7 +38,14 @@ from dreamshot.config.values import SEED_LIMIT
 from dreamshot.diffusion.conditioning import check_trained
 from dreamshot.eval.sharding import Ranks
 from dreamshot.eval.story_folder import generate_folder
-from dreamshot.inference.loading import add_weight_arguments, load_model, read_lora, resolve_config, run_weights
+from dreamshot.inference.loading import (
+    add_weight_arguments,
+    check_sampling,
+    load_model,
+    read_lora,
+    resolve_config,
+    run_weights,
+)
 from dreamshot.inference.outputs import (
     keep_earlier_takes,
     load_kept_shots,
@@ -49,6 +58,7 @@ from dreamshot.inference.outputs import (
     write_record,
 )
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
+from dreamshot.inference.presets import PRESETS, preset_overrides
 from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
 from dreamshot.models.wan.context_parallel import launched_group
 from dreamshot.utils.devices import pick_device
@@ -75,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps", type=positive_int, help="sampler steps (default: the story's steps, else inference.steps)"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--preset",
+        help=f"a measured sampler setting ({' | '.join(PRESETS)}), before the command line's overrides",
+    )
     parser.add_argument(
         "--redraw", action="store_true", help="STORY a folder: draw again what --out holds from another config"
     )
@@ -115,29 +129,30 @@ def run(args: argparse.Namespace) -> None:
             f"dreamshot generate: warning: {story.path}: {where} names {tag}, which no reference shows", file=sys.stderr
         )
     weights = run_weights(args.run) if args.run else args.lora
-    cfg = resolve_config(weights, args.config, args.overrides)
+    cfg = resolve_config(weights, args.config, _overrides(args))
     size = story.size or (cfg.data.resolution[0], cfg.data.resolution[1])
     targets = _targets(story, args.regenerate)
     previous = read_record(args.out) if args.regenerate else None
     kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
     check_trained(cfg.storyboard, request.mode)
+    steps = args.steps if args.steps is not None else story.steps
+    second = check_sampling(cfg, steps)
     device = _device(args.device, cfg.inference.context_parallel.degree)
     # Checked before the model is built.
     need = storyboard_bytes(size, len(story.shots), len(story.shots) + len(story.references))
     check_output_dir(args.out, "--out", need, "the storyboard's images")
 
     with launched_group(cfg.inference.context_parallel, device, "inference.context_parallel") as group:
-        cfg, adapter = load_model(cfg, weights, device)
+        cfg, adapter = load_model(cfg, weights, device, second=second)
         adapter.context_parallel = group
         seed = _seed(args.seed, previous, story, cfg)
-        steps = args.steps if args.steps is not None else story.steps
         writer = group.rank == 0
         result = StoryboardPipeline(adapter, cfg)(request, seed=seed, steps=steps, progress=writer)
     if not writer:
         return
 
-    record, sheet = _write_storyboard(args.out, story, cfg, result, weights, targets, kept, size, previous)
+    record, sheet = _write_storyboard(args.out, story, cfg, result, weights, targets, kept, size, previous, args.preset)
     write_record(args.out, record, previous)
     drawn = ", ".join(map(str, targets))
     print(
@@ -158,7 +173,7 @@ def _run_folder(args: argparse.Namespace) -> None:
     if args.regenerate:
         raise DataError(f"{args.story}: --regenerate re-rolls shots of one story file, not of a folder")
     weights = run_weights(args.run) if args.run else args.lora
-    cfg = resolve_config(weights, args.config, args.overrides)
+    cfg = resolve_config(weights, args.config, _overrides(args))
     if cfg.inference.context_parallel.degree > 1:
         raise ConfigError(
             f"inference.context_parallel.degree={cfg.inference.context_parallel.degree} draws one story file on "
@@ -169,15 +184,16 @@ def _run_folder(args: argparse.Namespace) -> None:
     device = ranks.device(device)
     # Read (and checked) before anything is written; the model is built by a rank with a story to draw.
     lora = read_lora(weights) if weights is not None else None
+    second = check_sampling(cfg, args.steps)
 
     def load_pipeline() -> StoryboardPipeline:
-        model_cfg, adapter = load_model(cfg, weights, device, lora)
+        model_cfg, adapter = load_model(cfg, weights, device, lora, second)
         return StoryboardPipeline(adapter, model_cfg)
 
     def draw_into(pipeline: StoryboardPipeline, story: Story, out: Path, seed: int, steps: int, size) -> dict:
         result = pipeline(story_request(story, size), seed=seed, steps=steps, progress=False)
         targets = list(range(1, len(story.shots) + 1))
-        return _write_storyboard(out, story, pipeline.config, result, weights, targets, [], size, None)[0]
+        return _write_storyboard(out, story, pipeline.config, result, weights, targets, [], size, None, args.preset)[0]
 
     try:
         generate_folder(
@@ -185,6 +201,11 @@ def _run_folder(args: argparse.Namespace) -> None:
         )
     finally:
         ranks.close()
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The command line's config overrides, after those of `--preset`."""
+    return [*(preset_overrides(args.preset) if args.preset else []), *args.overrides]
 
 
 def _write_storyboard(
@@ -197,6 +218,7 @@ def _write_storyboard(
     kept: list[int],
     size: tuple[int, int],
     previous: dict | None,
+    preset: str | None,
 ) -> tuple[dict, Path]:
     """The drawn shots (earlier takes of re-rolled ones moved to takes/) and the contact sheet, written into
     `out`; returns the record to write and the sheet's path."""
@@ -208,7 +230,7 @@ def _write_storyboard(
     weights_label = str(weights) if weights else "base model (no LoRA)"
     title = f"{result.mode} · seed {result.seed} · {len(result.step_seconds)} steps · weights {weights_label}"
     sheet = write_contact_sheet(out, story, size, title, takes)
-    return _record(story, cfg, result, weights, targets, kept, size, takes), sheet
+    return _record(story, cfg, result, weights, targets, kept, size, takes, preset), sheet
 
 
 def _targets(story: Story, regenerate: list[int] | None) -> list[int]:
@@ -238,6 +260,7 @@ def _record(
     kept: list[int],
     size: tuple[int, int],
     takes: dict[int, int],
+    preset: str | None,
 ) -> dict:
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -255,5 +278,6 @@ def _record(
         ],
         "references": [{**asdict(ref), "image": str(ref.image)} for ref in story.references],
         "timings": {"steps_s": result.step_seconds, "total_s": result.total_seconds},
+        "preset": {"name": preset, "overrides": preset_overrides(preset)} if preset else None,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
     }

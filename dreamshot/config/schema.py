@@ -8,6 +8,7 @@ The structured schema makes omegaconf reject unknown keys and wrong types; cross
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from dreamshot.config.values import RULES, check_values
 from dreamshot.utils.errors import ConfigError
@@ -345,6 +346,39 @@ class InferenceConfig:
     omega2: float = 5.0
     # Seed of the initial noise (a story file's `seed` and `dreamshot generate --seed` take precedence).
     seed: int = 0
+    # Exact (the same output within float rounding; speed in benchmarks/RESULTS.md "Sampling"):
+    # Project every distinct frame text to each block's cross-attention keys and values once per storyboard instead
+    # of in every forward of every step. Costs 2·U·L·D values per block for U distinct texts (14B at 480p, 8 shots +
+    # 3 references, L = 512: 4.7 GiB in bf16); false computes them per forward.
+    cache_text: bool = True
+    # Fold the LoRA (both, with `second_lora`) into the base weights when a model is loaded for generate / eval, so a
+    # forward runs no LoRA branch. Exact in float32; in bfloat16 the merged weights are rounded to bfloat16 once.
+    merge_lora: bool = True
+    # torch.compile every DiT block for sampling (as trainer.compile_blocks for training): compiles on the first
+    # storyboard (seconds to minutes), then fuses the blocks' elementwise work; pays off over many storyboards.
+    compile: bool = False
+    # Opt-in, approximate (off by default; speed-up and drift in docs/sampling.md, benchmarks/RESULTS.md "Sampling"):
+    # A diffusers cache hook on the DiT's blocks (diffusers.hooks): none | first_block (FirstBlockCache: skip the
+    # other blocks while the first block's output changes little) | taylorseer (TaylorSeer: predict the attention
+    # and FFN outputs from earlier steps between full steps; keeps those outputs: ~24 GiB for the 1.3B at 480p, too
+    # much for the 14B without use_lite_mode) | mag (MagCache: skip steps by the model's calibrated residual
+    # magnitudes). Faster the more it skips; the output drifts from the exact sampler's.
+    cache: str = "none"
+    # Options of that diffusers config (FirstBlockCacheConfig, TaylorSeerCacheConfig, MagCacheConfig), by field name,
+    # e.g. {threshold: 0.1} for first_block; mag needs {mag_ratios: [...]} from a {calibrate: true} run. Checked
+    # against the diffusers class when a sampler starts.
+    cache_options: dict[str, Any] = field(default_factory=dict)
+    # Share of the steps, from the first, that apply guidance (Eq. 9: two or three branches a step); the rest use v_c
+    # alone (one forward, Eq. 9 with ω1 = ω2 = 1). 1: every step (exact); 0.5: about 1.5x faster per step (a guided
+    # r2s step costs 2.7x an unguided one), the late steps unguided; 0: none, for a guidance-distilled second LoRA.
+    guidance_fraction: float = 1.0
+    # Scale of the run's own LoRA (1: as trained).
+    lora_weight: float = 1.0
+    # A second LoRA stacked on the run's for generate / eval (any format docs/lora.md reads, e.g. a step-distilled
+    # Wan LoRA for a few-step schedule: steps=4, shift=5, guidance_fraction=0); its own rank and alpha. None: none.
+    second_lora: str | None = None
+    # Scale of `second_lora`.
+    second_lora_weight: float = 1.0
     # Sample one storyboard on a group of processes started by torchrun (degree = --nproc-per-node).
     context_parallel: ContextParallelConfig = field(default_factory=ContextParallelConfig)
 
@@ -684,8 +718,27 @@ def _check_curriculum(cfg: Config) -> None:
         )
 
 
+# inference.cache: diffusers' cache hooks the sampler can apply (dreamshot/models/wan/block_cache.py).
+BLOCK_CACHES = ("none", "first_block", "taylorseer", "mag")
+
+
 def _check_inference(inference: InferenceConfig) -> None:
     _check_choice(inference.scheduler, ("unipc", "euler"), "inference.scheduler")
+    _check_choice(inference.cache, BLOCK_CACHES, "inference.cache")
+    if inference.cache == "none" and inference.cache_options:
+        raise ConfigError(f"inference.cache_options {sorted(inference.cache_options)} set, but inference.cache=none")
+    if inference.cache == "mag" and inference.guidance_fraction < 1:
+        # MagCache indexes its calibrated ratios by the calls of each kind of forward, which guidance_fraction splits.
+        raise ConfigError(
+            "inference.cache=mag counts steps per kind of forward: it needs inference.guidance_fraction=1"
+        )
+    if inference.cache == "first_block" and inference.context_parallel.degree > 1:
+        # Each rank would decide from its own tokens whether to skip the blocks, and a rank that skips them leaves
+        # the others waiting in the attention's all-to-all.
+        raise ConfigError(
+            "inference.cache=first_block decides per rank from its tokens: it cannot run with "
+            f"inference.context_parallel.degree={inference.context_parallel.degree} (taylorseer and mag can)"
+        )
 
 
 EVAL_BENCHMARKS = ("toy", "dreamshot_test", "vistorybench")

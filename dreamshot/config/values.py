@@ -77,6 +77,7 @@ RULES: dict[str, Rule] = {
     "inference.steps": AT_LEAST_ONE,
     "inference.shift": POSITIVE,
     "inference.seed": SEED,
+    "inference.guidance_fraction": UNIT,
     "eval.steps": AT_LEAST_ONE,
     "eval.toy.seed": SEED,
     "eval.toy.groups": AT_LEAST_ONE,

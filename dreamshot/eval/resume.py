@@ -64,6 +64,8 @@ def drawing_fingerprint(cfg: Config, weights: Path | None, size: tuple[int, int]
     model.pop("lora")
     storyboard = cfg.storyboard
     inference = {**OmegaConf.to_container(OmegaConf.structured(cfg.inference), resolve=True), "steps": steps}
+    if cfg.inference.second_lora is not None:  # its content, not only its path
+        inference["second_lora_sha256"] = weights_sha256(Path(cfg.inference.second_lora))
     return {
         "model": model,
         "backbone_seed": cfg.seed,

@@ -6,7 +6,9 @@ a Lightning `.ckpt` or DeepSpeed checkpoint folder of this project, or nothing (
 builds the backbone: `--config` when given, else the run's `config.yaml`, found beside the LoRA file or one
 folder up (`<run>/checkpoints/x.ckpt`). Rank, alpha and target modules come from the LoRA itself
 (`lora_config_for`: a config value other than its default must agree with them); a checkpoint records them in
-the config it was trained with.
+the config it was trained with. A model loaded here only samples, so `load_model` also sets it up for sampling as
+`inference` says: a second LoRA stacked on the first (`second_lora`, read the same way), the adapters' scales, the
+LoRA folded into the base weights (`merge_lora`) and compiled blocks (`compile`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from omegaconf.errors import OmegaConfBaseException
 from dreamshot.config.load import check_weights, load_config
 from dreamshot.config.schema import Config, ModelConfig
 from dreamshot.models.wan.adapter import WanAdapter
-from dreamshot.models.wan.lora import lora_config_for
+from dreamshot.models.wan.block_cache import cache_config
+from dreamshot.models.wan.build import build_transformer_on_meta
+from dreamshot.models.wan.lora import (
+    OWN_ADAPTER,
+    SECOND_ADAPTER,
+    check_lora_fits,
+    lora_config_for,
+    set_lora_scales,
+    stack_lora,
+)
 from dreamshot.models.wan.lora_files import DIFFUSERS_WEIGHTS, PEFT_CONFIG, LoraWeights, read_lora_file
 from dreamshot.models.wan.lora_formats import base_model_record
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, LORA_FILE
@@ -85,21 +96,66 @@ def build_adapter(cfg: Config, device: torch.device | str = "cpu") -> WanAdapter
     refused before anything is built (`check_weights`).
     """
     check_weights(cfg.model)
-    return WanAdapter.seeded(cfg.model, cfg.seed).to(device).eval()
+    return WanAdapter.seeded(cfg.model, cfg.seed, compiled=cfg.inference.compile).to(device).eval()
 
 
 def load_model(
-    cfg: Config, weights: Path | None, device: torch.device | str = "cpu", lora: LoraWeights | None = None
+    cfg: Config,
+    weights: Path | None,
+    device: torch.device | str = "cpu",
+    lora: LoraWeights | None = None,
+    second: LoraWeights | None = None,
 ) -> tuple[Config, WanAdapter]:
     """The backbone of `cfg` on `device` with the LoRA of `weights` (None: none; `lora`: its weights, already
-    read), and `cfg` with `model.lora` as that LoRA sets it (`with_lora`)."""
+    read), set up for sampling (`prepare_sampling`; `second`: `inference.second_lora` already read by
+    `check_sampling`), and `cfg` with `model.lora` as that LoRA sets it (`with_lora`)."""
+    second = second or check_sampling(cfg)
     if weights is None:
-        return cfg, build_adapter(cfg, device)
-    lora = lora or read_lora(weights)
-    cfg = with_lora(cfg, lora, str(weights))
-    adapter = build_adapter(cfg, device)
-    load_lora(adapter, lora, weights)
+        adapter = build_adapter(cfg, device)
+    else:
+        lora = lora or read_lora(weights)
+        cfg = with_lora(cfg, lora, str(weights))
+        adapter = build_adapter(cfg, device)
+        load_lora(adapter, lora, weights)
+    prepare_sampling(adapter, cfg, second)
     return cfg, adapter
+
+
+def check_sampling(cfg: Config, steps: int | None = None) -> LoraWeights | None:
+    """What `inference` asks of the model, checked on its shape (built on the meta device) before a model is built
+    or anything written: the cache hook's options (`block_cache.cache_config`, for `steps` sampler steps) and the
+    second LoRA, which is read and returned (None without one)."""
+    settings = cfg.inference
+    if settings.cache == "none" and settings.second_lora is None:
+        return None
+    transformer = build_transformer_on_meta(cfg.model)
+    if settings.cache != "none":
+        cache_config(transformer, settings, steps or settings.steps)
+    if settings.second_lora is None:
+        return None
+    source = f"inference.second_lora={settings.second_lora}"
+    try:
+        second = read_lora(Path(settings.second_lora))
+    except WeightsError as e:
+        raise WeightsError(f"inference.second_lora: {e}") from None
+    check_lora_fits(transformer, cfg.model, second, source)
+    return second
+
+
+def prepare_sampling(adapter: WanAdapter, cfg: Config, second: LoraWeights | None = None) -> None:
+    """Stack `second` (read from `inference.second_lora`) on the adapter's LoRA, scale both as `inference` sets them,
+    and with `inference.merge_lora` fold them into the base weights."""
+    settings = cfg.inference
+    scales = {OWN_ADAPTER: settings.lora_weight}
+    if second is not None:
+        stack_lora(adapter.transformer, cfg.model, second, f"inference.second_lora={settings.second_lora}")
+        scales[SECOND_ADAPTER] = settings.second_lora_weight
+    set_lora_scales(adapter.transformer, scales)
+    if settings.merge_lora:
+        # diffusers' fuse_lora: W += scale·B·A·alpha/rank for every active adapter, so a forward runs no LoRA branch.
+        # The LoRA weights stay (lora_state_dict still returns them), but loading others would not change the fused
+        # weights: for a model that only samples, as here.
+        adapter.transformer.fuse_lora()
 
 
 def with_lora(cfg: Config, lora: LoraWeights, source: str) -> Config:

@@ -13,6 +13,18 @@ as ONE batched forward:
 The negative prompt (`storyboard.negative_prompt`) replaces the shot texts in v_u and v_r; condition frames keep
 their own texts, as in training's text dropout. The drawn latents are decoded in one shot stream with the given
 shots' latents, in story order, as training encoded them (`decode_in_context`).
+
+What does not change between steps is computed once per storyboard (`encode`): the condition latents, the umT5
+embeddings of every distinct frame text (the conditions', the shots', the negative prompt), their cross-attention
+keys and values in every block (`inference.cache_text`; each forward selects its frames' rows, so branches that
+share a text share them), and the RoPE of each layout. The result equals the step-by-step computation within float
+rounding (tests/test_sampling.py).
+
+Opt-in approximations (`inference`, off by default; their speed and drift in benchmarks/RESULTS.md):
+- `guidance_fraction` < 1: the steps after that share of the schedule use v_c alone (one forward of the
+  conditioned layout, Eq. 9 with ω1 = ω2 = 1) instead of the two or three branches;
+- `cache`: a diffusers cache hook on the DiT's blocks for the storyboard (`block_cache.py`); every kind of batched
+  forward (the guided pair, v_u, the conditional-only forward) keeps its own cache state.
 """
 
 from __future__ import annotations
@@ -30,6 +42,8 @@ from dreamshot.diffusion.flow_matching import NUM_TRAIN_TIMESTEPS, dit_timesteps
 from dreamshot.diffusion.guidance import guided_velocity
 from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.adapter import WanAdapter
+from dreamshot.models.wan.attention import CrossAttentionText
+from dreamshot.models.wan.block_cache import CacheContext, no_cache_context
 from dreamshot.models.wan.latents import encode_references, encode_shots
 
 
@@ -90,22 +104,49 @@ class StoryboardResult:
     total_seconds: float
 
 
+@dataclass(frozen=True)
+class Branch:
+    """A kind of batched forward, fixed for one storyboard: its layout and that layout's RoPE (cos, sin)."""
+
+    layout: StoryboardLayout
+    rotary: tuple[torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class EncodedRequest:
-    """conditions: (1, C, K+M, h, w) clean latents (references, then given shots); texts (1, frames, L, D):
-    conditions', shots', negative; the story positions of the given shots and of the shots to draw."""
+    """Everything of one request that no sampling step changes.
+
+    conditions: (1, C, K+M, h, w) clean latents (references, then given shots); texts: (1, U, L, D) the umT5
+    embeddings of the U = K+M+N+1 distinct frame texts — the conditions', the N shots', the negative prompt;
+    cross_text: their cross-attention keys and values (`inference.cache_text`), else None; conditioned: the layout
+    with the conditions, free: the one without them (v_u; None in t2s, where the conditioned layout has none);
+    dtype: the DiT's (diffusers' `dtype` property walks every module: 12% of a tiny Wan's step when read per forward).
+    """
 
     conditions: torch.Tensor
-    condition_text: torch.Tensor
-    shot_text: torch.Tensor
-    negative_text: torch.Tensor
+    texts: torch.Tensor
     num_references: int
     given_positions: list[int]
     shot_positions: list[int]
+    conditioned: Branch
+    free: Branch | None
+    cross_text: CrossAttentionText | None
+    dtype: torch.dtype
 
     @property
     def given_latents(self) -> torch.Tensor:
         return self.conditions[:, :, self.num_references :]
+
+    @property
+    def shot_frames(self) -> torch.Tensor:
+        """(N,) indices into `texts` of the shot prompts."""
+        conditions = self.conditions.shape[2]
+        return torch.arange(conditions, conditions + len(self.shot_positions))
+
+    @property
+    def negative_frames(self) -> torch.Tensor:
+        """(N,) indices into `texts` of the negative prompt, one per shot."""
+        return torch.full((len(self.shot_positions),), self.texts.shape[1] - 1)
 
 
 def build_scheduler(name: str, shift: float):
@@ -149,13 +190,17 @@ class StoryboardPipeline:
         targets = initial_noise(self.latent_shape(request), seed).to(self.device)
         scheduler = build_scheduler(settings.scheduler, settings.shift)
         scheduler.set_timesteps(settings.steps if steps is None else steps, device=self.device)
+        guided_steps = settings.guidance_fraction * len(scheduler.timesteps)
         step_seconds = []
-        for timestep in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-            tick = time.perf_counter()
-            velocity = self.velocity(encoded, targets, timestep)
-            targets = scheduler.step(velocity, timestep, targets, return_dict=False)[0]
-            _synchronize(self.device)
-            step_seconds.append(time.perf_counter() - tick)
+        with self.adapter.block_cache(settings, len(scheduler.timesteps)) as cache_context:
+            for index, timestep in enumerate(
+                tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)
+            ):
+                tick = time.perf_counter()
+                velocity = self.velocity(encoded, targets, timestep, index < guided_steps, cache_context)
+                targets = scheduler.step(velocity, timestep, targets, return_dict=False)[0]
+                _synchronize(self.device)
+                step_seconds.append(time.perf_counter() - tick)
         images = self.adapter.decode_shots(
             targets, encoded.shot_positions, encoded.given_latents, encoded.given_positions
         )
@@ -170,9 +215,8 @@ class StoryboardPipeline:
         return 1, vae.config.z_dim, len(request.shot_texts), height // ratio, width // ratio
 
     def encode(self, request: StoryboardRequest) -> EncodedRequest:
-        """Condition latents and every text embedding of `request` (one VAE pass per stream, one umT5 batch)."""
-        conditions = len(request.reference_texts) + len(request.given_texts)
-        shots = len(request.shot_texts)
+        """What no step changes: condition latents (one VAE pass per stream), every distinct text embedding (one umT5
+        batch) and, with `inference.cache_text`, their cross-attention keys and values, and each layout's RoPE."""
         texts = request.reference_texts + request.given_texts + request.shot_texts
         embedded = self.adapter.encode_text([texts + [self.config.storyboard.negative_prompt]])
         vae = self.adapter.vae
@@ -181,52 +225,70 @@ class StoryboardPipeline:
         if request.given_texts:
             given = encode_shots(vae, request.given_shots[None].to(self.device))
             latents = torch.cat([latents, given], dim=2)
+        cfg = self.config.storyboard
+        layout = storyboard_layout(cfg, len(request.reference_texts), request.shot_positions, request.given_positions)
+        latent_size = self.latent_shape(request)[3:]
+        free = storyboard_layout(cfg, 0, request.shot_positions) if layout.num_conditions else None
         return EncodedRequest(
             conditions=latents,
-            condition_text=embedded[:, :conditions],
-            shot_text=embedded[:, conditions : conditions + shots],
-            negative_text=embedded[:, -1:].expand(-1, shots, -1, -1),
+            texts=embedded,
             num_references=len(request.reference_texts),
             given_positions=list(request.given_positions),
             shot_positions=list(request.shot_positions),
+            conditioned=Branch(layout, self.adapter.rotary_emb(layout, latent_size, self.device)),
+            free=None if free is None else Branch(free, self.adapter.rotary_emb(free, latent_size, self.device)),
+            cross_text=self.adapter.cross_attention_text(embedded[0]) if self.config.inference.cache_text else None,
+            dtype=self.adapter.transformer.dtype,
         )
 
-    def velocity(self, encoded: EncodedRequest, targets: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """Guided velocity (1, C, N, h, w) of the targets at a scheduler timestep (0..1000)."""
+    def velocity(
+        self,
+        encoded: EncodedRequest,
+        targets: torch.Tensor,
+        timestep: torch.Tensor,
+        guided: bool = True,
+        cache_context: CacheContext = no_cache_context,
+    ) -> torch.Tensor:
+        """Guided velocity (1, C, N, h, w) of the targets at a scheduler timestep (0..1000); with `guided` False,
+        v_c alone (the steps after `inference.guidance_fraction`)."""
         settings = self.config.inference
         t = (timestep.float() / NUM_TRAIN_TIMESTEPS).reshape(1).to(self.device)
-        cfg = self.config.storyboard
-        layout = storyboard_layout(cfg, encoded.num_references, encoded.shot_positions, encoded.given_positions)
-        texts = [
-            layout.assemble(encoded.condition_text, text, dim=1) for text in (encoded.negative_text, encoded.shot_text)
-        ]
-        negative, v_c = self.predict(layout, encoded.conditions, targets, t, texts)
-        if layout.num_conditions == 0:
+        shots, negative = encoded.shot_frames, encoded.negative_frames
+        if not guided:
+            with cache_context("conditional"):
+                return self.predict(encoded, encoded.conditioned, targets, t, [shots])[0]
+        with cache_context("guided"):
+            negative_branch, v_c = self.predict(encoded, encoded.conditioned, targets, t, [negative, shots])
+        if encoded.free is None:
             # t2s: the negative-prompt branch has no condition frames, so it is v_u and v_r does not exist.
-            return guided_velocity(negative, v_c, None, settings.omega1, settings.omega2)
-        free = storyboard_layout(cfg, 0, encoded.shot_positions)
-        (v_u,) = self.predict(free, encoded.conditions[:, :, :0], targets, t, [encoded.negative_text])
-        return guided_velocity(v_u, v_c, negative, settings.omega1, settings.omega2)
+            return guided_velocity(negative_branch, v_c, None, settings.omega1, settings.omega2)
+        with cache_context("free"):
+            (v_u,) = self.predict(encoded, encoded.free, targets, t, [negative])
+        return guided_velocity(v_u, v_c, negative_branch, settings.omega1, settings.omega2)
 
     def predict(
         self,
-        layout: StoryboardLayout,
-        conditions: torch.Tensor,
+        encoded: EncodedRequest,
+        branch: Branch,
         targets: torch.Tensor,
         t: torch.Tensor,
-        texts: list[torch.Tensor],
+        target_texts: list[torch.Tensor],
     ) -> tuple[torch.Tensor, ...]:
-        """One batched forward: the targets' velocity (1, C, N, h, w), float32, for each text (1, F, L, D).
+        """One batched forward of `branch`'s layout: the targets' velocity (1, C, N, h, w), float32, for each row of
+        target texts ((N,) indices into `encoded.texts`; the condition frames keep their own texts).
 
-        conditions: (1, C, K, h, w) clean; targets: (1, C, N, h, w) noised to t (shape (1,), in [0, 1]).
+        targets: (1, C, N, h, w) noised to t (shape (1,), in [0, 1]).
         """
-        batch = len(texts)
-        dtype = self.adapter.transformer.dtype
-        sequence = layout.assemble(conditions.to(dtype), targets.to(dtype)).repeat(batch, 1, 1, 1, 1)
+        layout, batch, dtype = branch.layout, len(target_texts), encoded.dtype
+        conditions = encoded.conditions[:, :, : layout.num_conditions].to(dtype)
+        sequence = layout.assemble(conditions, targets.to(dtype)).repeat(batch, 1, 1, 1, 1)
+        condition_texts = torch.arange(layout.num_conditions)
+        frames = torch.stack([layout.assemble(condition_texts, row, dim=0) for row in target_texts])  # (B, F)
+        text = encoded.texts[0, frames] if encoded.cross_text is None else encoded.cross_text.select(frames)
         # The DiT timesteps as the model was trained: per token (condition frames at 0) or one per sample.
         per_token = self.config.diffusion.timestep_mode == "per_token"
         timesteps = dit_timesteps(t.expand(batch), layout.target_frames(), per_token)
-        velocity = self.adapter.predict_velocity(sequence, timesteps, torch.cat(texts), layout)
+        velocity = self.adapter.predict_velocity(sequence, timesteps, text, layout, rotary=branch.rotary)
         return layout.split(velocity.float())[1].chunk(batch)
 
 

@@ -316,6 +316,25 @@ def main() -> None:
     write_videos()
     write_encodings()
     write_caches()
+    write_loras()
+
+
+def write_loras() -> None:
+    """Second LoRAs (`inference.second_lora`) the tiny Wan (attention width 48) cannot take: one in ComfyUI's format
+    for a model of width 64, one in diffusers' format whose modules have two ranks."""
+    generator = torch.Generator().manual_seed(0)
+
+    def weights(*shape):
+        return torch.randn(shape, generator=generator)
+
+    q = "diffusion_model.blocks.0.self_attn.q"
+    other_size = {f"{q}.lora_down.weight": weights(4, 64), f"{q}.lora_up.weight": weights(64, 4)}
+    save_file(other_size | {f"{q}.alpha": torch.tensor(4.0)}, DATA / "lora_other_size.safetensors")
+    mixed = {}
+    for module, rank in (("attn1.to_q", 4), ("attn1.to_k", 2)):
+        name = f"transformer.blocks.0.{module}"
+        mixed |= {f"{name}.lora_A.weight": weights(rank, 48), f"{name}.lora_B.weight": weights(48, rank)}
+    save_file(mixed, DATA / "lora_mixed_ranks.safetensors")
 
 
 if __name__ == "__main__":

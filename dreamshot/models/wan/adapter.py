@@ -7,15 +7,16 @@ The trainer, the pipeline and the metrics talk to it in storyboard terms — ima
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
 
-from dreamshot.config.schema import ModelConfig
+from dreamshot.config.schema import InferenceConfig, ModelConfig
 from dreamshot.diffusion.conditioning import StoryboardLatents
 from dreamshot.models.layout import StoryboardLayout
-from dreamshot.models.wan.attention import use_shotwise_cross_attention
+from dreamshot.models.wan.attention import CrossAttentionText, cross_attention_text, use_shotwise_cross_attention
+from dreamshot.models.wan.block_cache import CacheContext, block_cache
 from dreamshot.models.wan.build import build_components
 from dreamshot.models.wan.context_parallel import ContextParallel
 from dreamshot.models.wan.forward import compile_blocks, run_block, storyboard_forward, use_frame_modulation
@@ -107,35 +108,51 @@ class WanAdapter(nn.Module):
         given = targets[:, :, :0] if given is None else given
         return decode_in_context(self.vae, given, targets, given_positions or [], target_positions)
 
+    def block_cache(self, settings: InferenceConfig, steps: int) -> AbstractContextManager[CacheContext]:
+        """`inference.cache` on the DiT for one sampling run of `steps` steps (`block_cache.py`); the context yields
+        the function that names each forward's cache context."""
+        return block_cache(self.transformer, settings, steps)
+
+    @torch.no_grad()
+    def cross_attention_text(self, texts: torch.Tensor) -> CrossAttentionText:
+        """Every block's cross-attention keys and values of U distinct frame texts (U, L, D), for a sampler to
+        compute once per storyboard and pass to `predict_velocity` with each forward's frames selected."""
+        return cross_attention_text(self.transformer, texts)
+
+    def rotary_emb(self, layout: StoryboardLayout, latent_size: tuple[int, int], device) -> tuple[torch.Tensor, ...]:
+        """The storyboard RoPE (cos, sin) of `layout` for latents of `latent_size` (h, w)."""
+        _, p_h, p_w = self.patch_size
+        grid = (latent_size[0] // p_h, latent_size[1] // p_w)
+        return storyboard_rotary_emb(layout, grid, self.transformer.config.attention_head_dim, device=device)
+
     def predict_velocity(
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
-        text: torch.Tensor,
+        text: torch.Tensor | CrossAttentionText,
         layout: StoryboardLayout,
         capture: RoleCapture | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """v_θ for one storyboard sequence.
 
         latents: (B, C, F, h, w) in the layout's sequence order; timesteps: (B,) or (B, F) per frame;
-        text: (B, F, L, D), each frame's own text in the same order. Returns (B, C, F, h, w).
-        With `capture`, the captured blocks also fill `capture.maps` with role-attention maps.
+        text: (B, F, L, D), each frame's own text in the same order, or its keys and values projected once
+        (`cross_attention_text`, the B × F frames selected). Returns (B, C, F, h, w).
+        With `capture`, the captured blocks also fill `capture.maps` with role-attention maps. `rotary`: the
+        layout's RoPE when the caller computed it once (`rotary_emb`).
         """
         _, _, frames, height, width = latents.shape
         if frames != layout.num_frames or text.shape[1] != frames:
             raise ValueError(f"layout has {layout.num_frames} frames, latents {frames}, texts {text.shape[1]}")
+        if rotary is None:
+            rotary = self.rotary_emb(layout, (height, width), latents.device)
         _, p_h, p_w = self.patch_size
-        rotary = storyboard_rotary_emb(
-            layout,
-            (height // p_h, width // p_w),
-            self.transformer.config.attention_head_dim,
-            device=latents.device,
-        )
         return storyboard_forward(
             self.transformer,
             latents,
             timesteps,
-            text.flatten(1, 2),
+            text if isinstance(text, CrossAttentionText) else text.flatten(1, 2),
             rotary,
             gradient_checkpointing=self.gradient_checkpointing,
             block_runner=capture.runner if capture is not None else run_block,

@@ -5,12 +5,20 @@ padding is attended, not masked, as Wan does with its own text padding. Frames a
 every (sample, frame) pair is one small attention of h·w queries against L keys: the dense masked form over
 F·h·w × F·L costs F times more and is kept here only as a reference for tests and the benchmark.
 
+A frame's text keys and values depend on its text alone, not on the video tokens or the timestep, so a sampler
+computes them once per storyboard (`cross_attention_text`: the condition embedder's text projection, then every
+block's K/V projections, for each distinct frame text) and every forward of every step picks its frames' rows
+(`CrossAttentionText.select`): the same arithmetic on the same rows, so the same output within float rounding.
+
 Under context parallelism a rank holds a run of tokens that may start and end inside a frame, and the texts of
 the frames it touches; its queries are placed in those whole frames (`SequenceShard.whole_frames`) and attend
 to their own frame's text as above: no communication.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +45,80 @@ def shotwise_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     query: (B, F·S, H, d) — S tokens per frame, frame-major; key, value: (B, F·L, H, d) — L text tokens per
     frame, frames in the same order. Returns (B, F·S, H, d).
     """
-    out = F.scaled_dot_product_attention(
-        _frames_into_batch(query, num_frames),
-        _frames_into_batch(key, num_frames),
-        _frames_into_batch(value, num_frames),
-    )
+    folded = TextKV(_frames_into_batch(key, num_frames), _frames_into_batch(value, num_frames))
+    return _attend_folded(query, folded)
+
+
+def _attend_folded(query: torch.Tensor, text: TextKV) -> torch.Tensor:
+    """query (B, F·S, H, d) against keys and values with the frames already in the batch -> (B, F·S, H, d)."""
+    num_frames = text.key.shape[0] // query.shape[0]
+    out = F.scaled_dot_product_attention(_frames_into_batch(query, num_frames), text.key, text.value)
     return out.transpose(1, 2).reshape(query.shape)
+
+
+class TextKV(NamedTuple):
+    """One block's shot-wise cross-attention keys and values, one batch entry per (sample, frame): (B·F, H, L, d)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+def text_key_value(attn, text: torch.Tensor, num_frames: int) -> TextKV:
+    """A `WanAttention`'s keys and values of `text` (B, F·L, D), frames folded into the batch."""
+    key = attn.norm_k(attn.to_k(text)).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(text).unflatten(2, (attn.heads, -1))
+    return TextKV(_frames_into_batch(key, num_frames), _frames_into_batch(value, num_frames))
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossAttentionText:
+    """Every block's cross-attention keys and values of U distinct frame texts, computed once
+    (`cross_attention_text`), and which of them the frames of one forward take (`select`).
+
+    keys, values: one (U, H, L, d) tensor per block; frames: (B, F) indices into U, frames in sequence order.
+    Memory: 2·U·L·D values per block (for the 14B at 480p with 8 shots and 3 references, U = 12 distinct texts of
+    512 tokens: 120 MiB a block in bf16, 4.7 GiB for the 40 blocks), where each step would otherwise project the
+    texts of 30 frames (r2s: 2 × 11 in the guided pair, 8 in v_u) in every block.
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    text_dim: int
+    frames: torch.Tensor | None = None
+
+    def select(self, frames: torch.Tensor) -> CrossAttentionText:
+        """The same keys and values, for a forward whose frame texts are `frames` (B, F) (indices into U)."""
+        return dataclasses.replace(self, frames=frames.to(self.keys[0].device))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(B, F) of the selected forward."""
+        return tuple(self.frames.shape)
+
+    def block(self, index: int) -> TextKV:
+        """Block `index`'s keys and values for the selected frames: (B·F, H, L, d) each."""
+        rows = self.frames.flatten()
+        return TextKV(self.keys[index].index_select(0, rows), self.values[index].index_select(0, rows))
+
+    def empty_text(self) -> torch.Tensor:
+        """A (B, 0, D_text) text: what the condition embedder is given when its text projection is done here."""
+        return self.keys[0].new_empty(self.frames.shape[0], 0, self.text_dim)
+
+
+def cross_attention_text(transformer, texts: torch.Tensor) -> CrossAttentionText:
+    """The condition embedder's text projection and every block's keys and values of `texts` (U, L, D_text):
+    U distinct frame texts (umT5 embeddings), projected once."""
+    count = texts.shape[0]
+    embedded = transformer.condition_embedder.text_embedder(texts.flatten(0, 1)[None])  # (1, U·L, D)
+    keys, values = [], []
+    for block in transformer.blocks:
+        if not isinstance(block.attn2.processor, ShotwiseCrossAttnProcessor):
+            raise ValueError("cross_attention_text needs the shot-wise cross-attention: use_shotwise_cross_attention")
+        ShotwiseCrossAttnProcessor.check_module(block.attn2)
+        key, value = text_key_value(block.attn2, embedded, count)
+        keys.append(key)
+        values.append(value)
+    return CrossAttentionText(tuple(keys), tuple(values), texts.shape[-1])
 
 
 def shotwise_mask(num_frames: int, query_len: int, key_len: int, device=None) -> torch.Tensor:
@@ -90,18 +166,21 @@ class ShotwiseCrossAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """hidden_states (B, F·S, D) video tokens, encoder_hidden_states (B, F·text_len, D) -> (B, F·S, D)."""
-        self._check_module(attn)
+        """hidden_states (B, F·S, D) video tokens, encoder_hidden_states (B, F·text_len, D) -> (B, F·S, D).
+
+        encoder_hidden_states may also be the text's keys and values already projected (`TextKV`, computed once
+        per storyboard by `cross_attention_text`): the projections are then skipped.
+        """
+        self.check_module(attn)
         if encoder_hidden_states is None or attention_mask is not None or rotary_emb is not None:
             raise ValueError("shot-wise cross-attention needs text states and takes no mask or rotary emb")
 
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-
         query, restore = self.shard.whole_frames(query)
-        num_frames = self.num_frames(encoder_hidden_states.shape[1], query.shape[1])
-        hidden_states = restore(shotwise_attention(query, key, value, num_frames)).flatten(2, 3).type_as(query)
+        text = encoder_hidden_states
+        if not isinstance(text, TextKV):
+            text = text_key_value(attn, text, self.num_frames(text.shape[1], query.shape[1]))
+        hidden_states = restore(_attend_folded(query, text)).flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
 
@@ -115,7 +194,7 @@ class ShotwiseCrossAttnProcessor:
         return frames
 
     @staticmethod
-    def _check_module(attn) -> None:
+    def check_module(attn) -> None:
         if attn.add_k_proj is not None:
             raise ValueError("shot-wise cross-attention supports text-to-video Wan only (attn has image K/V)")
         if getattr(attn, "fused_projections", False):

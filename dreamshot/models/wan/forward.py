@@ -12,6 +12,8 @@ diffusers' forward cannot take as arguments:
   (`use_frame_modulation`), which does diffusers' block arithmetic on (frame, token) views, so the output is
   bit-equal to per-token modulation (tests/test_wan_forward.py, benchmarks/modulation_memory.py);
 - the block loop is ours, so a block can be wrapped (role-attention capture) and checkpointed as a unit;
+- the text may come as its cross-attention keys and values, projected once per storyboard by a sampler
+  (`CrossAttentionText`): the condition embedder then runs its time part alone and every block gets its own;
 - nothing is stored on the modules between calls;
 - under context parallelism (`context_parallel.py`) the blocks run on this rank's share of the tokens: the
   `SequenceShard` slices the tokens, timesteps, texts and RoPE before the blocks, binds itself to the blocks'
@@ -22,15 +24,17 @@ With Wan's own positions and a global timestep it equals diffusers' forward (tes
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from dreamshot.models.wan.attention import CrossAttentionText
 from dreamshot.models.wan.context_parallel import ContextParallel, SequenceShard
 
-# (block index, block, hidden (B, T, D), text (B, L_total, D), temb, rotary_emb) -> hidden (B, T, D)
+# (block index, block, hidden (B, T, D), text (B, L_total, D) or the block's TextKV, temb, rotary_emb) -> (B, T, D)
 BlockRunner = Callable[[int, torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, tuple], torch.Tensor]
 
 
@@ -82,7 +86,11 @@ def use_frame_modulation(transformer) -> None:
 
 
 def uses_frame_modulation(transformer) -> bool:
-    return all(getattr(block.forward, "__func__", None) is storyboard_block_forward for block in transformer.blocks)
+    """Whether every block runs `storyboard_block_forward`, also under diffusers' hooks (which wrap the forward)."""
+    return all(
+        getattr(inspect.unwrap(block.forward), "__func__", None) is storyboard_block_forward
+        for block in transformer.blocks
+    )
 
 
 def compile_blocks(transformer) -> None:
@@ -102,7 +110,7 @@ def storyboard_forward(
     transformer,
     latents: torch.Tensor,
     timesteps: torch.Tensor,
-    text: torch.Tensor,
+    text: torch.Tensor | CrossAttentionText,
     rotary_emb: tuple[torch.Tensor, torch.Tensor],
     gradient_checkpointing: bool = False,
     block_runner: BlockRunner = run_block,
@@ -114,7 +122,8 @@ def storyboard_forward(
     timesteps: (B,) one timestep per sample, or (B, G) one per group of T/G consecutive tokens (T = F·h·w / 4,
     frame-major): (B, F) per frame, as the storyboard feeds it (blocks of `use_frame_modulation`), or (B, T) per
     token, as diffusers' Wan takes it.
-    text: (B, F·L, D_text) — every frame's own text embedding, frames in sequence order.
+    text: (B, F·L, D_text) — every frame's own text embedding, frames in sequence order; or its cross-attention
+    keys and values (`CrossAttentionText` with the B × F frames selected).
     rotary_emb: (cos, sin), each (1, T, 1, head_dim).
     shard: this rank's share of the tokens (`ContextParallel.shard`); None: all of them.
     Returns (B, C_out, F, h, w), the whole sequence on every rank.
@@ -132,24 +141,32 @@ def storyboard_forward(
 
     # 1. Patchify to tokens (B, T, D); this rank's share of them and of everything per token or per frame.
     hidden = shard.tokens(transformer.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous())
-    timesteps, text = shard.timesteps(timesteps), shard.text(text)
+    projected = isinstance(text, CrossAttentionText)
+    # Projected text is sliced by its frames' indices (B, F): one "token" of text per frame.
+    text = text.select(shard.text(text.frames)) if projected else shard.text(text)
+    timesteps = shard.timesteps(timesteps)
     rotary_emb = tuple(shard.tokens(x) for x in rotary_emb)
     block_runner = shard.runner(block_runner)
 
-    # 2. Time and text conditioning: one (6, D) modulation per sample, or per group of tokens.
-    temb, timestep_proj, text, _ = transformer.condition_embedder(
-        timesteps.flatten(), text, None, timestep_seq_len=timesteps.shape[1] if grouped else None
+    # 2. Time and text conditioning: one (6, D) modulation per sample, or per group of tokens. Text already projected
+    # to keys and values is not embedded again: the embedder gets zero text tokens, so only its time part runs.
+    temb, timestep_proj, embedded, _ = transformer.condition_embedder(
+        timesteps.flatten(),
+        text.empty_text() if projected else text,
+        None,
+        timestep_seq_len=timesteps.shape[1] if grouped else None,
     )
     timestep_proj = timestep_proj.unflatten(-1, (6, -1))
 
     # 3. Blocks. Non-reentrant checkpointing keeps gradients of anything a block runner captures.
     for index, block in enumerate(transformer.blocks):
+        block_text = text.block(index) if projected else embedded
         if gradient_checkpointing and torch.is_grad_enabled():
             hidden = checkpoint(
-                block_runner, index, block, hidden, text, timestep_proj, rotary_emb, use_reentrant=False
+                block_runner, index, block, hidden, block_text, timestep_proj, rotary_emb, use_reentrant=False
             )
         else:
-            hidden = block_runner(index, block, hidden, text, timestep_proj, rotary_emb)
+            hidden = block_runner(index, block, hidden, block_text, timestep_proj, rotary_emb)
 
     # 4. Output modulation (per group, broadcast like the blocks'), projection and unpatchify.
     per_group = temb if grouped else temb.unsqueeze(1)  # (B, G, D)

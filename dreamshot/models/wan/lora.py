@@ -4,13 +4,16 @@ Target patterns follow peft's rule for a list of names: a module matches when it
 pattern or ends with "." + pattern ("to_q" hits `blocks.3.attn1.to_q` and `blocks.3.attn2.to_q`).
 State dicts use peft's key names (adapter name removed), e.g. `blocks.0.attn1.to_q.lora_A.weight`.
 A LoRA read from a file (`lora_files.py`) brings its own rank, alpha and modules: `lora_config_for` turns them
-into the `model.lora` that holds it.
+into the `model.lora` that holds it. For sampling, a second LoRA (e.g. a step-distilled Wan LoRA) can stand beside
+it as a second peft adapter with its own rank, alpha and modules (`stack_lora`), each adapter with its own scale
+(`set_lora_scales`); diffusers' `fuse_lora` then folds the active adapters into the base weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Iterable
 
 import peft
@@ -23,6 +26,10 @@ from dreamshot.models.wan.build import build_transformer_on_meta
 from dreamshot.models.wan.lora_files import LoraWeights
 from dreamshot.models.wan.lora_formats import METADATA_BASE_MODEL, METADATA_TRANSFORMER
 from dreamshot.utils.errors import ConfigError, WeightsError
+
+# peft's name of the adapter `apply_lora` injects (the run's own LoRA), and of the one `stack_lora` adds.
+OWN_ADAPTER = "default"
+SECOND_ADAPTER = "second"
 
 
 def apply_lora(transformer, cfg: LoraConfig) -> None:
@@ -107,6 +114,56 @@ def _check_base_model(cfg: ModelConfig, weights: LoraWeights, source: str) -> No
                 f"{source}: trained on the {base} transformer with {key}={value}; "
                 f"model.transformer.{key}={ours[key]} (model {cfg.name})"
             )
+
+
+def check_lora_fits(transformer, cfg: ModelConfig, weights: LoraWeights, source: str) -> None:
+    """WeightsError naming `source` unless every module of `weights` is a linear of `transformer` (built from `cfg`)
+    with the in and out features of the LoRA's A (r, in) and B (out, r): a LoRA of another model size is refused
+    here, before any weight is loaded."""
+    _check_base_model(cfg, weights, source)
+    modules = dict(transformer.named_modules())
+    for name in sorted(weights.modules):
+        module = getattr(modules.get(name), "base_layer", modules.get(name))
+        if not isinstance(module, nn.Linear):
+            blocks = len(transformer.blocks)
+            raise WeightsError(
+                f"{source}: LoRA module {name!r} is not a linear of the {cfg.name} transformer ({blocks} blocks): "
+                "a LoRA for another model?"
+            )
+        down, up = weights.state[f"{name}.lora_A.weight"], weights.state[f"{name}.lora_B.weight"]
+        expected = {"lora_A": (weights.rank, module.in_features), "lora_B": (module.out_features, weights.rank)}
+        for part, tensor in (("lora_A", down), ("lora_B", up)):
+            if tuple(tensor.shape) != expected[part]:
+                raise WeightsError(
+                    f"{source}: {name}.{part} is {tuple(tensor.shape)}, the {cfg.name} transformer's {name} needs "
+                    f"{expected[part]}: a LoRA for another model size, or A and B of different ranks"
+                )
+
+
+def stack_lora(transformer, cfg: ModelConfig, weights: LoraWeights, source: str) -> None:
+    """Add `weights` as the adapter `SECOND_ADAPTER` beside the run's own, with the file's rank, alpha (none
+    recorded: alpha = rank, as diffusers applies such a file) and modules; frozen, float32 like `apply_lora`'s.
+    Both adapters are active at scale 1 afterwards."""
+    check_lora_fits(transformer, cfg, weights, source)
+    config = peft.LoraConfig(
+        r=weights.rank,
+        lora_alpha=weights.rank if weights.alpha is None else weights.alpha,
+        target_modules=sorted(weights.modules),
+    )
+    with warnings.catch_warnings():  # peft warns that the model now holds several adapters: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        transformer.add_adapter(config, adapter_name=SECOND_ADAPTER)
+    set_peft_model_state_dict(transformer, weights.state, adapter_name=SECOND_ADAPTER)
+    for name, parameter in transformer.named_parameters():
+        if f".{SECOND_ADAPTER}." in name:
+            parameter.requires_grad_(False)
+            parameter.data = parameter.data.float()
+    set_lora_scales(transformer, {OWN_ADAPTER: 1.0, SECOND_ADAPTER: 1.0})
+
+
+def set_lora_scales(transformer, scales: dict[str, float]) -> None:
+    """Activate the adapters named in `scales`, each scaling its update B·A·alpha/rank by its value."""
+    transformer.set_adapters(list(scales), list(scales.values()))
 
 
 def lora_state_dict(transformer) -> dict[str, torch.Tensor]:

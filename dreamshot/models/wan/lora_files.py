@@ -97,6 +97,7 @@ def _from_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     else:
         state = {key.removeprefix(DIFFUSERS_PREFIX).removeprefix(PEFT_MODEL_PREFIX): v for key, v in tensors.items()}
         _check_lora_keys(state, source)
+        _checked(LoraWeights(state, None), source)  # one rank, the file named, before the alpha is read with it
         alpha = _recorded_alpha(metadata, state, diffusers=any(k.startswith(DIFFUSERS_PREFIX) for k in tensors))
     if METADATA_UP_SCALE in metadata:  # written by DreamShot: undo what it folded in
         state = scale_up_weights(state, 1 / float(metadata[METADATA_UP_SCALE]))
