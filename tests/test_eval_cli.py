@@ -182,6 +182,7 @@ def test_the_default_results_folder_names_what_is_scored(tmp_path, monkeypatch):
     assert name("--lora", "outputs/x/lora.safetensors") == "toy_racl_ablation-with_racl"
     assert (name("--base"), name("--outputs", "theirs/shots")) == ("base", "shots")
     # `make eval` leaves the folder to `dreamshot eval` unless EVAL_OUT says otherwise.
-    dry = ["make", "-n", "-o", ".venv/.installed", "eval", "BENCH=toy", "CKPT=outputs/demo"]
+    # Under another make (CI runs `make test`) a sub-make prints "Entering/Leaving directory" lines of its own.
+    dry = ["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "eval", "BENCH=toy", "CKPT=outputs/demo"]
     line = subprocess.run(dry, cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
     assert "dreamshot eval toy" in line and "--out" not in line
