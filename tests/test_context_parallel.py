@@ -2,16 +2,19 @@
 
 Each spawned rank runs the same seeded tiny Wan twice on the same batch, once alone (degree 1) and once with its
 group (degree 2), and reports the largest differences: the prediction, the losses, the role-attention maps and
-the LoRA gradients averaged over the group as DDP and DeepSpeed average them. The storyboards are 15 tokens per
-frame with an odd number of frames, so the degree never divides the sequence and the padding path always runs.
+the LoRA gradients averaged over the group as DDP and DeepSpeed average them. The Ulysses storyboards are 15 tokens
+per frame with an odd number of frames, so the degree never divides the sequence and the padding path always runs.
+The ring storyboards are 12 tokens per frame (ring cannot pad: the degree must divide the tokens per frame), and
+run in the same processes on a second mesh, with the test support's CPU log-sum-exp kernel (`cp_support`).
 """
 
 from __future__ import annotations
 
+import cp_support
 import pytest
 import torch
 import torch.distributed as dist
-from cp_support import run_group
+from cp_support import context_parallel_group, run_group
 
 from dreamshot.config.schema import Config
 from dreamshot.data.bucketing import StoryboardBatch
@@ -34,6 +37,8 @@ CASES = [
     ("last", "s2s", 1, False),
     ("refs_first", "r2s_s2s", 1, False),
 ]
+RING_SIZE = (48, 64)  # 3 x 4 = 12 tokens per frame, which degree 2 divides
+RING_CASES = [("refs_first", "r2s", 0, True), ("last", "s2s", 1, False)]
 
 
 def _config(layout: str, checkpointing: bool) -> Config:
@@ -46,9 +51,9 @@ def _config(layout: str, checkpointing: bool) -> Config:
     return cfg
 
 
-def _batch(shots: int = 3, refs: int = 2, seed: int = 0) -> StoryboardBatch:
+def _batch(size: tuple[int, int], shots: int = 3, refs: int = 2, seed: int = 0) -> StoryboardBatch:
     g = torch.Generator().manual_seed(seed)
-    height, width = SIZE
+    height, width = size
     masks = torch.zeros(1, shots, refs, height, width)
     for n in range(shots):
         for k in range(refs):
@@ -104,9 +109,9 @@ def _step(module: DreamShotModule, batch: StoryboardBatch, plan: BatchPlan) -> d
     }
 
 
-def compare_step(cp: ContextParallel, cases) -> dict[str, float]:
+def compare_step(cp: ContextParallel, cases, size: tuple[int, int]) -> dict[str, float]:
     """Rank's largest |CP − one process| per case and quantity; gradients averaged over the group first."""
-    batch, differences = _batch(), {}
+    batch, differences = _batch(size), {}
     for layout, mode, given, checkpointing in cases:
         module = DreamShotModule(_config(layout, checkpointing))
         _random_lora(module)
@@ -124,8 +129,16 @@ def compare_step(cp: ContextParallel, cases) -> dict[str, float]:
 
 
 def compare_all(cp: ContextParallel) -> dict[str, dict[str, float]]:
-    """Both comparisons in one group of processes (starting one costs seconds)."""
-    return {"step": compare_step(cp, CASES), "sampling": compare_sampling(cp)}
+    """Both comparisons for both attentions in one group of processes (starting one costs seconds): `cp` is the
+    Ulysses group, the ring group is built on the same processes."""
+    ring = context_parallel_group(cp.degree, "ring")
+    differences = {
+        "ulysses step": compare_step(cp, CASES, SIZE),
+        "ulysses sampling": compare_sampling(cp, SIZE),
+        "ring step": compare_step(ring, RING_CASES, RING_SIZE),
+        "ring sampling": compare_sampling(ring, RING_SIZE),
+    }
+    return {**differences, "ring kernel calls": cp_support.RING_KERNEL_CALLS[0]}
 
 
 @pytest.fixture(scope="module")
@@ -133,14 +146,24 @@ def group_differences():
     return run_group(compare_all, 2)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{layout}-{mode}" for layout, mode, _, _ in CASES])
-def test_two_processes_equal_one_on_an_undivided_sequence(group_differences, case):
+def _assert_step_equal(group_differences, attention: str, case) -> None:
     layout, mode, _, _ = case
-    for rank, differences in enumerate(ranks["step"] for ranks in group_differences):
+    for rank, differences in enumerate(ranks[f"{attention} step"] for ranks in group_differences):
         assert differences[f"{layout}/{mode}/gradient scale"] > 1e-3, "no LoRA gradient to compare"
         for name in ("prediction", "loss", "loss_fm", "loss_racl", "racl_in_mask", "maps", "gradients"):
             difference = differences[f"{layout}/{mode}/{name}"]
             assert difference < TOLERANCE, f"rank {rank}: {name} differs by {difference:.2e}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{layout}-{mode}" for layout, mode, _, _ in CASES])
+def test_two_processes_equal_one_on_an_undivided_sequence(group_differences, case):
+    _assert_step_equal(group_differences, "ulysses", case)
+
+
+@pytest.mark.parametrize("case", RING_CASES, ids=[f"{layout}-{mode}" for layout, mode, _, _ in RING_CASES])
+def test_ring_attention_on_two_processes_equals_one(group_differences, case):
+    assert all(ranks["ring kernel calls"] > 0 for ranks in group_differences), "the ring never ran"
+    _assert_step_equal(group_differences, "ring", case)
 
 
 def test_shards_cover_the_sequence_once():
@@ -175,7 +198,7 @@ def test_degree_one_is_the_identity():
 # --- sampling ------------------------------------------------------------------------------------------------
 
 
-def compare_sampling(cp: ContextParallel) -> dict[str, float]:
+def compare_sampling(cp: ContextParallel, size: tuple[int, int]) -> dict[str, float]:
     """Rank's largest |CP − one process| of the final latents of an r2s and an s2s storyboard (2 steps)."""
     cfg = Config()
     cfg.inference.steps = 2
@@ -184,10 +207,10 @@ def compare_sampling(cp: ContextParallel) -> dict[str, float]:
     with torch.no_grad():
         for parameter in adapter.trainable_parameters():
             parameter.copy_(0.2 * torch.randn(parameter.shape, generator=g))
-    images = torch.rand(4, 3, *SIZE, generator=g) * 2 - 1
+    images = torch.rand(4, 3, *size, generator=g) * 2 - 1
     requests = {
-        "r2s": StoryboardRequest(["a", "b", "c"], SIZE, images[:2], ["role 1", "role 2"]),
-        "s2s": StoryboardRequest(["c", "d", "e"], SIZE, given_shots=images[2:], given_texts=["a", "b"]),
+        "r2s": StoryboardRequest(["a", "b", "c"], size, images[:2], ["role 1", "role 2"]),
+        "s2s": StoryboardRequest(["c", "d", "e"], size, given_shots=images[2:], given_texts=["a", "b"]),
     }
     differences = {}
     for name, request in requests.items():
@@ -200,8 +223,9 @@ def compare_sampling(cp: ContextParallel) -> dict[str, float]:
     return differences
 
 
-def test_two_processes_sample_the_storyboard_of_one(group_differences):
-    for rank, differences in enumerate(ranks["sampling"] for ranks in group_differences):
+@pytest.mark.parametrize("attention", ["ulysses", "ring"])
+def test_two_processes_sample_the_storyboard_of_one(group_differences, attention):
+    for rank, differences in enumerate(ranks[f"{attention} sampling"] for ranks in group_differences):
         for name, difference in differences.items():
             assert difference < TOLERANCE, f"rank {rank}: {name} differs by {difference:.2e}"
 
@@ -230,7 +254,7 @@ def compare_compiled_step(cp: ContextParallel) -> dict[str, float]:
         module.cfg.model, module.cfg.seed, capture_blocks=module.cfg.racl_blocks(), compiled=True
     )
     _random_lora(module)
-    plan, batch = BatchPlan("r2s", 0, False, (False,)), _batch()
+    plan, batch = BatchPlan("r2s", 0, False, (False,)), _batch(SIZE)
     alone = _step(module, batch, plan)
     module.adapter.context_parallel = cp
     shared = _step(module, batch, plan)

@@ -19,7 +19,11 @@ prediction (so from the loss) and never a role token (so from RACL). Padding rat
 length is the data's (shots × tokens per frame), so a refusal would stop a run on the first odd storyboard, while
 the cost of padding is at most degree − 1 tokens. Ring attention cannot take a key mask (diffusers' ring reuses one
 local mask for every rotated chunk), so `attention=ring` requires the degree to divide the tokens per frame,
-checked when the config loads.
+checked when the config loads. Under gradient checkpointing the ring's saved tensors bypass the checkpoint (its
+backward reads them once per chunk, which the checkpoint does not allow): each block keeps this rank's query, key,
+value and output through the forward, and diffusers' ring keeps its merged output too, so ring with checkpointing
+holds five block-input-sized tensors per block more than Ulysses (14B, 30 shots + 4 references, degree 4: about
+25 GiB), which the planner does not count.
 
 The gradient: every rank computes the same loss from the gathered prediction and the summed maps. The backward of
 a functional all-gather is a reduce-scatter (sum) and that of an all-reduce an all-reduce, so the gradients of the
@@ -35,12 +39,14 @@ one-process run takes this same path.
 
 Why diffusers' attention-level context parallelism (`ContextParallelConfig`, `dispatch_attention_fn`):
 - it is where Wan's attention already goes (`WanAttnProcessor` and our processors call `dispatch_attention_fn`),
-  offers Ulysses and ring with backward passes, and runs over gloo on CPU with the native kernel, so two CPU
-  processes can be compared with one. Its model-level hooks (`enable_parallelism`, Wan's `_cp_plan`) are not used:
-  they split the arguments of diffusers' `WanTransformer3DModel.forward` and of its `rope` module, neither of
-  which our storyboard forward calls (positions and per-frame timesteps are ours), split in equal chunks only (no
-  padding), and `_resolve_parallel_config` builds its mesh for an accelerator (no CPU). We give
-  `ContextParallelConfig.setup` our own mesh instead.
+  offers Ulysses and ring with backward passes, and runs over gloo on CPU, so two CPU processes can be compared
+  with one: Ulysses with the native kernel; ring with a kernel that returns the log-sum-exp, which on CPU only the
+  tests supply (tests/cp_support.py, on torch's CPU flash kernel), while a run uses diffusers' cuDNN ops (CUDA).
+  Its model-level hooks (`enable_parallelism`, Wan's `_cp_plan`) are not used: they split the arguments of
+  diffusers' `WanTransformer3DModel.forward` and of its `rope` module, neither of which our storyboard forward calls
+  (positions and per-frame timesteps are ours), split in equal chunks only (no padding), and
+  `_resolve_parallel_config` builds its mesh for an accelerator (no CPU). We give `ContextParallelConfig.setup` our
+  own mesh instead.
 - DeepSpeed's `DistributedAttention` offers Ulysses only, communicates through `deepspeed.comm`, initialised by
   DeepSpeed's engine and absent from our DDP and CPU runs, and expects its sequence-parallel group to be handed to
   that engine, so DDP and DeepSpeed runs would differ.
@@ -231,10 +237,15 @@ class SequenceShard:
         if self.padded > self.length:
             mask = torch.arange(self.padded, device=query.device) < self.length
             mask = mask.view(1, 1, 1, -1)
-        backend = RING_BACKEND if self.cp.attention == "ring" else None
-        return dispatch_attention_fn(
-            query, key, value, attn_mask=mask, backend=backend, parallel_config=self.cp.parallel_config
-        )
+        if self.cp.attention == "ulysses":
+            return dispatch_attention_fn(query, key, value, attn_mask=mask, parallel_config=self.cp.parallel_config)
+        # diffusers' ring backward reads its saved tensors once, then once more per key/value chunk in the kernel's
+        # backward op; non-reentrant checkpointing allows one read. Kept as plain references they can be read again,
+        # at the cost of holding this rank's query, key, value and output per block through the forward.
+        with torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
+            return dispatch_attention_fn(
+                query, key, value, attn_mask=mask, backend=RING_BACKEND, parallel_config=self.cp.parallel_config
+            )
 
     def whole_frames(self, query: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """For the shot-wise cross-attention: this rank's (B, local, H, d) queries placed in its F_local whole
@@ -288,6 +299,11 @@ class SequenceShard:
                     processor.shard = None
 
         return run
+
+
+def _kept(x: torch.Tensor) -> torch.Tensor:
+    """A saved-tensor hook that keeps the tensor itself (the default without checkpointing)."""
+    return x
 
 
 def _waited(x: torch.Tensor) -> torch.Tensor:
