@@ -133,3 +133,17 @@ def test_context_parallel_configs_that_load():
         "smoke", ["trainer=gpu", "trainer.context_parallel.degree=2", "trainer.context_parallel.attention=ring"]
     )
     load_config("smoke", ["trainer=ddp_cpu", "trainer.context_parallel.degree=2"])
+
+
+def test_ring_under_checkpointing_counts_what_its_blocks_keep(toy_shape, capsys):
+    ring = dataclasses.replace(WORK, context_parallel=2, context_parallel_attention="ring")
+    ulysses = dataclasses.replace(ring, context_parallel_attention="ulysses")
+    kept = activation_memory(toy_shape, ring, Training())
+    # 2 blocks x 12 tokens a GPU x (q, k, v, output, merged output: 5 x D = 64 x bf16, + fp32 LSE of 2 heads).
+    assert kept["ring attention kept"].bytes == 2 * 12 * (5 * 64 * 2 + 4 * 2)
+    assert activation_memory(toy_shape, ulysses, Training()).keys() == kept.keys() - {"ring attention kept"}
+    unchecked = dataclasses.replace(ring, checkpointing=False)
+    assert "ring attention kept" not in activation_memory(toy_shape, unchecked, Training())
+    # The config's attention reaches the plan.
+    cfg = load_config("smoke", ["trainer.context_parallel.attention=ring"])
+    assert config_workload(cfg, 3, 1, 8, 0.0).context_parallel_attention == "ring"

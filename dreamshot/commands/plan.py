@@ -91,8 +91,7 @@ def run(args: argparse.Namespace) -> None:
         work = _workload(cfg, args, cfg.racl_weight(i), tokens_per_frame(height, width, "resolution"))
         racl = f"RACL (weight {cfg.racl_weight(i):g}) in {work.racl_blocks} blocks" if work.racl_blocks else ""
         label = f"phase {i + 1}/{len(phases)}: {height}x{width}, {racl or 'no RACL'}"
-        attention = cfg.trainer.context_parallel.attention
-        plans.append(plan_phase(label, shape, work, training, args.encoders, attention))
+        plans.append(plan_phase(label, shape, work, training, args.encoders))
         longest.append(longest_storyboard(shape, work, training, args.gpu_memory, args.encoders, LONGEST_SEARCHED))
     report = render(_header(cfg, training, plans[0].work), shape, plans, args.gpu_memory, args.link_bandwidth, longest)
     print(report, end="")

@@ -21,7 +21,8 @@ Activations (`activation_memory`): what autograd keeps for backward, from the te
 block's saved tensors live at once; with checkpointing only each block's input (T·D·b) is kept, and one
 block's saved tensors are rebuilt at a time during backward. Both add the tensors every block reads (timestep
 modulation, text, RoPE), the fused attention backward's scratch (O(T); no T×T matrix anywhere) and the
-role-attention capture (|Q|×S per chunk).
+role-attention capture (|Q|×S per chunk). Ring context parallelism under checkpointing also keeps every block's
+attention tensors through the forward (`ring_kept_bytes`).
 """
 
 from __future__ import annotations
@@ -171,6 +172,10 @@ def activation_memory(shape: ModelShape, work: Workload, training: Training) -> 
             "block inputs": Item(layers * work.rank_tokens * shape.dim * b * mb, f"{layers} checkpoints of {tokens}×D"),
             "one block recomputed": Item(block * mb, "its saved tensors, during backward"),
         }
+        if work.context_parallel > 1 and work.context_parallel_attention == "ring":
+            items["ring attention kept"] = Item(
+                layers * ring_kept_bytes(shape, work) * mb, f"{layers} blocks' q, k, v, two outputs of {tokens}, LSE"
+            )
     else:
         items = {"saved tensors": Item(layers * block * mb, f"{layers} blocks")}
     items["shared block inputs"] = Item(shared_bytes(shape, work), "timestep modulation, text, RoPE")
@@ -186,6 +191,13 @@ def activation_memory(shape: ModelShape, work: Workload, training: Training) -> 
             # A captured block scores its rows against every rank's keys, gathered while it runs.
             items["RACL gathered keys"] = Item(work.tokens * shape.dim * b * mb, "all T keys, while a block captures")
     return items
+
+
+def ring_kept_bytes(shape: ModelShape, work: Workload) -> int:
+    """What one block's ring attention keeps through a checkpointed forward (its saved tensors bypass the
+    checkpoint, dreamshot/models/wan/context_parallel.py): this GPU's query, key, value and output, diffusers'
+    merged output (b·D each per token) and the merged log-sum-exp (fp32 per head and token)."""
+    return work.rank_tokens * (5 * work.activation_bytes * shape.dim + FP32 * shape.num_heads)
 
 
 def shared_bytes(shape: ModelShape, work: Workload) -> int:

@@ -51,9 +51,7 @@ def plan_phase(
     work: Workload,
     training: Training,
     encoders: bool = True,
-    attention: str = "ulysses",
 ) -> PhasePlan:
-    """`attention`: the context-parallel attention (ulysses | ring), for the communication."""
     return PhasePlan(
         label=label,
         work=work,
@@ -63,7 +61,7 @@ def plan_phase(
         activations={
             on: activation_memory(shape, dataclasses.replace(work, checkpointing=on), training) for on in (True, False)
         },
-        communication=context_parallel_bytes(shape, work, attention),
+        communication=context_parallel_bytes(shape, work, work.context_parallel_attention),
     )
 
 
@@ -82,6 +80,7 @@ def config_workload(cfg: Config, shots: int, refs: int, per_frame: int, racl_wei
         racl_blocks=len(cfg.racl_blocks()) if racl_weight > 0 else 0,
         racl_queries=per_frame,
         context_parallel=cfg.trainer.context_parallel.degree,
+        context_parallel_attention=cfg.trainer.context_parallel.attention,
     )
     return dataclasses.replace(work, **{key: value for key, value in overrides.items() if value is not None})
 

@@ -38,6 +38,8 @@ class Workload:
     racl_queries: int = 0
     # Context-parallel degree N: the sample's tokens are split over N GPUs (dreamshot/models/wan/context_parallel.py).
     context_parallel: int = 1
+    # Its self-attention: ulysses | ring (ring under checkpointing keeps its tensors through the forward).
+    context_parallel_attention: str = "ulysses"
 
     @property
     def tokens(self) -> int:

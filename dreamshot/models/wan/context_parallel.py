@@ -23,7 +23,7 @@ checked when the config loads. Under gradient checkpointing the ring's saved ten
 backward reads them once per chunk, which the checkpoint does not allow): each block keeps this rank's query, key,
 value and output through the forward, and diffusers' ring keeps its merged output too, so ring with checkpointing
 holds five block-input-sized tensors per block more than Ulysses (14B, 30 shots + 4 references, degree 4: about
-25 GiB), which the planner does not count.
+25 GiB), which the planner counts ("ring attention kept").
 
 The gradient: every rank computes the same loss from the gathered prediction and the summed maps. The backward of
 a functional all-gather is a reduce-scatter (sum) and that of an all-reduce an all-reduce, so the gradients of the
