@@ -1,9 +1,10 @@
 """Context-parallel runs on CPU against their one-process twins, through the real launchers.
 
 Training (toy_long_storyboard: two gloo processes share every storyboard): the same batches, the same losses and
-the same LoRA as one process. The CP run is a subprocess executing this file, `python
-tests/test_context_parallel_runs.py OUT` (Lightning's DDP launcher starts rank 1 by running the same command
-again), so it can pass a recording callback to `train()`.
+the same LoRA as one process, with Ulysses and with ring attention. The CP run is a subprocess executing this file,
+`python tests/test_context_parallel_runs.py OUT [--ring | --zero2]` (Lightning's DDP launcher starts rank 1 by
+running the same command again), so it can pass a recording callback to `train()` and install test shims in both
+ranks.
 
 Sampling: `torchrun --nproc-per-node 2 -m dreamshot.cli generate ... inference.context_parallel.degree=2` draws
 the shots one process draws.
@@ -44,13 +45,16 @@ OVERRIDES = [
 ]
 # ZeRO-2 in float32, so that it can equal the float32 twin.
 ZERO2 = ["trainer.strategy=deepspeed_stage_2", "trainer.precision=32-true"]
+# Ring as on GPUs (trainer=ddp / gpu checkpoint the blocks); toy_long_storyboard's 2x3 tokens per frame, which
+# degree 2 divides (ring cannot pad).
+RING = ["trainer.context_parallel.attention=ring", "trainer.gradient_checkpointing=true"]
 # The twin: one process, no context parallelism, and windows as long as the CP run's (whole storyboards).
 ALONE = ["trainer=cpu", "trainer.context_parallel.degree=1", "data.max_shots=30"]
 
 
 class RecordBatches(L.Callback):
-    """Writes `batches_rank<r>.json` ([ids, shots, loss] per step), `degree_rank<r>` (the context-parallel degree
-    the adapter ran with) and `lora_rank<r>.safetensors` per rank."""
+    """Writes `batches_rank<r>.json` ([ids, shots, loss] per step), `context_parallel_rank<r>` (the context-parallel
+    degree and attention the adapter ran with) and `lora_rank<r>.safetensors` per rank."""
 
     def __init__(self, output_dir: Path) -> None:
         self.output_dir, self.batches = output_dir, []
@@ -61,7 +65,8 @@ class RecordBatches(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         rank = trainer.global_rank
         (self.output_dir / f"batches_rank{rank}.json").write_text(json.dumps(self.batches))
-        (self.output_dir / f"degree_rank{rank}").write_text(str(pl_module.adapter.context_parallel.degree))
+        cp = pl_module.adapter.context_parallel
+        (self.output_dir / f"context_parallel_rank{rank}").write_text(f"{cp.degree} {cp.attention}")
         lora = {k: v.detach().clone().contiguous() for k, v in pl_module.adapter.lora_state_dict().items()}
         save_file(lora, self.output_dir / f"lora_rank{rank}.safetensors")
 
@@ -90,6 +95,16 @@ def _train_with_zero2_on_cpu(output_dir: Path) -> None:
     train_module.train(cfg, callbacks=[RecordBatches(output_dir)])
 
 
+def _train_with_ring_on_cpu(output_dir: Path) -> None:
+    """toy_long_storyboard with ring attention, on the test support's CPU ring kernel (cp_support)."""
+    from cp_support import install_cpu_ring_kernel
+
+    install_cpu_ring_kernel()
+    cfg = load_config("toy_long_storyboard", [*OVERRIDES, *RING, "trainer.accelerator=gpu", f"output_dir={output_dir}"])
+    cfg.trainer.accelerator = "cpu"  # after validation, which refuses ring on CPU (no kernel returns the LSE)
+    train(cfg, callbacks=[RecordBatches(output_dir)])
+
+
 def _launch(output_dir: Path, *flags: str) -> Path:
     output_dir.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -107,17 +122,18 @@ def alone(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, alone) -> tuple[Path, Path]:
-    return _launch(tmp_path_factory.mktemp("cp") / "run"), alone
+@pytest.fixture(scope="module", params=["ulysses", "ring"])
+def runs(request, tmp_path_factory, alone) -> tuple[Path, Path, str]:
+    flags = ["--ring"] if request.param == "ring" else []
+    return _launch(tmp_path_factory.mktemp(request.param) / "run", *flags), alone, request.param
 
 
 @pytest.mark.slow
 def test_both_ranks_train_the_same_whole_long_storyboards(runs):
-    shared, alone = runs
+    shared, alone, attention = runs
     ranks = [json.loads((shared / f"batches_rank{rank}.json").read_text()) for rank in range(2)]
     twin = json.loads((alone / "batches_rank0.json").read_text())
-    assert [(shared / f"degree_rank{rank}").read_text() for rank in range(2)] == ["2", "2"]
+    assert [(shared / f"context_parallel_rank{rank}").read_text() for rank in range(2)] == [f"2 {attention}"] * 2
     assert (shared / "samples" / "step000002.png").is_file()
     assert [ids for ids, _, _ in ranks[0]] == [ids for ids, _, _ in ranks[1]] == [ids for ids, _, _ in twin]
     assert all(shots >= 24 for _, shots, _ in ranks[0]), "a storyboard was cut to data.max_shots"
@@ -127,7 +143,7 @@ def test_both_ranks_train_the_same_whole_long_storyboards(runs):
 
 @pytest.mark.slow
 def test_lora_equals_the_one_process_run(runs):
-    shared, alone = runs
+    shared, alone, _ = runs
     exported, twin = load_file(shared / EXPORT_FILES["peft"]), load_file(alone / EXPORT_FILES["peft"])
     assert any(value.abs().sum() > 0 for key, value in twin.items() if ".lora_B." in key), "LoRA never trained"
     assert exported.keys() == twin.keys()
@@ -139,7 +155,7 @@ def test_lora_equals_the_one_process_run(runs):
 @pytest.mark.slow
 def test_zero2_with_context_parallelism_reaches_the_lora_of_one_process(tmp_path, alone):
     shared = _launch(tmp_path / "zero2", "--zero2")
-    assert [(shared / f"degree_rank{rank}").read_text() for rank in range(2)] == ["2", "2"]
+    assert [(shared / f"context_parallel_rank{rank}").read_text() for rank in range(2)] == ["2 ulysses"] * 2
     exported, twin = load_file(shared / EXPORT_FILES["peft"]), load_file(alone / EXPORT_FILES["peft"])
     assert exported.keys() == twin.keys()
     for key, value in exported.items():
@@ -181,6 +197,8 @@ def test_torchrun_generate_draws_the_shots_of_one_process(tmp_path):
 if __name__ == "__main__":
     if "--zero2" in sys.argv:
         _train_with_zero2_on_cpu(Path(sys.argv[1]))
+    elif "--ring" in sys.argv:
+        _train_with_ring_on_cpu(Path(sys.argv[1]))
     else:
         _train(Path(sys.argv[1]))
 
