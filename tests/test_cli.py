@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from dreamshot.cli import COMMANDS, main
+from dreamshot.cli import COMMANDS, build_parser, main, parse_with_overrides
 
 
 def test_config_fault_is_one_line_with_status_2(capsys):
@@ -85,6 +85,16 @@ def test_a_usage_error_is_one_line_naming_the_command(command, capsys):
     assert unknown.startswith(f"dreamshot {command}: error: unrecognized arguments: --bogus"), unknown
     missing = _usage_error([command, "--bogus"], capsys)  # the required arguments are missing
     assert missing.startswith(f"dreamshot {command}: error: "), missing
+
+
+@pytest.mark.parametrize("command", ["cache", "train", "plan", "generate", "prepare", "eval"])
+def test_a_command_taking_overrides_takes_them_anywhere_and_says_so(command):
+    parser = build_parser(command)
+    subcommand = next(action for action in parser._actions if action.dest == "command").choices[command]
+    (overrides,) = [action for action in subcommand._actions if action.dest == "overrides"]
+    args = parse_with_overrides(parser, [command, *COMMAND_LINES[command], "a.b=1"])  # after the options
+    assert args.overrides == ["a.b=1"]
+    assert "anywhere on the line" in overrides.help, overrides.help
 
 
 def test_training_an_evaluation_time_sweep_is_refused(capsys):

@@ -31,7 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "experiment", help=f"a name in experiments/ ({', '.join(available_experiments())}) or a yaml path"
     )
-    parser.add_argument("overrides", nargs="*", help="config overrides: key.sub=value, or group=option (model=wan14b)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides, anywhere on the line: key.sub=value, or group=option (model=wan14b)",
+    )
     parser.add_argument("--member", help="cache only for this member of a sweep experiment")
     parser.add_argument("--device", help="where the VAE and umT5 run (default: cuda when available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

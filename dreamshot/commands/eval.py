@@ -39,7 +39,7 @@ from dreamshot.utils.io import check_output_dir
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("benchmark", choices=EVAL_BENCHMARKS, help="benchmark to score")
-    parser.add_argument("overrides", nargs="*", help="config overrides right after BENCH: key.sub=value")
+    parser.add_argument("overrides", nargs="*", help="config overrides, anywhere on the line: key.sub=value")
     source = add_weight_arguments(parser)
     source.add_argument("--outputs", type=Path, help="score this folder of shots instead of drawing them")
     parser.add_argument("--mode", choices=EVAL_MODES, help="r2s, t2s or s2s (default: eval.mode)")

@@ -27,7 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "experiment", help=f"a name in experiments/ ({', '.join(available_experiments())}) or a yaml path"
     )
-    parser.add_argument("overrides", nargs="*", help="config overrides: key.sub=value, or group=option (model=wan14b)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides, anywhere on the line: key.sub=value, or group=option (model=wan14b)",
+    )
     parser.add_argument("--shots", type=int, default=8, help="shots per storyboard (default 8)")
     parser.add_argument("--refs", type=int, default=3, help="reference images per storyboard (default 3)")
     parser.add_argument(

@@ -12,7 +12,9 @@ from dreamshot.utils.io import check_output_dir
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("videos", help="folder of videos (searched recursively: .mp4, .mkv, .mov, ...)")
-    parser.add_argument("overrides", nargs="*", help="settings right after VIDEOS: key.sub=value (shots.threshold=20)")
+    parser.add_argument(
+        "overrides", nargs="*", help="settings, anywhere on the line: key.sub=value (shots.threshold=20)"
+    )
     parser.add_argument("--out", required=True, help="output folder: manifest.jsonl, images, masks, state, report")
     parser.add_argument("--config", help="yaml file over the defaults of dreamshot.prepare.config.PrepareConfig")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
