@@ -1,10 +1,10 @@
 """Context-parallel runs on CPU against their one-process twins, through the real launchers.
 
 Training (toy_long_storyboard: two gloo processes share every storyboard): the same batches, the same losses and
-the same LoRA as one process, with Ulysses and with ring attention. The CP run is a subprocess executing this file,
-`python tests/test_context_parallel_runs.py OUT [--ring | --zero2]` (Lightning's DDP launcher starts rank 1 by
-running the same command again), so it can pass a recording callback to `train()` and install test shims in both
-ranks.
+the same LoRA as one process, with Ulysses and with ring attention, and after a SIGTERM and a resume. The CP run is a
+subprocess executing this file, `python tests/test_context_parallel_runs.py OUT [--ring | --zero2 | --sigterm-at K |
+--resume]` (Lightning's DDP launcher starts rank 1 by running the same command again), so it can pass recording and
+signalling callbacks to `train()` and install test shims in both ranks.
 
 Sampling: `torchrun --nproc-per-node 2 -m dreamshot.cli generate ... inference.context_parallel.degree=2` draws
 the shots one process draws.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,12 +106,28 @@ def _train_with_ring_on_cpu(output_dir: Path) -> None:
     train(cfg, callbacks=[RecordBatches(output_dir)])
 
 
-def _launch(output_dir: Path, *flags: str) -> Path:
-    output_dir.mkdir()
+def _train_until_sigterm(output_dir: Path, step: int) -> None:
+    """toy_long_storyboard with a real SIGTERM to rank 0 alone in step `step` (1-based), as test_crash_resume sends
+    it: both ranks finish that step, save `last.ckpt` there and stop (status 143, as `dreamshot train`)."""
+    from test_crash_resume import Signal
+
+    from dreamshot.utils.errors import Terminated
+
+    cfg = load_config("toy_long_storyboard", [*OVERRIDES, f"output_dir={output_dir}"])
+    signals = [Signal(signal.SIGTERM, step - 1)] if int(os.environ.get("LOCAL_RANK", "0")) == 0 else []
+    try:
+        train(cfg, callbacks=[RecordBatches(output_dir), *signals])
+    except Terminated as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_status)
+
+
+def _launch(output_dir: Path, *flags: str, status: int = 0) -> Path:
+    output_dir.mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     command = [sys.executable, __file__, str(output_dir), *flags]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == status, result.stderr[-3000:]
     return output_dir
 
 
@@ -162,6 +179,31 @@ def test_zero2_with_context_parallelism_reaches_the_lora_of_one_process(tmp_path
         torch.testing.assert_close(value, twin[key], atol=1e-5, rtol=0, msg=key)
 
 
+@pytest.mark.slow
+def test_a_run_terminated_mid_way_resumes_to_the_lora_of_one_process(tmp_path, alone):
+    """Stopped by SIGTERM in step 1 of 3, mid-epoch (an epoch is the two training storyboards), and resumed with
+    the same config but `trainer.ckpt_path=last`, so the resumed run is an uninterrupted one by construction (no
+    `trainer.max_steps` change, nothing rescales; toy_long_storyboard has no curriculum). Its two steps continue
+    the epoch and start the next one with the twin's storyboards and noise, and reach the twin's LoRA."""
+    shared = _launch(tmp_path / "run", "--sigterm-at", "1", status=143)
+    assert torch.load(shared / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert not (shared / EXPORT_FILES["peft"]).exists()
+    _launch(shared, "--resume")
+    (record,) = [json.loads(line) for line in (shared / "resumes.jsonl").read_text().splitlines()]
+    assert record["step"] == 1 and record["checkpoint"] == str(shared / "checkpoints" / "last.ckpt")
+    assert record["changed"] == {}
+    assert torch.load(shared / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
+    ranks = [json.loads((shared / f"batches_rank{rank}.json").read_text()) for rank in range(2)]
+    twin = json.loads((alone / "batches_rank0.json").read_text())[1:]
+    assert [ids for ids, _, _ in ranks[0]] == [ids for ids, _, _ in ranks[1]] == [ids for ids, _, _ in twin]
+    for (_, _, loss), (_, _, loss_1), (_, _, twin_loss) in zip(*ranks, twin, strict=True):
+        assert loss == loss_1 and abs(loss - twin_loss) < 1e-5
+    exported, twin_lora = load_file(shared / EXPORT_FILES["peft"]), load_file(alone / EXPORT_FILES["peft"])
+    assert exported.keys() == twin_lora.keys()
+    for key, value in exported.items():
+        torch.testing.assert_close(value, twin_lora[key], atol=1e-5, rtol=0, msg=key)
+
+
 def _story(folder: Path) -> Path:
     """Two references and three shots at 48x80: 15 tokens per frame, 5 and 3 frames, never split evenly."""
     for k in (1, 2):
@@ -199,6 +241,10 @@ if __name__ == "__main__":
         _train_with_zero2_on_cpu(Path(sys.argv[1]))
     elif "--ring" in sys.argv:
         _train_with_ring_on_cpu(Path(sys.argv[1]))
+    elif "--sigterm-at" in sys.argv:
+        _train_until_sigterm(Path(sys.argv[1]), int(sys.argv[sys.argv.index("--sigterm-at") + 1]))
+    elif "--resume" in sys.argv:
+        _train(Path(sys.argv[1]), "trainer.ckpt_path=last")
     else:
         _train(Path(sys.argv[1]))
 
