@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from omegaconf import OmegaConf
@@ -152,11 +153,12 @@ def run(args: argparse.Namespace) -> None:
     if not writer:
         return
 
-    record, sheet = _write_storyboard(args.out, story, cfg, result, weights, targets, kept, size, previous, args.preset)
+    drawn = Drawn(story, cfg, result, weights, targets, kept, size, args.preset)
+    record, sheet = _write_storyboard(args.out, drawn, previous)
     write_record(args.out, record, previous)
-    drawn = ", ".join(map(str, targets))
+    shots = ", ".join(map(str, targets))
     print(
-        f"{result.mode}: drew shots {drawn} of {len(story.shots)} in {result.total_seconds:.1f} s"
+        f"{result.mode}: drew shots {shots} of {len(story.shots)} in {result.total_seconds:.1f} s"
         f" (seed {result.seed}, {len(result.step_seconds)} steps) -> {args.out} ({sheet.name})"
     )
 
@@ -193,7 +195,8 @@ def _run_folder(args: argparse.Namespace) -> None:
     def draw_into(pipeline: StoryboardPipeline, story: Story, out: Path, seed: int, steps: int, size) -> dict:
         result = pipeline(story_request(story, size), seed=seed, steps=steps, progress=False)
         targets = list(range(1, len(story.shots) + 1))
-        return _write_storyboard(out, story, pipeline.config, result, weights, targets, [], size, None, args.preset)[0]
+        drawn = Drawn(story, pipeline.config, result, weights, targets, [], size, args.preset)
+        return _write_storyboard(out, drawn, None)[0]
 
     try:
         generate_folder(
@@ -208,29 +211,32 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return [*(preset_overrides(args.preset) if args.preset else []), *args.overrides]
 
 
-def _write_storyboard(
-    out: Path,
-    story: Story,
-    cfg: Config,
-    result: StoryboardResult,
-    weights: Path | None,
-    targets: list[int],
-    kept: list[int],
-    size: tuple[int, int],
-    previous: dict | None,
-    preset: str | None,
-) -> tuple[dict, Path]:
+class Drawn(NamedTuple):
+    """A story drawn: what `generation.json` records. `targets`: the shots drawn; `kept`: those read back."""
+
+    story: Story
+    cfg: Config
+    result: StoryboardResult
+    weights: Path | None
+    targets: list[int]
+    kept: list[int]
+    size: tuple[int, int]
+    preset: str | None
+
+
+def _write_storyboard(out: Path, drawn: Drawn, previous: dict | None) -> tuple[dict, Path]:
     """The drawn shots (earlier takes of re-rolled ones moved to takes/) and the contact sheet, written into
     `out`; returns the record to write and the sheet's path."""
     out.mkdir(parents=True, exist_ok=True)
-    takes = shot_takes(previous, len(story.shots))
+    result = drawn.result
+    takes = shot_takes(previous, len(drawn.story.shots))
     if previous is not None:
-        takes = keep_earlier_takes(out, targets, takes)
-    save_shots(out, targets, result.images)
-    weights_label = str(weights) if weights else "base model (no LoRA)"
+        takes = keep_earlier_takes(out, drawn.targets, takes)
+    save_shots(out, drawn.targets, result.images)
+    weights_label = str(drawn.weights) if drawn.weights else "base model (no LoRA)"
     title = f"{result.mode} · seed {result.seed} · {len(result.step_seconds)} steps · weights {weights_label}"
-    sheet = write_contact_sheet(out, story, size, title, takes)
-    return _record(story, cfg, result, weights, targets, kept, size, takes, preset), sheet
+    sheet = write_contact_sheet(out, drawn.story, drawn.size, title, takes)
+    return _record(drawn, takes), sheet
 
 
 def _targets(story: Story, regenerate: list[int] | None) -> list[int]:
@@ -251,27 +257,18 @@ def _seed(explicit: int | None, previous: dict | None, story: Story, cfg: Config
     return story.seed if story.seed is not None else cfg.inference.seed
 
 
-def _record(
-    story: Story,
-    cfg: Config,
-    result: StoryboardResult,
-    weights: Path | None,
-    targets: list[int],
-    kept: list[int],
-    size: tuple[int, int],
-    takes: dict[int, int],
-    preset: str | None,
-) -> dict:
+def _record(drawn: Drawn, takes: dict[int, int]) -> dict:
+    story, result, weights, preset = drawn.story, drawn.result, drawn.weights, drawn.preset
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "story": str(story.path.absolute()),
         "mode": result.mode,
         "seed": result.seed,
         "steps": len(result.step_seconds),
-        "size": list(size),
+        "size": list(drawn.size),
         "weights": str(weights.absolute()) if weights else "base",
-        "drawn_shots": targets,
-        "kept_shots": kept,
+        "drawn_shots": drawn.targets,
+        "kept_shots": drawn.kept,
         "shots": [
             {"index": n, "file": shot_file(n), "annotation": shot.annotation, "take": takes[n]}
             for n, shot in enumerate(story.shots, start=1)
@@ -279,5 +276,5 @@ def _record(
         "references": [{**asdict(ref), "image": str(ref.image)} for ref in story.references],
         "timings": {"steps_s": result.step_seconds, "total_s": result.total_seconds},
         "preset": {"name": preset, "overrides": preset_overrides(preset)} if preset else None,
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+        "config": OmegaConf.to_container(OmegaConf.structured(drawn.cfg), resolve=True),
     }
