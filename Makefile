@@ -69,7 +69,7 @@ test: $(STAMP) ## Fast CPU test suite (skips tests marked slow or gpu)
 test-full: $(STAMP) ## Every test, slow ones included (gpu tests run where CUDA is present)
 	$(BIN)/pytest -q $(ARGS)
 
-bench-gpu: $(STAMP) ## On a CUDA machine: throughput, MFU and memory of 1.3B / 14B at 480p, the gpu tests, the peers (bench extra), the sampler settings (logs: benchmarks/logs)
+bench-gpu: $(STAMP) ## On a CUDA machine: the GPU checks of one group (CHECKS=first by default; CHECKS=all for every group: throughput, MFU, memory, the gpu tests, peers, sampler settings, context parallelism; logs: benchmarks/logs)
 	PATH=$(BIN):$$PATH bash benchmarks/gpu_checks.sh
 
 lint: $(STAMP) ## Ruff lint and format check

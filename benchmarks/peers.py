@@ -57,7 +57,7 @@ on the timed path of training): step time does not depend on the values.
     OMP_NUM_THREADS=1 python benchmarks/peers.py                     # CPU: the tiny Wan, 96×160, text 20
     OMP_NUM_THREADS=1 python benchmarks/peers.py --shape wan1_3b     # CPU: 1.3B dims, 2 blocks
     python benchmarks/peers.py --device cuda --shape wan1_3b         # GPU: all 30 blocks at 480p, text 512
-    bash benchmarks/gpu_checks.sh                                    # the GPU rows (1.3B eager and compiled, 14B)
+    CHECKS="first more" bash benchmarks/gpu_checks.sh                # the GPU rows (1.3B eager and compiled, 14B)
 Needs the bench extra: pip install -e '.[bench]' (one line and exit status 1 without it).
 """
 

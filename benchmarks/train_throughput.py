@@ -24,7 +24,7 @@ Goals: MFU ≥ 40% for 1.3B on an H100; 14B phase 2 within 80 GB per GPU under Z
     python benchmarks/train_throughput.py --model wan1_3b --compile  # then --model wan14b, and without --compile
     python benchmarks/train_throughput.py --tiny --device cpu        # dry run of the script (tiny Wan, fp32)
     torchrun --nproc-per-node 4 benchmarks/train_throughput.py --zero 0 --shots 30 --refs 4   # context parallel 4
-    bash benchmarks/gpu_checks.sh                                    # every GPU check (figures: RESULTS.md)
+    CHECKS="training training14b" bash benchmarks/gpu_checks.sh     # these rows (figures: RESULTS.md)
 """
 
 from __future__ import annotations
