@@ -7,6 +7,9 @@
 #     CHECKS="training cp" bash benchmarks/gpu_checks.sh   # groups and single checks, run in the order below
 #     LIST=1 CHECKS=all bash benchmarks/gpu_checks.sh      # print the checks and their limits, run nothing
 #
+# A device call returns few files: write the logs elsewhere and bring them back as one archive, e.g.
+#     LOG_DIR=/tmp/logs bash benchmarks/gpu_checks.sh; tar -czf "$OUT/logs.tgz" -C /tmp logs
+#
 # Groups, in the order of what they are waited for:
 #   first      issue 20 and 19 on the 1.3B at 480p: DreamShot's training step against DiffSynth-Studio's, eager
 #              and with compiled blocks (goals <= 1.0x and <= 0.8x), and the sampler's exact savings, compiled
@@ -96,7 +99,7 @@ check() {  # check NAME SECONDS [GPUS] COMMAND...: run COMMAND for at most SECON
 peers=("$py" benchmarks/peers.py --device cuda)
 check peers_wan1_3b 150 "${peers[@]}" --shape wan1_3b --profile "$log/peers_wan1_3b_profile"
 check peers_wan1_3b_compiled 150 "${peers[@]}" --shape wan1_3b --compile --rows train
-sampling=("$py" benchmarks/sampling.py --device cuda --rounds 1 --out "$log")
+sampling=("$py" benchmarks/sampling.py --device cuda --rounds 1 --out "${TMPDIR:-/tmp}/dreamshot_second_lora")
 check sampling_wan1_3b 200 "${sampling[@]}" --shape wan1_3b --steps 10 --settings per_step,exact,compiled,guide_half,few_step
 
 bench=("$py" benchmarks/train_throughput.py)
