@@ -95,6 +95,8 @@ def test_request_settings_retries_and_cache_hit_on_rerun(server, judge_cfg, tmp_
     assert first["path"] == "/v1/chat/completions" and first["auth"] == f"Bearer {KEY}"
     body = first["body"]
     assert (body["model"], body["seed"], body["max_tokens"]) == ("gpt-4.1", 123, 512)
+    # ViStoryBench's gptv_query posts exactly these fields: its top_p argument never reaches the request.
+    assert set(body) == {"model", "messages", "temperature", "seed", "max_tokens"}
     [message] = body["messages"]
     texts = [part["text"] for part in message["content"] if part["type"] == "text"]
     assert texts[1] == "A rainy street at night." and "setting" in texts[0]
@@ -275,3 +277,21 @@ def test_cache_survives_a_truncated_last_line(tmp_path):
         f.write('{"key": "k2", "sco')  # a crash mid-write
     reread = AnswerCache(path)
     assert reread.get("k1") == 3 and reread.get("k2") is None
+
+
+def test_the_answer_after_a_torn_line_is_kept(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    path.write_text('{"key": "k1", "score": 3, "reply": "Score: 3"}\n{"key": "k2", "sco')  # a crash mid-write
+    AnswerCache(path).put("k3", 2, "Score: 2")
+    reread = AnswerCache(path)
+    assert (reread.get("k1"), reread.get("k2"), reread.get("k3")) == (3, None, 2)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("image_size", 256), ("temperature", 0.3), ("seed", 7), ("max_tokens", 64), ("model", "o4")]
+)
+def test_every_setting_that_changes_an_answer_changes_the_cache_key(judge_cfg, tmp_path, key, value):
+    before = build_judge(judge_cfg, tmp_path / "cache.jsonl").cache_key(_image(), "t", "scene", None)
+    setattr(judge_cfg, key, value)
+    after = build_judge(judge_cfg, tmp_path / "cache.jsonl").cache_key(_image(), "t", "scene", None)
+    assert before != after

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -341,6 +342,25 @@ def test_generate_draws_a_folder_of_stories_resumably(tmp_path, monkeypatch, cap
     assert "1 of 2 stories drawn" in capsys.readouterr().out
     assert (out / "a" / "shot_01.png").read_bytes() == first
     assert main(["generate", str(stories), *args, "--base", "--out", str(out), "--regenerate", "1"]) == 2
+
+
+def test_a_folder_of_stories_warns_of_unreferenced_roles_and_checks_the_space_first(tmp_path, monkeypatch, capsys):
+    stories = tmp_path / "stories"
+    stories.mkdir()
+    (stories / "ref.png").write_bytes((REPO / "tests" / "faults" / "data" / "ref.png").read_bytes())
+    (stories / "a.yaml").write_text(
+        "references:\n  - {role: r, image: ref.png, prompt: '<Role 1>: a red box'}\n"
+        "shots:\n  - {annotation: 'Close-up: <Role 2> waves.'}\n"
+    )
+    usage = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["generate", str(stories), "data.resolution=[32,48]", "--base", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a.yaml: shots[0].annotation names <Role 2>, which no reference shows" in err
+    assert "--out" in err and "GiB free, the images of 1 storyboards need about" in err
+    assert not out.exists()
 
 
 def test_plan_prints_the_drawing_cost_of_a_benchmark(capsys):

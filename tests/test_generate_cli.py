@@ -149,6 +149,25 @@ def test_regenerate_keeps_the_other_shots(generated, story, run_dir, tmp_path, m
     assert [shot["take"] for shot in json.loads((out / RECORD_FILE).read_text())["shots"]] == [1, 3, 1]
 
 
+def test_a_re_roll_killed_before_its_record_never_overwrites_a_take(generated, story, run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(generated, out)
+    original = (out / shot_file(2)).read_bytes()
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the new take is on disk, generation.json is not
+
+    argv = ["generate", str(story), "--run", str(run_dir), "--out", str(out), "--regenerate", "2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(generate_command, "write_record", killed)
+        assert main(argv) == 130
+    half_finished = (out / shot_file(2)).read_bytes()
+    assert main(argv) == 0
+    assert (out / TAKES_DIR / "shot_02_take_1.png").read_bytes() == original
+    assert (out / TAKES_DIR / "shot_02_take_2.png").read_bytes() == half_finished
+    assert [shot["take"] for shot in json.loads((out / RECORD_FILE).read_text())["shots"]] == [1, 3, 1]
+
+
 def test_the_sheet_is_titled_and_shows_given_shots_first_and_marks_re_rolls(story, run_dir, tmp_path, monkeypatch):
     body = json.loads(json.dumps(STORY))
     body["previous_shots"] = [{"image": "refs/role1.png", "annotation": "Earlier: <Role 1> alone."}]

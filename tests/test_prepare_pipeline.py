@@ -18,6 +18,7 @@ from dreamshot.prepare.pipeline import STAGES, prepare
 from dreamshot.prepare.report import format_table
 from dreamshot.prepare.space import prepare_bytes
 from dreamshot.prepare.toyvideo import render_toy_video, toy_overrides
+from dreamshot.utils.errors import DataError
 from dreamshot.utils.io import folder_bytes
 
 STAGE_MODULES = {"curation": curation, "shots": shots, "keyframes": keyframes, "quality": quality}
@@ -181,3 +182,12 @@ def test_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "videos").mkdir()
     assert main(["prepare", str(tmp_path / "videos"), "--out", str(tmp_path / "out")]) == 2
     assert "no video files" in capsys.readouterr().err
+
+
+def test_paths_that_give_one_video_id_are_an_error_naming_both(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("a b.mp4", "a_b.mp4"):
+        (videos / name).write_bytes(b"")
+    with pytest.raises(DataError, match=r"a_b\.mp4: has the same id 'a_b' as .*a b\.mp4"):
+        pipeline.find_videos(videos, tmp_path / "out")

@@ -210,6 +210,14 @@ def test_wandb_setting_follows_the_runs_and_the_environment(sweep_group: Path, m
     assert wandb_setting(runs)[1] == "disabled"
 
 
+def test_the_environment_does_not_turn_w_and_b_on_for_runs_that_never_used_it(sweep_group: Path, monkeypatch):
+    runs = read_runs(find_runs(sweep_group))
+    for run in runs:
+        run.config["logger.backend"] = "csv"
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert wandb_setting(runs)[1] == "disabled"
+
+
 def test_a_logged_report_holds_its_plots(sweep_group: Path, tmp_path: Path):
     report = write_report("toy_racl_ablation", read_runs(find_runs(sweep_group)), tmp_path / "report", "with_racl")
     log_report(report, "dreamshot-test", "offline", tmp_path)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from dreamshot.cli import main as cli_main
 from dreamshot.config.load import available_experiments, load_config, load_runs, sweep_members, to_yaml
+from dreamshot.report import sweep
 from dreamshot.report.build import read_report
 from dreamshot.report.sweep import EVAL_TIME_TAG, is_eval_time, main, sweep_commands
 from dreamshot.utils.errors import ConfigError
@@ -72,6 +73,16 @@ def test_eval_time_experiments_score_a_trained_run_once_per_member(experiment):
         assert argv[argv.index("--run") + 1] == "runs/trained"
         assert argv[argv.index("--out") + 1] == cfg.output_dir
         assert argv[argv.index("--label") + 1] == member
+
+
+def test_each_member_config_is_composed_once_beyond_the_first(monkeypatch):
+    loads = []
+    monkeypatch.setattr(sweep, "load_config", lambda *a, **k: loads.append(a) or load_config(*a, **k))
+    sweep_commands("lambda_sweep", INPUTS)
+    assert len(loads) == len(sweep_members("lambda_sweep")) + 1
+    loads.clear()
+    sweep_commands("guidance", [], run_dir=Path("runs/trained"))
+    assert len([a for a in loads if a]) == len(sweep_members("guidance"))  # and the base config, without arguments
 
 
 def test_an_eval_member_changes_only_the_evaluation_settings_of_the_run(tmp_path: Path):

@@ -88,6 +88,7 @@ class FixtureJudge:
     """The mocked judge endpoint: the fixture's reply, and the digest of every request it got."""
 
     model = "gpt-4.1"
+    settings = {"seed": 123, "max_tokens": 512}
 
     def __init__(self) -> None:
         self.requests: list[str] = []

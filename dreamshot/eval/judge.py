@@ -6,15 +6,19 @@ crop. As ViStoryBench asks them: for the three shot dimensions one user message 
 the shot text and the image; for a single character the rubric is a system message, and the user message
 holds the shot text, "Evaluated Character Name is <name>" and the crop ("low" detail). Images are resized to
 512 x 512 JPEG. Published settings: temperature 0, seed 123, max_tokens 512; the score is the first match of
-`(score|Score):\\s*[a-zA-Z]*\\s*(\\d+)`; up to 10 attempts, each failure raising the temperature by 0.1, and
-0 when every answer that arrived failed to parse.
+`(score|Score):\\s*[a-zA-Z]*\\s*(\\d+)` (the first of any number of matches, as upstream's `re.findall(...)[0]`);
+up to 10 attempts, each failure raising the temperature by 0.1, and 0 when every answer that arrived failed to
+parse. No `top_p` is sent: ViStoryBench's callers pass top_p=0.2 to its `gptv_query`, which leaves it out of
+the request body (checked at the commit tests/data/vistorybench/expected.json records).
 
 The rubrics here are this project's own wording; `eval.judge.prompt_dir` replaces any of them with a file
 `<dimension>.txt` (e.g. the published prompt files), and the prompt text is part of the cache key.
 
 Backends: `OpenAIChatBackend` talks to any OpenAI-compatible `/chat/completions` endpoint (the key comes from
 an environment variable and is never logged); a local VLM plugs in by implementing `ChatBackend.complete`.
-Answers are cached on disk by (image hash, text, dimension, prompt, model), so a rerun costs nothing; failed
+Answers are cached on disk by everything that changes one: the image hash, text, dimension, character,
+prompt, model, the backend's sampling settings (seed, max_tokens), the starting temperature and the image size
+it is sent at; so a rerun with the same settings costs nothing, and one with other settings asks again. Failed
 questions are not cached, so a rerun asks them again.
 
 Load (not part of the published protocol): at most `max_concurrency` requests of a backend are in flight at
@@ -145,9 +149,12 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
 
 
 class ChatBackend(Protocol):
-    """Answers one chat-completions request. `model` names the judge (it is part of the cache key)."""
+    """Answers one chat-completions request. `model` names the judge and `settings` holds what else, besides
+    the messages and the temperature, changes its answers (e.g. seed, max_tokens); both are part of the cache
+    key."""
 
     model: str
+    settings: dict[str, Any]
 
     def complete(self, messages: list[dict[str, Any]], temperature: float) -> str:
         """The assistant's reply text; raises JudgeRequestError for a failed attempt, JudgeUnavailable when
@@ -167,7 +174,8 @@ class OpenAIChatBackend:
             raise ConfigError("eval.judge.endpoint is not set")
         self.url = cfg.endpoint.rstrip("/").removesuffix("/chat/completions") + "/chat/completions"
         self.model = cfg.model
-        self.seed, self.max_tokens, self.timeout = cfg.seed, cfg.max_tokens, cfg.timeout_s
+        self.settings = {"seed": cfg.seed, "max_tokens": cfg.max_tokens}
+        self.timeout = cfg.timeout_s
         self.backoff = Backoff(cfg.backoff_base_s, cfg.backoff_max_s, cfg.backoff_total_s)
         self._slots = threading.BoundedSemaphore(cfg.max_concurrency)
         self._rng = random.Random()
@@ -182,8 +190,7 @@ class OpenAIChatBackend:
             "model": self.model,
             "messages": messages,
             "temperature": round(temperature, 6),
-            "seed": self.seed,
-            "max_tokens": self.max_tokens,
+            **self.settings,
         }
         headers = {"Content-Type": "application/json"}
         if self._api_key:
@@ -240,13 +247,18 @@ class AnswerCache:
         self.answers: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            text = self.path.read_text(encoding="utf-8")
+            for line in text.splitlines():
                 # A line cut short by a crash is skipped: its question is simply asked again.
                 try:
                     entry = json.loads(line)
                     self.answers[entry["key"]] = entry
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue
+            if text and not text.endswith("\n"):
+                # End the torn line, so the next answer starts a line of its own instead of joining it.
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write("\n")
 
     def get(self, key: str) -> int | None:
         entry = self.answers.get(key)
@@ -397,6 +409,7 @@ class Judge:
     def cache_key(self, image: Image.Image, text: str, dimension: str, character: str | None) -> str:
         prompt = hashlib.sha256(self.prompts[dimension].encode()).hexdigest()[:16]
         parts = [image_hash(image), text, dimension, character or "", prompt, self.backend.model]
+        parts += [sorted(self.backend.settings.items()), self.temperature, self.image_size]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 

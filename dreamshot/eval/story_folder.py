@@ -5,11 +5,14 @@ The stories are drawn as a benchmark's are (`drawing.py`): over the ranks torchr
 resumable story by story (a story's `generation.json` carries the drawing fingerprint and the digest of the
 story file's content, its images, seed, steps and size), and `DIR/run.json` refuses another folder of stories
 or, without `--redraw`, another drawing config. Every story file is read and checked before anything is
-written. Seed, steps and size follow `dreamshot generate`'s precedence (no re-roll here).
+written: a role an annotation names without a reference is a warning (as for one story file), and the disk
+must have room for the storyboards not drawn yet. Seed, steps and size follow `dreamshot generate`'s
+precedence (no re-roll here).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,13 +22,14 @@ from dreamshot.eval.drawing import DrawJob, draw_stories
 from dreamshot.eval.progress import LOGS_DIR
 from dreamshot.eval.resume import ResultsFolder, drawing_fingerprint, story_digest
 from dreamshot.eval.sharding import Ranks
-from dreamshot.inference.outputs import shot_file
+from dreamshot.inference.outputs import shot_file, storyboard_bytes
 from dreamshot.inference.pipeline import StoryboardPipeline
-from dreamshot.inference.story import Story, load_story, story_request
+from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
 from dreamshot.planner.sampling import drawing_cost
 from dreamshot.planner.shape import model_shape
 from dreamshot.planner.workload import tokens_per_frame
 from dreamshot.utils.errors import DataError
+from dreamshot.utils.io import check_output_dir, folder_bytes
 
 STORY_SUFFIXES = (".yaml", ".yml", ".json")
 # draw_into(pipeline, story, folder, seed, steps, size) draws a story into its folder as `dreamshot generate` does
@@ -64,6 +68,13 @@ def generate_folder(
     """Draw the stories of `folder` left to draw into `out`; returns how many were drawn (by all ranks)."""
     ranks = ranks or Ranks()
     stories = load_story_folder(folder)
+    if ranks.is_main:
+        for story in stories.values():
+            for where, tag in unreferenced_roles(story):
+                print(
+                    f"dreamshot generate: warning: {story.path}: {where} names {tag}, which no reference shows",
+                    file=sys.stderr,
+                )
     default_size = (cfg.data.resolution[0], cfg.data.resolution[1])
     fingerprint = ranks.decide(
         lambda: drawing_fingerprint(cfg, weights, default_size, steps or cfg.inference.steps, "story file")
@@ -74,6 +85,14 @@ def generate_folder(
     for name, story in stories.items():
         check_trained(cfg.storyboard, story_request(story, settings[name][2]).mode)
     jobs = _jobs(stories, settings, cfg, out)
+    # Before anything is written or a model built; what the folder holds (stories drawn already) is not drawn again.
+    need = sum(
+        storyboard_bytes(settings[name][2], len(story.shots), len(story.shots) + len(story.references))
+        for name, story in stories.items()
+    )
+    ranks.decide(
+        lambda: check_output_dir(out, "--out", need - folder_bytes(out), f"the images of {len(stories)} storyboards")
+    )
     ranks.decide(results.write)
 
     def draw(pipeline: StoryboardPipeline, job: DrawJob) -> tuple[dict, list[str]]:

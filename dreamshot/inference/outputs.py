@@ -101,14 +101,20 @@ def shot_takes(record: dict | None, count: int) -> dict[int, int]:
 
 
 def keep_earlier_takes(out_dir: Path, indices: list[int], takes: dict[int, int]) -> dict[int, int]:
-    """Before shots `indices` are drawn again: move each one's file to `takes/`; returns the takes after the
-    re-roll (those shots one take further)."""
+    """Before shots `indices` are drawn again: move each one's file to `takes/`, as its recorded take or, when
+    a file holds that take already, the next free one; returns the takes after the re-roll (each of those shots
+    one past the take it was kept as). A take file is never overwritten: a re-roll killed before its record was
+    written leaves its shot over a take the record does not count yet, and the rerun keeps it as a take too."""
+    after = dict(takes)
     for index in indices:
-        path = out_dir / shot_file(index)
+        take, path = takes[index], out_dir / shot_file(index)
         if path.is_file():
             (out_dir / TAKES_DIR).mkdir(exist_ok=True)
-            path.replace(out_dir / TAKES_DIR / take_file(index, takes[index]))
-    return {n: take + (n in indices) for n, take in takes.items()}
+            while (out_dir / TAKES_DIR / take_file(index, take)).exists():
+                take += 1
+            path.replace(out_dir / TAKES_DIR / take_file(index, take))
+        after[index] = take + 1
+    return after
 
 
 def write_contact_sheet(

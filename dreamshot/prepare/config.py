@@ -31,9 +31,16 @@ ANNOTATORS = ("placeholder", "vlm")
 # Bounded values of a prepare config (every number must also be finite: `check_values`).
 PREPARE_RULES: dict[str, Rule] = {
     "curation.min_bitrate_kbps": NON_NEGATIVE,
+    # PySceneDetect's thresholds are all levels of a non-negative difference, intensity or score.
+    "shots.threshold": NON_NEGATIVE,
     "shots.min_scene_len": NON_NEGATIVE,
     "shots.min_shot_seconds": NON_NEGATIVE,
+    "keyframes.motion_tolerance": NON_NEGATIVE,
     "keyframes.min_relative_sharpness": UNIT,
+    "quality.min_sharpness": NON_NEGATIVE,
+    "quality.min_contrast": NON_NEGATIVE,
+    # A judge that sees one keyframe at a time never puts two together: every group would be dropped.
+    "grouping.window": Rule(">= 2", lambda v: v >= 2),
     "grouping.similarity": UNIT,
     "roles.min_role_area": UNIT,
     "roles.role_similarity": UNIT,
@@ -81,8 +88,8 @@ class KeyframeConfig:
     # Weights of the sharpness rank (sharpest first) and the motion rank (stillest first) in the combined rank.
     sharpness_weight: float = 0.7
     motion_weight: float = 0.3
-    # Mean flow differences below this share of the frame width per frame rank as ties, so that encoder
-    # noise in a steady pan does not outvote sharpness.
+    # Motion (a share of the frame width per frame) is ranked in steps of this size, so that encoder noise in a
+    # steady pan does not outvote sharpness: motions in one step [k, k+1) * tolerance tie. 0: ranked as measured.
     motion_tolerance: float = 0.002
     # Frames less sharp than this share of their shot's sharpest frame are never keyframes (blur, fades).
     min_relative_sharpness: float = 0.5
@@ -191,8 +198,13 @@ class PrepareConfig:
         _choice(self.roles.source, ("real", "synthetic"), "roles.source")
         if self.keyframes.analysis_width < 32:
             raise ConfigError(f"keyframes.analysis_width must be >= 32, got {self.keyframes.analysis_width}")
-        if min(self.keyframes.sharpness_weight, self.keyframes.motion_weight) < 0:
-            raise ConfigError("keyframes.sharpness_weight and keyframes.motion_weight must be >= 0")
+        weights = (self.keyframes.sharpness_weight, self.keyframes.motion_weight)
+        if min(weights) < 0 or max(weights) == 0:
+            # Both 0 ranks nothing (every frame ties): refused rather than read silently as sharpness alone.
+            raise ConfigError(
+                "keyframes.sharpness_weight and keyframes.motion_weight must be >= 0, with at least one > 0; "
+                f"got {weights[0]}, {weights[1]}"
+            )
         grouping = self.grouping
         if not 0 <= grouping.overlap < grouping.window:
             raise ConfigError(

@@ -112,8 +112,9 @@ def choose_keyframe(scores: FrameScores, start: int, end: int, cfg: KeyframeConf
     candidates = np.flatnonzero(sharp >= cfg.min_relative_sharpness * sharp.max())
     motion = shot_motion(scores.flow, start, end)[candidates]
     sharp_rank = _scaled_rank(-sharp[candidates])
-    # Quantised: motions within the tolerance tie, so noise in a steady camera move does not rank frames.
-    motion_rank = _scaled_rank(np.floor(motion / max(cfg.motion_tolerance, 1e-12)))
+    # Quantised: motions in one step of the tolerance tie, so noise in a steady camera move does not rank frames.
+    steps = np.floor(motion / cfg.motion_tolerance) if cfg.motion_tolerance > 0 else motion
+    motion_rank = _scaled_rank(steps)
     combined = cfg.sharpness_weight * sharp_rank + cfg.motion_weight * motion_rank
     best = np.lexsort((-sharp[candidates], combined))[0]
     return start + int(candidates[best])

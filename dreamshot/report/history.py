@@ -9,6 +9,8 @@ import csv
 import math
 from pathlib import Path
 
+from dreamshot.utils.errors import DataError
+
 # Step column of Lightning's CSV logger.
 CSV_STEP = "step"
 
@@ -30,10 +32,21 @@ def last_value(curve: dict[int, float]) -> float:
 
 def _csv_rows(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
     versions = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    return [row for path in versions for row in _read_metrics(path)]
+
+
+def _read_metrics(path: Path) -> list[tuple[int, dict[str, float]]]:
+    """(step, {metric: value}) of each row of one metrics.csv; DataError naming the file and line when a row
+    is not Lightning's CSV logger's (no step column, a cell that is not a number)."""
     rows = []
-    for path in versions:
-        with path.open(newline="") as f:
-            for row in csv.DictReader(f):
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if CSV_STEP not in (reader.fieldnames or []):
+            raise DataError(f"{path}: no {CSV_STEP!r} column: not a metrics file of Lightning's CSV logger")
+        for row in reader:
+            try:
                 values = {k: float(v) for k, v in row.items() if k not in ("epoch", CSV_STEP) and v not in ("", None)}
                 rows.append((int(row[CSV_STEP]), values))
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{path}:{reader.line_num}: not a number ({e})") from None
     return rows

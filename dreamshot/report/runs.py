@@ -43,8 +43,9 @@ UNSWEPT = (
 
 @dataclass
 class EvalRecord:
-    """One `results.json`: dataset-level values, each story's values, and each story's drawn shot count
-    (from `<eval dir>/shots/<story>/shot_*.png`; empty when the shots were scored from another folder)."""
+    """One `results.json`: dataset-level values, each story's values, and each story's scored shot count (the
+    benchmark story's shots that the mode draws and scores: `Story.scored_shots`, written by `dreamshot eval`
+    whether the shots were drawn by it or read from another folder)."""
 
     path: Path
     benchmark: str
@@ -103,7 +104,7 @@ def read_run(folder: Path, member_overrides: dict[str, list[str]] | None = None)
     if not config and member_overrides and name in member_overrides:
         config = parse_overrides(member_overrides[name])
     summary = folder / SUMMARY_FILE
-    steps = _read_json(summary, "run summary")["steps"] if summary.is_file() else None
+    steps = _read_steps(summary) if summary.is_file() else None
     evals = [_read_eval(path) for path in _results_files(folder)]
     return RunRecord(name, folder, config, read_curves(folder), evals, steps)
 
@@ -165,6 +166,15 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(read_text(path, what))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+def _read_steps(path: Path) -> int:
+    """The optimizer steps a finished run trained, from its summary.json."""
+    body = _read_json(path, "run summary")
+    try:
+        return int(body["steps"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: not a run summary of `dreamshot train` ({type(e).__name__}: {e})") from None
 
 
 def _results_files(folder: Path) -> list[Path]:

@@ -75,8 +75,10 @@ def sweep_commands(
     if member is not None and member not in members:
         raise ConfigError(f"experiment {experiment!r} has no sweep member {member!r}")
     names = [member] if member else list(members) or [None]
-    configs = [load_config(experiment, overrides, name) for name in names]
-    if is_eval_time(configs[0]):
+    # The first member says whether the experiment trains; an evaluation-time one needs no data or weights.
+    first = load_config(experiment, overrides, names[0])
+    if is_eval_time(first):
+        configs = [first, *(load_config(experiment, overrides, name) for name in names[1:])]
         if run_dir is None:
             raise ConfigError(f"{experiment} is an {EVAL_TIME_TAG} experiment: pass the trained run to score (--run)")
         base = eval_time_values(load_config())

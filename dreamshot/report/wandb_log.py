@@ -13,11 +13,13 @@ DEFAULT_PROJECT = "dreamshot"
 
 def wandb_setting(runs: list[RunRecord]) -> tuple[str, str]:
     """(project, mode) to log a report of `runs` under: the runs' `logger.project` and `logger.mode`, with the
-    WANDB_MODE environment variable winning, as in training. Runs that logged to CSV only give `disabled`."""
+    WANDB_MODE environment variable winning, as in training. Runs that logged to CSV only give `disabled`,
+    whatever WANDB_MODE says: a report of runs that never used W&B creates no W&B run."""
     configs = [run.config for run in runs if run.config]
     project = next((c["logger.project"] for c in configs if "logger.project" in c), DEFAULT_PROJECT)
-    used_wandb = any(c.get("logger.backend") == "wandb" for c in configs)
-    mode = next((c["logger.mode"] for c in configs if "logger.mode" in c), "offline") if used_wandb else "disabled"
+    if not any(c.get("logger.backend") == "wandb" for c in configs):
+        return project, "disabled"
+    mode = next((c["logger.mode"] for c in configs if "logger.mode" in c), "offline")
     return project, os.environ.get("WANDB_MODE", mode)
 
 
