@@ -59,6 +59,47 @@ def test_bad_overrides_are_one_line_errors(overrides, expected):
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        "model.transformer.num_layers",
+        "model.transformer.num_attention_heads",
+        "model.transformer.ffn_dim",
+        "model.transformer.text_dim",
+        "model.transformer.freq_dim",
+        "model.transformer.in_channels",
+        "model.transformer.rope_max_seq_len",
+        "data.batch_size",
+        "data.max_shots",
+    ],
+)
+def test_sizes_and_counts_below_one_are_refused_at_load(key):
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", [f"{key}=0"])
+    assert str(err.value) == f"{key} must be >= 1, got 0 (set on the command line)" and err.value.key == key
+
+
+@pytest.mark.parametrize("key", ["data.val_groups", "data.num_workers"])
+def test_negative_data_counts_are_refused_at_load(key):
+    with pytest.raises(ConfigError, match=rf"^{key} must be >= 0, got -1 \(set on the command line\)$"):
+        load_config("smoke", [f"{key}=-1"])
+
+
+@pytest.mark.parametrize(
+    ("blocks", "message"),
+    [
+        ("[]", "racl.blocks is empty: name at least one block (null: the middle half)"),
+        ("[1,-1]", "racl.blocks: 1 and -1 both name block 1 of the 2-layer model"),
+        ("[0,1,0]", "racl.blocks: 0 and 0 both name block 0 of the 2-layer model"),
+    ],
+)
+def test_racl_blocks_name_each_block_once(blocks, message):
+    assert load_config("smoke", ["racl.blocks=[-1,0]"]).racl_blocks() == [0, 1]
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", ["racl.weight=0.1", f"racl.blocks={blocks}"])
+    assert str(err.value) == f"{message} (set on the command line)" and err.value.key == "racl.blocks"
+
+
 def test_unknown_key_in_experiment_file_names_file_and_key(tmp_path):
     bad = tmp_path / "typo.yaml"
     bad.write_text("trainer:\n  max_stpes: 3\n")

@@ -129,10 +129,14 @@ def test_context_parallel_config_rules(overrides, message):
 
 
 def test_context_parallel_configs_that_load():
-    load_config(
+    ring = load_config(
         "smoke", ["trainer=gpu", "trainer.context_parallel.degree=2", "trainer.context_parallel.attention=ring"]
-    )
-    load_config("smoke", ["trainer=ddp_cpu", "trainer.context_parallel.degree=2"])
+    ).trainer
+    assert (ring.context_parallel.degree, ring.context_parallel.attention) == (2, "ring")
+    assert (ring.strategy, ring.accelerator, ring.devices) == ("deepspeed_stage_2", "gpu", 8)
+    ulysses = load_config("smoke", ["trainer=ddp_cpu", "trainer.context_parallel.degree=2"]).trainer
+    assert (ulysses.context_parallel.degree, ulysses.context_parallel.attention) == (2, "ulysses")
+    assert (ulysses.strategy, ulysses.accelerator, ulysses.devices) == ("ddp", "cpu", 2)
 
 
 def test_ring_under_checkpointing_counts_what_its_blocks_keep(toy_shape, capsys):

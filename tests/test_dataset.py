@@ -290,8 +290,6 @@ def test_datamodule_aspect_buckets_and_config_faults(tmp_path: Path) -> None:
         StoryboardDataModule(_data_config(sources=["real"]), tmp_path, seed=0).setup()
     with pytest.raises(ConfigError, match="data.val_groups=6 leaves no training groups"):
         StoryboardDataModule(_data_config(val_groups=6), tmp_path, seed=0).setup()
-    with pytest.raises(ConfigError, match="data.batch_size must be >= 1"):
-        StoryboardDataModule(_data_config(batch_size=0), tmp_path, seed=0)
 
 
 def test_datamodule_checks_the_manifest_files_in_prepare_data(tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ from PIL import Image
 from scipy.ndimage import binary_dilation
 
 from dreamshot import cli
+from dreamshot.config.load import load_config
 from dreamshot.config.schema import ToyWorldConfig
+from dreamshot.config.values import TOY_MAX_ROLES, TOY_MIN_SIDE
 from dreamshot.data.manifest import StoryboardRecord, load_manifest
 from dreamshot.data.toyworld import COLOURS, INKS, REFERENCE_BACKGROUND, ensure_toyworld, generate_toyworld
 from dreamshot.utils.errors import ConfigError
@@ -160,6 +162,26 @@ def test_bad_parameters_are_config_errors(tmp_path: Path) -> None:
         generate_toyworld(tmp_path, groups=1, seed=0, max_roles=10)
 
 
+def test_the_generator_and_the_configs_refuse_the_same_toy_worlds(tmp_path: Path) -> None:
+    assert len(COLOURS) == TOY_MAX_ROLES  # one colour per role of a group
+    faults = [
+        ({"max_roles": TOY_MAX_ROLES + 1}, "max_roles must be in 1..9, got 10"),
+        ({"image_size": [TOY_MIN_SIDE - 1, 80]}, "image_size[0] must be >= 16, got 15"),
+        ({"groups": 0}, "groups must be >= 1, got 0"),
+    ]
+    for fault, message in faults:
+        toy = {"groups": 1, "seed": 0, **fault}
+        with pytest.raises(ConfigError) as generated:
+            generate_toyworld(tmp_path / "never", **toy)
+        assert str(generated.value) == message
+        key, value = next(iter(fault.items()))
+        for where in ("data.toy", "eval.toy"):
+            with pytest.raises(ConfigError) as loaded:
+                load_config("smoke", [f"{where}.{key}={value}".replace(" ", "")])
+            assert str(loaded.value).startswith(f"{where}.{message}")
+    assert not (tmp_path / "never").exists()
+
+
 def test_real_share_adds_camera_noise_to_real_groups_only(tmp_path: Path) -> None:
     kwargs = {"groups": 8, "seed": 0, "image_size": (32, 48), "max_shots": 3}
     mixed = load_manifest(generate_toyworld(tmp_path / "mixed", real_share=0.5, **kwargs))
@@ -206,6 +228,11 @@ def test_cli_writes_the_manifest(tmp_path: Path, capsys, toyworld_cli_only) -> N
 
 
 def test_cli_reports_bad_arguments_in_one_line(tmp_path: Path, capsys, toyworld_cli_only) -> None:
-    assert cli.main(["toyworld", "--out", str(tmp_path), "--max-roles", "0"]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse's own error: the option's type holds the rule
+        cli.main(["toyworld", "--out", str(tmp_path), "--max-roles", "0"])
+    assert refused.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "dreamshot toyworld: error: toy world: max_roles" in err
+    assert err == "dreamshot toyworld: error: argument --max-roles: expected an integer in 1..9, got 0\n"
+    assert cli.main(["toyworld", "--out", str(tmp_path), "--min-shots", "5", "--max-shots", "3"]) == 2
+    assert capsys.readouterr().err == "dreamshot toyworld: error: need min_shots <= max_shots, got 5 > 3\n"
+    assert not any(tmp_path.iterdir())

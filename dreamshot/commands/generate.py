@@ -62,6 +62,7 @@ from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardResult
 from dreamshot.inference.presets import PRESETS, preset_overrides
 from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
 from dreamshot.models.wan.context_parallel import launched_group
+from dreamshot.utils.arguments import positive_int, seed_value
 from dreamshot.utils.devices import pick_device
 from dreamshot.utils.errors import ConfigError, DataError
 from dreamshot.utils.io import check_output_dir
@@ -104,20 +105,6 @@ def shot_list(text: str) -> list[int]:
     if indices[0] < 1:
         raise argparse.ArgumentTypeError(f"shot numbers start at 1, got {text!r}")
     return indices
-
-
-def seed_value(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"expected a seed in 0..{SEED_LIMIT - 1}, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def run(args: argparse.Namespace) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dreamshot.config.values import RULES, check_values
+from dreamshot.config.values import RULES, TOY_WORLD_RULES, check_values
 from dreamshot.utils.errors import ConfigError
 from dreamshot.utils.secrets import check_endpoint, check_key_variable
 
@@ -92,14 +92,16 @@ class ModelConfig:
 
 @dataclass
 class ToyWorldConfig:
-    """The procedural storyboard set written when `data.manifest` is not given."""
+    """The procedural storyboard set written when `data.manifest` is not given. Its limits (TOY_WORLD_RULES in
+    values.py, `check_toy_world`) hold wherever a toy world is made: data.toy, eval.toy, `dreamshot toyworld`."""
 
     groups: int = 48
     seed: int = 0
-    # Pixel size of the generated images (height, width).
+    # Pixel size of the generated images (height, width), each at least TOY_MIN_SIDE (16).
     image_size: list[int] = field(default_factory=lambda: [96, 160])
     min_shots: int = 2
     max_shots: int = 6
+    # At most TOY_MAX_ROLES (9): a group's roles have distinct colours.
     max_roles: int = 3
     # Share of groups labelled `real` (the rest `synthetic`), for data.sources ablations. The toy world has no
     # camera: a real group is drawn like any other, then its images get sensor noise (its masks stay exact).
@@ -193,7 +195,8 @@ class RaclConfig:
 
     # λ in L = L_FM + λ·L_RACL; 0 captures nothing in training. Curriculum phases switch it on or off.
     weight: float = 0.0
-    # DiT blocks whose self-attention is captured (negative indices count from the end). None: the middle half.
+    # DiT blocks whose self-attention is captured (negative indices count from the end), at least one, each block
+    # once. None: the middle half.
     blocks: list[int] | None = None
     # A token belongs to a role where the role's mask covers at least this share of its 16x16 pixel cell.
     mask_threshold: float = 0.5
@@ -565,7 +568,7 @@ class Config:
         layers = self.model.transformer.num_layers
         if self.racl.blocks is None:
             return list(range(layers // 4, max(3 * layers // 4, layers // 4 + 1)))
-        return sorted({i % layers for i in self.racl.blocks})
+        return sorted(i % layers for i in self.racl.blocks)
 
     def validate(self) -> None:
         """Value ranges (`check_values`) and cross-field rules; raises ConfigError naming the keys."""
@@ -579,7 +582,8 @@ class Config:
                 "model.lora.target_modules must name at least one module", key="model.lora.target_modules"
             )
         _check_sizes(self.data.resolution, "data.resolution", multiple=16)
-        _check_sizes(self.data.toy.image_size, "data.toy.image_size", multiple=1)
+        check_toy_world(self.data.toy, "data.toy.")
+        check_toy_world(self.eval.toy, "eval.toy.")
         _check_choice(self.diffusion.timestep_mode, ("per_token", "global"), "diffusion.timestep_mode")
         _check_choice(self.logger.backend, ("wandb", "csv"), "logger.backend")
         _check_choice(self.logger.mode, LOGGER_MODES, "logger.mode")
@@ -598,11 +602,12 @@ class Config:
         _check_trainer(self.trainer)
         _check_context_parallel(self)
         _check_schedule_averaging_samples(self)
-        if self.data.toy.min_shots < 1 or self.data.toy.min_shots > self.data.toy.max_shots:
-            raise ConfigError("data.toy.min_shots must be in 1..data.toy.max_shots")
         head_dim = self.model.transformer.attention_head_dim
         if head_dim % 2 or head_dim < 6:
-            raise ConfigError(f"model.transformer.attention_head_dim must be even and >= 6, got {head_dim}")
+            raise ConfigError(
+                f"model.transformer.attention_head_dim must be even and >= 6, got {head_dim}",
+                key="model.transformer.attention_head_dim",
+            )
 
 
 def _check_trainer(trainer: TrainerConfig) -> None:
@@ -701,11 +706,35 @@ def _check_probabilities(storyboard: StoryboardConfig) -> None:
         raise ConfigError(f"storyboard.modes must be non-negative and sum to 1, got {weights}")
 
 
+def check_toy_world(toy: ToyWorldConfig, prefix: str = "") -> None:
+    """Raise ConfigError at the first value of `toy` the toy world cannot draw (TOY_WORLD_RULES, then the shot
+    counts' order); `prefix` names where `toy` sits in the run config ("data.toy."), "" outside one."""
+    _check_sizes(toy.image_size, f"{prefix}image_size", multiple=1)
+    check_values(toy, TOY_WORLD_RULES, prefix)
+    if toy.min_shots > toy.max_shots:
+        raise ConfigError(
+            f"need {prefix}min_shots <= {prefix}max_shots, got {toy.min_shots} > {toy.max_shots}",
+            key=f"{prefix}min_shots",
+        )
+
+
 def _check_racl(cfg: Config) -> None:
-    layers = cfg.model.transformer.num_layers
-    for index in cfg.racl.blocks or []:
+    layers, blocks = cfg.model.transformer.num_layers, cfg.racl.blocks
+    if blocks is None:
+        return
+    if not blocks:
+        raise ConfigError("racl.blocks is empty: name at least one block (null: the middle half)", key="racl.blocks")
+    named: dict[int, int] = {}  # block -> the entry that named it first
+    for index in blocks:
         if not -layers <= index < layers:
-            raise ConfigError(f"racl.blocks: block {index} does not exist in a {layers}-layer model")
+            raise ConfigError(f"racl.blocks: block {index} does not exist in a {layers}-layer model", key="racl.blocks")
+        block = index % layers
+        if block in named:
+            raise ConfigError(
+                f"racl.blocks: {named[block]} and {index} both name block {block} of the {layers}-layer model",
+                key="racl.blocks",
+            )
+        named[block] = index
 
 
 def _check_curriculum(cfg: Config) -> None:

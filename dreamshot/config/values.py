@@ -2,7 +2,8 @@
 
 Every float must be finite and every integer must fit in 64 bits (torch and numpy take nothing larger);
 `RULES` bounds the run config's values that have a meaningful range (`PREPARE_RULES` those of
-`dreamshot prepare`). Cross-field rules stay in the configs' `validate`.
+`dreamshot prepare`, `TOY_WORLD_RULES` those of a toy world, wherever it is configured). Cross-field rules stay in
+the configs' `validate`.
 """
 
 from __future__ import annotations
@@ -35,17 +36,40 @@ SEED = Rule(f"an integer in [0, 2**32) (0..{SEED_LIMIT - 1})", lambda v: 0 <= v 
 UNIT_OPEN = Rule("in [0, 1)", lambda v: 0 <= v < 1)
 UNIT = Rule("in [0, 1]", lambda v: 0 <= v <= 1)
 
+# The toy world (dreamshot/data/toyworld.py) gives each role of a group its own colour, of 9 (its COLOURS); below
+# 16 pixels a side, a wide shot's characters (0.3 of the short side) would shrink to a few pixels.
+TOY_MAX_ROLES = 9
+TOY_MIN_SIDE = 16
+# A toy world's bounded values (data.toy, eval.toy, `dreamshot toyworld`), keys as `flat_items` writes them for a
+# ToyWorldConfig; `check_toy_world` in schema.py applies them.
+TOY_WORLD_RULES: dict[str, Rule] = {
+    "groups": AT_LEAST_ONE,
+    "seed": SEED,
+    "image_size[]": Rule(f">= {TOY_MIN_SIDE}", lambda v: v >= TOY_MIN_SIDE),
+    "min_shots": AT_LEAST_ONE,
+    "max_shots": AT_LEAST_ONE,
+    "max_roles": Rule(f"in 1..{TOY_MAX_ROLES}", lambda v: 1 <= v <= TOY_MAX_ROLES),
+    "real_share": UNIT,
+}
+
 # The run config's bounded values; keys as `flat_items` writes them, list indices as "[]".
 RULES: dict[str, Rule] = {
     "seed": SEED,
     "model.text_len": AT_LEAST_ONE,
+    "model.transformer.num_layers": AT_LEAST_ONE,
+    "model.transformer.num_attention_heads": AT_LEAST_ONE,
+    "model.transformer.ffn_dim": AT_LEAST_ONE,
+    "model.transformer.text_dim": AT_LEAST_ONE,
+    "model.transformer.freq_dim": AT_LEAST_ONE,
+    "model.transformer.in_channels": AT_LEAST_ONE,
+    "model.transformer.rope_max_seq_len": AT_LEAST_ONE,
     "model.lora.rank": AT_LEAST_ONE,
     "model.lora.alpha": POSITIVE,
     "model.lora.dropout": UNIT_OPEN,
-    "data.toy.seed": SEED,
-    "data.toy.groups": AT_LEAST_ONE,
-    "data.toy.max_roles": AT_LEAST_ONE,
-    "data.toy.real_share": UNIT,
+    "data.max_shots": AT_LEAST_ONE,
+    "data.batch_size": AT_LEAST_ONE,
+    "data.num_workers": NON_NEGATIVE,
+    "data.val_groups": NON_NEGATIVE,
     "data.cache_shard_size": AT_LEAST_ONE,
     "diffusion.shift": POSITIVE,
     "storyboard.drop_joint": UNIT,
@@ -79,8 +103,6 @@ RULES: dict[str, Rule] = {
     "inference.seed": SEED,
     "inference.guidance_fraction": UNIT,
     "eval.steps": AT_LEAST_ONE,
-    "eval.toy.seed": SEED,
-    "eval.toy.groups": AT_LEAST_ONE,
     "eval.face.det_size": AT_LEAST_ONE,
     "eval.detector.box_threshold": UNIT,
     "eval.detector.text_threshold": UNIT,
@@ -101,17 +123,19 @@ RULES: dict[str, Rule] = {
 }
 
 
-def check_values(config: Any, rules: dict[str, Rule]) -> None:
+def check_values(config: Any, rules: dict[str, Rule], prefix: str = "") -> None:
     """Raise ConfigError (with its `key`) at the first value of the dataclass `config` that is not finite, does
-    not fit in 64 bits or breaks its rule in `rules`."""
-    for key, value in flat_items(dataclasses.asdict(config)):
+    not fit in 64 bits or breaks its rule in `rules` (keyed by `config`'s own keys). `prefix` is where `config`
+    sits in the run config ("data.toy."): the message and the error's key name the value with it."""
+    for own_key, value in flat_items(dataclasses.asdict(config)):
         if isinstance(value, bool) or value is None or not isinstance(value, int | float):
             continue
+        key = prefix + own_key
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}", key=key)
         if isinstance(value, int) and abs(value) > INT64_MAX:
             raise ConfigError(f"{key} is out of range: {value} does not fit in 64 bits", key=key)
-        rule = rules.get(re.sub(r"\[\d+\]", "[]", key))
+        rule = rules.get(re.sub(r"\[\d+\]", "[]", own_key))
         if rule is not None and not rule.holds(value):
             raise ConfigError(f"{key} must be {rule.what}, got {value!r}", key=key)
 

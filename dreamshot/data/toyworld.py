@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dreamshot.config.schema import ToyWorldConfig
+from dreamshot.config.schema import ToyWorldConfig, check_toy_world
 from dreamshot.data.manifest import RoleRef, ShotRecord, StoryboardRecord, write_manifest
-from dreamshot.utils.errors import ConfigError
 from dreamshot.utils.io import atomic_write_text
 
 # Bump when the drawing changes, so `ensure_toyworld` regenerates sets written by older code.
@@ -36,6 +35,7 @@ CAMERA_NOISE = 6.0
 CAMERA_STREAM = 1
 PARAMS_NAME = "toyworld.json"
 
+# A group's roles get distinct colours: the config's TOY_MAX_ROLES (dreamshot/config/values.py) counts these.
 COLOURS = {
     "red": (214, 39, 40),
     "blue": (31, 90, 200),
@@ -359,16 +359,7 @@ def _params(
     real_share: float,
 ) -> dict:
     height, width = image_size
-    if groups < 0:
-        raise ConfigError(f"toy world: groups must be >= 0, got {groups}")
-    if min(height, width) < 16:
-        raise ConfigError(f"toy world: image sides must be >= 16 pixels, got {height}x{width}")
-    if not 1 <= min_shots <= max_shots:
-        raise ConfigError(f"toy world: need 1 <= min_shots <= max_shots, got {min_shots} and {max_shots}")
-    if not 1 <= max_roles <= len(COLOURS):
-        raise ConfigError(f"toy world: max_roles must be in 1..{len(COLOURS)}, got {max_roles}")
-    if not 0 <= real_share <= 1:
-        raise ConfigError(f"toy world: real_share must be in [0, 1], got {real_share}")
+    check_toy_world(ToyWorldConfig(groups, seed, [height, width], min_shots, max_shots, max_roles, real_share))
     return {
         "version": GENERATOR_VERSION,
         "groups": groups,
