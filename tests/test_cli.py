@@ -41,6 +41,15 @@ def test_help_lists_every_command(capsys):
     assert all(name in out for name in COMMANDS)
 
 
+@pytest.mark.parametrize("command", ["cache", "train", "plan", "eval", "generate"])
+def test_every_command_taking_overrides_gives_every_form_of_them_in_its_help(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "config overrides, anywhere on the line: key.sub=value, list.0.key=value" in text
+    assert "group=option (model=wan14b)" in text
+
+
 def test_overrides_are_taken_anywhere_on_the_line(capsys):
     argv = ["train", "toy_racl_ablation", "--member", "with_racl", "trainer.max_steps=200", "--print-commands"]
     argv.append("seed=3")

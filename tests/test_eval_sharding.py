@@ -25,16 +25,17 @@ import torch
 
 from dreamshot.cli import main
 from dreamshot.config.load import load_config
-from dreamshot.eval import runner
+from dreamshot.eval import drawing, runner
 from dreamshot.eval.benchmarks import load_benchmark
 from dreamshot.eval.benchmarks.types import BenchCharacter, Benchmark, BenchShot, BenchStory
 from dreamshot.eval.cost import story_costs
+from dreamshot.eval.drawing import DrawJob
 from dreamshot.eval.extractors import ImageEncoder
 from dreamshot.eval.progress import LOGS_DIR, Progress
 from dreamshot.eval.resume import RUN_RECORD, STORY_RECORD
 from dreamshot.eval.sharding import Ranks, assign, balance
 from dreamshot.models.wan.adapter import WanAdapter
-from dreamshot.planner.sampling import drawing_cost, gpu_hours
+from dreamshot.planner.sampling import DrawingCost, drawing_cost, gpu_hours
 from dreamshot.planner.shape import model_shape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,6 +279,31 @@ def test_a_changed_or_unrecorded_story_is_drawn_again(tmp_path, monkeypatch):
     assert _eval(out, PROXY) == 0
     assert sorted(drawn) == sorted([first, second])
     assert third not in drawn and _results(out) == expected
+
+
+class _CountedIds(list):
+    """The ids of the stories left to draw, counting how often they are read through."""
+
+    reads = 0
+
+    def __iter__(self):
+        self.reads += 1
+        return super().__iter__()
+
+
+def test_the_stories_left_to_draw_are_looked_up_once_not_once_per_story(tmp_path, monkeypatch):
+    cost = DrawingCost(forwards=1, samples=1, flops=10, tokens=6)
+    jobs = [DrawJob(f"s{i}", tmp_path / "shots" / f"s{i}", 1, cost, "digest") for i in range(50)]
+    left_to_draw, decided = drawing._left_to_draw, []
+
+    def counted(*args):
+        ids, token = left_to_draw(*args)
+        decided.append(_CountedIds(ids))
+        return decided[-1], token
+
+    monkeypatch.setattr(drawing, "_left_to_draw", counted)
+    assert drawing.draw_stories(jobs, {}, Ranks(), tmp_path, object, lambda pipeline, job: ({}, [])) == len(jobs)
+    assert decided[0].reads == 1  # a set of them built per story made the lookup quadratic in the stories
 
 
 def test_a_story_out_of_gpu_memory_is_named_with_its_tokens(tmp_path, monkeypatch, capsys):

@@ -50,6 +50,11 @@ def _copy_run(run: Path, given: Path) -> Path:
     return given / "checkpoints" / "last.ckpt"
 
 
+def _cosine_run(run: Path, given: Path) -> None:
+    """A finished run like RUN whose learning rate decays on a cosine (trained afresh: only it needs one)."""
+    train(load_config("smoke", [*RUN, "optim.schedule=cosine", f"output_dir={given}"]))
+
+
 def _truncated_checkpoint(run: Path, given: Path) -> None:
     last = _copy_run(run, given)
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
@@ -81,6 +86,7 @@ def _nan_lora(run: Path, given: Path) -> None:
 # `given: NAME` in a case: what {given} holds when the case starts (a folder of the corpus is copied as it is).
 GIVEN = {
     "run": _copy_run,
+    "cosine_run": _cosine_run,
     "run_truncated_checkpoint": _truncated_checkpoint,
     "run_nan_checkpoint": _nan_checkpoint,
     "run_in_use": _run_in_use,

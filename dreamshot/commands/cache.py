@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from dreamshot.config.load import available_experiments, load_config, load_runs
+from dreamshot.commands import add_experiment_arguments
+from dreamshot.config.load import load_config, load_runs
 from dreamshot.config.schema import Config
 from dreamshot.data.cache import CachedRecord, cache_bytes, cache_fingerprint, encode_record, write_cache
 from dreamshot.data.datamodule import StoryboardDataModule
@@ -28,14 +29,7 @@ from dreamshot.utils.io import check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "experiment", help=f"a name in experiments/ ({', '.join(available_experiments())}) or a yaml path"
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="config overrides, anywhere on the line: key.sub=value, or group=option (model=wan14b)",
-    )
+    add_experiment_arguments(parser)
     parser.add_argument("--member", help="cache only for this member of a sweep experiment")
     parser.add_argument("--device", help="where the VAE and umT5 run (default: cuda when available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dreamshot.commands import add_override_arguments
 from dreamshot.config.load import load_config
 from dreamshot.config.schema import EVAL_BENCHMARKS, EVAL_MODES, Config
 from dreamshot.eval.runner import evaluate
@@ -39,7 +40,7 @@ from dreamshot.utils.io import check_output_dir
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("benchmark", choices=EVAL_BENCHMARKS, help="benchmark to score")
-    parser.add_argument("overrides", nargs="*", help="config overrides, anywhere on the line: key.sub=value")
+    add_override_arguments(parser)
     source = add_weight_arguments(parser)
     source.add_argument("--outputs", type=Path, help="score this folder of shots instead of drawing them")
     parser.add_argument("--mode", choices=EVAL_MODES, help="r2s, t2s or s2s (default: eval.mode)")

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 from omegaconf import OmegaConf
 
+from dreamshot.commands import add_override_arguments
 from dreamshot.config.schema import Config
 from dreamshot.config.values import SEED_LIMIT
 from dreamshot.diffusion.conditioning import check_trained
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "story", type=Path, help="story file (yaml/json): references, shots, previous_shots; or a folder of them"
     )
-    parser.add_argument("overrides", nargs="*", help="config overrides, anywhere on the line: key.sub=value")
+    add_override_arguments(parser)
     add_weight_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument(

@@ -10,7 +10,8 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from dreamshot.config.load import available_experiments, load_config
+from dreamshot.commands import add_experiment_arguments
+from dreamshot.config.load import load_config
 from dreamshot.config.schema import EVAL_BENCHMARKS, Config, PhaseConfig
 from dreamshot.planner.plan import config_training, config_workload, longest_storyboard, plan_phase
 from dreamshot.planner.report import render
@@ -24,14 +25,7 @@ LONGEST_SEARCHED = 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "experiment", help=f"a name in experiments/ ({', '.join(available_experiments())}) or a yaml path"
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="config overrides, anywhere on the line: key.sub=value, or group=option (model=wan14b)",
-    )
+    add_experiment_arguments(parser)
     parser.add_argument("--shots", type=int, default=8, help="shots per storyboard (default 8)")
     parser.add_argument("--refs", type=int, default=3, help="reference images per storyboard (default 3)")
     parser.add_argument(

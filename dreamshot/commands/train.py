@@ -11,9 +11,9 @@ import json
 import shlex
 from pathlib import Path
 
+from dreamshot.commands import add_experiment_arguments
 from dreamshot.config.load import (
     EVAL_TIME_TAG,
-    available_experiments,
     describe_curriculum,
     is_eval_time,
     load_config,
@@ -25,14 +25,7 @@ from dreamshot.utils.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "experiment", help=f"a name in experiments/ ({', '.join(available_experiments())}) or a yaml path"
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="config overrides, anywhere on the line: key.sub=value, list.0.key=value, or group=option (model=wan14b)",
-    )
+    add_experiment_arguments(parser)
     parser.add_argument("--member", help="train only this member of a sweep experiment")
     parser.add_argument(
         "--print-commands",

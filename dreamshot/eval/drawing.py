@@ -54,7 +54,8 @@ def draw_stories(
 ) -> int:
     """Draw the jobs not yet complete on disk, this rank's share of them; returns how many were drawn in all."""
     todo_ids, token = ranks.decide(lambda: _left_to_draw(jobs, fingerprint))
-    todo = {job.id: job for job in jobs if job.id in set(todo_ids)}
+    left = set(todo_ids)
+    todo = {job.id: job for job in jobs if job.id in left}
     costs = {job.id: float(job.cost.flops) for job in todo.values()}
     shares = assign(costs, len(rank_groups(ranks.world)))
     planned = max((sum(costs[s] for s in share) for share in shares), default=0.0)

@@ -26,7 +26,8 @@ from typing import Any
 import yaml
 
 from dreamshot.cli import parse_with_overrides
-from dreamshot.config.load import EVAL_TIME_TAG, available_experiments, is_eval_time, load_config, sweep_members
+from dreamshot.commands import add_experiment_arguments
+from dreamshot.config.load import EVAL_TIME_TAG, is_eval_time, load_config, sweep_members
 from dreamshot.config.schema import EVAL_BENCHMARKS, Config
 from dreamshot.report.runs import EVAL_DIR, flatten
 from dreamshot.utils.errors import ConfigError, DreamShotError
@@ -37,8 +38,7 @@ _EVAL_TIME_PREFIXES = tuple(f"{section}." for section in EVAL_TIME_SECTIONS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("experiment", help=f"a name in experiments/ ({', '.join(available_experiments())}) or a yaml")
-    parser.add_argument("overrides", nargs="*", help="config overrides for every run: key.sub=value")
+    add_experiment_arguments(parser)
     parser.add_argument("--member", help="only this member of the sweep")
     parser.add_argument("--run", type=Path, help="trained run folder an evaluation-time experiment scores")
     parser.add_argument("--eval", choices=EVAL_BENCHMARKS, help="after training, score every run on this benchmark")

@@ -9,6 +9,8 @@ written, so a refused resume leaves the run it refused exactly as it was.
   yet (the current phase may change its length, not below the steps it has done). Any other change would make
   the resumed run differ from an uninterrupted run of the new config (the optimiser keeps its old learning rate,
   the data stream its old seed): it is refused, naming the keys. Accepted changes are recorded by the caller.
+- `trainer.max_steps` (also as the sum of the phases) may change only under a constant learning rate: a linear
+  or cosine schedule decays to it, so a new one would change the learning rate of every remaining step.
 - The LoRA weights must have this config's names and shapes, and be finite.
 """
 
@@ -37,7 +39,7 @@ LAST_CHECKPOINT = "last.ckpt"
 HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
 # Keys a resumed run may change: they name or place the run, say when to log, validate or checkpoint, how to
 # execute the same computation, or what is drawn and scored; none changes a training step. A key ending in "."
-# stands for every key under it.
+# stands for every key under it. `trainer.max_steps` only with `optim.schedule=constant` (`_check_run_length`).
 RESUME_SAFE_KEYS = (
     "name",
     "tags",
@@ -111,6 +113,7 @@ def read_resume(path: Path, cfg: Config) -> Resume:
             "a new run (another output_dir, or trainer.overwrite=true)",
             key=next(iter(refused)),
         )
+    _check_run_length(changes, cfg, path)
     if cfg.trainer.max_steps < step:
         raise ConfigError(
             f"trainer.max_steps={cfg.trainer.max_steps} is below the step of the checkpoint {path} ({step})",
@@ -120,6 +123,21 @@ def read_resume(path: Path, cfg: Config) -> Resume:
     if not isinstance(lora, dict):
         raise WeightsError(f"checkpoint {path} holds no LoRA weights (trainer.ckpt_path)")
     return Resume(path, step, changes, lora, peft_names)
+
+
+def _check_run_length(changes: dict[str, tuple[Any, Any]], cfg: Config, path: Path) -> None:
+    """A new `trainer.max_steps` is refused when the learning rate decays to it (the schedule itself is not
+    resume-safe, so the checkpoint's schedule is this config's)."""
+    if "trainer.max_steps" not in changes or cfg.optim.schedule == "constant":
+        return
+    old, new = changes["trainer.max_steps"]
+    raise ConfigError(
+        f"trainer.ckpt_path={path}: trainer.max_steps: {old} -> {new} is refused under optim.schedule="
+        f"{cfg.optim.schedule}, which decays the learning rate to trainer.max_steps: every remaining step would get "
+        f"a learning rate no uninterrupted run uses; keep trainer.max_steps={old}, or start a new run (another "
+        "output_dir, or trainer.overwrite=true)",
+        key="trainer.max_steps",
+    )
 
 
 def check_checkpoint_lora(resume: Resume, expected: dict[str, torch.Tensor]) -> None:
