@@ -129,6 +129,16 @@ def test_yaml_round_trip_is_loadable(tmp_path):
     assert load_config(saved) == cfg
 
 
+def test_a_group_choice_a_saved_run_config_masks_whole_is_refused(tmp_path):
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(load_config("smoke")))
+    with pytest.raises(ConfigError, match=r"logger=csv: every key of conf/logger/csv.yaml is set again in .*config"):
+        load_config(saved, ["logger=csv"])
+    assert load_config(saved, ["logger=wandb"]).logger.backend == "wandb"  # the choice the saved config holds already
+    assert load_config(saved, ["logger.backend=csv"]).logger.backend == "csv"
+    assert load_config("smoke", ["logger=csv"]).logger.backend == "csv"  # an experiment leaves it to the group
+
+
 def test_experiments_folder_is_not_empty():
     assert {"smoke", "demo"} <= set(available_experiments())
 

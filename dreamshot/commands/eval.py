@@ -28,8 +28,7 @@ from dreamshot.inference.loading import (
     check_sampling,
     load_model,
     read_lora,
-    resolve_config,
-    run_weights,
+    weights_and_config,
 )
 from dreamshot.inference.pipeline import StoryboardPipeline
 from dreamshot.training.callbacks import LORA_FILE
@@ -60,8 +59,7 @@ def run(args: argparse.Namespace) -> None:
     overrides = [*args.overrides, f"eval.benchmark={args.benchmark}"]
     if args.mode:
         overrides.append(f"eval.mode={args.mode}")
-    weights = run_weights(args.run) if args.run else args.lora
-    cfg = load_config(args.config, overrides) if args.outputs else resolve_config(weights, args.config, overrides)
+    weights, cfg = (None, load_config(args.config, overrides)) if args.outputs else weights_and_config(args, overrides)
     device = pick_device(args.device, "--device") if args.device else pick_device(cfg.eval.device, "eval.device")
     out = args.out or Path("outputs") / "eval" / f"{scored_name(args, cfg)}-{cfg.eval.benchmark}-{cfg.eval.mode}"
     check_output_dir(out, "--out")

@@ -45,8 +45,7 @@ from dreamshot.inference.loading import (
     check_sampling,
     load_model,
     read_lora,
-    resolve_config,
-    run_weights,
+    weights_and_config,
 )
 from dreamshot.inference.outputs import (
     keep_earlier_takes,
@@ -113,12 +112,9 @@ def run(args: argparse.Namespace) -> None:
         _run_folder(args)
         return
     story = load_story(args.story)
-    for where, tag in unreferenced_roles(story):
-        print(
-            f"dreamshot generate: warning: {story.path}: {where} names {tag}, which no reference shows", file=sys.stderr
-        )
-    weights = run_weights(args.run) if args.run else args.lora
-    cfg = resolve_config(weights, args.config, _overrides(args))
+    for warning in unreferenced_roles(story):
+        print(f"dreamshot generate: warning: {warning}", file=sys.stderr)
+    weights, cfg = weights_and_config(args, _overrides(args))
     size = story.size or (cfg.data.resolution[0], cfg.data.resolution[1])
     targets = _targets(story, args.regenerate)
     previous = read_record(args.out) if args.regenerate else None
@@ -162,8 +158,7 @@ def _device(name: str | None, processes: int) -> torch.device:
 def _run_folder(args: argparse.Namespace) -> None:
     if args.regenerate:
         raise DataError(f"{args.story}: --regenerate re-rolls shots of one story file, not of a folder")
-    weights = run_weights(args.run) if args.run else args.lora
-    cfg = resolve_config(weights, args.config, _overrides(args))
+    weights, cfg = weights_and_config(args, _overrides(args))
     if cfg.inference.context_parallel.degree > 1:
         raise ConfigError(
             f"inference.context_parallel.degree={cfg.inference.context_parallel.degree} draws one story file on "

@@ -9,6 +9,8 @@ Order (later wins):
      where weight paths and cluster settings belong;
   5. `key.sub=value` overrides from the command line.
 Every merge is checked against the schema, so an unknown key or a wrong type fails naming the key and the file.
+A `group=option` whose every key a later layer sets again (a run's saved config.yaml sets them all) would change
+nothing and is refused; `key.sub=value` overrides reach any config.
 
 Overrides (a sweep member's, then the command line's) may index into lists: `curriculum.0.steps=15`. On a
 curriculum, the overrides decide the run's length: a `trainer.max_steps` among them scales every phase to it
@@ -126,6 +128,7 @@ def load_config(
         stem = chain[-1][0].stem
         sweep = {"name": f"{stem}/{member}", "tags": [*cfg.tags, member], "logger": {"group": stem}}
         cfg = merge(sweep, f"sweep member {member!r}")
+    _check_group_choices(group_choices, sources, cfg)
     cfg = apply_overrides(cfg, dotlist)
     sources.append(("command line", _key_tree(item.split("=", 1)[0] for item in dotlist)))
     output_dir = cfg._get_node("output_dir")._value()  # unresolved: does it name the run (`${name}`)?
@@ -312,6 +315,36 @@ def local_config() -> Path | None:
         return Path(named)
     default = CONF_DIR / "local.yaml"
     return default if default.exists() else None
+
+
+def _check_group_choices(choices: dict[str, str], sources: list[tuple[str, Any]], cfg: DictConfig) -> None:
+    """Refuse a `group=option` override that a later layer masks whole: a run's saved config.yaml (or any file
+    after the group files) that sets every key of the option's file would otherwise drop the choice silently."""
+    for group, option in choices.items():
+        path = _group_file(group, option)
+        values = _leaves({group: read_yaml(path)})
+        masking = {key: _origin(sources, key) for key in values}
+        if not values or any(origin == f"in {path}" for origin in masking.values()):
+            continue
+        changed = [key for key, value in values.items() if OmegaConf.select(cfg, key) != value]
+        if changed:
+            key = changed[0]
+            raise ConfigError(
+                f"{group}={option}: every key of {path.relative_to(REPO_ROOT)} is set again {masking[key]}, so the "
+                f"choice would change nothing; set the keys you mean instead (e.g. {key}={values[key]})"
+            )
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as its dotted leaf keys (lists are leaves)."""
+    leaves: dict[str, Any] = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict) and value:
+            leaves.update(_leaves(value, f"{key}."))
+        else:
+            leaves[key] = value
+    return leaves
 
 
 def _key_tree(keys) -> dict[str, Any]:

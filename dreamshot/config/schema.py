@@ -303,7 +303,8 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     # Resume from this checkpoint (a file or DeepSpeed folder written by a run): `last` is the output_dir's own
     # checkpoints/last.ckpt when it has one (else the run starts fresh). Only RESUME_SAFE_KEYS may differ from
-    # the checkpoint's config (training/resume.py); output_dir then holds `resumes.jsonl`, a line per resume.
+    # the checkpoint's config (training/resume.py; trainer.max_steps only under optim.schedule=constant);
+    # output_dir then holds `resumes.jsonl`, a line per resume.
     ckpt_path: str | None = None
     # Start over in an output_dir that holds another run: its checkpoints, LoRA files and summary are deleted
     # first. Without it such a folder is refused (resume it with ckpt_path=last, or pick another output_dir).

@@ -70,11 +70,8 @@ def generate_folder(
     stories = load_story_folder(folder)
     if ranks.is_main:
         for story in stories.values():
-            for where, tag in unreferenced_roles(story):
-                print(
-                    f"dreamshot generate: warning: {story.path}: {where} names {tag}, which no reference shows",
-                    file=sys.stderr,
-                )
+            for warning in unreferenced_roles(story):
+                print(f"dreamshot generate: warning: {warning}", file=sys.stderr)
     default_size = (cfg.data.resolution[0], cfg.data.resolution[1])
     fingerprint = ranks.decide(
         lambda: drawing_fingerprint(cfg, weights, default_size, steps or cfg.inference.steps, "story file")

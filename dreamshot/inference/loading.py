@@ -76,6 +76,13 @@ def run_weights(run_dir: Path) -> Path:
     raise WeightsError(f"{run_dir}: neither {LORA_FILE} nor {LAST_CHECKPOINT} found (has the run trained?)")
 
 
+def weights_and_config(args, overrides: list[str]) -> tuple[Path | None, Config]:
+    """The LoRA weights named by `--run` / `--lora` (`add_weight_arguments`; None for `--base`) and the config
+    to build their model from (`resolve_config`)."""
+    weights = run_weights(args.run) if args.run else args.lora
+    return weights, resolve_config(weights, args.config, overrides)
+
+
 def resolve_config(weights: Path | None, config: str | None, overrides: list[str]) -> Config:
     """The config to build the model from: `config`, else the run's `config.yaml` next to `weights`."""
     if config is not None:

@@ -110,8 +110,8 @@ def load_story(path: str | os.PathLike) -> Story:
     )
 
 
-def unreferenced_roles(story: Story) -> list[tuple[str, str]]:
-    """(field, tag) of every `<Role N>` an annotation names that no reference prompt names, when the story has
+def unreferenced_roles(story: Story) -> list[str]:
+    """A warning for every `<Role N>` an annotation names that no reference prompt names, when the story has
     references (r2s, s2s): such a role is drawn from its text alone, which is rarely what was meant."""
     if not story.references:
         return []
@@ -119,7 +119,7 @@ def unreferenced_roles(story: Story) -> list[tuple[str, str]]:
     fields = [(f"previous_shots[{m}]", shot) for m, shot in enumerate(story.previous_shots)]
     fields += [(f"shots[{n}]", shot) for n, shot in enumerate(story.shots)]
     return [
-        (f"{at}.annotation", tag)
+        f"{story.path}: {at}.annotation names {tag}, which no reference shows"
         for at, shot in fields
         for tag in dict.fromkeys(ROLE_TAG.findall(shot.annotation))
         if tag not in shown
