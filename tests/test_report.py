@@ -18,7 +18,7 @@ from dreamshot.config.load import load_config, sweep_members, to_yaml
 from dreamshot.eval.report import EvalResults, write_results
 from dreamshot.report.build import read_report, write_report
 from dreamshot.report.history import read_curves
-from dreamshot.report.runs import find_runs, read_run, read_runs
+from dreamshot.report.runs import RunRecord, find_runs, read_run, read_runs
 from dreamshot.report.table import build_table, missing_data, relative_improvement
 from dreamshot.report.wandb_log import log_report, wandb_setting
 from dreamshot.utils.errors import DataError
@@ -264,3 +264,36 @@ def test_the_shot_count_plot_needs_stories_of_two_shot_counts(sweep_group: Path,
     for run in runs:
         run.evals[0].story_shots = {story: 3 for story in run.evals[0].story_shots}
     assert "shot_count" not in write_report("g", runs, tmp_path / "one", "with_racl").plots
+
+
+def seeded_run(setting: str, seed: int, weight: float, in_mask: float, loss: float) -> RunRecord:
+    curves = {"val/racl_in_mask": {100: in_mask}, "val/loss": {100: loss}}
+    config = {"seed": seed, "racl.weight": weight, "output_dir": f"outputs/s{seed}/{setting}"}
+    return RunRecord(f"{setting} (seed={seed})", Path(f"s{seed}/{setting}"), config, curves, setting=setting)
+
+
+def test_runs_of_one_setting_with_other_seeds_are_summarised_and_paired_against_the_baseline():
+    runs = [
+        seeded_run("without", 0, 0.0, 0.10, 0.80),
+        seeded_run("without", 1, 0.0, 0.12, 0.90),
+        seeded_run("without", 2, 0.0, 0.14, 0.70),
+        seeded_run("with", 0, 0.1, 0.15, 0.85),
+        seeded_run("with", 1, 0.1, 0.11, 0.95),
+        seeded_run("with", 2, 0.1, 0.19, 0.75),
+    ]
+    table = build_table("g", runs, baseline="without (seed=0)")
+    assert table.seed_groups() == {"without": [r.name for r in runs[:3]], "with": [r.name for r in runs[3:]]}
+    mean, sd, seeds = table.across_seeds()["with"]["val/racl_in_mask"]
+    assert (mean, seeds) == (pytest.approx(0.15), 3) and sd == pytest.approx(0.04)
+    gain, better, pairs = table.paired_over_seeds()["with"]["val/racl_in_mask"]
+    assert gain == pytest.approx(25.0) and (better, pairs) == (2, 3)  # seed 1: 0.11 < 0.12
+    gain, better, pairs = table.paired_over_seeds()["with"]["val/loss"]
+    assert gain == pytest.approx(-100 * 0.05 / 0.8) and (better, pairs) == (0, 3)  # lower is better: worse in all
+    text = table.to_markdown()
+    assert "| with | 3 | 0.85 ± 0.1 | 0.15 ± 0.04 |" in text and "| with |  | -6.25 (0/3) | +25 (2/3) |" in text
+
+
+def test_no_seed_summary_without_two_seeds_of_one_setting():
+    runs = [seeded_run("without", 0, 0.0, 0.10, 0.80), seeded_run("with", 1, 0.1, 0.15, 0.85)]
+    table = build_table("g", runs, baseline="without (seed=0)")
+    assert table.seed_groups() == {} and "Across seeds" not in table.to_markdown()

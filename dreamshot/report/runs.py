@@ -62,7 +62,8 @@ class EvalRecord:
 @dataclass
 class RunRecord:
     """A run as the report sees it. `config` holds dotted keys (`racl.weight`): the run's config.yaml, or for an
-    evaluation-only folder the overrides of its sweep member."""
+    evaluation-only folder the overrides of its sweep member. `setting` is its name before `read_runs` tells
+    apart the runs that share one (the same member run with other seeds keeps its setting)."""
 
     name: str
     path: Path
@@ -70,6 +71,10 @@ class RunRecord:
     curves: dict[str, dict[int, float]] = field(default_factory=dict)
     evals: list[EvalRecord] = field(default_factory=list)
     steps: int | None = None
+    setting: str = ""
+
+    def __post_init__(self) -> None:
+        self.setting = self.setting or self.name
 
     def metrics(self) -> dict[str, float]:
         """Final values: every evaluation value (named `<benchmark>-<mode>/<value>` when the run has several

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ def higher_is_better(metric: str) -> bool:
 # relative change: a value of 0 against a baseline of 1e-9 is not "-100%".
 NEAR_ZERO_ABSOLUTE = 1e-6
 NEAR_ZERO_RELATIVE = 1e-3
+# The config key whose runs a report also summarises over (`ComparisonTable.across_seeds`).
+SEED_KEY = "seed"
 
 
 def relative_improvement(value: float, baseline: float, higher_better: bool, scale: float = 0.0) -> float:
@@ -41,7 +44,8 @@ def relative_improvement(value: float, baseline: float, higher_better: bool, sca
 @dataclass
 class ComparisonTable:
     """rows: run name -> metric -> value (a run may lack a metric); swept: run name -> swept key -> value;
-    notes: what the table cannot show (runs or sweep members without data)."""
+    notes: what the table cannot show (runs or sweep members without data); settings: run name -> its setting
+    (`RunRecord.setting`), which the runs of one setting with other seeds share."""
 
     group: str
     runs: list[str]
@@ -51,6 +55,7 @@ class ComparisonTable:
     rows: dict[str, dict[str, float]]
     baseline: str | None
     notes: list[str] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=dict)
 
     def relative(self) -> dict[str, dict[str, float]]:
         """run -> metric -> relative improvement (%) over the baseline, for every run but the baseline (NaN where
@@ -81,6 +86,7 @@ class ComparisonTable:
             )
             text.append(_markdown(headers, [self._row(run, relative[run], _percent) for run in relative]))
             text.append("\n(-: no value for the run or the baseline; n/a: the baseline is 0 or near it)")
+        text += self._seeds_markdown()
         if self.notes:
             text.append("\nMissing data:\n")
             text += [f"- {note}" for note in self.notes]
@@ -98,6 +104,97 @@ class ComparisonTable:
             gains = [_raw(relative.get(run, {}).get(m)) for m in self.metrics] if relative else []
             writer.writerow([run, *self._swept_cells(run), *values, *gains])
         return buffer.getvalue()
+
+    def seed_groups(self) -> dict[str, list[str]]:
+        """Setting -> its runs, when runs differ in `seed` and some setting ran with two seeds or more (the runs of
+        one setting agree on every swept value but the seed); empty otherwise."""
+        if SEED_KEY not in self.swept_keys:
+            return {}
+        others = [key for key in self.swept_keys if key != SEED_KEY]
+        groups: dict[tuple, list[str]] = {}
+        for run in self.runs:
+            same = (self.settings.get(run, run), *(_cell(self.swept[run].get(key)) for key in others))
+            groups.setdefault(same, []).append(run)
+        if max(map(len, groups.values())) < 2:
+            return {}
+        names = [same[0] for same in groups]
+        return {
+            same[0] if names.count(same[0]) == 1 else f"{same[0]} ({', '.join(map(str, same[1:]))})": runs
+            for same, runs in groups.items()
+        }
+
+    def across_seeds(self) -> dict[str, dict[str, tuple[float, float, int]]]:
+        """Setting -> metric -> (mean, sample standard deviation (NaN for one seed), seeds) over its runs."""
+        summary = {}
+        for setting, runs in self.seed_groups().items():
+            summary[setting] = {}
+            for metric in self.metrics:
+                values = [self.rows[run][metric] for run in runs if metric in self.rows[run]]
+                if values:
+                    summary[setting][metric] = (statistics.fmean(values), _sd(values), len(values))
+        return summary
+
+    def paired_over_seeds(self) -> dict[str, dict[str, tuple[float, int, int]]]:
+        """Setting -> metric -> (relative improvement of its mean over the baseline setting's mean, seeds where it
+        does better than the baseline setting's run of the same seed, seeds both ran), for every setting but the
+        baseline's."""
+        groups, means = self.seed_groups(), self.across_seeds()
+        base = self._baseline_setting()
+        if base is None:
+            return {}
+        base_runs = {self.swept[run][SEED_KEY]: run for run in groups[base]}
+        paired = {}
+        for setting, runs in groups.items():
+            if setting == base:
+                continue
+            pairs = [
+                (run, base_runs[self.swept[run][SEED_KEY]]) for run in runs if self.swept[run][SEED_KEY] in base_runs
+            ]
+            paired[setting] = {
+                metric: (
+                    relative_improvement(mean, means[base][metric][0], higher_is_better(metric)),
+                    sum(self._better(metric, run, other) for run, other in pairs),
+                    sum(metric in self.rows[run] and metric in self.rows[other] for run, other in pairs),
+                )
+                for metric, (mean, _, _) in means[setting].items()
+                if metric in means[base]
+            }
+        return paired
+
+    def _baseline_setting(self) -> str | None:
+        return next((setting for setting, runs in self.seed_groups().items() if self.baseline in runs), None)
+
+    def _better(self, metric: str, run: str, other: str) -> bool:
+        """Whether `run` has a better value of `metric` than `other` (False when either lacks it)."""
+        if metric not in self.rows[run] or metric not in self.rows[other]:
+            return False
+        value, against = self.rows[run][metric], self.rows[other][metric]
+        return value > against if higher_is_better(metric) else value < against
+
+    def _seeds_markdown(self) -> list[str]:
+        summary = self.across_seeds()
+        if not summary:
+            return []
+        headers = ["setting", "seeds", *(_arrow(m) for m in self.metrics)]
+        rows = [
+            [setting, str(len(self.seed_groups()[setting])), *(_spread(values.get(m)) for m in self.metrics)]
+            for setting, values in summary.items()
+        ]
+        text = [
+            "\nAcross seeds (mean ± sample standard deviation over each setting's seeds):\n",
+            _markdown(headers, rows),
+        ]
+        paired = self.paired_over_seeds()
+        if paired:
+            text.append(
+                f"\nThe mean over the seeds against `{self._baseline_setting()}`'s (%; positive is better), and in how "
+                "many seeds the setting does better than the baseline's run of the same seed:\n"
+            )
+            rows = [
+                [setting, "", *(_paired(values.get(m)) for m in self.metrics)] for setting, values in paired.items()
+            ]
+            text.append(_markdown(headers, rows))
+        return text
 
     def _row(self, run: str, values: dict[str, float], number) -> list[str]:
         return [run, *self._swept_cells(run), *(number(values.get(m)) for m in self.metrics)]
@@ -125,6 +222,7 @@ def build_table(
         rows=rows,
         baseline=baseline,
         notes=list(notes or []),
+        settings={run.name: run.setting for run in runs},
     )
 
 
@@ -178,6 +276,24 @@ def _percent(value: float | None) -> str:
     if value is None:
         return "-"
     return "n/a" if math.isnan(value) else f"{value:+.3g}"
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def _spread(summary: tuple[float, float, int] | None) -> str:
+    if summary is None:
+        return "-"
+    mean, sd, _ = summary
+    return _number(mean) if math.isnan(sd) else f"{_number(mean)} ± {sd:.2g}"
+
+
+def _paired(summary: tuple[float, int, int] | None) -> str:
+    if summary is None:
+        return "-"
+    gain, better, seeds = summary
+    return f"{_percent(gain)} ({better}/{seeds})"
 
 
 def _raw(value: float | None) -> str:
