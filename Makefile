@@ -59,9 +59,18 @@ sweep: $(STAMP) ## Run an experiment's members one after another: make sweep SWE
 report: $(STAMP) ## Compare a group's runs: make report GROUP=toy_lambda_sweep [BASELINE=member] (table + plots in outputs/GROUP/report)
 	$(BIN)/dreamshot report $(GROUP) $(if $(BASELINE),--baseline $(BASELINE))
 
-reproduce-toy: $(STAMP) ## Tiny Wan on the toy world, CPU: train without and with RACL, score both on the toy benchmark, report
+reproduce-toy: $(STAMP) ## Tiny Wan on the toy world, CPU: train without and with RACL, score both on the toy benchmark, report [SEEDS="0 1 2": that pair per seed, one report over the seeds]
+ifeq ($(strip $(SEEDS)),)
 	$(BIN)/python -m dreamshot.report.sweep toy_reproduction $(ARGS) --eval toy
 	$(BIN)/dreamshot report toy_reproduction
+else
+	for seed in $(SEEDS); do \
+		$(BIN)/python -m dreamshot.report.sweep toy_reproduction $(ARGS) --eval toy seed=$$seed \
+			'output_dir=outputs/toy_reproduction_seeds/seed'$$seed'/$${name}' || exit 1; \
+	done
+	$(BIN)/dreamshot report toy_reproduction_seeds $(foreach seed,$(SEEDS),$(foreach member,without_racl with_racl,\
+		outputs/toy_reproduction_seeds/seed$(seed)/toy_reproduction/$(member)))
+endif
 
 test: $(STAMP) ## Fast CPU test suite (skips tests marked slow or gpu)
 	$(BIN)/pytest -q -m "not slow and not gpu" $(ARGS)
