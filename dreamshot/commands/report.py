@@ -6,10 +6,10 @@ instead and GROUP only names the report. Each run contributes its `results.json`
 and its last validation metrics (val/loss, val/racl_in_mask, val/racl_confusion, from the CSV logs every run
 writes, W&B or not). Runs that share a name (one experiment run with different settings) are named by the
 config values that differ; when they differ in `seed`, each setting's runs are also summarised over the seeds
-(mean ± standard deviation, and paired by seed against the baseline's setting). A sweep member without a folder and a run without any metric are warnings on stderr
-and notes under the table. Writes report.md, report.csv, report.json and plots/*.png into
-`<group folder>/report` (or --out), and logs the table and plots to W&B when the runs' W&B mode (WANDB_MODE,
-else their logger.mode) is online.
+(mean ± standard deviation, and paired by seed against the baseline's setting). A sweep member without a
+folder and a run without any metric are warnings on stderr and notes under the table. Writes report.md,
+report.csv, report.json and plots/*.png into `<group folder>/report` (or --out), and logs the table and plots to
+W&B when the runs' W&B mode (WANDB_MODE, else their logger.mode) is online.
 """
 
 from __future__ import annotations
