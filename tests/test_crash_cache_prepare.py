@@ -122,8 +122,13 @@ def _interrupt_while_writing(monkeypatch, module: str, part: str, argv: list[str
                 time.sleep(60)  # KeyboardInterrupt is raised here
 
     monkeypatch.setattr(target, "atomic_path", interrupted)
+    # A process started as a script's background job inherits SIGINT ignored; a terminal's Ctrl-C is what is tested.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     capfd.readouterr()
-    assert main(argv) == 130
+    try:
+        assert main(argv) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1, lines
