@@ -50,11 +50,10 @@ PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35)] + 
 LIMIT_MIB = 56
 
 
-def pinned_requirements() -> dict[str, Requirement]:
-    """This project's pins, the bench extra's included, by canonical name."""
+def project_requirements() -> tuple[list[Requirement], list[Requirement]]:
+    """This project's pinned dependencies and its bench extra, from pyproject.toml."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    specs = project["dependencies"] + project["optional-dependencies"]["bench"]
-    return {canonicalize_name(req.name): req for req in map(Requirement, specs)}
+    return [*map(Requirement, project["dependencies"])], [*map(Requirement, project["optional-dependencies"]["bench"])]
 
 
 def image_distributions(path: Path) -> set[str]:
@@ -110,9 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dest", type=Path, default=ROOT / ".whl", help="folder for the wheels (emptied first)")
     parser.add_argument("--image", type=Path, default=Path(__file__).with_name("gpu_image.txt"))
     args = parser.parse_args(argv)
-    pins, image = pinned_requirements(), image_distributions(args.image)
-    bench = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["bench"]
-    roots = [pins[canonicalize_name(name)] for name in CHECKS_IMPORT] + [Requirement(spec) for spec in bench]
+    dependencies, bench = project_requirements()
+    pins = {canonicalize_name(req.name): req for req in [*dependencies, *bench]}
+    roots = [pins[canonicalize_name(name)] for name in CHECKS_IMPORT] + bench
+    image = image_distributions(args.image)
     args.dest.mkdir(exist_ok=True)
     for old in args.dest.glob("*.whl"):
         old.unlink()

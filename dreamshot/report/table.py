@@ -139,7 +139,7 @@ class ComparisonTable:
         does better than the baseline setting's run of the same seed, seeds both ran), for every setting but the
         baseline's."""
         groups, means = self.seed_groups(), self.across_seeds()
-        base = self._baseline_setting()
+        base = self._baseline_setting(groups)
         if base is None:
             return {}
         base_runs = {self.swept[run][SEED_KEY]: run for run in groups[base]}
@@ -161,8 +161,8 @@ class ComparisonTable:
             }
         return paired
 
-    def _baseline_setting(self) -> str | None:
-        return next((setting for setting, runs in self.seed_groups().items() if self.baseline in runs), None)
+    def _baseline_setting(self, groups: dict[str, list[str]]) -> str | None:
+        return next((setting for setting, runs in groups.items() if self.baseline in runs), None)
 
     def _better(self, metric: str, run: str, other: str) -> bool:
         """Whether `run` has a better value of `metric` than `other` (False when either lacks it)."""
@@ -175,9 +175,10 @@ class ComparisonTable:
         summary = self.across_seeds()
         if not summary:
             return []
+        groups = self.seed_groups()
         headers = ["setting", "seeds", *(_arrow(m) for m in self.metrics)]
         rows = [
-            [setting, str(len(self.seed_groups()[setting])), *(_spread(values.get(m)) for m in self.metrics)]
+            [setting, str(len(groups[setting])), *(_spread(values.get(m)) for m in self.metrics)]
             for setting, values in summary.items()
         ]
         text = [
@@ -187,8 +188,8 @@ class ComparisonTable:
         paired = self.paired_over_seeds()
         if paired:
             text.append(
-                f"\nThe mean over the seeds against `{self._baseline_setting()}`'s (%; positive is better), and in how "
-                "many seeds the setting does better than the baseline's run of the same seed:\n"
+                f"\nThe mean over the seeds against `{self._baseline_setting(groups)}`'s (%; positive is better), and "
+                "in how many seeds the setting does better than the baseline's run of the same seed:\n"
             )
             rows = [
                 [setting, "", *(_paired(values.get(m)) for m in self.metrics)] for setting, values in paired.items()
