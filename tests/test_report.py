@@ -18,6 +18,7 @@ from dreamshot.config.load import load_config, sweep_members, to_yaml
 from dreamshot.eval.report import EvalResults, write_results
 from dreamshot.report.build import read_report, write_report
 from dreamshot.report.history import read_curves
+from dreamshot.report.plots import loss_curves_figure
 from dreamshot.report.runs import RunRecord, find_runs, read_run, read_runs
 from dreamshot.report.table import build_table, missing_data, relative_improvement
 from dreamshot.report.wandb_log import log_report, wandb_setting
@@ -297,3 +298,33 @@ def test_no_seed_summary_without_two_seeds_of_one_setting():
     runs = [seeded_run("without", 0, 0.0, 0.10, 0.80), seeded_run("with", 1, 0.1, 0.15, 0.85)]
     table = build_table("g", runs, baseline="without (seed=0)")
     assert table.seed_groups() == {} and "Across seeds" not in table.to_markdown()
+
+
+def test_the_diagnostics_are_also_read_where_each_curriculum_phase_ends():
+    # Two phases of 10 and 5 steps: validations at steps 4 and 9 fall in phase 1 (RACL), 14 in phase 2.
+    curves = {
+        "val/racl_in_mask": {4: 0.2, 9: 0.3, 14: 0.25},
+        "val/loss": {4: 1.0, 9: 0.9, 14: 0.8},
+        "train/loss": {s: 1.0 for s in range(15)},
+    }
+    curriculum = [{"steps": 10, "resolution": [64, 112], "use_racl": True}, {"steps": 5, "use_racl": False}]
+    run = RunRecord("r", Path("r"), {"curriculum": curriculum}, curves)
+    metrics = run.metrics()
+    assert metrics["val/racl_in_mask@phase1"] == 0.3 and metrics["val/loss@phase1"] == 0.9
+    assert metrics["val/racl_in_mask"] == 0.25 and "val/racl_confusion@phase1" not in metrics
+    assert "val/racl_in_mask@phase2" not in metrics  # the last phase's end is the final value
+    stopped_in_phase_1 = RunRecord("s", Path("s"), {"curriculum": curriculum}, {"val/loss": {4: 1.0, 9: 0.9}})
+    assert "val/loss@phase1" not in stopped_in_phase_1.metrics()
+    table = build_table("g", [run, stopped_in_phase_1], baseline="r")
+    assert table.metrics == ["val/loss@phase1", "val/racl_in_mask@phase1", "val/loss", "val/racl_in_mask"]
+    assert "val/loss@phase1 ↓" in table.to_markdown()  # lower is better, as val/loss
+
+
+def test_the_training_curves_show_the_racl_loss_and_the_phase_ends():
+    curriculum = [{"steps": 10, "use_racl": True}, {"steps": 5, "use_racl": False}]
+    curves = {"train/loss_fm": {s: 1.0 for s in range(15)}, "train/loss_racl": {s: 0.9 for s in range(10)}}
+    figure = loss_curves_figure([RunRecord("r", Path("r"), {"curriculum": curriculum}, curves)], "g")
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["train/loss_fm (EMA 0.9) ↓", "train/loss_racl (EMA 0.9) ↓"]
+    for ax in figure.axes:  # the end of phase 1, a vertical line at step 10
+        assert any(list(line.get_xdata()) == [10, 10] for line in ax.get_lines())

@@ -19,7 +19,7 @@ from dreamshot.report.runs import RunRecord
 from dreamshot.report.table import ComparisonTable, higher_is_better
 
 # The flow-matching part of the training loss: the total adds λ·L_RACL, so it is not comparable across λ.
-CURVE_KEYS = ("train/loss_fm", "val/loss", "val/racl_in_mask", "val/racl_confusion")
+CURVE_KEYS = ("train/loss_fm", "train/loss_racl", "val/loss", "val/racl_in_mask", "val/racl_confusion")
 OMEGA_KEYS = ("inference.omega1", "inference.omega2")
 # Exponential moving average of the noisy per-step training loss (the raw values are drawn faintly behind it).
 SMOOTHING = 0.9
@@ -54,15 +54,18 @@ def relative_improvement_figure(table: ComparisonTable) -> Figure:
 
 
 def loss_curves_figure(runs: list[RunRecord], group: str, keys: tuple[str, ...] = CURVE_KEYS) -> Figure | None:
-    """One panel per logged key (training loss smoothed, validation metrics as logged), one line per run.
-    None when no run logged any of `keys`."""
+    """One panel per logged key (training losses smoothed, validation metrics as logged), one line per run, the
+    curriculum's phase ends dotted. None when no run logged any of `keys`."""
     keys = tuple(key for key in keys if any(run.curves.get(key) for run in runs))
     if not keys:
         return None
     fig = Figure(figsize=(4.2 * len(keys), 3.8), layout="constrained")
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     colours = _colours(len(runs))
+    phase_ends = sorted({end for run in runs for end in run.phase_ends()})
     for ax, key in zip(axes, keys, strict=True):
+        for end in phase_ends:
+            ax.axvline(end, color="grey", linestyle=":", linewidth=1)
         for run, colour in zip(runs, colours, strict=True):
             curve = run.curves.get(key)
             if not curve:

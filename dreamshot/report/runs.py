@@ -9,6 +9,7 @@ have edited (`dreamshot.utils.text`: encodings, duplicate YAML keys).
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,9 @@ from dreamshot.utils.text import read_text, read_yaml_file
 EVAL_DIR = "eval"
 # Training diagnostics a report compares when a run has no evaluation results (DESIGN §2, RACL).
 TRAINING_METRICS = ("val/loss", "val/racl_in_mask", "val/racl_confusion")
+# `<diagnostic>@phase<i>`: the diagnostic's last validation in curriculum phase i (1-based) of a run with several
+# phases; RACL trains in some phases only, and its effect is read where its phase ends.
+PHASE_MARK = "@phase"
 # Config keys that name or place a run (or only watch it) rather than change what it computes.
 UNSWEPT = (
     "name",
@@ -78,13 +82,27 @@ class RunRecord:
 
     def metrics(self) -> dict[str, float]:
         """Final values: every evaluation value (named `<benchmark>-<mode>/<value>` when the run has several
-        evaluations), then the last logged value of each of `TRAINING_METRICS`."""
+        evaluations), each of `TRAINING_METRICS` at the end of every curriculum phase but the last
+        (`val/loss@phase1`), then the last logged value of each of `TRAINING_METRICS`."""
         values = {}
         for record in self.evals:
             prefix = f"{record.label}/" if len(self.evals) > 1 else ""
             values.update({prefix + name: value for name, value in record.values.items()})
+        for phase, end in enumerate(self.phase_ends(), start=1):
+            for key in TRAINING_METRICS:
+                before = {step: v for step, v in self.curves.get(key, {}).items() if step < end}
+                if before:
+                    values[f"{key}{PHASE_MARK}{phase}"] = last_value(before)
         values.update({key: last_value(self.curves[key]) for key in TRAINING_METRICS if self.curves.get(key)})
         return values
+
+    def phase_ends(self) -> list[int]:
+        """The optimizer steps at which each curriculum phase the run trained past ends (a logged step below a
+        phase's end was taken in it): the cumulative `curriculum.N.steps` of the run's config, but the last."""
+        phases = self.config.get("curriculum") or []
+        ends = list(itertools.accumulate(int(phase["steps"]) for phase in phases))[:-1]
+        last_logged = max((max(curve) for curve in self.curves.values() if curve), default=-1)
+        return [end for end in ends if last_logged >= end]
 
 
 def is_run(folder: Path) -> bool:

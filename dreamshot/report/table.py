@@ -11,16 +11,21 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from dreamshot.report.runs import TRAINING_METRICS, UNSWEPT, RunRecord
+from dreamshot.report.runs import PHASE_MARK, TRAINING_METRICS, UNSWEPT, RunRecord
 from dreamshot.utils.errors import ConfigError
 
 # Metrics where a smaller value is better; every evaluation metric (CIDS, CSD, AES, Alignment, toy proxies) and
 # the in-mask attention share grow with quality.
-LOWER_IS_BETTER = frozenset({"train/loss", "train/loss_fm", "val/loss", "val/racl_confusion"})
+LOWER_IS_BETTER = frozenset({"train/loss", "train/loss_fm", "train/loss_racl", "val/loss", "val/racl_confusion"})
 
 
 def higher_is_better(metric: str) -> bool:
-    return metric not in LOWER_IS_BETTER
+    return training_diagnostic(metric) not in LOWER_IS_BETTER
+
+
+def training_diagnostic(metric: str) -> str:
+    """The diagnostic a metric reads (`val/loss@phase1` -> `val/loss`)."""
+    return metric.split(PHASE_MARK, 1)[0]
 
 
 # A baseline this close to 0 (absolutely, or against the metric's largest value among the runs) has no meaningful
@@ -249,9 +254,12 @@ def swept_keys(runs: list[RunRecord]) -> list[str]:
 
 
 def _metric_order(rows: dict[str, dict[str, float]]) -> list[str]:
-    """Evaluation values in the order the runs report them, then the training diagnostics."""
+    """Evaluation values in the order the runs report them, then the training diagnostics: at each phase's end,
+    then final."""
     seen = list(dict.fromkeys(metric for values in rows.values() for metric in values))
-    return [m for m in seen if m not in TRAINING_METRICS] + [m for m in TRAINING_METRICS if m in seen]
+    at_phase_ends = [m for m in seen if m not in TRAINING_METRICS and training_diagnostic(m) in TRAINING_METRICS]
+    evaluation = [m for m in seen if training_diagnostic(m) not in TRAINING_METRICS]
+    return evaluation + at_phase_ends + [m for m in TRAINING_METRICS if m in seen]
 
 
 def _arrow(metric: str) -> str:
