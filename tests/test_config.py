@@ -248,3 +248,23 @@ def test_composing_a_config_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("sources", "message"),
+    [
+        ("[real,sintetic]", "data.sources must be one of real, synthetic; got 'sintetic'"),
+        ("[web]", "data.sources must be one of real, synthetic; got 'web'"),
+        ("[]", "data.sources is empty: name one of real, synthetic at least (null: all)"),
+    ],
+)
+def test_an_unknown_data_source_is_refused_at_load_naming_where_it_was_set(sources, message, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", [f"data.sources={sources}"])
+    assert str(err.value) == f"{message} (set on the command line)" and err.value.key == "data.sources"
+    experiment = tmp_path / "sources.yaml"
+    experiment.write_text(f"extends: smoke\ndata: {{sources: {sources}}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(experiment)
+    assert str(err.value) == f"{message} (set in {experiment})"
+    assert load_config("smoke", ["data.sources=[synthetic, real]"]).data.sources == ["synthetic", "real"]
