@@ -27,7 +27,8 @@ gives every member's config, `load_config(..., member=m)` one of them.
 
 A config can be composed for a command that only reads it (`dreamshot plan`, reports) with placeholders
 (`???`, e.g. `data.manifest` of `data=manifest`) left unset and no weights; a command that trains asks for
-`require_inputs=True`, which refuses both (`raise_unset`, `check_weights`).
+`require_inputs=True`, which refuses both (`Composition.require_inputs`); `compose` gives the config with the
+placeholders it left unset, for a caller that decides from the config whether to refuse them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +95,34 @@ def load_config(
     """The typed, validated config of an experiment (a name in `experiments/` or a yaml path).
 
     For a sweep experiment, `member` names the run (its overrides apply before the command line's).
-    `require_inputs`: the config is for a run that reads data and weights (`raise_unset`, `check_weights`).
+    `require_inputs`: the config is for a run that reads data and weights (`Composition.require_inputs`).
     """
+    return compose(experiment, overrides, member, require_inputs).config
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A composed config and its placeholders (`???`) that no layer set; `config` holds their schema defaults."""
+
+    config: Config
+    unset: tuple[str, ...]
+
+    def require_inputs(self) -> None:
+        """Refuse the config for a run that reads data and weights: a placeholder left unset (`raise_unset`), a
+        full-size model without its weights (`check_weights`)."""
+        if self.unset:
+            raise_unset(self.unset[0])
+        check_weights(self.config.model)
+
+
+def compose(
+    experiment: str | Path | None = None,
+    overrides: list[str] | None = None,
+    member: str | None = None,
+    require_inputs: bool = False,
+) -> Composition:
+    """`load_config`, keeping the unset placeholders: a caller that learns from the config itself whether the run
+    needs its inputs (`dreamshot.report.sweep`) checks them afterwards without composing it again."""
     members = sweep_members(experiment) if experiment else {}
     if members and member not in members:
         raise ConfigError(
@@ -139,7 +167,7 @@ def load_config(
     if members and "${name}" not in output_dir and Path(output_dir).name != member:
         cfg.output_dir = f"{output_dir}/{member}"
     unset = sorted(OmegaConf.missing_keys(cfg))
-    if require_inputs and unset:
+    if require_inputs and unset:  # before the value checks, which would judge the schema default in its place
         raise_unset(unset[0])
     defaults = OmegaConf.structured(Config)
     for key in unset:  # a command that only reads the config sees the schema default
@@ -157,9 +185,10 @@ def load_config(
         if origin is None:
             raise
         raise ConfigError(f"{e} (set {origin})", e.key) from None
+    composition = Composition(config, tuple(unset))
     if require_inputs:
-        check_weights(config.model)
-    return config
+        composition.require_inputs()
+    return composition
 
 
 def apply_overrides(cfg: DictConfig, dotlist: list[str], source: str) -> DictConfig:
