@@ -289,6 +289,13 @@ def test_an_unknown_data_source_is_refused_at_load_naming_where_it_was_set(sourc
             "eval.toy.image_size[1] must be >= 16, got 8",
         ),
         (
+            "data.resolution",
+            "data: {resolution: %s}",
+            "[60,112]",
+            "[32,32]",
+            "data.resolution must be [height, width], positive multiples of 16; got [60, 112]",
+        ),
+        (
             "racl.blocks",
             "racl: {blocks: %s}",
             "[1,99]",
@@ -328,8 +335,12 @@ def test_an_item_of_a_curriculum_names_the_layer_that_set_it(tmp_path):
         load_config(experiment, ["curriculum.1.resolution=[96,160]"])
     assert str(err.value) == f"curriculum[0].steps must be >= 1, got 0 (set in {experiment})"
     with pytest.raises(ConfigError) as err:
-        load_config("toy_dreamshot", ["curriculum.1.resolution=[96,160]", "curriculum.0.steps=0"])
+        load_config("toy_dreamshot", ["curriculum.1.resolution=[96,150]", "curriculum.0.steps=0"])
     assert str(err.value) == "curriculum[0].steps must be >= 1, got 0 (set on the command line)"
+    with pytest.raises(ConfigError) as err:
+        load_config("toy_dreamshot", ["curriculum.1.resolution=[96,150]"])
+    message = "curriculum[1].resolution must be [height, width], positive multiples of 16; got [96, 150]"
+    assert str(err.value) == f"{message} (set on the command line)"
 
 
 def test_a_sweep_members_override_is_named_as_the_members_not_the_command_lines(tmp_path):

@@ -696,7 +696,7 @@ def _check_schedule_averaging_samples(cfg: Config) -> None:
 
 def _check_sizes(size: list[int], key: str, multiple: int) -> None:
     if len(size) != 2 or any(s <= 0 or s % multiple for s in size):
-        raise ConfigError(f"{key} must be [height, width], positive multiples of {multiple}; got {list(size)}")
+        raise ConfigError(f"{key} must be [height, width], positive multiples of {multiple}; got {list(size)}", key=key)
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
