@@ -80,14 +80,13 @@ def test_eval_time_experiments_score_a_trained_run_once_per_member(experiment):
     [("lambda_sweep", INPUTS, None), ("guidance", [], Path("runs/trained"))],
 )
 def test_each_member_config_is_composed_once(experiment, overrides, run_dir, monkeypatch):
-    composed = []  # the run of every composition that merges a member's layer
+    composed, merge_one = [], load.merge_layer  # the run of every composition that merges a member's layer
 
     def merge_layer(cfg, body, source):
         if str(source).startswith("sweep member"):
             composed.append(body["name"])
         return merge_one(cfg, body, source)
 
-    merge_one = load.merge_layer
     monkeypatch.setattr(load, "merge_layer", merge_layer)
     sweep_commands(experiment, overrides, run_dir=run_dir)
     assert composed == [f"{experiment}/{member}" for member in sweep_members(experiment)]

@@ -285,4 +285,3 @@ class ResumableLoader(StoryboardLoader):
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.batch_sampler.progress.epoch = state_dict["epoch"]
         self.batch_sampler.progress.consumed = state_dict["consumed"]
-
