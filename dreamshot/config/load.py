@@ -191,7 +191,7 @@ def compose(
     return composition
 
 
-def apply_overrides(cfg: DictConfig, dotlist: list[str], source: str) -> DictConfig:
+def apply_overrides(cfg: DictConfig, dotlist: list[str], source: str = "command line") -> DictConfig:
     """Apply `key=value` overrides in order (values read as yaml); a key may index a list (`curriculum.0.steps`).
     `source` names where they come from in an error ("command line", "sweep member 'a'")."""
     for item in dotlist:
