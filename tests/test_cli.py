@@ -121,11 +121,18 @@ def test_print_commands_refuses_a_recipe_without_its_data_and_weights(capsys, no
     assert main(["train", "racl_ablation", *inputs, "--print-commands"]) == 0
 
 
-def test_a_config_typo_is_reported_before_torch_is_imported():
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.max_stepz=1", ["trainer.max_stepz", "Did you mean: 'max_steps'"]),
+        ("data.sources=[rael]", ["data.sources must be one of real, synthetic; got 'rael' (set on the command line)"]),
+    ],
+)
+def test_a_config_typo_is_reported_before_torch_is_imported(override, expected):
     code = (
-        "import sys; from dreamshot.cli import main; status = main(['train', 'smoke', 'trainer.max_stepz=1']); "
+        f"import sys; from dreamshot.cli import main; status = main(['train', 'smoke', '{override}']); "
         "print(status, 'torch' in sys.modules, 'lightning' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "2 False False"
-    assert "trainer.max_stepz" in result.stderr and "Did you mean: 'max_steps'" in result.stderr
+    assert result.stderr.count("\n") == 1 and all(text in result.stderr for text in expected)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -248,3 +249,110 @@ def test_composing_a_config_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("sources", "message"),
+    [
+        ("[real,sintetic]", "data.sources must be one of real, synthetic; got 'sintetic'"),
+        ("[web]", "data.sources must be one of real, synthetic; got 'web'"),
+        ("[]", "data.sources is empty: name one of real, synthetic at least (null: all)"),
+    ],
+)
+def test_an_unknown_data_source_is_refused_at_load_naming_where_it_was_set(sources, message, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", [f"data.sources={sources}"])
+    assert str(err.value) == f"{message} (set on the command line)" and err.value.key == "data.sources"
+    experiment = tmp_path / "sources.yaml"
+    experiment.write_text(f"extends: smoke\ndata: {{sources: {sources}}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(experiment)
+    assert str(err.value) == f"{message} (set in {experiment})"
+    assert load_config("smoke", ["data.sources=[synthetic, real]"]).data.sources == ["synthetic", "real"]
+
+
+@pytest.mark.parametrize(
+    ("key", "in_yaml", "bad", "good", "message"),
+    [
+        (
+            "data.toy.image_size",
+            "data: {toy: {image_size: %s}}",
+            "[8,160]",
+            "[32,32]",
+            "data.toy.image_size[0] must be >= 16, got 8",
+        ),
+        (
+            "eval.toy.image_size",
+            "eval: {toy: {image_size: %s}}",
+            "[32,8]",
+            "[32,32]",
+            "eval.toy.image_size[1] must be >= 16, got 8",
+        ),
+        (
+            "data.resolution",
+            "data: {resolution: %s}",
+            "[60,112]",
+            "[32,32]",
+            "data.resolution must be [height, width], positive multiples of 16; got [60, 112]",
+        ),
+        (
+            "racl.blocks",
+            "racl: {blocks: %s}",
+            "[1,99]",
+            "[0]",
+            "racl.blocks: block 99 does not exist in a 2-layer model",
+        ),
+    ],
+)
+def test_a_bad_list_item_names_the_layer_that_set_the_list(key, in_yaml, bad, good, message, tmp_path):
+    def experiment(value: str) -> Path:
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(f"extends: smoke\n{in_yaml % value}\n")
+        return path
+
+    in_file = experiment(bad)
+    with pytest.raises(ConfigError) as err:
+        load_config(in_file)
+    assert str(err.value) == f"{message} (set in {in_file})"
+    # The whole list on the command line (over a file's valid one, or none) sets every item of it.
+    valid = experiment(good)
+    load_config(valid)
+    for name in ("smoke", valid):
+        with pytest.raises(ConfigError) as err:
+            load_config(name, [f"{key}={bad}"])
+        assert str(err.value) == f"{message} (set on the command line)"
+
+
+def test_an_item_of_a_curriculum_names_the_layer_that_set_it(tmp_path):
+    whole = "curriculum=[{steps: 0, resolution: [64, 112]}, {steps: 4, resolution: [64, 112]}]"
+    with pytest.raises(ConfigError) as err:
+        load_config("toy_dreamshot", [whole, "trainer.max_steps=4"])
+    assert str(err.value) == "curriculum[0].steps must be >= 1, got 0 (set on the command line)"
+    # An item set by index leaves the rest of the list to the file that set it.
+    experiment = tmp_path / "phases.yaml"
+    experiment.write_text(f"extends: smoke\n{whole.replace('=', ': ', 1)}\ntrainer: {{max_steps: 4}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(experiment, ["curriculum.1.resolution=[96,160]"])
+    assert str(err.value) == f"curriculum[0].steps must be >= 1, got 0 (set in {experiment})"
+    with pytest.raises(ConfigError) as err:
+        load_config("toy_dreamshot", ["curriculum.1.resolution=[96,150]", "curriculum.0.steps=0"])
+    assert str(err.value) == "curriculum[0].steps must be >= 1, got 0 (set on the command line)"
+    with pytest.raises(ConfigError) as err:
+        load_config("toy_dreamshot", ["curriculum.1.resolution=[96,150]"])
+    message = "curriculum[1].resolution must be [height, width], positive multiples of 16; got [96, 150]"
+    assert str(err.value) == f"{message} (set on the command line)"
+
+
+def test_a_sweep_members_override_is_named_as_the_members_not_the_command_lines(tmp_path):
+    exp = tmp_path / "pair.yaml"
+    exp.write_text("extends: smoke\nsweep:\n  a: [racl.weight=-1]\n  b: [racl.weight=heavy]\n  c: [optim.lr=0.5]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(exp, member="a")
+    assert str(err.value) == "racl.weight must be >= 0, got -1.0 (set by sweep member 'a')"
+    with pytest.raises(ConfigError, match=r"^sweep member 'b': racl\.weight=heavy: .*could not be converted"):
+        load_config(exp, member="b")
+    with pytest.raises(ConfigError, match=r"^command line: optim\.lr=fast: "):
+        load_config(exp, ["optim.lr=fast"], member="c")
+    with pytest.raises(ConfigError) as err:
+        load_config(exp, ["racl.weight=-2"], member="a")
+    assert str(err.value) == "racl.weight must be >= 0, got -2.0 (set on the command line)"

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from dreamshot.cli import main as cli_main
+from dreamshot.config import load
 from dreamshot.config.load import available_experiments, load_config, load_runs, sweep_members, to_yaml
-from dreamshot.report import sweep
 from dreamshot.report.build import read_report
 from dreamshot.report.sweep import EVAL_TIME_TAG, is_eval_time, main, sweep_commands
 from dreamshot.utils.errors import ConfigError
@@ -75,14 +75,21 @@ def test_eval_time_experiments_score_a_trained_run_once_per_member(experiment):
         assert argv[argv.index("--label") + 1] == member
 
 
-def test_each_member_config_is_composed_once_beyond_the_first(monkeypatch):
-    loads = []
-    monkeypatch.setattr(sweep, "load_config", lambda *a, **k: loads.append(a) or load_config(*a, **k))
-    sweep_commands("lambda_sweep", INPUTS)
-    assert len(loads) == len(sweep_members("lambda_sweep")) + 1
-    loads.clear()
-    sweep_commands("guidance", [], run_dir=Path("runs/trained"))
-    assert len([a for a in loads if a]) == len(sweep_members("guidance"))  # and the base config, without arguments
+@pytest.mark.parametrize(
+    ("experiment", "overrides", "run_dir"),
+    [("lambda_sweep", INPUTS, None), ("guidance", [], Path("runs/trained"))],
+)
+def test_each_member_config_is_composed_once(experiment, overrides, run_dir, monkeypatch):
+    composed, merge_one = [], load.merge_layer  # the run of every composition that merges a member's layer
+
+    def merge_layer(cfg, body, source):
+        if str(source).startswith("sweep member"):
+            composed.append(body["name"])
+        return merge_one(cfg, body, source)
+
+    monkeypatch.setattr(load, "merge_layer", merge_layer)
+    sweep_commands(experiment, overrides, run_dir=run_dir)
+    assert composed == [f"{experiment}/{member}" for member in sweep_members(experiment)]
 
 
 def test_an_eval_member_changes_only_the_evaluation_settings_of_the_run(tmp_path: Path):

@@ -8,7 +8,9 @@ Order (later wins):
   4. the machine's local overrides, `conf/local.yaml` (git-ignored; another file via $DREAMSHOT_LOCAL_CONFIG),
      where weight paths and cluster settings belong;
   5. `key.sub=value` overrides from the command line.
-Every merge is checked against the schema, so an unknown key or a wrong type fails naming the key and the file.
+Every merge is checked against the schema, so an unknown key or a wrong type fails naming the key and the file;
+a value `Config.validate` refuses is named with the layer that set it (a file, a sweep member's override, the
+command line; a whole list, as `racl.blocks=[1,99]`, sets each of its items).
 A `group=option` whose every key a later layer sets again (a run's saved config.yaml sets them all) would change
 nothing and is refused; `key.sub=value` overrides reach any config.
 
@@ -25,7 +27,8 @@ gives every member's config, `load_config(..., member=m)` one of them.
 
 A config can be composed for a command that only reads it (`dreamshot plan`, reports) with placeholders
 (`???`, e.g. `data.manifest` of `data=manifest`) left unset and no weights; a command that trains asks for
-`require_inputs=True`, which refuses both (`raise_unset`, `check_weights`).
+`require_inputs=True`, which refuses both (`Composition.require_inputs`); `compose` gives the config with the
+placeholders it left unset, for a caller that decides from the config whether to refuse them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,16 +95,43 @@ def load_config(
     """The typed, validated config of an experiment (a name in `experiments/` or a yaml path).
 
     For a sweep experiment, `member` names the run (its overrides apply before the command line's).
-    `require_inputs`: the config is for a run that reads data and weights (`raise_unset`, `check_weights`).
+    `require_inputs`: the config is for a run that reads data and weights (`Composition.require_inputs`).
     """
+    return compose(experiment, overrides, member, require_inputs).config
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A composed config and its placeholders (`???`) that no layer set; `config` holds their schema defaults."""
+
+    config: Config
+    unset: tuple[str, ...]
+
+    def require_inputs(self) -> None:
+        """Refuse the config for a run that reads data and weights: a placeholder left unset (`raise_unset`), a
+        full-size model without its weights (`check_weights`)."""
+        if self.unset:
+            raise_unset(self.unset[0])
+        check_weights(self.config.model)
+
+
+def compose(
+    experiment: str | Path | None = None,
+    overrides: list[str] | None = None,
+    member: str | None = None,
+    require_inputs: bool = False,
+) -> Composition:
+    """`load_config`, keeping the unset placeholders: a caller that learns from the config itself whether the run
+    needs its inputs (`dreamshot.report.sweep`) checks them afterwards without composing it again."""
     members = sweep_members(experiment) if experiment else {}
     if members and member not in members:
         raise ConfigError(
             f"experiment {Path(str(experiment)).stem!r} is a sweep of {', '.join(members)}; "
             f"{'pick one of them' if member is None else f'it has no member {member!r}'}"
         )
-    overrides = [*(members[member] if members else []), *(overrides or [])]
-    group_choices, dotlist = _split_overrides(overrides)
+    member_choices, member_dotlist = _split_overrides(members[member] if members else [])
+    group_choices, dotlist = _split_overrides(overrides or [])
+    group_choices = {**member_choices, **group_choices}
     chain = _experiment_chain(experiment) if experiment else []
     groups = read_yaml(CONF_DIR / "defaults.yaml").get("groups", {})
     for path, body in chain:
@@ -129,13 +160,14 @@ def load_config(
         sweep = {"name": f"{stem}/{member}", "tags": [*cfg.tags, member], "logger": {"group": stem}}
         cfg = merge(sweep, f"sweep member {member!r}")
     _check_group_choices(group_choices, sources, cfg)
-    cfg = apply_overrides(cfg, dotlist)
-    sources.append(("command line", _key_tree(item.split("=", 1)[0] for item in dotlist)))
+    for source, items in ((f"sweep member {member!r}", member_dotlist), ("command line", dotlist)):
+        cfg = apply_overrides(cfg, items, source)
+        sources.append((source, _override_tree(items)))
     output_dir = cfg._get_node("output_dir")._value()  # unresolved: does it name the run (`${name}`)?
     if members and "${name}" not in output_dir and Path(output_dir).name != member:
         cfg.output_dir = f"{output_dir}/{member}"
     unset = sorted(OmegaConf.missing_keys(cfg))
-    if require_inputs and unset:
+    if require_inputs and unset:  # before the value checks, which would judge the schema default in its place
         raise_unset(unset[0])
     defaults = OmegaConf.structured(Config)
     for key in unset:  # a command that only reads the config sees the schema default
@@ -144,7 +176,7 @@ def load_config(
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config: {describe_error(e)}") from None
-    overridden = {item.split("=", 1)[0] for item in dotlist}
+    overridden = {item.split("=", 1)[0] for item in [*member_dotlist, *dotlist]}
     fit_curriculum(config, "trainer.max_steps" in overridden, any(_under("curriculum", k) for k in overridden))
     try:
         config.validate()
@@ -153,26 +185,28 @@ def load_config(
         if origin is None:
             raise
         raise ConfigError(f"{e} (set {origin})", e.key) from None
+    composition = Composition(config, tuple(unset))
     if require_inputs:
-        check_weights(config.model)
-    return config
+        composition.require_inputs()
+    return composition
 
 
-def apply_overrides(cfg: DictConfig, dotlist: list[str]) -> DictConfig:
-    """Apply `key=value` overrides in order (values read as yaml); a key may index a list (`curriculum.0.steps`)."""
+def apply_overrides(cfg: DictConfig, dotlist: list[str], source: str = "command line") -> DictConfig:
+    """Apply `key=value` overrides in order (values read as yaml); a key may index a list (`curriculum.0.steps`).
+    `source` names where they come from in an error ("command line", "sweep member 'a'")."""
     for item in dotlist:
         key = item.split("=", 1)[0]
-        _check_indices(cfg, key)
+        _check_indices(cfg, key, source)
         try:
             cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as e:
-            raise ConfigError(f"command line: {item}: {describe_error(e)}") from None
+            raise ConfigError(f"{source}: {item}: {describe_error(e)}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"command line: {item}: the value is not valid yaml ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{source}: {item}: the value is not valid yaml ({str(e).splitlines()[0]})") from None
     return cfg
 
 
-def _check_indices(cfg: DictConfig, key: str) -> None:
+def _check_indices(cfg: DictConfig, key: str, source: str) -> None:
     """Every list index in the dotted `key` is a number within its list (omegaconf's own errors do not say so)."""
     node, path = cfg, []
     for part in key.split("."):
@@ -180,9 +214,9 @@ def _check_indices(cfg: DictConfig, key: str) -> None:
             if not part.isdigit() or int(part) >= len(node):
                 where = ".".join(path)
                 raise ConfigError(
-                    f"command line: {key}: {where} is a list of {len(node)}, index it with 0..{len(node) - 1}"
+                    f"{source}: {key}: {where} is a list of {len(node)}, index it with 0..{len(node) - 1}"
                     if len(node)
-                    else f"command line: {key}: {where} is an empty list; set it whole ({where}=[...])"
+                    else f"{source}: {key}: {where} is an empty list; set it whole ({where}=[...])"
                 )
             node = node[int(part)]
         elif OmegaConf.is_dict(node) and part in node:
@@ -347,13 +381,20 @@ def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return leaves
 
 
-def _key_tree(keys) -> dict[str, Any]:
-    """Dotted keys (`curriculum.0.steps`) as the nested mapping they set, for `_origin` (values left out)."""
+def _override_tree(dotlist: list[str]) -> dict[str, Any]:
+    """`key=value` overrides as the nested mapping they set, for `_origin`: a dotted key (`curriculum.0.steps`)
+    nests, its value is read as yaml, so a whole list or mapping (`racl.blocks=[1,99]`) sets every item of it."""
     tree: dict[str, Any] = {}
-    for key in keys:
+    for item in dotlist:
+        key, value = item.split("=", 1)
+        *parents, leaf = key.split(".")
         node = tree
-        for part in key.split("."):
+        for part in parents:
+            if not isinstance(node.get(part, {}), dict):
+                break  # an earlier override set this whole value already
             node = node.setdefault(part, {})
+        else:
+            node[leaf] = yaml.safe_load(value)
     return tree
 
 

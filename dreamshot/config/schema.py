@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dreamshot.config.values import RULES, TOY_WORLD_RULES, check_values
+from dreamshot.data.sources import SOURCES
 from dreamshot.utils.errors import ConfigError
 from dreamshot.utils.secrets import check_endpoint, check_key_variable
 
@@ -126,8 +127,9 @@ class DataConfig:
     num_workers: int = 0
     # Groups held out for validation (taken from the end of the manifest).
     val_groups: int = 4
-    # Train only on groups from these sources (real / synthetic); None: all. Validation keeps every source,
-    # so runs that differ only here (the data-source ablation) are validated on the same groups.
+    # Train only on groups from these sources (real / synthetic, dreamshot/data/sources.py); None: all; checked at
+    # load. Validation keeps every source, so runs that differ only here (the data-source ablation) are validated
+    # on the same groups.
     sources: list[str] | None = None
     # Folder of precomputed VAE latents and umT5 embeddings (`dreamshot cache EXP` writes it). Set: training
     # reads every batch from it and fails if it is incomplete or was built differently. None: encode on the fly.
@@ -583,6 +585,7 @@ class Config:
                 "model.lora.target_modules must name at least one module", key="model.lora.target_modules"
             )
         _check_sizes(self.data.resolution, "data.resolution", multiple=16)
+        _check_sources(self.data.sources)
         check_toy_world(self.data.toy, "data.toy.")
         check_toy_world(self.eval.toy, "eval.toy.")
         _check_choice(self.diffusion.timestep_mode, ("per_token", "global"), "diffusion.timestep_mode")
@@ -693,12 +696,21 @@ def _check_schedule_averaging_samples(cfg: Config) -> None:
 
 def _check_sizes(size: list[int], key: str, multiple: int) -> None:
     if len(size) != 2 or any(s <= 0 or s % multiple for s in size):
-        raise ConfigError(f"{key} must be [height, width], positive multiples of {multiple}; got {list(size)}")
+        raise ConfigError(f"{key} must be [height, width], positive multiples of {multiple}; got {list(size)}", key=key)
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}", key=key)
+
+
+def _check_sources(sources: list[str] | None) -> None:
+    if sources is not None and not sources:
+        raise ConfigError(
+            f"data.sources is empty: name one of {', '.join(SOURCES)} at least (null: all)", key="data.sources"
+        )
+    for source in sources or ():
+        _check_choice(source, SOURCES, "data.sources")
 
 
 def _check_probabilities(storyboard: StoryboardConfig) -> None:

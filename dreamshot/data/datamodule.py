@@ -34,7 +34,7 @@ from dreamshot.config.schema import DataConfig, ModelConfig, PhaseConfig
 from dreamshot.data.bucketing import BucketBatchSampler, StoryboardBatch, collate_storyboards
 from dreamshot.data.cache import LatentCache, cache_entries, cache_fingerprint
 from dreamshot.data.dataset import Resolution, StoryboardDataset, record_resolutions
-from dreamshot.data.manifest import SOURCES, StoryboardRecord, load_manifest
+from dreamshot.data.manifest import StoryboardRecord, load_manifest
 from dreamshot.data.toyworld import ensure_toyworld
 from dreamshot.utils.errors import ConfigError
 
@@ -58,7 +58,6 @@ class StoryboardDataModule(L.LightningDataModule):
         references may keep, given the manifest's longest (`planner.plan.shot_window`: under context parallelism
         the most that fit the device); None: `data.max_shots`."""
         super().__init__()
-        _check_sources(cfg)
         self.cfg, self.output_dir, self.seed = cfg, Path(output_dir), seed
         self.phases, self.accumulate, self.model = list(phases), accumulate, model
         self.shot_window = shot_window
@@ -286,10 +285,3 @@ class ResumableLoader(StoryboardLoader):
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.batch_sampler.progress.epoch = state_dict["epoch"]
         self.batch_sampler.progress.consumed = state_dict["consumed"]
-
-
-def _check_sources(cfg: DataConfig) -> None:
-    # Not a load-time rule of the config: SOURCES is the manifest format's (dreamshot/data/manifest.py).
-    unknown = sorted(set(cfg.sources or ()) - set(SOURCES))
-    if unknown:
-        raise ConfigError(f"data.sources: unknown source {unknown[0]!r} (expected {', '.join(SOURCES)})")

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dreamshot.data.sources import SOURCES
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.fields import Where, read_json_lines
 from dreamshot.utils.images import open_oriented, oriented_size
 from dreamshot.utils.io import atomic_write_text
 
-SOURCES = ("real", "synthetic")
 # Image modes that convert to RGB without losing meaning (16-bit, CMYK or float images do not).
 IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P")
 MASK_MODES = ("L", "1")

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dreamshot.config.load import describe_error, merge_checked, read_yaml
 from dreamshot.config.values import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, Rule, check_values
+from dreamshot.data.sources import SOURCES
 from dreamshot.utils.errors import ConfigError
 from dreamshot.utils.secrets import check_endpoint, check_key_variable
 
@@ -195,7 +196,7 @@ class PrepareConfig:
         _choice(self.grouping.judge, JUDGES, "grouping.judge")
         _choice(self.roles.segmenter, SEGMENTERS, "roles.segmenter")
         _choice(self.roles.annotator, ANNOTATORS, "roles.annotator")
-        _choice(self.roles.source, ("real", "synthetic"), "roles.source")
+        _choice(self.roles.source, SOURCES, "roles.source")
         if self.keyframes.analysis_width < 32:
             raise ConfigError(f"keyframes.analysis_width must be >= 32, got {self.keyframes.analysis_width}")
         weights = (self.keyframes.sharpness_weight, self.keyframes.motion_weight)

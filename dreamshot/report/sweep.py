@@ -27,7 +27,7 @@ import yaml
 
 from dreamshot.cli import parse_with_overrides
 from dreamshot.commands import add_experiment_arguments
-from dreamshot.config.load import EVAL_TIME_TAG, is_eval_time, load_config, sweep_members
+from dreamshot.config.load import EVAL_TIME_TAG, compose, is_eval_time, load_config, sweep_members
 from dreamshot.config.schema import EVAL_BENCHMARKS, Config
 from dreamshot.report.runs import EVAL_DIR, flatten
 from dreamshot.utils.errors import ConfigError, DreamShotError
@@ -75,10 +75,15 @@ def sweep_commands(
     if member is not None and member not in members:
         raise ConfigError(f"experiment {experiment!r} has no sweep member {member!r}")
     names = [member] if member else list(members) or [None]
-    # The first member says whether the experiment trains; an evaluation-time one needs no data or weights.
-    first = load_config(experiment, overrides, names[0])
-    if is_eval_time(first):
-        configs = [first, *(load_config(experiment, overrides, name) for name in names[1:])]
+    # The first member says whether the experiment trains; an evaluation-time one needs no data or weights, a
+    # training run must have both: refused here, not on the cluster.
+    composed = compose(experiment, overrides, names[0])
+    trains = not is_eval_time(composed.config)
+    if trains:
+        composed.require_inputs()
+    rest = (load_config(experiment, overrides, name, require_inputs=trains) for name in names[1:])
+    configs = [composed.config, *rest]
+    if not trains:
         if run_dir is None:
             raise ConfigError(f"{experiment} is an {EVAL_TIME_TAG} experiment: pass the trained run to score (--run)")
         base = eval_time_values(load_config())
@@ -86,8 +91,6 @@ def sweep_commands(
             eval_member_command(cfg, [*members.get(name, []), *overrides], run_dir, name, base)
             for cfg, name in zip(configs, names, strict=True)
         ]
-    # A training run must have its data and weights: refused here, not on the cluster.
-    configs = [load_config(experiment, overrides, name, require_inputs=True) for name in names]
     commands = []
     for cfg, name in zip(configs, names, strict=True):
         commands.append(["train", experiment, *overrides, *(["--member", name] if name else [])])
