@@ -168,6 +168,19 @@ def test_a_re_roll_killed_before_its_record_never_overwrites_a_take(generated, s
     assert [shot["take"] for shot in json.loads((out / RECORD_FILE).read_text())["shots"]] == [1, 3, 1]
 
 
+def test_a_whole_story_drawn_into_a_used_folder_leaves_no_shot_of_the_storyboard_before(generated, run_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(generated, out)
+    (out / TAKES_DIR).mkdir()
+    (out / TAKES_DIR / "shot_01_take_1.png").write_bytes((out / shot_file(1)).read_bytes())
+    shorter = _write_story(tmp_path / "story", {**STORY, "shots": STORY["shots"][:1]})
+    assert main(["generate", str(shorter), "--run", str(run_dir), "--out", str(out)]) == 0
+    # A reader of the folder (ViStoryBench takes every numbered image) sees the one shot the record lists.
+    assert sorted(path.name for path in out.glob("shot_*.png")) == [shot_file(1)]
+    assert not list((out / TAKES_DIR).glob("*.png"))  # the takes were the earlier storyboard's
+    assert [shot["take"] for shot in json.loads((out / RECORD_FILE).read_text())["shots"]] == [1]
+
+
 def test_the_sheet_is_titled_and_shows_given_shots_first_and_marks_re_rolls(story, run_dir, tmp_path, monkeypatch):
     body = json.loads(json.dumps(STORY))
     body["previous_shots"] = [{"image": "refs/role1.png", "annotation": "Earlier: <Role 1> alone."}]

@@ -51,6 +51,7 @@ from dreamshot.inference.outputs import (
     keep_earlier_takes,
     load_kept_shots,
     read_record,
+    remove_earlier_storyboard,
     save_shots,
     shot_file,
     shot_takes,
@@ -215,6 +216,8 @@ def _write_storyboard(out: Path, drawn: Drawn, previous: dict | None) -> tuple[d
     takes = shot_takes(previous, len(drawn.story.shots))
     if previous is not None:
         takes = keep_earlier_takes(out, drawn.targets, takes)
+    else:
+        remove_earlier_storyboard(out, len(drawn.story.shots))
     save_shots(out, drawn.targets, result.images)
     weights_label = str(drawn.weights) if drawn.weights else "base model (no LoRA)"
     title = f"{result.mode} · seed {result.seed} · {len(result.step_seconds)} steps · weights {weights_label}"
