@@ -122,11 +122,13 @@ def test_regenerate_keeps_the_other_shots(generated, story, run_dir, tmp_path, m
     assert (out / shot_file(1)).read_bytes() == before[1]
     assert (out / shot_file(3)).read_bytes() == before[3]
     assert (out / shot_file(2)).read_bytes() != before[2]
-    # Kept shots stand after the references in the condition slot, clean and unchanged at every step.
+    # Kept shots stand after the references in the condition slot, clean and unchanged at every step, each
+    # encoded in the storyboard's shot stream as training encodes it (the re-rolled shot's earlier take between).
     adapter = calls[0][0]
-    kept = torch.stack([image_to_tensor(Image.open(out / shot_file(n)).convert("RGB")) for n in (1, 3)])
+    stream = torch.stack([image_to_tensor(Image.open(generated / shot_file(n)).convert("RGB")) for n in (1, 2, 3)])
     refs = reference_images(load_story(story), (HEIGHT, WIDTH))
-    expected = torch.cat([encode_references(adapter.vae, refs[None]), encode_shots(adapter.vae, kept[None])], dim=2)
+    kept = encode_shots(adapter.vae, stream[None])[:, :, [0, 2]]
+    expected = torch.cat([encode_references(adapter.vae, refs[None]), kept], dim=2)
     conditioned = [(latents, layout) for _, latents, layout in calls if layout.num_conditions]
     assert len(conditioned) == 2
     for latents, layout in conditioned:
