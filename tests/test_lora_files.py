@@ -271,6 +271,14 @@ def test_a_file_without_down_weights_is_one_line(tensors, message, tmp_path):
         read_lora(path)
 
 
+@pytest.mark.parametrize("module", ["blocks.0.norm2", "blocks.0.attn1"])
+def test_a_lora_on_a_module_no_lora_adapts_is_refused_naming_the_file(module, trained_cfg, tmp_path):
+    path = tmp_path / "odd.safetensors"
+    save_file({f"{module}.lora_A.weight": torch.zeros(4, 48), f"{module}.lora_B.weight": torch.zeros(48, 4)}, path)
+    with pytest.raises(WeightsError, match=f"odd.safetensors: LoRA module {module!r} is a .*, not a linear"):
+        load_model(trained_cfg, path)
+
+
 def test_a_dora_adapter_is_refused(trained_cfg, state, tmp_path):
     folder = tmp_path / "dora"
     model = peft.get_peft_model(
