@@ -122,11 +122,13 @@ def test_regenerate_keeps_the_other_shots(generated, story, run_dir, tmp_path, m
     assert (out / shot_file(1)).read_bytes() == before[1]
     assert (out / shot_file(3)).read_bytes() == before[3]
     assert (out / shot_file(2)).read_bytes() != before[2]
-    # Kept shots stand after the references in the condition slot, clean and unchanged at every step.
+    # Kept shots stand after the references in the condition slot, clean and unchanged at every step, each
+    # encoded in the storyboard's shot stream as training encodes it (the re-rolled shot's earlier take between).
     adapter = calls[0][0]
-    kept = torch.stack([image_to_tensor(Image.open(out / shot_file(n)).convert("RGB")) for n in (1, 3)])
+    stream = torch.stack([image_to_tensor(Image.open(generated / shot_file(n)).convert("RGB")) for n in (1, 2, 3)])
     refs = reference_images(load_story(story), (HEIGHT, WIDTH))
-    expected = torch.cat([encode_references(adapter.vae, refs[None]), encode_shots(adapter.vae, kept[None])], dim=2)
+    kept = encode_shots(adapter.vae, stream[None])[:, :, [0, 2]]
+    expected = torch.cat([encode_references(adapter.vae, refs[None]), kept], dim=2)
     conditioned = [(latents, layout) for _, latents, layout in calls if layout.num_conditions]
     assert len(conditioned) == 2
     for latents, layout in conditioned:
@@ -166,6 +168,19 @@ def test_a_re_roll_killed_before_its_record_never_overwrites_a_take(generated, s
     assert (out / TAKES_DIR / "shot_02_take_1.png").read_bytes() == original
     assert (out / TAKES_DIR / "shot_02_take_2.png").read_bytes() == half_finished
     assert [shot["take"] for shot in json.loads((out / RECORD_FILE).read_text())["shots"]] == [1, 3, 1]
+
+
+def test_a_whole_story_drawn_into_a_used_folder_leaves_no_shot_of_the_storyboard_before(generated, run_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(generated, out)
+    (out / TAKES_DIR).mkdir()
+    (out / TAKES_DIR / "shot_01_take_1.png").write_bytes((out / shot_file(1)).read_bytes())
+    shorter = _write_story(tmp_path / "story", {**STORY, "shots": STORY["shots"][:1]})
+    assert main(["generate", str(shorter), "--run", str(run_dir), "--out", str(out)]) == 0
+    # A reader of the folder (ViStoryBench takes every numbered image) sees the one shot the record lists.
+    assert sorted(path.name for path in out.glob("shot_*.png")) == [shot_file(1)]
+    assert not list((out / TAKES_DIR).glob("*.png"))  # the takes were the earlier storyboard's
+    assert [shot["take"] for shot in json.loads((out / RECORD_FILE).read_text())["shots"]] == [1]
 
 
 def test_the_sheet_is_titled_and_shows_given_shots_first_and_marks_re_rolls(story, run_dir, tmp_path, monkeypatch):

@@ -111,3 +111,13 @@ def test_a_target_that_matches_nothing_is_a_config_error():
     transformer = build_components(cfg).transformer
     with pytest.raises(ConfigError, match=r"model\.lora\.target_modules.*'to_qq'"):
         apply_lora(transformer, cfg.lora)
+
+
+def test_a_target_that_is_no_layer_a_lora_adapts_is_a_config_error():
+    cfg = dataclasses.replace(ModelConfig(), lora=LoraConfig(target_modules=["to_q", "norm2"]))
+    torch.manual_seed(0)
+    transformer = build_components(cfg).transformer
+    with pytest.raises(
+        ConfigError, match=r"model\.lora\.target_modules: 'norm2' selects 'blocks\.0\.norm2', a FP32LayerNorm"
+    ):
+        apply_lora(transformer, cfg.lora)

@@ -256,6 +256,29 @@ def test_what_is_not_plain_lora_is_refused_in_one_line(extra, message, state, tm
         read_lora(path)
 
 
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(48, 4)}, "no down weight for"),
+        ({"lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.zeros(48, 4)}, "no down weight for"),
+        ({}, "holds no LoRA weights"),
+    ],
+)
+def test_a_file_without_down_weights_is_one_line(tensors, message, tmp_path):
+    path = tmp_path / "ups.safetensors"
+    save_file(tensors, path)
+    with pytest.raises(WeightsError, match=f"ups.safetensors: {message}"):
+        read_lora(path)
+
+
+@pytest.mark.parametrize("module", ["blocks.0.norm2", "blocks.0.attn1"])
+def test_a_lora_on_a_module_no_lora_adapts_is_refused_naming_the_file(module, trained_cfg, tmp_path):
+    path = tmp_path / "odd.safetensors"
+    save_file({f"{module}.lora_A.weight": torch.zeros(4, 48), f"{module}.lora_B.weight": torch.zeros(48, 4)}, path)
+    with pytest.raises(WeightsError, match=f"odd.safetensors: LoRA module {module!r} is a .*, not a linear"):
+        load_model(trained_cfg, path)
+
+
 def test_a_dora_adapter_is_refused(trained_cfg, state, tmp_path):
     folder = tmp_path / "dora"
     model = peft.get_peft_model(

@@ -6,12 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from diffusers import WanPipeline
 
 from dreamshot.config.schema import Config
 from dreamshot.diffusion.flow_matching import frame_timesteps
 from dreamshot.inference.loading import build_adapter
-from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest, initial_noise
+from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest, build_scheduler, initial_noise
 from dreamshot.models.layout import StoryboardLayout
+from dreamshot.models.wan.build import build_components
 from dreamshot.models.wan.latents import decode_shots, encode_references, encode_shots
 from dreamshot.utils.errors import ConfigError
 
@@ -180,3 +182,33 @@ def test_a_condition_set_the_mix_never_trained_is_refused_before_sampling(adapte
 def test_request_checks_counts():
     with pytest.raises(ValueError, match="references: 2 images but 1 texts"):
         StoryboardRequest(SHOTS, SIZE, images(2, 0), ["one"])
+
+
+@pytest.mark.parametrize("scheduler", ["unipc", "euler"])
+def test_one_t2s_shot_is_what_diffusers_wan_pipeline_draws_with_cfg_omega2(adapter, scheduler):
+    # One shot, no conditions: Eq. 9 is ordinary CFG with ω2, and the sampler must be diffusers' own Wan sampler.
+    cfg = config(steps=3, inference__scheduler=scheduler, inference__omega2=3.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        parts = build_components(cfg.model)
+    pipe = WanPipeline(
+        tokenizer=parts.tokenizer,
+        text_encoder=parts.text_encoder,
+        vae=parts.vae,
+        transformer=parts.transformer,
+        scheduler=build_scheduler(scheduler, cfg.inference.shift),
+    )
+    ours = StoryboardPipeline(adapter, cfg)(StoryboardRequest(SHOTS[:1], SIZE), seed=5, progress=False).latents
+    theirs = pipe(
+        prompt=SHOTS[0],
+        negative_prompt=cfg.storyboard.negative_prompt,
+        height=SIZE[0],
+        width=SIZE[1],
+        num_frames=1,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        latents=initial_noise(tuple(ours.shape), 5),
+        max_sequence_length=cfg.model.text_len,
+        output_type="latent",
+    ).frames
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

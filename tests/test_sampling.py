@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import dreamshot.models.wan.adapter as adapter_module
+from dreamshot.config.load import load_config
 from dreamshot.config.schema import Config
 from dreamshot.inference.loading import build_adapter, prepare_sampling
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest, build_scheduler
+from dreamshot.inference.presets import preset_overrides
 from dreamshot.utils.errors import ConfigError
 
 SIZE = (32, 48)
@@ -177,3 +179,15 @@ def test_four_unipc_steps_at_shift_5_are_the_step_distilled_schedule():
     scheduler.set_timesteps(4)
     unshifted = np.array([1.0, 0.75, 0.5, 0.25])
     np.testing.assert_allclose(scheduler.sigmas[:-1].numpy(), 5 * unshifted / (1 + 4 * unshifted), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("preset", "cache", "options"),
+    [("exact", "none", {}), ("fast", "first_block", {"threshold": 0.1})],
+)
+def test_a_preset_replaces_the_cache_options_of_the_run(preset, cache, options, tmp_path):
+    # A run's config with another cache hook's options: the preset's setting holds whatever the run set.
+    run_config = tmp_path / "config.yaml"
+    run_config.write_text("inference:\n  cache: taylorseer\n  cache_options: {cache_interval: 5}\n")
+    inference = load_config(run_config, preset_overrides(preset)).inference
+    assert (inference.cache, inference.cache_options) == (cache, options)

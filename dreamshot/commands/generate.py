@@ -3,7 +3,8 @@
 Draws a story's shots into DIR (`shot_01.png` …, `sheet/storyboard.png`, `generation.json`). Config overrides
 may stand anywhere on the line. `--regenerate` re-rolls only the listed shots of an earlier run in DIR: every
 other shot is read back from its PNG (which is not rewritten) and given to the model as a clean condition after
-the references; the re-rolled shots' earlier takes move to `DIR/takes/` (`outputs.py`). Every kept
+the references, encoded in the storyboard's shot stream with the re-rolled shots' earlier takes at their places
+(as training encodes it); those takes then move to `DIR/takes/` (`outputs.py`). Every kept
 shot keeps its story position. A run whose mode mix never trained the condition set a call needs (a re-roll of an
 r2s storyboard needs references and given shots together: `storyboard.modes.r2s_s2s`) is refused with one line
 naming the key, before a model is built. STORY may be a folder of story files: each is drawn into
@@ -51,6 +52,7 @@ from dreamshot.inference.outputs import (
     keep_earlier_takes,
     load_kept_shots,
     read_record,
+    remove_earlier_storyboard,
     save_shots,
     shot_file,
     shot_takes,
@@ -119,7 +121,8 @@ def run(args: argparse.Namespace) -> None:
     targets = _targets(story, args.regenerate)
     previous = read_record(args.out) if args.regenerate else None
     kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
-    request = story_request(story, size, targets, load_kept_shots(args.out, kept, size))
+    takes = _earlier_takes(args.out, targets, size) if previous is not None else None
+    request = story_request(story, size, targets, load_kept_shots(args.out, kept, size), takes)
     check_trained(cfg.storyboard, request.mode)
     steps = args.steps if args.steps is not None else story.steps
     second = check_sampling(cfg, steps)
@@ -215,11 +218,21 @@ def _write_storyboard(out: Path, drawn: Drawn, previous: dict | None) -> tuple[d
     takes = shot_takes(previous, len(drawn.story.shots))
     if previous is not None:
         takes = keep_earlier_takes(out, drawn.targets, takes)
+    else:
+        remove_earlier_storyboard(out, len(drawn.story.shots))
     save_shots(out, drawn.targets, result.images)
     weights_label = str(drawn.weights) if drawn.weights else "base model (no LoRA)"
     title = f"{result.mode} · seed {result.seed} · {len(result.step_seconds)} steps · weights {weights_label}"
     sheet = write_contact_sheet(out, drawn.story, drawn.size, title, takes)
     return _record(drawn, takes), sheet
+
+
+def _earlier_takes(out: Path, targets: list[int], size: tuple[int, int]) -> torch.Tensor | None:
+    """The current images of the shots a re-roll draws again (the kept shots' context in the shot stream), or
+    None when one is missing (a re-roll killed before it wrote them)."""
+    if not all((out / shot_file(n)).is_file() for n in targets):
+        return None
+    return load_kept_shots(out, targets, size)
 
 
 def _targets(story: Story, regenerate: list[int] | None) -> list[int]:

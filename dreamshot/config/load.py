@@ -198,12 +198,24 @@ def apply_overrides(cfg: DictConfig, dotlist: list[str], source: str = "command 
         key = item.split("=", 1)[0]
         _check_indices(cfg, key, source)
         try:
+            if _replaces_mapping(cfg, item):
+                # A free-form mapping (`inference.cache_options`) is set whole: merged, the options of the cache
+                # hook a run's config chose would stay beside those of the one the command line picks.
+                OmegaConf.update(cfg, key, yaml.safe_load(item.split("=", 1)[1]), merge=False)
+                continue
             cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as e:
             raise ConfigError(f"{source}: {item}: {describe_error(e)}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: {item}: the value is not valid yaml ({str(e).splitlines()[0]})") from None
     return cfg
+
+
+def _replaces_mapping(cfg: DictConfig, item: str) -> bool:
+    """`key=value` sets a mapping on a free-form dict of the schema (not a structured section)."""
+    key, value = item.split("=", 1)
+    node = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+    return OmegaConf.is_dict(node) and OmegaConf.get_type(node) is dict and isinstance(yaml.safe_load(value), dict)
 
 
 def _check_indices(cfg: DictConfig, key: str, source: str) -> None:

@@ -8,8 +8,9 @@ story's given shots first (tagged), every shot numbered by its place in the stor
 latest call (mode, seed, steps, weights, resolved config, timings per step and in total, which shots were drawn
 and which kept, each shot's take) and, under `history`, the records of the calls before it in the same folder
 (re-rolls). A re-rolled shot's earlier take is kept as `takes/shot_NN_take_K.png` (outside the folder's shots,
-so readers of the layout do not see it); `shot_NN.png` is always the latest take. Every file is written
-atomically.
+so readers of the layout do not see it); `shot_NN.png` is always the latest take. A whole story drawn into a
+folder replaces the storyboard it held: its shots numbered past the new story's and its takes are removed. Every
+file is written atomically.
 """
 
 from __future__ import annotations
@@ -115,6 +116,18 @@ def keep_earlier_takes(out_dir: Path, indices: list[int], takes: dict[int, int])
             path.replace(out_dir / TAKES_DIR / take_file(index, take))
         after[index] = take + 1
     return after
+
+
+def remove_earlier_storyboard(out_dir: Path, count: int) -> None:
+    """Before a whole storyboard of `count` shots is drawn into `out_dir`: remove the shot files numbered past
+    `count` and every take of the storyboard the folder held, which readers of the folder would otherwise take for
+    this one's (ViStoryBench reads every numbered image; a later re-roll would count the old takes)."""
+    shots = [path for path in out_dir.glob("shot_*.png") if path.name == shot_file(shot_index(path) or 0)]
+    for path in [
+        *(path for path in shots if shot_index(path) > count),
+        *(out_dir / TAKES_DIR).glob("shot_*_take_*.png"),
+    ]:
+        path.unlink()
 
 
 def write_contact_sheet(

@@ -54,7 +54,9 @@ class StoryboardRequest:
     references: (K, 3, H, W) with K `reference_texts`; given_shots: (M, 3, H, W) with M `given_texts`,
     in story order (they are encoded as one shot stream, like the first shots of a training storyboard).
     given_positions / shot_positions: the story position (0-based) of each given shot and each shot to draw;
-    default: the given shots first (0..M-1), then the shots to draw (M..M+N-1).
+    default: the given shots first (0..M-1), then the shots to draw (M..M+N-1). earlier_takes: (N, 3, H, W), the
+    shots to draw as they stand now (a re-roll), or None; they only join the shot stream the given shots are
+    encoded in, so that a given shot after a re-rolled one is encoded with the shots before it, as in training.
     """
 
     shot_texts: list[str]
@@ -65,6 +67,7 @@ class StoryboardRequest:
     given_texts: list[str] = field(default_factory=list)
     given_positions: list[int] | None = None
     shot_positions: list[int] | None = None
+    earlier_takes: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.shot_texts:
@@ -83,6 +86,8 @@ class StoryboardRequest:
             self.shot_positions = list(range(given, given + shots))
         if (len(self.given_positions), len(self.shot_positions)) != (given, shots):
             raise ValueError(f"{given} given shots and {shots} shots to draw need as many story positions")
+        if self.earlier_takes is not None and self.earlier_takes.shape[0] != shots:
+            raise ValueError(f"earlier_takes: {self.earlier_takes.shape[0]} images for {shots} shots to draw")
 
     @property
     def mode(self) -> str:
@@ -223,8 +228,7 @@ class StoryboardPipeline:
         references = torch.zeros(0, 3, *request.size) if request.references is None else request.references
         latents = encode_references(vae, references[None].to(self.device))
         if request.given_texts:
-            given = encode_shots(vae, request.given_shots[None].to(self.device))
-            latents = torch.cat([latents, given], dim=2)
+            latents = torch.cat([latents, self.encode_given(request)], dim=2)
         cfg = self.config.storyboard
         layout = storyboard_layout(cfg, len(request.reference_texts), request.shot_positions, request.given_positions)
         latent_size = self.latent_shape(request)[3:]
@@ -240,6 +244,19 @@ class StoryboardPipeline:
             cross_text=self.adapter.cross_attention_text(embedded[0]) if self.config.inference.cache_text else None,
             dtype=self.adapter.transformer.dtype,
         )
+
+    def encode_given(self, request: StoryboardRequest) -> torch.Tensor:
+        """(1, C, M, h, w) latents of the given shots, encoded as one shot stream in story order: training encodes
+        a storyboard's shots so, and a shot after the first is a 4-frame-group latent whose meaning depends on the
+        shots before it. A re-roll's earlier takes stand in the stream at their positions, then are dropped."""
+        images, positions = request.given_shots, list(request.given_positions)
+        if request.earlier_takes is not None:
+            images = torch.cat([images, request.earlier_takes])
+            positions += request.shot_positions
+        order = sorted(range(len(positions)), key=positions.__getitem__)
+        stream = encode_shots(self.adapter.vae, images[order][None].to(self.device))
+        frame_of = {image: frame for frame, image in enumerate(order)}
+        return stream[:, :, [frame_of[m] for m in range(len(request.given_texts))]]
 
     def velocity(
         self,

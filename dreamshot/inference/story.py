@@ -127,7 +127,11 @@ def unreferenced_roles(story: Story) -> list[str]:
 
 
 def story_request(
-    story: Story, size: tuple[int, int], targets: Sequence[int] | None = None, kept: torch.Tensor | None = None
+    story: Story,
+    size: tuple[int, int],
+    targets: Sequence[int] | None = None,
+    kept: torch.Tensor | None = None,
+    earlier_takes: torch.Tensor | None = None,
 ) -> StoryboardRequest:
     """The pipeline request that draws shots `targets` (1-based; default all) of `story` at `size` (H, W).
 
@@ -135,7 +139,8 @@ def story_request(
     in story order. Kept shots join the given shots after the story's previous shots, so in the sequence they
     stand in the condition slot after the references, with their own annotations, like the given shots of s2s
     training; the shots to draw are the targets, in story order. Every shot keeps its story position: P previous
-    shots take 0..P-1 and shot n of the story takes P + n - 1, kept or drawn.
+    shots take 0..P-1 and shot n of the story takes P + n - 1, kept or drawn. `earlier_takes`: the targets'
+    current images (len(targets), 3, H, W), encoded only as the kept shots' context (`StoryboardRequest`).
     """
     count, previous = len(story.shots), len(story.previous_shots)
     targets = list(range(1, count + 1)) if targets is None else sorted(targets)
@@ -155,6 +160,7 @@ def story_request(
         given_texts=given_texts,
         given_positions=list(range(previous)) + [previous + n - 1 for n in kept_indices],
         shot_positions=[previous + n - 1 for n in targets],
+        earlier_takes=earlier_takes,
     )
 
 

@@ -27,6 +27,8 @@ from dreamshot.models.wan.lora_files import LoraWeights
 from dreamshot.models.wan.lora_formats import METADATA_BASE_MODEL, METADATA_TRANSFORMER
 from dreamshot.utils.errors import ConfigError, WeightsError
 
+# The layers peft's LoRA wraps (a module of another kind is a peft ValueError).
+ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 # peft's name of the adapter `apply_lora` injects (the run's own LoRA), and of the one `stack_lora` adds.
 OWN_ADAPTER = "default"
 SECOND_ADAPTER = "second"
@@ -38,10 +40,17 @@ def apply_lora(transformer, cfg: LoraConfig) -> None:
     The LoRA weights are kept in float32 whatever the base dtype: AdamW then updates full-precision weights
     (peft casts activations to the adapter's dtype and the result back).
     """
-    names = [name for name, _ in transformer.named_modules()]
+    modules = dict(transformer.named_modules())
     for pattern in cfg.target_modules:
-        if not matching_modules([pattern], names):
+        selected = sorted(matching_modules([pattern], modules))
+        if not selected:
             raise ConfigError(f"model.lora.target_modules: pattern {pattern!r} matches no module of the transformer")
+        other = next((name for name in selected if not isinstance(modules[name], ADAPTABLE)), None)
+        if other is not None:
+            raise ConfigError(
+                f"model.lora.target_modules: {pattern!r} selects {other!r}, a {type(modules[other]).__name__}; "
+                "a LoRA adapts linears and convolutions"
+            )
     transformer.requires_grad_(False)
     transformer.add_adapter(
         peft.LoraConfig(
@@ -73,10 +82,17 @@ def lora_config_for(cfg: ModelConfig, weights: LoraWeights, source: str) -> Lora
     kept then, else the file's module names become the targets.
     """
     _check_base_model(cfg, weights, source)
-    names = [name for name, _ in build_transformer_on_meta(cfg).named_modules()]
+    modules = dict(build_transformer_on_meta(cfg).named_modules())
+    names = list(modules)
     foreign = sorted(weights.modules - set(names))
     if foreign:
         raise WeightsError(f"{source}: LoRA module {foreign[0]!r} is not a module of the {cfg.name} transformer")
+    other = next((name for name in sorted(weights.modules) if not isinstance(modules[name], ADAPTABLE)), None)
+    if other is not None:
+        raise WeightsError(
+            f"{source}: LoRA module {other!r} is a {type(modules[other]).__name__} of the {cfg.name} transformer, "
+            "not a linear or convolution a LoRA adapts"
+        )
     lora, default = cfg.lora, LoraConfig()
     rank = weights.rank
     alpha = lora.alpha if weights.alpha is None else weights.alpha

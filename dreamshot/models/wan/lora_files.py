@@ -107,6 +107,8 @@ def _from_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 def _checked(weights: LoraWeights, source: str) -> LoraWeights:
     """`weights`, once every module is known to hold an A and a B of one shared rank."""
+    if not weights.modules:
+        raise WeightsError(f"{source}: holds no LoRA weights")
     for module in weights.modules:
         for part in ("A", "B"):
             if f"{module}.lora_{part}.weight" not in weights.state:
@@ -166,6 +168,9 @@ def _from_kohya(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str
     missing = next((up for _, up in downs.values() if up not in weights), None)
     if missing is not None:
         raise WeightsError(f"{source}: no {missing!r} for its down weight")
+    unpaired = sorted(set(weights) - {key for pair in downs.values() for key in pair})
+    if unpaired:
+        raise WeightsError(f"{source}: no down weight for {unpaired[0]!r}")
     ranks = {module: weights[down].shape[0] for module, (down, _) in downs.items()}
     alphas = {module: float(tensors.get(module + ".alpha", ranks[module])) for module in downs}
     alpha = next(iter(alphas.values()))
