@@ -126,6 +126,7 @@ def test_print_commands_refuses_a_recipe_without_its_data_and_weights(capsys, no
     [
         ("trainer.max_stepz=1", ["trainer.max_stepz", "Did you mean: 'max_steps'"]),
         ("data.sources=[rael]", ["data.sources must be one of real, synthetic; got 'rael' (set on the command line)"]),
+        ("model.vae.z_dim=8", ["model.transformer.in_channels (16) must equal model.vae.z_dim (8)"]),
     ],
 )
 def test_a_config_typo_is_reported_before_torch_is_imported(override, expected):

@@ -584,6 +584,8 @@ class Config:
             raise ConfigError(
                 "model.lora.target_modules must name at least one module", key="model.lora.target_modules"
             )
+        if self.model.pretrained_path is None:
+            check_model_dims(self.model)
         _check_sizes(self.data.resolution, "data.resolution", multiple=16)
         _check_sources(self.data.sources)
         check_toy_world(self.data.toy, "data.toy.")
@@ -692,6 +694,23 @@ def _check_schedule_averaging_samples(cfg: Config) -> None:
         for key, on in (("optim.ema_decay", optim.ema_decay), ("trainer.sample.every_n_steps", sample.every_n_steps)):
             if on:
                 raise ConfigError(f"{key} is not supported with trainer.strategy=deepspeed_stage_3")
+
+
+def check_model_dims(model: ModelConfig) -> None:
+    """The DiT's inputs fit the VAE's latents and umT5's embeddings: the rule of a model built from these
+    dimensions (random init, the planner's meta model); loaded weights bring their own."""
+    if model.transformer.text_dim != model.text_encoder.d_model:
+        raise ConfigError(
+            f"model.transformer.text_dim ({model.transformer.text_dim}) must equal "
+            f"model.text_encoder.d_model ({model.text_encoder.d_model})",
+            key="model.transformer.text_dim",
+        )
+    if model.transformer.in_channels != model.vae.z_dim:
+        raise ConfigError(
+            f"model.transformer.in_channels ({model.transformer.in_channels}) must equal "
+            f"model.vae.z_dim ({model.vae.z_dim})",
+            key="model.transformer.in_channels",
+        )
 
 
 def _check_sizes(size: list[int], key: str, multiple: int) -> None:

@@ -21,9 +21,9 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
-from dreamshot.config.schema import ModelConfig
+from dreamshot.config.schema import ModelConfig, check_model_dims
 from dreamshot.models.wan.tokenizer import build_tiny_tokenizer
-from dreamshot.utils.errors import ConfigError, WeightsError
+from dreamshot.utils.errors import WeightsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer")
@@ -51,13 +51,13 @@ def build_components(cfg: ModelConfig) -> WanComponents:
 
 def build_transformer_on_meta(cfg: ModelConfig) -> WanTransformer3DModel:
     """The DiT of `cfg` on the meta device: shapes and parameter counts without allocating memory."""
-    _check_dims(cfg)
+    check_model_dims(cfg)
     with torch.device("meta"):
         return build_transformer(cfg)
 
 
 def _random_components(cfg: ModelConfig) -> WanComponents:
-    _check_dims(cfg)
+    check_model_dims(cfg)
     dtype = DTYPES[cfg.dtype]
     te = cfg.text_encoder
     umt5 = UMT5Config(
@@ -116,19 +116,6 @@ def build_transformer(cfg: ModelConfig) -> WanTransformer3DModel:
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=t.rope_max_seq_len,
     )
-
-
-def _check_dims(cfg: ModelConfig) -> None:
-    if cfg.transformer.text_dim != cfg.text_encoder.d_model:
-        raise ConfigError(
-            f"model.transformer.text_dim ({cfg.transformer.text_dim}) must equal "
-            f"model.text_encoder.d_model ({cfg.text_encoder.d_model})"
-        )
-    if cfg.transformer.in_channels != cfg.vae.z_dim:
-        raise ConfigError(
-            f"model.transformer.in_channels ({cfg.transformer.in_channels}) must equal "
-            f"model.vae.z_dim ({cfg.vae.z_dim})"
-        )
 
 
 def _load_components(cfg: ModelConfig) -> WanComponents:
