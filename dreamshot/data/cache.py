@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 INDEX_NAME = "index.json"
 # Raised whenever what a shard holds, or how its tensors are computed, changes: old caches are then refused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images with transparency are laid on white (dreamshot.utils.images.to_rgb)
 BUILD_HINT = "run `dreamshot cache <experiment>` with this run's config"
 
 

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from dreamshot.data.bucketing import aspect_bucket
 from dreamshot.data.manifest import MASK_MODES, StoryboardRecord
 from dreamshot.utils.errors import DataError
-from dreamshot.utils.images import open_oriented, oriented_size
+from dreamshot.utils.images import open_oriented, oriented_size, to_rgb
 
 if TYPE_CHECKING:
     from dreamshot.data.cache import LatentCache
@@ -211,7 +211,7 @@ def letterbox(image: Image.Image, size: Resolution, resample: int, fill: int | t
 
 
 def _load_rgb(path: Path, where: str) -> Image.Image:
-    return _decode(path, where).convert("RGB")
+    return to_rgb(_decode(path, where))
 
 
 def _load_mask(path: Path, where: str) -> Image.Image:

@@ -37,7 +37,7 @@ from dreamshot.data.dataset import WHITE, cover, letterbox
 from dreamshot.inference.pipeline import StoryboardRequest
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.fields import Where
-from dreamshot.utils.images import open_oriented
+from dreamshot.utils.images import open_oriented, to_rgb
 from dreamshot.utils.text import read_yaml_file
 
 _TOP_FIELDS = ("seed", "steps", "height", "width", "references", "previous_shots", "shots")
@@ -191,9 +191,10 @@ def load_shot(path: Path, size: tuple[int, int], where: str) -> torch.Tensor:
 
 
 def open_rgb(path: Path, where: str) -> Image.Image:
-    """Decode an image file as RGB, EXIF orientation applied; an unreadable file is a DataError naming `where`."""
+    """Decode an image file as RGB (`to_rgb`: transparent parts on white), EXIF orientation applied; an unreadable
+    file is a DataError naming `where`."""
     try:
-        return open_oriented(path).convert("RGB")
+        return to_rgb(open_oriented(path))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{where}: cannot read image {path} ({' '.join(str(e).split())})") from None
 

@@ -1,6 +1,8 @@
-"""Opening user images as viewers show them: with their EXIF orientation applied. A phone stores a portrait
-photo sideways with an orientation tag; a mask drawn on the photo as shown must line up with its pixels, so
-images and masks are both read through here (and their sizes, for the checks made from headers)."""
+"""Opening user images as viewers show them: with their EXIF orientation applied, and transparent parts on white.
+A phone stores a portrait photo sideways with an orientation tag; a mask drawn on the photo as shown must line up
+with its pixels, so images and masks are both read through here (and their sizes, for the checks made from
+headers). A character cut out on a transparent background is shown on the viewer's page; dropping the alpha
+channel instead would show whatever colour the transparent pixels happen to hold (often black)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,14 @@ def open_oriented(path: str | Path) -> Image.Image:
     """The decoded image at `path`, turned upright by its EXIF orientation (PIL's errors propagate)."""
     with Image.open(path) as image:
         return ImageOps.exif_transpose(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as RGB, transparent parts (an alpha channel, or a palette's transparent colour) laid on white."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def oriented_size(image: Image.Image) -> tuple[int, int]:
