@@ -243,10 +243,10 @@ def _config_file(tmp_path, override):
     ("extra", "message"),
     [
         (
-            {"diffusion_model.blocks.0.self_attn.q.diff_b": torch.zeros(48)},
-            "'diffusion_model.blocks.0.self_attn.q.diff_b' is not a LoRA weight",
+            {"diffusion_model.blocks.0.self_attn.q.dora_scale": torch.zeros(48)},
+            "'diffusion_model.blocks.0.self_attn.q.dora_scale' is not a LoRA weight",
         ),
-        ({"diffusion_model.blocks.0.self_attn.q.dora_scale": torch.zeros(48)}, "is not a LoRA weight"),
+        ({"lora_unet_blocks_0_self_attn_q.diff_b": torch.zeros(48)}, "is not a LoRA weight"),
     ],
 )
 def test_what_is_not_plain_lora_is_refused_in_one_line(extra, message, state, tmp_path):
