@@ -76,7 +76,7 @@ def matching_modules(patterns: Iterable[str], names: Iterable[str]) -> set[str]:
 
 def lora_config_for(cfg: ModelConfig, weights: LoraWeights, source: str) -> LoraConfig:
     """The `model.lora` that holds `weights` on the transformer of `cfg`: rank, alpha and target modules as the
-    file records them (alpha: the config's when the file records none).
+    file records them (alpha: the config's for a checkpoint whose config is not readable).
 
     A value of `cfg.lora` other than its schema default must agree with the file (a ConfigError naming both);
     one left at the default is taken from the file, since a config cannot tell a default from the same value
@@ -197,8 +197,8 @@ def add_weight_deltas(transformer, weights: LoraWeights, scale: float) -> None:
 
 
 def stack_lora(transformer, cfg: ModelConfig, weights: LoraWeights, source: str) -> None:
-    """Add `weights` as the adapter `SECOND_ADAPTER` beside the run's own, with the file's rank, alpha (none
-    recorded: alpha = rank, as diffusers applies such a file) and modules; frozen, float32 like `apply_lora`'s.
+    """Add `weights` as the adapter `SECOND_ADAPTER` beside the run's own, with the file's rank, alpha (a checkpoint
+    without a readable config: alpha = rank) and modules; frozen, float32 like `apply_lora`'s.
     Both adapters are active at scale 1 afterwards."""
     check_lora_fits(transformer, cfg, weights, source)
     config = peft.LoraConfig(

@@ -1,7 +1,8 @@
 """Read a LoRA file of the Wan DiT, in any format DreamShot writes or users bring, as one `LoraWeights`: peft
 names (diffusers' module names, `blocks.0.attn1.to_q.lora_A.weight`), the alpha it is applied with, the metadata.
 
-- DreamShot's `lora.safetensors` (bare peft names): alpha from `dreamshot.alpha` (older files: `alpha`).
+- DreamShot's `lora.safetensors` (bare peft names): alpha from `dreamshot.alpha` (older files: `alpha`); bare
+  peft names that record no alpha: alpha = rank, as diffusers applies such a file.
 - diffusers (`transformer.` names, or bare names with `lora_adapter_metadata`): `WanPipeline.save_lora_weights`,
   `lora_diffusers.safetensors`, `save_lora_adapter`, as a file or the folder holding its
   `pytorch_lora_weights.safetensors`. Rank and alpha from `lora_adapter_metadata`, read as a peft `LoraConfig`;
@@ -76,7 +77,8 @@ class WeightDelta(NamedTuple):
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """LoRA weights under peft names, applied as B·A·alpha/rank. alpha None: the file does not record it.
+    """LoRA weights under peft names, applied as B·A·alpha/rank. alpha None: a checkpoint without a readable config
+    (a file that records none has alpha = rank, as diffusers applies it).
     `deltas`: the file's full-weight and bias deltas by its own key (see the module docstring)."""
 
     state: dict[str, torch.Tensor]
@@ -121,7 +123,7 @@ def _from_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         )
         _check_lora_keys(state, source)
         _checked(LoraWeights(state, None), source)  # one rank, the file named, before the alpha is read with it
-        alpha = _recorded_alpha(metadata, state, diffusers=any(k.startswith(DIFFUSERS_PREFIX) for k in tensors))
+        alpha = _recorded_alpha(metadata, state)
         deltas = _bias_deltas(biases, state, alpha)
     if METADATA_UP_SCALE in metadata:  # written by DreamShot (no deltas): undo what it folded in
         state = scale_up_weights(state, 1 / float(metadata[METADATA_UP_SCALE]))
@@ -149,11 +151,10 @@ def _split_biases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 
 
 def _bias_deltas(
-    biases: dict[str, torch.Tensor], state: dict[str, torch.Tensor], alpha: float | None
+    biases: dict[str, torch.Tensor], state: dict[str, torch.Tensor], alpha: float
 ) -> dict[str, WeightDelta]:
-    """peft's B biases as deltas of the modules' biases: peft scales them by alpha / rank with B·A (no alpha
-    recorded: alpha = rank, as diffusers applies such a file)."""
-    scale = 1.0 if alpha is None else alpha / lora_rank(state)
+    """peft's B biases as deltas of the modules' biases: peft scales them by alpha / rank with B·A."""
+    scale = alpha / lora_rank(state)
     return {key: WeightDelta(key.removesuffix(PEFT_BIAS) + ".bias", bias * scale) for key, bias in biases.items()}
 
 
@@ -172,15 +173,15 @@ def _checked(weights: LoraWeights, source: str) -> LoraWeights:
     return weights
 
 
-def _recorded_alpha(metadata: dict[str, str], state: dict[str, torch.Tensor], diffusers: bool) -> float | None:
+def _recorded_alpha(metadata: dict[str, str], state: dict[str, torch.Tensor]) -> float:
     if DIFFUSERS_METADATA_KEY in metadata:
         config = json.loads(metadata[DIFFUSERS_METADATA_KEY])
         kwargs = {key.removeprefix(DIFFUSERS_PREFIX): value for key, value in config.items()}
         return _peft_alpha(peft.LoraConfig.from_peft_type(**kwargs), state, DIFFUSERS_METADATA_KEY)
     if metadata.get("format") == "peft" and "alpha" in metadata:  # DreamShot's files before `dreamshot.alpha`
         return float(metadata["alpha"])
-    # diffusers builds a LoraConfig with alpha = rank when a file records none; bare peft names say nothing.
-    return float(lora_rank(state)) if diffusers else None
+    # diffusers builds a LoraConfig with alpha = rank when a file records none (`get_peft_kwargs`): scale 1.
+    return float(lora_rank(state))
 
 
 def _peft_alpha(config: peft.PeftConfig, state: dict[str, torch.Tensor], where: str) -> float:
