@@ -151,6 +151,61 @@ def test_regenerate_keeps_the_other_shots(generated, story, run_dir, tmp_path, m
     assert [shot["take"] for shot in json.loads((out / RECORD_FILE).read_text())["shots"]] == [1, 3, 1]
 
 
+def _other_story(folder: Path, change: str) -> Path:
+    body = json.loads(json.dumps(STORY))
+    if change == "shot count":
+        body["shots"] = body["shots"][:2]
+    elif change == "kept annotation":
+        body["shots"][0]["annotation"] = "Wide shot in a desert: <Role 1> alone."
+    elif change == "reference prompt":
+        body["references"][1]["prompt"] = "<Role 2>: a green square"
+    path = _write_story(folder, body)
+    if change == "reference image":
+        _reference(folder / "refs" / "role1.png", (40, 160, 40))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("shot count", "drawn from a story of 3 shots"),
+        ("kept annotation", "kept shot 1 was drawn for 'Wide shot in a meadow"),
+        ("reference image", "drawn with other references or given shots"),
+        ("reference prompt", "drawn with other references or given shots"),
+    ],
+)
+def test_regenerate_with_another_story_is_one_line(change, message, generated, run_dir, tmp_path, capsys):
+    other = _other_story(tmp_path / "other", change)
+    before = {path.name: path.read_bytes() for path in generated.glob("*.*")}
+    assert main(["generate", str(other), "--run", str(run_dir), "--out", str(generated), "--regenerate", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{generated / RECORD_FILE}: {message}" in err
+    assert {path.name: path.read_bytes() for path in generated.glob("*.*")} == before
+
+
+def test_regenerate_takes_a_new_annotation_of_the_re_rolled_shot(generated, run_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(generated, out)
+    body = json.loads(json.dumps(STORY))
+    body["shots"][1]["annotation"] = "Close-up in a forest: <Role 2> in the centre."
+    path = _write_story(tmp_path / "story", body)  # moved too: the content identifies a story, not its path
+    assert main(["generate", str(path), "--run", str(run_dir), "--out", str(out), "--regenerate", "2"]) == 0
+    assert json.loads((out / RECORD_FILE).read_text())["shots"][1]["annotation"] == body["shots"][1]["annotation"]
+
+
+def test_a_record_without_the_conditions_digest_compares_the_reference_prompts(generated, run_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(generated, out)
+    record = json.loads((out / RECORD_FILE).read_text())
+    del record["conditions_sha256"]  # written before generation.json recorded it
+    (out / RECORD_FILE).write_text(json.dumps(record))
+    other = _other_story(tmp_path / "other", "reference prompt")
+    assert main(["generate", str(other), "--run", str(run_dir), "--out", str(out), "--regenerate", "2"]) == 2
+    assert "drawn with references [['role1', '<Role 1>: a red circle'], ['role2', '<Role 2>: a blue circle']]" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_re_roll_killed_before_its_record_never_overwrites_a_take(generated, story, run_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(generated, out)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from dreamshot.cli import main
 from dreamshot.config.load import load_config, to_yaml
-from dreamshot.inference.loading import load_model, read_lora
+from dreamshot.inference.loading import load_model, read_lora, with_lora
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.build import build_components
 from dreamshot.models.wan.lora_formats import split_key, wan_module_name
@@ -243,10 +243,10 @@ def _config_file(tmp_path, override):
     ("extra", "message"),
     [
         (
-            {"diffusion_model.blocks.0.self_attn.q.diff_b": torch.zeros(48)},
-            "'diffusion_model.blocks.0.self_attn.q.diff_b' is not a LoRA weight",
+            {"diffusion_model.blocks.0.self_attn.q.dora_scale": torch.zeros(48)},
+            "'diffusion_model.blocks.0.self_attn.q.dora_scale' is not a LoRA weight",
         ),
-        ({"diffusion_model.blocks.0.self_attn.q.dora_scale": torch.zeros(48)}, "is not a LoRA weight"),
+        ({"lora_unet_blocks_0_self_attn_q.diff_b": torch.zeros(48)}, "is not a LoRA weight"),
     ],
 )
 def test_what_is_not_plain_lora_is_refused_in_one_line(extra, message, state, tmp_path):
@@ -344,3 +344,14 @@ def test_a_run_from_init_from_records_the_lora_it_trained(trained_cfg, state, tm
     # not with the defaults the command line leaves them at.
     train(load_config("smoke", [*overrides, "trainer.max_steps=2", "trainer.ckpt_path=last"]))
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_bare_peft_file_without_alpha_has_alpha_rank_as_diffusers_applies_it(tmp_path):
+    path = tmp_path / "bare.safetensors"
+    module = "blocks.0.attn1.to_q"
+    save_file({f"{module}.lora_A.weight": torch.ones(4, 48), f"{module}.lora_B.weight": torch.ones(48, 4)}, path)
+    lora = read_lora(path)  # peft names, no metadata
+    assert lora.alpha == 4
+    # As the run's LoRA, with a config that says nothing about its alpha (8), as a second LoRA alike: scale 1.
+    cfg = load_config("smoke", ["seed=3"])
+    assert (cfg.model.lora.alpha, with_lora(cfg, lora, str(path)).model.lora.alpha) == (8, 4)

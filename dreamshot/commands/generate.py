@@ -5,7 +5,10 @@ may stand anywhere on the line. `--regenerate` re-rolls only the listed shots of
 other shot is read back from its PNG (which is not rewritten) and given to the model as a clean condition after
 the references, encoded in the storyboard's shot stream with the re-rolled shots' earlier takes at their places
 (as training encodes it); those takes then move to `DIR/takes/` (`outputs.py`). Every kept
-shot keeps its story position. A run whose mode mix never trained the condition set a call needs (a re-roll of an
+shot keeps its story position. A re-roll with a story other than the one DIR was drawn from (another shot count, a
+kept shot's annotation, other references or given shots: `generation.json` records their digest,
+`conditions_sha256`) is refused with one line naming the folder's `generation.json`; the re-rolled shots'
+annotations may change. A run whose mode mix never trained the condition set a call needs (a re-roll of an
 r2s storyboard needs references and given shots together: `storyboard.modes.r2s_s2s`) is refused with one line
 naming the key, before a model is built. STORY may be a folder of story files: each is drawn into
 `DIR/<file stem>/`, resumably and, under torchrun, shared by the processes (`dreamshot.eval.story_folder`;
@@ -39,6 +42,7 @@ from dreamshot.commands import add_override_arguments
 from dreamshot.config.schema import Config
 from dreamshot.config.values import SEED_LIMIT
 from dreamshot.diffusion.conditioning import check_trained
+from dreamshot.eval.resume import story_digest
 from dreamshot.eval.sharding import Ranks
 from dreamshot.eval.story_folder import generate_folder
 from dreamshot.inference.loading import (
@@ -49,6 +53,7 @@ from dreamshot.inference.loading import (
     weights_and_config,
 )
 from dreamshot.inference.outputs import (
+    check_same_story,
     keep_earlier_takes,
     load_kept_shots,
     read_record,
@@ -121,6 +126,8 @@ def run(args: argparse.Namespace) -> None:
     targets = _targets(story, args.regenerate)
     previous = read_record(args.out) if args.regenerate else None
     kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
+    if previous is not None:
+        check_same_story(args.out, previous, story, kept, conditions_sha256(story))
     takes = _earlier_takes(args.out, targets, size) if previous is not None else None
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size), takes)
     check_trained(cfg.storyboard, request.mode)
@@ -253,11 +260,23 @@ def _seed(explicit: int | None, previous: dict | None, story: Story, cfg: Config
     return story.seed if story.seed is not None else cfg.inference.seed
 
 
+def conditions_sha256(story: Story) -> str:
+    """SHA-256 of what every shot of `story` is drawn from besides its own annotation: the references (role, prompt,
+    image bytes), the given shots (annotation, image bytes) and the number of shots."""
+    inputs = {
+        "references": [[r.role, r.prompt] for r in story.references],
+        "previous": [s.annotation for s in story.previous_shots],
+        "shots": len(story.shots),
+    }
+    return story_digest(inputs, [r.image for r in story.references] + [s.image for s in story.previous_shots])
+
+
 def _record(drawn: Drawn, takes: dict[int, int]) -> dict:
     story, result, weights, preset = drawn.story, drawn.result, drawn.weights, drawn.preset
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "story": str(story.path.absolute()),
+        "conditions_sha256": conditions_sha256(story),
         "mode": result.mode,
         "seed": result.seed,
         "steps": len(result.step_seconds),

@@ -30,6 +30,7 @@ from dreamshot.models.wan.build import build_transformer_on_meta
 from dreamshot.models.wan.lora import (
     OWN_ADAPTER,
     SECOND_ADAPTER,
+    add_weight_deltas,
     check_lora_fits,
     lora_config_for,
     set_lora_scales,
@@ -151,11 +152,13 @@ def check_sampling(cfg: Config, steps: int | None = None) -> LoraWeights | None:
 
 def prepare_sampling(adapter: WanAdapter, cfg: Config, second: LoraWeights | None = None) -> None:
     """Stack `second` (read from `inference.second_lora`) on the adapter's LoRA, scale both as `inference` sets them,
-    and with `inference.merge_lora` fold them into the base weights."""
+    and with `inference.merge_lora` fold them into the base weights (the second's bias and full-weight deltas are
+    added to the base weights either way)."""
     settings = cfg.inference
     scales = {OWN_ADAPTER: settings.lora_weight}
     if second is not None:
         stack_lora(adapter.transformer, cfg.model, second, f"inference.second_lora={settings.second_lora}")
+        add_weight_deltas(adapter.transformer, second, settings.second_lora_weight)
         scales[SECOND_ADAPTER] = settings.second_lora_weight
     set_lora_scales(adapter.transformer, scales)
     if settings.merge_lora:
@@ -190,7 +193,7 @@ def read_lora(weights: Path) -> LoraWeights:
     """The LoRA of a file or folder that `--lora` accepts, or of a DreamShot checkpoint (Lightning `.ckpt` or
     DeepSpeed folder: alpha from the config it was trained with). Weights holding NaN or infinity are refused."""
     lora = _read_any(weights)
-    require_finite(lora.state, weights)
+    require_finite({**lora.state, **{key: delta.tensor for key, delta in lora.deltas.items()}}, weights)
     return lora
 
 

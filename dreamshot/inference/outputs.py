@@ -9,8 +9,9 @@ latest call (mode, seed, steps, weights, resolved config, timings per step and i
 and which kept, each shot's take) and, under `history`, the records of the calls before it in the same folder
 (re-rolls). A re-rolled shot's earlier take is kept as `takes/shot_NN_take_K.png` (outside the folder's shots,
 so readers of the layout do not see it); `shot_NN.png` is always the latest take. A whole story drawn into a
-folder replaces the storyboard it held: its shots numbered past the new story's and its takes are removed. Every
-file is written atomically.
+folder replaces the storyboard it held: its shots numbered past the new story's and its takes are removed. A
+re-roll keeps shots of the story the folder was drawn from only (`check_same_story`). Every file is written
+atomically.
 """
 
 from __future__ import annotations
@@ -171,6 +172,32 @@ def read_record(out_dir: Path) -> dict:
     if not (isinstance(record, dict) and isinstance(record.get("seed"), int) and isinstance(record.get("shots"), list)):
         raise DataError(f"{path}: not a generation record (needs 'seed' and 'shots')")
     return record
+
+
+def check_same_story(out_dir: Path, record: dict, story: Story, kept: list[int], conditions_sha256: str) -> None:
+    """DataError naming `generation.json` unless `record` was drawn from `story`: the same number of shots, each kept
+    shot's annotation, and the references and given shots — their digest `conditions_sha256` as `record` holds it
+    (`conditions_sha256`; a record written before it: the references' roles and prompts). The annotation of a shot
+    re-rolled may change: that is how a shot's prompt is fixed."""
+    path, shots = out_dir / RECORD_FILE, record["shots"]
+    if len(shots) != len(story.shots):
+        raise DataError(
+            f"{path}: drawn from a story of {len(shots)} shots ({record.get('story', '?')}), {story.path} has "
+            f"{len(story.shots)}: --regenerate re-rolls shots of the story the folder holds"
+        )
+    for n in kept:
+        drawn_for, now = shots[n - 1].get("annotation"), story.shots[n - 1].annotation
+        if drawn_for != now:
+            raise DataError(f"{path}: kept shot {n} was drawn for {drawn_for!r}, {story.path} says {now!r}")
+    if "conditions_sha256" in record:
+        if record["conditions_sha256"] != conditions_sha256:
+            raise DataError(
+                f"{path}: drawn with other references or given shots (texts or images) than {story.path} has"
+            )
+        return
+    recorded = [[ref.get("role"), ref.get("prompt")] for ref in record.get("references", [])]
+    if recorded != [[ref.role, ref.prompt] for ref in story.references]:
+        raise DataError(f"{path}: drawn with references {recorded} (role, prompt), {story.path} has other ones")
 
 
 def storyboard_shots(out_dir: Path) -> list[tuple[Path, str]]:

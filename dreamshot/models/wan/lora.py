@@ -6,7 +6,9 @@ State dicts use peft's key names (adapter name removed), e.g. `blocks.0.attn1.to
 A LoRA read from a file (`lora_files.py`) brings its own rank, alpha and modules: `lora_config_for` turns them
 into the `model.lora` that holds it. For sampling, a second LoRA (e.g. a step-distilled Wan LoRA) can stand beside
 it as a second peft adapter with its own rank, alpha and modules (`stack_lora`), each adapter with its own scale
-(`set_lora_scales`); diffusers' `fuse_lora` then folds the active adapters into the base weights.
+(`set_lora_scales`); diffusers' `fuse_lora` then folds the active adapters into the base weights. The second
+LoRA's full-weight and bias deltas (ComfyUI's `.diff` / `.diff_b`) are added to the base parameters at its scale
+(`add_weight_deltas`), as ComfyUI applies them; the run's own LoRA is LoRA weights only.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def matching_modules(patterns: Iterable[str], names: Iterable[str]) -> set[str]:
 
 def lora_config_for(cfg: ModelConfig, weights: LoraWeights, source: str) -> LoraConfig:
     """The `model.lora` that holds `weights` on the transformer of `cfg`: rank, alpha and target modules as the
-    file records them (alpha: the config's when the file records none).
+    file records them (alpha: the config's for a checkpoint whose config is not readable).
 
     A value of `cfg.lora` other than its schema default must agree with the file (a ConfigError naming both);
     one left at the default is taken from the file, since a config cannot tell a default from the same value
@@ -82,6 +84,12 @@ def lora_config_for(cfg: ModelConfig, weights: LoraWeights, source: str) -> Lora
     kept then, else the file's module names become the targets.
     """
     _check_base_model(cfg, weights, source)
+    if weights.deltas:
+        key = sorted(weights.deltas)[0]
+        raise WeightsError(
+            f"{source}: {key!r} is a bias or full-weight delta; DreamShot applies those only in a second LoRA "
+            "(inference.second_lora), its own LoRA holds LoRA weights only"
+        )
     modules = dict(build_transformer_on_meta(cfg).named_modules())
     names = list(modules)
     foreign = sorted(weights.modules - set(names))
@@ -154,11 +162,43 @@ def check_lora_fits(transformer, cfg: ModelConfig, weights: LoraWeights, source:
                     f"{source}: {name}.{part} is {tuple(tensor.shape)}, the {cfg.name} transformer's {name} needs "
                     f"{expected[part]}: a LoRA for another model size, or A and B of different ranks"
                 )
+    for key, delta in sorted(weights.deltas.items()):
+        parameter = _base_parameter(transformer, delta.parameter)
+        if parameter is None:
+            raise WeightsError(
+                f"{source}: {key!r} adds to {delta.parameter!r}, not a parameter of the {cfg.name} transformer"
+            )
+        if parameter.shape != delta.tensor.shape:
+            raise WeightsError(
+                f"{source}: {key!r} is {tuple(delta.tensor.shape)}, the {cfg.name} transformer's {delta.parameter} is "
+                f"{tuple(parameter.shape)}: a LoRA for another model size?"
+            )
+
+
+def _base_parameter(transformer, name: str) -> nn.Parameter | None:
+    """The parameter `name` (diffusers' name) of `transformer`, under a peft-wrapped module's base layer."""
+    path, _, attribute = name.rpartition(".")
+    try:
+        module = transformer.get_submodule(path)
+    except AttributeError:
+        return None
+    parameter = getattr(getattr(module, "base_layer", module), attribute, None)
+    return parameter if isinstance(parameter, nn.Parameter) else None
+
+
+def add_weight_deltas(transformer, weights: LoraWeights, scale: float) -> None:
+    """parameter += scale · delta for each delta of `weights` (checked by `check_lora_fits`): exact, the sum taken in
+    float32 and rounded to the parameter's dtype once."""
+    with torch.no_grad():
+        for delta in weights.deltas.values():
+            parameter = _base_parameter(transformer, delta.parameter)
+            added = parameter.float() + scale * delta.tensor.to(parameter.device, torch.float32)
+            parameter.copy_(added.to(parameter.dtype))
 
 
 def stack_lora(transformer, cfg: ModelConfig, weights: LoraWeights, source: str) -> None:
-    """Add `weights` as the adapter `SECOND_ADAPTER` beside the run's own, with the file's rank, alpha (none
-    recorded: alpha = rank, as diffusers applies such a file) and modules; frozen, float32 like `apply_lora`'s.
+    """Add `weights` as the adapter `SECOND_ADAPTER` beside the run's own, with the file's rank, alpha (a checkpoint
+    without a readable config: alpha = rank) and modules; frozen, float32 like `apply_lora`'s.
     Both adapters are active at scale 1 afterwards."""
     check_lora_fits(transformer, cfg, weights, source)
     config = peft.LoraConfig(

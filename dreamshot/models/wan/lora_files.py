@@ -1,7 +1,8 @@
 """Read a LoRA file of the Wan DiT, in any format DreamShot writes or users bring, as one `LoraWeights`: peft
 names (diffusers' module names, `blocks.0.attn1.to_q.lora_A.weight`), the alpha it is applied with, the metadata.
 
-- DreamShot's `lora.safetensors` (bare peft names): alpha from `dreamshot.alpha` (older files: `alpha`).
+- DreamShot's `lora.safetensors` (bare peft names): alpha from `dreamshot.alpha` (older files: `alpha`); bare
+  peft names that record no alpha: alpha = rank, as diffusers applies such a file.
 - diffusers (`transformer.` names, or bare names with `lora_adapter_metadata`): `WanPipeline.save_lora_weights`,
   `lora_diffusers.safetensors`, `save_lora_adapter`, as a file or the folder holding its
   `pytorch_lora_weights.safetensors`. Rank and alpha from `lora_adapter_metadata`, read as a peft `LoraConfig`;
@@ -17,7 +18,11 @@ diffusers' converters fold alpha / rank into the weights; here the `.alpha` tens
 converters given none (musubi's: alpha = rank, which folds nothing), so the LoRA keeps its alpha. Modules with
 different alphas are folded to one scale (alpha = rank). A file that DreamShot wrote records the factor it
 folded into its up weights (`dreamshot.up_scale`), which is divided out again: every export reads back as trained.
-Only plain LoRA weights load; DoRA, LoHa / LoKr, LoRA biases and full-weight deltas (`.diff`) are refused.
+Besides LoRA weights, a file may carry deltas added to base parameters as they are (ComfyUI applies them so:
+parameter += strength · delta): ComfyUI's `<module>.diff` (the module's weight) and `.diff_b` (its bias), named
+by diffusers' own Wan checkpoint converter, and diffusers' `<module>.lora_B.bias` (peft's `lora_bias`: a bias
+delta scaled by alpha / rank like B·A). They are read into `LoraWeights.deltas`; only a second, stacked LoRA
+applies them (`lora.add_weight_deltas`). DoRA, LoHa / LoKr and musubi-tuner deltas are refused.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import peft
 import torch
 from diffusers.loaders import WanLoraLoaderMixin
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from peft.utils import load_peft_weights
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -54,15 +61,30 @@ PEFT_MODEL_PREFIX = "base_model.model."
 PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 # kohya-style files name A / B either way: down suffix -> up suffix.
 KOHYA_PAIRS = {".lora_down.weight": ".lora_up.weight", ".lora_A.weight": ".lora_B.weight"}
+# ComfyUI's delta suffixes -> the parameter of the module they add to.
+COMFYUI_DELTAS = {".diff": "weight", ".diff_b": "bias"}
+# peft's `lora_bias`: the bias of B, which diffusers' converter also makes of `.diff_b`.
+PEFT_BIAS = ".lora_B.bias"
+
+
+class WeightDelta(NamedTuple):
+    """A tensor added to a base parameter (diffusers' name, e.g. `blocks.0.attn1.to_q.bias`), times the LoRA's
+    scale."""
+
+    parameter: str
+    tensor: torch.Tensor
 
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """LoRA weights under peft names, applied as B·A·alpha/rank. alpha None: the file does not record it."""
+    """LoRA weights under peft names, applied as B·A·alpha/rank. alpha None: a checkpoint without a readable config
+    (a file that records none has alpha = rank, as diffusers applies it).
+    `deltas`: the file's full-weight and bias deltas by its own key (see the module docstring)."""
 
     state: dict[str, torch.Tensor]
     alpha: float | None
     metadata: dict[str, str] = field(default_factory=dict)
+    deltas: dict[str, WeightDelta] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -93,16 +115,47 @@ def read_lora_file(path: Path) -> LoraWeights:
 def _from_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> LoraWeights:
     """The LoRA of one file's tensors and safetensors metadata, whatever its format (see the module docstring)."""
     if any(key.startswith((COMFYUI_PREFIX, KOHYA_PREFIX)) for key in tensors):
-        state, alpha = _from_kohya(tensors, source)
+        deltas = _comfyui_deltas(tensors)
+        state, alpha = _from_kohya({k: v for k, v in tensors.items() if k not in deltas}, source)
     else:
-        state = {key.removeprefix(DIFFUSERS_PREFIX).removeprefix(PEFT_MODEL_PREFIX): v for key, v in tensors.items()}
+        state, biases = _split_biases(
+            {key.removeprefix(DIFFUSERS_PREFIX).removeprefix(PEFT_MODEL_PREFIX): v for key, v in tensors.items()}
+        )
         _check_lora_keys(state, source)
         _checked(LoraWeights(state, None), source)  # one rank, the file named, before the alpha is read with it
-        alpha = _recorded_alpha(metadata, state, diffusers=any(k.startswith(DIFFUSERS_PREFIX) for k in tensors))
-    if METADATA_UP_SCALE in metadata:  # written by DreamShot: undo what it folded in
+        alpha = _recorded_alpha(metadata, state)
+        deltas = _bias_deltas(biases, state, alpha)
+    if METADATA_UP_SCALE in metadata:  # written by DreamShot (no deltas): undo what it folded in
         state = scale_up_weights(state, 1 / float(metadata[METADATA_UP_SCALE]))
         alpha = float(metadata[METADATA_ALPHA])
-    return _checked(LoraWeights(state, alpha, dict(metadata)), source)
+    return _checked(LoraWeights(state, alpha, dict(metadata), deltas), source)
+
+
+def _comfyui_deltas(tensors: dict[str, torch.Tensor]) -> dict[str, WeightDelta]:
+    """ComfyUI's `diffusion_model.<wan module>.diff|diff_b` tensors, renamed by diffusers' Wan checkpoint
+    converter to the parameters they add to."""
+    deltas = {}
+    for key, tensor in tensors.items():
+        suffix = next((s for s in COMFYUI_DELTAS if key.endswith(s)), None)
+        if key.startswith(COMFYUI_PREFIX) and suffix is not None:
+            original = f"{key.removeprefix(COMFYUI_PREFIX).removesuffix(suffix)}.{COMFYUI_DELTAS[suffix]}"
+            (parameter,) = convert_wan_transformer_to_diffusers({original: tensor})
+            deltas[key] = WeightDelta(parameter, tensor)
+    return deltas
+
+
+def _split_biases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the LoRA weights, peft's B biases) of peft-named tensors."""
+    biases = {key: value for key, value in state.items() if key.endswith(PEFT_BIAS)}
+    return {key: value for key, value in state.items() if key not in biases}, biases
+
+
+def _bias_deltas(
+    biases: dict[str, torch.Tensor], state: dict[str, torch.Tensor], alpha: float
+) -> dict[str, WeightDelta]:
+    """peft's B biases as deltas of the modules' biases: peft scales them by alpha / rank with B·A."""
+    scale = alpha / lora_rank(state)
+    return {key: WeightDelta(key.removesuffix(PEFT_BIAS) + ".bias", bias * scale) for key, bias in biases.items()}
 
 
 def _checked(weights: LoraWeights, source: str) -> LoraWeights:
@@ -120,22 +173,22 @@ def _checked(weights: LoraWeights, source: str) -> LoraWeights:
     return weights
 
 
-def _recorded_alpha(metadata: dict[str, str], state: dict[str, torch.Tensor], diffusers: bool) -> float | None:
+def _recorded_alpha(metadata: dict[str, str], state: dict[str, torch.Tensor]) -> float:
     if DIFFUSERS_METADATA_KEY in metadata:
         config = json.loads(metadata[DIFFUSERS_METADATA_KEY])
         kwargs = {key.removeprefix(DIFFUSERS_PREFIX): value for key, value in config.items()}
         return _peft_alpha(peft.LoraConfig.from_peft_type(**kwargs), state, DIFFUSERS_METADATA_KEY)
     if metadata.get("format") == "peft" and "alpha" in metadata:  # DreamShot's files before `dreamshot.alpha`
         return float(metadata["alpha"])
-    # diffusers builds a LoraConfig with alpha = rank when a file records none; bare peft names say nothing.
-    return float(lora_rank(state)) if diffusers else None
+    # diffusers builds a LoraConfig with alpha = rank when a file records none (`get_peft_kwargs`): scale 1.
+    return float(lora_rank(state))
 
 
 def _peft_alpha(config: peft.PeftConfig, state: dict[str, torch.Tensor], where: str) -> float:
     """The alpha of a peft `LoraConfig` as plain LoRA applies it (B·A·alpha/rank)."""
     if not isinstance(config, peft.LoraConfig):
         raise WeightsError(f"{where}: a {config.peft_type} adapter, not LoRA")
-    unsupported = [name for name in ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern") if getattr(config, name)]
+    unsupported = [name for name in ("use_dora", "rank_pattern", "alpha_pattern") if getattr(config, name)]
     if unsupported:
         raise WeightsError(f"{where}: {unsupported[0]} is set; DreamShot loads plain LoRA with one rank and alpha")
     if config.r != lora_rank(state):
@@ -150,9 +203,10 @@ def _read_peft_folder(folder: Path) -> LoraWeights:
         tensors = load_peft_weights(str(folder), device="cpu")
     except (OSError, ValueError, TypeError) as e:
         raise WeightsError(f"{folder}: not a readable peft adapter folder ({str(e).splitlines()[0]})") from None
-    state = {key.removeprefix(PEFT_MODEL_PREFIX): value for key, value in tensors.items()}
+    state, biases = _split_biases({key.removeprefix(PEFT_MODEL_PREFIX): value for key, value in tensors.items()})
     _check_lora_keys(state, str(folder))
-    return _checked(LoraWeights(state, _peft_alpha(config, state, str(folder / PEFT_CONFIG))), str(folder))
+    alpha = _peft_alpha(config, state, str(folder / PEFT_CONFIG))
+    return _checked(LoraWeights(state, alpha, deltas=_bias_deltas(biases, state, alpha)), str(folder))
 
 
 def _from_kohya(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], float]:
@@ -194,5 +248,5 @@ def _check_lora_keys(state: dict[str, torch.Tensor], source: str, suffixes: tupl
         if not key.endswith(suffixes):
             raise WeightsError(
                 f"{source}: {key!r} is not a LoRA weight ({' / '.join(s.lstrip('.') for s in suffixes)}; DreamShot "
-                "loads no DoRA, LoHa/LoKr, LoRA bias or full-weight delta)"
+                "loads no DoRA or LoHa/LoKr, and bias or full-weight deltas only under ComfyUI or diffusers names)"
             )
