@@ -52,7 +52,8 @@ What cannot be made equal, and how the comparison handles it:
   - timesteps: ours are per frame (clean references at t = 0, DESIGN §2), so the time embedding runs on F rows
     and every block's modulation is kept per frame (`forward.py`); DiffSynth's and diffusers' Wan2.1 use one
     timestep per sample. Counted against us; the time embedding's share of our FLOPs is printed too.
-  - RoPE and norms: DiffSynth applies RoPE in complex float64 and its own RMSNorm; diffusers' (ours) in float32.
+  - RoPE and norms: DiffSynth applies RoPE in complex float64 and its own RMSNorm; ours is diffusers' rotation and
+    RMSNorm in float32 (the rotation eagerly as one complex float32 multiplication, `rope.apply_rotary_emb`).
     That is DiffSynth's code as users run it, so it stays.
   - LoRA injection: both are peft LoRA layers (DiffSynth `inject_adapter_in_model`, ours diffusers'
     `add_adapter`); DiffSynth's trainer keeps them in the pipeline dtype (bf16), here they are float32 on both.
