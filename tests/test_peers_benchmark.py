@@ -51,7 +51,10 @@ def test_peers_benchmark_runs_every_row_on_the_tiny_wan(peers, capsys):
         for line in out.splitlines()
         if line[:6] in ("train ", "sample")
     }
-    assert set(rows) == {"train fm", "train racl", "sample t2s", "sample r2s"}
+    assert set(rows) == {"train fm", "train racl", "train fm·FL", "sample t2s", "sample r2s"}
+    # The extra row gives DiffSynth the storyboard's 11 frames × 20 text tokens as one prompt, and no goal.
+    assert "train fm·FL: DiffSynth's prompt is the storyboard's 220 text tokens" in out
+    assert rows["train fm·FL"][5] == "66/66" and "no goal" in " ".join(rows["train fm·FL"])
     # Training: both sides process the same tokens; sampling r2s: our three branches against diffusers' two.
     assert rows["train fm"][5] == "66/66" and rows["sample t2s"][5] == "96/96" and rows["sample r2s"][5] == "180/132"
     for fields in rows.values():

@@ -204,7 +204,7 @@ def test_captured_map_equals_explicit_full_softmax(transformer):
         attn = block.attn1
         q = attn.norm_q(attn.to_q(hidden)).unflatten(2, (2, -1))
         k = attn.norm_k(attn.to_k(hidden)).unflatten(2, (2, -1))
-        from dreamshot.models.wan.role_capture import apply_rotary_emb
+        from dreamshot.models.wan.rope import apply_rotary_emb
 
         q, k = apply_rotary_emb(q, cos, sin)[0], apply_rotary_emb(k, cos, sin)[0]
         full = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / 24**0.5, dim=-1)  # explicit T x T attention

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dreamshot.models.layout import StoryboardLayout
-from dreamshot.models.wan.rope import rope_split, storyboard_rope, storyboard_rotary_emb
+from dreamshot.models.wan.rope import apply_rotary_emb, rope_split, storyboard_rope, storyboard_rotary_emb
 
 HEAD_DIM = 24  # t / h / w parts of 8 channels each
 GRID = (3, 4)
@@ -90,3 +91,61 @@ def test_phase_changes_only_the_temporal_part_of_condition_tokens():
 def test_mismatched_positions_and_phases_are_rejected():
     with pytest.raises(ValueError, match="frame_phases"):
         storyboard_rope(torch.zeros(3), torch.zeros(2), GRID, HEAD_DIM)
+
+
+def _rotation_inputs(dtype=torch.float32):
+    torch.manual_seed(0)
+    cos, sin = storyboard_rotary_emb(StoryboardLayout.of(1, 2, position_mode="phase", phase=0.4), GRID, HEAD_DIM)
+    return torch.randn(2, cos.shape[1], 3, HEAD_DIM).to(dtype), cos, sin
+
+
+def _rotated_in_float64(x, cos, sin):
+    """The rotation written out: channel pair (2j, 2j+1) turned by the angle whose cos / sin the pair carries."""
+    pairs = x.double().unflatten(-1, (-1, 2))
+    c, s = cos.double()[..., 0::2], sin.double()[..., 1::2]
+    first, second = pairs[..., 0], pairs[..., 1]
+    return torch.stack([first * c - second * s, first * s + second * c], -1).flatten(-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiled_form"])
+def test_rotation_turns_channel_pairs_and_both_forms_agree(monkeypatch, dtype, compiling):
+    x, cos, sin = _rotation_inputs(dtype)
+    eager = apply_rotary_emb(x, cos, sin)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    got = apply_rotary_emb(x, cos, sin)
+    assert got.dtype == dtype and got.shape == x.shape
+    # The same products and sums; the complex kernel's scalar tail may round a cancelling sum differently.
+    torch.testing.assert_close(got, eager, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.double(), _rotated_in_float64(x, cos, sin).to(dtype).double(), atol=1e-6, rtol=0)
+
+
+def test_rotation_gradient_is_the_inverse_rotation():
+    x, cos, sin = _rotation_inputs()
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+    apply_rotary_emb(x, cos, sin).backward(grad)
+    torch.testing.assert_close(x.grad, apply_rotary_emb(grad, cos, -sin), atol=1e-6, rtol=0)
+
+
+class _FullSizeOps(TorchDispatchMode):
+    """Records the non-view aten ops whose output has at least half the bytes of `numel` float32 values."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and not func.is_view and out.numel() * out.element_size() >= self.numel * 2:
+            self.ops.append(func.__name__)
+        return out
+
+
+def test_eager_rotation_is_one_kernel_over_the_queries():
+    """Four real multiplications on strided halves, a subtraction, an addition and a stack each read or write the
+    whole (B, T, H, d) tensor; one complex multiplication does it in one pass (benchmarks/RESULTS.md#peers)."""
+    x, cos, sin = _rotation_inputs()
+    with _FullSizeOps(x.numel()) as recorded:
+        apply_rotary_emb(x, cos, sin)
+    assert recorded.ops == ["mul.Tensor"]

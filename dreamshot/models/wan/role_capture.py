@@ -21,13 +21,7 @@ import torch
 
 from dreamshot.diffusion.racl import RolePlan, naive_role_attention_maps, role_attention_maps
 from dreamshot.models.wan.context_parallel import WHOLE_SEQUENCE
-
-
-def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotation of interleaved pairs. x: (B, T, H, d); cos, sin: (1, T, 1, d)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+from dreamshot.models.wan.rope import apply_rotary_emb
 
 
 @dataclass
