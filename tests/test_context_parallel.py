@@ -24,6 +24,7 @@ from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.context_parallel import ContextParallel
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.strategy import ContextParallelDDPStrategy
+from dreamshot.utils.errors import ConfigError
 
 TOLERANCE = 1e-5
 SIZE = (48, 80)  # 3 x 5 = 15 tokens per frame
@@ -184,6 +185,16 @@ def test_shards_cover_the_sequence_once():
             assert shard.local * degree - frames * per_frame < degree
             assert shard.first_frame + shard.local_frames <= frames
         assert covered == list(range(frames * per_frame))
+
+
+def test_ring_refuses_a_sequence_it_would_have_to_pad():
+    """diffusers' ring cannot mask padding: an undivided storyboard (a story's size, an aspect bucket) is one line
+    naming the key, raised on every rank as the shard is made, before any collective."""
+    ring = ContextParallel(degree=2, attention="ring", key="inference.context_parallel")
+    with pytest.raises(ConfigError, match=r"^inference.context_parallel.attention=ring cannot pad: .*75 tokens"):
+        ring.shard(5, 15)
+    assert ring.shard(4, 15).padded == 60
+    assert ContextParallel(degree=2).shard(5, 15).padded == 76  # ulysses pads
 
 
 def test_degree_one_is_the_identity():

@@ -121,6 +121,11 @@ def test_toy_world_makes_30_shot_groups(tmp_path):
             + ["trainer.context_parallel.attention=ring", "data.resolution=[48,80]"],
             "degree 8 must divide the 15 tokens per frame",
         ),
+        (
+            ["trainer=gpu", "trainer.context_parallel.degree=2", "trainer.context_parallel.attention=ring"]
+            + ["data.aspect_buckets=true"],
+            "trainer.context_parallel.attention=ring cannot pad.*data.aspect_buckets",
+        ),
     ],
 )
 def test_context_parallel_config_rules(overrides, message):

@@ -86,7 +86,9 @@ class HostsContextParallel:
         config = self.context_parallel_config
         if config.degree > 1:
             mesh = build_mesh(self.world_size, config.degree, config.attention, self.root_device.type)
-            self.context_parallel = ContextParallel.from_mesh(mesh, config.attention, self.root_device)
+            self.context_parallel = ContextParallel.from_mesh(
+                mesh, config.attention, self.root_device, "trainer.context_parallel"
+            )
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, int]:

@@ -18,8 +18,10 @@ self-attention as keys (the mask travels with the queries through Ulysses' all-t
 prediction (so from the loss) and never a role token (so from RACL). Padding rather than refusing: a storyboard's
 length is the data's (shots × tokens per frame), so a refusal would stop a run on the first odd storyboard, while
 the cost of padding is at most degree − 1 tokens. Ring attention cannot take a key mask (diffusers' ring reuses one
-local mask for every rotated chunk), so `attention=ring` requires the degree to divide the tokens per frame,
-checked when the config loads. Under gradient checkpointing the ring's saved tensors bypass the checkpoint (its
+local mask for every rotated chunk), so `attention=ring` requires the degree to divide the tokens per frame: checked
+when the config loads for training (which then also refuses aspect buckets, frames of other sizes), and for any
+storyboard as its shard is made (a story's size in sampling), a one-line error raised on every rank before any
+collective. Under gradient checkpointing the ring's saved tensors bypass the checkpoint (its
 backward reads them once per chunk, which the checkpoint does not allow): each block keeps this rank's query, key,
 value and output through the forward, and diffusers' ring keeps its merged output too, so ring with checkpointing
 holds five block-input-sized tensors per block more than Ulysses (14B, 30 shots + 4 references, degree 4: about
@@ -108,7 +110,7 @@ def launched_group(config: ContextParallelConfig, device: torch.device, key: str
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         mesh = build_mesh(world, config.degree, config.attention, device.type)
-        yield ContextParallel.from_mesh(mesh, config.attention, device)
+        yield ContextParallel.from_mesh(mesh, config.attention, device, key)
     finally:
         dist.destroy_process_group()
 
@@ -121,10 +123,14 @@ class ContextParallel:
     attention: str = "ulysses"
     mesh: DeviceMesh | None = None
     parallel_config: ParallelConfig | None = None
+    # The config this group was set by, named in errors (trainer.context_parallel / inference.context_parallel).
+    key: str = "context_parallel"
 
     @classmethod
-    def from_mesh(cls, mesh: DeviceMesh, attention: str, device: torch.device) -> ContextParallel:
-        """The group of this process in `mesh` (a `build_mesh` mesh)."""
+    def from_mesh(
+        cls, mesh: DeviceMesh, attention: str, device: torch.device, key: str = "context_parallel"
+    ) -> ContextParallel:
+        """The group of this process in `mesh` (a `build_mesh` mesh); `key` names its config in errors."""
         ring, ulysses = mesh["ring"].size(), mesh["ulysses"].size()
         if ring * ulysses == 1:
             return cls()
@@ -132,7 +138,7 @@ class ContextParallel:
             context_parallel_config=DiffusersContextParallel(ring_degree=ring, ulysses_degree=ulysses)
         )
         config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh)
-        return cls(ring * ulysses, attention, mesh, config)
+        return cls(ring * ulysses, attention, mesh, config, key)
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -164,6 +170,12 @@ class SequenceShard:
     def __post_init__(self) -> None:
         if self.length <= (self.cp.degree - 1) * self.local:
             raise ValueError(f"{self.length} tokens are too few to give each of {self.cp.degree} ranks one")
+        if self.cp.attention == "ring" and self.padded > self.length:
+            raise ConfigError(
+                f"{self.cp.key}.attention=ring cannot pad: degree {self.cp.degree} must divide the {self.length} "
+                f"tokens of this storyboard ({self.frames} frames x {self.tokens_per_frame}); use attention=ulysses "
+                "or a size whose tokens per frame the degree divides"
+            )
 
     @property
     def length(self) -> int:
