@@ -133,6 +133,14 @@ def test_context_parallel_config_rules(overrides, message):
         load_config("smoke", overrides)
 
 
+def test_plan_refuses_gpus_that_the_configured_degree_does_not_divide(capsys):
+    """--gpus replaces the world size the config was checked against: its CP degree must still divide it."""
+    assert main(["plan", "toy_long_storyboard", "--gpus", "3"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "trainer.context_parallel.degree=2" in line and "3 GPU(s)" in line
+    assert main(["plan", "toy_long_storyboard", "--gpus", "3", "--context-parallel", "1"]) == 0
+
+
 def test_context_parallel_configs_that_load():
     ring = load_config(
         "smoke", ["trainer=gpu", "trainer.context_parallel.degree=2", "trainer.context_parallel.attention=ring"]
