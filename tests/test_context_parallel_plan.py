@@ -17,6 +17,7 @@ from dreamshot.planner.communication import context_parallel_bytes
 from dreamshot.planner.flops import SELF_SCORES, training_flops
 from dreamshot.planner.memory import activation_memory
 from dreamshot.planner.plan import GIB, config_training, config_workload, longest_storyboard, plan_phase, shot_window
+from dreamshot.planner.report import render
 from dreamshot.planner.shape import model_shape
 from dreamshot.planner.workload import Training, Workload
 from dreamshot.utils.errors import ConfigError
@@ -42,6 +43,14 @@ def test_cp_splits_the_activations_and_the_attention_by_the_degree(toy_shape):
     assert 2 * flops.forward[SELF_SCORES] == training_flops(toy_shape, WORK).forward[SELF_SCORES]
     # An odd sequence is padded: 25 tokens over 4 GPUs hold 7 each.
     assert dataclasses.replace(WORK, frames=5, tokens_per_frame=5, context_parallel=4).rank_tokens == 7
+
+
+def test_the_flops_table_says_its_counts_are_one_gpus_share_under_cp(toy_shape):
+    shared = render(
+        "", toy_shape, [plan_phase("", toy_shape, dataclasses.replace(WORK, context_parallel=2), Training())], 80
+    )
+    assert "FLOPs per GPU, 1/2 of a sample" in shared and "FLOP per sample" not in shared
+    assert "FLOPs per sample" in render("", toy_shape, [plan_phase("", toy_shape, WORK, Training())], 80)
 
 
 def test_ulysses_and_ring_traffic_by_hand(toy_shape):
