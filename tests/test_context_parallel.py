@@ -277,3 +277,44 @@ def test_compiled_blocks_under_context_parallelism_equal_one_process():
     for rank, differences in enumerate(run_group(compare_compiled_step, 2)):
         for name, difference in differences.items():
             assert difference < TOLERANCE, f"rank {rank}: {name} differs by {difference:.2e}"
+
+
+def compare_in_data_parallel_groups(cp: ContextParallel) -> dict:
+    """One of 4 ranks in 2 groups of 2: its group (from the product's mesh), the data-parallel rank the strategy's
+    sampler gives it, and |CP − one process| of a step on that replica's own storyboard (groups of other
+    replicas' ranks would mix two storyboards' tokens)."""
+    config = Config().trainer.context_parallel
+    config.degree = cp.degree
+
+    class OfThisProcess(ContextParallelDDPStrategy):
+        world_size = property(lambda self: dist.get_world_size())
+        global_rank = property(lambda self: dist.get_rank())
+
+    sampler = OfThisProcess(config).distributed_sampler_kwargs
+    module = DreamShotModule(_config("refs_first", True))
+    _random_lora(module)
+    batch, plan = _batch(SIZE, seed=sampler["rank"]), BatchPlan("r2s", 0, False, (False,))
+    alone = _step(module, batch, plan)
+    module.adapter.context_parallel = cp
+    shared = _step(module, batch, plan)
+    dist.all_reduce(shared["gradients"], group=cp.group)  # the group's part of the data-parallel average
+    shared["gradients"] /= cp.degree
+    return {
+        "group": dist.get_process_group_ranks(cp.group),
+        "sampler": sampler,
+        "loss": alone["loss"].item(),
+        **{name: (shared[name] - alone[name]).abs().max().item() for name in ("prediction", "maps", "gradients")},
+    }
+
+
+@pytest.mark.slow
+def test_four_processes_are_two_data_parallel_groups_of_two():
+    """dp 2 × cp 2: the ranks a mesh group joins are those the sampler gives one replica, and each group trains on
+    its own storyboard as one process does (the 2-process tests have a single replica, so they cannot tell)."""
+    ranks = run_group(compare_in_data_parallel_groups, 4, degree=2)
+    assert [r["group"] for r in ranks] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["sampler"] for r in ranks] == [{"num_replicas": 2, "rank": r} for r in (0, 0, 1, 1)]
+    assert ranks[0]["loss"] == ranks[1]["loss"] != ranks[2]["loss"] == ranks[3]["loss"]
+    for rank, differences in enumerate(ranks):
+        for name in ("prediction", "maps", "gradients"):
+            assert differences[name] < TOLERANCE, f"rank {rank}: {name} differs by {differences[name]:.2e}"

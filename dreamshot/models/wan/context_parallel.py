@@ -14,18 +14,18 @@ frames' texts) is sliced with the tokens. What needs other ranks' tokens goes th
 Shot-wise cross-attention needs no communication: a rank's tokens attend to their own frames' texts only.
 
 A sequence the degree does not divide is padded at its end with zero tokens, and the padding is masked out of
-self-attention as keys (the mask travels with the queries through Ulysses' all-to-all), dropped from the gathered
-prediction (so from the loss) and never a role token (so from RACL). Padding rather than refusing: a storyboard's
-length is the data's (shots × tokens per frame), so a refusal would stop a run on the first odd storyboard, while
-the cost of padding is at most degree − 1 tokens. Ring attention cannot take a key mask (diffusers' ring reuses one
-local mask for every rotated chunk), so `attention=ring` requires the degree to divide the tokens per frame: checked
-when the config loads for training (which then also refuses aspect buckets, frames of other sizes), and for any
-storyboard as its shard is made (a story's size in sampling), a one-line error raised on every rank before any
-collective. Under gradient checkpointing the ring's saved tensors bypass the checkpoint (its
-backward reads them once per chunk, which the checkpoint does not allow): each block keeps this rank's query, key,
-value and output through the forward, and diffusers' ring keeps its merged output too, so ring with checkpointing
-holds five block-input-sized tensors per block more than Ulysses (14B, 30 shots + 4 references, degree 4: about
-25 GiB), which the planner counts ("ring attention kept").
+self-attention as keys (after Ulysses' all-to-all a rank holds every token for its heads, so each rank builds the
+one key mask of the whole padded sequence), dropped from the gathered prediction (so from the loss) and never a role
+token (so from RACL). Padding rather than refusing: a storyboard's length is the data's (shots × tokens per frame),
+so a refusal would stop a run on the first odd storyboard, while the cost of padding is at most degree − 1 tokens.
+Ring attention cannot take a key mask (diffusers' ring reuses one local mask for every rotated chunk), so
+`attention=ring` requires the degree to divide the tokens per frame: checked when the config loads for training
+(which then also refuses aspect buckets, frames of other sizes), and for any storyboard as its shard is made (a
+story's size in sampling), a one-line error raised on every rank before any collective. Under gradient checkpointing
+the ring's saved tensors bypass the checkpoint (its backward reads them once per chunk, which the checkpoint does
+not allow): each block keeps this rank's query, key, value and output through the forward, and diffusers' ring keeps
+its merged output too, so ring with checkpointing holds five block-input-sized tensors per block more than Ulysses
+(14B, 30 shots + 4 references, degree 4: about 25 GiB), which the planner counts ("ring attention kept").
 
 The gradient: every rank computes the same loss from the gathered prediction and the summed maps. The backward of
 a functional all-gather is a reduce-scatter (sum) and that of an all-reduce an all-reduce, so the gradients of the
