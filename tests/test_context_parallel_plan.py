@@ -150,6 +150,15 @@ def test_plan_refuses_gpus_that_the_configured_degree_does_not_divide(capsys):
     assert main(["plan", "toy_long_storyboard", "--gpus", "3", "--context-parallel", "1"]) == 0
 
 
+def test_plan_refuses_ring_attention_that_would_have_to_pad(capsys):
+    """The trainer refuses ring at a resolution whose tokens per frame the degree does not divide: so does the plan."""
+    argv = ["plan", "smoke", "trainer=gpu", "trainer.context_parallel.attention=ring", "--context-parallel", "8"]
+    assert main([*argv, "--resolution", "48x80"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "ring" in line and "15 tokens per frame" in line
+    assert main([*argv, "--resolution", "64x128"]) == 0  # 32 tokens per frame
+
+
 def test_context_parallel_configs_that_load():
     ring = load_config(
         "smoke", ["trainer=gpu", "trainer.context_parallel.degree=2", "trainer.context_parallel.attention=ring"]

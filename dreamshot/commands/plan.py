@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> None:
     for i in _chosen_phases(phases, args.phase):
         height, width = parse_resolution(args.resolution) if args.resolution else phases[i].resolution
         work = _workload(cfg, args, cfg.racl_weight(i), tokens_per_frame(height, width, "resolution"))
+        _check_ring(work, f"{height}x{width}")
         racl = f"RACL (weight {cfg.racl_weight(i):g}) in {work.racl_blocks} blocks" if work.racl_blocks else ""
         label = f"phase {i + 1}/{len(phases)}: {height}x{width}, {racl or 'no RACL'}"
         plans.append(plan_phase(label, shape, work, training, args.encoders))
@@ -137,6 +138,16 @@ def _check_context_parallel(
         raise ConfigError(f"{source} must be >= 1 and divide the {training.world_size} GPU(s)")
     if configured.attention == "ulysses" and heads % degree:
         raise ConfigError(f"{source} does not divide the model's {heads} attention heads (ulysses)")
+
+
+def _check_ring(work: Workload, resolution: str) -> None:
+    """Ring attention cannot pad (models/wan/context_parallel.py): the trainer refuses what this would plan."""
+    degree, per_frame = work.context_parallel, work.tokens_per_frame
+    if degree > 1 and work.context_parallel_attention == "ring" and per_frame % degree:
+        raise ConfigError(
+            f"context parallel {degree} with trainer.context_parallel.attention=ring cannot pad: {degree} must divide "
+            f"the {per_frame} tokens per frame of {resolution}; use attention=ulysses"
+        )
 
 
 def _check_counts(args: argparse.Namespace) -> None:
