@@ -10,6 +10,8 @@ run in the same processes on a second mesh, with the test support's CPU log-sum-
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import cp_support
 import pytest
 import torch
@@ -21,7 +23,8 @@ from dreamshot.data.bucketing import StoryboardBatch
 from dreamshot.diffusion.conditioning import BatchPlan
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest
 from dreamshot.models.wan.adapter import WanAdapter
-from dreamshot.models.wan.context_parallel import ContextParallel
+from dreamshot.models.wan.context_parallel import ContextParallel, build_mesh
+from dreamshot.training import strategy as strategy_module
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.strategy import ContextParallelDDPStrategy
 from dreamshot.utils.errors import ConfigError
@@ -139,7 +142,39 @@ def compare_all(cp: ContextParallel) -> dict[str, dict[str, float]]:
         "ring step": compare_step(ring, RING_CASES, RING_SIZE),
         "ring sampling": compare_sampling(ring, RING_SIZE),
     }
-    return {**differences, "ring kernel calls": cp_support.RING_KERNEL_CALLS[0]}
+    return {**differences, "ring kernel calls": cp_support.RING_KERNEL_CALLS[0], "timeouts": group_timeouts(cp)}
+
+
+def group_timeouts(cp: ContextParallel) -> list[timedelta]:
+    """The timeouts of a group built with a strategy's 123 s: its gathers' group and Ulysses' all-to-all group."""
+    mesh = build_mesh(dist.get_world_size(), cp.degree, "ulysses", "cpu", timedelta(seconds=123))
+    group = ContextParallel.from_mesh(mesh, "ulysses", torch.device("cpu"))
+    groups = [group.group, group.parallel_config.context_parallel_config._ulysses_mesh.get_group()]
+    return [g._get_backend(torch.device("cpu")).options._timeout for g in groups]
+
+
+def test_the_groups_collectives_wait_as_long_as_the_strategys(group_differences, monkeypatch):
+    """NCCL's default for a new group is 10 minutes, Lightning's for its own 30: a rank drawing a sample alone must not
+    time out its group's next collective sooner than the data-parallel one."""
+    assert all(ranks["timeouts"] == [timedelta(seconds=123)] * 2 for ranks in group_differences)
+    built = []
+    monkeypatch.setattr(strategy_module, "build_mesh", lambda *args: built.append(args))
+    monkeypatch.setattr(ContextParallel, "from_mesh", classmethod(lambda cls, *args: cls()))
+
+    class Started:  # stands for Lightning's strategy once its processes run
+        def __init__(self, timeout):
+            self._timeout, self.world_size, self.root_device = timeout, 4, torch.device("cpu")
+
+        def setup_distributed(self):
+            pass
+
+    class Hosting(strategy_module.HostsContextParallel, Started):
+        pass
+
+    config = Config().trainer.context_parallel
+    config.degree = 2
+    Hosting(config, timeout=timedelta(hours=2)).setup_distributed()
+    assert built == [(4, 2, "ulysses", "cpu", timedelta(hours=2))]
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -83,11 +84,33 @@ MESH_DIMS = ("dp", "ring", "ulysses")
 RING_BACKEND = AttentionBackendName._NATIVE_CUDNN
 
 
-def build_mesh(world_size: int, degree: int, attention: str, device_type: str) -> DeviceMesh:
+def build_mesh(
+    world_size: int, degree: int, attention: str, device_type: str, timeout: timedelta | None = None
+) -> DeviceMesh:
     """The (dp, ring, ulysses) mesh of `world_size` started processes in groups of `degree` consecutive ranks.
-    Collective: every process must call it."""
+    `timeout`: of every collective on its groups (the strategy's, which its default group has); None: torch's
+    default for the backend, which for NCCL (10 minutes) is shorter than Lightning's (30). Collective: every process
+    must call it."""
     ring, ulysses = (degree, 1) if attention == "ring" else (1, degree)
-    return init_device_mesh(device_type, (world_size // degree, ring, ulysses), mesh_dim_names=MESH_DIMS)
+    options = None if timeout is None else _group_options(device_type, timeout)
+    mesh = init_device_mesh(
+        device_type,
+        (world_size // degree, ring, ulysses),
+        mesh_dim_names=MESH_DIMS,
+        backend_override=None if options is None else dict.fromkeys(MESH_DIMS, options),
+    )
+    # The group of a whole CP group, which diffusers' setup flattens (ring, ulysses) into and our gathers use: made
+    # here with the same options (diffusers' own `_flatten()` then finds it).
+    mesh["ring", "ulysses"]._flatten(backend_override=options)
+    return mesh
+
+
+def _group_options(
+    device_type: str, timeout: timedelta
+) -> dist.ProcessGroupNCCL.Options | dist.ProcessGroupGloo._Options:
+    options = dist.ProcessGroupNCCL.Options() if device_type == "cuda" else dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return options
 
 
 @contextmanager
