@@ -10,6 +10,8 @@ run in the same processes on a second mesh, with the test support's CPU log-sum-
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import cp_support
 import pytest
 import torch
@@ -21,9 +23,11 @@ from dreamshot.data.bucketing import StoryboardBatch
 from dreamshot.diffusion.conditioning import BatchPlan
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest
 from dreamshot.models.wan.adapter import WanAdapter
-from dreamshot.models.wan.context_parallel import ContextParallel
+from dreamshot.models.wan.context_parallel import ContextParallel, build_mesh
+from dreamshot.training import strategy as strategy_module
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.strategy import ContextParallelDDPStrategy
+from dreamshot.utils.errors import ConfigError
 
 TOLERANCE = 1e-5
 SIZE = (48, 80)  # 3 x 5 = 15 tokens per frame
@@ -138,7 +142,39 @@ def compare_all(cp: ContextParallel) -> dict[str, dict[str, float]]:
         "ring step": compare_step(ring, RING_CASES, RING_SIZE),
         "ring sampling": compare_sampling(ring, RING_SIZE),
     }
-    return {**differences, "ring kernel calls": cp_support.RING_KERNEL_CALLS[0]}
+    return {**differences, "ring kernel calls": cp_support.RING_KERNEL_CALLS[0], "timeouts": group_timeouts(cp)}
+
+
+def group_timeouts(cp: ContextParallel) -> list[timedelta]:
+    """The timeouts of a group built with a strategy's 123 s: its gathers' group and Ulysses' all-to-all group."""
+    mesh = build_mesh(dist.get_world_size(), cp.degree, "ulysses", "cpu", timedelta(seconds=123))
+    group = ContextParallel.from_mesh(mesh, "ulysses", torch.device("cpu"))
+    groups = [group.group, group.parallel_config.context_parallel_config._ulysses_mesh.get_group()]
+    return [g._get_backend(torch.device("cpu")).options._timeout for g in groups]
+
+
+def test_the_groups_collectives_wait_as_long_as_the_strategys(group_differences, monkeypatch):
+    """NCCL's default for a new group is 10 minutes, Lightning's for its own 30: a rank drawing a sample alone must not
+    time out its group's next collective sooner than the data-parallel one."""
+    assert all(ranks["timeouts"] == [timedelta(seconds=123)] * 2 for ranks in group_differences)
+    built = []
+    monkeypatch.setattr(strategy_module, "build_mesh", lambda *args: built.append(args))
+    monkeypatch.setattr(ContextParallel, "from_mesh", classmethod(lambda cls, *args: cls()))
+
+    class Started:  # stands for Lightning's strategy once its processes run
+        def __init__(self, timeout):
+            self._timeout, self.world_size, self.root_device = timeout, 4, torch.device("cpu")
+
+        def setup_distributed(self):
+            pass
+
+    class Hosting(strategy_module.HostsContextParallel, Started):
+        pass
+
+    config = Config().trainer.context_parallel
+    config.degree = 2
+    Hosting(config, timeout=timedelta(hours=2)).setup_distributed()
+    assert built == [(4, 2, "ulysses", "cpu", timedelta(hours=2))]
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +220,16 @@ def test_shards_cover_the_sequence_once():
             assert shard.local * degree - frames * per_frame < degree
             assert shard.first_frame + shard.local_frames <= frames
         assert covered == list(range(frames * per_frame))
+
+
+def test_ring_refuses_a_sequence_it_would_have_to_pad():
+    """diffusers' ring cannot mask padding: an undivided storyboard (a story's size, an aspect bucket) is one line
+    naming the key, raised on every rank as the shard is made, before any collective."""
+    ring = ContextParallel(degree=2, attention="ring", key="inference.context_parallel")
+    with pytest.raises(ConfigError, match=r"^inference.context_parallel.attention=ring cannot pad: .*75 tokens"):
+        ring.shard(5, 15)
+    assert ring.shard(4, 15).padded == 60
+    assert ContextParallel(degree=2).shard(5, 15).padded == 76  # ulysses pads
 
 
 def test_degree_one_is_the_identity():
@@ -266,3 +312,44 @@ def test_compiled_blocks_under_context_parallelism_equal_one_process():
     for rank, differences in enumerate(run_group(compare_compiled_step, 2)):
         for name, difference in differences.items():
             assert difference < TOLERANCE, f"rank {rank}: {name} differs by {difference:.2e}"
+
+
+def compare_in_data_parallel_groups(cp: ContextParallel) -> dict:
+    """One of 4 ranks in 2 groups of 2: its group (from the product's mesh), the data-parallel rank the strategy's
+    sampler gives it, and |CP − one process| of a step on that replica's own storyboard (groups of other
+    replicas' ranks would mix two storyboards' tokens)."""
+    config = Config().trainer.context_parallel
+    config.degree = cp.degree
+
+    class OfThisProcess(ContextParallelDDPStrategy):
+        world_size = property(lambda self: dist.get_world_size())
+        global_rank = property(lambda self: dist.get_rank())
+
+    sampler = OfThisProcess(config).distributed_sampler_kwargs
+    module = DreamShotModule(_config("refs_first", True))
+    _random_lora(module)
+    batch, plan = _batch(SIZE, seed=sampler["rank"]), BatchPlan("r2s", 0, False, (False,))
+    alone = _step(module, batch, plan)
+    module.adapter.context_parallel = cp
+    shared = _step(module, batch, plan)
+    dist.all_reduce(shared["gradients"], group=cp.group)  # the group's part of the data-parallel average
+    shared["gradients"] /= cp.degree
+    return {
+        "group": dist.get_process_group_ranks(cp.group),
+        "sampler": sampler,
+        "loss": alone["loss"].item(),
+        **{name: (shared[name] - alone[name]).abs().max().item() for name in ("prediction", "maps", "gradients")},
+    }
+
+
+@pytest.mark.slow
+def test_four_processes_are_two_data_parallel_groups_of_two():
+    """dp 2 × cp 2: the ranks a mesh group joins are those the sampler gives one replica, and each group trains on
+    its own storyboard as one process does (the 2-process tests have a single replica, so they cannot tell)."""
+    ranks = run_group(compare_in_data_parallel_groups, 4, degree=2)
+    assert [r["group"] for r in ranks] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["sampler"] for r in ranks] == [{"num_replicas": 2, "rank": r} for r in (0, 0, 1, 1)]
+    assert ranks[0]["loss"] == ranks[1]["loss"] != ranks[2]["loss"] == ranks[3]["loss"]
+    for rank, differences in enumerate(ranks):
+        for name in ("prediction", "maps", "gradients"):
+            assert differences[name] < TOLERANCE, f"rank {rank}: {name} differs by {differences[name]:.2e}"

@@ -17,6 +17,7 @@ from dreamshot.planner.communication import context_parallel_bytes
 from dreamshot.planner.flops import SELF_SCORES, training_flops
 from dreamshot.planner.memory import activation_memory
 from dreamshot.planner.plan import GIB, config_training, config_workload, longest_storyboard, plan_phase, shot_window
+from dreamshot.planner.report import render
 from dreamshot.planner.shape import model_shape
 from dreamshot.planner.workload import Training, Workload
 from dreamshot.utils.errors import ConfigError
@@ -42,6 +43,14 @@ def test_cp_splits_the_activations_and_the_attention_by_the_degree(toy_shape):
     assert 2 * flops.forward[SELF_SCORES] == training_flops(toy_shape, WORK).forward[SELF_SCORES]
     # An odd sequence is padded: 25 tokens over 4 GPUs hold 7 each.
     assert dataclasses.replace(WORK, frames=5, tokens_per_frame=5, context_parallel=4).rank_tokens == 7
+
+
+def test_the_flops_table_says_its_counts_are_one_gpus_share_under_cp(toy_shape):
+    shared = render(
+        "", toy_shape, [plan_phase("", toy_shape, dataclasses.replace(WORK, context_parallel=2), Training())], 80
+    )
+    assert "FLOPs per GPU, 1/2 of a sample" in shared and "FLOP per sample" not in shared
+    assert "FLOPs per sample" in render("", toy_shape, [plan_phase("", toy_shape, WORK, Training())], 80)
 
 
 def test_ulysses_and_ring_traffic_by_hand(toy_shape):
@@ -121,11 +130,33 @@ def test_toy_world_makes_30_shot_groups(tmp_path):
             + ["trainer.context_parallel.attention=ring", "data.resolution=[48,80]"],
             "degree 8 must divide the 15 tokens per frame",
         ),
+        (
+            ["trainer=gpu", "trainer.context_parallel.degree=2", "trainer.context_parallel.attention=ring"]
+            + ["data.aspect_buckets=true"],
+            "trainer.context_parallel.attention=ring cannot pad.*data.aspect_buckets",
+        ),
     ],
 )
 def test_context_parallel_config_rules(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("smoke", overrides)
+
+
+def test_plan_refuses_gpus_that_the_configured_degree_does_not_divide(capsys):
+    """--gpus replaces the world size the config was checked against: its CP degree must still divide it."""
+    assert main(["plan", "toy_long_storyboard", "--gpus", "3"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "trainer.context_parallel.degree=2" in line and "3 GPU(s)" in line
+    assert main(["plan", "toy_long_storyboard", "--gpus", "3", "--context-parallel", "1"]) == 0
+
+
+def test_plan_refuses_ring_attention_that_would_have_to_pad(capsys):
+    """The trainer refuses ring at a resolution whose tokens per frame the degree does not divide: so does the plan."""
+    argv = ["plan", "smoke", "trainer=gpu", "trainer.context_parallel.attention=ring", "--context-parallel", "8"]
+    assert main([*argv, "--resolution", "48x80"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "ring" in line and "15 tokens per frame" in line
+    assert main([*argv, "--resolution", "64x128"]) == 0  # 32 tokens per frame
 
 
 def test_context_parallel_configs_that_load():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dreamshot.commands import add_experiment_arguments
 from dreamshot.config.load import load_config
-from dreamshot.config.schema import EVAL_BENCHMARKS, Config, PhaseConfig
+from dreamshot.config.schema import EVAL_BENCHMARKS, Config, ContextParallelConfig, PhaseConfig
 from dreamshot.planner.plan import config_training, config_workload, longest_storyboard, plan_phase
 from dreamshot.planner.report import render
 from dreamshot.planner.sampling import DEFAULT_MFU, PEAK_TFLOPS
@@ -81,12 +81,13 @@ def run(args: argparse.Namespace) -> None:
         return
     shape = model_shape(cfg.model)
     training = config_training(cfg, args.gpus, args.zero)
-    _check_context_parallel(args, training, shape.num_heads, cfg.trainer.context_parallel.attention)
+    _check_context_parallel(args, training, shape.num_heads, cfg.trainer.context_parallel)
     phases = cfg.phases()
     plans, longest = [], []
     for i in _chosen_phases(phases, args.phase):
         height, width = parse_resolution(args.resolution) if args.resolution else phases[i].resolution
         work = _workload(cfg, args, cfg.racl_weight(i), tokens_per_frame(height, width, "resolution"))
+        _check_ring(work, f"{height}x{width}")
         racl = f"RACL (weight {cfg.racl_weight(i):g}) in {work.racl_blocks} blocks" if work.racl_blocks else ""
         label = f"phase {i + 1}/{len(phases)}: {height}x{width}, {racl or 'no RACL'}"
         plans.append(plan_phase(label, shape, work, training, args.encoders))
@@ -123,16 +124,30 @@ def _workload(cfg: Config, args: argparse.Namespace, racl_weight: float, per_fra
     )
 
 
-def _check_context_parallel(args: argparse.Namespace, training: Training, heads: int, attention: str) -> None:
+def _check_context_parallel(
+    args: argparse.Namespace, training: Training, heads: int, configured: ContextParallelConfig
+) -> None:
+    """The degree planned (--context-parallel, else the config's, which --gpus may no longer suit)."""
     if args.link_bandwidth <= 0:
         raise ConfigError(f"--link-bandwidth must be > 0, got {args.link_bandwidth}")
-    degree = args.context_parallel
-    if degree is None:
-        return
+    degree = configured.degree if args.context_parallel is None else args.context_parallel
+    source = (
+        f"trainer.context_parallel.degree={degree}" if args.context_parallel is None else f"--context-parallel {degree}"
+    )
     if degree < 1 or training.world_size % degree:
-        raise ConfigError(f"--context-parallel {degree} must be >= 1 and divide the {training.world_size} GPU(s)")
-    if attention == "ulysses" and heads % degree:
-        raise ConfigError(f"--context-parallel {degree} does not divide the model's {heads} attention heads (ulysses)")
+        raise ConfigError(f"{source} must be >= 1 and divide the {training.world_size} GPU(s)")
+    if configured.attention == "ulysses" and heads % degree:
+        raise ConfigError(f"{source} does not divide the model's {heads} attention heads (ulysses)")
+
+
+def _check_ring(work: Workload, resolution: str) -> None:
+    """Ring attention cannot pad (models/wan/context_parallel.py): the trainer refuses what this would plan."""
+    degree, per_frame = work.context_parallel, work.tokens_per_frame
+    if degree > 1 and work.context_parallel_attention == "ring" and per_frame % degree:
+        raise ConfigError(
+            f"context parallel {degree} with trainer.context_parallel.attention=ring cannot pad: {degree} must divide "
+            f"the {per_frame} tokens per frame of {resolution}; use attention=ulysses"
+        )
 
 
 def _check_counts(args: argparse.Namespace) -> None:

@@ -273,7 +273,8 @@ class ContextParallelConfig:
     # ulysses: all-to-all, each process attends every token for degree-th of the heads (any attention kernel,
     # CPU too); a sequence the degree does not divide is padded and the padding masked out. ring: key/value
     # chunks passed around the group (no rule on the heads), GPU kernels that return the log-sum-exp only, and
-    # the degree must divide the tokens per frame (ring attention cannot mask padding).
+    # the degree must divide the tokens per frame (ring attention cannot mask padding; so no data.aspect_buckets,
+    # and in sampling the story's size must give such frames).
     attention: str = "ulysses"
 
 
@@ -672,6 +673,12 @@ def _check_context_parallel(cfg: Config) -> None:
             raise ConfigError(
                 "trainer.context_parallel.attention=ring needs GPU attention kernels that return the log-sum-exp "
                 f"(got trainer.accelerator={trainer.accelerator!r}); use attention=ulysses on CPU"
+            )
+        if cfg.data.aspect_buckets:
+            raise ConfigError(
+                "trainer.context_parallel.attention=ring cannot pad, and data.aspect_buckets makes frames of other "
+                "sizes than the resolution's, whose tokens the degree need not divide: set data.aspect_buckets=false "
+                "or use attention=ulysses"
             )
         for i, phase in enumerate(cfg.phases()):
             tokens = (phase.resolution[0] // 16) * (phase.resolution[1] // 16)

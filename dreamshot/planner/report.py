@@ -122,9 +122,11 @@ def tokens_table(plan: PhasePlan) -> str:
 
 
 def flops_table(plan: PhasePlan) -> str:
-    flops = plan.flops
+    flops, degree = plan.flops, plan.work.context_parallel
     unit, scale = flop_unit(flops.total)
-    lines = [f"FLOPs per sample ({unit})".ljust(44) + f"{'forward':>11}{'backward':>11}{'recompute':>11}"]
+    # Under context parallelism every count is one GPU's share of the sample (flops.py).
+    what = "per sample" if degree == 1 else f"per GPU, 1/{degree} of a sample"
+    lines = [f"FLOPs {what} ({unit})".ljust(44) + f"{'forward':>11}{'backward':>11}{'recompute':>11}"]
     for name in flops.forward:
         values = (flops.forward[name], flops.backward[name], flops.recompute[name])
         lines.append(f"  {name:<42}" + "".join(f"{v / scale:>11.3f}" for v in values))
@@ -133,7 +135,7 @@ def flops_table(plan: PhasePlan) -> str:
     step_unit, step_scale = flop_unit(plan.optimizer_step_flops)
     training = plan.training
     lines += [
-        f"  {'forward + backward + recompute':<42}{flops.total / scale:>11.3f} {unit} per sample",
+        f"  {'forward + backward + recompute':<42}{flops.total / scale:>11.3f} {unit} {what}",
         f"  {f'per GPU step (micro-batch {plan.work.micro_batch})':<42}"
         f"{plan.step_flops / step_scale:>11.3f} {step_unit}",
         f"  {f'per optimiser step ({training.world_size} GPU(s), accumulate {training.accumulate})':<42}"

@@ -16,7 +16,7 @@ started the processes they build the (dp, ring, ulysses) `DeviceMesh` of `models
 module hands its group to the adapter, and the data sampler and the per-step randomness follow the data-parallel
 rank (`distributed_sampler_kwargs`, as Lightning's own mesh strategies report it), so the ranks of a group train on
 the same storyboard. Gradients are still averaged over every rank, which is what context parallelism needs (see
-its module docstring).
+its module docstring). The mesh's groups get the strategy's `timeout`, as Lightning's own group has it.
 """
 
 from __future__ import annotations
@@ -85,8 +85,11 @@ class HostsContextParallel:
         super().setup_distributed()
         config = self.context_parallel_config
         if config.degree > 1:
-            mesh = build_mesh(self.world_size, config.degree, config.attention, self.root_device.type)
-            self.context_parallel = ContextParallel.from_mesh(mesh, config.attention, self.root_device)
+            # With the strategy's timeout (DDP's and DeepSpeed's `timeout`): the groups' default would be NCCL's.
+            mesh = build_mesh(self.world_size, config.degree, config.attention, self.root_device.type, self._timeout)
+            self.context_parallel = ContextParallel.from_mesh(
+                mesh, config.attention, self.root_device, "trainer.context_parallel"
+            )
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, int]:

@@ -14,16 +14,18 @@ frames' texts) is sliced with the tokens. What needs other ranks' tokens goes th
 Shot-wise cross-attention needs no communication: a rank's tokens attend to their own frames' texts only.
 
 A sequence the degree does not divide is padded at its end with zero tokens, and the padding is masked out of
-self-attention as keys (the mask travels with the queries through Ulysses' all-to-all), dropped from the gathered
-prediction (so from the loss) and never a role token (so from RACL). Padding rather than refusing: a storyboard's
-length is the data's (shots × tokens per frame), so a refusal would stop a run on the first odd storyboard, while
-the cost of padding is at most degree − 1 tokens. Ring attention cannot take a key mask (diffusers' ring reuses one
-local mask for every rotated chunk), so `attention=ring` requires the degree to divide the tokens per frame,
-checked when the config loads. Under gradient checkpointing the ring's saved tensors bypass the checkpoint (its
-backward reads them once per chunk, which the checkpoint does not allow): each block keeps this rank's query, key,
-value and output through the forward, and diffusers' ring keeps its merged output too, so ring with checkpointing
-holds five block-input-sized tensors per block more than Ulysses (14B, 30 shots + 4 references, degree 4: about
-25 GiB), which the planner counts ("ring attention kept").
+self-attention as keys (after Ulysses' all-to-all a rank holds every token for its heads, so each rank builds the
+one key mask of the whole padded sequence), dropped from the gathered prediction (so from the loss) and never a role
+token (so from RACL). Padding rather than refusing: a storyboard's length is the data's (shots × tokens per frame),
+so a refusal would stop a run on the first odd storyboard, while the cost of padding is at most degree − 1 tokens.
+Ring attention cannot take a key mask (diffusers' ring reuses one local mask for every rotated chunk), so
+`attention=ring` requires the degree to divide the tokens per frame: checked when the config loads for training
+(which then also refuses aspect buckets, frames of other sizes), and for any storyboard as its shard is made (a
+story's size in sampling), a one-line error raised on every rank before any collective. Under gradient checkpointing
+the ring's saved tensors bypass the checkpoint (its backward reads them once per chunk, which the checkpoint does
+not allow): each block keeps this rank's query, key, value and output through the forward, and diffusers' ring keeps
+its merged output too, so ring with checkpointing holds five block-input-sized tensors per block more than Ulysses
+(14B, 30 shots + 4 references, degree 4: about 25 GiB), which the planner counts ("ring attention kept").
 
 The gradient: every rank computes the same loss from the gathered prediction and the summed maps. The backward of
 a functional all-gather is a reduce-scatter (sum) and that of an all-reduce an all-reduce, so the gradients of the
@@ -63,6 +65,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -81,11 +84,33 @@ MESH_DIMS = ("dp", "ring", "ulysses")
 RING_BACKEND = AttentionBackendName._NATIVE_CUDNN
 
 
-def build_mesh(world_size: int, degree: int, attention: str, device_type: str) -> DeviceMesh:
+def build_mesh(
+    world_size: int, degree: int, attention: str, device_type: str, timeout: timedelta | None = None
+) -> DeviceMesh:
     """The (dp, ring, ulysses) mesh of `world_size` started processes in groups of `degree` consecutive ranks.
-    Collective: every process must call it."""
+    `timeout`: of every collective on its groups (the strategy's, which its default group has); None: torch's
+    default for the backend, which for NCCL (10 minutes) is shorter than Lightning's (30). Collective: every process
+    must call it."""
     ring, ulysses = (degree, 1) if attention == "ring" else (1, degree)
-    return init_device_mesh(device_type, (world_size // degree, ring, ulysses), mesh_dim_names=MESH_DIMS)
+    options = None if timeout is None else _group_options(device_type, timeout)
+    mesh = init_device_mesh(
+        device_type,
+        (world_size // degree, ring, ulysses),
+        mesh_dim_names=MESH_DIMS,
+        backend_override=None if options is None else dict.fromkeys(MESH_DIMS, options),
+    )
+    # The group of a whole CP group, which diffusers' setup flattens (ring, ulysses) into and our gathers use: made
+    # here with the same options (diffusers' own `_flatten()` then finds it).
+    mesh["ring", "ulysses"]._flatten(backend_override=options)
+    return mesh
+
+
+def _group_options(
+    device_type: str, timeout: timedelta
+) -> dist.ProcessGroupNCCL.Options | dist.ProcessGroupGloo._Options:
+    options = dist.ProcessGroupNCCL.Options() if device_type == "cuda" else dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return options
 
 
 @contextmanager
@@ -108,7 +133,7 @@ def launched_group(config: ContextParallelConfig, device: torch.device, key: str
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         mesh = build_mesh(world, config.degree, config.attention, device.type)
-        yield ContextParallel.from_mesh(mesh, config.attention, device)
+        yield ContextParallel.from_mesh(mesh, config.attention, device, key)
     finally:
         dist.destroy_process_group()
 
@@ -121,10 +146,14 @@ class ContextParallel:
     attention: str = "ulysses"
     mesh: DeviceMesh | None = None
     parallel_config: ParallelConfig | None = None
+    # The config this group was set by, named in errors (trainer.context_parallel / inference.context_parallel).
+    key: str = "context_parallel"
 
     @classmethod
-    def from_mesh(cls, mesh: DeviceMesh, attention: str, device: torch.device) -> ContextParallel:
-        """The group of this process in `mesh` (a `build_mesh` mesh)."""
+    def from_mesh(
+        cls, mesh: DeviceMesh, attention: str, device: torch.device, key: str = "context_parallel"
+    ) -> ContextParallel:
+        """The group of this process in `mesh` (a `build_mesh` mesh); `key` names its config in errors."""
         ring, ulysses = mesh["ring"].size(), mesh["ulysses"].size()
         if ring * ulysses == 1:
             return cls()
@@ -132,7 +161,7 @@ class ContextParallel:
             context_parallel_config=DiffusersContextParallel(ring_degree=ring, ulysses_degree=ulysses)
         )
         config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh)
-        return cls(ring * ulysses, attention, mesh, config)
+        return cls(ring * ulysses, attention, mesh, config, key)
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -164,6 +193,12 @@ class SequenceShard:
     def __post_init__(self) -> None:
         if self.length <= (self.cp.degree - 1) * self.local:
             raise ValueError(f"{self.length} tokens are too few to give each of {self.cp.degree} ranks one")
+        if self.cp.attention == "ring" and self.padded > self.length:
+            raise ConfigError(
+                f"{self.cp.key}.attention=ring cannot pad: degree {self.cp.degree} must divide the {self.length} "
+                f"tokens of this storyboard ({self.frames} frames x {self.tokens_per_frame}); use attention=ulysses "
+                "or a size whose tokens per frame the degree divides"
+            )
 
     @property
     def length(self) -> int:
