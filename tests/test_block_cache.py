@@ -56,7 +56,7 @@ def exact(adapter):
 def assert_nothing_left(transformer) -> None:
     assert not transformer.is_cache_enabled
     assert uses_frame_modulation(transformer)
-    assert all(block.forward.__func__ is storyboard_block_forward for block in transformer.blocks)
+    assert all(block.forward.func is storyboard_block_forward for block in transformer.blocks)
     for module in transformer.modules():
         assert not getattr(getattr(module, "_diffusers_hook", None), "hooks", {}), module
 

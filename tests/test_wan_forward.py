@@ -1,6 +1,7 @@
 """The storyboard forward reproduces diffusers' Wan forward, and adds per-token timesteps and explicit positions."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -8,7 +9,12 @@ import torch
 from dreamshot.config.schema import ModelConfig
 from dreamshot.models.layout import StoryboardLayout
 from dreamshot.models.wan.build import build_components
-from dreamshot.models.wan.forward import storyboard_block_forward, storyboard_forward, use_frame_modulation
+from dreamshot.models.wan.forward import (
+    storyboard_block_forward,
+    storyboard_forward,
+    use_frame_modulation,
+    uses_frame_modulation,
+)
 from dreamshot.models.wan.rope import storyboard_rotary_emb
 
 
@@ -132,3 +138,17 @@ def test_two_layouts_back_to_back_leave_nothing_behind(transformer):
     alone = storyboard_forward(transformer, latents, t, text, first)
     storyboard_forward(transformer, latents, t, text, last)
     torch.testing.assert_close(storyboard_forward(transformer, latents, t, text, first), alone)
+
+
+@torch.no_grad()
+def test_a_model_with_per_frame_modulation_pickles_as_ddp_spawn_sends_it():
+    torch.manual_seed(0)
+    framed = build_components(ModelConfig()).transformer
+    use_frame_modulation(framed)
+    copied = pickle.loads(pickle.dumps(framed))
+    assert uses_frame_modulation(copied)
+    latents, text, _ = _inputs()
+    per_frame = torch.tensor([[0.0, 300.0, 300.0, 300.0], [0.0, 0.0, 800.0, 800.0]])
+    rotary = storyboard_rotary_emb(StoryboardLayout.of(1, 3), (2, 3), 24)
+    expected = storyboard_forward(framed, latents, per_frame, text, rotary)
+    assert torch.equal(storyboard_forward(copied, latents, per_frame, text, rotary), expected)

@@ -24,8 +24,8 @@ With Wan's own positions and a global timestep it equals diffusers' forward (tes
 
 from __future__ import annotations
 
+import functools
 import inspect
-import types
 from collections.abc import Callable
 
 import torch
@@ -79,17 +79,18 @@ def storyboard_block_forward(self, hidden_states, encoder_hidden_states, temb, r
 
 
 def use_frame_modulation(transformer) -> None:
-    """Make every block run `storyboard_block_forward` (bound to the block instance: parameter names, hooks and
-    `torch.compile` of the block are unchanged, and diffusers' own forward still works through it)."""
+    """Make every block run `storyboard_block_forward` (given the block instance: parameter names, hooks and
+    `torch.compile` of the block are unchanged, and diffusers' own forward still works through it). A partial, not
+    a bound method: the model pickles (`trainer.strategy=ddp_spawn` sends it to its processes), where a bound method
+    of a function the block's class lacks does not unpickle."""
     for block in transformer.blocks:
-        block.forward = types.MethodType(storyboard_block_forward, block)
+        block.forward = functools.partial(storyboard_block_forward, block)
 
 
 def uses_frame_modulation(transformer) -> bool:
     """Whether every block runs `storyboard_block_forward`, also under diffusers' hooks (which wrap the forward)."""
     return all(
-        getattr(inspect.unwrap(block.forward), "__func__", None) is storyboard_block_forward
-        for block in transformer.blocks
+        getattr(inspect.unwrap(block.forward), "func", None) is storyboard_block_forward for block in transformer.blocks
     )
 
 
