@@ -23,7 +23,7 @@ from dreamshot.data.bucketing import StoryboardBatch
 from dreamshot.diffusion.conditioning import BatchPlan
 from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest
 from dreamshot.models.wan.adapter import WanAdapter
-from dreamshot.models.wan.context_parallel import ContextParallel, build_mesh
+from dreamshot.models.wan.context_parallel import ContextParallel, build_mesh, launched_group
 from dreamshot.training import strategy as strategy_module
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.strategy import ContextParallelDDPStrategy
@@ -353,3 +353,15 @@ def test_four_processes_are_two_data_parallel_groups_of_two():
     for rank, differences in enumerate(ranks):
         for name in ("prediction", "maps", "gradients"):
             assert differences[name] < TOLERANCE, f"rank {rank}: {name} differs by {differences[name]:.2e}"
+
+
+def test_sampling_started_on_several_processes_without_a_group_is_refused(monkeypatch):
+    # torchrun with degree 1: every process would draw the whole storyboard and write the same files.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = Config().inference.context_parallel
+    refused = pytest.raises(ConfigError, match=r"inference.context_parallel.degree=1 with 2 processes.*degree=2")
+    with refused, launched_group(config, torch.device("cpu"), "inference.context_parallel"):
+        pass
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with launched_group(config, torch.device("cpu"), "inference.context_parallel") as group:
+        assert group.degree == 1

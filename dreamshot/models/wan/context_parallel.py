@@ -117,10 +117,15 @@ def _group_options(
 def launched_group(config: ContextParallelConfig, device: torch.device, key: str) -> Iterator[ContextParallel]:
     """All the processes torchrun started as one group, for sampling one storyboard together (degree 1: none),
     its process group closed on exit. `key` names the config in errors."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if config.degree == 1:
+        if world > 1:  # each process would draw the whole storyboard and write the same files
+            raise ConfigError(
+                f"{key}.degree=1 with {world} processes started by the distributed launcher: set "
+                f"{key}.degree={world} to draw the storyboard on all of them, or start one process"
+            )
         yield ContextParallel()
         return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != config.degree:
         raise ConfigError(
             f"{key}.degree={config.degree} needs {config.degree} processes started by the distributed launcher "
