@@ -121,6 +121,20 @@ def test_resume_with_safe_changes_continues_to_the_same_weights_and_records_them
     assert names == ["last.ckpt", "step000002.ckpt", "step000003.ckpt", "step000004.ckpt"]  # no "-v1" copies
 
 
+def test_lora_dropout_draws_the_same_masks_resumed_and_whatever_the_validation(tmp_path):
+    # Dropout draws from torch's global generator, which neither a checkpoint nor a validation pass may steer.
+    run = ["model.lora.dropout=0.5", "optim.schedule=constant", "trainer.max_steps=4"]
+    straight = train(_config(tmp_path, "straight", *run, "trainer.val_check_interval=100"))
+    validated = [*run, "trainer.val_check_interval=1", "trainer.checkpoint_every_n_steps=2"]
+    interrupted = train(_config(tmp_path, "resumed", *validated, "trainer.max_steps=2"))
+    resumed = train(
+        _config(tmp_path, "resumed", *validated, f"trainer.ckpt_path={interrupted / 'checkpoints' / 'last.ckpt'}")
+    )
+    a, b = load_file(straight / "lora.safetensors"), load_file(resumed / "lora.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
 def test_reference_tokens_get_timestep_zero(smoke_run):
     cfg = load_config("smoke", FAST)
     module = DreamShotModule(cfg)

@@ -73,6 +73,9 @@ class DreamShotModule(L.LightningModule):
     def training_step(self, batch: StoryboardBatch, batch_idx: int) -> torch.Tensor | None:
         rng, generator = self._step_randomness(f"train-{self.global_step}-{batch_idx}")
         plan = sample_plan(self.cfg.storyboard, batch.num_shots, batch.num_refs, batch.batch_size, rng)
+        # LoRA dropout draws from torch's global generators, which a resume does not restore and a validation
+        # pass moves (its loader draws a worker seed): seeded per step, the masks depend on the step alone.
+        torch.manual_seed(rng.getrandbits(63))
         losses = self.model_step(batch, plan, generator, racl_weight=self.racl_weight)
         self._last_losses = {k: v.detach() for k, v in losses.items()}
         if not torch.isfinite(losses["loss"]):
