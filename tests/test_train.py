@@ -4,6 +4,7 @@ import csv
 import json
 import logging
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -133,6 +134,39 @@ def test_lora_dropout_draws_the_same_masks_resumed_and_whatever_the_validation(t
     a, b = load_file(straight / "lora.safetensors"), load_file(resumed / "lora.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+class MicroBatchLosses(L.Callback):
+    """The unscaled loss of every micro-batch, by the optimizer step it belongs to."""
+
+    def __init__(self):
+        self.by_step = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.by_step.setdefault(self.step, []).append(float(pl_module._last_losses["loss"]))
+
+
+def test_under_gradient_accumulation_a_step_logs_and_summarises_the_mean_of_its_micro_batches(tmp_path):
+    micro = MicroBatchLosses()
+    run = [
+        "data.toy.groups=5",
+        "trainer.max_steps=2",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.log_every_n_steps=1",
+    ]
+    out = train(_config(tmp_path, "run", *run), [micro])
+    means = {step: sum(losses) / len(losses) for step, losses in micro.by_step.items()}
+    assert [len(losses) for losses in micro.by_step.values()] == [2, 2]
+    with open(out / "csv" / "version_0" / "metrics.csv") as f:
+        logged = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]}
+    assert logged == pytest.approx(means, rel=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["loss_window"] == 1
+    assert summary["loss_start"] == pytest.approx(means[0], rel=1e-6)
+    assert summary["loss_end"] == pytest.approx(means[1], rel=1e-6)
 
 
 def test_reference_tokens_get_timestep_zero(smoke_run):

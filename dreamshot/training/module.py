@@ -57,6 +57,9 @@ class DreamShotModule(L.LightningModule):
         self._negative_text: torch.Tensor | None = None
         self.nonfinite_skips = 0
         self._last_losses: dict[str, torch.Tensor] = {}
+        # (optimizer step, the losses of its finite micro-batches so far) and (that step, their means).
+        self._step_losses: tuple[int, list[dict[str, torch.Tensor]]] = (-1, [])
+        self.step_means: tuple[int, dict[str, torch.Tensor]] = (-1, {})
 
     def setup(self, stage: str) -> None:
         # The strategy has started the processes and built the context-parallel groups by now.
@@ -82,10 +85,23 @@ class DreamShotModule(L.LightningModule):
             self._skip_nonfinite("loss")
             return None  # Lightning makes no backward and no optimiser step for this batch
         self.mix_counts.update(plan.counts())
-        losses["phase"] = torch.tensor(float(self.current_epoch))
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch.batch_size)
+        means = self._step_means(losses)
+        means["phase"] = torch.tensor(float(self.current_epoch))
+        self.log_dict({f"train/{k}": v for k, v in means.items()}, prog_bar=True, batch_size=batch.batch_size)
         self.log_dict({f"train/count_{k}": float(v) for k, v in self.mix_counts.items()}, batch_size=batch.batch_size)
         return losses["loss"]
+
+    def _step_means(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each loss averaged over the micro-batches of the optimizer step so far (gradient accumulation weighs
+        them equally): Lightning logs a step's last value, which is then the step's mean, not its last batch's."""
+        step, seen = self._step_losses
+        if step != self.global_step:
+            step, seen = self.global_step, []
+        seen.append({k: v.detach() for k, v in losses.items()})
+        self._step_losses = (step, seen)
+        means = {k: torch.stack([s[k] for s in seen if k in s]).mean() for k in losses}
+        self.step_means = (step, means)
+        return dict(means)
 
     def validation_step(self, batch: StoryboardBatch, batch_idx: int) -> None:
         # Fixed noise per validation batch so val/loss is comparable across steps and runs.
