@@ -169,6 +169,13 @@ def test_under_gradient_accumulation_a_step_logs_and_summarises_the_mean_of_its_
     assert summary["loss_end"] == pytest.approx(means[1], rel=1e-6)
 
 
+def test_every_optimizer_step_accumulates_as_many_micro_batches_also_across_a_data_pass(tmp_path):
+    # 3 training groups of one bucket each: a pass of 3 batches would end in a step of 1 micro-batch.
+    micro = MicroBatchLosses()
+    train(_config(tmp_path, "run", "trainer.max_steps=3", "trainer.accumulate_grad_batches=2"), [micro])
+    assert [len(losses) for losses in micro.by_step.values()] == [2, 2, 2]
+
+
 def test_reference_tokens_get_timestep_zero(smoke_run):
     cfg = load_config("smoke", FAST)
     module = DreamShotModule(cfg)
