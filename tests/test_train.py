@@ -176,6 +176,21 @@ def test_every_optimizer_step_accumulates_as_many_micro_batches_also_across_a_da
     assert [len(losses) for losses in micro.by_step.values()] == [2, 2, 2]
 
 
+class ValidationSteps(L.Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_validation_start(self, trainer, pl_module):
+        self.steps.append(trainer.global_step)
+
+
+def test_validation_runs_every_n_optimizer_steps_under_gradient_accumulation(tmp_path):
+    validations = ValidationSteps()
+    run = ["trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=2"]
+    train(_config(tmp_path, "run", *run), [validations])
+    assert validations.steps == [2, 4]
+
+
 def test_reference_tokens_get_timestep_zero(smoke_run):
     cfg = load_config("smoke", FAST)
     module = DreamShotModule(cfg)

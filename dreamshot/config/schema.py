@@ -301,6 +301,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 50
     # Keep only the newest n step checkpoints (`last.ckpt` is kept too). None: keep every one.
     keep_last_checkpoints: int | None = None
+    # Validate every n optimizer steps.
     val_check_interval: int = 50
     accumulate_grad_batches: int = 1
     # Resume from this checkpoint (a file or DeepSpeed folder written by a run): `last` is the output_dir's own
