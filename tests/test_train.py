@@ -191,6 +191,12 @@ def test_validation_runs_every_n_optimizer_steps_under_gradient_accumulation(tmp
     assert validations.steps == [2, 4]
 
 
+def test_the_last_step_is_checkpointed_when_it_is_no_multiple_of_the_interval(tmp_path):
+    out = train(_config(tmp_path, "run", "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=2"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt", "step000002.ckpt"]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
 def test_reference_tokens_get_timestep_zero(smoke_run):
     cfg = load_config("smoke", FAST)
     module = DreamShotModule(cfg)

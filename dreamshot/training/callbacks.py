@@ -205,11 +205,18 @@ def loss_trend(losses: list[float]) -> dict[str, float]:
 
 class StepCheckpoints(ModelCheckpoint):
     """Lightning's ModelCheckpoint under a state key without its interval (Lightning's holds
-    `every_n_train_steps`), so a run resumed with another `trainer.checkpoint_every_n_steps` gets its state back."""
+    `every_n_train_steps`), so a run resumed with another `trainer.checkpoint_every_n_steps` gets its state back.
+    `last.ckpt` is saved at the last step (`trainer.max_steps`) too, interval or not: Lightning's would stay at the
+    last multiple of the interval, and a resume that extends the run, or an export, would lose the steps after it."""
 
     @property
     def state_key(self) -> str:
         return type(self).__name__
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step >= trainer.max_steps and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class SaveOnInterrupt(Checkpoint):
