@@ -110,7 +110,8 @@ class DreamShotModule(L.LightningModule):
         plan = BatchPlan(mode, 0, False, (False,) * batch.batch_size)
         with_diagnostic = self.cfg.racl.diagnostic and batch.num_refs > 0
         losses = self.model_step(batch, plan, generator, racl_weight=0.0, diagnostic=with_diagnostic)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch.batch_size)
+        # Every rank validates its own share of the batches: the logged value is their mean over the ranks.
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch.batch_size, sync_dist=True)
 
     def model_step(
         self,
