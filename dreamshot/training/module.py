@@ -194,6 +194,10 @@ class DreamShotModule(L.LightningModule):
         return rng, generator
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Under 16-mixed, overflowing gradients are the GradScaler's to skip (it lowers its scale, then grows it
+        # back until the next overflow): they recur by design and are no sign of divergence.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
         if not finite_gradients(optimizer):
             self._skip_nonfinite("gradients")
             drop_gradients(optimizer)
