@@ -104,8 +104,9 @@ class DreamShotModule(L.LightningModule):
         return dict(means)
 
     def validation_step(self, batch: StoryboardBatch, batch_idx: int) -> None:
-        # Fixed noise per validation batch so val/loss is comparable across steps and runs.
-        _, generator = self._step_randomness(f"val-{batch_idx}")
+        # Noise fixed by the batch's storyboards, not by its place in a rank's share: val/loss is comparable across
+        # steps, runs and device counts.
+        _, generator = self._step_randomness(f"val-{'|'.join(batch.ids)}", per_rank=False)
         mode = "r2s" if batch.num_refs else "t2s"
         plan = BatchPlan(mode, 0, False, (False,) * batch.batch_size)
         with_diagnostic = self.cfg.racl.diagnostic and batch.num_refs > 0
@@ -184,10 +185,10 @@ class DreamShotModule(L.LightningModule):
             self._negative_text = self.adapter.encode_text([[self.cfg.storyboard.negative_prompt]])[0, 0]
         return self._negative_text
 
-    def _step_randomness(self, step: str) -> tuple[random.Random, torch.Generator]:
-        """Randomness derived from (seed, step, data-parallel rank) only, so a resumed run redraws the same values
-        and the ranks of a context-parallel group draw the same."""
-        sharding = self._trainer.distributed_sampler_kwargs if self._trainer is not None else None
+    def _step_randomness(self, step: str, per_rank: bool = True) -> tuple[random.Random, torch.Generator]:
+        """Randomness derived from (seed, step, data-parallel rank unless not `per_rank`) only, so a resumed run
+        redraws the same values and the ranks of a context-parallel group draw the same."""
+        sharding = self._trainer.distributed_sampler_kwargs if self._trainer is not None and per_rank else None
         key = f"{self.cfg.seed}-{step}-{sharding['rank'] if sharding else 0}"
         rng = random.Random(key)
         generator = torch.Generator(device=self.device).manual_seed(rng.getrandbits(63))
