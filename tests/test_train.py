@@ -197,6 +197,14 @@ def test_the_last_step_is_checkpointed_when_it_is_no_multiple_of_the_interval(tm
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
+def test_without_a_curriculum_every_data_pass_is_logged_as_the_one_phase(tmp_path):
+    out = train(_config(tmp_path, "run", "trainer.max_steps=4"))  # 3 training groups: step 3 is in the 2nd pass
+    with open(out / "csv" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["train/phase"]]
+    assert {r["epoch"] for r in rows} == {"0", "1"}
+    assert {float(r["train/phase"]) for r in rows} == {0.0}
+
+
 def test_reference_tokens_get_timestep_zero(smoke_run):
     cfg = load_config("smoke", FAST)
     module = DreamShotModule(cfg)

@@ -66,10 +66,16 @@ class DreamShotModule(L.LightningModule):
         self.adapter.context_parallel = getattr(self.trainer.strategy, "context_parallel", ContextParallel())
 
     @property
+    def phase(self) -> int:
+        """The current curriculum phase (0-based). The phase is the epoch (the datamodule serves one phase per
+        epoch; without a curriculum every epoch is a data pass of the one phase), so it is derived, never stored:
+        a resumed run cannot disagree with its data."""
+        return min(self.current_epoch, len(self.cfg.phases()) - 1)
+
+    @property
     def racl_weight(self) -> float:
-        """λ of the current curriculum phase. The phase is the epoch (the datamodule serves one phase per
-        epoch), so it is derived, never stored: a resumed run cannot disagree with its data."""
-        return self.cfg.racl_weight(self.current_epoch)
+        """λ of the current curriculum phase."""
+        return self.cfg.racl_weight(self.phase)
 
     # --- steps ---------------------------------------------------------------------------------------------
 
@@ -86,7 +92,7 @@ class DreamShotModule(L.LightningModule):
             return None  # Lightning makes no backward and no optimiser step for this batch
         self.mix_counts.update(plan.counts())
         means = self._step_means(losses)
-        means["phase"] = torch.tensor(float(self.current_epoch))
+        means["phase"] = torch.tensor(float(self.phase))
         self.log_dict({f"train/{k}": v for k, v in means.items()}, prog_bar=True, batch_size=batch.batch_size)
         self.log_dict({f"train/count_{k}": float(v) for k, v in self.mix_counts.items()}, batch_size=batch.batch_size)
         return losses["loss"]
