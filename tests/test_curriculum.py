@@ -97,6 +97,19 @@ def test_zero_weight_captures_nothing(tmp_path, monkeypatch):
     assert calls and losses["loss"] > losses["loss_fm"] and losses["loss_racl"] > 0
 
 
+def test_validation_noise_follows_the_storyboards_not_their_place_or_rank(tmp_path, monkeypatch):
+    # A rank validates every n-th batch of the set: val/loss of the same weights must not depend on the devices.
+    cfg = _cfg(tmp_path, "val")
+    module = DreamShotModule(cfg)
+    batch = _toy_batch(cfg, tmp_path)
+    logged = []
+    monkeypatch.setattr(module, "log_dict", lambda values, **kwargs: logged.append(float(values["val/loss"])))
+    module.validation_step(batch, 0)
+    module._trainer = type("Trainer", (), {"distributed_sampler_kwargs": {"num_replicas": 2, "rank": 1}})()
+    module.validation_step(batch, 3)
+    assert logged[0] == logged[1]
+
+
 def test_racl_steps_raise_the_in_mask_share(tmp_path):
     cfg = _cfg(tmp_path, "learn", "model.lora.rank=16")
     torch.manual_seed(0)

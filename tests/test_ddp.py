@@ -7,6 +7,7 @@ the storyboard ids it trained on and its final LoRA weights next to the run's ow
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -25,25 +26,34 @@ STEPS = 2
 OVERRIDES = [
     "trainer=ddp_cpu",
     "logger=csv",
-    # 4 training groups, batch 1: two batches per rank and no padding, so the ranks see disjoint groups.
-    "data.toy.groups=5",
-    "data.val_groups=1",
+    # 4 training groups, batch 1: two batches per rank and no padding, so the ranks see disjoint groups; the
+    # 2 validation groups are one batch per rank.
+    "data.toy.groups=6",
+    "data.val_groups=2",
     "data.toy.max_shots=3",
     "data.toy.max_roles=2",
     f"trainer.max_steps={STEPS}",
     f"trainer.checkpoint_every_n_steps={STEPS}",
-    "trainer.val_check_interval=100",
+    f"trainer.val_check_interval={STEPS}",
 ]
 
 
 class RecordRank(L.Callback):
-    """Writes `ids_rank<r>.json` (storyboard ids in training order) and `lora_rank<r>.safetensors` per rank."""
+    """Writes `ids_rank<r>.json` (storyboard ids in training order), `val_rank<r>.json` (the validation ids and the
+    val/loss the rank ends its validation with) and `lora_rank<r>.safetensors` per rank."""
 
     def __init__(self, output_dir: Path) -> None:
-        self.output_dir, self.ids = output_dir, []
+        self.output_dir, self.ids, self.val_ids = output_dir, [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.ids += batch.ids
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.val_ids += batch.ids
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        record = {"ids": self.val_ids, "loss": float(trainer.callback_metrics["val/loss"])}
+        (self.output_dir / f"val_rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
     def on_train_end(self, trainer, pl_module) -> None:
         rank = trainer.global_rank
@@ -75,6 +85,16 @@ def test_ranks_train_on_different_storyboards(ddp_run):
     ids = [json.loads((ddp_run / f"ids_rank{rank}.json").read_text()) for rank in range(RANKS)]
     assert all(len(rank_ids) == STEPS for rank_ids in ids)
     assert set(ids[0]).isdisjoint(ids[1])
+
+
+@pytest.mark.slow
+def test_validation_loss_is_the_mean_over_every_ranks_batches(ddp_run):
+    ranks = [json.loads((ddp_run / f"val_rank{rank}.json").read_text()) for rank in range(RANKS)]
+    assert set(ranks[0]["ids"]).isdisjoint(ranks[1]["ids"])
+    with open(ddp_run / "csv" / "version_0" / "metrics.csv") as f:
+        (logged,) = [float(row["val/loss"]) for row in csv.DictReader(f) if row["val/loss"]]
+    # Not rank 0's half of the validation set: the value is reduced over the ranks.
+    assert ranks[0]["loss"] == pytest.approx(ranks[1]["loss"]) == pytest.approx(logged)
 
 
 @pytest.mark.slow

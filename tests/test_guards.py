@@ -42,6 +42,28 @@ def test_nonfinite_loss_stops_the_run_naming_step_and_terms(tmp_path, monkeypatc
     assert last_good["global_step"] == 2 and all(torch.isfinite(v).all() for v in last_good["state_dict"].values())
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_overflowing_gradients_are_left_to_the_fp16_grad_scaler(scaled):
+    # Under 16-mixed the GradScaler skips a step whose gradients overflowed and lowers its scale; it grows the scale
+    # back until the next overflow, so overflows recur by design and must not count as a diverged run.
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = DreamShotModule(load_config("smoke", FAST))
+    plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))] if scaled else []
+    module.trainer = L.Trainer(accelerator="cpu", plugins=plugins, logger=False, enable_checkpointing=False)
+    optimizer = module.configure_optimizers()["optimizer"]
+    for p in module.adapter.trainable_parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    if not scaled:
+        with pytest.raises(TrainingDivergedError, match="non-finite gradients"):
+            module.on_before_optimizer_step(optimizer)
+        return
+    module.on_before_optimizer_step(optimizer)
+    assert module.nonfinite_skips == 0
+    assert all(p.grad is not None for p in module.adapter.trainable_parameters())  # for the scaler to see
+
+
 def test_nonfinite_steps_can_be_skipped(tmp_path, monkeypatch):
     _poison_step(monkeypatch, bad_step=1)
     cfg = load_config("smoke", [*FAST, f"output_dir={tmp_path}", "trainer.max_nonfinite_steps=1"])

@@ -4,6 +4,7 @@ import csv
 import json
 import logging
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -119,6 +120,89 @@ def test_resume_with_safe_changes_continues_to_the_same_weights_and_records_them
     assert load_config(resumed / "config.yaml").trainer.max_steps == 4
     names = sorted(p.name for p in (resumed / "checkpoints").iterdir())
     assert names == ["last.ckpt", "step000002.ckpt", "step000003.ckpt", "step000004.ckpt"]  # no "-v1" copies
+
+
+def test_lora_dropout_draws_the_same_masks_resumed_and_whatever_the_validation(tmp_path):
+    # Dropout draws from torch's global generator, which neither a checkpoint nor a validation pass may steer.
+    run = ["model.lora.dropout=0.5", "optim.schedule=constant", "trainer.max_steps=4"]
+    straight = train(_config(tmp_path, "straight", *run, "trainer.val_check_interval=100"))
+    validated = [*run, "trainer.val_check_interval=1", "trainer.checkpoint_every_n_steps=2"]
+    interrupted = train(_config(tmp_path, "resumed", *validated, "trainer.max_steps=2"))
+    resumed = train(
+        _config(tmp_path, "resumed", *validated, f"trainer.ckpt_path={interrupted / 'checkpoints' / 'last.ckpt'}")
+    )
+    a, b = load_file(straight / "lora.safetensors"), load_file(resumed / "lora.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+class MicroBatchLosses(L.Callback):
+    """The unscaled loss of every micro-batch, by the optimizer step it belongs to."""
+
+    def __init__(self):
+        self.by_step = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.by_step.setdefault(self.step, []).append(float(pl_module._last_losses["loss"]))
+
+
+def test_under_gradient_accumulation_a_step_logs_and_summarises_the_mean_of_its_micro_batches(tmp_path):
+    micro = MicroBatchLosses()
+    run = [
+        "data.toy.groups=5",
+        "trainer.max_steps=2",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.log_every_n_steps=1",
+    ]
+    out = train(_config(tmp_path, "run", *run), [micro])
+    means = {step: sum(losses) / len(losses) for step, losses in micro.by_step.items()}
+    assert [len(losses) for losses in micro.by_step.values()] == [2, 2]
+    with open(out / "csv" / "version_0" / "metrics.csv") as f:
+        logged = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]}
+    assert logged == pytest.approx(means, rel=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["loss_window"] == 1
+    assert summary["loss_start"] == pytest.approx(means[0], rel=1e-6)
+    assert summary["loss_end"] == pytest.approx(means[1], rel=1e-6)
+
+
+def test_every_optimizer_step_accumulates_as_many_micro_batches_also_across_a_data_pass(tmp_path):
+    # 3 training groups of one bucket each: a pass of 3 batches would end in a step of 1 micro-batch.
+    micro = MicroBatchLosses()
+    train(_config(tmp_path, "run", "trainer.max_steps=3", "trainer.accumulate_grad_batches=2"), [micro])
+    assert [len(losses) for losses in micro.by_step.values()] == [2, 2, 2]
+
+
+class ValidationSteps(L.Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_validation_start(self, trainer, pl_module):
+        self.steps.append(trainer.global_step)
+
+
+def test_validation_runs_every_n_optimizer_steps_under_gradient_accumulation(tmp_path):
+    validations = ValidationSteps()
+    run = ["trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=2"]
+    train(_config(tmp_path, "run", *run), [validations])
+    assert validations.steps == [2, 4]
+
+
+def test_the_last_step_is_checkpointed_when_it_is_no_multiple_of_the_interval(tmp_path):
+    out = train(_config(tmp_path, "run", "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=2"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt", "step000002.ckpt"]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_without_a_curriculum_every_data_pass_is_logged_as_the_one_phase(tmp_path):
+    out = train(_config(tmp_path, "run", "trainer.max_steps=4"))  # 3 training groups: step 3 is in the 2nd pass
+    with open(out / "csv" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["train/phase"]]
+    assert {r["epoch"] for r in rows} == {"0", "1"}
+    assert {float(r["train/phase"]) for r in rows} == {0.0}
 
 
 def test_reference_tokens_get_timestep_zero(smoke_run):

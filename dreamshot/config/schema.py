@@ -302,6 +302,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 50
     # Keep only the newest n step checkpoints (`last.ckpt` is kept too). None: keep every one.
     keep_last_checkpoints: int | None = None
+    # Validate every n optimizer steps.
     val_check_interval: int = 50
     accumulate_grad_batches: int = 1
     # Resume from this checkpoint (a file or DeepSpeed folder written by a run): `last` is the output_dir's own
@@ -312,7 +313,8 @@ class TrainerConfig:
     # Start over in an output_dir that holds another run: its checkpoints, LoRA files and summary are deleted
     # first. Without it such a folder is refused (resume it with ckpt_path=last, or pick another output_dir).
     overwrite: bool = False
-    # Steps with a non-finite loss or gradient that may be skipped (no update) before the run stops.
+    # Steps with a non-finite loss or gradient that may be skipped (no update) before the run stops. Under
+    # precision=16-mixed, overflowing gradients are left to the GradScaler, which skips those steps itself.
     max_nonfinite_steps: int = 0
     sample: SampleConfig = field(default_factory=SampleConfig)
     # Split one storyboard's sequence over a group of processes (needs a strategy in CONTEXT_PARALLEL_STRATEGIES).

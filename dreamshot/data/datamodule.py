@@ -12,7 +12,8 @@ a run resumed mid-epoch trains on the same batches as one that was never interru
 
 With curriculum `phases`, every Lightning epoch is one phase (DESIGN §2 "Curriculum"): its loader serves
 exactly the phase's steps × `accumulate` batches (as many shuffled passes over the data as that takes) at
-the phase's resolution, and the Trainer reloads the loaders at every epoch. Without phases an epoch is one pass.
+the phase's resolution, and the Trainer reloads the loaders at every epoch. Without phases an epoch is one pass,
+its first batches repeated up to a whole number of optimizer steps (`accumulate` batches each).
 
 With `data.cache_dir`, `setup` opens the latent cache (`dreamshot cache`), refuses one built with another model,
 seed, manifest or `max_shots`, and requires it to hold every group at every phase's resolution; the loaders'
@@ -187,7 +188,9 @@ class StoryboardDataModule(L.LightningDataModule):
         loader_class = StoryboardLoader if progress is None else ResumableLoader
         return loader_class(
             dataset.with_cache(self.cache),
-            batch_sampler=EpochBatches(sampler, self._trainer_epoch, progress or EpochProgress(), length),
+            batch_sampler=EpochBatches(
+                sampler, self._trainer_epoch, progress or EpochProgress(), length, self.accumulate if progress else 1
+            ),
             collate_fn=collate_storyboards,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -213,7 +216,9 @@ class EpochBatches:
     before it calls `set_epoch`, but after restoring its epoch), else the sampler's own. The batches that
     `progress` counts as trained in this epoch are skipped, so a run resumed mid-epoch continues the epoch.
     With `length`, an epoch is that many batches drawn from consecutive passes (ids epoch·PASS_STRIDE + q),
-    each pass shuffled on its own; the dataset sees the pass id as its epoch.
+    each pass shuffled on its own; the dataset sees the pass id as its epoch. Without, an epoch is one pass, its
+    first batches repeated up to a multiple of `multiple` (the micro-batches of an optimizer step): Lightning
+    would end the pass with a short step whose loss it still divides by the full accumulation.
     """
 
     def __init__(
@@ -222,14 +227,16 @@ class EpochBatches:
         trainer_epoch: Callable[[], int | None],
         progress: EpochProgress,
         length: int | None = None,
+        multiple: int = 1,
     ) -> None:
         self.sampler, self.trainer_epoch, self.progress, self.length = sampler, trainer_epoch, progress, length
+        self.multiple = multiple
         if length is not None and len(sampler) == 0:
             raise ValueError("cannot draw batches from an empty dataset")
 
     def __len__(self) -> int:
         # The whole epoch, also when resuming: Lightning counts the batches it trained before.
-        return len(self.sampler) if self.length is None else self.length
+        return -(-len(self.sampler) // self.multiple) * self.multiple if self.length is None else self.length
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch = self.trainer_epoch()
@@ -241,7 +248,8 @@ class EpochBatches:
 
     def _epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
         if self.length is None:
-            return self._pass(epoch)
+            batches = self._pass(epoch)
+            return batches + [batches[i % len(batches)] for i in range(-len(batches) % self.multiple)]
         batches: list[list[tuple[int, int]]] = []
         while len(batches) < self.length:
             batches += self._pass(epoch * PASS_STRIDE + len(batches) // len(self.sampler))

@@ -147,16 +147,21 @@ def _step_of(path: Path) -> int:
 
 
 class TrainSummary(L.Callback):
-    """Keeps the training loss of every step (across resumes) and writes `summary.json` at the end."""
+    """Keeps the training loss of every optimizer step (the mean of its micro-batches, across resumes) and
+    writes `summary.json` at the end."""
 
     def __init__(self, output_dir: Path, artifacts: dict[str, str]) -> None:
         self.path = Path(output_dir) / SUMMARY_FILE
         self.artifacts = artifacts
         self.losses: list[float] = []
+        self._summarised = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if outputs:  # empty: a step skipped for a non-finite loss
-            self.losses.append(float(outputs["loss"]))
+        step, means = pl_module.step_means
+        # Once per optimizer step, at its end; none for a step whose every micro-batch had a non-finite loss.
+        if step == trainer.global_step - 1 and step != self._summarised:
+            self._summarised = step
+            self.losses.append(float(means["loss"]))
 
     def state_dict(self) -> dict:
         return {"losses": list(self.losses)}
@@ -200,11 +205,18 @@ def loss_trend(losses: list[float]) -> dict[str, float]:
 
 class StepCheckpoints(ModelCheckpoint):
     """Lightning's ModelCheckpoint under a state key without its interval (Lightning's holds
-    `every_n_train_steps`), so a run resumed with another `trainer.checkpoint_every_n_steps` gets its state back."""
+    `every_n_train_steps`), so a run resumed with another `trainer.checkpoint_every_n_steps` gets its state back.
+    `last.ckpt` is saved at the last step (`trainer.max_steps`) too, interval or not: Lightning's would stay at the
+    last multiple of the interval, and a resume that extends the run, or an export, would lose the steps after it."""
 
     @property
     def state_key(self) -> str:
         return type(self).__name__
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step >= trainer.max_steps and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class SaveOnInterrupt(Checkpoint):

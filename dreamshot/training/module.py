@@ -57,41 +57,68 @@ class DreamShotModule(L.LightningModule):
         self._negative_text: torch.Tensor | None = None
         self.nonfinite_skips = 0
         self._last_losses: dict[str, torch.Tensor] = {}
+        # (optimizer step, the losses of its finite micro-batches so far) and (that step, their means).
+        self._step_losses: tuple[int, list[dict[str, torch.Tensor]]] = (-1, [])
+        self.step_means: tuple[int, dict[str, torch.Tensor]] = (-1, {})
 
     def setup(self, stage: str) -> None:
         # The strategy has started the processes and built the context-parallel groups by now.
         self.adapter.context_parallel = getattr(self.trainer.strategy, "context_parallel", ContextParallel())
 
     @property
+    def phase(self) -> int:
+        """The current curriculum phase (0-based). The phase is the epoch (the datamodule serves one phase per
+        epoch; without a curriculum every epoch is a data pass of the one phase), so it is derived, never stored:
+        a resumed run cannot disagree with its data."""
+        return min(self.current_epoch, len(self.cfg.phases()) - 1)
+
+    @property
     def racl_weight(self) -> float:
-        """λ of the current curriculum phase. The phase is the epoch (the datamodule serves one phase per
-        epoch), so it is derived, never stored: a resumed run cannot disagree with its data."""
-        return self.cfg.racl_weight(self.current_epoch)
+        """λ of the current curriculum phase."""
+        return self.cfg.racl_weight(self.phase)
 
     # --- steps ---------------------------------------------------------------------------------------------
 
     def training_step(self, batch: StoryboardBatch, batch_idx: int) -> torch.Tensor | None:
         rng, generator = self._step_randomness(f"train-{self.global_step}-{batch_idx}")
         plan = sample_plan(self.cfg.storyboard, batch.num_shots, batch.num_refs, batch.batch_size, rng)
+        # LoRA dropout draws from torch's global generators, which a resume does not restore and a validation
+        # pass moves (its loader draws a worker seed): seeded per step, the masks depend on the step alone.
+        torch.manual_seed(rng.getrandbits(63))
         losses = self.model_step(batch, plan, generator, racl_weight=self.racl_weight)
         self._last_losses = {k: v.detach() for k, v in losses.items()}
         if not torch.isfinite(losses["loss"]):
             self._skip_nonfinite("loss")
             return None  # Lightning makes no backward and no optimiser step for this batch
         self.mix_counts.update(plan.counts())
-        losses["phase"] = torch.tensor(float(self.current_epoch))
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch.batch_size)
+        means = self._step_means(losses)
+        means["phase"] = torch.tensor(float(self.phase))
+        self.log_dict({f"train/{k}": v for k, v in means.items()}, prog_bar=True, batch_size=batch.batch_size)
         self.log_dict({f"train/count_{k}": float(v) for k, v in self.mix_counts.items()}, batch_size=batch.batch_size)
         return losses["loss"]
 
+    def _step_means(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each loss averaged over the micro-batches of the optimizer step so far (gradient accumulation weighs
+        them equally): Lightning logs a step's last value, which is then the step's mean, not its last batch's."""
+        step, seen = self._step_losses
+        if step != self.global_step:
+            step, seen = self.global_step, []
+        seen.append({k: v.detach() for k, v in losses.items()})
+        self._step_losses = (step, seen)
+        means = {k: torch.stack([s[k] for s in seen if k in s]).mean() for k in losses}
+        self.step_means = (step, means)
+        return dict(means)
+
     def validation_step(self, batch: StoryboardBatch, batch_idx: int) -> None:
-        # Fixed noise per validation batch so val/loss is comparable across steps and runs.
-        _, generator = self._step_randomness(f"val-{batch_idx}")
+        # Noise fixed by the batch's storyboards, not by its place in a rank's share: val/loss is comparable across
+        # steps, runs and device counts.
+        _, generator = self._step_randomness(f"val-{'|'.join(batch.ids)}", per_rank=False)
         mode = "r2s" if batch.num_refs else "t2s"
         plan = BatchPlan(mode, 0, False, (False,) * batch.batch_size)
         with_diagnostic = self.cfg.racl.diagnostic and batch.num_refs > 0
         losses = self.model_step(batch, plan, generator, racl_weight=0.0, diagnostic=with_diagnostic)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch.batch_size)
+        # Every rank validates its own share of the batches: the logged value is their mean over the ranks.
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch.batch_size, sync_dist=True)
 
     def model_step(
         self,
@@ -164,16 +191,20 @@ class DreamShotModule(L.LightningModule):
             self._negative_text = self.adapter.encode_text([[self.cfg.storyboard.negative_prompt]])[0, 0]
         return self._negative_text
 
-    def _step_randomness(self, step: str) -> tuple[random.Random, torch.Generator]:
-        """Randomness derived from (seed, step, data-parallel rank) only, so a resumed run redraws the same values
-        and the ranks of a context-parallel group draw the same."""
-        sharding = self._trainer.distributed_sampler_kwargs if self._trainer is not None else None
+    def _step_randomness(self, step: str, per_rank: bool = True) -> tuple[random.Random, torch.Generator]:
+        """Randomness derived from (seed, step, data-parallel rank unless not `per_rank`) only, so a resumed run
+        redraws the same values and the ranks of a context-parallel group draw the same."""
+        sharding = self._trainer.distributed_sampler_kwargs if self._trainer is not None and per_rank else None
         key = f"{self.cfg.seed}-{step}-{sharding['rank'] if sharding else 0}"
         rng = random.Random(key)
         generator = torch.Generator(device=self.device).manual_seed(rng.getrandbits(63))
         return rng, generator
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Under 16-mixed, overflowing gradients are the GradScaler's to skip (it lowers its scale, then grows it
+        # back until the next overflow): they recur by design and are no sign of divergence.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
         if not finite_gradients(optimizer):
             self._skip_nonfinite("gradients")
             drop_gradients(optimizer)

@@ -246,7 +246,8 @@ def build_trainer(cfg: Config, out: Path, loggers: Sequence[Logger], callbacks: 
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=cfg.optim.grad_clip or None,
         log_every_n_steps=t.log_every_n_steps,
-        val_check_interval=t.val_check_interval,
+        # Lightning counts micro-batches; the config counts optimizer steps (whole ones: EpochBatches).
+        val_check_interval=t.val_check_interval * t.accumulate_grad_batches,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         callbacks=[
