@@ -62,11 +62,12 @@ class RecordRank(L.Callback):
         save_file(lora, self.output_dir / f"lora_rank{rank}.safetensors")
 
 
-def _train(output_dir: Path) -> None:
+def _train(output_dir: Path, *overrides: str) -> None:
     from dreamshot.config.load import load_config
     from dreamshot.training.train import train
 
-    train(load_config("smoke", [*OVERRIDES, f"output_dir={output_dir}"]), callbacks=[RecordRank(output_dir)])
+    config = load_config("smoke", [*OVERRIDES, *overrides, f"output_dir={output_dir}"])
+    train(config, callbacks=[RecordRank(output_dir)])
 
 
 @pytest.fixture(scope="module")
@@ -117,5 +118,46 @@ def test_rank_zero_writes_every_format_and_a_lora_only_checkpoint(ddp_run):
     assert checkpoint["state_dict"] and all(".lora_" in key for key in checkpoint["state_dict"])
 
 
+def _poison_rank_one(step: int) -> None:
+    """Rank 1's loss is NaN at `step`; rank 0's stays finite."""
+    from dreamshot.training.module import DreamShotModule
+
+    original = DreamShotModule.model_step
+
+    def model_step(self, batch, plan, generator, racl_weight=0.0, diagnostic=False):
+        losses = original(self, batch, plan, generator, racl_weight, diagnostic)
+        if self.training and self.global_rank == 1 and self.global_step == step:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    DreamShotModule.model_step = model_step
+
+
+def _run_poisoned(out: Path, skips: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    command = [sys.executable, __file__, str(out), "poison", f"trainer.max_nonfinite_steps={skips}"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
+    # Before: rank 1 stopped alone; rank 0 learnt of it from a broken connection, not from the guard.
+    result = _run_poisoned(tmp_path, skips=0)
+    assert result.returncode != 0
+    assert "non-finite loss at step 1" in result.stderr
+    assert "non-finite loss on another rank at step 1" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    # Before: rank 1 skipped its backward alone and the ranks' gradient all-reduces no longer paired up.
+    result = _run_poisoned(tmp_path, skips=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [load_file(tmp_path / f"lora_rank{rank}.safetensors") for rank in range(RANKS)]
+    assert all(torch.equal(value, ranks[1][key]) for key, value in ranks[0].items())
+
+
 if __name__ == "__main__":
-    _train(Path(sys.argv[1]))
+    if sys.argv[2:3] == ["poison"]:
+        _poison_rank_one(step=1)
+    _train(Path(sys.argv[1]), *sys.argv[3:])

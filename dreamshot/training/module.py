@@ -56,6 +56,8 @@ class DreamShotModule(L.LightningModule):
         self.mix_counts: Counter[str] = Counter()
         self._negative_text: torch.Tensor | None = None
         self.nonfinite_skips = 0
+        # A micro-batch of the coming optimizer step had a non-finite loss (on some rank): the update is skipped.
+        self._skip_update = False
         self._last_losses: dict[str, torch.Tensor] = {}
         # (optimizer step, the losses of its finite micro-batches so far) and (that step, their means).
         self._step_losses: tuple[int, list[dict[str, torch.Tensor]]] = (-1, [])
@@ -79,7 +81,7 @@ class DreamShotModule(L.LightningModule):
 
     # --- steps ---------------------------------------------------------------------------------------------
 
-    def training_step(self, batch: StoryboardBatch, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: StoryboardBatch, batch_idx: int) -> torch.Tensor:
         rng, generator = self._step_randomness(f"train-{self.global_step}-{batch_idx}")
         plan = sample_plan(self.cfg.storyboard, batch.num_shots, batch.num_refs, batch.batch_size, rng)
         # LoRA dropout draws from torch's global generators, which a resume does not restore and a validation
@@ -87,9 +89,14 @@ class DreamShotModule(L.LightningModule):
         torch.manual_seed(rng.getrandbits(63))
         losses = self.model_step(batch, plan, generator, racl_weight=self.racl_weight)
         self._last_losses = {k: v.detach() for k, v in losses.items()}
-        if not torch.isfinite(losses["loss"]):
-            self._skip_nonfinite("loss")
-            return None  # Lightning makes no backward and no optimiser step for this batch
+        finite = bool(torch.isfinite(losses["loss"]))
+        if not self._on_every_rank(finite):
+            self._skip_nonfinite("loss" if not finite else "loss on another rank")
+            self._skip_update = True
+            # Every rank still runs a backward, of a zero loss: one without it would leave the others waiting in the
+            # gradient all-reduce (and Lightning refuses a skipped training_step under DDP). Its gradients are
+            # dropped before the optimiser step.
+            return sum((p.sum() for p in self.adapter.trainable_parameters()), torch.zeros((), device=self.device)) * 0
         self.mix_counts.update(plan.counts())
         means = self._step_means(losses)
         means["phase"] = torch.tensor(float(self.phase))
@@ -201,6 +208,10 @@ class DreamShotModule(L.LightningModule):
         return rng, generator
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_update:
+            self._skip_update = False
+            drop_gradients(optimizer)
+            return
         # Under 16-mixed, overflowing gradients are the GradScaler's to skip (it lowers its scale, then grows it
         # back until the next overflow): they recur by design and are no sign of divergence.
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
@@ -208,6 +219,14 @@ class DreamShotModule(L.LightningModule):
         if not finite_gradients(optimizer):
             self._skip_nonfinite("gradients")
             drop_gradients(optimizer)
+
+    def _on_every_rank(self, decision: bool) -> bool:
+        """`decision` taken by every rank together: a rank that skipped its backward alone would leave the others
+        waiting in the gradient all-reduce (the ranks of a context-parallel group share one loss; data-parallel
+        ranks do not)."""
+        if self._trainer is None:
+            return decision
+        return self.trainer.strategy.reduce_boolean_decision(decision, all=True)
 
     def _skip_nonfinite(self, what: str) -> None:
         limit = self.cfg.trainer.max_nonfinite_steps
