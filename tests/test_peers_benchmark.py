@@ -80,6 +80,20 @@ def test_carries_rows_reads_matrices_both_ways_and_larger_tensors_on_the_sequenc
     assert not carries([1, 16, 11, 12, 20], 20) and not carries([], 20) and not carries([20], 20)
 
 
+def test_our_training_step_captures_role_attention_only_when_racl_is_on(peers, monkeypatch):
+    args = peers["parse_args"](["--resolution", "32x48"])
+    cfg = peers["bench_config"](args)
+    module, step = peers["our_training"](cfg, peers["work_of"](cfg, args), torch.device("cpu"), 0.1)
+    captures = []
+    role_capture = module._role_capture
+    monkeypatch.setattr(module, "_role_capture", lambda composed: captures.append(1) or role_capture(composed))
+    step(0.1)
+    assert len(captures) == 1
+    # An L_FM step after a RACL step on the same storyboard does not capture (the masks stay with the RACL step).
+    step(0.0)
+    assert len(captures) == 1
+
+
 @pytest.mark.slow
 def test_peers_benchmark_runs_every_row_on_the_tiny_wan(peers, capsys):
     pytest.importorskip("diffsynth")
