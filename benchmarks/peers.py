@@ -27,6 +27,9 @@ process's CPU time on the CPU, which other processes on a shared machine do not 
                 frames; the ratio is per token processed (ours: 2(K+N)+N frames a step, diffusers': 2(K+N)).
 Peak memory of the training rows: `torch.cuda.max_memory_allocated` of a timed step on a GPU; on the CPU the
 peak of live tensor bytes in one extra profiled step (benchmarks/racl_step.py's `peak_mib`).
+With --profile DIR, one more step of each side per row is profiled: its operator table (by input shapes) per side,
+and per row `<row>_summary.txt`: each side's self CPU time in all, on the F·L text rows, on L-token rows, in
+concatenations and in RoPE's multiplication, and how many times each aten operator ran, with the difference.
 
 Made equal, and checked where a count can be checked (the script stops if it differs): the Wan shape (dims,
 heads, layers, FFN, text dim: both DiTs have the same number of frozen parameters), the token count, LoRA of the
@@ -78,6 +81,7 @@ import importlib.util
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -125,7 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-calls", type=int, default=2, help="timed sampling calls per side, after one warm-up")
     parser.add_argument("--sample-steps", type=int, default=3, help="scheduler steps per sampling call (first dropped)")
     parser.add_argument("--rows", default="train,sample", help="comma list of: train, sample")
-    parser.add_argument("--profile", type=Path, help="folder: per side, the operators of one step (text tables)")
+    parser.add_argument(
+        "--profile", type=Path, help="folder: per side, the operators of one step (text tables), and a summary per row"
+    )
     args = parser.parse_args(argv)
     if not args.device.startswith("cuda"):
         # Wan's text-to-video token ratio at 480p (512 text tokens per 1,560 video tokens of a frame), small.
@@ -243,7 +249,10 @@ def our_training(cfg: Config, work: Work, device: torch.device, racl_weight: flo
     generator = torch.Generator(device).manual_seed(cfg.seed)
 
     def step(weight: float = racl_weight) -> None:
-        losses = module.model_step(batch, plan, generator, racl_weight=weight)
+        # A fresh copy of the cached latents each step, as the latent cache serves them: a RACL step attaches the
+        # role masks to its latents, and masks left on them would make a later L_FM step capture role attention.
+        fresh = dataclasses.replace(batch, latents=dataclasses.replace(batch.latents))
+        losses = module.model_step(fresh, plan, generator, racl_weight=weight)
         losses["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -522,11 +531,12 @@ def train_rows(cfg: Config, args, work: Work, device: torch.device) -> tuple[lis
     )
     tokens = work.frames * work.tokens_per_frame
     rows = []
+    summarize = partial(profile_summary, work=work, dims=cfg.model.transformer)
     text_tokens = {"train fm": work.text_len, "train racl": work.text_len, WHOLE_TEXT_ROW: work.frames * work.text_len}
     for name, weight in (("train fm", 0.0), ("train racl", racl_weight), (WHOLE_TEXT_ROW, 0.0)):
         ours, peer = partial(our_step, weight), partial(peer_step, text_tokens[name])
         sides = {"ours": timed_step(ours, device), "DiffSynth": timed_step(peer, device)}
-        seconds = compare(name, sides, args.steps, args.profile, device)
+        seconds = compare(name, sides, args.steps, args.profile, device, summarize)
         mib = (peak_step_mib(ours, device), peak_step_mib(peer, device))
         goal = None if name == WHOLE_TEXT_ROW else GOALS["train"]
         rows.append(Row(name, "DiffSynth", *seconds, tokens, tokens, *mib, goal=goal))
@@ -539,11 +549,12 @@ def sample_rows(cfg: Config, args, work: Work, device: torch.device, module: Dre
     per_frame = work.tokens_per_frame
     ours, peer = our_sampling(cfg, module, work, device), diffusers_sampling(cfg, work, device)
     rows = []
+    summarize = partial(profile_summary, work=work, dims=cfg.model.transformer)
     for name, refs in (("sample t2s", 0), ("sample r2s", work.refs)):
         frames = work.shots + refs
         steps = args.sample_steps
         sides = {"ours": later_steps(ours, refs, steps), "diffusers": later_steps(peer, frames, steps)}
-        seconds = compare(name, sides, args.sample_calls, args.profile, device)
+        seconds = compare(name, sides, args.sample_calls, args.profile, device, summarize)
         # ours: the batch-2 forward over the layout's frames, plus v_u over the N shots when there are conditions.
         our_tokens = (2 * frames + (work.shots if refs else 0)) * per_frame
         rows.append(Row(name, "diffusers", *seconds, our_tokens, 2 * frames * per_frame, goal=GOALS["sample"]))
@@ -555,12 +566,79 @@ def later_steps(run: Callable[[int, int], list[float]], size: int, steps: int) -
     return lambda: run(size, steps)[1:]
 
 
-def compare(name: str, sides: dict, rounds: int, profile: Path | None, device: torch.device) -> tuple[float, float]:
-    """Median seconds of the two sides (ours first), interleaved; with `profile`, one profiled call of each."""
+def compare(
+    name: str, sides: dict, rounds: int, profile: Path | None, device: torch.device, summarize: Callable
+) -> tuple[float, float]:
+    """Median seconds of the two sides (ours first), interleaved; with `profile`, one profiled call of each: its
+    operator table per side, and `summarize(profiles)` of the two in `<row>_summary.txt`."""
     medians = interleaved(sides, rounds)
-    for side, run in sides.items() if profile else ():
-        profile_step(run, device, profile / f"{name.replace(' ', '_').replace('·', '_')}_{side}.txt", shapes=True)
+    if profile:
+        stem = name.replace(" ", "_").replace("·", "_")
+        profiles = {
+            side: profile_step(run, device, profile / f"{stem}_{side}.txt", shapes=True) for side, run in sides.items()
+        }
+        (profile / f"{stem}_summary.txt").write_text(summarize(profiles))
     return tuple(medians.values())
+
+
+def carries_rows(shape: list, tokens: int) -> bool:
+    """Whether an input of `shape` (as the profiler records it) has rows of `tokens` tokens: a matrix with that many
+    rows or columns (columns: the transposed operand of a backward matmul), or a larger tensor with them on axis 1
+    (B, T, …) or −2 (B, H, T, d)."""
+    if len(shape) == 2:
+        return tokens in shape
+    return len(shape) > 2 and tokens in (shape[1], shape[-2])
+
+
+def self_cpu_split(prof, work: Work, dims) -> dict[str, float]:
+    """Milliseconds of self CPU time of one profiled step (`record_shapes=True`; events grouped by input shapes):
+    in all; in ops with an input on the storyboard's F·L text rows (our text embedder, K/V projections and their
+    LoRA); on L-token rows and none on F·L (one prompt of L, or a frame's own L keys in our folded
+    cross-attention); in concatenations; in RoPE's multiplication (aten::mul on (…, H, d/2) channel pairs)."""
+    events = prof.key_averages(group_by_input_shape=True)
+    whole, pairs = work.frames * work.text_len, [dims.num_attention_heads, dims.attention_head_dim // 2]
+
+    def ms(selected: Callable) -> float:
+        return sum(event.self_cpu_time_total for event in events if selected(event)) / 1e3
+
+    def on_rows(event, tokens: int) -> bool:
+        return any(carries_rows(shape, tokens) for shape in event.input_shapes)
+
+    return {
+        "total": ms(lambda event: True),
+        f"on {whole}-token rows": ms(lambda event: on_rows(event, whole)),
+        f"on {work.text_len}-token rows": ms(lambda event: on_rows(event, work.text_len) and not on_rows(event, whole)),
+        "cat": ms(lambda event: event.key == "aten::cat"),
+        "RoPE mul": ms(
+            lambda event: event.key == "aten::mul" and any(shape[-2:] == pairs for shape in event.input_shapes)
+        ),
+    }
+
+
+def aten_op_counts(prof) -> Counter:
+    """How many times each aten operator was dispatched in one profiled step (ops called by other ops included)."""
+    return Counter({event.key: event.count for event in prof.key_averages() if event.key.startswith("aten::")})
+
+
+def profile_summary(profiles: dict, work: Work, dims) -> str:
+    """Text of the profiled sides of one row: per side `self_cpu_split`, then every aten operator's count per side
+    and the first side's minus the second's (largest first; the total on top)."""
+    lines = [
+        f"self CPU time of one step, ms ({work.frames * work.text_len} = F·L text tokens, {work.text_len} = L):",
+        *(
+            f"  {side:<10}" + "; ".join(f"{key} {value:.1f}" for key, value in self_cpu_split(prof, work, dims).items())
+            for side, prof in profiles.items()
+        ),
+    ]
+    counts = {side: aten_op_counts(prof) for side, prof in profiles.items()}
+    first, second = counts.values()
+    ops = sorted(first.keys() | second.keys(), key=lambda op: (second[op] - first[op], op))
+    lines.append(f"aten ops dispatched in one step:\n{'op':<44}" + "".join(f"{side:>11}" for side in counts) + "  diff")
+    for op, values in [("all", [sum(c.values()) for c in counts.values()])] + [
+        (op, [first[op], second[op]]) for op in ops
+    ]:
+        lines.append(f"{op:<44}" + "".join(f"{value:>11,}" for value in values) + f"  {values[0] - values[1]:+,}")
+    return "\n".join(lines) + "\n"
 
 
 def _count(module: torch.nn.Module, trainable: bool) -> int:

@@ -313,9 +313,10 @@ def measure(args, device: torch.device, group) -> None:
         print(f"profile of one step       {args.profile}")
 
 
-def profile_step(step, device: torch.device, path: Path, rows: int = 30, shapes: bool = False) -> None:
+def profile_step(step, device: torch.device, path: Path, rows: int = 30, shapes: bool = False):
     """Where one call of `step()` spends its time, by operator (self time on the device first), optionally split by
-    input shapes (which matmul is which): what to fix when a step is slow. Written as a text table to `path`."""
+    input shapes (which matmul is which): what to fix when a step is slow. Written as a text table to `path`;
+    returns the profile, for summaries of its events."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
@@ -329,6 +330,7 @@ def profile_step(step, device: torch.device, path: Path, rows: int = 30, shapes:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table)
+    return prof
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -34,6 +37,61 @@ def test_interleaved_alternates_the_order_and_drops_the_warm_up_round(peers):
     medians = peers["interleaved"]({"a": side("a", [9.0, 1.0, 2.0, 3.0]), "b": side("b", [9.0, 5.0, 7.0, 6.0])}, 3)
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert medians == {"a": 2.0, "b": 6.0}
+
+
+def profiled(run):
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    return prof
+
+
+def test_profile_summary_splits_self_time_by_text_rows_and_counts_every_aten_op(peers):
+    # 3 + 8 frames of 20 text tokens: 220 storyboard text rows; 2 heads of 8 channels, RoPE pairs (…, 2, 4).
+    work, dims = peers["Work"](3, 8, (2, 2), 20, (16, 16)), SimpleNamespace(num_attention_heads=2, attention_head_dim=8)
+    text, prompt, pairs = torch.randn(1, 220, 256), torch.randn(20, 256), torch.randn(1, 600, 2, 4)
+    weight = torch.randn(256, 256)
+
+    def ours():
+        torch.nn.functional.linear(text, weight)
+        torch.cat([weight, weight])
+        pairs * pairs
+
+    ours, peer = profiled(ours), profiled(lambda: prompt @ weight.T)
+    split = peers["self_cpu_split"](ours, work, dims)
+    assert split["on 220-token rows"] > 0 and split["on 20-token rows"] == 0
+    assert split["cat"] > 0 and split["RoPE mul"] > 0
+    assert split["total"] >= split["on 220-token rows"] + split["cat"] + split["RoPE mul"]
+    split = peers["self_cpu_split"](peer, work, dims)
+    assert split["on 20-token rows"] > 0 and split["on 220-token rows"] == split["cat"] == split["RoPE mul"] == 0
+
+    summary = peers["profile_summary"]({"ours": ours, "DiffSynth": peer}, work, dims).splitlines()
+    counts = {line.split()[0]: line.split()[1:] for line in summary if line.startswith("aten::")}
+    assert counts["aten::cat"] == ["1", "0", "+1"] and counts["aten::mul"] == ["1", "0", "+1"]
+    assert counts["aten::mm"][0] == counts["aten::mm"][1] and counts["aten::mm"][2] == "+0"
+    total = next(line.split()[1:] for line in summary if line.startswith("all "))
+    assert int(total[0]) == sum(int(values[0]) for values in counts.values())
+
+
+def test_carries_rows_reads_matrices_both_ways_and_larger_tensors_on_the_sequence_axes(peers):
+    carries = peers["carries_rows"]
+    assert carries([220, 1536], 220) and carries([1536, 220], 220)
+    assert carries([1, 220, 1536], 220) and carries([1, 12, 220, 128], 220)
+    # a latent video (B, C, F, H, W) with W = 20 has no 20-token rows; nor a scalar or a vector
+    assert not carries([1, 16, 11, 12, 20], 20) and not carries([], 20) and not carries([20], 20)
+
+
+def test_our_training_step_captures_role_attention_only_when_racl_is_on(peers, monkeypatch):
+    args = peers["parse_args"](["--resolution", "32x48"])
+    cfg = peers["bench_config"](args)
+    module, step = peers["our_training"](cfg, peers["work_of"](cfg, args), torch.device("cpu"), 0.1)
+    captures = []
+    role_capture = module._role_capture
+    monkeypatch.setattr(module, "_role_capture", lambda composed: captures.append(1) or role_capture(composed))
+    step(0.1)
+    assert len(captures) == 1
+    # An L_FM step after a RACL step on the same storyboard does not capture (the masks stay with the RACL step).
+    step(0.0)
+    assert len(captures) == 1
 
 
 @pytest.mark.slow
