@@ -249,10 +249,7 @@ def our_training(cfg: Config, work: Work, device: torch.device, racl_weight: flo
     generator = torch.Generator(device).manual_seed(cfg.seed)
 
     def step(weight: float = racl_weight) -> None:
-        # A fresh copy of the cached latents each step, as the latent cache serves them: a RACL step attaches the
-        # role masks to its latents, and masks left on them would make a later L_FM step capture role attention.
-        fresh = dataclasses.replace(batch, latents=dataclasses.replace(batch.latents))
-        losses = module.model_step(fresh, plan, generator, racl_weight=weight)
+        losses = module.model_step(batch, plan, generator, racl_weight=weight)
         losses["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -89,7 +89,7 @@ def test_our_training_step_captures_role_attention_only_when_racl_is_on(peers, m
     monkeypatch.setattr(module, "_role_capture", lambda composed: captures.append(1) or role_capture(composed))
     step(0.1)
     assert len(captures) == 1
-    # An L_FM step after a RACL step on the same storyboard does not capture (the masks stay with the RACL step).
+    # An L_FM step after a RACL step on the same batch does not capture: the RACL step leaves the batch as it was.
     step(0.0)
     assert len(captures) == 1
 

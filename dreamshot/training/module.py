@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from pathlib import Path
@@ -145,9 +146,10 @@ class DreamShotModule(L.LightningModule):
             latents = self.adapter.encode_storyboard(batch.shots, batch.refs, batch.shot_texts, batch.ref_texts)
         if racl_weight > 0 or diagnostic:
             # Reference k shows role k only: (B, K, H, W) -> (B, K, R=K, H, W).
+            # A copy: the batch's own latents stay without masks for a later step on the same batch without RACL.
             eye = torch.eye(batch.num_refs, device=batch.ref_masks.device)
-            latents.ref_masks = eye[None, :, :, None, None] * batch.ref_masks[:, :, None]
-            latents.shot_masks = batch.shot_masks
+            ref_masks = eye[None, :, :, None, None] * batch.ref_masks[:, :, None]
+            latents = dataclasses.replace(latents, ref_masks=ref_masks, shot_masks=batch.shot_masks)
         composed = compose(plan, latents, self.negative_text(), self.cfg.storyboard)
         capture = self._role_capture(composed) if composed.frame_masks is not None else None
         loss_fm = self._flow_matching_loss(composed, generator, capture)

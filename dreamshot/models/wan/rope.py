@@ -15,7 +15,8 @@ of `WanRotaryPosEmbed.forward`, so it plugs into diffusers' `WanAttnProcessor` u
 `apply_rotary_emb` rotates queries and keys with it. Eagerly it is one complex multiplication in float32: the
 products and sums of diffusers' real form (four multiplications on strided halves, a subtraction, an addition and a
 stack: seven passes over the tensor) in one pass, equal to float32 rounding (bit-equal at Wan's head dim on the
-CPU), there ~15x faster forward and ~8x with backward at 1.3B dims (benchmarks/RESULTS.md#peers). Compiled, it is
+CPU), there ~18x faster forward and ~8x with backward for one (1, 660, 12, 128) query (`python benchmarks/rope.py`,
+benchmarks/RESULTS.md#peers). Compiled, it is
 the real form, which inductor fuses: inductor has no code generation for complex operators and would fall back to
 an eager kernel.
 """
