@@ -60,9 +60,8 @@ class DreamShotModule(L.LightningModule):
         # A micro-batch of the coming optimizer step had a non-finite loss (on some rank): the update is skipped.
         self._skip_update = False
         self._last_losses: dict[str, torch.Tensor] = {}
-        # (optimizer step, the losses of its finite micro-batches so far) and (that step, their means).
+        # (optimizer step, the losses of its finite micro-batches so far).
         self._step_losses: tuple[int, list[dict[str, torch.Tensor]]] = (-1, [])
-        self.step_means: tuple[int, dict[str, torch.Tensor]] = (-1, {})
 
     def setup(self, stage: str) -> None:
         # The strategy has started the processes and built the context-parallel groups by now.
@@ -111,11 +110,15 @@ class DreamShotModule(L.LightningModule):
         step, seen = self._step_losses
         if step != self.global_step:
             step, seen = self.global_step, []
-        seen.append({k: v.detach() for k, v in losses.items()})
-        self._step_losses = (step, seen)
-        means = {k: torch.stack([s[k] for s in seen if k in s]).mean() for k in losses}
-        self.step_means = (step, means)
-        return dict(means)
+        self._step_losses = (step, [*seen, {k: v.detach() for k, v in losses.items()}])
+        return dict(self.step_means[1])
+
+    @property
+    def step_means(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(optimizer step, each loss's mean over that step's finite micro-batches so far)."""
+        step, seen = self._step_losses
+        keys = dict.fromkeys(key for losses in seen for key in losses)
+        return step, {k: torch.stack([s[k] for s in seen if k in s]).mean() for k in keys}
 
     def validation_step(self, batch: StoryboardBatch, batch_idx: int) -> None:
         # Noise fixed by the batch's storyboards, not by its place in a rank's share: val/loss is comparable across

@@ -47,7 +47,7 @@ def apply_lora(transformer, cfg: LoraConfig) -> None:
         selected = sorted(matching_modules([pattern], modules))
         if not selected:
             raise ConfigError(f"model.lora.target_modules: pattern {pattern!r} matches no module of the transformer")
-        other = next((name for name in selected if not isinstance(modules[name], ADAPTABLE)), None)
+        other = first_unadaptable(modules, selected)
         if other is not None:
             raise ConfigError(
                 f"model.lora.target_modules: {pattern!r} selects {other!r}, a {type(modules[other]).__name__}; "
@@ -66,6 +66,11 @@ def apply_lora(transformer, cfg: LoraConfig) -> None:
     for parameter in transformer.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
+
+
+def first_unadaptable(modules: dict[str, nn.Module], names: Iterable[str]) -> str | None:
+    """The first of `names` whose module is no layer a LoRA adapts (`ADAPTABLE`), or None."""
+    return next((name for name in names if not isinstance(modules[name], ADAPTABLE)), None)
 
 
 def matching_modules(patterns: Iterable[str], names: Iterable[str]) -> set[str]:
@@ -95,7 +100,7 @@ def lora_config_for(cfg: ModelConfig, weights: LoraWeights, source: str) -> Lora
     foreign = sorted(weights.modules - set(names))
     if foreign:
         raise WeightsError(f"{source}: LoRA module {foreign[0]!r} is not a module of the {cfg.name} transformer")
-    other = next((name for name in sorted(weights.modules) if not isinstance(modules[name], ADAPTABLE)), None)
+    other = first_unadaptable(modules, sorted(weights.modules))
     if other is not None:
         raise WeightsError(
             f"{source}: LoRA module {other!r} is a {type(modules[other]).__name__} of the {cfg.name} transformer, "
