@@ -161,8 +161,8 @@ class WanAdapter(nn.Module):
 
     @contextmanager
     def alone(self) -> Iterator[WanAdapter]:
-        """This process draws whole storyboards by itself for a while (a sample drawn on rank 0 during training,
-        while the other ranks of its context-parallel group train on)."""
+        """This process draws whole storyboards by itself for a while (the storyboard metrics drawn on rank 0
+        during training, `eval.callback`, while the other ranks of its context-parallel group train on)."""
         group, self.context_parallel = self.context_parallel, ContextParallel()
         try:
             yield self
