@@ -111,7 +111,7 @@ class WanAdapter(nn.Module):
     def block_cache(self, settings: InferenceConfig, steps: int) -> AbstractContextManager[CacheContext]:
         """`inference.cache` on the DiT for one sampling run of `steps` steps (`block_cache.py`); the context yields
         the function that names each forward's cache context."""
-        return block_cache(self.transformer, settings, steps)
+        return block_cache(self.transformer, settings, steps, self.context_parallel)
 
     @torch.no_grad()
     def cross_attention_text(self, texts: torch.Tensor) -> CrossAttentionText:
