@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry, _templated_context_parallel_attention
 
+from dreamshot.config.schema import Config
+from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.context_parallel import RING_BACKEND, ContextParallel, build_mesh
 
 
@@ -34,6 +36,16 @@ def context_parallel_group(degree: int, attention: str) -> ContextParallel:
         install_cpu_ring_kernel()
     mesh = build_mesh(dist.get_world_size(), degree, attention, "cpu")
     return ContextParallel.from_mesh(mesh, attention, torch.device("cpu"))
+
+
+def sampling_adapter(cfg: Config, generator: torch.Generator) -> WanAdapter:
+    """The seeded tiny adapter of `cfg` (eval mode) with LoRA weights drawn from `generator`, large enough to change
+    what it draws (like the conftest's `trained_adapter`, for spawned ranks, which cannot take fixtures)."""
+    adapter = WanAdapter.seeded(cfg.model, cfg.seed).eval()
+    with torch.no_grad():
+        for parameter in adapter.trainable_parameters():
+            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return adapter
 
 
 def _worker(rank: int, world: int, degree: int, attention: str, port: int, fn, args, results) -> None:

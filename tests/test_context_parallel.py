@@ -16,7 +16,7 @@ import cp_support
 import pytest
 import torch
 import torch.distributed as dist
-from cp_support import context_parallel_group, run_group
+from cp_support import context_parallel_group, run_group, sampling_adapter
 
 from dreamshot.config.schema import Config
 from dreamshot.data.bucketing import StoryboardBatch
@@ -248,11 +248,8 @@ def compare_sampling(cp: ContextParallel, size: tuple[int, int]) -> dict[str, fl
     """Rank's largest |CP − one process| of the final latents of an r2s and an s2s storyboard (2 steps)."""
     cfg = Config()
     cfg.inference.steps = 2
-    adapter = WanAdapter.seeded(cfg.model, cfg.seed).eval()
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for parameter in adapter.trainable_parameters():
-            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=g))
+    adapter = sampling_adapter(cfg, g)
     images = torch.rand(4, 3, *size, generator=g) * 2 - 1
     requests = {
         "r2s": StoryboardRequest(["a", "b", "c"], size, images[:2], ["role 1", "role 2"]),

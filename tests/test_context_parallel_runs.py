@@ -1,7 +1,8 @@
 """Context-parallel runs on CPU against their one-process twins, through the real launchers.
 
-Training (toy_long_storyboard: two gloo processes share every storyboard): the same batches, the same losses and
-the same LoRA as one process, with Ulysses and with ring attention, and after a SIGTERM and a resume. The CP run is a
+Training (toy_long_storyboard: two gloo processes share every storyboard): the same batches, the same losses, the
+same training sample (`trainer.sample`, drawn by both ranks together) and the same LoRA as one process, with Ulysses
+and with ring attention, and after a SIGTERM and a resume. The CP run is a
 subprocess executing this file, `python tests/test_context_parallel_runs.py OUT [--ring | --zero2 | --sigterm-at K |
 --resume]` (Lightning's DDP launcher starts rank 1 by running the same command again), so it can pass recording and
 signalling callbacks to `train()` and install test shims in both ranks.
@@ -36,7 +37,7 @@ from dreamshot.training.train import train
 STEPS = 3
 OVERRIDES = [
     "logger=csv",
-    # Rank 0 draws a storyboard alone while the group trains: it must not wait for its group.
+    # Rank 0's group draws a storyboard together at step 2 (the same one as the one-process twin).
     "trainer.sample.every_n_steps=2",
     "trainer.sample.steps=1",
     "data.toy.groups=3",
@@ -55,10 +56,25 @@ ALONE = ["trainer=cpu", "trainer.context_parallel.degree=1", "data.max_shots=30"
 
 class RecordBatches(L.Callback):
     """Writes `batches_rank<r>.json` ([ids, shots, loss] per step), `context_parallel_rank<r>` (the context-parallel
-    degree and attention the adapter ran with) and `lora_rank<r>.safetensors` per rank."""
+    degree and attention the adapter ran with), `sampling_rank<r>.json` and `.safetensors` (the context-parallel degree
+    and the prediction of each forward outside training mode: the storyboard sample's) and `lora_rank<r>.safetensors`
+    per rank."""
 
     def __init__(self, output_dir: Path) -> None:
-        self.output_dir, self.batches = output_dir, []
+        self.output_dir, self.batches, self.sampling, self.predictions = output_dir, [], [], {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        adapter = pl_module.adapter
+        predict_velocity = adapter.predict_velocity
+
+        def recorded(*args, **kwargs):
+            velocity = predict_velocity(*args, **kwargs)
+            if not adapter.training:
+                self.predictions[str(len(self.sampling))] = velocity.detach().clone().contiguous()
+                self.sampling.append(adapter.context_parallel.degree)
+            return velocity
+
+        adapter.predict_velocity = recorded
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches.append([batch.ids, batch.num_shots, float(outputs["loss"])])
@@ -66,6 +82,8 @@ class RecordBatches(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         rank = trainer.global_rank
         (self.output_dir / f"batches_rank{rank}.json").write_text(json.dumps(self.batches))
+        (self.output_dir / f"sampling_rank{rank}.json").write_text(json.dumps(self.sampling))
+        save_file(self.predictions, self.output_dir / f"sampling_rank{rank}.safetensors")
         cp = pl_module.adapter.context_parallel
         (self.output_dir / f"context_parallel_rank{rank}").write_text(f"{cp.degree} {cp.attention}")
         lora = {k: v.detach().clone().contiguous() for k, v in pl_module.adapter.lora_state_dict().items()}
@@ -156,6 +174,27 @@ def test_both_ranks_train_the_same_whole_long_storyboards(runs):
     assert all(shots >= 24 for _, shots, _ in ranks[0]), "a storyboard was cut to data.max_shots"
     for (_, _, loss), (_, _, loss_1), (_, _, twin_loss) in zip(*ranks, twin, strict=True):
         assert loss == loss_1 and abs(loss - twin_loss) < 1e-5
+
+
+@pytest.mark.slow
+def test_the_training_sample_is_drawn_by_the_whole_group_as_one_process_draws_it(runs):
+    shared, alone, _ = runs
+    ranks = [json.loads((shared / f"sampling_rank{rank}.json").read_text()) for rank in range(2)]
+    twin = json.loads((alone / "sampling_rank0.json").read_text())
+    assert twin and set(twin) == {1}
+    assert ranks[0] == ranks[1] == [2] * len(twin), "both ranks run every sampler forward, split"
+    twin_predictions = load_file(alone / "sampling_rank0.safetensors")
+    for rank in range(2):
+        predictions = load_file(shared / f"sampling_rank{rank}.safetensors")
+        assert predictions.keys() == twin_predictions.keys()
+        for key, value in predictions.items():
+            torch.testing.assert_close(value, twin_predictions[key], atol=1e-4, rtol=0, msg=f"rank {rank}: {key}")
+    assert sorted(path.name for path in (shared / "samples").iterdir()) == ["step000002.png"]
+    drawn = np.asarray(Image.open(shared / "samples" / "step000002.png"), dtype=int)
+    one = np.asarray(Image.open(alone / "samples" / "step000002.png"), dtype=int)
+    assert drawn.shape == one.shape
+    # 8-bit rounding of shots equal to float tolerance, which the sheet's bicubic upscaling can double.
+    assert np.abs(drawn - one).max() <= 2
 
 
 @pytest.mark.slow

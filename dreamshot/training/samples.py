@@ -2,6 +2,11 @@
 one storyboard — a story file, or the run's first validation storyboard from its references and annotations —
 into `<output_dir>/samples/step<N>.png` (a contact sheet, the validation storyboard's true shots under the drawn
 ones) and logs it to W&B as `samples/storyboard`.
+
+Under context parallelism the storyboard is drawn by rank 0's whole context-parallel group, through the same
+split forward as training (a storyboard long enough to need CP may not fit on one GPU); the other data-parallel
+groups train on. Every rank of the group decides alike (the same optimizer step, the same seed), so the group
+draws what one process would; rank 0 alone writes the PNG and logs it.
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
 from dreamshot.config.schema import Config
@@ -31,14 +35,15 @@ class SampleStoryboard(L.Callback):
         self.story: Story | None = load_story(cfg.trainer.sample.story) if cfg.trainer.sample.story else None
         self.last_step = -1
 
-    @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        # With gradient accumulation global_step stays put for several batches: draw once per step.
-        if step == 0 or step % self.cfg.trainer.sample.every_n_steps or step == self.last_step:
+        degree = pl_module.adapter.context_parallel.degree
+        if not draws_at(step, self.last_step, self.cfg.trainer.sample.every_n_steps, trainer.global_rank, degree):
             return
         self.last_step = step
         sheet = self.draw(pl_module, trainer.datamodule.val_set, step)
+        if trainer.global_rank != 0:
+            return
         save_png(sheet, self.folder / f"step{step:06d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -52,8 +57,7 @@ class SampleStoryboard(L.Callback):
         adapter.eval()
         try:
             seed, steps = self.cfg.inference.seed, self.cfg.trainer.sample.steps
-            with adapter.alone():  # rank 0 draws by itself, also under context parallelism
-                result = StoryboardPipeline(adapter, self.cfg)(request, seed=seed, steps=steps, progress=False)
+            result = StoryboardPipeline(adapter, self.cfg)(request, seed=seed, steps=steps, progress=False)
         finally:
             adapter.train(was_training)
         references = [] if request.references is None else [to_image((r + 1) / 2) for r in request.references]
@@ -80,3 +84,12 @@ class SampleStoryboard(L.Callback):
             reference_texts=[ref.prompt for ref in record.references],
         )
         return request, [to_image((shot + 1) / 2) for shot in shots]
+
+
+def draws_at(step: int, last_step: int, every_n_steps: int, global_rank: int, degree: int) -> bool:
+    """Whether this rank draws the sample after a batch of optimizer step `step` (`last_step`: the step it last
+    drew at). Every `every_n_steps` steps, once per step (under gradient accumulation global_step stays put for
+    several batches), on the ranks of rank 0's context-parallel group: ranks 0..degree-1, data-parallel rank 0 as
+    the strategy counts it (`distributed_sampler_kwargs`)."""
+    due = step > 0 and step % every_n_steps == 0 and step != last_step
+    return due and global_rank // degree == 0

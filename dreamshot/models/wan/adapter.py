@@ -111,7 +111,7 @@ class WanAdapter(nn.Module):
     def block_cache(self, settings: InferenceConfig, steps: int) -> AbstractContextManager[CacheContext]:
         """`inference.cache` on the DiT for one sampling run of `steps` steps (`block_cache.py`); the context yields
         the function that names each forward's cache context."""
-        return block_cache(self.transformer, settings, steps)
+        return block_cache(self.transformer, settings, steps, self.context_parallel)
 
     @torch.no_grad()
     def cross_attention_text(self, texts: torch.Tensor) -> CrossAttentionText:
@@ -161,8 +161,8 @@ class WanAdapter(nn.Module):
 
     @contextmanager
     def alone(self) -> Iterator[WanAdapter]:
-        """This process draws whole storyboards by itself for a while (a sample drawn on rank 0 during training,
-        while the other ranks of its context-parallel group train on)."""
+        """This process draws whole storyboards by itself for a while (the storyboard metrics drawn on rank 0
+        during training, `eval.callback`, while the other ranks of its context-parallel group train on)."""
         group, self.context_parallel = self.context_parallel, ContextParallel()
         try:
             yield self

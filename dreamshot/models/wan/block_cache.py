@@ -13,7 +13,9 @@ per-frame modulation (`uses_frame_modulation` looks through them):
   `attn1` / `attn2`), so Wan's self-attention, cross-attention and FFN modules are the default here.
 - `mag` (`MagCacheConfig`): skips whole forwards while the accumulated error of the model's calibrated residual
   magnitude ratios stays under `threshold`. The ratios depend on the weights and the schedule: run once with
-  `calibrate: true` (it prints them, one list per kind of forward) and pass them as `mag_ratios`.
+  `calibrate: true` (it prints them, one list per kind of forward) and pass them as `mag_ratios`. Under context
+  parallelism a rank holds a share of the tokens: the calibration is made the whole storyboard's
+  (`calibrate_over_group`) and printed by the group's first rank only.
 
 The sampler names its forwards "guided" (the batched pair), "free" (v_u) and "conditional" (v_c alone), so each
 keeps its own cached tensors. The hooks are applied for one storyboard and removed after it (`block_cache`):
@@ -24,14 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
+import torch
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, MagCacheState
 
 from dreamshot.config.schema import InferenceConfig
 from dreamshot.models.wan.build import DTYPES
+from dreamshot.models.wan.context_parallel import ContextParallel
 from dreamshot.utils.errors import ConfigError
 
 CACHE_CONFIGS = {"first_block": FirstBlockCacheConfig, "taylorseer": TaylorSeerCacheConfig, "mag": MagCacheConfig}
@@ -107,14 +113,55 @@ def _check_model(transformer, kind: str, config) -> None:
 
 
 @contextlib.contextmanager
-def block_cache(transformer, settings: InferenceConfig, steps: int) -> Iterator[CacheContext]:
-    """Within the block: `settings.cache` applied to `transformer` for a sampling run of `steps` steps; yields the
-    function that names the cache context of a forward. With `cache=none`, nothing is applied."""
+def block_cache(
+    transformer, settings: InferenceConfig, steps: int, context_parallel: ContextParallel
+) -> Iterator[CacheContext]:
+    """Within the block: `settings.cache` applied to `transformer` for a sampling run of `steps` steps, whose
+    forwards share each storyboard with `context_parallel`; yields the function that names the cache context of a
+    forward. With `cache=none`, nothing is applied."""
     if settings.cache == "none":
         yield no_cache_context
         return
-    transformer.enable_cache(cache_config(transformer, settings, steps))
+    config = cache_config(transformer, settings, steps)
+    transformer.enable_cache(config)
+    if isinstance(config, MagCacheConfig) and config.calibrate and context_parallel.degree > 1:
+        calibrate_over_group(transformer)
     try:
         yield transformer.cache_context
     finally:
         transformer.disable_cache()
+
+
+def calibrate_over_group(transformer) -> None:
+    """MagCache's calibration (enabled on `transformer`) made the whole storyboard's under context parallelism, and
+    printed by the group's first rank only.
+
+    diffusers' tail-block hook takes a step's ratio as the mean over the batch and the tokens of
+    |r_t| / (|r_{t-1}| + 1e-8), with r the residual of the blocks and |.| a token's norm over the channels. A rank
+    holds `local` tokens of the sequence, the last ones padding: the whole sequence's mean is the group's sum of its
+    real tokens' ratios over their count (every token's norm lies on one rank). The hook's ratio and end-of-run
+    steps are replaced on this hook instance (diffusers builds the hook, so it cannot be given a subclass); the
+    shard is the one the storyboard forward binds to the tail block's attention while the block (and so the hook)
+    runs."""
+    block = transformer.blocks[-1]
+    hook = block._diffusers_hook.get_hook(_MAG_CACHE_BLOCK_HOOK)
+    ratio_of_one_process, advance = hook._perform_calibration_step, hook._advance_step
+
+    def ratio_of_the_group(state: MagCacheState, residual: torch.Tensor) -> None:
+        if state.previous_residual is None:  # the first step's ratio is a constant
+            ratio_of_one_process(state, residual)
+            return
+        shard = block.attn1.processor.shard
+        current, previous = (r.narrow(1, 0, shard.real).float() for r in (residual, state.previous_residual))
+        ratios = torch.linalg.vector_norm(current, dim=-1) / (torch.linalg.vector_norm(previous, dim=-1) + 1e-8)
+        sums = torch.stack([ratios.double().sum(), ratios.new_tensor(ratios.numel(), dtype=torch.float64)])
+        total, count = shard.sum(sums)
+        state.calibration_ratios.append((total / count).item())
+
+    def advance_quietly_on_other_ranks(state: MagCacheState) -> None:
+        first = block.attn1.processor.shard.cp.rank == 0
+        with contextlib.nullcontext() if first else contextlib.redirect_stdout(io.StringIO()):
+            advance(state)
+
+    hook._perform_calibration_step = ratio_of_the_group
+    hook._advance_step = advance_quietly_on_other_ranks
