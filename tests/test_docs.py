@@ -1,7 +1,7 @@
 """The docs (README.md, docs/*.md, benchmarks/RESULTS.md) name only what exists, so a command copied from them runs:
 - every dotted key in a code span or block whose first part is a section of the run `Config` (`trainer.max_steps`,
   `curriculum.0.steps`, `logger.*`) is a field of the schema, and one of a `dreamshot prepare` section
-  (`shots.threshold`) a field of `PrepareConfig`;
+  (`shots.threshold`) a field of `PrepareConfig`; so is every key the package's messages and help texts name;
 - every option of a `dreamshot <command>` line is an option of that command's parser, and every `make` line names a
   Makefile target and variables the Makefile (or the script it runs) reads;
 - every relative link resolves (file, and heading or `<a id>` anchor), every repository path and `tests/x.py::test`
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 import types
@@ -51,15 +52,16 @@ def code_spans(text: str) -> list[str]:
     return blocks + re.findall(r"`([^`]+)`", prose)
 
 
+def span_keys(span: str, sections: set[str] = SECTIONS) -> set[str]:
+    """The dotted config keys in a piece of code whose first part is one of `sections`."""
+    return {
+        key for key in KEY.findall(span) if key.split(".")[0] in sections and key.split(".")[-1] not in FILE_SUFFIXES
+    }
+
+
 def config_keys(text: str, sections: set[str] = SECTIONS) -> set[str]:
     """The dotted config keys named in the code of `text` whose first part is one of `sections`."""
-    keys = set()
-    for span in code_spans(text):
-        for key in KEY.findall(span):
-            parts = key.split(".")
-            if parts[0] in sections and parts[-1] not in FILE_SUFFIXES:
-                keys.add(key)
-    return keys
+    return {key for span in code_spans(text) for key in span_keys(span, sections)}
 
 
 def is_schema_key(key: str, root: type = Config) -> bool:
@@ -118,6 +120,39 @@ def test_every_config_key_in_the_docs_exists(doc):
 def test_every_prepare_setting_in_the_docs_exists(doc):
     keys = config_keys(doc.read_text(encoding="utf-8"), PREPARE_SECTIONS)
     assert sorted(key for key in keys if not is_schema_key(key, PrepareConfig)) == []
+
+
+def message_strings(source: str) -> list[str]:
+    """The string literals of a module that are not docstrings: its error messages, help texts and hints."""
+    tree = ast.parse(source)
+    documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, documented) and node.body and isinstance(node.body[0], ast.Expr)
+    }
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def test_the_message_check_reads_messages_not_docstrings():
+    source = '"""About `trainer.fit`."""\ndef f(k):\n    """Calls trainer.fit."""\n'
+    source += '    raise E(f"set {k}: trainer.max_stepz=")\n'
+    assert [key for text in message_strings(source) for key in span_keys(text)] == ["trainer.max_stepz"]
+
+
+def test_every_config_key_the_package_tells_the_user_exists():
+    """Error messages and help texts name keys to set (`pass data.manifest=...`): each must be one."""
+    wrong = []
+    for path in sorted((ROOT / "dreamshot").rglob("*.py")):
+        for text in message_strings(path.read_text(encoding="utf-8")):
+            keys = [(key, Config) for key in span_keys(text)]
+            keys += [(key, PrepareConfig) for key in span_keys(text, PREPARE_SECTIONS)]
+            wrong += [f"{path.relative_to(ROOT)}: {key}" for key, root in keys if not is_schema_key(key, root)]
+    assert wrong == []
 
 
 # --- command lines -----------------------------------------------------------------------------------------------
