@@ -198,7 +198,9 @@ def makefile_names() -> tuple[set[str], set[str]]:
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     targets = set(re.findall(r"^([a-z][\w-]*):", makefile, flags=re.M))
     variables = set(re.findall(r"\$\(([A-Z][A-Z0-9_]*)\)", makefile))
-    variables |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (ROOT / "benchmarks" / "gpu_checks.sh").read_text()))
+    variables |= set(
+        re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (ROOT / "benchmarks" / "gpu_checks.sh").read_text(encoding="utf-8"))
+    )
     return targets, variables
 
 
@@ -270,7 +272,11 @@ def broken_links(doc: Path) -> list[str]:
 
 def git_ignored(path: str) -> bool:
     """Whether `path` is one the repository's .gitignore leaves to each machine (conf/local.yaml, logs)."""
-    patterns = [line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines() if line.strip()]
+    patterns = [
+        line.strip().strip("/")
+        for line in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     return any(path.strip("/") == pattern or path.startswith(pattern.rstrip("/") + "/") for pattern in patterns)
 
 
@@ -280,7 +286,9 @@ def missing_paths(text: str) -> list[str]:
     for path, test in REPO_PATH.findall(re.sub(r"https?://\S+", "", text)):
         found = list(ROOT.glob(path)) if "*" in path else [ROOT / path] if (ROOT / path).exists() else []
         if test and found:
-            found = [file for file in found if re.search(rf"^def {test}\(", file.read_text(), flags=re.M)]
+            found = [
+                file for file in found if re.search(rf"^\s*def {test}\(", file.read_text(encoding="utf-8"), flags=re.M)
+            ]
         if not found and not git_ignored(path):
             missing.append(f"{path}::{test}" if test else path)
     return missing
@@ -367,7 +375,9 @@ def test_the_readme_names_every_resume_safe_key():
 
 def test_the_readme_fault_corpus_count_holds():
     cases = yaml.safe_load((ROOT / "tests" / "faults" / "cases.yaml").read_text(encoding="utf-8"))["cases"]
-    (claim,) = re.findall(r"holds a corpus of over (\d+) malformed inputs", (ROOT / "README.md").read_text())
+    (claim,) = re.findall(
+        r"holds a corpus of over (\d+) malformed inputs", (ROOT / "README.md").read_text(encoding="utf-8")
+    )
     assert int(claim) <= len(cases)
 
 
