@@ -1,9 +1,16 @@
-"""The docs name only config keys that exist: every dotted key in a code span or block of README.md, docs/*.md and
-benchmarks/RESULTS.md whose first part is a section of the run `Config` (`trainer.max_steps`, `curriculum.0.steps`,
-`logger.*`) must be a field of the schema."""
+"""The docs (README.md, docs/*.md, benchmarks/RESULTS.md) name only what exists, so a command copied from them runs:
+- every dotted key in a code span or block whose first part is a section of the run `Config` (`trainer.max_steps`,
+  `curriculum.0.steps`, `logger.*`) is a field of the schema, and one of a `dreamshot prepare` section
+  (`shots.threshold`) a field of `PrepareConfig`; so is every key the package's messages and help texts name;
+- every option of a `dreamshot <command>` line is an option of that command's parser, and every `make` line names a
+  Makefile target and variables the Makefile (or the script it runs) reads;
+- every relative link resolves (file, and heading or `<a id>` anchor), every repository path and `tests/x.py::test`
+  exists, every experiment named as one is in experiments/;
+- the lists the README gives in full stay full (the resume-safe keys, the experiments) and its counts true."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 import types
@@ -11,18 +18,28 @@ import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dreamshot.config.schema import Config
+from dreamshot.prepare.config import PrepareConfig
 
 ROOT = Path(__file__).parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "RESULTS.md"]
+
+
 # Sections only (a dataclass or a list of them): a scalar field (`name`, `seed`) with a dot is prose or a file name.
-SECTIONS = {
-    name
-    for name, kind in typing.get_type_hints(Config).items()
-    if dataclasses.is_dataclass(kind)
-    or (typing.get_origin(kind) is list and dataclasses.is_dataclass(typing.get_args(kind)[0]))
-}
+def _sections(root: type) -> set[str]:
+    return {
+        name
+        for name, kind in typing.get_type_hints(root).items()
+        if dataclasses.is_dataclass(kind)
+        or (typing.get_origin(kind) is list and dataclasses.is_dataclass(typing.get_args(kind)[0]))
+    }
+
+
+SECTIONS = _sections(Config)
+PREPARE_SECTIONS = _sections(PrepareConfig)
+assert not SECTIONS & PREPARE_SECTIONS  # a dotted key tells by its first part which config it belongs to
 # A dotted word not inside a path or a longer name; not a call (`model.eval()`) or a file (`storyboard.png`).
 KEY = re.compile(r"(?<![\w/.$-])([a-z_]+(?:\.(?:[a-z0-9_]+|\*))+)(?![\w(])")
 FILE_SUFFIXES = {"png", "jpg", "json", "jsonl", "yaml", "md", "py", "txt", "csv", "ckpt", "safetensors", "pth", "onnx"}
@@ -35,20 +52,21 @@ def code_spans(text: str) -> list[str]:
     return blocks + re.findall(r"`([^`]+)`", prose)
 
 
-def config_keys(text: str) -> set[str]:
-    """The dotted config keys named in the code of `text`."""
-    keys = set()
-    for span in code_spans(text):
-        for key in KEY.findall(span):
-            parts = key.split(".")
-            if parts[0] in SECTIONS and parts[-1] not in FILE_SUFFIXES:
-                keys.add(key)
-    return keys
+def span_keys(span: str, sections: set[str] = SECTIONS) -> set[str]:
+    """The dotted config keys in a piece of code whose first part is one of `sections`."""
+    return {
+        key for key in KEY.findall(span) if key.split(".")[0] in sections and key.split(".")[-1] not in FILE_SUFFIXES
+    }
 
 
-def is_schema_key(key: str) -> bool:
-    """Whether `key` names a field of `Config` (a list entry by its index; `*`: any field below)."""
-    kind: typing.Any = Config
+def config_keys(text: str, sections: set[str] = SECTIONS) -> set[str]:
+    """The dotted config keys named in the code of `text` whose first part is one of `sections`."""
+    return {key for span in code_spans(text) for key in span_keys(span, sections)}
+
+
+def is_schema_key(key: str, root: type = Config) -> bool:
+    """Whether `key` names a field of `root` (a list entry by its index; `*`: any field below)."""
+    kind: typing.Any = root
     for part in key.split("."):
         if part == "*":
             return dataclasses.is_dataclass(kind)
@@ -96,3 +114,359 @@ def test_the_key_check_tells_keys_from_other_words():
 def test_every_config_key_in_the_docs_exists(doc):
     keys = config_keys(doc.read_text(encoding="utf-8"))
     assert sorted(key for key in keys if not is_schema_key(key)) == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(doc.relative_to(ROOT)) for doc in DOCS])
+def test_every_prepare_setting_in_the_docs_exists(doc):
+    keys = config_keys(doc.read_text(encoding="utf-8"), PREPARE_SECTIONS)
+    assert sorted(key for key in keys if not is_schema_key(key, PrepareConfig)) == []
+
+
+def message_strings(source: str) -> list[str]:
+    """The string literals of a module that are not docstrings: its error messages, help texts and hints."""
+    tree = ast.parse(source)
+    documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, documented) and node.body and isinstance(node.body[0], ast.Expr)
+    }
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def test_the_message_check_reads_messages_not_docstrings():
+    source = '"""About `trainer.fit`."""\ndef f(k):\n    """Calls trainer.fit."""\n'
+    source += '    raise E(f"set {k}: trainer.max_stepz=")\n'
+    assert [key for text in message_strings(source) for key in span_keys(text)] == ["trainer.max_stepz"]
+
+
+def test_every_config_key_the_package_tells_the_user_exists():
+    """Error messages and help texts name keys to set (`pass data.manifest=...`): each must be one."""
+    wrong = []
+    for path in sorted((ROOT / "dreamshot").rglob("*.py")):
+        for text in message_strings(path.read_text(encoding="utf-8")):
+            keys = [(key, Config) for key in span_keys(text)]
+            keys += [(key, PrepareConfig) for key in span_keys(text, PREPARE_SECTIONS)]
+            wrong += [f"{path.relative_to(ROOT)}: {key}" for key, root in keys if not is_schema_key(key, root)]
+    assert wrong == []
+
+
+# --- command lines -----------------------------------------------------------------------------------------------
+
+# `dreamshot CMD ...` or `-m dreamshot.cli CMD ...`, up to the end of the line or the next command.
+COMMAND_LINE = re.compile(r"\bdreamshot(?:\.cli)? ([a-z]+)(?=\s|$)((?:(?!\bdreamshot\b|\bmake\b)[^\n#])*)")
+OPTION = re.compile(r"(?<![\w-])(--[a-z][\w-]*)")
+MAKE_LINE = re.compile(r"\bmake ([a-z][\w-]*)((?:(?!\bdreamshot\b|\bmake\b)[^\n#])*)")
+MAKE_VARIABLE = re.compile(r"(?<![\w.-])([A-Z][A-Z0-9_]*)=")
+
+
+def command_options(text: str) -> list[tuple[str, str]]:
+    """(command, option) of every option written on a `dreamshot` command line in the code of `text`."""
+    found = []
+    for span in code_spans(text):
+        for command, rest in COMMAND_LINE.findall(span.replace("\\\n", " ")):
+            found += [(command, option) for option in OPTION.findall(rest)]
+    return found
+
+
+def make_calls(text: str) -> list[tuple[str, list[str]]]:
+    """(target, variables set) of every `make` line in the code of `text`."""
+    return [
+        (target, MAKE_VARIABLE.findall(rest))
+        for span in code_spans(text)
+        for target, rest in MAKE_LINE.findall(span.replace("\\\n", " "))
+    ]
+
+
+def parser_options() -> dict[str, set[str]]:
+    """Every subcommand's option strings, from the parser `dreamshot` runs."""
+    from dreamshot.cli import COMMANDS, build_parser
+
+    options = {}
+    for command in COMMANDS:
+        (sub,) = [action for action in build_parser(command)._actions if action.dest == "command"]
+        options[command] = {flag for action in sub.choices[command]._actions for flag in action.option_strings}
+    return options
+
+
+def makefile_names() -> tuple[set[str], set[str]]:
+    """The Makefile's targets, and the variables it (or the GPU check script `make bench-gpu` runs) reads."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([a-z][\w-]*):", makefile, flags=re.M))
+    variables = set(re.findall(r"\$\(([A-Z][A-Z0-9_]*)\)", makefile))
+    variables |= set(
+        re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (ROOT / "benchmarks" / "gpu_checks.sh").read_text(encoding="utf-8"))
+    )
+    return targets, variables
+
+
+def test_the_command_line_check_reads_options_and_make_variables():
+    text = (
+        "Run `dreamshot generate STORY --run RUN \\| --lora FILE --presets fast` or\n"
+        "```\ntorchrun --nproc-per-node 8 -m dreamshot.cli eval toy --out x  # --not-this\n"
+        "make eval BENCH=toy CKPT=outputs/demo ARGS='eval.steps=2'\n```\n"
+        "Not an option: `dreamshot train: error: unrecognized arguments: --bogus`."
+    )
+    assert command_options(text) == [
+        ("eval", "--out"),
+        ("generate", "--run"),
+        ("generate", "--lora"),
+        ("generate", "--presets"),
+    ]
+    assert make_calls(text) == [("eval", ["BENCH", "CKPT", "ARGS"])]
+
+
+def test_every_command_option_in_the_docs_exists():
+    options = parser_options()
+    wrong = [
+        f"{doc.relative_to(ROOT)}: dreamshot {command} {option}"
+        for doc in DOCS
+        for command, option in command_options(doc.read_text(encoding="utf-8"))
+        if command in options and option not in options[command]
+    ]
+    assert wrong == []
+
+
+def test_every_make_call_in_the_docs_exists():
+    targets, variables = makefile_names()
+    wrong = [
+        f"{doc.relative_to(ROOT)}: make {target} {' '.join(names)}"
+        for doc in DOCS
+        for target, names in make_calls(doc.read_text(encoding="utf-8"))
+        if target not in targets or not set(names) <= variables
+    ]
+    assert wrong == []
+
+
+# --- links, paths, experiments -----------------------------------------------------------------------------------
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+REPO_PATH = re.compile(
+    r"(?<![\w/.<:-])((?:dreamshot|tests|benchmarks|conf|experiments|examples|notebooks|docs)/[\w./*-]*[\w/*])(?:::(\w+))?"
+)
+
+
+def anchors(doc: Path) -> set[str]:
+    """The anchors of a markdown file: GitHub's slug of every heading, and every `<a id="...">`."""
+    text = doc.read_text(encoding="utf-8")
+    headings = re.findall(r"^#+ (.+)$", text, flags=re.M)
+    slugs = {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+    return slugs | set(re.findall(r'<a id="([^"]+)">', text))
+
+
+def broken_links(doc: Path) -> list[str]:
+    broken = []
+    for target in LINK.findall(doc.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (doc.parent / path) if path else doc
+        if not linked.exists() or (anchor and (linked.suffix != ".md" or anchor not in anchors(linked))):
+            broken.append(target)
+    return broken
+
+
+def git_ignored(path: str) -> bool:
+    """Whether `path` is one the repository's .gitignore leaves to each machine (conf/local.yaml, logs)."""
+    patterns = [
+        line.strip().strip("/")
+        for line in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+    return any(path.strip("/") == pattern or path.startswith(pattern.rstrip("/") + "/") for pattern in patterns)
+
+
+def missing_paths(text: str) -> list[str]:
+    """Repository paths (and `tests/x.py::test_name`) named in `text` that do not exist."""
+    missing = []
+    for path, test in REPO_PATH.findall(re.sub(r"https?://\S+", "", text)):
+        found = list(ROOT.glob(path)) if "*" in path else [ROOT / path] if (ROOT / path).exists() else []
+        if test and found:
+            found = [
+                file for file in found if re.search(rf"^\s*def {test}\(", file.read_text(encoding="utf-8"), flags=re.M)
+            ]
+        if not found and not git_ignored(path):
+            missing.append(f"{path}::{test}" if test else path)
+    return missing
+
+
+def test_the_link_and_path_checks_find_what_is_missing(tmp_path):
+    (tmp_path / "a.md").write_text('# A title, here\n<a id="kept"></a>\n', encoding="utf-8")
+    doc = tmp_path / "b.md"
+    doc.write_text("[x](a.md#a-title-here) [y](a.md#kept) [z](a.md#gone) [w](nope.md) [u](https://x.org)\n")
+    assert broken_links(doc) == ["a.md#gone", "nope.md"]
+    text = "`tests/test_docs.py::test_every_link_resolves`, tests/test_docs.py::no_such_test, `dreamshot/nope.py`"
+    text += ", conf/local.yaml (git-ignored)"
+    assert missing_paths(text) == ["tests/test_docs.py::no_such_test", "dreamshot/nope.py"]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(doc.relative_to(ROOT)) for doc in DOCS])
+def test_every_link_resolves(doc):
+    assert broken_links(doc) == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(doc.relative_to(ROOT)) for doc in DOCS])
+def test_every_repository_path_in_the_docs_exists(doc):
+    assert missing_paths(doc.read_text(encoding="utf-8")) == []
+
+
+EXPERIMENTS = {path.stem for path in (ROOT / "experiments").glob("*.yaml")}
+# An experiment in a command: `dreamshot train|cache|plan NAME`, `python -m dreamshot.report.sweep NAME`, `EXP=NAME`.
+EXPERIMENT_USE = re.compile(
+    r"(?:\bdreamshot(?:\.cli)? (?:train|cache|plan) +|\bdreamshot\.report\.sweep +|\b(?:EXP|SWEEP|GROUP)=)([a-z]\w*)"
+)
+
+
+def readme_experiment_table() -> set[str]:
+    """The names in the first column of the README's experiment table (`toy_*` stands for the toy twins)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text.split("| experiment | what it is |", 1)[1].split("\n\n", 1)[0]
+    return {name for row in table.splitlines()[2:] for name in re.findall(r"`([\w*]+)`", row.split("|")[1])}
+
+
+def test_the_experiment_check_reads_commands():
+    text = (
+        "`make train EXP=smoke`, `dreamshot plan dreamshot --phase 2`, `make report GROUP=toy_x`, "
+        "`torchrun -m dreamshot.cli train dreamshot trainer.num_nodes=2`, `dreamshot train EXPERIMENT`, "
+        "`dreamshot train: error: ...`, ``` python -m dreamshot.report.sweep toy_reproduction --eval toy ```"
+    )
+    found = sorted(name for span in code_spans(text) for name in EXPERIMENT_USE.findall(span))
+    assert found == ["dreamshot", "dreamshot", "smoke", "toy_reproduction", "toy_x"]
+
+
+def test_every_experiment_named_in_the_docs_exists():
+    named = {
+        name
+        for doc in DOCS
+        for span in code_spans(doc.read_text(encoding="utf-8"))
+        for name in EXPERIMENT_USE.findall(span)
+    }
+    assert sorted(named - EXPERIMENTS) == []
+    assert sorted(readme_experiment_table() - EXPERIMENTS - {"toy_*"}) == []
+
+
+def test_the_readme_experiment_table_names_every_shipped_experiment():
+    """The table names each experiment, or a toy one as `toy_*`, the toy twin of a paper experiment it names."""
+    table = readme_experiment_table()
+    unnamed = {
+        name
+        for name in EXPERIMENTS - table
+        if not (name.startswith("toy_") and name.removeprefix("toy_") in table and "toy_*" in table)
+    }
+    assert sorted(unnamed) == []
+    twins = {name for name in table if f"toy_{name}" in EXPERIMENTS}
+    assert twins >= {name for name in table - {"smoke", "demo", "toy_*"} if not name.startswith("toy_")}
+
+
+# --- lists and counts the README gives ---------------------------------------------------------------------------
+
+
+def test_the_readme_names_every_resume_safe_key():
+    from dreamshot.training.resume import RESUME_SAFE_KEYS
+
+    spans = set(code_spans((ROOT / "README.md").read_text(encoding="utf-8")))
+    named = {key[:-1] + ".*" if key.endswith(".") else key for key in RESUME_SAFE_KEYS}
+    assert sorted(key for key in named if key not in spans) == []
+
+
+def test_the_readme_fault_corpus_count_holds():
+    cases = yaml.safe_load((ROOT / "tests" / "faults" / "cases.yaml").read_text(encoding="utf-8"))["cases"]
+    (claim,) = re.findall(
+        r"holds a corpus of over (\d+) malformed inputs", (ROOT / "README.md").read_text(encoding="utf-8")
+    )
+    assert int(claim) <= len(cases)
+
+
+# --- the README's toy reproduction table against the report it cites ----------------------------------------------
+
+NUMBER = re.compile(r"[+−-]?\d+(?:\.\d+)?")
+# README row -> (report setting, report column suffix: the end of the run, or the end of the RACL phase).
+TOY_ROWS = {
+    "without RACL": ("without_racl", ""),
+    "with RACL (λ = 0.1)": ("with_racl", ""),
+    "with RACL against without": ("with_racl", ""),
+    "at the end of the RACL phase (step 1,500): without RACL": ("without_racl", "@phase1"),
+    "at the end of the RACL phase: with RACL (λ = 0.1)": ("with_racl", "@phase1"),
+    "at the end of the RACL phase: with against without": ("with_racl", "@phase1"),
+}
+# README column -> (report columns, scale): the toy proxies are printed ×100.
+TOY_COLUMNS = {
+    "val/loss ↓": (["val/loss{} ↓"], 1),
+    "val/racl_in_mask": (["val/racl_in_mask{}"], 1),
+    "val/racl_confusion ↓": (["val/racl_confusion{} ↓"], 1),
+    "toy identity cross / self": (["toy_identity_cross", "toy_identity_self"], 100),
+    "toy style cross / self": (["toy_style_cross", "toy_style_self"], 100),
+}
+
+
+def markdown_tables(text: str) -> list[list[dict[str, str]]]:
+    """Every table of a markdown text as rows of {header: cell}."""
+    tables = []
+    for block in re.findall(r"(?:^\|.*\|\n)+", text, flags=re.M):
+        # A cell's `\|` is a character of the cell, not a column border.
+        lines = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])] for line in block.splitlines()]
+        tables.append([dict(zip(lines[0], row, strict=True)) for row in lines[2:]])
+    return tables
+
+
+def numbers(cell: str) -> list[float]:
+    return [float(n.replace("−", "-")) for n in NUMBER.findall(cell)]
+
+
+def agrees(shown: str, value: float) -> bool:
+    """Whether the README's rounded `shown` is `value` (itself rounded to 4 significant digits in the report)."""
+    decimals = len(shown.split(".")[1]) if "." in shown else 0
+    return abs(float(shown.replace("−", "-")) - value) <= 0.6 * 10**-decimals
+
+
+def toy_table_mismatches(readme: str, report: str) -> list[str]:
+    (table,) = [t for t in markdown_tables(readme) if t and "val/racl_confusion ↓" in t[0] and "run" in t[0]]
+    means, changes = [t for t in markdown_tables(report) if t and "setting" in t[0]]
+    means = {row["setting"]: row for row in means}
+    changes = {row["setting"]: row for row in changes}
+    wrong = []
+    for row in table:
+        label = next(name for name in TOY_ROWS if row["run"].startswith(name))
+        setting, phase = TOY_ROWS[label]
+        is_change = "against" in label
+        for column, (sources, scale) in TOY_COLUMNS.items():
+            if not row[column]:
+                continue
+            cells = [(changes if is_change else means)[setting][source.format(phase)] for source in sources]
+            if is_change:  # "+2.4% / −0.1%, 2 and 2 of 3" against "+2.43 (2/3)", "-0.149 (2/3)"
+                percents, counts = row[column].split(",")
+                expected = [numbers(cell) for cell in cells]  # [change, seeds better, seeds]
+                shown = NUMBER.findall(percents)
+                ok = len(shown) == len(expected) and all(agrees(s, e[0]) for s, e in zip(shown, expected, strict=True))
+                ok &= [int(n) for n in numbers(counts)[:-1]] == [int(e[1]) for e in expected]
+            else:  # "0.63 ± 0.18 / 51.2 ± 1.8" against "0.006323 ± 0.0018", "0.512 ± 0.018"
+                shown = NUMBER.findall(row[column])
+                expected = [n * scale for cell in cells for n in numbers(cell)]
+                ok = len(shown) == len(expected) and all(map(agrees, shown, expected))
+            if not ok:
+                wrong.append(f"{label} / {column}: {row[column]} (report: {' ; '.join(cells)})")
+    return wrong
+
+
+def test_the_toy_table_check_finds_a_wrong_sign():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    report = (toy_report_folder(readme) / "report.md").read_text(encoding="utf-8")
+    assert toy_table_mismatches(readme, report) == []
+    flipped = readme.replace("| +11.8%, 1 of 3 |", "| −11.8%, 1 of 3 |")
+    assert flipped != readme and len(toy_table_mismatches(flipped, report)) == 1
+
+
+def toy_report_folder(readme: str) -> Path:
+    section = readme.split("## Toy-scale reproduction", 1)[1]
+    (folder,) = re.findall(r"\(the report: \[[^\]]+\]\(([^)]+)\)", section)
+    return ROOT / folder
+
+
+def test_the_readme_toy_reproduction_table_is_the_report_it_cites():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    report = (toy_report_folder(readme) / "report.md").read_text(encoding="utf-8")
+    assert toy_table_mismatches(readme, report) == []

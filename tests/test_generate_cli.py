@@ -459,3 +459,9 @@ def test_a_preset_picks_the_sampler_setting_and_the_record_says_which(story, run
     saved = json.loads((out / RECORD_FILE).read_text())
     assert saved["preset"]["name"] == "exact" and saved["config"]["inference"]["cache"] == "none"
     assert json.loads((generated / RECORD_FILE).read_text())["preset"] is None
+
+
+def test_the_summary_line_names_the_contact_sheet_where_it_is(story, run_dir, tmp_path, capsys):
+    assert main(["generate", str(story), "--run", str(run_dir), "--out", str(tmp_path / "out"), "--steps", "1"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.endswith(f"-> {tmp_path / 'out'} ({SHEET_FILE})") and (tmp_path / "out" / SHEET_FILE).is_file()

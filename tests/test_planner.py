@@ -262,3 +262,13 @@ def test_cli_unknown_experiment_and_bad_option_exit_2_with_one_line(capsys):
     assert len(err.strip().splitlines()) == 1 and "no_such_experiment" in err
     assert main(["plan", "smoke", "--shots", "0"]) == 2
     assert capsys.readouterr().err.strip() == "dreamshot plan: error: --shots must be >= 1, got 0"
+
+
+def test_plan_fits_the_memory_training_plans_for(capsys):
+    """Training windows long storyboards by `trainer.device_memory_gib`; the plan prints the fit in the same GiB
+    unless --gpu-memory says otherwise."""
+    assert main(["plan", "smoke", "trainer.device_memory_gib=40"]) == 0
+    out = capsys.readouterr().out
+    assert "headroom on 40 GiB" in out and "Longest storyboard in 40 GiB" in out
+    assert main(["plan", "smoke", "trainer.device_memory_gib=40", "--gpu-memory", "24"]) == 0
+    assert "Longest storyboard in 24 GiB" in capsys.readouterr().out

@@ -153,7 +153,8 @@ def run(args: argparse.Namespace) -> None:
     shots = ", ".join(map(str, targets))
     print(
         f"{result.mode}: drew shots {shots} of {len(story.shots)} in {result.total_seconds:.1f} s"
-        f" (seed {result.seed}, {len(result.step_seconds)} steps) -> {args.out} ({sheet.name})"
+        f" (seed {result.seed}, {len(result.step_seconds)} steps) -> {args.out}"
+        f" ({sheet.relative_to(args.out).as_posix()})"
     )
 
 

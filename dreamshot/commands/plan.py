@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="gradient checkpointing of the DiT blocks (default: trainer.gradient_checkpointing)",
     )
-    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    parser.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: trainer.device_memory_gib)")
     parser.add_argument(
         "--racl-queries",
         type=int,
@@ -75,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.experiment, args.overrides)
+    if args.gpu_memory is None:  # the memory training windows long storyboards by (context parallelism)
+        args.gpu_memory = cfg.trainer.device_memory_gib
     _check_counts(args)
     if args.eval:
         _plan_eval(cfg, args)
