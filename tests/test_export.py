@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from dreamshot.cli import main
 from dreamshot.config.load import load_config, to_yaml
+from dreamshot.inference.loading import read_lora
 from dreamshot.models.wan.build import build_components
 from dreamshot.models.wan.lora_formats import (
     DIFFUSERS_METADATA_KEY,
@@ -308,3 +309,18 @@ def test_export_command_errors_are_one_line(run_dir, state, source, extra, messa
     assert main(["export", str(path), "--out", str(tmp_path / "out"), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "comfyui"])
+def test_a_bf16_lora_is_folded_exactly_and_reads_back_as_trained(cfg, state, fmt, tmp_path):
+    """DeepSpeed's bf16 mode holds the LoRA in bf16: alpha / rank folded into it in bf16 would be rounded."""
+    bf16 = {key: value.to(torch.bfloat16) for key, value in state.items()}
+    (path,) = write_lora_files(bf16, tmp_path, cfg.model, {}, [fmt])
+    exported = to_diffusers(bf16, ALPHA) if fmt == "diffusers" else to_comfyui(bf16, ALPHA)
+    assert exported.tensors.keys() == load_file(path).keys()
+    exact = to_diffusers({key: value.double() for key, value in bf16.items()}, ALPHA).tensors
+    if fmt == "diffusers":  # the update every client applies is the trained one, to float32's precision
+        for key, value in load_file(path).items():
+            torch.testing.assert_close(value.double(), exact[key], rtol=2**-24, atol=0)
+    back = read_lora(path)
+    assert all(torch.equal(back.state[key].to(torch.bfloat16), value) for key, value in bf16.items())
