@@ -29,6 +29,7 @@ from dreamshot.models.wan.lora_formats import (
     to_diffusers,
 )
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, EXPORT_FILES, ExportLora, write_lora_files
+from dreamshot.training.ema import LoraEma
 from dreamshot.utils.errors import ConfigError, WeightsError
 
 RANK, ALPHA = 4, 6.0  # alpha != rank: the scale alpha / rank must survive every format
@@ -217,12 +218,16 @@ def run_dir(cfg, state, tmp_path):
     write_lora_files(state, run, cfg.model, {})
     checkpoints = run / "checkpoints"
     checkpoints.mkdir()
-    module_state = {"adapter.transformer." + k.replace(".weight", ".default.weight"): v for k, v in state.items()}
-    torch.save({"state_dict": module_state}, checkpoints / "step000004.ckpt")
+    torch.save({"state_dict": _module_state(state)}, checkpoints / "step000004.ckpt")
     deepspeed = checkpoints / "last.ckpt" / "checkpoint"
     deepspeed.mkdir(parents=True)
     torch.save({"module": {}, CHECKPOINT_LORA_KEY: state}, deepspeed / "zero_pp_rank_0_mp_rank_00_model_states.pt")
     return run
+
+
+def _module_state(lora):
+    """LoRA weights under the names of DreamShotModule's parameters, as a checkpoint holds them."""
+    return {"adapter.transformer." + k.replace(".weight", ".default.weight"): v for k, v in lora.items()}
 
 
 def _assert_same_tensors(path, expected):
@@ -324,3 +329,23 @@ def test_a_bf16_lora_is_folded_exactly_and_reads_back_as_trained(cfg, state, fmt
             torch.testing.assert_close(value.double(), exact[key], rtol=2**-24, atol=0)
     back = read_lora(path)
     assert all(torch.equal(back.state[key].to(torch.bfloat16), value) for key, value in bf16.items())
+
+
+@pytest.mark.parametrize("kind", ["lightning", "deepspeed"])
+def test_a_checkpoint_of_an_ema_run_exports_the_average_as_the_run_files_hold_it(cfg, state, kind, tmp_path):
+    """With optim.ema_decay the run's lora.safetensors holds the average; its checkpoints keep the trained weights
+    beside the average (the callback's state): an export of last.ckpt must be the run's LoRA, not the raw weights."""
+    raw = {key: value + 1.0 for key, value in state.items()}
+    callbacks = {LoraEma(0.5).state_key: LoraEma(0.5).state_dict() | {"average": _module_state(state)}}
+    if kind == "lightning":
+        source = tmp_path / "last.ckpt"
+        torch.save({"state_dict": _module_state(raw), "callbacks": callbacks}, source)
+    else:
+        source = tmp_path / "last_ds.ckpt"
+        (source / "checkpoint").mkdir(parents=True)
+        checkpoint = {"module": {}, CHECKPOINT_LORA_KEY: raw, "callbacks": callbacks}
+        torch.save(checkpoint, source / "checkpoint" / "mp_rank_00_model_states.pt")
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    out = tmp_path / "out"
+    assert main(["export", str(source), "--out", str(out), "--format", "comfyui"]) == 0
+    _assert_same_tensors(out / EXPORT_FILES["comfyui"], to_comfyui(state, ALPHA).tensors)
