@@ -349,3 +349,15 @@ def test_a_checkpoint_of_an_ema_run_exports_the_average_as_the_run_files_hold_it
     out = tmp_path / "out"
     assert main(["export", str(source), "--out", str(out), "--format", "comfyui"]) == 0
     _assert_same_tensors(out / EXPORT_FILES["comfyui"], to_comfyui(state, ALPHA).tensors)
+
+
+def test_a_lora_of_another_model_size_is_refused_before_writing(run_dir, state, tmp_path, capsys):
+    """The export records the config's base model in every file: a LoRA whose shapes do not fit it is no LoRA of it
+    (the clients would fail with a size mismatch)."""
+    narrow = {k: v[:, :40].contiguous() if k.endswith("lora_A.weight") else v for k, v in state.items()}
+    source = run_dir / "narrow.safetensors"
+    save_file(narrow, source, metadata={"format": "peft", "alpha": str(ALPHA)})
+    assert main(["export", str(source), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{source}: blocks.0.attn1.to_k.lora_A is (4, 40)" in err
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,8 @@ import argparse
 from pathlib import Path
 
 from dreamshot.inference.loading import RUN_CONFIG, read_lora, resolve_config, run_weights, with_lora
+from dreamshot.models.wan.build import build_transformer_on_meta
+from dreamshot.models.wan.lora import check_lora_fits
 from dreamshot.models.wan.lora_formats import FORMATS
 from dreamshot.training.callbacks import write_lora_files
 from dreamshot.utils.errors import ConfigError, WeightsError
@@ -41,6 +43,8 @@ def run(args: argparse.Namespace) -> None:
     weights = source_weights(Path(args.source))
     lora = read_lora(weights)
     cfg = with_lora(resolve_config(weights, args.config, []), lora, str(weights))
+    # Every file records the config's base model: a LoRA of another size must not be written as one of it.
+    check_lora_fits(build_transformer_on_meta(cfg.model), cfg.model, lora, str(weights))
     need = len(formats) * sum(4 * t.numel() for t in lora.state.values()) + 2**20
     check_output_dir(args.out, "--out", need, "the LoRA files")
     metadata = {"source": str(weights)}
