@@ -361,3 +361,17 @@ def test_a_lora_of_another_model_size_is_refused_before_writing(run_dir, state, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{source}: blocks.0.attn1.to_k.lora_A is (4, 40)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_replaces_no_file_without_overwrite(run_dir, state, tmp_path, capsys):
+    """Exporting a step checkpoint into its run folder would silently replace the run's final LoRA files."""
+    final = load_file(run_dir / EXPORT_FILES["comfyui"])
+    step = {key: value + 1.0 for key, value in state.items()}
+    torch.save({"state_dict": _module_state(step)}, run_dir / "checkpoints" / "step000004.ckpt")
+    argv = ["export", str(run_dir / "checkpoints" / "step000004.ckpt"), "--out", str(run_dir)]
+    assert main([*argv, "--format", "diffusers,comfyui"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--out {run_dir}: lora_diffusers.safetensors exists; pass --overwrite" in err
+    _assert_same_tensors(run_dir / EXPORT_FILES["comfyui"], final)
+    assert main([*argv, "--format", "comfyui", "--overwrite"]) == 0
+    _assert_same_tensors(run_dir / EXPORT_FILES["comfyui"], to_comfyui(step, ALPHA).tensors)
