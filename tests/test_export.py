@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -187,6 +188,41 @@ def test_wan_pipeline_with_exported_lora_matches_our_transformer(request, fmt, t
     ours = adapter.transformer(*inputs, return_dict=False)[0]
     assert (ours - bare).abs().max() > 1e-2, "the LoRA must change the output for this test to mean anything"
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def _apply_as_comfyui(path, transformer) -> None:
+    """Patch `transformer` with the LoRA file at `path` as ComfyUI does (read from comfy/lora.py and
+    comfy/weight_adapter/lora.py; ComfyUI cannot be installed here without its whole app): the model's keys are the
+    original Wan parameter names under `diffusion_model.` (diffusers' own Wan checkpoint converter gives their
+    diffusers names here), a LoRA named `diffusion_model.<module>` patches `<module>.weight` by
+    (alpha / rank, 1 without `.alpha`) · lora_up @ lora_down, and a key no rule loads is left out with a warning."""
+    tensors = load_file(path)
+    parameters = dict(transformer.named_parameters())
+    loaded = set()
+    for up_key in [key for key in tensors if key.endswith(".lora_up.weight")]:
+        module = up_key.removesuffix(".lora_up.weight")
+        up, down, alpha = tensors[up_key], tensors[f"{module}.lora_down.weight"], tensors.get(f"{module}.alpha")
+        scale = 1.0 if alpha is None else alpha.item() / down.shape[0]
+        original = module.removeprefix("diffusion_model.") + ".weight"
+        (name,) = convert_wan_transformer_to_diffusers({original: up})
+        parameters[name].data += scale * up.float() @ down.float()
+        loaded |= {up_key, f"{module}.lora_down.weight", f"{module}.alpha"}
+    assert not set(tensors) - loaded, "ComfyUI would warn 'lora key not loaded' and drop these"
+
+
+@pytest.mark.parametrize("targets", ["blocks", "outer"])
+@torch.no_grad()
+def test_comfyui_applies_the_exported_lora_as_our_transformer_does(request, targets, tmp_path):
+    cfg = request.getfixturevalue("cfg" if targets == "blocks" else "outer_cfg")
+    adapter = request.getfixturevalue("adapter" if targets == "blocks" else "outer_adapter")
+    (path,) = write_lora_files(adapter.lora_state_dict(), tmp_path, cfg.model, {}, ["comfyui"])
+    transformer = _pipeline(cfg).transformer
+    inputs = _transformer_inputs(cfg)
+    bare = transformer(*inputs, return_dict=False)[0]
+    _apply_as_comfyui(path, transformer)
+    ours = adapter.transformer(*inputs, return_dict=False)[0]
+    assert (ours - bare).abs().max() > 1e-2
+    torch.testing.assert_close(transformer(*inputs, return_dict=False)[0], ours, atol=1e-5, rtol=1e-5)
 
 
 # --- the end-of-training callback -----------------------------------------------------------------------------
