@@ -411,3 +411,12 @@ def test_export_replaces_no_file_without_overwrite(run_dir, state, tmp_path, cap
     _assert_same_tensors(run_dir / EXPORT_FILES["comfyui"], final)
     assert main([*argv, "--format", "comfyui", "--overwrite"]) == 0
     _assert_same_tensors(run_dir / EXPORT_FILES["comfyui"], to_comfyui(step, ALPHA).tensors)
+
+
+def test_a_run_folder_without_lora_files_exports_its_deepspeed_last_checkpoint(run_dir, state, tmp_path):
+    """A DeepSpeed run stopped before its end has no LoRA files, and its last.ckpt is a folder."""
+    for name in EXPORT_FILES.values():
+        (run_dir / name).unlink()
+    out = tmp_path / "out"
+    assert main(["export", str(run_dir), "--out", str(out), "--format", "comfyui"]) == 0
+    _assert_same_tensors(out / EXPORT_FILES["comfyui"], to_comfyui(state, ALPHA).tensors)

@@ -72,12 +72,14 @@ def add_weight_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyE
 
 
 def run_weights(run_dir: Path) -> Path:
-    """The LoRA file of a run folder: the exported safetensors, else the last checkpoint."""
+    """The LoRA file of a run folder: the exported safetensors, else the last checkpoint (a file, or under DeepSpeed
+    a folder)."""
     if not (run_dir / RUN_CONFIG).is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no {RUN_CONFIG})")
-    for candidate in (run_dir / LORA_FILE, run_dir / LAST_CHECKPOINT):
-        if candidate.is_file():
-            return candidate
+    if (run_dir / LORA_FILE).is_file():
+        return run_dir / LORA_FILE
+    if (run_dir / LAST_CHECKPOINT).exists():
+        return run_dir / LAST_CHECKPOINT
     raise WeightsError(f"{run_dir}: neither {LORA_FILE} nor {LAST_CHECKPOINT} found (has the run trained?)")
 
 
