@@ -124,3 +124,38 @@ def test_write_video_round_trip(tmp_path):
     frames = read_video(path)
     assert frames.shape == (6, HEIGHT, WIDTH, 3)
     assert frames[0].mean() == pytest.approx(30, abs=4) and frames[-1].mean() == pytest.approx(220, abs=4)
+
+
+def test_an_unwritable_out_is_refused_before_the_model_loads(storyboard, tmp_path, capsys):
+    """Drawing every clip takes the I2V model minutes a shot: a --out that cannot be written is found first."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for out in (blocker / "story.mp4", storyboard):
+        assert _animate_without_model(storyboard, out) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--out {out}" in err
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [([(WIDTH, HEIGHT), (64, 32)], "is 64x32, shot_01.png is 48x32"), ([(40, 32), (40, 32)], "multiples of 16")],
+)
+def test_a_shot_the_video_cannot_hold_is_one_line_before_drawing(storyboard, sizes, message, tmp_path, capsys):
+    """One video has one frame size, and Wan draws sizes in multiples of 16 (its VAE's 8 times its patch's 2)."""
+    for n, size in enumerate(sizes, 1):
+        Image.new("RGB", size, (31, 90, 200)).save(storyboard / shot_file(n))
+    assert _animate_without_model(storyboard, tmp_path / "v.mp4") == 2
+    err = capsys.readouterr().err.strip()
+    shot = storyboard / shot_file(len(sizes) if sizes[0] == (WIDTH, HEIGHT) else 1)
+    assert len(err.splitlines()) == 1 and f"{shot}: " in err and message in err
+
+
+def test_a_record_without_shots_is_one_line(storyboard, tmp_path, capsys):
+    (storyboard / RECORD_FILE).write_text(json.dumps({"seed": 0, "shots": []}))
+    assert _animate_without_model(storyboard, tmp_path / "v.mp4") == 2
+    assert f"{storyboard / RECORD_FILE}: shots: the storyboard has no shots" in capsys.readouterr().err
+
+
+def _animate_without_model(storyboard: Path, out: Path) -> int:
+    """`dreamshot animate` with no I2V model: what is refused before the model loads is refused first."""
+    return main(["animate", str(storyboard), "--i2v", str(out.parent / "no_model"), "--out", str(out)])

@@ -12,11 +12,13 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dreamshot.cli import main
 from dreamshot.config.load import load_config, to_yaml
+from dreamshot.inference.loading import read_lora
 from dreamshot.models.wan.build import build_components
 from dreamshot.models.wan.lora_formats import (
     DIFFUSERS_METADATA_KEY,
@@ -28,6 +30,7 @@ from dreamshot.models.wan.lora_formats import (
     to_diffusers,
 )
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, EXPORT_FILES, ExportLora, write_lora_files
+from dreamshot.training.ema import LoraEma
 from dreamshot.utils.errors import ConfigError, WeightsError
 
 RANK, ALPHA = 4, 6.0  # alpha != rank: the scale alpha / rank must survive every format
@@ -187,6 +190,41 @@ def test_wan_pipeline_with_exported_lora_matches_our_transformer(request, fmt, t
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
+def _apply_as_comfyui(path, transformer) -> None:
+    """Patch `transformer` with the LoRA file at `path` as ComfyUI does (read from comfy/lora.py and
+    comfy/weight_adapter/lora.py; ComfyUI cannot be installed here without its whole app): the model's keys are the
+    original Wan parameter names under `diffusion_model.` (diffusers' own Wan checkpoint converter gives their
+    diffusers names here), a LoRA named `diffusion_model.<module>` patches `<module>.weight` by
+    (alpha / rank, 1 without `.alpha`) · lora_up @ lora_down, and a key no rule loads is left out with a warning."""
+    tensors = load_file(path)
+    parameters = dict(transformer.named_parameters())
+    loaded = set()
+    for up_key in [key for key in tensors if key.endswith(".lora_up.weight")]:
+        module = up_key.removesuffix(".lora_up.weight")
+        up, down, alpha = tensors[up_key], tensors[f"{module}.lora_down.weight"], tensors.get(f"{module}.alpha")
+        scale = 1.0 if alpha is None else alpha.item() / down.shape[0]
+        original = module.removeprefix("diffusion_model.") + ".weight"
+        (name,) = convert_wan_transformer_to_diffusers({original: up})
+        parameters[name].data += scale * up.float() @ down.float()
+        loaded |= {up_key, f"{module}.lora_down.weight", f"{module}.alpha"}
+    assert not set(tensors) - loaded, "ComfyUI would warn 'lora key not loaded' and drop these"
+
+
+@pytest.mark.parametrize("targets", ["blocks", "outer"])
+@torch.no_grad()
+def test_comfyui_applies_the_exported_lora_as_our_transformer_does(request, targets, tmp_path):
+    cfg = request.getfixturevalue("cfg" if targets == "blocks" else "outer_cfg")
+    adapter = request.getfixturevalue("adapter" if targets == "blocks" else "outer_adapter")
+    (path,) = write_lora_files(adapter.lora_state_dict(), tmp_path, cfg.model, {}, ["comfyui"])
+    transformer = _pipeline(cfg).transformer
+    inputs = _transformer_inputs(cfg)
+    bare = transformer(*inputs, return_dict=False)[0]
+    _apply_as_comfyui(path, transformer)
+    ours = adapter.transformer(*inputs, return_dict=False)[0]
+    assert (ours - bare).abs().max() > 1e-2
+    torch.testing.assert_close(transformer(*inputs, return_dict=False)[0], ours, atol=1e-5, rtol=1e-5)
+
+
 # --- the end-of-training callback -----------------------------------------------------------------------------
 
 
@@ -216,12 +254,16 @@ def run_dir(cfg, state, tmp_path):
     write_lora_files(state, run, cfg.model, {})
     checkpoints = run / "checkpoints"
     checkpoints.mkdir()
-    module_state = {"adapter.transformer." + k.replace(".weight", ".default.weight"): v for k, v in state.items()}
-    torch.save({"state_dict": module_state}, checkpoints / "step000004.ckpt")
+    torch.save({"state_dict": _module_state(state)}, checkpoints / "step000004.ckpt")
     deepspeed = checkpoints / "last.ckpt" / "checkpoint"
     deepspeed.mkdir(parents=True)
     torch.save({"module": {}, CHECKPOINT_LORA_KEY: state}, deepspeed / "zero_pp_rank_0_mp_rank_00_model_states.pt")
     return run
+
+
+def _module_state(lora):
+    """LoRA weights under the names of DreamShotModule's parameters, as a checkpoint holds them."""
+    return {"adapter.transformer." + k.replace(".weight", ".default.weight"): v for k, v in lora.items()}
 
 
 def _assert_same_tensors(path, expected):
@@ -308,3 +350,73 @@ def test_export_command_errors_are_one_line(run_dir, state, source, extra, messa
     assert main(["export", str(path), "--out", str(tmp_path / "out"), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "comfyui"])
+def test_a_bf16_lora_is_folded_exactly_and_reads_back_as_trained(cfg, state, fmt, tmp_path):
+    """DeepSpeed's bf16 mode holds the LoRA in bf16: alpha / rank folded into it in bf16 would be rounded."""
+    bf16 = {key: value.to(torch.bfloat16) for key, value in state.items()}
+    (path,) = write_lora_files(bf16, tmp_path, cfg.model, {}, [fmt])
+    exported = to_diffusers(bf16, ALPHA) if fmt == "diffusers" else to_comfyui(bf16, ALPHA)
+    assert exported.tensors.keys() == load_file(path).keys()
+    exact = to_diffusers({key: value.double() for key, value in bf16.items()}, ALPHA).tensors
+    if fmt == "diffusers":  # the update every client applies is the trained one, to float32's precision
+        for key, value in load_file(path).items():
+            torch.testing.assert_close(value.double(), exact[key], rtol=2**-24, atol=0)
+    back = read_lora(path)
+    assert all(torch.equal(back.state[key].to(torch.bfloat16), value) for key, value in bf16.items())
+
+
+@pytest.mark.parametrize("kind", ["lightning", "deepspeed"])
+def test_a_checkpoint_of_an_ema_run_exports_the_average_as_the_run_files_hold_it(cfg, state, kind, tmp_path):
+    """With optim.ema_decay the run's lora.safetensors holds the average; its checkpoints keep the trained weights
+    beside the average (the callback's state): an export of last.ckpt must be the run's LoRA, not the raw weights."""
+    raw = {key: value + 1.0 for key, value in state.items()}
+    callbacks = {LoraEma(0.5).state_key: LoraEma(0.5).state_dict() | {"average": _module_state(state)}}
+    if kind == "lightning":
+        source = tmp_path / "last.ckpt"
+        torch.save({"state_dict": _module_state(raw), "callbacks": callbacks}, source)
+    else:
+        source = tmp_path / "last_ds.ckpt"
+        (source / "checkpoint").mkdir(parents=True)
+        checkpoint = {"module": {}, CHECKPOINT_LORA_KEY: raw, "callbacks": callbacks}
+        torch.save(checkpoint, source / "checkpoint" / "mp_rank_00_model_states.pt")
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    out = tmp_path / "out"
+    assert main(["export", str(source), "--out", str(out), "--format", "comfyui"]) == 0
+    _assert_same_tensors(out / EXPORT_FILES["comfyui"], to_comfyui(state, ALPHA).tensors)
+
+
+def test_a_lora_of_another_model_size_is_refused_before_writing(run_dir, state, tmp_path, capsys):
+    """The export records the config's base model in every file: a LoRA whose shapes do not fit it is no LoRA of it
+    (the clients would fail with a size mismatch)."""
+    narrow = {k: v[:, :40].contiguous() if k.endswith("lora_A.weight") else v for k, v in state.items()}
+    source = run_dir / "narrow.safetensors"
+    save_file(narrow, source, metadata={"format": "peft", "alpha": str(ALPHA)})
+    assert main(["export", str(source), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{source}: blocks.0.attn1.to_k.lora_A is (4, 40)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_replaces_no_file_without_overwrite(run_dir, state, tmp_path, capsys):
+    """Exporting a step checkpoint into its run folder would silently replace the run's final LoRA files."""
+    final = load_file(run_dir / EXPORT_FILES["comfyui"])
+    step = {key: value + 1.0 for key, value in state.items()}
+    torch.save({"state_dict": _module_state(step)}, run_dir / "checkpoints" / "step000004.ckpt")
+    argv = ["export", str(run_dir / "checkpoints" / "step000004.ckpt"), "--out", str(run_dir)]
+    assert main([*argv, "--format", "diffusers,comfyui"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--out {run_dir}: lora_diffusers.safetensors exists; pass --overwrite" in err
+    _assert_same_tensors(run_dir / EXPORT_FILES["comfyui"], final)
+    assert main([*argv, "--format", "comfyui", "--overwrite"]) == 0
+    _assert_same_tensors(run_dir / EXPORT_FILES["comfyui"], to_comfyui(step, ALPHA).tensors)
+
+
+def test_a_run_folder_without_lora_files_exports_its_deepspeed_last_checkpoint(run_dir, state, tmp_path):
+    """A DeepSpeed run stopped before its end has no LoRA files, and its last.ckpt is a folder."""
+    for name in EXPORT_FILES.values():
+        (run_dir / name).unlink()
+    out = tmp_path / "out"
+    assert main(["export", str(run_dir), "--out", str(out), "--format", "comfyui"]) == 0
+    _assert_same_tensors(out / EXPORT_FILES["comfyui"], to_comfyui(state, ALPHA).tensors)

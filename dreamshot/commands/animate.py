@@ -1,7 +1,8 @@
 """`dreamshot animate STORYBOARD_DIR --i2v WAN_I2V_DIR --out video.mp4` (paper appendix B.4).
 
 STORYBOARD_DIR is the output folder of `dreamshot generate`: its shots (`shot_01.png` …) and their annotations
-(`generation.json`) become one Wan image-to-video clip each, concatenated in shot order.
+(`generation.json`) become one Wan image-to-video clip each, concatenated in shot order. The mp4's folder and the
+shots (one size, in multiples of 16) are checked before the I2V model loads: a clip takes it minutes.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import torch
 
-from dreamshot.inference.animate import ClipSettings, animate_shots, load_i2v_pipeline, write_video
+from dreamshot.inference.animate import ClipSettings, animate_shots, check_shot_sizes, load_i2v_pipeline, write_video
 from dreamshot.inference.outputs import storyboard_shots
 from dreamshot.inference.story import open_rgb
 from dreamshot.utils.devices import pick_device
+from dreamshot.utils.errors import DreamShotError
+from dreamshot.utils.io import check_output_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -42,11 +45,20 @@ def clip_length(text: str) -> int:
 
 def run(args: argparse.Namespace) -> None:
     shots = storyboard_shots(args.storyboard)
+    check_video_path(args.out)
+    images = [open_rgb(path, str(path)) for path, _ in shots]
+    check_shot_sizes([(path, image) for (path, _), image in zip(shots, images, strict=True)])
     device = pick_device(args.device, "--device")
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     pipe = load_i2v_pipeline(args.i2v, device, dtype)
     settings = ClipSettings(args.frames, args.steps, args.guidance, args.negative_prompt, args.seed)
-    images = [open_rgb(path, str(path)) for path, _ in shots]
     clips = animate_shots(pipe, images, [annotation for _, annotation in shots], settings)
     frames = write_video(clips, args.out, args.fps)
     print(f"{len(clips)} clips, {frames} frames at {args.fps} fps -> {args.out}")
+
+
+def check_video_path(out: Path) -> None:
+    """The mp4 `out` can be written (checked before the clips are drawn, which takes the I2V model minutes a shot)."""
+    if out.is_dir():
+        raise DreamShotError(f"--out {out}: a folder; name the mp4 to write")
+    check_output_dir(out.parent, f"--out {out}: its folder")

@@ -19,9 +19,11 @@ import torch
 from diffusers import WanImageToVideoPipeline
 from PIL import Image
 
-from dreamshot.utils.errors import WeightsError
+from dreamshot.utils.errors import DataError, WeightsError
 from dreamshot.utils.io import atomic_path
 
+# WanImageToVideoPipeline draws heights and widths in multiples of 16 (the VAE's 8x times the DiT's 2x2 patches).
+SIZE_MULTIPLE = 16
 # The VAE and the CLIP image encoder stay float32 (as in diffusers' Wan I2V examples); these two may be bf16.
 _LOW_PRECISION_PARTS = ("transformer", "transformer_2", "text_encoder")
 
@@ -56,6 +58,21 @@ def load_i2v_pipeline(path: Path, device: torch.device | str, dtype: torch.dtype
         raise WeightsError(f"{path}: cannot load the I2V pipeline ({str(e).splitlines()[0]})") from None
     pipe.set_progress_bar_config(leave=False)
     return pipe.to(device)
+
+
+def check_shot_sizes(shots: Sequence[tuple[Path, Image.Image]]) -> None:
+    """DataError naming the file unless every shot has the first one's size (one video has one frame size) in
+    multiples of `SIZE_MULTIPLE`: found before any clip is drawn, not when the clips are joined."""
+    first, size = shots[0][0], shots[0][1].size
+    for path, image in shots:
+        if image.size != size:
+            raise DataError(
+                f"{path}: is {image.width}x{image.height}, {first.name} is {size[0]}x{size[1]}: one video has one size"
+            )
+        if image.width % SIZE_MULTIPLE or image.height % SIZE_MULTIPLE:
+            raise DataError(
+                f"{path}: is {image.width}x{image.height}; Wan's I2V draws sizes in multiples of {SIZE_MULTIPLE}"
+            )
 
 
 def animate_shots(

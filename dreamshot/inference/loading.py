@@ -2,7 +2,8 @@
 
 Weights come from a run folder (`lora.safetensors`, else `checkpoints/last.ckpt`), a LoRA in any format
 `models/wan/lora_files.py` reads (DreamShot's exports, diffusers, a peft adapter folder, ComfyUI, musubi-tuner),
-a Lightning `.ckpt` or DeepSpeed checkpoint folder of this project, or nothing (the bare backbone). The config
+a Lightning `.ckpt` or DeepSpeed checkpoint folder of this project (of a run with `optim.ema_decay`: the
+average of its weights, as the run's LoRA files hold it), or nothing (the bare backbone). The config
 builds the backbone: `--config` when given, else the run's `config.yaml`, found beside the LoRA file or one
 folder up (`<run>/checkpoints/x.ckpt`). Rank, alpha and target modules come from the LoRA itself
 (`lora_config_for`: a config value other than its default must agree with them); a checkpoint records them in
@@ -39,6 +40,7 @@ from dreamshot.models.wan.lora import (
 from dreamshot.models.wan.lora_files import DIFFUSERS_WEIGHTS, PEFT_CONFIG, LoraWeights, read_lora_file
 from dreamshot.models.wan.lora_formats import base_model_record
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, LORA_FILE
+from dreamshot.training.ema import LoraEma
 from dreamshot.utils.errors import ConfigError, WeightsError
 
 DEEPSPEED_MODEL_STATES = (
@@ -51,6 +53,8 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 CHECKPOINT_PREFIX = "adapter.transformer."
 # peft's parameter names carry the adapter name; its state-dict names (`lora_state_dict`) do not.
 ADAPTER_NAME = ".default."
+# Where a checkpoint keeps the LoRA average of `optim.ema_decay`: Lightning's state key of the callback.
+EMA_STATE_KEY = LoraEma.__qualname__
 
 
 def add_weight_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
@@ -68,12 +72,14 @@ def add_weight_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyE
 
 
 def run_weights(run_dir: Path) -> Path:
-    """The LoRA file of a run folder: the exported safetensors, else the last checkpoint."""
+    """The LoRA file of a run folder: the exported safetensors, else the last checkpoint (a file, or under DeepSpeed
+    a folder)."""
     if not (run_dir / RUN_CONFIG).is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no {RUN_CONFIG})")
-    for candidate in (run_dir / LORA_FILE, run_dir / LAST_CHECKPOINT):
-        if candidate.is_file():
-            return candidate
+    if (run_dir / LORA_FILE).is_file():
+        return run_dir / LORA_FILE
+    if (run_dir / LAST_CHECKPOINT).exists():
+        return run_dir / LAST_CHECKPOINT
     raise WeightsError(f"{run_dir}: neither {LORA_FILE} nor {LAST_CHECKPOINT} found (has the run trained?)")
 
 
@@ -229,17 +235,26 @@ def _read_checkpoint(path: Path) -> LoraWeights:
         state = checkpoint["state_dict"]
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing fault
         raise WeightsError(f"{path}: not a readable DreamShot checkpoint ({type(e).__name__})") from None
-    lora = {
+    return _checkpoint_lora(_module_lora(state), checkpoint)
+
+
+def _module_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA weights (peft names) among `DreamShotModule` parameters."""
+    return {
         key.removeprefix(CHECKPOINT_PREFIX).replace(ADAPTER_NAME, "."): value
         for key, value in state.items()
         if key.startswith(CHECKPOINT_PREFIX)
     }
-    return _checkpoint_lora(lora, checkpoint)
 
 
 def _checkpoint_lora(state: dict[str, torch.Tensor], checkpoint: dict) -> LoraWeights:
     """A checkpoint's LoRA with the alpha and base model of the config saved in it (`DreamShotModule`'s
-    hyper-parameters), when there is one."""
+    hyper-parameters), when there is one. A run with `optim.ema_decay` writes the average of its weights as its
+    LoRA files: its checkpoints read as that average too (kept by `LoraEma`), so an export of `last.ckpt` is the
+    run's `lora.safetensors`."""
+    average = checkpoint.get("callbacks", {}).get(EMA_STATE_KEY, {}).get("average")
+    if average:
+        state = _module_lora(average)
     config = checkpoint.get("hyper_parameters", {}).get("config")
     if config is None:
         return LoraWeights(state, None)

@@ -211,6 +211,8 @@ def storyboard_shots(out_dir: Path) -> list[tuple[Path, str]]:
         if not image.is_file():
             raise DataError(f"{path}: shots[{i}].file: {image} not found")
         shots.append((image, shot["annotation"]))
+    if not shots:
+        raise DataError(f"{path}: shots: the storyboard has no shots")
     return shots
 
 

@@ -14,6 +14,8 @@
 
 Both exports for other tools hold alpha / rank folded into the up weights and record alpha = rank: a client
 that ignores `lora_adapter_metadata` (diffusers 0.33 does) or `.alpha` applies the same update B·A·alpha/rank.
+A factor other than 1 is folded in float32 (a bf16 LoRA, as DeepSpeed's bf16 mode holds it, is written float32
+then), so the product is exact.
 Every file records the training rank and alpha and the factor folded into its up weights, so DreamShot reads any
 of them back as trained (`lora_files.py`), and the base model: its config name, transformer shape and the folder
 name of its weights (`METADATA_*`).
@@ -94,7 +96,7 @@ def to_diffusers(state: dict[str, torch.Tensor], alpha: float) -> LoraFile:
         "target_modules": sorted(lora_modules(state)),
     }
     metadata = {DIFFUSERS_METADATA_KEY: json.dumps({DIFFUSERS_PREFIX + k: v for k, v in config.items()})}
-    tensors = {DIFFUSERS_PREFIX + key: value for key, value in scale_up_weights(state, up_scale).items()}
+    tensors = {DIFFUSERS_PREFIX + key: value for key, value in folded(state, up_scale).items()}
     return LoraFile(tensors, {"format": "pt", **metadata, **_record(state, alpha, up_scale)})
 
 
@@ -103,7 +105,7 @@ def to_comfyui(state: dict[str, torch.Tensor], alpha: float) -> LoraFile:
     `.alpha` = rank on the block linears."""
     rank, up_scale = lora_rank(state), alpha / lora_rank(state)
     tensors: dict[str, torch.Tensor] = {}
-    for key, value in scale_up_weights(state, up_scale).items():
+    for key, value in folded(state, up_scale).items():
         module, part = split_key(key)
         name = COMFYUI_PREFIX + wan_module_name(module)
         tensors[f"{name}.{KOHYA_NAMES[part]}.weight"] = value
@@ -126,6 +128,15 @@ def base_model_record(cfg: ModelConfig) -> dict[str, str]:
 
 def _record(state: dict[str, torch.Tensor], alpha: float, up_scale: float) -> dict[str, str]:
     return {METADATA_RANK: str(lora_rank(state)), METADATA_ALPHA: str(float(alpha)), METADATA_UP_SCALE: str(up_scale)}
+
+
+def folded(state: dict[str, torch.Tensor], up_scale: float) -> dict[str, torch.Tensor]:
+    """`state` with `up_scale` folded into its up weights, in float32 when a 16-bit state is scaled: a bf16 product
+    would be rounded (by up to 2^-9), so no client would apply B·A·alpha/rank as trained and DreamShot could not
+    divide the factor out again exactly."""
+    if up_scale != 1:
+        state = {key: value.float() if value.element_size() < 4 else value for key, value in state.items()}
+    return scale_up_weights(state, up_scale)
 
 
 def scale_up_weights(state: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
