@@ -27,7 +27,8 @@ from dreamshot.inference.pipeline import StoryboardPipeline, StoryboardRequest, 
 from dreamshot.training.module import DreamShotModule
 
 # One CPU process: an experiment that splits its storyboards over a group (toy_long_storyboard) runs without it.
-TINY = ["model=tiny", "data=toy", "trainer=cpu", "trainer.context_parallel.degree=1"]
+# A toy world of both sources: data_sources's members train on one of them (refused at load if it had none).
+TINY = ["model=tiny", "data=toy", "data.toy.real_share=0.5", "trainer=cpu", "trainer.context_parallel.degree=1"]
 ABLATIONS = [name for name in available_experiments() if "ablation" in load_runs(name, TINY)[0].tags]
 # Two results are "the same" within float32 noise of a different summation order (a shifted RoPE index, say).
 SAME = {"rtol": 1e-4, "atol": 1e-6}

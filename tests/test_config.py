@@ -271,6 +271,19 @@ def test_an_unknown_data_source_is_refused_at_load_naming_where_it_was_set(sourc
     assert load_config("smoke", ["data.sources=[synthetic, real]"]).data.sources == ["synthetic", "real"]
 
 
+@pytest.mark.parametrize(("share", "kept", "refused"), [(0.0, "synthetic", "real"), (1.0, "real", "synthetic")])
+def test_a_source_the_toy_world_never_labels_is_refused_at_load(share, kept, refused):
+    overrides = [f"data.toy.real_share={share}"]
+    with pytest.raises(ConfigError, match=rf"data.sources=\[{refused}\] keeps no training group") as err:
+        load_config("smoke", [*overrides, f"data.sources=[{refused}]"])
+    assert err.value.key == "data.sources"
+    assert load_config("smoke", [*overrides, f"data.sources=[{kept},{refused}]"]).data.sources == [kept, refused]
+    # A manifest's sources are its records': only reading it tells.
+    manifest = ["data.manifest=/nowhere/manifest.jsonl", f"data.sources=[{refused}]"]
+    assert load_config("smoke", [*overrides, *manifest]).data.sources == [refused]
+    assert load_config("smoke", ["data.toy.real_share=0.5", f"data.sources=[{refused}]"]).data.sources == [refused]
+
+
 @pytest.mark.parametrize(
     ("key", "in_yaml", "bad", "good", "message"),
     [

@@ -1,6 +1,7 @@
 """The two-phase curriculum inside one run, resume across the phase switch, and RACL in training."""
 
 import csv
+import dataclasses
 
 import lightning as L
 import pytest
@@ -108,6 +109,19 @@ def test_validation_noise_follows_the_storyboards_not_their_place_or_rank(tmp_pa
     module._trainer = type("Trainer", (), {"distributed_sampler_kwargs": {"num_replicas": 2, "rank": 1}})()
     module.validation_step(batch, 3)
     assert logged[0] == logged[1]
+
+
+def test_a_repeated_validation_batch_weighs_nothing_in_val_metrics(tmp_path, monkeypatch):
+    # The sampler pads the ranks' shares with repeats; weighed like the others they would count twice in val/*.
+    cfg = _cfg(tmp_path, "val")
+    module = DreamShotModule(cfg)
+    batch = _toy_batch(cfg, tmp_path)
+    weights = []
+    monkeypatch.setattr(module, "log_dict", lambda values, batch_size, sync_dist: weights.append(batch_size))
+    module.validation_step(batch, 0)
+    module.validation_step(dataclasses.replace(batch, repeat=True), 1)
+    # Floats: Lightning floors the mean over the ranks of an integer sum of batch sizes (the 2-process twin tells).
+    assert weights == [batch.batch_size, 0] and all(isinstance(weight, float) for weight in weights)
 
 
 def test_racl_steps_raise_the_in_mask_share(tmp_path):

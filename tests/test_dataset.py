@@ -17,8 +17,14 @@ from scipy.ndimage import binary_dilation, binary_erosion
 
 from dreamshot.config.load import load_config
 from dreamshot.config.schema import DataConfig, ToyWorldConfig
-from dreamshot.data.bucketing import BucketBatchSampler, StoryboardBatch, aspect_bucket, collate_storyboards
-from dreamshot.data.datamodule import StoryboardDataModule
+from dreamshot.data.bucketing import (
+    BucketBatchSampler,
+    SampleKey,
+    StoryboardBatch,
+    aspect_bucket,
+    collate_storyboards,
+)
+from dreamshot.data.datamodule import EpochBatches, EpochProgress, StoryboardDataModule
 from dreamshot.data.dataset import StoryboardDataset
 from dreamshot.data.manifest import RoleRef, ShotRecord, StoryboardRecord, load_manifest, write_manifest
 from dreamshot.data.toyworld import COLOURS, generate_toyworld
@@ -236,6 +242,46 @@ def test_replicas_get_equal_length_shards_of_all_batches(replicas: int) -> None:
         assert len(set(flat)) == len(flat) == 9  # disjoint when no padding is needed
 
 
+def _rank_batches(replicas: int, shuffle: bool, **kwargs) -> list[list[list[SampleKey]]]:
+    """Every rank's keyed batches of one epoch of KEYS in batches of 3 (`EpochBatches` kwargs: length, multiple)."""
+    ranks = []
+    for rank in range(replicas):
+        sampler = BucketBatchSampler(KEYS, 3, shuffle, 0, num_replicas=replicas, rank=rank)
+        ranks.append(list(EpochBatches(sampler, lambda: None, EpochProgress(), **kwargs)))
+    return ranks
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_the_ranks_batches_that_are_no_repeat_hold_every_storyboard_once(replicas: int) -> None:
+    # 9 batches: 2 ranks pad with 1 repeat, 4 with 3; validation weighs the repeats zero (DreamShotModule).
+    ranks = _rank_batches(replicas, shuffle=False)
+    assert len({len(batches) for batches in ranks}) == 1  # every rank runs as many forwards
+    keys = [key for batches in ranks for batch in batches for key in batch]
+    assert sorted(key.index for key in keys if not key.repeat) == list(range(23))
+    assert sum(batch[0].repeat for batches in ranks for batch in batches) == -9 % replicas
+    assert all(len({key.repeat for key in batch}) == 1 for batches in ranks for batch in batches)
+
+
+@pytest.mark.parametrize(("replicas", "kwargs"), [(1, {"multiple": 2}), (2, {"multiple": 3}), (2, {"length": 12})])
+def test_a_batch_knows_the_storyboards_of_its_optimizer_step_over_every_replica(replicas: int, kwargs) -> None:
+    multiple = kwargs.get("multiple", 2)
+    ranks = _rank_batches(replicas, shuffle=True, **{"multiple": multiple, **kwargs})
+    sizes = set()
+    for start in range(0, len(ranks[0]), multiple):
+        step = [batch for batches in ranks for batch in batches[start : start + multiple]]
+        assert {key.step_samples for batch in step for key in batch} == {sum(len(batch) for batch in step)}
+        sizes |= {len(batch) for batch in step}
+    assert sizes == {2, 3} or sizes == {1, 2, 3}  # buckets of 8 and 7 end in short batches
+
+
+def test_a_batch_carries_its_keys_repeat_and_step_samples(toy) -> None:
+    dataset = StoryboardDataset(toy[:1], (48, 80), max_shots=3)
+    batch = collate_storyboards([dataset[SampleKey(0, 4, repeat=True, step_samples=5)]] * 2)
+    assert (batch.repeat, batch.step_samples, batch.batch_size) == (True, 5, 2)
+    plain = collate_storyboards([dataset[(0, 4)]])
+    assert (plain.repeat, plain.step_samples) == (False, None)
+
+
 @pytest.mark.parametrize(
     ("size", "target", "bucket"),
     [
@@ -269,7 +315,7 @@ def test_datamodule_yields_bucketed_batches_with_the_epoch_in_the_indices(tmp_pa
     assert module.val_set.records[-1].id == "toy-00005"
     loader = module.train_dataloader()
     loader.batch_sampler.sampler.set_epoch(3)  # no trainer attached: the sampler's own epoch counts
-    assert all(epoch == 3 for batch in loader.batch_sampler for _, epoch in batch)
+    assert all(key.epoch == 3 for batch in loader.batch_sampler for key in batch)
     batches = list(loader)
     assert sum(b.batch_size for b in batches) == 4
     for batch in batches:

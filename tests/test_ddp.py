@@ -118,6 +118,27 @@ def test_rank_zero_writes_every_format_and_a_lora_only_checkpoint(ddp_run):
     assert checkpoint["state_dict"] and all(".lora_" in key for key in checkpoint["state_dict"])
 
 
+def _val_loss(out: Path, *overrides: str) -> float:
+    """The val/loss a run of this file's config (plus `overrides`) logs, run as a subprocess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    command = [sys.executable, __file__, str(out), "plain", *overrides]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "csv" / "version_0" / "metrics.csv") as f:
+        (logged,) = [float(row["val/loss"]) for row in csv.DictReader(f) if row["val/loss"]]
+    return logged
+
+
+@pytest.mark.slow
+def test_validation_loss_of_two_ranks_equals_one_process_on_an_odd_validation_set(tmp_path):
+    # 3 validation groups in batches of 1: rank 1 pads its share with a repeat of the first, which counted twice.
+    # A vanishing learning rate keeps the two runs' weights equal, so only the reduction can tell them apart.
+    odd = ["data.toy.groups=7", "data.val_groups=3", "optim.lr=1e-12"]
+    two_ranks = _val_loss(tmp_path / "ddp", *odd)
+    one_process = _val_loss(tmp_path / "single", *odd, "trainer=cpu")
+    assert two_ranks == pytest.approx(one_process, rel=1e-6)
+
+
 def _poison_rank_one(step: int) -> None:
     """Rank 1's loss is NaN at `step`; rank 0's stays finite."""
     from dreamshot.training.module import DreamShotModule

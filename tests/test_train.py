@@ -137,7 +137,7 @@ def test_lora_dropout_draws_the_same_masks_resumed_and_whatever_the_validation(t
 
 
 class MicroBatchLosses(L.Callback):
-    """The unscaled loss of every micro-batch, by the optimizer step it belongs to."""
+    """(storyboards, unscaled loss, the loss Lightning backpropagates) of every micro-batch, by optimizer step."""
 
     def __init__(self):
         self.by_step = {}
@@ -146,7 +146,8 @@ class MicroBatchLosses(L.Callback):
         self.step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.by_step.setdefault(self.step, []).append(float(pl_module._last_losses["loss"]))
+        micro = (batch.batch_size, float(pl_module._last_losses["loss"]), float(outputs["loss"]))
+        self.by_step.setdefault(self.step, []).append(micro)
 
 
 def test_under_gradient_accumulation_a_step_logs_and_summarises_the_mean_of_its_micro_batches(tmp_path):
@@ -158,7 +159,7 @@ def test_under_gradient_accumulation_a_step_logs_and_summarises_the_mean_of_its_
         "trainer.log_every_n_steps=1",
     ]
     out = train(_config(tmp_path, "run", *run), [micro])
-    means = {step: sum(losses) / len(losses) for step, losses in micro.by_step.items()}
+    means = {step: sum(loss for _, loss, _ in losses) / len(losses) for step, losses in micro.by_step.items()}
     assert [len(losses) for losses in micro.by_step.values()] == [2, 2]
     with open(out / "csv" / "version_0" / "metrics.csv") as f:
         logged = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]}
@@ -167,6 +168,23 @@ def test_under_gradient_accumulation_a_step_logs_and_summarises_the_mean_of_its_
     assert summary["loss_window"] == 1
     assert summary["loss_start"] == pytest.approx(means[0], rel=1e-6)
     assert summary["loss_end"] == pytest.approx(means[1], rel=1e-6)
+
+
+def test_under_gradient_accumulation_a_step_weighs_its_micro_batches_by_their_storyboards(tmp_path):
+    # Batches of 2 from buckets of odd sizes: some steps have a micro-batch of 2 and one of 1. The gradient is
+    # linear in the backpropagated losses, so their sum being the mean over the step's storyboards makes the
+    # step's gradient that of one big batch (not the mean of the micro-batches' means).
+    shares = MicroBatchLosses()
+    run = ["data.toy.groups=6", "data.batch_size=2", "trainer.max_steps=3", "trainer.accumulate_grad_batches=2"]
+    out = train(_config(tmp_path, "run", *run, "trainer.log_every_n_steps=1"), [shares])
+    means = {}
+    for step, micro in shares.by_step.items():
+        means[step] = sum(n * loss for n, loss, _ in micro) / sum(n for n, _, _ in micro)
+        assert sum(backpropagated for _, _, backpropagated in micro) == pytest.approx(means[step], rel=1e-5)
+    assert any(len({n for n, _, _ in micro}) > 1 for micro in shares.by_step.values())
+    with open(out / "csv" / "version_0" / "metrics.csv") as f:
+        logged = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]}
+    assert logged == pytest.approx(means, rel=1e-6)
 
 
 def test_every_optimizer_step_accumulates_as_many_micro_batches_also_across_a_data_pass(tmp_path):

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dreamshot.config.values import RULES, TOY_WORLD_RULES, check_values
-from dreamshot.data.sources import SOURCES
+from dreamshot.data.sources import SOURCES, toy_world_sources
 from dreamshot.utils.errors import ConfigError
 from dreamshot.utils.secrets import check_endpoint, check_key_variable
 
@@ -128,8 +128,8 @@ class DataConfig:
     # Groups held out for validation (taken from the end of the manifest).
     val_groups: int = 4
     # Train only on groups from these sources (real / synthetic, dreamshot/data/sources.py); None: all; checked at
-    # load. Validation keeps every source, so runs that differ only here (the data-source ablation) are validated
-    # on the same groups.
+    # load (against data.toy.real_share without a manifest). Validation keeps every source, so runs that differ
+    # only here (the data-source ablation) are validated on the same groups.
     sources: list[str] | None = None
     # Folder of precomputed VAE latents and umT5 embeddings (`dreamshot cache EXP` writes it). Set: training
     # reads every batch from it and fails if it is incomplete or was built differently. None: encode on the fly.
@@ -590,7 +590,7 @@ class Config:
         if self.model.pretrained_path is None:
             check_model_dims(self.model)
         _check_sizes(self.data.resolution, "data.resolution", multiple=16)
-        _check_sources(self.data.sources)
+        _check_sources(self.data)
         check_toy_world(self.data.toy, "data.toy.")
         check_toy_world(self.eval.toy, "eval.toy.")
         _check_choice(self.diffusion.timestep_mode, ("per_token", "global"), "diffusion.timestep_mode")
@@ -732,13 +732,22 @@ def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}", key=key)
 
 
-def _check_sources(sources: list[str] | None) -> None:
+def _check_sources(data: DataConfig) -> None:
+    sources = data.sources
     if sources is not None and not sources:
         raise ConfigError(
             f"data.sources is empty: name one of {', '.join(SOURCES)} at least (null: all)", key="data.sources"
         )
     for source in sources or ():
         _check_choice(source, SOURCES, "data.sources")
+    # Known before the toy world is written: a real_share of 0 (the default) or 1 labels every group alike.
+    drawn = toy_world_sources(data.toy.real_share)
+    if data.manifest is None and sources and not set(sources) & set(drawn):
+        raise ConfigError(
+            f"data.sources=[{','.join(sources)}] keeps no training group: every group of the toy world "
+            f"(data.toy.real_share={data.toy.real_share}) is {drawn[0]}",
+            key="data.sources",
+        )
 
 
 def _check_probabilities(storyboard: StoryboardConfig) -> None:

@@ -3,6 +3,8 @@
 `BucketBatchSampler` draws every batch from one bucket of equal keys, shuffles reproducibly per epoch and
 shards batches across data-parallel replicas itself (so Lightning must not inject a DistributedSampler:
 `Trainer(use_distributed_sampler=False)`). `aspect_bucket` picks a bucket resolution for an image's aspect.
+A loader asks its dataset for `SampleKey`s: besides the storyboard and its data pass they carry what the batch
+tells its step (`StoryboardBatch.repeat`, `StoryboardBatch.step_samples`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +39,11 @@ class StoryboardBatch:
     shot_masks: torch.Tensor  # (B, N, K, H, W) in {0, 1}: role k in shot n
     # The cached latents and embeddings of the shots and references (masks unset).
     latents: StoryboardLatents | None = None
+    # A batch served again so that every rank runs as many batches: validation gives it no weight.
+    repeat: bool = False
+    # Storyboards in the micro-batches of every data-parallel replica that make up this batch's optimizer step:
+    # the batch's share of the step's gradient is batch_size / step_samples. None: unknown (a batch built by hand).
+    step_samples: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -74,6 +82,8 @@ def collate_storyboards(samples: Sequence[dict]) -> StoryboardBatch:
         ref_masks=_stack(samples, "ref_masks"),
         shot_masks=_stack(samples, "shot_masks"),
         latents=None if images else _stack_latents([s["latents"] for s in samples]),
+        repeat=first.get("repeat", False),
+        step_samples=first.get("step_samples"),
     )
 
 
@@ -86,13 +96,24 @@ def _stack_latents(cached: Sequence[dict[str, torch.Tensor]]) -> StoryboardLaten
     return StoryboardLatents(**{name: _stack(cached, name) for name in cached[0]})
 
 
+class SampleKey(NamedTuple):
+    """What a loader asks `StoryboardDataset` for: storyboard `index` in data pass `epoch`, and the facts of its batch
+    that the collated `StoryboardBatch` carries (`repeat`, `step_samples`)."""
+
+    index: int
+    epoch: int = 0
+    repeat: bool = False
+    step_samples: int | None = None
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of dataset indices whose bucket keys are equal.
 
     Every epoch (`set_epoch`) the indices inside each bucket and then the order of all batches are shuffled
     with a generator seeded by (seed, epoch). The batch list is padded by repeating its first batches to a
     multiple of `num_replicas`; rank r takes batches r, r + num_replicas, ... so all ranks run the same
-    number of steps. `drop_last` drops each bucket's incomplete last batch.
+    number of steps (`replica_batches` tells the repeats apart). `drop_last` drops each bucket's incomplete last
+    batch.
     """
 
     def __init__(
@@ -120,11 +141,15 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._batches()
-        padding = -len(batches) % self.num_replicas
+        return iter([batch for batch, _ in self.replica_batches()[self.rank]])
+
+    def replica_batches(self) -> list[list[tuple[list[int], bool]]]:
+        """Every replica's (batch, repeat) pairs of this epoch, the same on every rank; `repeat`: the batch pads the
+        list to a multiple of `num_replicas` and was served already."""
+        batches = [(batch, False) for batch in self._batches()]
         if batches:
-            batches += [batches[i % len(batches)] for i in range(padding)]
-        return iter(batches[self.rank :: self.num_replicas])
+            batches += [(batches[i % len(batches)][0], True) for i in range(-len(batches) % self.num_replicas)]
+        return [batches[rank :: self.num_replicas] for rank in range(self.num_replicas)]
 
     def __len__(self) -> int:
         rounding = math.floor if self.drop_last else math.ceil

@@ -32,7 +32,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from dreamshot.config.schema import DataConfig, ModelConfig, PhaseConfig
-from dreamshot.data.bucketing import BucketBatchSampler, StoryboardBatch, collate_storyboards
+from dreamshot.data.bucketing import BucketBatchSampler, SampleKey, StoryboardBatch, collate_storyboards
 from dreamshot.data.cache import LatentCache, cache_entries, cache_fingerprint
 from dreamshot.data.dataset import Resolution, StoryboardDataset, record_resolutions
 from dreamshot.data.manifest import StoryboardRecord, load_manifest
@@ -209,7 +209,7 @@ class EpochProgress:
 
 
 class EpochBatches:
-    """Batch sampler of a loader: the batches of `sampler`, each index paired with the epoch, `[(index, epoch)]`.
+    """Batch sampler of a loader: the batches of `sampler`, each index keyed with the epoch, `[SampleKey]`.
 
     The epoch travels with the indices because DataLoader workers hold their own copy of the dataset. It is
     the trainer's epoch when `trainer_epoch()` gives one (Lightning creates a resumed run's first iterator
@@ -219,6 +219,9 @@ class EpochBatches:
     each pass shuffled on its own; the dataset sees the pass id as its epoch. Without, an epoch is one pass, its
     first batches repeated up to a multiple of `multiple` (the micro-batches of an optimizer step): Lightning
     would end the pass with a short step whose loss it still divides by the full accumulation.
+    A key also says whether its batch is a repeat (padding, of the sampler's or of this class) and how many
+    storyboards the `multiple` consecutive batches of every replica hold together (the step's `step_samples`):
+    a bucket's last batch is smaller than the others, and it must weigh less in its step.
     """
 
     def __init__(
@@ -238,7 +241,7 @@ class EpochBatches:
         # The whole epoch, also when resuming: Lightning counts the batches it trained before.
         return -(-len(self.sampler) // self.multiple) * self.multiple if self.length is None else self.length
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[SampleKey]]:
         epoch = self.trainer_epoch()
         if epoch is None:
             epoch = self.sampler.epoch
@@ -246,18 +249,35 @@ class EpochBatches:
             self.progress.epoch, self.progress.consumed = epoch, 0
         return iter(self._epoch_batches(epoch)[self.progress.consumed :])
 
-    def _epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
-        if self.length is None:
-            batches = self._pass(epoch)
-            return batches + [batches[i % len(batches)] for i in range(-len(batches) % self.multiple)]
-        batches: list[list[tuple[int, int]]] = []
-        while len(batches) < self.length:
-            batches += self._pass(epoch * PASS_STRIDE + len(batches) // len(self.sampler))
-        return batches[: self.length]
+    def _epoch_batches(self, epoch: int) -> list[list[SampleKey]]:
+        """This rank's batches of `epoch`, keyed."""
+        shares, step = self._replica_epochs(epoch), self.multiple
+        # Every replica's share is equally long (the sampler pads them), so steps line up across replicas.
+        step_samples = [
+            sum(len(batch) for share in shares for batch, _, _ in share[start : start + step])
+            for start in range(0, len(shares[0]), step)
+        ]
+        return [
+            [SampleKey(index, pass_id, repeat, step_samples[n // step]) for index in batch]
+            for n, (batch, pass_id, repeat) in enumerate(shares[self.sampler.rank])
+        ]
 
-    def _pass(self, pass_id: int) -> list[list[tuple[int, int]]]:
+    def _replica_epochs(self, epoch: int) -> list[list[tuple[list[int], int, bool]]]:
+        """Every replica's (batch, pass id, repeat) of `epoch`."""
+        if self.length is None:
+            shares = self._pass(epoch)
+            padding = -len(shares[0]) % self.multiple
+            return [share + [(*share[i % len(share)][:2], True) for i in range(padding)] for share in shares]
+        shares = [[] for _ in range(self.sampler.num_replicas)]
+        while len(shares[0]) < self.length:
+            batches = self._pass(epoch * PASS_STRIDE + len(shares[0]) // len(self.sampler))
+            for share, passed in zip(shares, batches, strict=True):
+                share += passed
+        return [share[: self.length] for share in shares]
+
+    def _pass(self, pass_id: int) -> list[list[tuple[list[int], int, bool]]]:
         self.sampler.set_epoch(pass_id)
-        return [[(index, pass_id) for index in batch] for batch in self.sampler]
+        return [[(batch, pass_id, repeat) for batch, repeat in share] for share in self.sampler.replica_batches()]
 
 
 class StoryboardLoader(DataLoader):

@@ -9,8 +9,8 @@ same geometry, so a mask stays on its role's pixels.
 
 A storyboard with more shots than `max_shots` is cut to a window of `max_shots` consecutive shots. In training
 the window start is drawn from a generator seeded with (seed, index, epoch); the epoch travels with the index
-(`dataset[(index, epoch)]`), so DataLoader workers, persistent or not, need no shared state. In evaluation
-the window is the first `max_shots` shots.
+(`dataset[(index, epoch)]`, a `SampleKey`), so DataLoader workers, persistent or not, need no shared state. In
+evaluation the window is the first `max_shots` shots.
 
 With a `LatentCache` (data.cache_dir) a sample carries the cached VAE latents and umT5 embeddings of its
 window instead of the shot and reference images, which are then never decoded; masks are still read.
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dreamshot.data.bucketing import aspect_bucket
+from dreamshot.data.bucketing import SampleKey, aspect_bucket
 from dreamshot.data.manifest import MASK_MODES, StoryboardRecord
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.images import open_oriented, oriented_size, to_rgb
@@ -92,15 +92,18 @@ class StoryboardDataset(Dataset):
             start = int(np.random.default_rng([self.seed, index, epoch]).integers(len(starts)))
         return range(start, start + self.num_shots(index))
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        """`dataset[index]` (epoch 0) or `dataset[(index, epoch)]`. With N shots, K references at (H, W):
+    def __getitem__(self, key: int | tuple[int, int] | SampleKey) -> dict:
+        """`dataset[index]` (epoch 0), `dataset[(index, epoch)]` or `dataset[SampleKey(...)]`. With N shots,
+        K references at (H, W):
 
         id, source: str; shots (N, 3, H, W) float32 in [-1, 1]; shot_texts: N str;
         refs (K, 3, H, W) float32 in [-1, 1]; ref_texts: K str; ref_masks (K, H, W) float32 in {0, 1};
-        shot_masks (N, K, H, W) float32 in {0, 1}: role k (reference order) in shot n, zeros where absent.
+        shot_masks (N, K, H, W) float32 in {0, 1}: role k (reference order) in shot n, zeros where absent;
+        repeat: bool, step_samples: int | None, as the key gives them (for the batch).
         With a cache, `latents` (see `LatentCache.load`) replaces shots and refs.
         """
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        key = key if isinstance(key, SampleKey) else SampleKey(*key) if isinstance(key, tuple) else SampleKey(key)
+        index, epoch = key.index, key.epoch
         record, size = self.records[index], self.resolutions[index]
         window = self.window(index, epoch)
         sample = {
@@ -112,6 +115,8 @@ class StoryboardDataset(Dataset):
                 [_load_reference_mask(record, k, size) for k in range(len(record.references))], (0, *size)
             ),
             "shot_masks": torch.stack([_load_shot_masks(record, n, size) for n in window]),
+            "repeat": key.repeat,
+            "step_samples": key.step_samples,
         }
         if self.cache is not None:
             sample["latents"] = self.cache.load(record.id, size, window)

@@ -60,8 +60,8 @@ class DreamShotModule(L.LightningModule):
         # A micro-batch of the coming optimizer step had a non-finite loss (on some rank): the update is skipped.
         self._skip_update = False
         self._last_losses: dict[str, torch.Tensor] = {}
-        # (optimizer step, the losses of its finite micro-batches so far).
-        self._step_losses: tuple[int, list[dict[str, torch.Tensor]]] = (-1, [])
+        # (optimizer step, (storyboards, losses) of its finite micro-batches so far).
+        self._step_losses: tuple[int, list[tuple[int, dict[str, torch.Tensor]]]] = (-1, [])
 
     def setup(self, stage: str) -> None:
         # The strategy has started the processes and built the context-parallel groups by now.
@@ -98,27 +98,42 @@ class DreamShotModule(L.LightningModule):
             # dropped before the optimiser step.
             return sum((p.sum() for p in self.adapter.trainable_parameters()), torch.zeros((), device=self.device)) * 0
         self.mix_counts.update(plan.counts())
-        means = self._step_means(losses)
+        means = self._step_means(losses, batch.batch_size)
         means["phase"] = torch.tensor(float(self.phase))
         self.log_dict({f"train/{k}": v for k, v in means.items()}, prog_bar=True, batch_size=batch.batch_size)
         self.log_dict({f"train/count_{k}": float(v) for k, v in self.mix_counts.items()}, batch_size=batch.batch_size)
-        return losses["loss"]
+        return losses["loss"] * self._step_weight(batch)
 
-    def _step_means(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each loss averaged over the micro-batches of the optimizer step so far (gradient accumulation weighs
-        them equally): Lightning logs a step's last value, which is then the step's mean, not its last batch's."""
+    def _step_weight(self, batch: StoryboardBatch) -> float:
+        """The batch's weight among the micro-batches of its optimizer step. Lightning (accumulation) and the
+        data-parallel all-reduce average them with equal weights; a bucket's last batch holds fewer storyboards, so
+        each is scaled by its storyboards over the step's mean per micro-batch: the step's gradient is then the
+        gradient of the mean loss over all the step's storyboards, as one big batch would give."""
+        if batch.step_samples is None:
+            return 1.0
+        sharding = self._trainer.distributed_sampler_kwargs if self._trainer is not None else None
+        micro_batches = (sharding["num_replicas"] if sharding else 1) * self.cfg.trainer.accumulate_grad_batches
+        return batch.batch_size * micro_batches / batch.step_samples
+
+    def _step_means(self, losses: dict[str, torch.Tensor], storyboards: int) -> dict[str, torch.Tensor]:
+        """Each loss averaged over the storyboards of the optimizer step so far (`step_means`): Lightning logs a
+        step's last value, which is then the step's mean, not its last batch's."""
         step, seen = self._step_losses
         if step != self.global_step:
             step, seen = self.global_step, []
-        self._step_losses = (step, [*seen, {k: v.detach() for k, v in losses.items()}])
+        self._step_losses = (step, [*seen, (storyboards, {k: v.detach() for k, v in losses.items()})])
         return dict(self.step_means[1])
 
     @property
     def step_means(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """(optimizer step, each loss's mean over that step's finite micro-batches so far)."""
+        """(optimizer step, each loss's mean over that step's finite micro-batches so far, each micro-batch weighted
+        by its storyboards as in the gradient)."""
         step, seen = self._step_losses
-        keys = dict.fromkeys(key for losses in seen for key in losses)
-        return step, {k: torch.stack([s[k] for s in seen if k in s]).mean() for k in keys}
+        keys = dict.fromkeys(key for _, losses in seen for key in losses)
+        return step, {
+            k: sum(n * losses[k] for n, losses in seen if k in losses) / sum(n for n, losses in seen if k in losses)
+            for k in keys
+        }
 
     def validation_step(self, batch: StoryboardBatch, batch_idx: int) -> None:
         # Noise fixed by the batch's storyboards, not by its place in a rank's share: val/loss is comparable across
@@ -128,8 +143,12 @@ class DreamShotModule(L.LightningModule):
         plan = BatchPlan(mode, 0, False, (False,) * batch.batch_size)
         with_diagnostic = self.cfg.racl.diagnostic and batch.num_refs > 0
         losses = self.model_step(batch, plan, generator, racl_weight=0.0, diagnostic=with_diagnostic)
-        # Every rank validates its own share of the batches: the logged value is their mean over the ranks.
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch.batch_size, sync_dist=True)
+        # Every rank validates its own share of the batches; Lightning reduces (Σ value·batch_size) / Σ batch_size over
+        # the ranks. A repeat (padding, so that every rank runs as many forwards: they hold collectives) weighs
+        # nothing, so val/* is the mean over every validation storyboard once, whatever the device count. A float:
+        # Lightning floors the ranks' mean of an integer Σ batch_size (Lightning-AI/pytorch-lightning#21859).
+        storyboards = 0.0 if batch.repeat else float(batch.batch_size)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=storyboards, sync_dist=True)
 
     def model_step(
         self,
