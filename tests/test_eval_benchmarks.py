@@ -191,6 +191,15 @@ def test_mask_crops_need_masks(tmp_path):
         crop_mode(EvalConfig(crops="masks"), bench)
 
 
+def test_auto_crops_detect_drawn_shots_of_a_benchmark_with_masks(toy_manifest, tmp_path):
+    # The test set's masks outline the characters of its true shots, not where a model draws them: CIDS on
+    # drawn shots detects (the paper's ViStoryBench protocol) unless eval.crops=masks asks for them.
+    bench = load_dreamshot_test(manifest_to_test(toy_manifest, tmp_path / "test.jsonl"))
+    assert all(story.has_masks() for story in bench.stories)
+    assert crop_mode(EvalConfig(), bench) == "detector"
+    assert crop_mode(EvalConfig(crops="masks"), bench) == "masks"
+
+
 def test_mask_crops_follow_the_mask_onto_the_generated_size(tmp_path):
     bench = load_toy(ToyWorldConfig(groups=1, seed=2, image_size=[32, 48]), tmp_path)
     story = bench.stories[0]
