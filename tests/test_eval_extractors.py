@@ -170,3 +170,18 @@ def test_colour_histogram_is_a_unit_descriptor_of_colour():
     assert torch.allclose(features.norm(dim=-1), torch.ones(3))
     similarity = features @ features.T
     assert similarity[0, 1] == 0 and similarity[0, 2] == pytest.approx(0.5**0.5)
+
+
+
+@pytest.mark.parametrize(("size", "resized"), [((640, 720), (224, 252)), ((222, 333), (224, 336)), ((333, 111), (672, 224))])
+def test_clip_preprocessing_sizes_the_long_side_as_the_published_processor(size, resized):
+    # ViStoryBench's CIDS runs transformers' CLIPImageProcessor (4.41, its pinned version; checked side by side):
+    # the long side becomes int(224 * long / short), which `long * (224 / short)` misses by one pixel for these
+    # sizes, shifting the centre crop.
+    from dreamshot.eval.extractors import ClipImageEncoder
+
+    rng = np.random.default_rng(size[0])
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    left, top = (resized[0] - 224) // 2, (resized[1] - 224) // 2
+    published = _normalize(_unit(image.resize(resized, Image.BICUBIC).crop((left, top, left + 224, top + 224))))
+    torch.testing.assert_close(ClipImageEncoder(torch.nn.Identity()).preprocess(image), published, rtol=0, atol=0)
