@@ -172,8 +172,9 @@ def test_colour_histogram_is_a_unit_descriptor_of_colour():
     assert similarity[0, 1] == 0 and similarity[0, 2] == pytest.approx(0.5**0.5)
 
 
-
-@pytest.mark.parametrize(("size", "resized"), [((640, 720), (224, 252)), ((222, 333), (224, 336)), ((333, 111), (672, 224))])
+@pytest.mark.parametrize(
+    ("size", "resized"), [((640, 720), (224, 252)), ((222, 333), (224, 336)), ((333, 111), (672, 224))]
+)
 def test_clip_preprocessing_sizes_the_long_side_as_the_published_processor(size, resized):
     # ViStoryBench's CIDS runs transformers' CLIPImageProcessor (4.41, its pinned version; checked side by side):
     # the long side becomes int(224 * long / short), which `long * (224 / short)` misses by one pixel for these

@@ -32,7 +32,7 @@ from dreamshot.eval.metrics import (
     style_cross,
     style_self,
 )
-from dreamshot.inference.story import open_rgb
+from dreamshot.eval.reading import open_as_published
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class StyleMetric(StoryMetric):
         with_images = [c for c in story.characters.values() if c.images]
         if with_images:
             firsts = self.encoder(
-                [open_rgb(c.images[0], f"story {story.id}: character {c.key!r}") for c in with_images]
+                [open_as_published(c.images[0], f"story {story.id}: character {c.key!r}") for c in with_images]
             )
             row = {c.key: firsts[i] for i, c in enumerate(with_images)}
             listed = {shot.index: [k for k in shot.characters if k in row] for shot in story.shots}
