@@ -132,7 +132,8 @@ class IdentityMetric(StoryMetric):
 class StyleMetric(StoryMetric):
     """CSD (`prefix` "csd"; "toy_style" for the toy proxy). Self: mean cosine over all pairs of the story's
     shots. Cross: per shot, the mean cosine to the first reference image of each character listed in it (a shot
-    with none listed uses the story's first character with images), then the mean over shots."""
+    with none listed uses the story's first character with images), then the mean over shots; 0.0 for a story
+    without reference images."""
 
     def __init__(self, encoder: Encoder, prefix: str = "csd") -> None:
         super().__init__((f"{prefix}_cross", f"{prefix}_self"))
@@ -141,7 +142,8 @@ class StyleMetric(StoryMetric):
     def score(self, sample: StorySample) -> dict[str, float]:
         story = sample.story
         shots = self.encoder(list(sample.shots.values()))
-        values = {self.names[1]: style_self(shots)}
+        # A story without reference images (no characters) has cross 0.0, in the mean, as ViStoryBench's CSD.
+        values = {self.names[0]: 0.0, self.names[1]: style_self(shots)}
         with_images = [c for c in story.characters.values() if c.images]
         if with_images:
             firsts = self.encoder(
