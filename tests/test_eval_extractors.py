@@ -186,3 +186,26 @@ def test_clip_preprocessing_sizes_the_long_side_as_the_published_processor(size,
     left, top = (resized[0] - 224) // 2, (resized[1] - 224) // 2
     published = _normalize(_unit(image.resize(resized, Image.BICUBIC).crop((left, top, left + 224, top + 224))))
     torch.testing.assert_close(ClipImageEncoder(torch.nn.Identity()).preprocess(image), published, rtol=0, atol=0)
+
+
+def test_features_of_an_older_extractor_code_are_computed_again(image, tmp_path, monkeypatch):
+    # The cache key names the weights and settings, not the code: a fix to an extractor's preprocessing (CLIP's
+    # resize) bumps FEATURES_VERSION so that a rescore in an old results folder does not reuse its features.
+    from dreamshot.eval import feature_cache
+
+    calls = []
+
+    def encode(images):
+        calls.append(len(images))
+        return torch.ones(len(images), 2)
+
+    def encoded_once_more() -> bool:
+        cache = feature_cache.FeatureCache(tmp_path)
+        before = len(calls)
+        cache.encoder(encode, feature_cache.extractor_identity("clip", {"arch": "x"}))([image])
+        cache.flush("story")
+        return len(calls) > before
+
+    assert encoded_once_more() and not encoded_once_more()
+    monkeypatch.setattr(feature_cache, "FEATURES_VERSION", feature_cache.FEATURES_VERSION + 1)
+    assert encoded_once_more()
