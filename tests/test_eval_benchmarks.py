@@ -14,7 +14,7 @@ from dreamshot.data.toyworld import generate_toyworld
 from dreamshot.eval.benchmarks.dreamshot_test import load_dreamshot_test, main, manifest_to_test
 from dreamshot.eval.benchmarks.toy import load_toy
 from dreamshot.eval.benchmarks.vistorybench import load_vistorybench
-from dreamshot.eval.crops import MaskCrops
+from dreamshot.eval.crops import DetectorCrops, MaskCrops
 from dreamshot.eval.generation import IMAGE_SUFFIXES, read_story_shots, story_for_mode, story_shot_files, write_story
 from dreamshot.eval.suite import crop_mode
 from dreamshot.inference.outputs import SHEET_FILE, shot_index
@@ -191,6 +191,15 @@ def test_mask_crops_need_masks(tmp_path):
         crop_mode(EvalConfig(crops="masks"), bench)
 
 
+def test_auto_crops_detect_drawn_shots_of_a_benchmark_with_masks(toy_manifest, tmp_path):
+    # The test set's masks outline the characters of its true shots, not where a model draws them: CIDS on
+    # drawn shots detects (the paper's ViStoryBench protocol) unless eval.crops=masks asks for them.
+    bench = load_dreamshot_test(manifest_to_test(toy_manifest, tmp_path / "test.jsonl"))
+    assert all(story.has_masks() for story in bench.stories)
+    assert crop_mode(EvalConfig(), bench) == "detector"
+    assert crop_mode(EvalConfig(crops="masks"), bench) == "masks"
+
+
 def test_mask_crops_follow_the_mask_onto_the_generated_size(tmp_path):
     bench = load_toy(ToyWorldConfig(groups=1, seed=2, image_size=[32, 48]), tmp_path)
     story = bench.stories[0]
@@ -222,6 +231,27 @@ def test_output_folder_reading(tmp_path):
         (folder / name).unlink()
     with pytest.raises(DataError, match=r"story toy-00000: shot 3: no image \(e\.g\. shot_03\.png\)"):
         read_story_shots(tmp_path / "outputs", story, "r2s")
+
+
+class _NoBoxes:
+    def crops(self, image, limit=None):
+        return []
+
+
+def test_metrics_read_the_stored_pixels_as_vistorybench_does(tmp_path):
+    # ViStoryBench's metric code reads Image.open(path).convert("RGB"): no EXIF orientation, alpha dropped.
+    root = write_vistory(tmp_path / "data", {"01": vistory_story({"bear": "non_human"}, [["bear"]])})
+    story = load_vistorybench(root).stories[0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: a viewer turns it to 20 x 30
+    Image.new("RGB", (30, 20), (200, 0, 0)).save(story.characters["bear"].identity_images[0], exif=exif)
+    [whole, _] = DetectorCrops(_NoBoxes()).reference_crops(story.characters["bear"])
+    assert whole.size == (30, 20)
+    folder = tmp_path / "outputs" / "01"
+    folder.mkdir(parents=True)
+    Image.new("RGBA", (8, 8), (10, 20, 30, 0)).save(folder / "shot_01.png")
+    [shot] = read_story_shots(tmp_path / "outputs", story, "r2s").values()
+    assert shot.getpixel((0, 0)) == (10, 20, 30)  # the colour under the transparent pixel, not white
 
 
 def test_shot_files_are_named_and_read_as_vistorybench_reads_them(tmp_path):

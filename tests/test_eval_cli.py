@@ -181,6 +181,9 @@ def test_the_default_results_folder_names_what_is_scored(tmp_path, monkeypatch):
     assert name("--lora", "outputs/x/checkpoints/step000100.ckpt") == "toy_racl_ablation-with_racl-step000100"
     assert name("--lora", "outputs/x/lora.safetensors") == "toy_racl_ablation-with_racl"
     assert (name("--base"), name("--outputs", "theirs/shots")) == ("base", "shots")
+    # Scoring the working folder (`--outputs .`) names it, not "" (outputs/eval/-toy-r2s, an empty table label).
+    monkeypatch.chdir(tmp_path)
+    assert name("--outputs", ".") == tmp_path.name
     # `make eval` leaves the folder to `dreamshot eval` unless EVAL_OUT says otherwise.
     # Under another make (CI runs `make test`) a sub-make prints "Entering/Leaving directory" lines of its own.
     dry = ["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "eval", "BENCH=toy", "CKPT=outputs/demo"]

@@ -99,6 +99,14 @@ def test_clip_box_keeps_boxes_inside_and_drops_empty_ones():
     assert clip_box(torch.tensor([10.0, 10.0, 10.4, 20.0]), (40, 30)) is None
 
 
+def test_a_box_that_rounds_to_no_pixel_gives_no_crop():
+    # Centre 2, width 1: corners 1.5 and 2.5 both round to 2, a crop of width 0 that every encoder would fail on.
+    assert clip_box(torch.tensor([1.5, 0.0, 2.5, 10.0]), (40, 30)) is None
+    detector = TableDetector({(0, 0, 0): [[1.5, 0.0, 2.5, 10.0], [0.0, 0.0, 4.0, 4.0]]})
+    crops = DetectorCrops(detector).shot_crops(Image.new("RGB", (30, 30)), BenchShot(1, "", "", "", "", ("a",)))
+    assert [c.size for _, c in crops] == [(4, 4)]
+
+
 class TableDetector(CharacterDetector):
     """Boxes (xyxy pixels, best first) looked up by the image's top-left colour; none for other colours."""
 

@@ -170,3 +170,42 @@ def test_colour_histogram_is_a_unit_descriptor_of_colour():
     assert torch.allclose(features.norm(dim=-1), torch.ones(3))
     similarity = features @ features.T
     assert similarity[0, 1] == 0 and similarity[0, 2] == pytest.approx(0.5**0.5)
+
+
+@pytest.mark.parametrize(
+    ("size", "resized"), [((640, 720), (224, 252)), ((222, 333), (224, 336)), ((333, 111), (672, 224))]
+)
+def test_clip_preprocessing_sizes_the_long_side_as_the_published_processor(size, resized):
+    # ViStoryBench's CIDS runs transformers' CLIPImageProcessor (4.41, its pinned version; checked side by side):
+    # the long side becomes int(224 * long / short), which `long * (224 / short)` misses by one pixel for these
+    # sizes, shifting the centre crop.
+    from dreamshot.eval.extractors import ClipImageEncoder
+
+    rng = np.random.default_rng(size[0])
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    left, top = (resized[0] - 224) // 2, (resized[1] - 224) // 2
+    published = _normalize(_unit(image.resize(resized, Image.BICUBIC).crop((left, top, left + 224, top + 224))))
+    torch.testing.assert_close(ClipImageEncoder(torch.nn.Identity()).preprocess(image), published, rtol=0, atol=0)
+
+
+def test_features_of_an_older_extractor_code_are_computed_again(image, tmp_path, monkeypatch):
+    # The cache key names the weights and settings, not the code: a fix to an extractor's preprocessing (CLIP's
+    # resize) bumps FEATURES_VERSION so that a rescore in an old results folder does not reuse its features.
+    from dreamshot.eval import feature_cache
+
+    calls = []
+
+    def encode(images):
+        calls.append(len(images))
+        return torch.ones(len(images), 2)
+
+    def encoded_once_more() -> bool:
+        cache = feature_cache.FeatureCache(tmp_path)
+        before = len(calls)
+        cache.encoder(encode, feature_cache.extractor_identity("clip", {"arch": "x"}))([image])
+        cache.flush("story")
+        return len(calls) > before
+
+    assert encoded_once_more() and not encoded_once_more()
+    monkeypatch.setattr(feature_cache, "FEATURES_VERSION", feature_cache.FEATURES_VERSION + 1)
+    assert encoded_once_more()

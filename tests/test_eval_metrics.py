@@ -218,3 +218,16 @@ def test_style_metric_uses_first_reference_of_listed_characters(tmp_path):
     values = metric.compute()
     assert values["csd_self"].item() == pytest.approx(1.0)
     assert values["csd_cross"].item() == pytest.approx(0.5)  # shot 1 vs blue: 0, shot 2 vs red: 1
+
+
+def test_style_cross_of_a_story_without_reference_images_is_zero_and_counts(tmp_path):
+    # ViStoryBench's CSD gives such a story (a scenery story with no characters) cross 0.0, and its benchmark
+    # mean averages that 0.0 with the other stories'.
+    table = {RED: unit(1, 0, 0), BLUE: unit(0, 1, 0), GREEN: unit(0, 0, 1)}
+    metric = StyleMetric(TableEncoder(table))
+    scenery = BenchStory("scenery", {}, (BenchShot(1, "", "", "", "", ()),))
+    metric.update(StorySample(scenery, {1: Image.new("RGB", (4, 4), RED)}))
+    with_ana = BenchStory("ana", _story(tmp_path).characters, (BenchShot(1, "", "", "", "", ("ana",)),))
+    metric.update(StorySample(with_ana, {1: Image.new("RGB", (4, 4), RED)}))
+    assert metric.per_story["scenery"]["csd_cross"] == 0.0
+    assert metric.compute()["csd_cross"].item() == pytest.approx(0.5)

@@ -16,6 +16,7 @@ answers); `--redraw` draws again a folder drawn with another config (else refuse
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from dreamshot.commands import add_override_arguments
@@ -90,7 +91,7 @@ def scored_name(args: argparse.Namespace, cfg: Config) -> str:
     checkpoint's or LoRA file's stem when it is not the run's own `lora` (`demo-step000100`), `base`, or the
     folder of outputs — so scoring a second checkpoint does not overwrite the first's results."""
     if args.outputs:
-        return args.outputs.name
+        return _folder_name(args.outputs)
     if args.base:
         return "base"
     run = cfg.name.replace("/", "-")
@@ -98,9 +99,14 @@ def scored_name(args: argparse.Namespace, cfg: Config) -> str:
     return run if stem == Path(LORA_FILE).stem else f"{run}-{stem}"
 
 
+def _folder_name(folder: Path) -> str:
+    """The name of `folder`, `.` and `..` normalised away (a symbolic link keeps its own name)."""
+    return Path(os.path.abspath(folder)).name
+
+
 def _label(args: argparse.Namespace) -> str:
     if args.outputs:
-        return args.outputs.name
+        return _folder_name(args.outputs)
     if args.run:
         return f"ours ({args.run.name})"
     return f"ours ({args.lora.stem})" if args.lora else "ours (base)"

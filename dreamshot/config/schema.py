@@ -511,8 +511,8 @@ class EvalConfig:
     split: str = "full"
     # vistorybench: the dataset folder (holding ViStory/); dreamshot_test: the test file (.jsonl).
     data: str | None = None
-    # Where character crops come from: detector | masks (the benchmark's role masks) | auto (masks when the
-    # benchmark has them, else the detector).
+    # Where character crops come from: detector | masks (the benchmark's role masks, drawn on its true shots) |
+    # auto (masks on the toy benchmark, else the detector).
     crops: str = "auto"
     # Metrics to compute: cids, csd, aes, alignment, toy_proxy (weight-free, toy benchmark only).
     metrics: list[str] = field(default_factory=lambda: ["cids", "csd", "aes", "alignment", "toy_proxy"])

@@ -19,6 +19,7 @@ from PIL import Image
 from dreamshot.data.dataset import cover
 from dreamshot.eval.benchmarks.types import BenchCharacter, BenchShot
 from dreamshot.eval.detector import CharacterDetector
+from dreamshot.eval.reading import open_as_published
 from dreamshot.inference.story import open_rgb
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.images import open_oriented
@@ -34,7 +35,7 @@ class DetectorCrops:
         self.detector = detector
 
     def reference_crops(self, character: BenchCharacter) -> list[Image.Image]:
-        images = [open_rgb(path, f"character {character.key!r}") for path in character.identity_images]
+        images = [open_as_published(path, f"character {character.key!r}") for path in character.identity_images]
         crops = [crop for image in images for crop in self.detector.crops(image, 1)]
         return crops or images
 

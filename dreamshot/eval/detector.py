@@ -67,15 +67,16 @@ def clip_box(box: torch.Tensor, size: tuple[int, int]) -> Box | None:
 
     The published code scales GroundingDINO's (centre, size) box to pixels and truncates it to integers before
     converting it to corners, clips the corners to the image, and PIL rounds them (half to even) when cropping.
+    A box with no pixel left after rounding (a 1-pixel-wide one can lose both edges) is None too: the published
+    code would hand the encoders an empty crop.
     """
     width, height = size
     x0, y0, x1, y1 = box.tolist()
     cx, cy, w, h = (int(v) for v in ((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0))
     left, right = (max(0.0, min(v, width)) for v in (cx - w / 2, cx + w / 2))
     top, bottom = (max(0.0, min(v, height)) for v in (cy - h / 2, cy + h / 2))
-    if right <= left or bottom <= top:
-        return None
-    return round(left), round(top), round(right), round(bottom)
+    box = round(left), round(top), round(right), round(bottom)
+    return box if box[2] > box[0] and box[3] > box[1] else None
 
 
 def load_detector(cfg: DetectorConfig) -> CharacterDetector:

@@ -87,8 +87,8 @@ def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:
 class ClipImageEncoder(ImageEncoder):
     """CLIP image features, L2-normalised: (N, embed_dim).
 
-    Preprocessing as transformers' CLIPImageProcessor (ViStoryBench's): shortest side to 224 (bicubic),
-    centre crop 224 x 224, CLIP mean/std.
+    Preprocessing as transformers' CLIPImageProcessor (ViStoryBench's): shortest side to 224 and the long side
+    to int(224 * long / short) (bicubic), centre crop 224 x 224, CLIP mean/std.
     """
 
     def __init__(self, visual: nn.Module) -> None:
@@ -97,8 +97,10 @@ class ClipImageEncoder(ImageEncoder):
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         width, height = image.size
-        scale = CLIP_SIZE / min(width, height)
-        size = (max(CLIP_SIZE, int(width * scale)), max(CLIP_SIZE, int(height * scale)))
+        short, long = min(width, height), max(width, height)
+        # The processor's arithmetic to the pixel: `long * (224 / short)` is one short for e.g. 640 x 720.
+        side = int(CLIP_SIZE * long / short)
+        size = (CLIP_SIZE, side) if width <= height else (side, CLIP_SIZE)
         image = image.resize(size, Image.BICUBIC)
         left, top = (size[0] - CLIP_SIZE) // 2, (size[1] - CLIP_SIZE) // 2
         image = image.crop((left, top, left + CLIP_SIZE, top + CLIP_SIZE))

@@ -1,7 +1,7 @@
 """Extracted features cached per image, so that scoring a story again runs no encoder or detector.
 
-A feature is keyed by the extractor's identity (its kind, the settings that change its output, and the path,
-size and modification time of every weight file it read) and the SHA-256 of the image's pixels
+A feature is keyed by the extractor's identity (`FEATURES_VERSION`, its kind, the settings that change its
+output, and the path, size and modification time of every weight file it read) and the SHA-256 of the image's pixels
 (`judge.image_hash`): new weights, another prompt or another image miss the cache, a rescore of the same
 shots hits it. Shards live in `<out>/features/`, one safetensors file per story (written atomically once the
 story is scored, holding every feature the story used), so ranks scoring different stories never write the
@@ -26,11 +26,14 @@ from dreamshot.eval.judge import image_hash
 from dreamshot.utils.io import atomic_path
 
 FEATURES_DIR = "features"
+# Part of every extractor's identity: bumped when a change to the code changes an extractor's output (2: CLIP's
+# resize sizes the long side as transformers' CLIPImageProcessor does), so old folders' features are not reused.
+FEATURES_VERSION = 2
 
 
 def extractor_identity(kind: str, settings: dict, weights: Iterable[str | Path | None] = ()) -> str:
-    """A short digest of what an extractor computes: `kind`, `settings` and the stat of every weight file
-    (every file under a weight folder)."""
+    """A short digest of what an extractor computes: `FEATURES_VERSION`, `kind`, `settings` and the stat of every
+    weight file (every file under a weight folder)."""
     files = []
     for weight in weights:
         if weight is None:
@@ -38,7 +41,7 @@ def extractor_identity(kind: str, settings: dict, weights: Iterable[str | Path |
         root = Path(weight).expanduser().resolve()
         paths = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         files += [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-    text = json.dumps([kind, settings, files], sort_keys=True, default=str)
+    text = json.dumps([FEATURES_VERSION, kind, settings, files], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

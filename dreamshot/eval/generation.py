@@ -18,10 +18,11 @@ from pathlib import Path
 from PIL import Image
 
 from dreamshot.eval.benchmarks.types import BenchShot, BenchStory
+from dreamshot.eval.reading import open_as_published
 from dreamshot.inference.contact_sheet import contact_sheet
 from dreamshot.inference.outputs import SHEET_FILE, save_png, shot_file, shot_index, to_image
 from dreamshot.inference.pipeline import StoryboardPipeline
-from dreamshot.inference.story import Story, StoryRole, StoryShot, load_shot, open_rgb, story_request
+from dreamshot.inference.story import Story, StoryRole, StoryShot, load_shot, story_request
 from dreamshot.utils.errors import DataError
 
 # The shot files ViStoryBench's output reader takes (its IMAGE_EXTS, compared in lower case).
@@ -94,7 +95,7 @@ def write_story(folder: Path, shots: dict[int, Image.Image], sheet: Image.Image)
 def read_story_shots(root: Path, story: BenchStory, mode: str) -> dict[int, Image.Image]:
     """The shots `mode` scores for `story`, read from `root/<story id>/` (or its `shots/` subfolder)."""
     return {
-        index: open_rgb(path, f"story {story.id}: shot {index}")
+        index: open_as_published(path, f"story {story.id}: shot {index}")
         for index, path in story_shot_files(root, story, mode).items()
     }
 

@@ -25,7 +25,7 @@ from dreamshot.eval.benchmarks.types import FACE_TAG, BenchCharacter, BenchShot,
 from dreamshot.eval.crops import DetectorCrops, MaskCrops
 from dreamshot.eval.extractors import Encoder
 from dreamshot.eval.metrics import assign, best_reference_scores, found
-from dreamshot.inference.story import open_rgb
+from dreamshot.eval.reading import open_as_published
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class CharacterMatcher:
         encoder = self.encoders[self.encoder_kind(character)]
         features = encoder(self.crops.reference_crops(character))
         if not found(features).any():
-            whole = [open_rgb(path, f"character {character.key!r}") for path in character.identity_images]
+            whole = [open_as_published(path, f"character {character.key!r}") for path in character.identity_images]
             features = encoder(whole)
         return features
 

@@ -35,6 +35,7 @@ from dreamshot.eval.cost import story_costs
 from dreamshot.eval.drawing import DrawJob, draw_stories
 from dreamshot.eval.feature_cache import FEATURES_DIR, FeatureCache
 from dreamshot.eval.generation import draw_story, read_story_shots, story_for_mode, story_shot_files, write_story
+from dreamshot.eval.reading import open_as_published
 from dreamshot.eval.report import EvalResults, describe, log_tables, write_results
 from dreamshot.eval.resume import ResultsFolder, drawing_fingerprint, eval_identity, story_digest
 from dreamshot.eval.sharding import Ranks, share_of
@@ -42,7 +43,6 @@ from dreamshot.eval.story_metrics import AlignmentMetric, StorySample
 from dreamshot.eval.suite import MetricSuite, build_suite
 from dreamshot.inference.outputs import shot_file, storyboard_bytes
 from dreamshot.inference.pipeline import StoryboardPipeline
-from dreamshot.inference.story import open_rgb
 from dreamshot.planner.shape import model_shape
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.io import check_output_dir, folder_bytes
@@ -173,7 +173,7 @@ def check_outputs(outputs: Path, bench: Benchmark, mode: str) -> None:
     for story in bench.stories:
         files = story_shot_files(outputs, story, mode)
         # Decoded, not only opened: a truncated file is reported here too.
-        sizes = {path: open_rgb(path, f"story {story.id}: shot {index}").size for index, path in files.items()}
+        sizes = {path: open_as_published(path, f"story {story.id}: shot {index}").size for index, path in files.items()}
         first = next(iter(files.values()))
         for path, found in sizes.items():
             if found != sizes[first]:

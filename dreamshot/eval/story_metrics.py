@@ -32,7 +32,7 @@ from dreamshot.eval.metrics import (
     style_cross,
     style_self,
 )
-from dreamshot.inference.story import open_rgb
+from dreamshot.eval.reading import open_as_published
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,8 @@ class IdentityMetric(StoryMetric):
 class StyleMetric(StoryMetric):
     """CSD (`prefix` "csd"; "toy_style" for the toy proxy). Self: mean cosine over all pairs of the story's
     shots. Cross: per shot, the mean cosine to the first reference image of each character listed in it (a shot
-    with none listed uses the story's first character with images), then the mean over shots."""
+    with none listed uses the story's first character with images), then the mean over shots; 0.0 for a story
+    without reference images."""
 
     def __init__(self, encoder: Encoder, prefix: str = "csd") -> None:
         super().__init__((f"{prefix}_cross", f"{prefix}_self"))
@@ -141,11 +142,12 @@ class StyleMetric(StoryMetric):
     def score(self, sample: StorySample) -> dict[str, float]:
         story = sample.story
         shots = self.encoder(list(sample.shots.values()))
-        values = {self.names[1]: style_self(shots)}
+        # A story without reference images (no characters) has cross 0.0, in the mean, as ViStoryBench's CSD.
+        values = {self.names[0]: 0.0, self.names[1]: style_self(shots)}
         with_images = [c for c in story.characters.values() if c.images]
         if with_images:
             firsts = self.encoder(
-                [open_rgb(c.images[0], f"story {story.id}: character {c.key!r}") for c in with_images]
+                [open_as_published(c.images[0], f"story {story.id}: character {c.key!r}") for c in with_images]
             )
             row = {c.key: firsts[i] for i, c in enumerate(with_images)}
             listed = {shot.index: [k for k in shot.characters if k in row] for shot in story.shots}
