@@ -134,7 +134,8 @@ def test_the_total_backoff_is_bounded_then_the_judge_is_unavailable(server, slee
     start = time.monotonic()
     with pytest.raises(JudgeUnavailable, match=r"HTTP 503 .*backoff given up, eval\.judge\.backoff_total_s=0\.05"):
         judge.score(Image.new("RGB", (8, 8)), "text", "camera")
-    assert time.monotonic() - start < 2.0 and judge.stats.failed == 0  # not a failed attempt scoring 0
+    # The bound is a hang's (10,000 scripted 503s), loose enough for a machine loaded by other jobs.
+    assert time.monotonic() - start < 10.0 and judge.stats.failed == 0  # not a failed attempt scoring 0
     assert sum(sleeps) <= 0.05
     assert set(server.temperatures) == {0.0} and len(server.temperatures) > 1
 
