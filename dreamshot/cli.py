@@ -19,7 +19,8 @@ COMMANDS = {
     "cache": "Precompute an experiment's VAE latents and umT5 embeddings into data.cache_dir (resumable).",
     "train": "Train an experiment (LoRA on the Wan DiT).",
     "export": "Write a trained LoRA for diffusers (WanPipeline) and ComfyUI, from a run, checkpoint or LoRA file.",
-    "plan": "Parameters, tokens, FLOPs and per-GPU memory of an experiment's training step (analytic).",
+    "plan": "Parameters, tokens, FLOPs and per-GPU memory of an experiment's training step, or with --eval the "
+    "GPU-hours of drawing a benchmark (analytic).",
     "generate": "Draw a storyboard from a story file (t2s / r2s / s2s), or re-roll some of its shots.",
     "animate": "Turn a generated storyboard into a video, one Wan image-to-video clip per shot.",
     "prepare": "Turn a folder of videos into storyboard groups (shots, keyframes, filters, grouping, roles).",

@@ -15,22 +15,37 @@ from dreamshot.utils.io import check_output_dir
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults, rules = ToyWorldConfig(), TOY_WORLD_RULES
     parser.add_argument("--out", required=True, help="output folder (manifest.jsonl and one folder per group)")
-    parser.add_argument("--groups", type=ruled(rules["groups"]), default=defaults.groups, help="storyboard groups")
-    parser.add_argument("--seed", type=seed_value, default=defaults.seed, help="group i depends only on (seed, i)")
-    side = ruled(rules["image_size[]"])
-    parser.add_argument("--height", type=side, default=defaults.image_size[0], help="shot height in pixels")
-    parser.add_argument("--width", type=side, default=defaults.image_size[1], help="shot width in pixels")
-    shots = ruled(rules["min_shots"])
-    parser.add_argument("--min-shots", type=shots, default=defaults.min_shots, help="fewest shots per group")
-    parser.add_argument("--max-shots", type=shots, default=defaults.max_shots, help="most shots per group")
     parser.add_argument(
-        "--max-roles", type=ruled(rules["max_roles"]), default=defaults.max_roles, help="most roles per group"
+        "--groups", type=ruled(rules["groups"]), default=defaults.groups, help="storyboard groups (default %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=seed_value, default=defaults.seed, help="group i depends only on (seed, i) (default %(default)s)"
+    )
+    side = ruled(rules["image_size[]"])
+    parser.add_argument(
+        "--height", type=side, default=defaults.image_size[0], help="shot height in pixels (default %(default)s)"
+    )
+    parser.add_argument(
+        "--width", type=side, default=defaults.image_size[1], help="shot width in pixels (default %(default)s)"
+    )
+    shots = ruled(rules["min_shots"])
+    parser.add_argument(
+        "--min-shots", type=shots, default=defaults.min_shots, help="fewest shots per group (default %(default)s)"
+    )
+    parser.add_argument(
+        "--max-shots", type=shots, default=defaults.max_shots, help="most shots per group (default %(default)s)"
+    )
+    parser.add_argument(
+        "--max-roles",
+        type=ruled(rules["max_roles"]),
+        default=defaults.max_roles,
+        help="most roles per group (default %(default)s)",
     )
     parser.add_argument(
         "--real-share",
         type=ruled(rules["real_share"], float),
         default=defaults.real_share,
-        help="share of groups labelled real (noisy images)",
+        help="share of groups labelled real (noisy images; default %(default)s)",
     )
 
 

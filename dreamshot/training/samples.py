@@ -1,6 +1,6 @@
 """A storyboard drawn during training (`trainer.sample`): every n optimizer steps, the model being trained draws
 one storyboard — a story file, or the run's first validation storyboard from its references and annotations —
-into `<output_dir>/samples/step<N>.png` (a contact sheet, the validation storyboard's true shots under the drawn
+into `<output_dir>/samples/stepNNNNNN.png` (a contact sheet, the validation storyboard's true shots under the drawn
 ones) and logs it to W&B as `samples/storyboard`.
 
 Under context parallelism the storyboard is drawn by rank 0's whole context-parallel group, through the same
