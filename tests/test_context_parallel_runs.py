@@ -1,8 +1,9 @@
 """Context-parallel runs on CPU against their one-process twins, through the real launchers.
 
 Training (toy_long_storyboard: two gloo processes share every storyboard): the same batches, the same losses, the
-same training sample (`trainer.sample`, drawn by both ranks together) and the same LoRA as one process, with Ulysses
-and with ring attention, and after a SIGTERM and a resume. The CP run is a
+same training sample (`trainer.sample`) and storyboard metrics (`eval.callback`, on the toy benchmark), both drawn
+by both ranks together, and the same LoRA as one process, with Ulysses and with ring attention, and after a SIGTERM
+and a resume. The CP run is a
 subprocess executing this file, `python tests/test_context_parallel_runs.py OUT [--ring | --zero2 | --sigterm-at K |
 --resume]` (Lightning's DDP launcher starts rank 1 by running the same command again), so it can pass recording and
 signalling callbacks to `train()` and install test shims in both ranks.
@@ -13,6 +14,7 @@ the shots one process draws.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -40,6 +42,14 @@ OVERRIDES = [
     # Rank 0's group draws a storyboard together at step 2 (the same one as the one-process twin).
     "trainer.sample.every_n_steps=2",
     "trainer.sample.steps=1",
+    # And scores one toy-benchmark story at step 3 (rank 0 alone builds the metrics and logs them).
+    "eval.callback.enabled=true",
+    "eval.callback.every_n_steps=3",
+    "eval.callback.steps=1",
+    "eval.callback.stories=1",
+    "eval.toy.groups=1",
+    "eval.toy.image_size=[32,48]",
+    "eval.toy.max_shots=2",
     "data.toy.groups=3",
     f"trainer.max_steps={STEPS}",
     f"trainer.checkpoint_every_n_steps={STEPS}",
@@ -56,9 +66,9 @@ ALONE = ["trainer=cpu", "trainer.context_parallel.degree=1", "data.max_shots=30"
 
 class RecordBatches(L.Callback):
     """Writes `batches_rank<r>.json` ([ids, shots, loss] per step), `context_parallel_rank<r>` (the context-parallel
-    degree and attention the adapter ran with), `sampling_rank<r>.json` and `.safetensors` (the context-parallel degree
-    and the prediction of each forward outside training mode: the storyboard sample's) and `lora_rank<r>.safetensors`
-    per rank."""
+    degree and attention the adapter ran with), `sampling_rank<r>.json` and `.safetensors` (the step and
+    context-parallel degree, and the prediction, of each forward outside training mode: the sample's at step 2, the
+    storyboard metrics' at step 3) and `lora_rank<r>.safetensors` per rank."""
 
     def __init__(self, output_dir: Path) -> None:
         self.output_dir, self.batches, self.sampling, self.predictions = output_dir, [], [], {}
@@ -71,7 +81,7 @@ class RecordBatches(L.Callback):
             velocity = predict_velocity(*args, **kwargs)
             if not adapter.training:
                 self.predictions[str(len(self.sampling))] = velocity.detach().clone().contiguous()
-                self.sampling.append(adapter.context_parallel.degree)
+                self.sampling.append([trainer.global_step, adapter.context_parallel.degree])
             return velocity
 
         adapter.predict_velocity = recorded
@@ -176,25 +186,56 @@ def test_both_ranks_train_the_same_whole_long_storyboards(runs):
         assert loss == loss_1 and abs(loss - twin_loss) < 1e-5
 
 
+def _assert_drawn_by_both_ranks_as_one_process(shared: Path, alone: Path, step: int) -> None:
+    """Both ranks ran every sampler forward of step `step` at degree 2, predicting what the twin's predicted."""
+    ranks = [json.loads((shared / f"sampling_rank{rank}.json").read_text()) for rank in range(2)]
+    twin = json.loads((alone / "sampling_rank0.json").read_text())
+    twin_keys = [str(n) for n, (at, _) in enumerate(twin) if at == step]
+    assert twin_keys and {degree for at, degree in twin if at == step} == {1}
+    twin_predictions = load_file(alone / "sampling_rank0.safetensors")
+    for rank, sampling in enumerate(ranks):
+        keys = [str(n) for n, (at, _) in enumerate(sampling) if at == step]
+        assert [degree for at, degree in sampling if at == step] == [2] * len(twin_keys), f"rank {rank}"
+        predictions = load_file(shared / f"sampling_rank{rank}.safetensors")
+        for key, twin_key in zip(keys, twin_keys, strict=True):
+            value, expected = predictions[key], twin_predictions[twin_key]
+            torch.testing.assert_close(value, expected, atol=1e-4, rtol=0, msg=f"rank {rank}: forward {key}")
+
+
+def _assert_same_sheet(drawn: Path, one: Path) -> None:
+    drawn_pixels, one_pixels = np.asarray(Image.open(drawn), dtype=int), np.asarray(Image.open(one), dtype=int)
+    assert drawn_pixels.shape == one_pixels.shape
+    # 8-bit rounding of shots equal to float tolerance, which the sheet's bicubic upscaling can double.
+    assert np.abs(drawn_pixels - one_pixels).max() <= 2
+
+
 @pytest.mark.slow
 def test_the_training_sample_is_drawn_by_the_whole_group_as_one_process_draws_it(runs):
     shared, alone, _ = runs
-    ranks = [json.loads((shared / f"sampling_rank{rank}.json").read_text()) for rank in range(2)]
-    twin = json.loads((alone / "sampling_rank0.json").read_text())
-    assert twin and set(twin) == {1}
-    assert ranks[0] == ranks[1] == [2] * len(twin), "both ranks run every sampler forward, split"
-    twin_predictions = load_file(alone / "sampling_rank0.safetensors")
-    for rank in range(2):
-        predictions = load_file(shared / f"sampling_rank{rank}.safetensors")
-        assert predictions.keys() == twin_predictions.keys()
-        for key, value in predictions.items():
-            torch.testing.assert_close(value, twin_predictions[key], atol=1e-4, rtol=0, msg=f"rank {rank}: {key}")
+    _assert_drawn_by_both_ranks_as_one_process(shared, alone, step=2)
     assert sorted(path.name for path in (shared / "samples").iterdir()) == ["step000002.png"]
-    drawn = np.asarray(Image.open(shared / "samples" / "step000002.png"), dtype=int)
-    one = np.asarray(Image.open(alone / "samples" / "step000002.png"), dtype=int)
-    assert drawn.shape == one.shape
-    # 8-bit rounding of shots equal to float tolerance, which the sheet's bicubic upscaling can double.
-    assert np.abs(drawn - one).max() <= 2
+    _assert_same_sheet(shared / "samples" / "step000002.png", alone / "samples" / "step000002.png")
+
+
+def _eval_values(run: Path) -> dict[str, float]:
+    """The `eval/*` values of the run's CSV log, at the one step they were logged at (3)."""
+    (metrics,) = (run / "csv").glob("version_*/metrics.csv")
+    rows = [row for row in csv.DictReader(metrics.open()) if any(row[k] for k in row if k.startswith("eval/"))]
+    (row,) = rows
+    assert row["step"] == "3"
+    return {key: float(value) for key, value in row.items() if key.startswith("eval/")}
+
+
+@pytest.mark.slow
+def test_the_storyboard_metrics_are_drawn_by_the_whole_group_and_score_as_one_processs(runs):
+    shared, alone, _ = runs
+    _assert_drawn_by_both_ranks_as_one_process(shared, alone, step=3)
+    values, twin = _eval_values(shared), _eval_values(alone)
+    assert twin and values.keys() == twin.keys()
+    for key, value in values.items():
+        assert abs(value - twin[key]) < 1e-3, key
+    assert sorted(path.name for path in (shared / "eval_callback").glob("*.png")) == ["step000003.png"]
+    _assert_same_sheet(shared / "eval_callback" / "step000003.png", alone / "eval_callback" / "step000003.png")
 
 
 @pytest.mark.slow

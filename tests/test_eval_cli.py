@@ -151,6 +151,7 @@ def test_validation_callback_logs_metrics_and_storyboards(tmp_path):
 
     class Trainer:
         global_step = 1
+        global_rank = 0
         loggers = []
 
     Trainer.loggers = [type("Recorder", (), {"log_metrics": lambda self, m, step: logged.append((step, m))})()]

@@ -4,6 +4,10 @@ plus the storyboard contact sheets as one image (W&B image, and a PNG under `<ou
 
 The callback only generates, calls the metrics and logs; the metrics are built on first use (their weights load
 once per run). With no weights configured, the toy benchmark still gives its labelled weight-free proxies.
+
+Under context parallelism the stories are drawn by rank 0's whole context-parallel group through the training's
+split forward, as `trainer.sample` is (`draws_at`: the same steps on every rank, the other data-parallel groups
+train on); rank 0 alone builds the metrics, scores, logs and writes the PNG.
 """
 
 from __future__ import annotations
@@ -11,12 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
+import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
 from dreamshot.config.schema import Config
+from dreamshot.training.samples import draws_at
 
 CALLBACK_DIR = "eval_callback"
 
@@ -29,14 +33,17 @@ class StoryboardMetrics(L.Callback):
         self.suite = None
         self.last_step = -1
 
-    @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        # With gradient accumulation global_step stays put for several batches: evaluate once per step.
-        if step == 0 or step % self.cfg.eval.callback.every_n_steps or step == self.last_step:
+        degree = pl_module.adapter.context_parallel.degree
+        if not draws_at(step, self.last_step, self.cfg.eval.callback.every_n_steps, trainer.global_rank, degree):
             return
         self.last_step = step
-        values, sheet = self.evaluate(pl_module)
+        self._setup(pl_module, trainer.global_rank)
+        draws = self.draw(pl_module)
+        if trainer.global_rank != 0:
+            return
+        values, sheet = self.score(draws)
         for logger in trainer.loggers:  # W&B and the CSV beside it
             logger.log_metrics({f"eval/{name}": value for name, value in values.items()}, step=step)
             if isinstance(logger, WandbLogger):
@@ -44,41 +51,52 @@ class StoryboardMetrics(L.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         sheet.save(self.folder / f"step{step:06d}.png")
 
-    def evaluate(self, pl_module: L.LightningModule) -> tuple[dict[str, float], Image.Image]:
-        """Draw and score the fixed subset with the module's current weights: (values, stacked contact sheets)."""
+    def draw(self, pl_module: L.LightningModule) -> list[tuple[dict[int, Image.Image], Image.Image]]:
+        """Draw the fixed subset with the module's current weights: per story, its shots and its contact sheet."""
         from dreamshot.eval.generation import draw_story  # imported here: training imports this module
-        from dreamshot.eval.story_metrics import StorySample
         from dreamshot.inference.pipeline import StoryboardPipeline
 
-        self._setup(pl_module.device)
         ev = self.cfg.eval
         adapter = pl_module.adapter
         was_training = adapter.training
         adapter.eval()
         pipeline = StoryboardPipeline(adapter, self.cfg)
         size = (self.cfg.data.resolution[0], self.cfg.data.resolution[1])
-        sheets = []
         try:
-            with adapter.alone():  # rank 0 draws by itself, also under context parallelism
-                for story in self.stories:
-                    draw = draw_story(pipeline, story, ev.mode, size, self.cfg.inference.seed, ev.callback.steps)
-                    self.suite.update(StorySample(story, draw[0]))
-                    sheets.append(draw[1])
+            seed, steps = self.cfg.inference.seed, ev.callback.steps
+            return [draw_story(pipeline, story, ev.mode, size, seed, steps) for story in self.stories]
+        finally:
+            adapter.train(was_training)
+
+    def score(self, draws: list[tuple[dict[int, Image.Image], Image.Image]]) -> tuple[dict[str, float], Image.Image]:
+        """The metric values of the drawn stories and their contact sheets stacked."""
+        from dreamshot.eval.story_metrics import StorySample
+
+        try:
+            for story, (shots, _) in zip(self.stories, draws, strict=True):
+                self.suite.update(StorySample(story, shots))
             values = self.suite.compute()
         finally:
             self.suite.reset()
-            adapter.train(was_training)
-        return values, stack_vertically(sheets)
+        return values, stack_vertically([sheet for _, sheet in draws])
 
-    def _setup(self, device: torch.device) -> None:
-        if self.suite is not None:
+    def _setup(self, pl_module: L.LightningModule, global_rank: int) -> None:
+        """The stories, loaded (the toy benchmark written) by rank 0 and shared with its context-parallel group,
+        and on rank 0 the metric suite (its weights load there only)."""
+        if self.stories is not None:
             return
         from dreamshot.eval.benchmarks import load_benchmark
         from dreamshot.eval.suite import build_suite
 
-        bench = load_benchmark(self.cfg.eval, self.folder)
-        self.stories = bench.stories[: self.cfg.eval.callback.stories]
-        self.suite = build_suite(self.cfg.eval, bench, self.folder, device)
+        stories = [None]
+        if global_rank == 0:
+            bench = load_benchmark(self.cfg.eval, self.folder)
+            stories = [bench.stories[: self.cfg.eval.callback.stories]]
+            self.suite = build_suite(self.cfg.eval, bench, self.folder, pl_module.device)
+        group = pl_module.adapter.context_parallel
+        if group.degree > 1:
+            dist.broadcast_object_list(stories, group=group.group, group_src=0)
+        self.stories = stories[0]
 
 
 def stack_vertically(images: list[Image.Image]) -> Image.Image:

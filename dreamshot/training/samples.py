@@ -87,9 +87,9 @@ class SampleStoryboard(L.Callback):
 
 
 def draws_at(step: int, last_step: int, every_n_steps: int, global_rank: int, degree: int) -> bool:
-    """Whether this rank draws the sample after a batch of optimizer step `step` (`last_step`: the step it last
-    drew at). Every `every_n_steps` steps, once per step (under gradient accumulation global_step stays put for
-    several batches), on the ranks of rank 0's context-parallel group: ranks 0..degree-1, data-parallel rank 0 as
-    the strategy counts it (`distributed_sampler_kwargs`)."""
+    """Whether this rank draws the sample (or `eval.callback`'s stories) after a batch of optimizer step `step`
+    (`last_step`: the step it last drew at). Every `every_n_steps` steps, once per step (under gradient
+    accumulation global_step stays put for several batches), on the ranks of rank 0's context-parallel group:
+    ranks 0..degree-1, data-parallel rank 0 as the strategy counts it (`distributed_sampler_kwargs`)."""
     due = step > 0 and step % every_n_steps == 0 and step != last_step
     return due and global_rank // degree == 0

@@ -6,8 +6,7 @@ The trainer, the pipeline and the metrics talk to it in storyboard terms — ima
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -158,16 +157,6 @@ class WanAdapter(nn.Module):
             block_runner=capture.runner if capture is not None else run_block,
             shard=self.context_parallel.shard(frames, (height // p_h) * (width // p_w)),
         )
-
-    @contextmanager
-    def alone(self) -> Iterator[WanAdapter]:
-        """This process draws whole storyboards by itself for a while (the storyboard metrics drawn on rank 0
-        during training, `eval.callback`, while the other ranks of its context-parallel group train on)."""
-        group, self.context_parallel = self.context_parallel, ContextParallel()
-        try:
-            yield self
-        finally:
-            self.context_parallel = group
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         return lora_state_dict(self.transformer)
