@@ -93,6 +93,14 @@ def test_ddp_strategy_settings():
         (["trainer=ddp_cpu", "trainer.devices=0"], "trainer.devices must be >= 1"),
         (["trainer.num_nodes=0"], "trainer.num_nodes must be >= 1"),
         (["trainer=gpu", "trainer.strategy=deepspeed_stage_3"], "trainer.compile_blocks is not supported with"),
+        *(
+            (["trainer=gpu", "trainer.strategy=deepspeed_stage_3", "trainer.compile_blocks=false", setting], key)
+            for setting, key in (
+                ("optim.ema_decay=0.9", "optim.ema_decay is not supported with"),
+                ("trainer.sample.every_n_steps=2", "trainer.sample.every_n_steps is not supported with"),
+                ("eval.callback.enabled=true", "eval.callback.enabled is not supported with"),
+            )
+        ),
     ],
 )
 def test_impossible_trainer_settings_are_config_errors(overrides, message):

@@ -698,9 +698,13 @@ def _check_schedule_averaging_samples(cfg: Config) -> None:
     if sample.every_n_steps and sample.story is None and cfg.data.val_groups < 1:
         raise ConfigError("trainer.sample draws the first validation storyboard: set data.val_groups >= 1 or a story")
     if trainer.strategy == "deepspeed_stage_3":
-        # A ZeRO-3 rank holds a flat shard of each weight (no average to keep of it), and a forward on rank 0 alone
-        # would wait for the others to gather the weights.
-        for key, on in (("optim.ema_decay", optim.ema_decay), ("trainer.sample.every_n_steps", sample.every_n_steps)):
+        # A ZeRO-3 rank holds a flat shard of each weight (no average to keep of it), and a forward drawn by rank 0's
+        # group alone (a sample, the storyboard metrics) would wait for the other ranks to gather the weights.
+        drawn = (
+            ("trainer.sample.every_n_steps", sample.every_n_steps),
+            ("eval.callback.enabled", cfg.eval.callback.enabled),
+        )
+        for key, on in (("optim.ema_decay", optim.ema_decay), *drawn):
             if on:
                 raise ConfigError(f"{key} is not supported with trainer.strategy=deepspeed_stage_3")
 
