@@ -25,6 +25,8 @@ from dreamshot.prepare.config import PrepareConfig
 
 ROOT = Path(__file__).parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "RESULTS.md"]
+# The reports committed beside the measurements (their plots and tables are what RESULTS.md and the README cite).
+RESULT_REPORTS = sorted((ROOT / "benchmarks" / "results").rglob("*.md"))
 
 
 # Sections only (a dataclass or a list of them): a scalar field (`name`, `seed`) with a dot is prose or a file name.
@@ -304,7 +306,9 @@ def test_the_link_and_path_checks_find_what_is_missing(tmp_path):
     assert missing_paths(text) == ["tests/test_docs.py::no_such_test", "dreamshot/nope.py"]
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=[str(doc.relative_to(ROOT)) for doc in DOCS])
+@pytest.mark.parametrize(
+    "doc", DOCS + RESULT_REPORTS, ids=[str(doc.relative_to(ROOT)) for doc in DOCS + RESULT_REPORTS]
+)
 def test_every_link_resolves(doc):
     assert broken_links(doc) == []
 
