@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check of DreamShot that needs a GPU, in groups that each fit one device call (at most 500 s of check limits,
-# so a 600 s call also holds the wheels' install and the machine's line). Each check has its own time limit, so one
-# that hangs does not cost the others; logs: $LOG_DIR (default benchmarks/logs), one file per check.
+# so a 600 s call also holds the wheels' install, the machine's line and the kill's grace of a check that hangs). Each
+# check has its own time limit, so one that hangs does not cost the others; logs: $LOG_DIR (default
+# benchmarks/logs), one file per check.
 #
 #     CHECKS=first bash benchmarks/gpu_checks.sh     # the default: what the open issues wait for
 #     CHECKS="training cp" bash benchmarks/gpu_checks.sh   # groups and single checks, run in the order below
