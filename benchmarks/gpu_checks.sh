@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Every check of DreamShot that needs a GPU, in groups that each fit one device call (at most 500 s of check limits,
-# so a 600 s call also holds the wheels' install and the machine's line). Each check has its own time limit, so one
-# that hangs does not cost the others; logs: $LOG_DIR (default benchmarks/logs), one file per check.
+# so a 600 s call also holds the wheels' install, the machine's line and the kill's grace of a check that hangs). Each
+# check has its own time limit, so one that hangs does not cost the others; logs: $LOG_DIR (default
+# benchmarks/logs), one file per check.
 #
 #     CHECKS=first bash benchmarks/gpu_checks.sh     # the default: what the open issues wait for
 #     CHECKS="training cp" bash benchmarks/gpu_checks.sh   # groups and single checks, run in the order below
 #     LIST=1 CHECKS=all bash benchmarks/gpu_checks.sh      # print the checks and their limits, run nothing
+#
+# A check past its limit gets SIGTERM, then SIGKILL $grace seconds later: a Python SIGTERM handler (Lightning and
+# torchrun install one) runs only when the interpreter gets back control, so a process stuck in a CUDA or NCCL wait
+# would otherwise hold the script until the device call ends, and the logs' archive with it.
 #
 # A device call returns few files: write the logs elsewhere and bring them back as one archive, e.g.
 #     LOG_DIR=/tmp/logs bash benchmarks/gpu_checks.sh; tar -czf "$OUT/logs.tgz" -C /tmp logs
@@ -36,6 +41,7 @@ set -u
 log=${LOG_DIR:-benchmarks/logs}
 py=${PYTHON:-python3}
 listing=${LIST:-}
+grace=10
 
 declare -A group=(
     [first]="peers_wan1_3b peers_wan1_3b_compiled sampling_wan1_3b"
@@ -91,7 +97,7 @@ check() {  # check NAME SECONDS [GPUS] COMMAND...: run COMMAND for at most SECON
     fi
     echo "=== $name"
     local start=$SECONDS
-    timeout "$seconds" "$@" >"$log/$name.txt" 2>&1
+    timeout --kill-after "$grace" "$seconds" "$@" >"$log/$name.txt" 2>&1
     echo "exit $? after $((SECONDS - start)) s" >>"$log/$name.txt"
     grep -vE "^\[|^[WI][0-9]{4} |Warning|warn|kept in float32" "$log/$name.txt" | tail -n 25
 }

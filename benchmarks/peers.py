@@ -25,8 +25,10 @@ process's CPU time on the CPU, which other processes on a shared machine do not 
                 tokens, so the ratio is per token too. The first step of every call is not counted;
   sample r2s    r2s ([v_r, v_c] batched over K + N frames, plus v_u over N) against `WanPipeline` on K + N
                 frames; the ratio is per token processed (ours: 2(K+N)+N frames a step, diffusers': 2(K+N)).
-Peak memory of the training rows: `torch.cuda.max_memory_allocated` of a timed step on a GPU; on the CPU the
-peak of live tensor bytes in one extra profiled step (benchmarks/racl_step.py's `peak_mib`).
+Peak memory of the training rows: what one extra step adds at its peak to what is resident (both sides' models
+and optimiser states stay loaded through a row, so the allocator's absolute peak would count the other side's too):
+on a GPU `torch.cuda.max_memory_allocated` above `memory_allocated` before the step, on the CPU the peak of live
+tensor bytes replayed by the profiler (benchmarks/racl_step.py's `peak_mib`).
 With --profile DIR, one more step of each side per row is profiled: its operator table (by input shapes) per side,
 and per row `<row>_summary.txt`: each side's self CPU time in all, on the F·L text rows, on L-token rows, in
 concatenations and in RoPE's multiplication, and how many times each aten operator ran, with the difference.
@@ -477,12 +479,14 @@ def timed_step(step: Callable[[], None], device: torch.device) -> Callable[[], l
 
 
 def peak_step_mib(step: Callable[[], None], device: torch.device) -> float:
-    """Peak memory of one step: CUDA's allocator peak, or the CPU's live tensor bytes replayed by the profiler."""
+    """Peak memory one step adds to what is resident: CUDA's allocator peak above its allocation before the step,
+    or the CPU's live tensor bytes replayed by the profiler (which counts from the step's start too)."""
     if device.type != "cuda":
         return peak_mib(step)
     torch.cuda.reset_peak_memory_stats(device)
+    resident = torch.cuda.memory_allocated(device)
     step()
-    return torch.cuda.max_memory_allocated(device) / 2**20
+    return (torch.cuda.max_memory_allocated(device) - resident) / 2**20
 
 
 def check_equal(what: str, ours: int, peer: int) -> str:

@@ -21,8 +21,8 @@ Settings (`--settings`, comma list; `inference` keys in dreamshot/config/schema.
   fast          `--preset fast` (dreamshot/inference/presets.py);
   few_step      a second LoRA (random, rank 4, written in ComfyUI's format and read back) stacked on ours, 4 UniPC
                 steps at shift 5 (before the shift: 1, 0.75, 0.5, 0.25, lightx2v's step list), no guidance. Its
-                drift is against the exact 50-step sampler with the same two LoRAs: with random weights it measures
-                nothing about quality, only that the setting runs;
+                drift is against the exact sampler (`--steps` steps) with the same two LoRAs: with random weights
+                it measures nothing about quality, only that the setting runs;
   diffusers     `WanPipeline` (peers.py's `diffusers_sampling`) on a video of the same K + N latent frames, guidance
                 on (cond + uncond), its LoRA fused as ours is (`fuse_lora`): the ratio is per token of all forwards
                 (ours 2(K+N)+N frames a step, its 2(K+N)).

@@ -303,20 +303,21 @@ def measure(args, device: torch.device, group) -> None:
     peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
     plan = planned(cfg, args, data, args.zero, group.degree, half, group.degree)
+    if args.profile:  # on every rank: a context-parallel step waits for the whole group's all-to-alls
+        profile_step(lambda: stepper.step(loss), device, args.profile if group.rank == 0 else None)
     if group.rank != 0:
         return
     report(cfg, args, plan, seconds, matmul_rate(device, compute_dtype), peak_bytes)
     if peak_bytes is not None and args.zero == 2:
         zero2_estimate(cfg, args, data, peak_bytes, plan)
     if args.profile:
-        profile_step(lambda: stepper.step(loss), device, args.profile)
         print(f"profile of one step       {args.profile}")
 
 
-def profile_step(step, device: torch.device, path: Path, rows: int = 30, shapes: bool = False):
+def profile_step(step, device: torch.device, path: Path | None, rows: int = 30, shapes: bool = False):
     """Where one call of `step()` spends its time, by operator (self time on the device first), optionally split by
-    input shapes (which matmul is which): what to fix when a step is slow. Written as a text table to `path`;
-    returns the profile, for summaries of its events."""
+    input shapes (which matmul is which): what to fix when a step is slow. Written as a text table to `path` (None:
+    not written, on the ranks of a group that only step along); returns the profile, for summaries of its events."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
@@ -324,6 +325,8 @@ def profile_step(step, device: torch.device, path: Path, rows: int = 30, shapes:
     with profile(activities=activities, record_shapes=shapes) as prof:
         step()
         synchronize(device)
+    if path is None:
+        return prof
     sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     table = prof.key_averages(group_by_input_shape=shapes).table(
         sort_by=sort_by, row_limit=rows, max_name_column_width=70, max_shapes_column_width=90

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import runpy
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -50,6 +51,18 @@ def test_an_unknown_name_is_one_line_and_exit_2_with_nothing_run(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "'peers_wan13b'" in done.stderr
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_check_that_ignores_its_time_limit_is_killed(tmp_path):
+    # The script's `check` alone, on a command that ignores SIGTERM: killed a grace after its limit.
+    check = subprocess.run(["sed", "-n", "/^check() {/,/^}/p", str(SCRIPT)], capture_output=True, text=True).stdout
+    stubborn = "trap '' TERM; sleep 20"
+    setup = f'selected=" stubborn " listing= gpus=1 log={tmp_path} grace=1'
+    script = f'{check}\n{setup}\ncheck stubborn 1 bash -c "{stubborn}"'
+    start = time.monotonic()
+    subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 10
+    assert "exit 137 after" in (tmp_path / "stubborn.txt").read_text()
 
 
 @pytest.fixture(scope="module")

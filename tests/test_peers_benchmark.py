@@ -39,6 +39,22 @@ def test_interleaved_alternates_the_order_and_drops_the_warm_up_round(peers):
     assert medians == {"a": 2.0, "b": 6.0}
 
 
+def test_a_gpu_peak_is_what_the_step_adds_to_both_resident_models(peers, monkeypatch):
+    # Both DiTs and their optimiser states stay allocated through a row: 5 GiB before the step, which at its peak
+    # holds 300 MiB more and keeps 40 MiB (gradients); the CPU's profiler counts from the step's start too.
+    mib, allocator = 2**20, {"now": 5120 * 2**20, "peak": 0}
+
+    def step():
+        allocator["peak"] = max(allocator["peak"], allocator["now"] + 300 * mib)
+        allocator["now"] += 40 * mib
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: allocator.update(peak=allocator["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: allocator["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: allocator["peak"])
+    assert peers["peak_step_mib"](step, torch.device("cuda")) == 300
+    assert peers["peak_step_mib"](step, torch.device("cuda")) == 300  # the peak of the step before is reset
+
+
 def profiled(run):
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         run()

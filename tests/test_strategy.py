@@ -10,6 +10,7 @@ lifting Lightning's CUDA-only guard, which checks everything but the CUDA kernel
 
 from __future__ import annotations
 
+import importlib
 import os
 import runpy
 import subprocess
@@ -133,6 +134,25 @@ def test_throughput_benchmark_dry_run_on_cpu(monkeypatch, capsys):
     (row,) = [row for row in out.splitlines() if row.startswith("tokens/s")]
     tokens_per_second = float(row.split()[1].replace(",", ""))
     assert tokens_per_second > 0
+
+
+def test_throughput_benchmark_profiles_on_every_rank_and_only_the_first_writes(monkeypatch, capsys, tmp_path):
+    # Under torchrun a profiled step runs the group's all-to-alls: a rank that skipped it would leave rank 0 waiting.
+    from dreamshot.models.wan.context_parallel import ContextParallel
+
+    class SecondRank(ContextParallel):
+        rank = 1
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("train_throughput")
+    profiled, profile_step = [], bench.profile_step
+    monkeypatch.setattr(bench, "profile_step", lambda *args: profiled.append(args[2]) or profile_step(*args))
+    path = tmp_path / "profile.txt"
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--tiny", "--device", "cpu", "--steps", "1"])
+    args = bench.parse_args()
+    args.profile = path
+    bench.measure(args, torch.device("cpu"), SecondRank())
+    assert profiled == [None] and not path.exists() and capsys.readouterr().out == ""
 
 
 # --- real DeepSpeed runs ------------------------------------------------------------------------------------
