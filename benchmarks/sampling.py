@@ -325,6 +325,8 @@ def report(args, cfg: Config, work, settings: dict[str, Setting], steps, totals,
         )
         if name == "compiled":
             print(f"{'':<12}its first call, compiling: {setting.first_call:.1f} s")
+    for line in goal_lines(settings, steps, totals, references):
+        print(line)
     if "diffusers" in steps:
         ours = (2 * work.frames + work.shots) * work.tokens_per_frame
         theirs = 2 * work.frames * work.tokens_per_frame
@@ -335,6 +337,31 @@ def report(args, cfg: Config, work, settings: dict[str, Setting], steps, totals,
                     f"WanPipeline step {steps['diffusers']:.4f} s ({theirs:,} tokens, LoRA fused); {name} "
                     f"({ours:,} tokens) per token / its: {ratio:.2f}× (goal ≤ {GOALS['diffusers']:.1f}×)"
                 )
+
+
+def goal_lines(settings: dict[str, Setting], steps: dict[str, float], totals, references) -> list[str]:
+    """Issue 19's goals for the sampler, read off this run: the exact savings (`exact` against `per_step`, the
+    sampler before them, per step) and the fastest opt-in setting against `exact` (per storyboard: some change the
+    step count), each with its drift."""
+    lines = []
+    if "exact" in steps and "per_step" in steps:
+        speedup, gap = steps["per_step"] / steps["exact"], drift(settings["per_step"].latents, references["per_step"])
+        met = speedup >= GOALS["exact"] and gap <= EXACT_DRIFT
+        lines.append(
+            f"goal, exact savings: {speedup:.2f}× per step over per_step, drift {gap:.1e} "
+            f"(goal ≥ {GOALS['exact']:.1f}× with drift ≤ {EXACT_DRIFT:.0e}): {'met' if met else 'not met'}"
+        )
+    opt_in = [name for name in steps if name not in ("per_step", "exact", "compiled", "diffusers")]
+    if "exact" in steps and opt_in:
+        board = {name: statistics.median(totals[name]) for name in ("exact", *opt_in)}
+        fastest = min(opt_in, key=board.__getitem__)
+        speedup = board["exact"] / board[fastest]
+        shown = f", drift {drift(settings[fastest].latents, references[fastest]):.1e}" if fastest in references else ""
+        lines.append(
+            f"goal, fastest opt-in: {fastest}, {speedup:.2f}× per storyboard over exact{shown} "
+            f"(goal ≥ {GOALS['opt_in']:.1f}×): {'met' if speedup >= GOALS['opt_in'] else 'not met'}"
+        )
+    return lines
 
 
 if __name__ == "__main__":

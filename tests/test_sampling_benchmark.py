@@ -29,4 +29,27 @@ def test_the_sampling_benchmark_measures_every_setting(sampling, tmp_path, capsy
     assert rows["few_step"][5:7] == ["1.0", "2.0"]  # no guidance: v_c alone, 2 blocks
     assert float(rows["per_step"][-1]) <= 1e-5 and float(rows["exact"][-1]) == 0
     assert any(line.startswith("WanPipeline step") and "exact" in line for line in lines)
+    assert any(line.startswith("goal, exact savings: ") and "drift" in line for line in lines)
+    assert any(line.startswith("goal, fastest opt-in: ") for line in lines)
     assert (tmp_path / "second_lora_comfyui.safetensors").is_file()
+
+
+def test_the_goal_lines_judge_speed_and_drift(sampling):
+    import torch
+
+    exact = torch.ones(4, dtype=torch.float64)
+    settings = {
+        name: sampling["Setting"](name, None, latents=exact + offset)
+        for name, offset in (("per_step", 1e-7), ("exact", 0.0), ("fbc_01", 0.1), ("few_step", 0.5))
+    }
+    references = {name: exact for name in settings}
+    steps = {"per_step": 0.13, "exact": 0.1, "fbc_01": 0.06, "few_step": 0.1}
+    totals = {"exact": [5.0], "fbc_01": [3.0], "few_step": [2.0]}
+    per_step, opt_in = sampling["goal_lines"](settings, steps, totals, references)
+    assert per_step.startswith(
+        "goal, exact savings: 1.30× per step over per_step, drift 1.0e-07"
+    ) and per_step.endswith(": met")
+    assert opt_in.startswith("goal, fastest opt-in: few_step, 2.50× per storyboard over exact, drift 5.0e-01")
+    assert opt_in.endswith(": met")
+    settings["per_step"].latents = exact + 1e-3  # as fast, but not exact
+    assert sampling["goal_lines"](settings, steps, totals, references)[0].endswith(": not met")
