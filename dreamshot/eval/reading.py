@@ -14,14 +14,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from dreamshot.utils.errors import DataError
+from dreamshot.utils.images import read_image
 
 
 def open_as_published(path: Path, where: str) -> Image.Image:
     """The stored pixels of an image file as RGB (module docstring); an unreadable file is a DataError naming
     `where`."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{where}: cannot read image {path} ({' '.join(str(e).split())})") from None
+    return read_image(path, where, _stored_rgb)
+
+
+def _stored_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")

@@ -35,9 +35,8 @@ from PIL import Image
 from dreamshot.config.values import INT64_MAX, SEED_LIMIT
 from dreamshot.data.dataset import WHITE, cover, letterbox
 from dreamshot.inference.pipeline import StoryboardRequest
-from dreamshot.utils.errors import DataError
 from dreamshot.utils.fields import Where
-from dreamshot.utils.images import open_oriented, to_rgb
+from dreamshot.utils.images import open_oriented, read_image, to_rgb
 from dreamshot.utils.text import read_yaml_file
 
 _TOP_FIELDS = ("seed", "steps", "height", "width", "references", "previous_shots", "shots")
@@ -193,10 +192,7 @@ def load_shot(path: Path, size: tuple[int, int], where: str) -> torch.Tensor:
 def open_rgb(path: Path, where: str) -> Image.Image:
     """Decode an image file as RGB (`to_rgb`: transparent parts on white), EXIF orientation applied; an unreadable
     file is a DataError naming `where`."""
-    try:
-        return to_rgb(open_oriented(path))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{where}: cannot read image {path} ({' '.join(str(e).split())})") from None
+    return read_image(path, where, lambda file: to_rgb(open_oriented(file)))
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

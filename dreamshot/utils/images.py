@@ -6,9 +6,12 @@ channel instead would show whatever colour the transparent pixels happen to hold
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import ExifTags, Image, ImageOps
+
+from dreamshot.utils.errors import DataError
 
 # EXIF orientations that turn the image by 90 degrees (its stored width is its shown height).
 _QUARTER_TURNS = (5, 6, 7, 8)
@@ -18,6 +21,14 @@ def open_oriented(path: str | Path) -> Image.Image:
     """The decoded image at `path`, turned upright by its EXIF orientation (PIL's errors propagate)."""
     with Image.open(path) as image:
         return ImageOps.exif_transpose(image)
+
+
+def read_image(path: Path, where: str, decode: Callable[[Path], Image.Image]) -> Image.Image:
+    """`decode(path)`; a file that cannot be decoded is a DataError naming `where`."""
+    try:
+        return decode(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: cannot read image {path} ({' '.join(str(e).split())})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
