@@ -54,3 +54,19 @@ def test_frame_timesteps_zero_on_clean_frames():
     frames = torch.tensor([False, True, True])
     ts = frame_timesteps(t, frames)
     assert ts.tolist() == [[0, 500, 500], [0, 250, 250]]
+
+
+def test_bf16_latents_are_noised_and_targeted_in_float32():
+    """Under DeepSpeed's bf16 the latents and the noise arrive in bf16. z_t must be Eq. 3 at the t the DiT is told
+    (float32), rounded once to bf16, and the target the exact ε − z_0: checked against float64 re-implementations."""
+    g = torch.Generator().manual_seed(0)
+    z0, eps = (torch.randn(4, 16, 3, 8, 8, generator=g).bfloat16() for _ in range(2))
+    t = torch.tensor([0.3, 0.6113, 0.9973, 0.05])  # none of them a bf16 value
+    t64 = t.double().view(-1, 1, 1, 1, 1)
+    exact = (1 - t64) * z0.double() + t64 * eps.double()
+    zt = add_noise(z0, eps, t)
+    assert zt.dtype == torch.bfloat16
+    # One rounding to bf16 (8 significant bits) lands within 2^-8 of the exact value, relatively.
+    assert ((zt.double() - exact).abs() <= exact.abs() * 2**-8 * (1 + 2**-10)).all()
+    target = velocity_target(z0, eps)
+    torch.testing.assert_close(target.double(), eps.double() - z0.double(), atol=1e-30, rtol=2**-23)

@@ -149,3 +149,24 @@ def test_normalization_matches_wan_pipeline_and_inverts(stats_vae):
     normalized = normalize_latents(z, stats_vae)
     assert torch.allclose(normalized, (z - mean) / std, atol=1e-6)
     assert torch.allclose(denormalize_latents(normalized, stats_vae), z, atol=1e-6)
+
+
+def test_the_frozen_encoders_ignore_an_autocast_around_them(tiny_components):
+    """`trainer=ddp`'s bf16-mixed runs the training step, and so the encoding of its batch, in autocast; the VAE and
+    umT5 must encode as at sampling (no autocast there), or the model trains on latents of another encoder."""
+    from dreamshot.models.wan.text import encode_texts
+
+    vae, umt5, tokenizer = tiny_components.vae, tiny_components.text_encoder, tiny_components.tokenizer
+    g = torch.Generator().manual_seed(0)
+    shots = torch.rand(1, 2, 3, H, W, generator=g) * 2 - 1
+    texts = [["a red circle walks", "a blue square"]]
+
+    def encoded():
+        latents = encode_shots(vae, shots)
+        return latents, decode_shots(vae, latents), encode_texts(umt5, tokenizer, texts, 8)
+
+    plain = encoded()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = encoded()
+    for reference, result in zip(plain, under_autocast, strict=True):
+        assert result.dtype == reference.dtype and torch.equal(result, reference)

@@ -9,7 +9,10 @@ keys are the S tokens of that shot. For source p and target j the role-attention
 
 and it is compared, scaled to [0, 1] by its maximum, with the role's token mask in shot j by binary
 cross-entropy. Only the |Q| rows of the role query tokens are ever formed, one target shot at a time, in
-float32 (|Q| rows only, so cheap; bf16 logits would carry ~1% relative error into the softmax).
+float32 (|Q| rows only, so cheap; bf16 logits would carry ~1% relative error into the softmax). Maps and loss are
+computed with autocast off: under `bf16-mixed` without DeepSpeed (`trainer=ddp`) Lightning runs the whole training
+step in autocast, which would cast the role rows' float32 matmuls back to bf16 and, on CUDA, refuses
+`binary_cross_entropy` outright ("unsafe to autocast").
 
 A role absent from shot j has an all-zero label, which the max-scaled map cannot approach (a map that sums to 1
 over shot j, scaled by its maximum, is minimised by a one-hot). So with `racl.absent_negative` the absent-role
@@ -98,6 +101,10 @@ def build_role_plan(frame_masks: torch.Tensor, target_frames: torch.Tensor, abse
     )
 
 
+def _autocast_off(tensor: torch.Tensor) -> torch.autocast:
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 class RoleAttention(NamedTuple):
     """The role-attention maps (P, N, S) of one sample and, when asked for, the attention masses (P, N)."""
 
@@ -119,27 +126,28 @@ def role_attention_maps(
     Returns maps (P, N, S), each (p, n) row summing to 1, and with `with_mass` the masses m_{p→n} (P, N).
     Logits are averaged over heads before the softmax: mean_h q_h·k_h/√d = (q_flat · k_flat) / (H·√d).
     """
-    heads, head_dim = query.shape[-2:]
-    rows = (source_weights > 0).any(0).nonzero(as_tuple=True)[0]
-    q = query.flatten(-2)[rows].float() / (heads * head_dim**0.5)  # (U, H·d): only tokens of some source
-    keys = key.flatten(-2)
-    weights = source_weights[:, rows].float()
-    maps, target_lse = [], []
-    for tokens in target_tokens:
-        logits = q @ keys[tokens].float().T  # (U, S)
-        maps.append(weights @ torch.softmax(logits, dim=-1))
-        if with_mass:
-            target_lse.append(torch.logsumexp(logits, dim=-1))
-    maps = torch.stack(maps, dim=1)
-    if not with_mass:
-        return RoleAttention(maps)
-    targeted = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
-    targeted[target_tokens.flatten()] = True
-    others = (~targeted).nonzero(as_tuple=True)[0].split(target_tokens.shape[1])
-    other_lse = [torch.logsumexp(q @ keys[tokens].float().T, dim=-1) for tokens in others]
-    total = torch.stack(target_lse + other_lse).logsumexp(0)  # (U,): over all T keys
-    share = torch.exp(torch.stack(target_lse, dim=1) - total[:, None])  # (U, N)
-    return RoleAttention(maps, weights @ share)
+    with _autocast_off(query):
+        heads, head_dim = query.shape[-2:]
+        rows = (source_weights > 0).any(0).nonzero(as_tuple=True)[0]
+        q = query.flatten(-2)[rows].float() / (heads * head_dim**0.5)  # (U, H·d): only tokens of some source
+        keys = key.flatten(-2)
+        weights = source_weights[:, rows].float()
+        maps, target_lse = [], []
+        for tokens in target_tokens:
+            logits = q @ keys[tokens].float().T  # (U, S)
+            maps.append(weights @ torch.softmax(logits, dim=-1))
+            if with_mass:
+                target_lse.append(torch.logsumexp(logits, dim=-1))
+        maps = torch.stack(maps, dim=1)
+        if not with_mass:
+            return RoleAttention(maps)
+        targeted = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
+        targeted[target_tokens.flatten()] = True
+        others = (~targeted).nonzero(as_tuple=True)[0].split(target_tokens.shape[1])
+        other_lse = [torch.logsumexp(q @ keys[tokens].float().T, dim=-1) for tokens in others]
+        total = torch.stack(target_lse + other_lse).logsumexp(0)  # (U,): over all T keys
+        share = torch.exp(torch.stack(target_lse, dim=1) - total[:, None])  # (U, N)
+        return RoleAttention(maps, weights @ share)
 
 
 def naive_role_attention_maps(
@@ -154,15 +162,16 @@ def naive_role_attention_maps(
     Same shapes and result; used only by the tests (exactness, gradients) and benchmarks/racl_step.py (the cost
     of the naive capture). Never used in training.
     """
-    head_dim = query.shape[-1]
-    logits = torch.einsum("qhd,khd->hqk", query.float(), key.float()) / head_dim**0.5  # (H, T, T)
-    mean_logits = logits.mean(0)
-    maps = [source_weights.float() @ torch.softmax(mean_logits[:, tokens], dim=-1) for tokens in target_tokens]
-    mass = None
-    if with_mass:
-        attention = torch.softmax(mean_logits, dim=-1)
-        mass = torch.stack([source_weights.float() @ attention[:, tokens].sum(-1) for tokens in target_tokens], 1)
-    return RoleAttention(torch.stack(maps, dim=1), mass)
+    with _autocast_off(query):
+        head_dim = query.shape[-1]
+        logits = torch.einsum("qhd,khd->hqk", query.float(), key.float()) / head_dim**0.5  # (H, T, T)
+        mean_logits = logits.mean(0)
+        maps = [source_weights.float() @ torch.softmax(mean_logits[:, tokens], dim=-1) for tokens in target_tokens]
+        mass = None
+        if with_mass:
+            attention = torch.softmax(mean_logits, dim=-1)
+            mass = torch.stack([source_weights.float() @ attention[:, tokens].sum(-1) for tokens in target_tokens], 1)
+        return RoleAttention(torch.stack(maps, dim=1), mass)
 
 
 def racl_loss(
@@ -179,18 +188,19 @@ def racl_loss(
     maps, target_masks: (P, N, S); pairs, absent_pairs: (P, N) bool; mass: (P, N). Returns a scalar (0 with a
     graph when no term is present).
     """
-    scaled = maps / maps.amax(-1, keepdim=True).clamp_min(eps)
-    bce = F.binary_cross_entropy(scaled.clamp(eps, 1 - eps), target_masks.to(scaled.dtype), reduction="none")
-    terms = [bce.mean(-1)[pairs]]
-    if absent_pairs is not None and absent_pairs.any():
-        if mass is None:
-            raise ValueError("absent-role pairs need the attention mass: capture with with_mass=True")
-        absent_mass = mass.clamp(eps, 1 - eps)[absent_pairs]
-        terms.append(F.binary_cross_entropy(absent_mass, torch.zeros_like(absent_mass), reduction="none"))
-    terms = torch.cat(terms)
-    if terms.numel() == 0:
-        return maps.sum() * 0.0
-    return terms.mean()
+    with _autocast_off(maps):
+        scaled = maps / maps.amax(-1, keepdim=True).clamp_min(eps)
+        bce = F.binary_cross_entropy(scaled.clamp(eps, 1 - eps), target_masks.to(scaled.dtype), reduction="none")
+        terms = [bce.mean(-1)[pairs]]
+        if absent_pairs is not None and absent_pairs.any():
+            if mass is None:
+                raise ValueError("absent-role pairs need the attention mass: capture with with_mass=True")
+            absent_mass = mass.clamp(eps, 1 - eps)[absent_pairs]
+            terms.append(F.binary_cross_entropy(absent_mass, torch.zeros_like(absent_mass), reduction="none"))
+        terms = torch.cat(terms)
+        if terms.numel() == 0:
+            return maps.sum() * 0.0
+        return terms.mean()
 
 
 def attention_shares(

@@ -6,7 +6,9 @@ or drawn, has a story position: its 0-based index in the storyboard. The layout 
 sequence and its temporal RoPE index (and phase) (DESIGN §2 "Positions", paper Tab. 3):
 
 - `refs_first` (default): references 0..K-1, the shot at story position s at K+s.
-- `phase`: as `refs_first`, plus a constant angle φ added to every temporal rotation of reference tokens.
+- `phase`: as `refs_first`, plus a constant angle φ added to every temporal rotation of reference tokens. The
+  paper's Phase-Pos "adds an angular shift to each frequency component", which may include the spatial rotations;
+  DESIGN §2 names the temporal ones only, and this follows DESIGN.
 - `neg`: shots at their story positions s, references at -K-g..-1-g: shifted back by a gap of g = `neg_offset`
   empty positions before the first shot. With g = 0 this is `refs_first` moved by -K, and RoPE sees only
   differences, so `neg` differs from the baseline only through the gap.

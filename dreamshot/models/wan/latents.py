@@ -7,7 +7,9 @@ reference is encoded alone as a 1-frame video. Latents leave this module normali
 WanPipeline scales them, `(z − mean) · (1 / std)`, with the VAE config's `latents_mean` / `latents_std`.
 
 Images are (…, 3, H, W) in [-1, 1]; latents are (B, C, F, h, w) with h = H / 8, w = W / 8. The VAE runs in
-its own dtype, without gradients.
+its own dtype, without gradients, and with autocast off: `trainer=ddp`'s bf16-mixed runs the training step in
+autocast, which would run the float32 VAE's convolutions in bf16, so training would encode references and shots
+with another encoder than sampling does.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def encode_shots(vae, shots: torch.Tensor, generator: torch.Generator | None = N
     The posterior mean by default; a `generator` samples from the posterior instead.
     """
     video = shots_to_pixel_video(shots.to(vae.dtype))
-    posterior = vae.encode(video).latent_dist
+    with torch.autocast(vae.device.type, enabled=False):
+        posterior = vae.encode(video).latent_dist
     z = posterior.mode() if generator is None else posterior.sample(generator)
     return normalize_latents(z, vae)
 
@@ -83,7 +86,8 @@ def decode_shots(vae, latents: torch.Tensor) -> torch.Tensor:
     produced once the decoder has seen the whole group, which was encoded from 4 copies of the same shot.
     """
     z = denormalize_latents(latents.to(vae.dtype), vae)
-    video = vae.decode(z, return_dict=False)[0]
+    with torch.autocast(vae.device.type, enabled=False):
+        video = vae.decode(z, return_dict=False)[0]
     frames = torch.arange(latents.shape[2], device=video.device) * TEMPORAL_GROUP
     return video.index_select(2, frames).transpose(1, 2)
 

@@ -13,6 +13,7 @@ def encode_texts(text_encoder, tokenizer, texts: list[list[str]], text_len: int)
     embedding does not depend on its neighbours. As in diffusers' WanPipeline, the embeddings after each
     text's last real token are set to zero: Wan was trained with its cross-attention attending to these zero
     rows (keys are never masked), so they must be zeros, not the encoder's outputs at padding positions.
+    Autocast is off (as for the VAE, `latents.py`): a text is embedded in training as it is at sampling.
     """
     lengths = {len(row) for row in texts}
     if len(lengths) != 1:
@@ -21,6 +22,7 @@ def encode_texts(text_encoder, tokenizer, texts: list[list[str]], text_len: int)
     tokens = tokenizer(flat, padding="max_length", max_length=text_len, truncation=True, return_tensors="pt")
     device = text_encoder.device
     mask = tokens.attention_mask.to(device)
-    hidden = text_encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
+    with torch.autocast(device.type, enabled=False):
+        hidden = text_encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
     hidden = hidden.masked_fill(~mask.bool().unsqueeze(-1), 0.0)
     return hidden.unflatten(0, (len(texts), lengths.pop()))
