@@ -121,6 +121,10 @@ def _with(phases, i, **change):
         (3, _with(PHASES, 0, steps=2), ["curriculum[0].steps"]),  # not before the steps it has done
         (2, _with(PHASES, 0, resolution=[96, 160]), ["curriculum[0].resolution"]),
         (6, _with(PHASES, 0, steps=5), ["curriculum[0].steps"]),  # a finished phase is history
+        # So is one the checkpoint ends: the resumed run goes on with the next phase (the next epoch).
+        (4, _with(PHASES, 0, steps=6), ["curriculum[0].steps"]),
+        (4, _with(PHASES, 1, steps=6), []),
+        (8, _with(PHASES, 1, steps=6), ["curriculum[1].steps"]),  # the last one too
         (6, _with(PHASES, 1, steps=3), []),
         (6, PHASES[:1], ["curriculum[1]"]),
         (3, [], ["curriculum"]),

@@ -6,7 +6,8 @@ written, so a refused resume leaves the run it refused exactly as it was.
   run starts fresh, so one command line both starts a run and resumes it (a requeued cluster job).
 - A LoRA `.safetensors` file, a folder that is not a DeepSpeed checkpoint, a truncated or foreign file: one line.
 - The config may differ from the checkpoint's only in `RESUME_SAFE_KEYS`, and in curriculum phases not started
-  yet (the current phase may change its length, not below the steps it has done). Any other change would make
+  yet (the current phase may change its length, not below the steps it has done, unless the checkpoint ends it:
+  a finished phase, the last one too, is history). Any other change would make
   the resumed run differ from an uninterrupted run of the new config (the optimiser keeps its old learning rate,
   the data stream its old seed): it is refused, naming the keys. Accepted changes are recorded by the caller.
 - `trainer.max_steps` (also as the sum of the phases) may change only under a constant learning rate: a linear
@@ -172,8 +173,10 @@ def config_changes(trained: dict[str, Any], now: dict[str, Any], step: int) -> d
 
 
 def _curriculum_changes(trained: list[dict], now: list[dict], step: int) -> dict[str, tuple[Any, Any]]:
-    """Changes to the phases started before `step`; the last of them may grow or shrink to no fewer steps than
-    it has done. A run without a curriculum that gains one (or the reverse) changes the whole curriculum."""
+    """Changes to the phases started before `step`; the last of them, unless `step` ends it, may grow or shrink
+    to no fewer steps than it has done. A phase that `step` ends is history like the phases before it: its
+    checkpoint is at the end of its epoch, from which the resumed run goes on with the next phase. A run without a
+    curriculum that gains one (or the reverse) changes the whole curriculum."""
     if step > 0 and bool(trained) != bool(now):
         return {"curriculum": (trained, now)}
     changes: dict[str, tuple[Any, Any]] = {}
@@ -184,7 +187,8 @@ def _curriculum_changes(trained: list[dict], now: list[dict], step: int) -> dict
             changes[f"curriculum[{i}]"] = (trained[i], None)
             continue
         for key, value in trained[i].items():
-            if key == "steps" and i == started[-1] and now[i]["steps"] >= step - starts[i]:
+            done = step - starts[i]
+            if key == "steps" and i == started[-1] and done < value and now[i]["steps"] >= done:
                 continue
             if now[i].get(key) != value:
                 changes[f"curriculum[{i}].{key}"] = (value, now[i].get(key))
