@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from PIL import Image
 from dreamshot.config.schema import ToyWorldConfig, check_toy_world
 from dreamshot.data.manifest import RoleRef, ShotRecord, StoryboardRecord, write_manifest
 from dreamshot.data.sources import toy_camera, toy_source
-from dreamshot.utils.io import atomic_write_text
+from dreamshot.utils.io import TEMP_SUFFIX, atomic_write_text
 
 # Bump when the drawing changes, so `ensure_toyworld` regenerates sets written by older code.
 GENERATOR_VERSION = 1
@@ -412,7 +413,12 @@ def sensor_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _save(image: np.ndarray, path: Path) -> None:
-    Image.fromarray(image).save(path)
+    # Through a temporary renamed over `path`: the ranks that torchrun or srun start together each write the toy
+    # world (the same bytes), and one must never read a file another is rewriting.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        Image.fromarray(image).save(f, format="PNG")
+    os.replace(tmp, path)
 
 
 def _save_mask(mask: np.ndarray, path: Path) -> None:
