@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -56,7 +55,7 @@ from tqdm.auto import tqdm
 
 from dreamshot.config.schema import ModelConfig
 from dreamshot.data.dataset import Resolution, load_images, window_starts
-from dreamshot.data.manifest import StoryboardRecord
+from dreamshot.data.manifest import StoryboardRecord, manifest_digest
 from dreamshot.models.wan.latents import encode_references, encode_shots
 from dreamshot.utils.errors import ConfigError
 from dreamshot.utils.io import atomic_path, atomic_write_text, remove_stale_temporaries
@@ -95,7 +94,7 @@ def cache_fingerprint(model: ModelConfig, seed: int, max_shots: int, manifest: P
         "model.dtype": model.dtype,
         "model.text_len": model.text_len,
         "data.max_shots": max_shots,
-        "data.manifest (sha256 of its content)": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        "data.manifest (sha256 of its content)": manifest_digest(manifest),
     }
     if pretrained is None:
         built["seed"] = seed

@@ -12,6 +12,7 @@ written, so a refused resume leaves the run it refused exactly as it was.
   the data stream its old seed): it is refused, naming the keys. Accepted changes are recorded by the caller.
 - `trainer.max_steps` (also as the sum of the phases) may change only under a constant learning rate: a linear
   or cosine schedule decays to it, so a new one would change the learning rate of every remaining step.
+- `data.manifest` must be the file the checkpoint was trained on (its SHA-256 is in the checkpoint).
 - The LoRA weights must have this config's names and shapes, and be finite.
 """
 
@@ -28,6 +29,8 @@ from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
 from dreamshot.config.values import flat_items
+from dreamshot.data.datamodule import MANIFEST_SHA256, StoryboardDataModule
+from dreamshot.data.manifest import manifest_digest
 from dreamshot.inference.loading import DEEPSPEED_MODEL_STATES
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY
 from dreamshot.utils.errors import ConfigError, WeightsError
@@ -115,6 +118,7 @@ def read_resume(path: Path, cfg: Config) -> Resume:
             key=next(iter(refused)),
         )
     _check_run_length(changes, cfg, path)
+    _check_manifest(checkpoint, cfg, path)
     if cfg.trainer.max_steps < step:
         raise ConfigError(
             f"trainer.max_steps={cfg.trainer.max_steps} is below the step of the checkpoint {path} ({step})",
@@ -138,6 +142,21 @@ def _check_run_length(changes: dict[str, tuple[Any, Any]], cfg: Config, path: Pa
         f"a learning rate no uninterrupted run uses; keep trainer.max_steps={old}, or start a new run (another "
         "output_dir, or trainer.overwrite=true)",
         key="trainer.max_steps",
+    )
+
+
+def _check_manifest(checkpoint: dict[str, Any], cfg: Config, path: Path) -> None:
+    """`data.manifest` must hold what it held when the checkpoint was written (same path, other lines: other
+    storyboards, in another order). The toy world follows its config, compared already."""
+    recorded = (checkpoint.get(StoryboardDataModule.__qualname__) or {}).get(MANIFEST_SHA256)
+    manifest = cfg.data.manifest
+    if recorded is None or manifest is None or not Path(manifest).is_file() or manifest_digest(manifest) == recorded:
+        return
+    raise ConfigError(
+        f"trainer.ckpt_path={path}: data.manifest={manifest} changed since the checkpoint was written (its SHA-256 "
+        "differs): the resumed run would train on other storyboards than the run it continues; restore the "
+        "manifest, or start a new run (another output_dir, or trainer.overwrite=true)",
+        key="data.manifest",
     )
 
 
