@@ -3,6 +3,7 @@ VAE, and refusal of a cache built for another run."""
 
 import json
 import shutil
+import threading
 from collections import namedtuple
 from pathlib import Path
 
@@ -18,7 +19,17 @@ from dreamshot.config.load import load_config
 from dreamshot.data import cache as cache_module
 from dreamshot.data import dataset as dataset_module
 from dreamshot.data.bucketing import collate_storyboards
-from dreamshot.data.cache import INDEX_NAME, LatentCache, cache_bytes, cache_fingerprint, pack_texts, unpack_texts
+from dreamshot.data.cache import (
+    CACHE_VERSION,
+    INDEX_NAME,
+    CachedRecord,
+    LatentCache,
+    cache_bytes,
+    cache_fingerprint,
+    pack_texts,
+    unpack_texts,
+    write_cache,
+)
 from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.data.dataset import StoryboardDataset
 from dreamshot.data.manifest import load_manifest
@@ -227,3 +238,33 @@ def test_the_cache_estimate_covers_what_is_written(built):
     entries = _datamodule(cfg).cache_entries(load_manifest(cfg.data.manifest))
     written = sum(p.stat().st_size for p in Path(cfg.data.cache_dir).rglob("*.safetensors"))
     assert written <= cache_bytes(entries, cfg.model, cfg.data.max_shots) <= 3 * written
+
+
+def test_a_second_writer_waits_for_the_first_then_encodes_only_what_is_missing(manifest, tmp_path):
+    """Two `dreamshot cache` at once (one per task under srun): unlocked, the second removed the first one's
+    temporary file under its writing and both encoded every storyboard."""
+    root, records = tmp_path / "cache", load_manifest(manifest)
+    entries, fingerprint = [(record, SIZE) for record in records], {"cache_version": CACHE_VERSION}
+    encoded, results, second_encodes = {"first": [], "second": []}, {}, threading.Event()
+
+    def encoder(writer):
+        def encode(record, size):
+            encoded[writer].append(record.id)
+            if writer == "second":
+                second_encodes.set()
+            elif len(encoded["first"]) == 1:
+                second.start()
+                second_encodes.wait(timeout=2)  # an unlocked second writer is encoding by now
+            return CachedRecord(torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1), {0: torch.zeros(1, 1, 1, 1)})
+
+        return lambda: encode
+
+    def write(writer):
+        results[writer] = write_cache(root, fingerprint, manifest, entries, encoder(writer), 1, progress=False)
+
+    second = threading.Thread(target=write, args=("second",))
+    write("first")
+    second.join(timeout=60)
+    assert results == {"first": len(records), "second": 0} and not encoded["second"]
+    shards = json.loads((root / INDEX_NAME).read_text())["resolutions"][f"{SIZE[0]}x{SIZE[1]}"]
+    assert sorted(rid for shard in shards for rid in shard["records"]) == sorted(r.id for r in records)

@@ -415,3 +415,18 @@ def test_trainer_epochs_reach_the_sampler_and_a_mid_epoch_resume_continues_the_e
         warnings.simplefilter("error", PossibleUserWarning)  # e.g. "your dataloader is not resumable"
         resumed = _fit(tmp_path, max_steps=10, ckpt_path=tmp_path / "ckpt" / "epoch=1-step=6.ckpt")
     assert first + resumed == straight
+
+
+@pytest.mark.parametrize("seed", [0, 2, 4])  # the training groups of these worlds: synthetic only, both, real only
+@pytest.mark.parametrize("source", ["real", "synthetic"])
+def test_a_source_no_toy_training_group_has_is_refused_at_load_and_only_then(tmp_path: Path, seed, source) -> None:
+    """Decided from the labels' draws, before the toy world is written, exactly as it writes them."""
+    world = ["data.toy.groups=3", "data.val_groups=1", "data.toy.real_share=0.3", f"data.toy.seed={seed}"]
+    manifest = generate_toyworld(tmp_path, 3, seed, (32, 48), real_share=0.3)
+    trained = {record.source for record in load_manifest(manifest)[:2]}
+    if source in trained:
+        assert load_config("smoke", [*world, f"data.sources=[{source}]"]).data.sources == [source]
+        return
+    with pytest.raises(ConfigError, match=rf"data.sources=\[{source}\] keeps no training group") as err:
+        load_config("smoke", [*world, f"data.sources=[{source}]"])
+    assert err.value.key == "data.sources" and f"data.toy.seed={seed}" in str(err.value)

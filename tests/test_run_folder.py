@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from dreamshot.config.load import load_config
+from dreamshot.data.toyworld import generate_toyworld
 from dreamshot.training.resume import config_changes
 from dreamshot.training.run_folder import LOCK_FILE, RESUME_LOG, RunLock
 from dreamshot.training.train import train
-from dreamshot.utils.errors import DreamShotError
+from dreamshot.utils.errors import ConfigError, DreamShotError
 
 FAST = ["logger=csv", "data.toy.groups=3", "data.val_groups=1", "data.toy.max_shots=2", "data.toy.max_roles=1"]
 
@@ -121,6 +122,10 @@ def _with(phases, i, **change):
         (3, _with(PHASES, 0, steps=2), ["curriculum[0].steps"]),  # not before the steps it has done
         (2, _with(PHASES, 0, resolution=[96, 160]), ["curriculum[0].resolution"]),
         (6, _with(PHASES, 0, steps=5), ["curriculum[0].steps"]),  # a finished phase is history
+        # So is one the checkpoint ends: the resumed run goes on with the next phase (the next epoch).
+        (4, _with(PHASES, 0, steps=6), ["curriculum[0].steps"]),
+        (4, _with(PHASES, 1, steps=6), []),
+        (8, _with(PHASES, 1, steps=6), ["curriculum[1].steps"]),  # the last one too
         (6, _with(PHASES, 1, steps=3), []),
         (6, PHASES[:1], ["curriculum[1]"]),
         (3, [], ["curriculum"]),
@@ -143,3 +148,18 @@ def test_changes_are_compared_key_by_key_ignoring_keys_of_another_schema_version
         "trainer.devices": (1, 2),
         "trainer.max_steps": (4, 8),
     }
+
+
+def test_a_manifest_edited_since_the_checkpoint_is_refused_naming_it(tmp_path):
+    """Same path, other lines: the resumed run would train on other storyboards, in another order."""
+    manifest = generate_toyworld(tmp_path / "data", 3, 0, (32, 48), 2, 2, 1)
+    run = ["logger=csv", f"data.manifest={manifest}", "data.val_groups=1", f"output_dir={tmp_path / 'run'}"]
+    train(load_config("smoke", [*run, "trainer.max_steps=1"]))
+    resumed = load_config("smoke", [*run, "trainer.max_steps=2", "trainer.ckpt_path=last"])
+    lines = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join([lines[1], lines[0], *lines[2:]]))  # the training groups swapped
+    with pytest.raises(ConfigError, match=r"data.manifest=.*manifest.jsonl changed since the checkpoint") as err:
+        train(resumed)
+    assert err.value.key == "data.manifest"
+    manifest.write_text("".join(lines))
+    train(resumed)  # the manifest it was trained on

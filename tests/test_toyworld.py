@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 from pathlib import Path
@@ -236,3 +238,23 @@ def test_cli_reports_bad_arguments_in_one_line(tmp_path: Path, capsys, toyworld_
     assert cli.main(["toyworld", "--out", str(tmp_path), "--min-shots", "5", "--max-shots", "3"]) == 2
     assert capsys.readouterr().err == "dreamshot toyworld: error: need min_shots <= max_shots, got 5 > 3\n"
     assert not any(tmp_path.iterdir())
+
+
+def test_a_toy_world_rewritten_while_another_rank_reads_it_shows_that_rank_whole_files(tmp_path, monkeypatch):
+    """torchrun and srun start every rank at once, and each writes the toy world of a fresh output folder."""
+    manifest = generate_toyworld(tmp_path, 1, 0, (32, 48), 2, 2, 1)
+    original, reads = Image.Image.save, []
+
+    def save_while_read(image, fp, format=None, **params):
+        encoded = io.BytesIO()
+        original(image, encoded, format="PNG")
+        data = encoded.getvalue()
+        with open(fp, "wb") if isinstance(fp, (str, Path)) else contextlib.nullcontext(fp) as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            reads.append(load_manifest(manifest, check_files=True))  # another rank checks the set meanwhile
+            f.write(data[len(data) // 2 :])
+
+    monkeypatch.setattr(Image.Image, "save", save_while_read)
+    generate_toyworld(tmp_path, 1, 0, (32, 48), 2, 2, 1)
+    assert len(reads) > 2

@@ -590,7 +590,6 @@ class Config:
         if self.model.pretrained_path is None:
             check_model_dims(self.model)
         _check_sizes(self.data.resolution, "data.resolution", multiple=16)
-        _check_sources(self.data)
         check_toy_world(self.data.toy, "data.toy.")
         check_toy_world(self.eval.toy, "eval.toy.")
         _check_choice(self.diffusion.timestep_mode, ("per_token", "global"), "diffusion.timestep_mode")
@@ -607,6 +606,7 @@ class Config:
                 f"data.val_groups={self.data.val_groups} leaves no training group of the "
                 f"data.toy.groups={self.data.toy.groups} toy storyboards"
             )
+        _check_sources(self.data)
         _check_curriculum(self)
         _check_trainer(self.trainer)
         _check_context_parallel(self)
@@ -744,12 +744,16 @@ def _check_sources(data: DataConfig) -> None:
         )
     for source in sources or ():
         _check_choice(source, SOURCES, "data.sources")
-    # Known before the toy world is written: a real_share of 0 (the default) or 1 labels every group alike.
-    drawn = toy_world_sources(data.toy.real_share)
-    if data.manifest is None and sources and not set(sources) & set(drawn):
+    if data.manifest is not None or not sources:
+        return
+    # Known before the toy world is written: its labels are the first draws of the training groups' generators.
+    toy = data.toy
+    drawn = toy_world_sources(toy.real_share, toy.seed, toy.groups - data.val_groups)
+    if not set(sources) & set(drawn):
         raise ConfigError(
-            f"data.sources=[{','.join(sources)}] keeps no training group: every group of the toy world "
-            f"(data.toy.real_share={data.toy.real_share}) is {drawn[0]}",
+            f"data.sources=[{','.join(sources)}] keeps no training group: every training group of the toy world "
+            f"(data.toy.real_share={toy.real_share}, data.toy.seed={toy.seed}, data.toy.groups={toy.groups} less "
+            f"data.val_groups={data.val_groups}) is {drawn[0]}",
             key="data.sources",
         )
 

@@ -29,14 +29,21 @@ atomically; a reader only opens shards that the index lists. A killed writer the
 an index naming only them, and at most one temporary file, which the next writer removes; that rerun encodes
 only the storyboards no listed shard holds. A listed shard that is missing or truncated (copied in part, a
 damaged disk) makes training refuse the cache naming it; the next `dreamshot cache` unlists it and encodes its
-storyboards again. One writer per cache folder at a time.
+storyboards again.
+
+One writer at a time: a writer holds `.writer.lock` (an flock, which ends with its process however it ends), and
+another one (a second `dreamshot cache`, or one per task under `srun`) waits for it, then reads the index it left
+and encodes only what is still missing; without the lock the second one removed the first one's temporary file
+under its writing and both encoded every storyboard.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import fcntl
 import json
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,7 +55,7 @@ from tqdm.auto import tqdm
 
 from dreamshot.config.schema import ModelConfig
 from dreamshot.data.dataset import Resolution, load_images, window_starts
-from dreamshot.data.manifest import StoryboardRecord
+from dreamshot.data.manifest import StoryboardRecord, manifest_digest
 from dreamshot.models.wan.latents import encode_references, encode_shots
 from dreamshot.utils.errors import ConfigError
 from dreamshot.utils.io import atomic_path, atomic_write_text, remove_stale_temporaries
@@ -58,6 +65,7 @@ if TYPE_CHECKING:
     from dreamshot.models.wan.adapter import WanAdapter
 
 INDEX_NAME = "index.json"
+WRITER_LOCK = ".writer.lock"
 # Raised whenever what a shard holds, or how its tensors are computed, changes: old caches are then refused.
 CACHE_VERSION = 2  # 2: images with transparency are laid on white (dreamshot.utils.images.to_rgb)
 BUILD_HINT = "run `dreamshot cache <experiment>` with this run's config"
@@ -86,7 +94,7 @@ def cache_fingerprint(model: ModelConfig, seed: int, max_shots: int, manifest: P
         "model.dtype": model.dtype,
         "model.text_len": model.text_len,
         "data.max_shots": max_shots,
-        "data.manifest (sha256 of its content)": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        "data.manifest (sha256 of its content)": manifest_digest(manifest),
     }
     if pretrained is None:
         built["seed"] = seed
@@ -206,10 +214,41 @@ def write_cache(
     if shard_size < 1:
         raise ConfigError(f"data.cache_shard_size must be >= 1, got {shard_size}")
     root = Path(root)
+    _open_index(root, fingerprint, manifest)  # another run's cache is refused before anything is written
+    with _one_writer(root):
+        return _write_missing(root, _open_index(root, fingerprint, manifest), entries, encoder, shard_size, progress)
+
+
+def _open_index(root: Path, fingerprint: dict[str, Any], manifest: Path) -> dict[str, Any]:
+    """The index of the cache at `root` (a new one when there is none), refused if built with another fingerprint."""
     index = _read_index(root)
     if index is None:
         index = {"built_with": fingerprint, "manifest": str(manifest.resolve()), "resolutions": {}}
     _check_fingerprint(root, index["built_with"], fingerprint)
+    return index
+
+
+@contextlib.contextmanager
+def _one_writer(root: Path) -> Iterator[None]:
+    """Held while this process writes the cache at `root`; another writer waits here (module docstring)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / WRITER_LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"data.cache_dir={root}: another writer is filling it; waiting for it to end", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _write_missing(
+    root: Path,
+    index: dict[str, Any],
+    entries: Sequence[tuple[StoryboardRecord, Resolution]],
+    encoder: Callable[[], Callable[[StoryboardRecord, Resolution], CachedRecord]],
+    shard_size: int,
+    progress: bool,
+) -> int:
     # Left by a killed writer; never listed in the index, so never read.
     for folder in [root, *root.glob("*/")]:
         remove_stale_temporaries(folder)

@@ -35,10 +35,12 @@ from dreamshot.config.schema import DataConfig, ModelConfig, PhaseConfig
 from dreamshot.data.bucketing import BucketBatchSampler, SampleKey, StoryboardBatch, collate_storyboards
 from dreamshot.data.cache import LatentCache, cache_entries, cache_fingerprint
 from dreamshot.data.dataset import Resolution, StoryboardDataset, record_resolutions
-from dreamshot.data.manifest import StoryboardRecord, load_manifest
+from dreamshot.data.manifest import StoryboardRecord, load_manifest, manifest_digest
 from dreamshot.data.toyworld import ensure_toyworld
 from dreamshot.utils.errors import ConfigError
 
+# The datamodule's checkpoint state: the SHA-256 of the manifest trained on.
+MANIFEST_SHA256 = "manifest_sha256"
 # Data-pass ids of phase p are p * PASS_STRIDE + q: distinct shuffles and shot windows in every pass.
 PASS_STRIDE = 100_000
 
@@ -75,6 +77,7 @@ class StoryboardDataModule(L.LightningDataModule):
         self._prepared = False
         # Saved in checkpoints (as the training loader's state), so a resumed run continues its epoch.
         self.progress = EpochProgress()
+        self.manifest_sha256: str | None = None
 
     def manifest_path(self) -> Path:
         """`data.manifest`, or the toy world's manifest (generated if absent or stale)."""
@@ -93,6 +96,7 @@ class StoryboardDataModule(L.LightningDataModule):
         if self.train_records:
             return
         manifest = self.manifest_path()
+        self.manifest_sha256 = manifest_digest(manifest)
         records = load_manifest(manifest, check_files=False)
         self.max_shots = self.window(records)
         val_groups = self.cfg.val_groups
@@ -106,6 +110,10 @@ class StoryboardDataModule(L.LightningDataModule):
         self.train_records, self.val_records = train, records[len(records) - val_groups :]
         self.cache = self._open_cache(manifest)
         self._use_resolution(self.resolution())
+
+    def state_dict(self) -> dict[str, str]:
+        # In every checkpoint: a resumed run refuses a manifest that changed since (`training/resume.py`).
+        return {MANIFEST_SHA256: self.manifest_sha256} if self.manifest_sha256 else {}
 
     def window(self, records: Sequence[StoryboardRecord]) -> int:
         """Shots per window over all of `records` (every split, as the latent cache holds them)."""

@@ -17,6 +17,7 @@ when the dataset decodes the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -93,6 +94,11 @@ def load_manifest(path: str | os.PathLike, check_files: bool = True) -> list[Sto
             _check_record_files(record, where)
         records.append(record)
     return records
+
+
+def manifest_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of a manifest's bytes: what latent caches and training checkpoints record of their data."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_manifest(records: list[StoryboardRecord], path: str | os.PathLike) -> None:

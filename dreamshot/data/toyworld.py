@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +26,14 @@ from PIL import Image
 
 from dreamshot.config.schema import ToyWorldConfig, check_toy_world
 from dreamshot.data.manifest import RoleRef, ShotRecord, StoryboardRecord, write_manifest
-from dreamshot.utils.io import atomic_write_text
+from dreamshot.data.sources import toy_camera, toy_source
+from dreamshot.utils.io import TEMP_SUFFIX, atomic_write_text
 
 # Bump when the drawing changes, so `ensure_toyworld` regenerates sets written by older code.
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "manifest.jsonl"
-# The `real` groups' sensor noise: its standard deviation in grey levels, and the index of its generator stream.
+# The `real` groups' sensor noise: its standard deviation in grey levels (its generator: `sources.toy_camera`).
 CAMERA_NOISE = 6.0
-CAMERA_STREAM = 1
 PARAMS_NAME = "toyworld.json"
 
 # A group's roles get distinct colours: the config's TOY_MAX_ROLES (dreamshot/config/values.py) counts these.
@@ -375,8 +376,8 @@ def _params(
 def _write_group(out_dir: Path, index: int, params: dict) -> StoryboardRecord:
     plan = plan_group(params["seed"], index, params["min_shots"], params["max_shots"], params["max_roles"])
     # A generator of its own: the label and the noise leave the drawing of group i unchanged.
-    camera = np.random.default_rng([params["seed"], index, CAMERA_STREAM])
-    source = "real" if camera.random() < params["real_share"] else "synthetic"
+    camera = toy_camera(params["seed"], index)
+    source = toy_source(camera, params["real_share"])
     photographed = (lambda image: sensor_noise(image, camera)) if source == "real" else (lambda image: image)
     height, width = params["image_size"]
     group_id = f"toy-{index:05d}"
@@ -412,7 +413,12 @@ def sensor_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _save(image: np.ndarray, path: Path) -> None:
-    Image.fromarray(image).save(path)
+    # Through a temporary renamed over `path`: the ranks that torchrun or srun start together each write the toy
+    # world (the same bytes), and one must never read a file another is rewriting.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        Image.fromarray(image).save(f, format="PNG")
+    os.replace(tmp, path)
 
 
 def _save_mask(mask: np.ndarray, path: Path) -> None:

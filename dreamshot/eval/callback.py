@@ -7,7 +7,7 @@ once per run). With no weights configured, the toy benchmark still gives its lab
 
 Under context parallelism the stories are drawn by rank 0's whole context-parallel group through the training's
 split forward, as `trainer.sample` is (`draws_at`: the same steps on every rank, the other data-parallel groups
-train on); rank 0 alone builds the metrics, scores, logs and writes the PNG.
+train on); rank 0 alone builds the metrics and the contact sheets, scores, logs and writes the PNG.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ class StoryboardMetrics(L.Callback):
         self.suite = None
         self.last_step = -1
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # As `SampleStoryboard`'s: a resumed run scored its checkpoint step before it was saved.
+        self.last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         degree = pl_module.adapter.context_parallel.degree
@@ -40,7 +44,7 @@ class StoryboardMetrics(L.Callback):
             return
         self.last_step = step
         self._setup(pl_module, trainer.global_rank)
-        draws = self.draw(pl_module)
+        draws = self.draw(pl_module, sheets=trainer.global_rank == 0)
         if trainer.global_rank != 0:
             return
         values, sheet = self.score(draws)
@@ -51,8 +55,11 @@ class StoryboardMetrics(L.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         sheet.save(self.folder / f"step{step:06d}.png")
 
-    def draw(self, pl_module: L.LightningModule) -> list[tuple[dict[int, Image.Image], Image.Image]]:
-        """Draw the fixed subset with the module's current weights: per story, its shots and its contact sheet."""
+    def draw(
+        self, pl_module: L.LightningModule, sheets: bool = True
+    ) -> list[tuple[dict[int, Image.Image], Image.Image | None]]:
+        """Draw the fixed subset with the module's current weights: per story, its shots and (`sheets`) its contact
+        sheet."""
         from dreamshot.eval.generation import draw_story  # imported here: training imports this module
         from dreamshot.inference.pipeline import StoryboardPipeline
 
@@ -64,7 +71,7 @@ class StoryboardMetrics(L.Callback):
         size = (self.cfg.data.resolution[0], self.cfg.data.resolution[1])
         try:
             seed, steps = self.cfg.inference.seed, ev.callback.steps
-            return [draw_story(pipeline, story, ev.mode, size, seed, steps) for story in self.stories]
+            return [draw_story(pipeline, story, ev.mode, size, seed, steps, sheet=sheets) for story in self.stories]
         finally:
             adapter.train(was_training)
 

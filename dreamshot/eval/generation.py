@@ -49,8 +49,10 @@ def draw_story(
     seed: int,
     steps: int | None,
     weights: str = "",
-) -> tuple[dict[int, Image.Image], Image.Image]:
-    """Draw the shots `mode` asks for at `size` (H, W): ({shot index: image}, the contact sheet).
+    sheet: bool = True,
+) -> tuple[dict[int, Image.Image], Image.Image | None]:
+    """Draw the shots `mode` asks for at `size` (H, W): ({shot index: image}, the contact sheet; None without
+    `sheet`, for a rank that only takes part in a context-parallel group's forwards).
 
     The sheet is titled with the story, mode, seed and `weights` (a label); in s2s the given shots come first,
     tagged; every shot is numbered by its index in the story, and under the drawn shots stand the benchmark's
@@ -61,6 +63,8 @@ def draw_story(
     scored = story.scored_shots(mode)
     indices = [shot.index for shot in scored]
     shots = {index: to_image(pixels) for index, pixels in zip(indices, result.images, strict=True)}
+    if not sheet:
+        return shots, None
     references = [] if request.references is None else [to_image((ref + 1) / 2) for ref in request.references]
     given = [] if request.given_shots is None else [to_image((shot + 1) / 2) for shot in request.given_shots]
     numbers = [shot.index for shot in story.shots[: len(given)]] + indices

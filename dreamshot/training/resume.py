@@ -6,11 +6,13 @@ written, so a refused resume leaves the run it refused exactly as it was.
   run starts fresh, so one command line both starts a run and resumes it (a requeued cluster job).
 - A LoRA `.safetensors` file, a folder that is not a DeepSpeed checkpoint, a truncated or foreign file: one line.
 - The config may differ from the checkpoint's only in `RESUME_SAFE_KEYS`, and in curriculum phases not started
-  yet (the current phase may change its length, not below the steps it has done). Any other change would make
+  yet (the current phase may change its length, not below the steps it has done, unless the checkpoint ends it:
+  a finished phase, the last one too, is history). Any other change would make
   the resumed run differ from an uninterrupted run of the new config (the optimiser keeps its old learning rate,
   the data stream its old seed): it is refused, naming the keys. Accepted changes are recorded by the caller.
 - `trainer.max_steps` (also as the sum of the phases) may change only under a constant learning rate: a linear
   or cosine schedule decays to it, so a new one would change the learning rate of every remaining step.
+- `data.manifest` must be the file the checkpoint was trained on (its SHA-256 is in the checkpoint).
 - The LoRA weights must have this config's names and shapes, and be finite.
 """
 
@@ -27,6 +29,8 @@ from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
 from dreamshot.config.values import flat_items
+from dreamshot.data.datamodule import MANIFEST_SHA256, StoryboardDataModule
+from dreamshot.data.manifest import manifest_digest
 from dreamshot.inference.loading import DEEPSPEED_MODEL_STATES
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY
 from dreamshot.utils.errors import ConfigError, WeightsError
@@ -114,6 +118,7 @@ def read_resume(path: Path, cfg: Config) -> Resume:
             key=next(iter(refused)),
         )
     _check_run_length(changes, cfg, path)
+    _check_manifest(checkpoint, cfg, path)
     if cfg.trainer.max_steps < step:
         raise ConfigError(
             f"trainer.max_steps={cfg.trainer.max_steps} is below the step of the checkpoint {path} ({step})",
@@ -137,6 +142,21 @@ def _check_run_length(changes: dict[str, tuple[Any, Any]], cfg: Config, path: Pa
         f"a learning rate no uninterrupted run uses; keep trainer.max_steps={old}, or start a new run (another "
         "output_dir, or trainer.overwrite=true)",
         key="trainer.max_steps",
+    )
+
+
+def _check_manifest(checkpoint: dict[str, Any], cfg: Config, path: Path) -> None:
+    """`data.manifest` must hold what it held when the checkpoint was written (same path, other lines: other
+    storyboards, in another order). The toy world follows its config, compared already."""
+    recorded = (checkpoint.get(StoryboardDataModule.__qualname__) or {}).get(MANIFEST_SHA256)
+    manifest = cfg.data.manifest
+    if recorded is None or manifest is None or not Path(manifest).is_file() or manifest_digest(manifest) == recorded:
+        return
+    raise ConfigError(
+        f"trainer.ckpt_path={path}: data.manifest={manifest} changed since the checkpoint was written (its SHA-256 "
+        "differs): the resumed run would train on other storyboards than the run it continues; restore the "
+        "manifest, or start a new run (another output_dir, or trainer.overwrite=true)",
+        key="data.manifest",
     )
 
 
@@ -172,8 +192,10 @@ def config_changes(trained: dict[str, Any], now: dict[str, Any], step: int) -> d
 
 
 def _curriculum_changes(trained: list[dict], now: list[dict], step: int) -> dict[str, tuple[Any, Any]]:
-    """Changes to the phases started before `step`; the last of them may grow or shrink to no fewer steps than
-    it has done. A run without a curriculum that gains one (or the reverse) changes the whole curriculum."""
+    """Changes to the phases started before `step`; the last of them, unless `step` ends it, may grow or shrink
+    to no fewer steps than it has done. A phase that `step` ends is history like the phases before it: its
+    checkpoint is at the end of its epoch, from which the resumed run goes on with the next phase. A run without a
+    curriculum that gains one (or the reverse) changes the whole curriculum."""
     if step > 0 and bool(trained) != bool(now):
         return {"curriculum": (trained, now)}
     changes: dict[str, tuple[Any, Any]] = {}
@@ -184,7 +206,8 @@ def _curriculum_changes(trained: list[dict], now: list[dict], step: int) -> dict
             changes[f"curriculum[{i}]"] = (trained[i], None)
             continue
         for key, value in trained[i].items():
-            if key == "steps" and i == started[-1] and now[i]["steps"] >= step - starts[i]:
+            done = step - starts[i]
+            if key == "steps" and i == started[-1] and done < value and now[i]["steps"] >= done:
                 continue
             if now[i].get(key) != value:
                 changes[f"curriculum[{i}].{key}"] = (value, now[i].get(key))

@@ -6,7 +6,7 @@ ones) and logs it to W&B as `samples/storyboard`.
 Under context parallelism the storyboard is drawn by rank 0's whole context-parallel group, through the same
 split forward as training (a storyboard long enough to need CP may not fit on one GPU); the other data-parallel
 groups train on. Every rank of the group decides alike (the same optimizer step, the same seed), so the group
-draws what one process would; rank 0 alone writes the PNG and logs it.
+draws what one process would; rank 0 alone builds the contact sheet, writes the PNG and logs it.
 """
 
 from __future__ import annotations
@@ -35,23 +35,31 @@ class SampleStoryboard(L.Callback):
         self.story: Story | None = load_story(cfg.trainer.sample.story) if cfg.trainer.sample.story else None
         self.last_step = -1
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resumed run's checkpoint step was drawn before it was saved; under gradient accumulation the first
+        # batches after the resume still belong to that step.
+        self.last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         degree = pl_module.adapter.context_parallel.degree
         if not draws_at(step, self.last_step, self.cfg.trainer.sample.every_n_steps, trainer.global_rank, degree):
             return
         self.last_step = step
-        sheet = self.draw(pl_module, trainer.datamodule.val_set, step)
-        if trainer.global_rank != 0:
+        sheet = self.draw(pl_module, trainer.datamodule.val_set, step, sheet=trainer.global_rank == 0)
+        if sheet is None:
             return
         save_png(sheet, self.folder / f"step{step:06d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("samples/storyboard", [sheet], step=step)
 
-    def draw(self, pl_module: L.LightningModule, val_set: StoryboardDataset, step: int) -> Image.Image:
-        """The storyboard drawn with the module's current weights, as a contact sheet."""
-        request, truth = self._request(val_set)
+    def draw(
+        self, pl_module: L.LightningModule, val_set: StoryboardDataset, step: int, sheet: bool = True
+    ) -> Image.Image | None:
+        """The storyboard drawn with the module's current weights, as a contact sheet (without `sheet`: drawn
+        only, for the other ranks of a context-parallel group, whose forwards are the group's collectives)."""
+        request, truth = self._request(val_set, with_truth=sheet)
         adapter = pl_module.adapter
         was_training = adapter.training
         adapter.eval()
@@ -60,6 +68,8 @@ class SampleStoryboard(L.Callback):
             result = StoryboardPipeline(adapter, self.cfg)(request, seed=seed, steps=steps, progress=False)
         finally:
             adapter.train(was_training)
+        if not sheet:
+            return None
         references = [] if request.references is None else [to_image((r + 1) / 2) for r in request.references]
         return contact_sheet(
             [to_image(pixels) for pixels in result.images],
@@ -70,8 +80,10 @@ class SampleStoryboard(L.Callback):
             ground_truth=truth,
         )
 
-    def _request(self, val_set: StoryboardDataset) -> tuple[StoryboardRequest, list[Image.Image] | None]:
-        """What to draw, and the true shots when it is a validation storyboard."""
+    def _request(
+        self, val_set: StoryboardDataset, with_truth: bool = True
+    ) -> tuple[StoryboardRequest, list[Image.Image] | None]:
+        """What to draw, and (`with_truth`) the true shots when it is a validation storyboard."""
         if self.story is not None:
             size = self.story.size or (self.cfg.data.resolution[0], self.cfg.data.resolution[1])
             return story_request(self.story, size), None
@@ -83,7 +95,7 @@ class SampleStoryboard(L.Callback):
             references=refs if len(refs) else None,
             reference_texts=[ref.prompt for ref in record.references],
         )
-        return request, [to_image((shot + 1) / 2) for shot in shots]
+        return request, [to_image((shot + 1) / 2) for shot in shots] if with_truth else None
 
 
 def draws_at(step: int, last_step: int, every_n_steps: int, global_rank: int, degree: int) -> bool:
