@@ -354,7 +354,8 @@ def test_export_command_errors_are_one_line(run_dir, state, source, extra, messa
 
 @pytest.mark.parametrize("fmt", ["diffusers", "comfyui"])
 def test_a_bf16_lora_is_folded_exactly_and_reads_back_as_trained(cfg, state, fmt, tmp_path):
-    """DeepSpeed's bf16 mode holds the LoRA in bf16: alpha / rank folded into it in bf16 would be rounded."""
+    """A bf16 LoRA (another tool's file, given to `dreamshot export`): alpha / rank folded into it in bf16 would be
+    rounded."""
     bf16 = {key: value.to(torch.bfloat16) for key, value in state.items()}
     (path,) = write_lora_files(bf16, tmp_path, cfg.model, {}, [fmt])
     exported = to_diffusers(bf16, ALPHA) if fmt == "diffusers" else to_comfyui(bf16, ALPHA)

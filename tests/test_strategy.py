@@ -1,6 +1,6 @@
 """Trainer strategies: every shipped trainer option builds a strategy DeepSpeed / Lightning accept, impossible
-combinations are config errors, and a DeepSpeed ZeRO-2 / ZeRO-3 run keeps nothing frozen in its checkpoints
-and exports its LoRA without a conversion step.
+combinations are config errors, and a DeepSpeed ZeRO-2 / ZeRO-3 run keeps nothing frozen in its checkpoints,
+writes its LoRA as the fp32 master weights of its bf16 mode and exports it without a conversion step.
 
 The DeepSpeed runs are subprocesses executing this file (`python tests/test_strategy.py STAGE OUT [--cpu]`), so
 DeepSpeed's process group and environment variables never leak into the test process. On a CUDA machine they
@@ -26,7 +26,9 @@ from safetensors.torch import load_file
 from dreamshot.cli import main
 from dreamshot.config.load import group_options, load_config
 from dreamshot.config.schema import STRATEGIES
+from dreamshot.inference.loading import _module_lora
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, EXPORT_FILES
+from dreamshot.training.ema import LoraEma
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.strategy import (
     DEEPSPEED_BUCKET_ELEMENTS,
@@ -181,6 +183,8 @@ def _train_with_deepspeed(stage: int, out: Path, on_cpu: bool) -> None:
             f"trainer.checkpoint_every_n_steps={STEPS}",
             "trainer.val_check_interval=100",
             f"output_dir={out}",
+            # The average replaces the master weights at the end (ZeRO-3 refuses one: a rank holds a shard).
+            *(["optim.ema_decay=0.5"] if stage == 2 else []),
         ],
     )
     gpu_config = to_yaml(cfg)
@@ -251,11 +255,41 @@ def test_deepspeed_checkpoint_holds_lora_only(deepspeed_runs, stage, device):
     lora_keys = {name for name in states["module"] if ".lora_" in name}
     assert lora_keys and set(states["module"]) == lora_keys
     assert not states["frozen_param_fragments"]
-    exported = load_file(run / EXPORT_FILES["peft"])
     gathered = states[CHECKPOINT_LORA_KEY]
-    assert gathered.keys() == exported.keys()
-    assert all(torch.equal(gathered[key], exported[key]) for key in exported)
-    assert any(value.abs().sum() > 0 for key, value in exported.items() if ".lora_B." in key), "LoRA never trained"
+    assert any(value.abs().sum() > 0 for key, value in gathered.items() if ".lora_B." in key), "LoRA never trained"
+
+
+def _fp32_masters(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """The LoRA's fp32 master weights (peft names) as DeepSpeed itself rebuilds them from the optimiser partitions
+    of a checkpoint folder."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    masters = get_fp32_state_dict_from_zero_checkpoint(
+        str(checkpoint_dir), tag="checkpoint", exclude_frozen_parameters=True
+    )
+    return _module_lora(masters)
+
+
+@pytest.mark.parametrize(("stage", "device"), RUNS)
+def test_deepspeed_lora_copies_hold_the_fp32_master_weights(deepspeed_runs, stage, device):
+    """DeepSpeed's bf16 mode trains fp32 master weights in its optimiser and keeps bf16-rounded copies in the
+    module: the checkpoint's gathered LoRA holds the masters, and so do the run's files (with optim.ema_decay,
+    the ZeRO-2 run's, their average, which replaced the masters at the end)."""
+    run = deepspeed_runs(stage, device)
+    last = run / "checkpoints" / "last.ckpt"
+    states, masters = _model_states(last), _fp32_masters(last)
+    module = _module_lora(states["module"])
+    assert module.keys() == masters.keys() and all(value.dtype == torch.bfloat16 for value in module.values())
+    assert any(not torch.equal(master, master.bfloat16().float()) for master in masters.values()), "no bf16 rounding"
+    gathered = states[CHECKPOINT_LORA_KEY]
+    assert gathered.keys() == masters.keys()
+    assert all(gathered[key].dtype == torch.float32 and torch.equal(gathered[key], masters[key]) for key in masters)
+    average = states["callbacks"].get(LoraEma.__qualname__, {}).get("average")
+    assert bool(average) == (stage == 2)
+    expected = _module_lora(average) if average else masters
+    exported = load_file(run / EXPORT_FILES["peft"])
+    assert exported.keys() == expected.keys()
+    assert all(exported[key].dtype == torch.float32 and torch.equal(exported[key], expected[key]) for key in expected)
 
 
 @pytest.mark.parametrize(("stage", "device"), RUNS)

@@ -3,7 +3,6 @@ step checkpoints, and the checkpoint saved when the user or a scheduler stops tr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import threading
@@ -53,9 +52,9 @@ class ExportLora(L.Callback):
     """Writes the LoRA into the output folder in every format of `EXPORT_FILES` when training ends (weights
     usable without the checkpoint, by DreamShot, diffusers and ComfyUI).
 
-    Every rank takes part (under ZeRO-3 the weights are gathered from all of them); rank 0 writes. Under
-    DeepSpeed, whose checkpoints hold each rank's weight shards only, every checkpoint also gets the gathered
-    LoRA (`CHECKPOINT_LORA_KEY`), so `dreamshot export` reads any checkpoint without a conversion step.
+    Every rank takes part (under DeepSpeed the fp32 master weights are assembled from all of them); rank 0 writes.
+    Under DeepSpeed, whose checkpoints hold each rank's shards only, every checkpoint also gets the gathered LoRA
+    (`CHECKPOINT_LORA_KEY`, fp32 masters), so `dreamshot export` reads any checkpoint without a conversion step.
     """
 
     def __init__(self, output_dir: Path, formats: Sequence[str] = FORMATS) -> None:
@@ -73,18 +72,21 @@ class ExportLora(L.Callback):
 
 
 def gathered_lora(trainer: L.Trainer, adapter: WanAdapter) -> dict[str, torch.Tensor]:
-    """The full LoRA weights (peft names) copied to the CPU. Under ZeRO-3 every rank holds a shard of each weight:
-    they are gathered first, a collective that every rank must enter."""
-    strategy = trainer.strategy
-    zero3 = isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
-    with _gathered(adapter.trainable_parameters()) if zero3 else contextlib.nullcontext():
+    """The full LoRA weights (peft names) copied to the CPU: the module's own, or under DeepSpeed the fp32 master
+    weights of its optimiser, which are what training trained (its bf16 mode keeps bf16-rounded copies in the
+    module). DeepSpeed assembles each master from the ranks' partitions (ZeRO-2: an all-reduce, ZeRO-3: an
+    all-gather): every rank must enter, for the same weights in the same order. Needs the engine's optimiser, as
+    every training hook has it."""
+    if not isinstance(trainer.strategy, DeepSpeedStrategy):
         return {key: value.detach().to("cpu", copy=True) for key, value in adapter.lora_state_dict().items()}
+    from deepspeed.utils import safe_get_full_fp32_param  # only under DeepSpeed, where it is running already
 
-
-def _gathered(parameters: list[torch.nn.Parameter]):
-    import deepspeed  # only under ZeRO-3, where DeepSpeed is running already
-
-    return deepspeed.zero.GatheredParameters(parameters)
+    masters = {
+        name: safe_get_full_fp32_param(parameter)
+        for name, parameter in adapter.transformer.named_parameters()
+        if parameter.requires_grad
+    }
+    return {key: value.to("cpu", copy=True) for key, value in adapter.lora_state_dict(masters).items()}
 
 
 def write_lora_files(

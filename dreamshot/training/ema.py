@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 
 @torch.no_grad()
@@ -15,7 +16,8 @@ def ema_update(average: torch.Tensor, value: torch.Tensor, decay: float) -> None
 class LoraEma(L.Callback):
     """Keeps a float32 average of every trainable (LoRA) parameter, updated after each optimizer step. The
     average is part of the checkpoint, so a resumed run continues it. When training ends the averaged weights
-    replace the trained ones, so the callbacks after this one (the LoRA export) write the average."""
+    replace the trained ones (under DeepSpeed its fp32 master weights too), so the callbacks after this one (the
+    LoRA export) write the average."""
 
     def __init__(self, decay: float) -> None:
         self.decay = decay
@@ -41,9 +43,14 @@ class LoraEma(L.Callback):
             ema_update(self.average[name], p.detach(), self.decay)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
+        if deepspeed:  # only under DeepSpeed, where it is running already
+            from deepspeed.utils import safe_set_full_fp32_param
         with torch.no_grad():
             for name, p in self._parameters(pl_module).items():
                 p.copy_(self.average[name].to(p.dtype))
+                if deepspeed:  # the export writes DeepSpeed's fp32 master weights, the module holds bf16 copies
+                    safe_set_full_fp32_param(p, self.average[name])
 
     def state_dict(self) -> dict:
         return {"average": {name: value.cpu() for name, value in self.average.items()}}

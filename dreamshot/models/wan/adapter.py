@@ -158,8 +158,8 @@ class WanAdapter(nn.Module):
             shard=self.context_parallel.shard(frames, (height // p_h) * (width // p_w)),
         )
 
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        return lora_state_dict(self.transformer)
+    def lora_state_dict(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        return lora_state_dict(self.transformer, weights)
 
     def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_lora_state_dict(self.transformer, state)

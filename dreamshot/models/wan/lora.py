@@ -227,9 +227,10 @@ def set_lora_scales(transformer, scales: dict[str, float]) -> None:
     transformer.set_adapters(list(scales), list(scales.values()))
 
 
-def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
-    """The LoRA weights only, under peft's key names (the live tensors: callers clone what they keep)."""
-    return get_peft_model_state_dict(transformer)
+def lora_state_dict(transformer, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA weights only, under peft's key names (the live tensors: callers clone what they keep); taken from
+    `weights` (under the transformer's parameter names) instead of the transformer when given."""
+    return get_peft_model_state_dict(transformer, state_dict=weights)
 
 
 def load_lora_state_dict(transformer, state: dict[str, torch.Tensor]) -> None:

@@ -14,7 +14,7 @@
 
 Both exports for other tools hold alpha / rank folded into the up weights and record alpha = rank: a client
 that ignores `lora_adapter_metadata` (diffusers 0.33 does) or `.alpha` applies the same update B·A·alpha/rank.
-A factor other than 1 is folded in float32 (a bf16 LoRA, as DeepSpeed's bf16 mode holds it, is written float32
+A factor other than 1 is folded in float32 (a 16-bit LoRA, such as another tool's bf16 file, is written float32
 then), so the product is exact.
 Every file records the training rank and alpha and the factor folded into its up weights, so DreamShot reads any
 of them back as trained (`lora_files.py`), and the base model: its config name, transformer shape and the folder
