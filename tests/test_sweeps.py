@@ -127,6 +127,13 @@ def test_print_commands_gives_shell_lines_and_errors_exit_2(capsys):
     assert lines[0] == "dreamshot train toy_reproduction trainer.ckpt_path=last --member without_racl"
     assert main(["toy_lambda_sweep", "--member", "lambda_9", "--print-commands"]) == 2
     assert "no sweep member 'lambda_9'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["toy_lambda_sweep", "--eval", "toys"])
+    assert usage.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m dreamshot.report.sweep: error: argument --eval: invalid choice: 'toys' (choose from 'toy', "
+        "'dreamshot_test', 'vistorybench')"
+    ]
 
 
 @pytest.fixture

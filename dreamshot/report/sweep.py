@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from dreamshot.cli import parse_with_overrides
+from dreamshot.cli import OneLineParser, parse_with_overrides
 from dreamshot.commands import add_experiment_arguments
 from dreamshot.config.load import EVAL_TIME_TAG, compose, is_eval_time, load_config, sweep_members
 from dreamshot.config.schema import EVAL_BENCHMARKS, Config
@@ -148,7 +148,7 @@ def _dotlist_value(value: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: a `DreamShotError` is one line on stderr and exit status 2, as in `dreamshot`."""
-    parser = argparse.ArgumentParser(prog="python -m dreamshot.report.sweep", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m dreamshot.report.sweep", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
     try:
