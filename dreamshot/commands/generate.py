@@ -48,6 +48,7 @@ from dreamshot.eval.story_folder import generate_folder
 from dreamshot.inference.loading import (
     add_weight_arguments,
     check_sampling,
+    check_steps,
     load_model,
     read_lora,
     weights_and_config,
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> None:
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size), takes)
     check_trained(cfg.storyboard, request.mode)
     steps = args.steps if args.steps is not None else story.steps
+    check_steps(cfg.inference, steps or cfg.inference.steps, _steps_source(args.steps, story))
     second = check_sampling(cfg, steps)
     device = _device(args.device, cfg.inference.context_parallel.degree)
     # Checked before the model is built.
@@ -180,6 +182,7 @@ def _run_folder(args: argparse.Namespace) -> None:
     device = ranks.device(device)
     # Read (and checked) before anything is written; the model is built by a rank with a story to draw.
     lora = read_lora(weights) if weights is not None else None
+    check_steps(cfg.inference, args.steps or cfg.inference.steps, _steps_source(args.steps, None))
     second = check_sampling(cfg, args.steps)
 
     def load_pipeline() -> StoryboardPipeline:
@@ -198,6 +201,13 @@ def _run_folder(args: argparse.Namespace) -> None:
         )
     finally:
         ranks.close()
+
+
+def _steps_source(explicit: int | None, story: Story | None) -> str:
+    """What set the sampler steps, by the precedence of the module docstring."""
+    if explicit is not None:
+        return "--steps"
+    return f"{story.path}: steps" if story is not None and story.steps is not None else "inference.steps"
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:

@@ -9,7 +9,8 @@ config values that differ; when they differ in `seed`, each setting's runs are a
 (mean ± standard deviation, and paired by seed against the baseline's setting). A sweep member without a
 folder and a run without any metric are warnings on stderr and notes under the table; a RUN_DIR that is
 not a run folder, or is named twice, is refused. Writes report.md, report.csv, report.json and plots/*.png into
-`<group folder>/report` (or --out), and logs the table and plots to W&B when the runs' W&B mode (WANDB_MODE, else their logger.mode) is online.
+`<group folder>/report` (or --out), and logs the table and plots to W&B when the runs' W&B mode (WANDB_MODE,
+else their logger.mode) is online.
 """
 
 from __future__ import annotations
