@@ -44,7 +44,7 @@ from dreamshot.config.values import SEED_LIMIT
 from dreamshot.diffusion.conditioning import check_trained
 from dreamshot.eval.resume import story_digest
 from dreamshot.eval.sharding import Ranks
-from dreamshot.eval.story_folder import generate_folder
+from dreamshot.eval.story_folder import generate_folder, steps_source
 from dreamshot.inference.loading import (
     add_weight_arguments,
     check_sampling,
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size), takes)
     check_trained(cfg.storyboard, request.mode)
     steps = args.steps if args.steps is not None else story.steps
-    check_steps(cfg.inference, steps or cfg.inference.steps, _steps_source(args.steps, story))
+    check_steps(cfg.inference, steps or cfg.inference.steps, steps_source(args.steps, story))
     second = check_sampling(cfg, steps)
     device = _device(args.device, cfg.inference.context_parallel.degree)
     # Checked before the model is built.
@@ -182,7 +182,6 @@ def _run_folder(args: argparse.Namespace) -> None:
     device = ranks.device(device)
     # Read (and checked) before anything is written; the model is built by a rank with a story to draw.
     lora = read_lora(weights) if weights is not None else None
-    check_steps(cfg.inference, args.steps or cfg.inference.steps, _steps_source(args.steps, None))
     second = check_sampling(cfg, args.steps)
 
     def load_pipeline() -> StoryboardPipeline:
@@ -201,13 +200,6 @@ def _run_folder(args: argparse.Namespace) -> None:
         )
     finally:
         ranks.close()
-
-
-def _steps_source(explicit: int | None, story: Story | None) -> str:
-    """What set the sampler steps, by the precedence of the module docstring."""
-    if explicit is not None:
-        return "--steps"
-    return f"{story.path}: steps" if story is not None and story.steps is not None else "inference.steps"
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
