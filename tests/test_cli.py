@@ -137,3 +137,12 @@ def test_a_config_typo_is_reported_before_torch_is_imported(override, expected):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "2 False False"
     assert result.stderr.count("\n") == 1 and all(text in result.stderr for text in expected)
+
+
+def test_python_dash_m_dreamshot_is_the_command_line():
+    """`python -m dreamshot` runs the CLI, its errors one line with status 2 as the `dreamshot` script's."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dreamshot", "train", "smoke", "optim.lrr=1"], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("dreamshot train: error:") and "optim.lrr" in done.stderr

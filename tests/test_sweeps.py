@@ -124,9 +124,16 @@ def test_print_commands_gives_shell_lines_and_errors_exit_2(capsys):
     assert main(["toy_reproduction", "--eval", "toy", "--print-commands"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [shlex.split(line)[1] for line in lines] == ["train", "eval", "train", "eval"]
-    assert lines[0] == "dreamshot train toy_reproduction --member without_racl"
+    assert lines[0] == "dreamshot train toy_reproduction trainer.ckpt_path=last --member without_racl"
     assert main(["toy_lambda_sweep", "--member", "lambda_9", "--print-commands"]) == 2
     assert "no sweep member 'lambda_9'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["toy_lambda_sweep", "--eval", "toys"])
+    assert usage.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m dreamshot.report.sweep: error: argument --eval: invalid choice: 'toys' (choose from 'toy', "
+        "'dreamshot_test', 'vistorybench')"
+    ]
 
 
 @pytest.fixture
@@ -169,3 +176,15 @@ def test_a_two_member_toy_sweep_trains_scores_and_reports(tmp_path: Path, monkey
     for name in ("relative_improvement", "loss_curves", "shot_count"):
         with Image.open(group / "report" / "plots" / f"{name}.png") as image:
             assert image.format == "PNG"
+    # Run again (after a member failed, say), the sweep continues: finished members train no further.
+    lora = (group / "with_racl" / "lora.safetensors").read_bytes()
+    assert main(["toy_racl_ablation", *tiny_wandb, "--eval", "toy"]) == 0
+    assert (group / "with_racl" / "lora.safetensors").read_bytes() == lora
+
+
+def test_a_sweep_resumes_its_members_unless_the_command_line_says_how_to_start():
+    assert all("trainer.ckpt_path=last" in argv for argv in sweep_commands("toy_racl_ablation"))
+    for start in ("trainer.overwrite=true", "trainer.ckpt_path=/runs/a/checkpoints/step000010.ckpt"):
+        commands = sweep_commands("toy_racl_ablation", [start])
+        assert [argv.count(start) for argv in commands] == [1, 1]
+        assert not any("trainer.ckpt_path=last" in argv for argv in commands)

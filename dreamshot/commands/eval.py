@@ -27,6 +27,7 @@ from dreamshot.eval.sharding import Ranks
 from dreamshot.inference.loading import (
     add_weight_arguments,
     check_sampling,
+    check_steps,
     load_model,
     read_lora,
     weights_and_config,
@@ -75,6 +76,9 @@ def run(args: argparse.Namespace) -> None:
         # The LoRA is read (and checked) now, before anything is written; the model is built only by a rank with a
         # story left to draw.
         lora = read_lora(weights) if weights is not None else None
+        check_steps(
+            cfg.inference, cfg.eval.steps or cfg.inference.steps, "eval.steps" if cfg.eval.steps else "inference.steps"
+        )
         second = check_sampling(cfg)
 
         def load_pipeline() -> StoryboardPipeline:

@@ -44,10 +44,11 @@ from dreamshot.config.values import SEED_LIMIT
 from dreamshot.diffusion.conditioning import check_trained
 from dreamshot.eval.resume import story_digest
 from dreamshot.eval.sharding import Ranks
-from dreamshot.eval.story_folder import generate_folder
+from dreamshot.eval.story_folder import generate_folder, steps_source
 from dreamshot.inference.loading import (
     add_weight_arguments,
     check_sampling,
+    check_steps,
     load_model,
     read_lora,
     weights_and_config,
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> None:
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size), takes)
     check_trained(cfg.storyboard, request.mode)
     steps = args.steps if args.steps is not None else story.steps
+    check_steps(cfg.inference, steps or cfg.inference.steps, steps_source(args.steps, story))
     second = check_sampling(cfg, steps)
     device = _device(args.device, cfg.inference.context_parallel.degree)
     # Checked before the model is built.

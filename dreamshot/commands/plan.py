@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tempfile
 from pathlib import Path
 
@@ -130,8 +131,8 @@ def _check_context_parallel(
     args: argparse.Namespace, training: Training, heads: int, configured: ContextParallelConfig
 ) -> None:
     """The degree planned (--context-parallel, else the config's, which --gpus may no longer suit)."""
-    if args.link_bandwidth <= 0:
-        raise ConfigError(f"--link-bandwidth must be > 0, got {args.link_bandwidth}")
+    if not math.isfinite(args.link_bandwidth) or args.link_bandwidth <= 0:
+        raise ConfigError(f"--link-bandwidth must be a finite number > 0, got {args.link_bandwidth}")
     degree = configured.degree if args.context_parallel is None else args.context_parallel
     source = (
         f"trainer.context_parallel.degree={degree}" if args.context_parallel is None else f"--context-parallel {degree}"
@@ -158,8 +159,8 @@ def _check_counts(args: argparse.Namespace) -> None:
         value = getattr(args, key)
         if value is not None and value < least:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= {least}, got {value}")
-    if args.gpu_memory <= 0:
-        raise ConfigError(f"--gpu-memory must be > 0, got {args.gpu_memory}")
+    if not math.isfinite(args.gpu_memory) or args.gpu_memory <= 0:
+        raise ConfigError(f"--gpu-memory must be a finite number > 0, got {args.gpu_memory}")
 
 
 def _chosen_phases(phases: list[PhaseConfig], phase: int | None) -> list[int]:

@@ -7,9 +7,10 @@ and its last validation metrics (val/loss, val/racl_in_mask, val/racl_confusion,
 writes, W&B or not). Runs that share a name (one experiment run with different settings) are named by the
 config values that differ; when they differ in `seed`, each setting's runs are also summarised over the seeds
 (mean ± standard deviation, and paired by seed against the baseline's setting). A sweep member without a
-folder and a run without any metric are warnings on stderr and notes under the table. Writes report.md,
-report.csv, report.json and plots/*.png into `<group folder>/report` (or --out), and logs the table and plots to
-W&B when the runs' W&B mode (WANDB_MODE, else their logger.mode) is online.
+folder and a run without any metric are warnings on stderr and notes under the table; a RUN_DIR that is
+not a run folder, or is named twice, is refused. Writes report.md, report.csv, report.json and plots/*.png into
+`<group folder>/report` (or --out), and logs the table and plots to W&B when the runs' W&B mode (WANDB_MODE,
+else their logger.mode) is online.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import sys
 from pathlib import Path
 
 from dreamshot.config.load import available_experiments, sweep_members
+from dreamshot.eval.report import RESULTS_JSON
+from dreamshot.inference.loading import RUN_CONFIG
 from dreamshot.report.build import write_report
-from dreamshot.report.runs import RunRecord, find_runs, read_runs
+from dreamshot.report.runs import RunRecord, find_runs, is_run, read_runs
 from dreamshot.report.table import missing_data
 from dreamshot.report.wandb_log import log_report, wandb_setting
+from dreamshot.utils.errors import ConfigError
+from dreamshot.utils.io import check_output_dir
 
 REPORT_DIR = "report"
 
@@ -42,9 +47,10 @@ def run(args: argparse.Namespace) -> None:
     folder = Path(args.group) if Path(args.group).is_dir() else args.root / args.group
     name = folder.name
     members = sweep_members(name) if name in available_experiments() else {}
-    runs = _in_member_order(read_runs(args.runs or find_runs(folder), members), list(members))
+    runs = _in_member_order(read_runs(given_runs(args.runs) or find_runs(folder), members), list(members))
     baseline = args.baseline or default_baseline(runs, list(members))
     out = args.out or folder / REPORT_DIR
+    check_output_dir(out, "--out" if args.out else "report folder")
     notes = missing_data(runs, [] if args.runs else list(members))
     for note in notes:
         print(f"dreamshot report: warning: {note}", file=sys.stderr)
@@ -56,6 +62,20 @@ def run(args: argparse.Namespace) -> None:
     print(f"\nreport  {report.markdown}\ntable   {report.csv} {report.json}")
     for plot in report.plots.values():
         print(f"plot    {plot}")
+
+
+def given_runs(folders: list[Path]) -> list[Path]:
+    """The RUN_DIRs of the command line, each a run folder named once: a typo or a folder named twice would
+    otherwise be a row of its own in the table (a sweep member not run yet is a note; a folder named here is not)."""
+    seen = set()
+    for folder in folders:
+        if not is_run(folder):
+            what = "not found" if not folder.exists() else "not a folder" if not folder.is_dir() else "not a run folder"
+            raise ConfigError(f"{folder}: {what} (a run folder holds {RUN_CONFIG} or {RESULTS_JSON})")
+        if folder.resolve() in seen:
+            raise ConfigError(f"{folder}: named twice among the runs to compare")
+        seen.add(folder.resolve())
+    return folders
 
 
 def default_baseline(runs: list[RunRecord], members: list[str]) -> str | None:

@@ -111,6 +111,9 @@ RULES: dict[str, Rule] = {
     "inference.shift": POSITIVE,
     "inference.seed": SEED,
     "inference.guidance_fraction": UNIT,
+    # Eq. 9's weights: 0 drops a condition's pull, a negative weight pushes the shots away from their conditions.
+    "inference.omega1": NON_NEGATIVE,
+    "inference.omega2": NON_NEGATIVE,
     "eval.steps": AT_LEAST_ONE,
     "eval.face.det_size": AT_LEAST_ONE,
     "eval.detector.box_threshold": UNIT,

@@ -22,6 +22,7 @@ from dreamshot.eval.drawing import DrawJob, draw_stories
 from dreamshot.eval.progress import LOGS_DIR
 from dreamshot.eval.resume import ResultsFolder, drawing_fingerprint, story_digest
 from dreamshot.eval.sharding import Ranks
+from dreamshot.inference.loading import check_steps
 from dreamshot.inference.outputs import shot_file, storyboard_bytes
 from dreamshot.inference.pipeline import StoryboardPipeline
 from dreamshot.inference.story import Story, load_story, story_request, unreferenced_roles
@@ -81,6 +82,7 @@ def generate_folder(
     settings = {name: _settings(story, cfg, seed, steps, default_size) for name, story in stories.items()}
     for name, story in stories.items():
         check_trained(cfg.storyboard, story_request(story, settings[name][2]).mode)
+        check_steps(cfg.inference, settings[name][1], steps_source(steps, story))
     jobs = _jobs(stories, settings, cfg, out)
     # Before anything is written or a model built; what the folder holds (stories drawn already) is not drawn again.
     need = sum(
@@ -110,6 +112,13 @@ def _settings(
     story_seed = seed if seed is not None else story.seed if story.seed is not None else cfg.inference.seed
     story_steps = steps or story.steps or cfg.inference.steps
     return story_seed, story_steps, story.size or size
+
+
+def steps_source(explicit: int | None, story: Story) -> str:
+    """What set a story's sampler steps: `--steps`, else the story file's `steps`, else `inference.steps`."""
+    if explicit is not None:
+        return "--steps"
+    return f"{story.path}: steps" if story.steps is not None else "inference.steps"
 
 
 def _jobs(stories: dict[str, Story], settings: dict, cfg: Config, out: Path) -> list[DrawJob]:

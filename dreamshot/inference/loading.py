@@ -24,7 +24,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dreamshot.config.load import check_weights, load_config
-from dreamshot.config.schema import Config, ModelConfig
+from dreamshot.config.schema import Config, InferenceConfig, ModelConfig
+from dreamshot.inference.pipeline import build_scheduler
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.models.wan.block_cache import cache_config
 from dreamshot.models.wan.build import build_transformer_on_meta
@@ -154,6 +155,27 @@ def check_sampling(cfg: Config, steps: int | None = None) -> LoraWeights | None:
         raise WeightsError(f"inference.second_lora: {e}") from None
     check_lora_fits(transformer, cfg.model, second, source)
     return second
+
+
+def check_steps(settings: InferenceConfig, steps: int, where: str) -> None:
+    """Refuse a step count whose UniPC schedule repeats a timestep, before a model is built: diffusers' UniPC
+    rounds its timesteps to integers, under a flow shift the first ones crowd below 1000 (at shift 3 from 340
+    steps), and it stops on a repeated one with an AssertionError mid-sampling. Euler's timesteps stay apart."""
+    if settings.scheduler != "unipc":
+        return
+    scheduler = build_scheduler(settings.scheduler, settings.shift)
+
+    def apart(n: int) -> bool:
+        scheduler.set_timesteps(n)
+        return len(set(scheduler.timesteps.tolist())) == n
+
+    if apart(steps):
+        return
+    most = next(n for n in range(1, steps + 1) if not apart(n)) - 1
+    raise ConfigError(
+        f"{where}: {steps} steps of the unipc sampler at inference.shift={settings.shift} repeat a timestep "
+        f"(it takes at most {most}); take fewer steps or inference.scheduler=euler"
+    )
 
 
 def prepare_sampling(adapter: WanAdapter, cfg: Config, second: LoraWeights | None = None) -> None:

@@ -3,9 +3,10 @@
 `python -m dreamshot.report.sweep EXPERIMENT [key=value ...] [--member M] [--run DIR] [--eval BENCH]
 [--print-commands]` (`make sweep SWEEP=...`). Every run is one `dreamshot` command line:
 
-- a training experiment (a sweep or a single run): `dreamshot train EXPERIMENT ... --member M` per member,
-  each a W&B run in the experiment's group (`dreamshot.config.load`); with `--eval BENCH` every member's run
-  folder is then scored: `dreamshot eval BENCH --run <run> --out <run>/eval/<bench>-<mode>`.
+- a training experiment (a sweep or a single run): `dreamshot train EXPERIMENT ... trainer.ckpt_path=last
+  --member M` per member, each a W&B run in the experiment's group (`dreamshot.config.load`); with `--eval BENCH`
+  every member's run folder is then scored: `dreamshot eval BENCH --run <run> --out <run>/eval/<bench>-<mode>`.
+  Run again, the sweep continues where it stopped (`RESUME`; the evaluations draw only what they miss).
 - an evaluation-time experiment (tagged `eval_time`: its members override only `inference.*` / `eval.*`, e.g.
   the ω1 / ω2 guidance grid) trains nothing: each member scores the trained run `--run DIR` with
   `dreamshot eval`, its evaluation settings passed as overrides, into the member's `output_dir`, named, tagged
@@ -25,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from dreamshot.cli import parse_with_overrides
+from dreamshot.cli import OneLineParser, parse_with_overrides
 from dreamshot.commands import add_experiment_arguments
 from dreamshot.config.load import EVAL_TIME_TAG, compose, is_eval_time, load_config, sweep_members
 from dreamshot.config.schema import EVAL_BENCHMARKS, Config
@@ -35,6 +36,12 @@ from dreamshot.utils.errors import ConfigError, DreamShotError
 # Config sections an evaluation-time run may change: everything else is the trained run's.
 EVAL_TIME_SECTIONS = ("inference", "eval")
 _EVAL_TIME_PREFIXES = tuple(f"{section}." for section in EVAL_TIME_SECTIONS)
+# Every training line resumes, so a sweep run again after a failed or killed member continues: a finished member
+# restores its last step and trains no further, a killed one continues from its checkpoint, one not started yet
+# starts (`trainer.ckpt_path=last` is a fresh run in a folder without a checkpoint). Left out when the command line
+# says how to start itself.
+RESUME = "trainer.ckpt_path=last"
+_START_KEYS = ("trainer.ckpt_path", "trainer.overwrite")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,8 +99,9 @@ def sweep_commands(
             for cfg, name in zip(configs, names, strict=True)
         ]
     commands = []
+    resume = [] if any(item.split("=", 1)[0] in _START_KEYS for item in overrides) else [RESUME]
     for cfg, name in zip(configs, names, strict=True):
-        commands.append(["train", experiment, *overrides, *(["--member", name] if name else [])])
+        commands.append(["train", experiment, *overrides, *resume, *(["--member", name] if name else [])])
         if benchmark:
             out = Path(cfg.output_dir)
             folder = out / EVAL_DIR / f"{benchmark}-{cfg.eval.mode}"
@@ -140,7 +148,7 @@ def _dotlist_value(value: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: a `DreamShotError` is one line on stderr and exit status 2, as in `dreamshot`."""
-    parser = argparse.ArgumentParser(prog="python -m dreamshot.report.sweep", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m dreamshot.report.sweep", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
     try:
