@@ -23,7 +23,7 @@ from dreamshot.config.load import check_weights, to_yaml
 from dreamshot.config.schema import Config, TrainerConfig
 from dreamshot.data.datamodule import StoryboardDataModule
 from dreamshot.eval.callback import eval_callbacks
-from dreamshot.inference.loading import read_lora, with_lora
+from dreamshot.inference.loading import check_steps, read_lora, with_lora
 from dreamshot.models.wan.lora_formats import lora_modules
 from dreamshot.planner.plan import shot_window
 from dreamshot.planner.workload import zero_stage
@@ -124,11 +124,21 @@ def with_init_from(cfg: Config) -> Config:
     return with_lora(cfg, read_lora(Path(init_from)), f"model.lora.init_from={init_from}")
 
 
+def check_sampling_during_training(cfg: Config) -> None:
+    """The storyboards drawn during training (`trainer.sample`, `eval.callback`) take a step count their sampler
+    can run: a refused one would otherwise stop the run at its first drawing, far into training."""
+    if cfg.trainer.sample.every_n_steps:
+        check_steps(cfg.inference, cfg.trainer.sample.steps, "trainer.sample.steps")
+    if cfg.eval.callback.enabled:
+        check_steps(cfg.inference, cfg.eval.callback.steps, "eval.callback.steps")
+
+
 def preflight(cfg: Config, out: Path, launcher: bool) -> tuple[Resume | None, StoryboardDataModule, DreamShotModule]:
     """Check the weights, the machine, the checkpoint to resume, the output folder, the data and the disk,
     writing nothing; returns the resume (None for a fresh run), the datamodule and the module."""
     check_weights(cfg.model)
     check_accelerator(cfg.trainer)
+    check_sampling_during_training(cfg)
     if launcher:
         RunLock(out).check()
     checkpoint = resume_path(cfg, out)
