@@ -42,6 +42,7 @@ from dreamshot.models.wan.lora_files import DIFFUSERS_WEIGHTS, PEFT_CONFIG, Lora
 from dreamshot.models.wan.lora_formats import base_model_record
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, LORA_FILE
 from dreamshot.training.ema import LoraEma
+from dreamshot.training.strategy import intact_checkpoint
 from dreamshot.utils.errors import ConfigError, WeightsError
 
 DEEPSPEED_MODEL_STATES = (
@@ -74,13 +75,14 @@ def add_weight_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyE
 
 def run_weights(run_dir: Path) -> Path:
     """The LoRA file of a run folder: the exported safetensors, else the last checkpoint (a file, or under DeepSpeed
-    a folder)."""
+    a folder, or its backup when a save was killed between its renames: `intact_checkpoint`)."""
     if not (run_dir / RUN_CONFIG).is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no {RUN_CONFIG})")
     if (run_dir / LORA_FILE).is_file():
         return run_dir / LORA_FILE
-    if (run_dir / LAST_CHECKPOINT).exists():
-        return run_dir / LAST_CHECKPOINT
+    last = intact_checkpoint(run_dir / LAST_CHECKPOINT)
+    if last.exists():
+        return last
     raise WeightsError(f"{run_dir}: neither {LORA_FILE} nor {LAST_CHECKPOINT} found (has the run trained?)")
 
 

@@ -1,7 +1,8 @@
 """Resuming a run (`trainer.ckpt_path`): the checkpoint is read and checked against the config before anything is
 written, so a refused resume leaves the run it refused exactly as it was.
 
-- `last` is the output folder's own `checkpoints/last.ckpt` (file or DeepSpeed folder), else the newest
+- `last` is the output folder's own `checkpoints/last.ckpt` (file or DeepSpeed folder; its backup when a DeepSpeed
+  save was killed between its renames, as for a named checkpoint: `strategy.LoraDeepSpeedStrategy`), else the newest
   `hpc_ckpt_N.ckpt` Lightning's SLURM auto-requeue saved into the folder (docs/multinode.md); without either the
   run starts fresh, so one command line both starts a run and resumes it (a requeued cluster job).
 - A LoRA `.safetensors` file, a folder that is not a DeepSpeed checkpoint, a truncated or foreign file: one line.
@@ -33,6 +34,7 @@ from dreamshot.data.datamodule import MANIFEST_SHA256, StoryboardDataModule
 from dreamshot.data.manifest import manifest_digest
 from dreamshot.inference.loading import DEEPSPEED_MODEL_STATES
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY
+from dreamshot.training.strategy import intact_checkpoint
 from dreamshot.utils.errors import ConfigError, WeightsError
 
 LAST = "last"
@@ -86,10 +88,10 @@ def resume_path(cfg: Config, out: Path) -> Path | None:
     if not given:
         return None
     if given == LAST:
-        last = out / CHECKPOINT_DIR / LAST_CHECKPOINT
+        last = intact_checkpoint(out / CHECKPOINT_DIR / LAST_CHECKPOINT)
         requeued = hpc_checkpoints(out)
         return last if last.exists() else (requeued[-1] if requeued else None)
-    return Path(given)
+    return intact_checkpoint(Path(given))
 
 
 def hpc_checkpoints(out: Path) -> list[Path]:

@@ -22,6 +22,10 @@ its module docstring). The mesh's groups get the strategy's `timeout`, as Lightn
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
@@ -36,6 +40,11 @@ from dreamshot.planner.workload import zero_stage
 # gradients of the 14B model (1.2e9 at rank 256) still go out in ~25 collectives.
 DEEPSPEED_BUCKET_ELEMENTS = 50_000_000
 DDP_START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn"}
+# A DeepSpeed checkpoint folder `x.ckpt` is written as `.x.ckpt.partial`, and the `x.ckpt` it replaces waits as
+# `.x.ckpt.old` while the new one is renamed into place (`commit_folder`). Hidden names that no checkpoint listing
+# matches (`step*.ckpt`, `last*.ckpt`, `hpc_ckpt_*.ckpt`), and not `.tmp`: the file cleanup unlinks those.
+PARTIAL_SUFFIX = ".partial"
+BACKUP_SUFFIX = ".old"
 
 
 def build_strategy(trainer: TrainerConfig, micro_batch: int) -> Strategy | str:
@@ -103,18 +112,92 @@ class ContextParallelDDPStrategy(HostsContextParallel, DDPStrategy):
 
 
 class LoraDeepSpeedStrategy(HostsContextParallel, DeepSpeedStrategy):
-    """DeepSpeed whose checkpoints hold the trainable (LoRA) weights of the module and nothing frozen, hosting the
-    context-parallel groups.
+    """DeepSpeed whose checkpoints hold the trainable (LoRA) weights of the module and nothing frozen, written whole
+    or not at all, hosting the context-parallel groups.
 
     `exclude_frozen_parameters` drops the frozen weights that `named_parameters()` lists, but a frozen weight
     that is a tied alias of another slips through (umT5's `encoder.embed_tokens` is its `shared` embedding:
     2 GB at full size), so the module's state dict is cut to its trainable weights, as DreamShotModule cuts
     Lightning's own checkpoints.
+
+    DeepSpeed writes a checkpoint as a folder, each rank its own shards, in place: a run killed mid-save would
+    leave `last.ckpt` with new model states beside old optimiser states. So every rank writes into the same
+    temporary sibling (`partial_folder`, named after the target so the ranks agree), and once all have finished
+    (a barrier) global rank 0 renames it into place (`commit_folder`: the old folder to `backup_folder`, the new
+    one to its name, the backup removed). A crash leaves the old checkpoint or the new one: a leftover partial
+    folder is never read and the next save removes it; killed between the two renames, the checkpoint exists only
+    as its backup, which readers take instead (`intact_checkpoint`) until the next save replaces both. The renames
+    need every rank to see one filesystem: one node, or a shared one that all nodes write their ranks' shards to,
+    as before. `last_saved_step`: the step of the last checkpoint put in place (None before the first).
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_saved_step: int | None = None
 
     def setup(self, trainer: L.Trainer) -> None:
         self.lightning_module.register_state_dict_post_hook(keep_trainable_weights)
         super().setup(trainer)
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
+        final = Path(self.broadcast(str(filepath)))  # rank 0's path, as Lightning's save takes it
+        written = partial_folder(final)
+        if self.is_global_zero:
+            remove_partial_folders(final.parent)
+        # No rank writes into a partial folder before rank 0 has removed it.
+        self.barrier("LoraDeepSpeedStrategy.save_checkpoint.clean")
+        super().save_checkpoint(checkpoint, written, storage_options)
+        # Only once every rank's shards are written is the folder whole.
+        self.barrier("LoraDeepSpeedStrategy.save_checkpoint.written")
+        if self.is_global_zero:
+            commit_folder(written, final)
+        self.last_saved_step = checkpoint.get("global_step")
+
+
+def partial_folder(path: Path) -> Path:
+    """Where the checkpoint folder `path` is written before it is renamed into place."""
+    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+
+
+def backup_folder(path: Path) -> Path:
+    """Where the checkpoint `path` waits while a new one is renamed into its place."""
+    return path.with_name(f".{path.name}{BACKUP_SUFFIX}")
+
+
+def intact_checkpoint(path: Path) -> Path:
+    """`path`, or its backup when the save replacing it was killed between its two renames (`commit_folder`)."""
+    backup = backup_folder(path)
+    return backup if not path.exists() and backup.is_dir() else path
+
+
+def remove_partial_folders(folder: Path) -> None:
+    """Delete the partial checkpoint folders that killed saves left in `folder`."""
+    for stale in folder.glob(f".*{PARTIAL_SUFFIX}"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+
+
+def commit_folder(written: Path, final: Path) -> None:
+    """Put the whole folder `written` in place of `final` (a checkpoint file or folder, or nothing) by renames,
+    so that at every moment `final` or, between the renames, its backup is a whole checkpoint."""
+    # As `utils.io.atomic_path` does for a file: on disk before its name says it is whole.
+    for file in written.rglob("*"):
+        if file.is_file():
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+    backup = backup_folder(final)
+    if final.exists():
+        _remove(backup)  # a stale one (killed while removing it): `final` is whole
+        os.rename(final, backup)
+    os.rename(written, final)
+    _remove(backup)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def keep_trainable_weights(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

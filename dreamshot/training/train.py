@@ -53,7 +53,7 @@ from dreamshot.training.resume import (
 )
 from dreamshot.training.run_folder import RunLock, check_fresh_start, clear_run, record_resume
 from dreamshot.training.samples import SampleStoryboard
-from dreamshot.training.strategy import build_strategy
+from dreamshot.training.strategy import LoraDeepSpeedStrategy, build_strategy
 from dreamshot.utils.devices import require_cuda
 from dreamshot.utils.errors import DreamShotError, Terminated
 from dreamshot.utils.io import atomic_write_text, check_output_dir, remove_stale_temporaries
@@ -198,7 +198,10 @@ def fit(
 
 
 def _intact(trainer: L.Trainer) -> str:
-    saved = trainer.strategy.checkpoint_io.last_saved_step
+    strategy = trainer.strategy
+    # DeepSpeed writes its checkpoint folders itself, not through the checkpoint IO.
+    writer = strategy if isinstance(strategy, LoraDeepSpeedStrategy) else strategy.checkpoint_io
+    saved = writer.last_saved_step
     return f"checkpoints up to step {saved} intact" if saved is not None else "earlier checkpoints intact"
 
 
