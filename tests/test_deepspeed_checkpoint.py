@@ -18,6 +18,7 @@ import pytest
 import torch
 from test_strategy import FAST, TRAINER_OF_STAGE, _run_on_deepspeeds_cpu_accelerator
 
+from dreamshot.commands.export import source_weights
 from dreamshot.config.load import load_config
 from dreamshot.config.schema import ContextParallelConfig
 from dreamshot.inference.loading import RUN_CONFIG, run_weights
@@ -111,6 +112,7 @@ def test_a_save_killed_between_its_renames_is_read_from_the_backup(tmp_path, mon
     assert _last(out) == backup and _steps(backup) == (2, 2)
     assert resume_path(SimpleNamespace(trainer=SimpleNamespace(ckpt_path=str(last))), out) == backup
     assert run_weights(out) == backup  # `dreamshot export <run>`
+    assert source_weights(last) == backup  # `dreamshot export <run>/checkpoints/last.ckpt`
     strategy.save_checkpoint({"global_step": 6}, last)
     assert _steps(last) == (6, 6)
     assert sorted(path.name for path in last.parent.iterdir()) == ["last.ckpt"]

@@ -20,6 +20,7 @@ from dreamshot.models.wan.build import build_transformer_on_meta
 from dreamshot.models.wan.lora import check_lora_fits
 from dreamshot.models.wan.lora_formats import FORMATS
 from dreamshot.training.callbacks import EXPORT_FILES, write_lora_files
+from dreamshot.training.strategy import intact_checkpoint
 from dreamshot.utils.errors import ConfigError, DreamShotError, WeightsError
 from dreamshot.utils.io import check_output_dir
 
@@ -73,7 +74,9 @@ def check_no_export(out: Path, formats: list[str]) -> None:
 
 
 def source_weights(source: Path) -> Path:
-    """The weights file or DeepSpeed folder of `source` (a run folder stands for its LoRA or last checkpoint)."""
+    """The weights file or DeepSpeed folder of `source` (a run folder stands for its LoRA or last checkpoint; a
+    DeepSpeed checkpoint whose save was killed between its renames, for its backup)."""
+    source = intact_checkpoint(source)
     if not source.exists():
         raise WeightsError(f"{source}: not found")
     if source.is_dir() and (source / RUN_CONFIG).is_file():

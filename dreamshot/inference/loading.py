@@ -221,13 +221,15 @@ def require_finite(state: dict[str, torch.Tensor], source: Path) -> None:
 
 def read_lora(weights: Path) -> LoraWeights:
     """The LoRA of a file or folder that `--lora` accepts, or of a DreamShot checkpoint (Lightning `.ckpt` or
-    DeepSpeed folder: alpha from the config it was trained with). Weights holding NaN or infinity are refused."""
+    DeepSpeed folder, or its backup when a save was killed between its renames: alpha from the config it was
+    trained with). Weights holding NaN or infinity are refused."""
     lora = _read_any(weights)
     require_finite({**lora.state, **{key: delta.tensor for key, delta in lora.deltas.items()}}, weights)
     return lora
 
 
 def _read_any(weights: Path) -> LoraWeights:
+    weights = intact_checkpoint(weights)
     if not weights.exists():
         raise WeightsError(f"{weights}: LoRA file not found")
     if weights.is_dir() and not any((weights / name).is_file() for name in (PEFT_CONFIG, DIFFUSERS_WEIGHTS)):
