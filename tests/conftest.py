@@ -50,3 +50,17 @@ def no_local_config(tmp_path, monkeypatch):
     local = tmp_path / "empty_local.yaml"
     local.write_text("")
     monkeypatch.setenv("DREAMSHOT_LOCAL_CONFIG", str(local))
+
+
+@pytest.fixture()
+def bce_refused_in_autocast(monkeypatch):
+    """binary_cross_entropy refused under autocast, as CUDA's autocast refuses it ("unsafe to autocast"); CPU's
+    allows it, so without this a CPU test could not see a loss that would crash a bf16-mixed run on a GPU."""
+    bce = torch.nn.functional.binary_cross_entropy
+
+    def refused_in_autocast(*args, **kwargs):
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("torch.nn.functional.binary_cross_entropy is unsafe to autocast")
+        return bce(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy", refused_in_autocast)

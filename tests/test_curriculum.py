@@ -147,17 +147,9 @@ def test_racl_steps_raise_the_in_mask_share(tmp_path):
     assert after > before + 0.15, (before, after)
 
 
-def test_a_racl_step_runs_under_bf16_autocast(tmp_path, monkeypatch):
+def test_a_racl_step_runs_under_bf16_autocast(tmp_path, bce_refused_in_autocast):
     """`trainer=ddp` (bf16-mixed without DeepSpeed) runs the training step in autocast, where CUDA refuses
     binary_cross_entropy ("unsafe to autocast"); CPU's autocast allows it, so the test refuses it as CUDA does."""
-    bce = torch.nn.functional.binary_cross_entropy
-
-    def refused_in_autocast(*args, **kwargs):
-        if torch.is_autocast_enabled("cpu"):
-            raise RuntimeError("torch.nn.functional.binary_cross_entropy is unsafe to autocast")
-        return bce(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy", refused_in_autocast)
     cfg = _cfg(tmp_path, "autocast")
     module = DreamShotModule(cfg)
     batch = _toy_batch(cfg, tmp_path)

@@ -101,18 +101,10 @@ def test_bf16_queries_and_keys_give_float32_accurate_maps():
     torch.testing.assert_close(maps.double(), _float64_maps(query, key, plan), atol=1e-6, rtol=1e-5)
 
 
-def test_racl_under_bf16_autocast_stays_float32_and_never_calls_bce_in_autocast(monkeypatch):
+def test_racl_under_bf16_autocast_stays_float32_and_never_calls_bce_in_autocast(bce_refused_in_autocast):
     """`trainer=ddp`'s bf16-mixed runs the whole training step in autocast. The role rows' logits must stay float32
     there, and the loss must not reach binary_cross_entropy with autocast on: CUDA's autocast refuses it ("unsafe to
     autocast"), CPU's allows it, so the test refuses it as CUDA does."""
-    bce = torch.nn.functional.binary_cross_entropy
-
-    def refused_in_autocast(*args, **kwargs):
-        if torch.is_autocast_enabled("cpu"):
-            raise RuntimeError("torch.nn.functional.binary_cross_entropy is unsafe to autocast")
-        return bce(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy", refused_in_autocast)
     g = torch.Generator().manual_seed(0)
     query, key = (torch.randn(12, 2, 8, generator=g).mul(3) for _ in range(2))
     plan = build_role_plan(_frame_masks(), torch.tensor([False, True, True]), absent_negative=True)
