@@ -14,10 +14,12 @@ from PIL import Image
 from dreamshot.cli import main as cli_main
 from dreamshot.config import load
 from dreamshot.config.load import available_experiments, load_config, load_runs, sweep_members, to_yaml
+from dreamshot.report import sweep
 from dreamshot.report.build import read_report
 from dreamshot.report.sweep import EVAL_TIME_TAG, is_eval_time, main, sweep_commands
-from dreamshot.utils.errors import ConfigError
+from dreamshot.utils.errors import ConfigError, Interrupted
 
+PROG = "python -m dreamshot.report.sweep"
 DATA = ["data.manifest=/data/storyboards/manifest.jsonl"]
 # A training line is refused without the recipe's data and weights (nothing is read while printing).
 INPUTS = [*DATA, "model.pretrained_path=/data/Wan2.1-T2V-14B-Diffusers"]
@@ -125,15 +127,26 @@ def test_print_commands_gives_shell_lines_and_errors_exit_2(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [shlex.split(line)[1] for line in lines] == ["train", "eval", "train", "eval"]
     assert lines[0] == "dreamshot train toy_reproduction trainer.ckpt_path=last --member without_racl"
+    # A usage error and a config error are led alike, as `dreamshot COMMAND: error: ` leads both of its own.
     assert main(["toy_lambda_sweep", "--member", "lambda_9", "--print-commands"]) == 2
-    assert "no sweep member 'lambda_9'" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines() == [
+        f"{PROG}: error: experiment 'toy_lambda_sweep' has no sweep member 'lambda_9'"
+    ]
     with pytest.raises(SystemExit) as usage:
         main(["toy_lambda_sweep", "--eval", "toys"])
     assert usage.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "python -m dreamshot.report.sweep: error: argument --eval: invalid choice: 'toys' (choose from 'toy', "
-        "'dreamshot_test', 'vistorybench')"
+        f"{PROG}: error: argument --eval: invalid choice: 'toys' (choose from 'toy', 'dreamshot_test', 'vistorybench')"
     ]
+
+
+def test_a_sweep_stopped_by_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt  # while the members' configs are composed, before any member runs
+
+    monkeypatch.setattr(sweep, "sweep_commands", interrupted)
+    assert main(["toy_lambda_sweep"]) == Interrupted.exit_status
+    assert capsys.readouterr().err.splitlines() == [f"{PROG}: interrupted; finished work is kept, rerun to continue"]
 
 
 @pytest.fixture

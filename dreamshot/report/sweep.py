@@ -26,12 +26,12 @@ from typing import Any
 
 import yaml
 
-from dreamshot.cli import OneLineParser, parse_with_overrides
+from dreamshot.cli import OneLineParser, parse_with_overrides, run_reporting
 from dreamshot.commands import add_experiment_arguments
 from dreamshot.config.load import EVAL_TIME_TAG, compose, is_eval_time, load_config, sweep_members
 from dreamshot.config.schema import EVAL_BENCHMARKS, Config
 from dreamshot.report.runs import EVAL_DIR, flatten
-from dreamshot.utils.errors import ConfigError, DreamShotError
+from dreamshot.utils.errors import ConfigError
 
 # Config sections an evaluation-time run may change: everything else is the trained run's.
 EVAL_TIME_SECTIONS = ("inference", "eval")
@@ -147,15 +147,12 @@ def _dotlist_value(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: a `DreamShotError` is one line on stderr and exit status 2, as in `dreamshot`."""
+    """The command line: a usage error, a `DreamShotError` or Ctrl-C is one line on stderr led by the program's
+    name, as in `dreamshot` (a member's own command prints its errors as `dreamshot` does)."""
     parser = OneLineParser(prog="python -m dreamshot.report.sweep", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except DreamShotError as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting(parser.prog, lambda: run(args))
 
 
 if __name__ == "__main__":
