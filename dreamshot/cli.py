@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 from dreamshot.utils.errors import DreamShotError, Interrupted
 
@@ -53,17 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     # The top-level parser takes no option but --help: the first other word names the command.
     command = next((word for word in argv if not word.startswith("-")), None)
     args = parse_with_overrides(build_parser(command), argv)
+    return run_reporting(f"dreamshot {args.command}", lambda: _module(args.command).run(args))
+
+
+def run_reporting(prog: str, command: Callable[[], int | None]) -> int:
+    """Run `command`, returning its exit status (None: 0); a `DreamShotError` or Ctrl-C is one line on stderr led
+    by `prog`, as `OneLineParser` leads a usage error, and its exit status is returned."""
     try:
-        _module(args.command).run(args)
+        return command() or 0
     except DreamShotError as e:
         label = "" if isinstance(e, Interrupted) else "error: "
-        print(f"dreamshot {args.command}: {label}{e}", file=sys.stderr)
+        print(f"{prog}: {label}{e}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
         # Every writer is atomic: what a command finished is kept, and the same command continues from it.
-        print(f"dreamshot {args.command}: interrupted; finished work is kept, rerun to continue", file=sys.stderr)
+        print(f"{prog}: interrupted; finished work is kept, rerun to continue", file=sys.stderr)
         return Interrupted.exit_status
-    return 0
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -238,6 +238,40 @@ def test_a_whole_story_drawn_into_a_used_folder_leaves_no_shot_of_the_storyboard
     assert [shot["take"] for shot in json.loads((out / RECORD_FILE).read_text())["shots"]] == [1]
 
 
+@pytest.mark.parametrize(
+    ("shots", "killed_in"),
+    [
+        (1, "save_shots"),  # the earlier storyboard's shots 2 and 3 removed, no new shot written yet
+        (3, "write_contact_sheet"),  # every shot drawn again (another seed), the record not yet
+    ],
+)
+def test_a_whole_story_killed_while_drawn_into_a_used_folder_leaves_no_record_of_the_storyboard_before(
+    shots, killed_in, generated, run_dir, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    shutil.copytree(generated, out)
+    story = _write_story(tmp_path / "story", {**STORY, "seed": 1, "shots": STORY["shots"][:shots]})
+    argv = ["generate", str(story), "--run", str(run_dir), "--out", str(out)]
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(generate_command, killed_in, killed)
+        assert main(argv) == 130
+    # Not a storyboard to its readers (`dreamshot animate`, a re-roll): the record of the one before would
+    # describe shots that are gone or drawn over.
+    assert not (out / RECORD_FILE).exists()
+    with pytest.raises(DataError, match=f"{RECORD_FILE}: not found"):
+        outputs.storyboard_shots(out)
+    assert main(argv) == 0  # the same call draws it whole
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record["seed"] == 1 and [shot["file"] for shot in record["shots"]] == [
+        shot_file(n + 1) for n in range(shots)
+    ]
+    assert sorted(path.name for path in out.glob("shot_*.png")) == [shot_file(n + 1) for n in range(shots)]
+
+
 def test_the_sheet_is_titled_and_shows_given_shots_first_and_marks_re_rolls(story, run_dir, tmp_path, monkeypatch):
     body = json.loads(json.dumps(STORY))
     body["previous_shots"] = [{"image": "refs/role1.png", "annotation": "Earlier: <Role 1> alone."}]

@@ -14,10 +14,14 @@ from PIL import Image
 from dreamshot.cli import main as cli_main
 from dreamshot.config import load
 from dreamshot.config.load import available_experiments, load_config, load_runs, sweep_members, to_yaml
+from dreamshot.inference.loading import RUN_CONFIG
+from dreamshot.report import sweep
 from dreamshot.report.build import read_report
 from dreamshot.report.sweep import EVAL_TIME_TAG, is_eval_time, main, sweep_commands
-from dreamshot.utils.errors import ConfigError
+from dreamshot.training.callbacks import LORA_FILE
+from dreamshot.utils.errors import ConfigError, Interrupted
 
+PROG = "python -m dreamshot.report.sweep"
 DATA = ["data.manifest=/data/storyboards/manifest.jsonl"]
 # A training line is refused without the recipe's data and weights (nothing is read while printing).
 INPUTS = [*DATA, "model.pretrained_path=/data/Wan2.1-T2V-14B-Diffusers"]
@@ -41,6 +45,16 @@ TINY = [
 ]
 
 
+@pytest.fixture
+def trained(tmp_path: Path) -> Path:
+    """A run folder as training leaves it, as far as a sweep looks: its config and its LoRA file."""
+    run = tmp_path / "trained"
+    run.mkdir()
+    (run / RUN_CONFIG).write_text(to_yaml(load_config("toy_dreamshot")))
+    (run / LORA_FILE).write_bytes(b"")
+    return run
+
+
 def test_the_studies_of_the_paper_are_shipped_at_both_scales():
     for prefix in ("", "toy_"):
         assert {f"{prefix}{name}" for name in ("guidance", "shot_count")} <= set(EVAL_TIME)
@@ -61,25 +75,22 @@ def test_training_experiments_launch_one_train_line_per_member(experiment):
 
 
 @pytest.mark.parametrize("experiment", EVAL_TIME)
-def test_eval_time_experiments_score_a_trained_run_once_per_member(experiment):
+def test_eval_time_experiments_score_a_trained_run_once_per_member(experiment, trained):
     with pytest.raises(ConfigError, match="--run"):
         sweep_commands(experiment, DATA)
-    commands = sweep_commands(experiment, [], run_dir=Path("runs/trained"))
+    commands = sweep_commands(experiment, [], run_dir=trained)
     members = list(sweep_members(experiment)) or [experiment]
     assert len(commands) == len(members)
     for argv, member in zip(commands, members, strict=True):
         cfg = load_config(experiment, [], member if sweep_members(experiment) else None)
         assert argv[:2] == ["eval", cfg.eval.benchmark]
-        assert argv[argv.index("--run") + 1] == "runs/trained"
+        assert argv[argv.index("--run") + 1] == str(trained)
         assert argv[argv.index("--out") + 1] == cfg.output_dir
         assert argv[argv.index("--label") + 1] == member
 
 
-@pytest.mark.parametrize(
-    ("experiment", "overrides", "run_dir"),
-    [("lambda_sweep", INPUTS, None), ("guidance", [], Path("runs/trained"))],
-)
-def test_each_member_config_is_composed_once(experiment, overrides, run_dir, monkeypatch):
+@pytest.mark.parametrize(("experiment", "overrides"), [("lambda_sweep", INPUTS), ("guidance", [])])
+def test_each_member_config_is_composed_once(experiment, overrides, trained, monkeypatch):
     composed, merge_one = [], load.merge_layer  # the run of every composition that merges a member's layer
 
     def merge_layer(cfg, body, source):
@@ -88,36 +99,36 @@ def test_each_member_config_is_composed_once(experiment, overrides, run_dir, mon
         return merge_one(cfg, body, source)
 
     monkeypatch.setattr(load, "merge_layer", merge_layer)
-    sweep_commands(experiment, overrides, run_dir=run_dir)
+    sweep_commands(experiment, overrides, run_dir=trained if experiment == "guidance" else None)
     assert composed == [f"{experiment}/{member}" for member in sweep_members(experiment)]
 
 
-def test_an_eval_member_changes_only_the_evaluation_settings_of_the_run(tmp_path: Path):
-    trained = load_config("toy_dreamshot", [f"output_dir={tmp_path}", "inference.omega2=7"])
-    (tmp_path / "config.yaml").write_text(to_yaml(trained))
-    (argv,) = sweep_commands("toy_guidance", ["eval.toy.groups=3"], member="w1_8-w2_5", run_dir=tmp_path)
+def test_an_eval_member_changes_only_the_evaluation_settings_of_the_run(trained: Path):
+    run = load_config("toy_dreamshot", [f"output_dir={trained}", "inference.omega2=7"])
+    (trained / RUN_CONFIG).write_text(to_yaml(run))
+    (argv,) = sweep_commands("toy_guidance", ["eval.toy.groups=3"], member="w1_8-w2_5", run_dir=trained)
     overrides = argv[2 : argv.index("--run")]
-    scored = load_config(tmp_path / "config.yaml", overrides)
+    scored = load_config(trained / RUN_CONFIG, overrides)
     # The member's ω2 = 5 is the schema default, and still beats the run's 7.
     assert (scored.inference.omega1, scored.inference.omega2) == (8.0, 5.0)
     assert scored.eval.steps == 20 and scored.eval.toy.groups == 3
     assert scored.name == "toy_guidance/w1_8-w2_5" and scored.logger.group == "toy_guidance"
     assert scored.tags == ["toy", "ablation", "guidance", EVAL_TIME_TAG, "w1_8-w2_5"]
     assert (scored.model, scored.seed, scored.racl, scored.storyboard) == (
-        trained.model,
-        trained.seed,
-        trained.racl,
-        trained.storyboard,
+        run.model,
+        run.seed,
+        run.racl,
+        run.storyboard,
     )
 
 
-def test_an_eval_time_run_refuses_training_overrides(tmp_path: Path):
+def test_an_eval_time_run_refuses_training_overrides(tmp_path: Path, trained):
     experiment = tmp_path / "bad_eval.yaml"
     experiment.write_text(f"extends: toy_dreamshot\ntags: [{EVAL_TIME_TAG}]\nsweep:\n  a: [racl.weight=0]\n")
     with pytest.raises(ConfigError, match="not 'racl.weight=0'"):
-        sweep_commands(str(experiment), run_dir=tmp_path)
+        sweep_commands(str(experiment), run_dir=trained)
     with pytest.raises(ConfigError, match="not 'seed=1'"):
-        sweep_commands("toy_guidance", ["seed=1"], run_dir=tmp_path)
+        sweep_commands("toy_guidance", ["seed=1"], run_dir=trained)
 
 
 def test_print_commands_gives_shell_lines_and_errors_exit_2(capsys):
@@ -125,15 +136,44 @@ def test_print_commands_gives_shell_lines_and_errors_exit_2(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [shlex.split(line)[1] for line in lines] == ["train", "eval", "train", "eval"]
     assert lines[0] == "dreamshot train toy_reproduction trainer.ckpt_path=last --member without_racl"
+    # A usage error and a config error are led alike, as `dreamshot COMMAND: error: ` leads both of its own.
     assert main(["toy_lambda_sweep", "--member", "lambda_9", "--print-commands"]) == 2
-    assert "no sweep member 'lambda_9'" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines() == [
+        f"{PROG}: error: experiment 'toy_lambda_sweep' has no sweep member 'lambda_9'"
+    ]
     with pytest.raises(SystemExit) as usage:
         main(["toy_lambda_sweep", "--eval", "toys"])
     assert usage.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "python -m dreamshot.report.sweep: error: argument --eval: invalid choice: 'toys' (choose from 'toy', "
-        "'dreamshot_test', 'vistorybench')"
+        f"{PROG}: error: argument --eval: invalid choice: 'toys' (choose from 'toy', 'dreamshot_test', 'vistorybench')"
     ]
+
+
+def test_a_sweep_stopped_by_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt  # while the members' configs are composed, before any member runs
+
+    monkeypatch.setattr(sweep, "sweep_commands", interrupted)
+    assert main(["toy_lambda_sweep"]) == Interrupted.exit_status
+    assert capsys.readouterr().err.splitlines() == [f"{PROG}: interrupted; finished work is kept, rerun to continue"]
+
+
+@pytest.mark.parametrize(
+    ("folder", "fault"),
+    [
+        ("missing", "not a run folder (no config.yaml)"),
+        ("untrained", "neither lora.safetensors nor checkpoints/last.ckpt found (has the run trained?)"),
+    ],
+)
+def test_an_eval_time_sweep_refuses_a_run_folder_that_is_not_trained_before_printing(folder, fault, tmp_path, capsys):
+    run = tmp_path / folder
+    if folder == "untrained":  # a run folder whose training has not saved weights yet
+        run.mkdir()
+        (run / RUN_CONFIG).write_text(to_yaml(load_config("toy_dreamshot")))
+    assert main(["toy_guidance", "--run", str(run), "--print-commands"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [f"{PROG}: error: --run {run}: {fault}"]
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ latest call (mode, seed, steps, weights, resolved config, timings per step and i
 and which kept, each shot's take) and, under `history`, the records of the calls before it in the same folder
 (re-rolls). A re-rolled shot's earlier take is kept as `takes/shot_NN_take_K.png` (outside the folder's shots,
 so readers of the layout do not see it); `shot_NN.png` is always the latest take. A whole story drawn into a
-folder replaces the storyboard it held: its shots numbered past the new story's and its takes are removed. A
-re-roll keeps shots of the story the folder was drawn from only (`check_same_story`). Every file is written
-atomically.
+folder replaces the storyboard it held: its record is removed first and written last, and its shots numbered
+past the new story's and its takes are removed. A re-roll keeps shots of the story the folder was drawn from only
+(`check_same_story`). Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -122,7 +122,10 @@ def keep_earlier_takes(out_dir: Path, indices: list[int], takes: dict[int, int])
 def remove_earlier_storyboard(out_dir: Path, count: int) -> None:
     """Before a whole storyboard of `count` shots is drawn into `out_dir`: remove the shot files numbered past
     `count` and every take of the storyboard the folder held, which readers of the folder would otherwise take for
-    this one's (ViStoryBench reads every numbered image; a later re-roll would count the old takes)."""
+    this one's (ViStoryBench reads every numbered image; a later re-roll would count the old takes). Its record
+    goes first: a draw killed after it leaves a folder without `generation.json` (not a storyboard to its readers,
+    drawn again whole by the next call), never one whose record describes shots removed or overwritten since."""
+    (out_dir / RECORD_FILE).unlink(missing_ok=True)
     shots = [path for path in out_dir.glob("shot_*.png") if path.name == shot_file(shot_index(path) or 0)]
     for path in [
         *(path for path in shots if shot_index(path) > count),
@@ -164,7 +167,7 @@ def read_record(out_dir: Path) -> dict:
     """The folder's `generation.json`."""
     path = out_dir / RECORD_FILE
     if not path.exists():
-        raise DataError(f"{path}: not found (expected the output folder of `dreamshot generate`)")
+        raise DataError(f"{path}: not found (expected the output folder of a finished `dreamshot generate`)")
     try:
         record = json.loads(read_text(path, "generation record"))
     except json.JSONDecodeError as e:

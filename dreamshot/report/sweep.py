@@ -10,7 +10,8 @@
 - an evaluation-time experiment (tagged `eval_time`: its members override only `inference.*` / `eval.*`, e.g.
   the ω1 / ω2 guidance grid) trains nothing: each member scores the trained run `--run DIR` with
   `dreamshot eval`, its evaluation settings passed as overrides, into the member's `output_dir`, named, tagged
-  and grouped like a training member.
+  and grouped like a training member. A DIR that is not a trained run folder is refused before a line is run or
+  printed.
 
 `dreamshot report EXPERIMENT` then compares the runs in `outputs/<experiment>/`.
 """
@@ -26,10 +27,11 @@ from typing import Any
 
 import yaml
 
-from dreamshot.cli import OneLineParser, parse_with_overrides
+from dreamshot.cli import OneLineParser, parse_with_overrides, run_reporting
 from dreamshot.commands import add_experiment_arguments
 from dreamshot.config.load import EVAL_TIME_TAG, compose, is_eval_time, load_config, sweep_members
 from dreamshot.config.schema import EVAL_BENCHMARKS, Config
+from dreamshot.inference.loading import run_weights
 from dreamshot.report.runs import EVAL_DIR, flatten
 from dreamshot.utils.errors import ConfigError, DreamShotError
 
@@ -93,6 +95,7 @@ def sweep_commands(
     if not trains:
         if run_dir is None:
             raise ConfigError(f"{experiment} is an {EVAL_TIME_TAG} experiment: pass the trained run to score (--run)")
+        check_trained_run(run_dir)
         base = eval_time_values(load_config())
         return [
             eval_member_command(cfg, [*members.get(name, []), *overrides], run_dir, name, base)
@@ -109,6 +112,15 @@ def sweep_commands(
             where = ["--run", str(out), "--out", str(folder), "--label", name or cfg.name, "--redraw"]
             commands.append(["eval", benchmark, *where])
     return commands
+
+
+def check_trained_run(run_dir: Path) -> None:
+    """Refuse (one line naming --run) a folder `dreamshot eval --run` would refuse: not a run folder, or one with no
+    weights yet (`run_weights`), so that printed launch lines never score a run that is not there."""
+    try:
+        run_weights(run_dir)
+    except DreamShotError as e:
+        raise type(e)(f"--run {e}") from None
 
 
 def eval_member_command(
@@ -147,15 +159,12 @@ def _dotlist_value(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: a `DreamShotError` is one line on stderr and exit status 2, as in `dreamshot`."""
+    """The command line: a usage error, a `DreamShotError` or Ctrl-C is one line on stderr led by the program's
+    name, as in `dreamshot` (a member's own command prints its errors as `dreamshot` does)."""
     parser = OneLineParser(prog="python -m dreamshot.report.sweep", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except DreamShotError as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting(parser.prog, lambda: run(args))
 
 
 if __name__ == "__main__":
