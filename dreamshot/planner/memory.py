@@ -6,7 +6,7 @@ FFN width, r the LoRA rank, n_l the number of blocks.
 
 Model state (`state_memory`):
   frozen weights     P × bytes (model.dtype; bf16 under DeepSpeed's bf16 mode), ÷ N under ZeRO-3 only. The
-                     VAE's are float32 (build.py) but under ZeRO-3's bf16 mode: ZeRO-2 gives them back their
+                     VAE's are float32 (build.py) except under ZeRO-3's bf16 mode: ZeRO-2 gives them back their
                      float32 after the engine's cast (`LoraDeepSpeedStrategy.setup`), ZeRO-3 partitions them.
   LoRA weights       P_lora × 4: `apply_lora` keeps them in float32 whatever model.dtype; DeepSpeed's bf16
                      mode casts every parameter of the module to bf16 (its engine does, LoRA included): 2.
