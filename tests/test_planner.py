@@ -174,18 +174,18 @@ def _state(training: Training, encoders: bool = True) -> dict[str, int]:
 
 def test_zero_sharding_divides_only_the_right_terms():
     by_stage = {stage: _state(Training(8, stage, model_bytes=2)) for stage in range(4)}
-    # bf16 weights; the VAE stays fp32 (build.py) unless DeepSpeed's bf16 mode casts the whole module.
-    frozen = {"DiT weights": 8000 * 2, "umT5 weights": 1600 * 2, "VAE weights": 80 * 2}
+    # bf16 weights; the VAE stays fp32 (build.py) unless ZeRO-3's bf16 mode casts and partitions it.
+    frozen = {"DiT weights": 8000 * 2, "umT5 weights": 1600 * 2, "VAE weights": 80 * 4}
     # DDP: everything whole; LoRA, its gradients and AdamW m, v in fp32, the weights are their own master.
     ddp = {"LoRA weights": 3200, "LoRA gradients": 3200, "optimiser state": 6400}
-    assert by_stage[0] == {**frozen, "VAE weights": 80 * 4, **ddp}
+    assert by_stage[0] == {**frozen, **ddp}
     # DeepSpeed's bf16 mode casts LoRA to bf16 too. ZeRO-1 shards the optimiser state (m, v and the fp32
     # master: 12 B/param) ...
     assert by_stage[1] == {**frozen, "LoRA weights": 1600, "LoRA gradients": 1600, "optimiser state": 1200}
     # ... ZeRO-2 the gradients too ...
     assert by_stage[2] == {**frozen, "LoRA weights": 1600, "LoRA gradients": 200, "optimiser state": 1200}
-    # ... and ZeRO-3 every weight, frozen ones included.
-    sharded = {name: value // 8 for name, value in frozen.items()}
+    # ... and ZeRO-3 every weight, frozen ones included, the VAE's in bf16.
+    sharded = {name: value // 8 for name, value in {**frozen, "VAE weights": 80 * 2}.items()}
     assert by_stage[3] == {**sharded, "LoRA weights": 200, "LoRA gradients": 200, "optimiser state": 1200}
 
 
@@ -201,6 +201,25 @@ def test_state_dtypes_follow_model_dtype_and_deepspeed_precision():
     assert zero3 == {"DiT weights": 2000, "LoRA weights": 400, "LoRA gradients": 400, "optimiser state": 800}
     # One GPU shards nothing, whatever the stage.
     assert _state(Training(1, 3, model_bytes=2))["LoRA gradients"] == 1600
+
+
+def test_vae_weights_are_bf16_only_under_zero3s_bf16_mode():
+    """DeepSpeed's bf16 mode casts the VAE with the rest; ZeRO-2 casts it back to float32 after building the engine
+    (`LoraDeepSpeedStrategy.setup`), ZeRO-3 partitions it and it stays bf16."""
+    shape = dataclasses.replace(model_shape(TOY, count_encoders=False), **COUNTS)
+    rows = {
+        (stage, half): state_memory(shape, Training(8, stage, model_bytes=2, half_precision=half))["VAE weights"]
+        for stage in (0, 2, 3)
+        for half in (False, True)
+    }
+    assert {key: (row.bytes, row.note) for key, row in rows.items()} == {
+        (0, False): (320, "frozen, fp32, replicated"),
+        (0, True): (320, "frozen, fp32, replicated"),
+        (2, False): (320, "frozen, fp32, replicated"),
+        (2, True): (320, "frozen, fp32, replicated"),
+        (3, False): (40, "frozen, fp32, sharded /8"),
+        (3, True): (20, "frozen, bf16, sharded /8"),
+    }
 
 
 def test_checkpointing_trades_activation_memory_for_one_recompute_forward(toy_shape):

@@ -1,6 +1,7 @@
 """Trainer strategies: every shipped trainer option builds a strategy DeepSpeed / Lightning accept, impossible
 combinations are config errors, and a DeepSpeed ZeRO-2 / ZeRO-3 run keeps nothing frozen in its checkpoints,
-writes its LoRA as the fp32 master weights of its bf16 mode and exports it without a conversion step.
+writes its LoRA as the fp32 master weights of its bf16 mode, exports it without a conversion step and (ZeRO-2)
+encodes its shots with the float32 VAE.
 
 The DeepSpeed runs are subprocesses executing this file (`python tests/test_strategy.py STAGE OUT [--cpu]`), so
 DeepSpeed's process group and environment variables never leak into the test process. On a CUDA machine they
@@ -11,12 +12,14 @@ lifting Lightning's CUDA-only guard, which checks everything but the CUDA kernel
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import runpy
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from deepspeed.runtime.config import DeepSpeedConfig
@@ -35,6 +38,7 @@ from dreamshot.training.strategy import (
     LoraDeepSpeedStrategy,
     build_strategy,
     keep_trainable_weights,
+    weights_kept,
 )
 from dreamshot.utils.errors import ConfigError
 
@@ -122,6 +126,20 @@ def test_checkpointed_state_keeps_only_trainable_weights():
     assert set(module.state_dict()) == trainable
 
 
+def test_weights_kept_undoes_a_cast_without_its_rounding():
+    """What ZeRO-2 does to the VAE after DeepSpeed's bf16 cast: the float32 weights come back as they were, not
+    bf16-rounded, and stay the same parameters (nothing that holds them is left behind)."""
+    module = torch.nn.Linear(8, 8)
+    before = [parameter.detach().clone() for parameter in module.parameters()]
+    parameters = list(module.parameters())
+    assert any(not torch.equal(weight, weight.bfloat16().float()) for weight in before)
+    with weights_kept(module):
+        for parameter in module.parameters():
+            parameter.data = parameter.data.bfloat16()  # as the engine's `_cast_module_mixed_precision`
+    assert all(now is then for now, then in zip(module.parameters(), parameters, strict=True))
+    assert all(p.dtype == torch.float32 and torch.equal(p, b) for p, b in zip(parameters, before, strict=True))
+
+
 # --- the GPU throughput benchmark, dry run ------------------------------------------------------------------
 
 
@@ -168,6 +186,33 @@ RUNS = [
 ]
 
 
+# Beside the run folder: what the VAE's encoder ran in during the run's training steps (`VaeEncodes`).
+VAE_ENCODES = "vae_encodes.json"
+
+
+class VaeEncodes(L.Callback):
+    """Records, for every training-time run of the VAE's encoder, the dtype of its weights and of its input, and
+    whether its weights hold more than bf16 precision (False for weights a bf16 cast rounded)."""
+
+    def __init__(self) -> None:
+        self.runs: list[dict] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: DreamShotModule) -> None:
+        def record(module: torch.nn.Module, args: tuple, output) -> None:
+            if trainer.training:
+                weights = list(module.parameters())
+                self.runs.append(
+                    {
+                        "weights": str(weights[0].dtype),
+                        "input": str(args[0].dtype),
+                        # ZeRO-3 has released its gathered weights by now (empty): nothing to compare there.
+                        "unrounded": any(w.numel() and not torch.equal(w, w.bfloat16().to(w.dtype)) for w in weights),
+                    }
+                )
+
+        pl_module.adapter.vae.encoder.register_forward_hook(record)
+
+
 def _train_with_deepspeed(stage: int, out: Path, on_cpu: bool) -> None:
     from dreamshot.config.load import to_yaml
     from dreamshot.training import train as train_module
@@ -200,9 +245,11 @@ def _train_with_deepspeed(stage: int, out: Path, on_cpu: bool) -> None:
     train_module.build_strategy = build
     if on_cpu:
         cfg.trainer.accelerator = "cpu"
-    train_module.train(cfg)
+    encodes = VaeEncodes()
+    train_module.train(cfg, callbacks=[encodes])
     # The run's config as a GPU run writes it (the CPU emulation changed the accelerator).
     atomic_write_text(out / "config.yaml", gpu_config)
+    atomic_write_text(out.parent / VAE_ENCODES, json.dumps(encodes.runs))
 
 
 def _run_on_deepspeeds_cpu_accelerator(strategy: DeepSpeedStrategy) -> None:
@@ -290,6 +337,16 @@ def test_deepspeed_lora_copies_hold_the_fp32_master_weights(deepspeed_runs, stag
     exported = load_file(run / EXPORT_FILES["peft"])
     assert exported.keys() == expected.keys()
     assert all(exported[key].dtype == torch.float32 and torch.equal(exported[key], expected[key]) for key in expected)
+
+
+@pytest.mark.parametrize(("stage", "device"), RUNS)
+def test_deepspeed_zero2_vae_encodes_in_its_float32_weights(deepspeed_runs, stage, device):
+    """DeepSpeed's bf16 mode casts the whole module, the frozen VAE's weights included: ZeRO-2 gets them back
+    unrounded, so a run without a latent cache encodes its shots and references as sampling and `dreamshot cache`
+    do; ZeRO-3 partitions them, and there they stay bf16 (as the planner counts them)."""
+    encodes = json.loads((deepspeed_runs(stage, device).parent / VAE_ENCODES).read_text())
+    dtype = str(torch.float32 if stage == 2 else torch.bfloat16)
+    assert encodes and all(run == {"weights": dtype, "input": dtype, "unrounded": stage == 2} for run in encodes)
 
 
 @pytest.mark.parametrize(("stage", "device"), RUNS)

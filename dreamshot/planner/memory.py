@@ -5,7 +5,9 @@ sample T video tokens (F frames of S), F·L text tokens, D = heads·head_dim, d 
 FFN width, r the LoRA rank, n_l the number of blocks.
 
 Model state (`state_memory`):
-  frozen weights     P × bytes (model.dtype; bf16 under DeepSpeed's bf16 mode), ÷ N under ZeRO-3 only.
+  frozen weights     P × bytes (model.dtype; bf16 under DeepSpeed's bf16 mode), ÷ N under ZeRO-3 only. The
+                     VAE's are float32 (build.py) except under ZeRO-3's bf16 mode: ZeRO-2 gives them back their
+                     float32 after the engine's cast (`LoraDeepSpeedStrategy.setup`), ZeRO-3 partitions them.
   LoRA weights       P_lora × 4: `apply_lora` keeps them in float32 whatever model.dtype; DeepSpeed's bf16
                      mode casts every parameter of the module to bf16 (its engine does, LoRA included): 2.
                      ÷ N under ZeRO-3.
@@ -73,8 +75,9 @@ def state_memory(shape: ModelShape, training: Training, encoders: bool = True) -
             shape.text_encoder_params * weight_bytes, n, stage >= 3, f"frozen, {_dtype(weight_bytes)}"
         )
     if encoders and shape.vae_params is not None:
-        # build.py keeps the VAE in float32; DeepSpeed's bf16 mode casts the whole module.
-        vae_bytes = 2 if training.deepspeed_half else FP32
+        # build.py keeps the VAE in float32; DeepSpeed's bf16 mode casts the whole module, and only under ZeRO-3,
+        # which partitions the VAE too, does it stay bf16 (`LoraDeepSpeedStrategy.setup`).
+        vae_bytes = 2 if training.deepspeed_half and stage >= 3 else FP32
         items["VAE weights"] = _sharded(shape.vae_params * vae_bytes, n, stage >= 3, f"frozen, {_dtype(vae_bytes)}")
     lora, lora_bytes = shape.lora_params, training.lora_bytes
     items["LoRA weights"] = _sharded(lora * lora_bytes, n, stage >= 3, f"trainable, {_dtype(lora_bytes)}")

@@ -4,7 +4,8 @@ default on GPUs, ZeRO-3 available; DDP for GPUs or CPUs).
 - `deepspeed_stage_2` / `deepspeed_stage_3`: DeepSpeed ZeRO with the frozen parameters left out of checkpoints
   (only the LoRA weights and their optimiser state are saved, never the 14B backbone). ZeRO-2 shards the LoRA
   gradients and AdamW state over the GPUs; ZeRO-3 also shards every weight, frozen ones included. DeepSpeed's
-  bf16 mode casts the whole module to bf16 and keeps fp32 master weights in its optimiser.
+  bf16 mode casts the whole module to bf16 and keeps fp32 master weights in its optimiser; under ZeRO-2 the frozen
+  VAE gets its float32 weights back (`LoraDeepSpeedStrategy.setup`), as sampling and the latent cache encode.
 - `ddp`: one process per device, started by re-running the command (`torchrun` and SLURM start them
   themselves); `ddp_spawn` forks them from the running process instead (notebooks).
 - `auto`: Lightning's choice (one device: no strategy).
@@ -24,6 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +140,13 @@ class LoraDeepSpeedStrategy(HostsContextParallel, DeepSpeedStrategy):
 
     def setup(self, trainer: L.Trainer) -> None:
         self.lightning_module.register_state_dict_post_hook(keep_trainable_weights)
-        super().setup(trainer)
+        # DeepSpeed's bf16 mode casts every weight to bf16 as it builds the engine (`_configure_distributed_model`),
+        # the frozen VAE's included: ZeRO-2 gives the VAE its own float32 weights back, so a run without a latent
+        # cache encodes as sampling and `dreamshot cache` do. ZeRO-3 partitions every weight into its own buffers,
+        # frozen ones included: there the VAE stays bf16 (the planner counts it so).
+        kept = nullcontext() if self.zero_stage_3 else weights_kept(self.lightning_module.adapter.vae)
+        with kept:
+            super().setup(trainer)
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
         final = Path(self.broadcast(str(filepath)))  # rank 0's path, as Lightning's save takes it
@@ -152,6 +161,17 @@ class LoraDeepSpeedStrategy(HostsContextParallel, DeepSpeedStrategy):
         if self.is_global_zero:
             commit_folder(written, final)
         self.last_saved_step = checkpoint.get("global_step")
+
+
+@contextmanager
+def weights_kept(module: nn.Module) -> Iterator[None]:
+    """`module`'s weights after the block are its weights before it, moved to the device they ended on: a cast
+    inside is undone without the rounding a cast back would keep. For frozen weights that nothing else holds
+    (ZeRO-2 flattens and shards only the weights its optimiser trains)."""
+    weights = [parameter.data for parameter in module.parameters()]
+    yield
+    for parameter, weight in zip(module.parameters(), weights, strict=True):
+        parameter.data = weight.to(parameter.device)
 
 
 def partial_folder(path: Path) -> Path:

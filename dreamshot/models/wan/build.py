@@ -7,9 +7,10 @@ Otherwise the parts load from a local diffusers-format Wan2.1 directory
 
 Dtypes: the DiT and umT5 are held in `model.dtype`; the VAE is built in float32, as in diffusers' Wan
 examples, because its decoder loses visible quality in bfloat16 and it is small next to the DiT. Sampling, the
-latent cache (`dreamshot cache`) and DDP training keep it so; DeepSpeed's bf16 mode (`trainer=gpu`, `zero3`) casts
-every parameter of the trained module to bf16, the VAE's included, so a DeepSpeed run without `data.cache_dir`
-encodes its shots and references with a bf16 VAE (the planner counts it so).
+latent cache (`dreamshot cache`), DDP and ZeRO-2 training keep it so: DeepSpeed's bf16 mode casts every parameter
+of the trained module to bf16, the VAE's included, and ZeRO-2 (`trainer=gpu`) gives the VAE its float32 weights
+back (`LoraDeepSpeedStrategy.setup`). ZeRO-3 (`trainer=zero3`) partitions the VAE with every other weight, so a
+ZeRO-3 run without `data.cache_dir` encodes its shots and references with a bf16 VAE (the planner counts it so).
 Everything comes back frozen and in eval mode; LoRA (`lora.py`) adds the only trainable parameters.
 """
 
