@@ -6,12 +6,13 @@ import av
 import numpy as np
 import pytest
 
+from dreamshot.prepare import keyframes, shots
 from dreamshot.prepare.config import KeyframeConfig, load_prepare_config
 from dreamshot.prepare.keyframes import FrameScores, choose_keyframe, score_frames, shot_motion
 from dreamshot.prepare.shots import detect_shots
 from dreamshot.prepare.stage import VideoJob
 from dreamshot.prepare.toyvideo import render_toy_video, toy_overrides
-from dreamshot.prepare.video import read_frames
+from dreamshot.prepare.video import probe, read_frames
 
 CFG = load_prepare_config(overrides=toy_overrides())
 
@@ -38,8 +39,23 @@ def graded(tmp_path_factory):
 def test_detected_cuts_match_the_known_cuts(graded, tmp_path):
     video, _ = graded
     shots = detect_shots(_job(video, tmp_path), CFG.shots)
-    assert [start for start, _ in shots[1:]] == video.cuts
-    assert shots[-1][1] == video.shots[-1][1]
+    assert [start * video.fps for start, _ in shots[1:]] == pytest.approx(video.cuts)
+    assert shots[-1][1] * video.fps == pytest.approx(video.shots[-1][1])
+
+
+def test_keyframes_of_a_variable_frame_rate_video_are_the_sharp_frames_of_their_shots(graded, tmp_path):
+    # The graded video's frames re-timed: the first half 1/4 s apart, the rest 1/20 s. PySceneDetect's frame
+    # numbers are its times x the average rate, which are not the decoder's frame indices here.
+    layout, sharp = graded
+    count = layout.shots[-1][1]
+    times = [0.25 * min(i, count // 2) + 0.05 * max(i - count // 2, 0) for i in range(count)]
+    video = render_toy_video(tmp_path / "vfr.mp4", scenes=3, blur=layout.blurred, frame_times=times)
+    job = _job(video, tmp_path)
+    inputs = {"curation": {"fps": probe(video.path).fps}}
+    inputs["shots"] = shots.run(job, inputs, CFG, None).data
+    result = keyframes.run(job, inputs, CFG, None)
+    assert [kf["frame"] for kf in result.data["keyframes"]] == sharp
+    assert [kf["time"] for kf in result.data["keyframes"]] == pytest.approx([times[f] for f in sharp], abs=1e-3)
 
 
 def test_the_sharpest_frame_of_each_shot_is_chosen(graded, tmp_path):
@@ -78,7 +94,9 @@ def test_full_size_frames_are_the_decoded_frames(graded, tmp_path):
 
 def _scores(sharpness, flow) -> FrameScores:
     n = len(sharpness)
-    return FrameScores(np.array(sharpness, float), np.zeros(n), np.array(flow, float), [None] * n, [0])
+    return FrameScores(
+        np.array(sharpness, float), np.zeros(n), np.array(flow, float), np.arange(n) / 8, [None] * n, [0]
+    )
 
 
 def test_combined_rank_weighs_sharpness_and_motion():

@@ -38,6 +38,9 @@ from dreamshot.utils.errors import DataError
 from dreamshot.utils.io import atomic_write_text, check_output_dir, folder_bytes, remove_stale_temporaries
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts")
+# Part of every state digest: raised when what a stage stores changes meaning (2: shots in seconds, not frame
+# numbers), so that state files of an older version are recomputed rather than misread.
+STATE_FORMAT = 2
 MANIFEST_NAME = "manifest.jsonl"
 PROVENANCE_NAME = "provenance.jsonl"
 
@@ -106,8 +109,9 @@ def prepare(
     _remove_stale_temporaries(out_dir)
     store = StateStore(out_dir)
     inputs: dict[str, dict] = {job.id: {} for job in jobs}
-    # The chain of digests: a video's file identity, then each stage's settings on top of the one before.
-    keys = {job.id: digest(job.path.stat().st_size, job.path.stat().st_mtime_ns) for job in jobs}
+    # The chain of digests: the state format and a video's file identity, then each stage's settings on top of
+    # the one before.
+    keys = {job.id: digest(STATE_FORMAT, job.path.stat().st_size, job.path.stat().st_mtime_ns) for job in jobs}
     counts = []
     for stage in STAGES:
         tally = StageCounts(stage.name, stage.module.UNIT)

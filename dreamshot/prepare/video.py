@@ -42,11 +42,12 @@ class VideoInfo:
 
 @dataclass(frozen=True)
 class LumaFrame:
-    """One decoded frame of the scoring pass: its index, timestamp, whether it is an I-frame, and its luma
-    downscaled, (h, w) uint8."""
+    """One decoded frame of the scoring pass: its index, timestamp, presentation time in seconds from the
+    stream's start, whether it is an I-frame, and its luma downscaled, (h, w) uint8."""
 
     index: int
     pts: int | None
+    time: float
     key: bool
     luma: np.ndarray
 
@@ -76,8 +77,12 @@ def decode_luma(path: Path, width: int) -> Iterator[LumaFrame]:
         stream = _video_stream(container, path)
         # Frame threading: the decoder works ahead on the other core while a frame is scored.
         stream.thread_type = "AUTO"
+        start, rate = stream.start_time or 0, float(stream.average_rate or stream.guessed_rate or 1)
         for index, frame in enumerate(_frames(container, stream, path)):
-            yield LumaFrame(index, frame.pts, frame.key_frame, _luma(frame, width))
+            # From the stream's start, as PySceneDetect's backends count; a frame without a timestamp is placed
+            # at the average rate.
+            time = index / rate if frame.pts is None else float((frame.pts - start) * stream.time_base)
+            yield LumaFrame(index, frame.pts, time, frame.key_frame, _luma(frame, width))
 
 
 def read_frames(path: Path, wanted: list[int], pts: list[int | None], keys: list[int]) -> dict[int, np.ndarray]:
