@@ -77,6 +77,7 @@ def render_toy_video(
     metadata: dict[str, str] | None = None,
     crf: int = 18,
     frame_times: list[float] | None = None,
+    rotation: int = 0,
 ) -> ToyVideo:
     """Write a toy video (H.264 mp4) and return its truth.
 
@@ -84,7 +85,9 @@ def render_toy_video(
     sigma in pixels; `grain`: standard deviation of per-frame noise (makes the stream as costly to decode
     as filmed footage); `metadata`: container tags (e.g. {"creation_time": "2012-01-01"}); `crf`: x264's
     quality (higher = smaller file); `frame_times`: the presentation time in seconds of every frame, for a
-    variable-frame-rate video (None: frame i at i / fps; stored to the millisecond).
+    variable-frame-rate video (None: frame i at i / fps; stored to the millisecond); `rotation`: the display
+    rotation in the container, in degrees counter-clockwise, as a phone stores a portrait video (the frames
+    are encoded as rendered, so a player shows them turned).
     """
     height, width = size
     blur = dict(blur or {})
@@ -103,7 +106,7 @@ def render_toy_video(
                 frames.append(canvas[:, offset : offset + width])
     if frame_times is not None and len(frame_times) != len(frames):
         raise ValueError(f"frame_times has {len(frame_times)} times for {len(frames)} frames")
-    with _writer(Path(path), size, fps, metadata, crf, frame_times is not None) as write:
+    with _writer(Path(path), size, fps, metadata, crf, frame_times is not None, rotation) as write:
         for index, frame in enumerate(frames):
             write(
                 _degrade(frame, blur.get(index, 0.0), grain, rng), None if frame_times is None else frame_times[index]
@@ -125,7 +128,14 @@ class _writer:
     in seconds when `timed` (millisecond timestamps), else at the next 1 / fps."""
 
     def __init__(
-        self, path: Path, size: tuple[int, int], fps: int, metadata: dict[str, str] | None, crf: int, timed: bool
+        self,
+        path: Path,
+        size: tuple[int, int],
+        fps: int,
+        metadata: dict[str, str] | None,
+        crf: int,
+        timed: bool,
+        rotation: int,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.container = av.open(str(path), "w")
@@ -133,6 +143,8 @@ class _writer:
         self.stream = self.container.add_stream("libx264", rate=fps)
         self.stream.height, self.stream.width = size
         self.stream.pix_fmt = "yuv420p"
+        if rotation:
+            self.stream.set_display_rotation(rotation)
         if timed:
             self.stream.time_base = self.stream.codec_context.time_base = MILLISECOND
         # A keyframe every 2 s, as web video has; quiet x264 (it prints a summary on stderr otherwise).

@@ -3,7 +3,7 @@
 Frames are numbered in presentation order from 0, as PySceneDetect numbers them. The scoring pass reads the
 decoder's luma plane directly (no colour conversion) and downscales it with OpenCV; the full-size pass
 decodes only what the chosen frames need, seeking to the last keyframe (I-frame) before a target when that
-skips decoding.
+skips decoding, and turns them by the container's display rotation.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def decode_luma(path: Path, width: int) -> Iterator[LumaFrame]:
 
 
 def read_frames(path: Path, wanted: list[int], pts: list[int | None], keys: list[int]) -> dict[int, np.ndarray]:
-    """Full-size RGB frames (H, W, 3) uint8 of the frame indices `wanted`.
+    """Full-size RGB frames (H, W, 3) uint8 of the frame indices `wanted`, upright (`upright`).
 
     `pts` (every frame's timestamp) and `keys` (indices of the I-frames, sorted) come from the scoring pass.
     Without timestamps the video is decoded from the start, counting frames.
@@ -117,10 +117,19 @@ def _decode_until(frames, target: int, index_of: dict | None, position: int, pat
             continue
         position = index + 1
         if index == target:
-            return frame.to_ndarray(format="rgb24"), position
+            return upright(frame), position
         if index > target:
             break
     raise DataError(f"{path}: frame {target}, seen by the scoring pass, could not be decoded again")
+
+
+def upright(frame: av.VideoFrame) -> np.ndarray:
+    """The frame as RGB (H, W, 3) uint8, turned by the display rotation of its container (a phone stores a
+    portrait video as landscape frames and a rotation), as a player shows it. Only the full-size frames are
+    turned: sharpness and motion do not depend on it."""
+    rgb = frame.to_ndarray(format="rgb24")
+    # `rotation`: degrees counter-clockwise, a multiple of 90 in practice; np.rot90 turns counter-clockwise.
+    return np.ascontiguousarray(np.rot90(rgb, round(frame.rotation / 90) % 4))
 
 
 def _luma(frame: av.VideoFrame, width: int) -> np.ndarray:
