@@ -191,3 +191,20 @@ def test_paths_that_give_one_video_id_are_an_error_naming_both(tmp_path):
         (videos / name).write_bytes(b"")
     with pytest.raises(DataError, match=r"a_b\.mp4: has the same id 'a_b' as .*a b\.mp4"):
         pipeline.find_videos(videos, tmp_path / "out")
+
+
+def test_files_deleted_after_a_run_are_made_again_on_the_next(prepared, videos, tmp_path, monkeypatch):
+    out, summary = prepared
+    data = tmp_path / "data"
+    shutil.copytree(out, data)
+    keyframe = sorted((data / "frames" / "a").glob("*.png"))[0]
+    mask = sorted((data / "groups" / "sub_b").rglob("*_mask.png"))[0]
+    keyframe.unlink()
+    mask.unlink()
+    calls = _count_calls(monkeypatch)
+    again = prepare(videos[0], data, _config(), progress=False)
+    # Only the stages that wrote the missing files run again, for their video; the rest is read back.
+    assert {name: ids for name, ids in calls.items() if ids} == {"keyframes": ["a"], "roles": ["sub_b"]}
+    assert keyframe.is_file() and mask.is_file()
+    assert (again.groups, again.shots) == (summary.groups, summary.shots)
+    assert (data / "manifest.jsonl").read_bytes() == (out / "manifest.jsonl").read_bytes()

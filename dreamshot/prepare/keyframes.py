@@ -63,7 +63,7 @@ def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResul
                 "image": path.relative_to(job.out_dir).as_posix(),
             }
         )
-    return StageResult({"keyframes": keyframes}, kept=len(keyframes))
+    return StageResult({"keyframes": keyframes}, kept=len(keyframes), files=[kf["image"] for kf in keyframes])
 
 
 def score_frames(job: VideoJob, cfg: KeyframeConfig) -> FrameScores:

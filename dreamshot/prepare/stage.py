@@ -26,19 +26,21 @@ class StageResult:
 
     `data` (JSON-able) is what later stages read; `kept` counts the units that go on (videos, shots,
     keyframes or groups, as the stage says) and `dropped` counts the others by reason. A video with
-    nothing kept stops at that stage.
+    nothing kept stops at that stage. `files` are the files it wrote that later stages or the manifest
+    read (paths relative to the output folder): a stored result missing one of them is made again.
     """
 
     data: dict[str, Any]
     kept: int
     dropped: dict[str, int] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"data": self.data, "kept": self.kept, "dropped": self.dropped}
+        return {"data": self.data, "kept": self.kept, "dropped": self.dropped, "files": self.files}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> StageResult:
-        return cls(obj["data"], obj["kept"], obj["dropped"])
+        return cls(obj["data"], obj["kept"], obj["dropped"], obj["files"])
 
 
 def count(reasons: list[str]) -> dict[str, int]:
