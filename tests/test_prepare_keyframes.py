@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import av
 import cv2
 import numpy as np
@@ -52,7 +54,7 @@ def test_keyframes_of_a_variable_frame_rate_video_are_the_sharp_frames_of_their_
     times = [0.25 * min(i, count // 2) + 0.05 * max(i - count // 2, 0) for i in range(count)]
     video = render_toy_video(tmp_path / "vfr.mp4", scenes=3, blur=layout.blurred, frame_times=times)
     job = _job(video, tmp_path)
-    inputs = {"curation": {"fps": probe(video.path).fps}}
+    inputs = {"curation": asdict(probe(video.path))}
     inputs["shots"] = shots.run(job, inputs, CFG, None).data
     result = keyframes.run(job, inputs, CFG, None)
     assert [kf["frame"] for kf in result.data["keyframes"]] == sharp
@@ -138,3 +140,13 @@ def test_full_size_frames_are_shown_upright_as_a_player_shows_them(tmp_path, rot
         assert frames[index].shape == shown[index].shape
         # Two decoders' colour conversions differ by a few levels; a turned frame differs by far more.
         assert np.abs(frames[index].astype(int) - shown[index]).mean() < 4
+
+
+def test_scoring_shows_a_frame_progress_bar_only_when_asked(graded, tmp_path, capsys):
+    # Stage 3 decodes a whole film: the stage's bar (one step per video) would stand still for minutes.
+    video, _ = graded
+    frames = video.shots[-1][1]
+    score_frames(VideoJob("toy", video.path, tmp_path, progress=True), CFG.keyframes, total=frames)
+    assert f"0/{frames} [" in capsys.readouterr().err  # the bar clears itself when done (leave=False)
+    score_frames(_job(video, tmp_path), CFG.keyframes, total=frames)
+    assert capsys.readouterr().err == ""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from scipy.stats import rankdata
+from tqdm import tqdm
 
 from dreamshot.prepare.config import KeyframeConfig, PrepareConfig
 from dreamshot.prepare.files import save_png
@@ -44,7 +45,7 @@ class FrameScores:
 
 
 def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResult:
-    scores = score_frames(job, cfg.keyframes)
+    scores = score_frames(job, cfg.keyframes, inputs["curation"]["frames"])
     shots = frame_ranges(scores.times, inputs["shots"]["shots"])
     chosen = [choose_keyframe(scores, start, end, cfg.keyframes) for start, end in shots]
     images = read_frames(job.path, chosen, scores.pts, scores.keys)
@@ -66,12 +67,15 @@ def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResul
     return StageResult({"keyframes": keyframes}, kept=len(keyframes), files=[kf["image"] for kf in keyframes])
 
 
-def score_frames(job: VideoJob, cfg: KeyframeConfig) -> FrameScores:
-    """One decoding pass over the video: sharpness, contrast and flow of every frame."""
+def score_frames(job: VideoJob, cfg: KeyframeConfig, total: int | None = None) -> FrameScores:
+    """One decoding pass over the video: sharpness, contrast and flow of every frame (`total`: the frame count
+    the container gives, for the progress bar)."""
     flow_meter = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
     sharp, contrast, flow, times, pts, keys = [], [], [], [], [], []
     previous = None
-    for frame in decode_luma(job.path, cfg.analysis_width):
+    frames = decode_luma(job.path, cfg.analysis_width)
+    bar = tqdm(frames, desc=f"  {job.id}", total=total, unit="frame", leave=False, disable=not job.progress)
+    for frame in bar:
         sharp.append(sharpness(frame.luma))
         contrast.append(float(frame.luma.std()))
         small = cv2.resize(frame.luma, (max(frame.luma.shape[1] // 2, 8), max(frame.luma.shape[0] // 2, 8)))

@@ -75,7 +75,7 @@ class PrepareSummary:
     shots: int
 
 
-def find_videos(videos_dir: Path, out_dir: Path) -> list[VideoJob]:
+def find_videos(videos_dir: Path, out_dir: Path, progress: bool = False) -> list[VideoJob]:
     """The video files under `videos_dir` (recursively, by suffix), sorted, with ids from their relative paths."""
     if not videos_dir.is_dir():
         raise DataError(f"{videos_dir}: not a folder of videos")
@@ -88,7 +88,7 @@ def find_videos(videos_dir: Path, out_dir: Path) -> list[VideoJob]:
         if video_id in seen:
             raise DataError(f"{path}: has the same id {video_id!r} as {seen[video_id]} (rename one)")
         seen[video_id] = path
-        jobs.append(VideoJob(video_id, path, out_dir))
+        jobs.append(VideoJob(video_id, path, out_dir, progress))
     return jobs
 
 
@@ -101,7 +101,7 @@ def prepare(
 ) -> PrepareSummary:
     """Run every stage over the videos of `videos_dir` into `out_dir` (see the module docstring)."""
     out_dir = Path(out_dir).absolute()
-    jobs = find_videos(Path(videos_dir), out_dir)
+    jobs = find_videos(Path(videos_dir), out_dir, progress)
     # Before a model is built or a video decoded; what the folder holds (a resumed run) is not written again.
     need = prepare_bytes(jobs, cfg) - folder_bytes(out_dir)
     check_output_dir(out_dir, "--out", need, f"the keyframes, masks and references of {len(jobs)} videos")

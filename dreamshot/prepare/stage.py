@@ -9,11 +9,13 @@ from typing import Any
 
 @dataclass(frozen=True)
 class VideoJob:
-    """One input video: its id (unique in the run, used in file and group names), file and the output folder."""
+    """One input video: its id (unique in the run, used in file and group names), file and the output folder,
+    and whether the stages show progress bars within the video (a film's decoding pass takes minutes)."""
 
     id: str
     path: Path
     out_dir: Path
+    progress: bool = False
 
     def output(self, *parts: str) -> Path:
         """A path under the output folder's `<part>/<video id>/...` tree (e.g. `output("frames", "s001.png")`)."""
