@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from fractions import Fraction
 
 import av
 import cv2
@@ -150,3 +151,21 @@ def test_scoring_shows_a_frame_progress_bar_only_when_asked(graded, tmp_path, ca
     assert f"0/{frames} [" in capsys.readouterr().err  # the bar clears itself when done (leave=False)
     score_frames(_job(video, tmp_path), CFG.keyframes, total=frames)
     assert capsys.readouterr().err == ""
+
+
+def test_full_size_frames_of_anamorphic_video_have_square_pixels(tmp_path):
+    # DV and DVD footage stores wide frames squeezed, with a sample aspect ratio that a player stretches by.
+    image = np.zeros((96, 80, 3), np.uint8)
+    image[:, :40] = 255
+    path = tmp_path / "anamorphic.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8, options={"x264-params": "log-level=none"})
+        stream.height, stream.width, stream.pix_fmt = 96, 80, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(2, 1)
+        for _ in range(4):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    scores = score_frames(VideoJob("dv", path, tmp_path), CFG.keyframes)
+    frame = read_frames(path, [2], scores.pts, scores.keys)[2]
+    assert frame.shape == (96, 160, 3)
+    assert frame[:, 4:76].min() > 200 and frame[:, 84:156].max() < 50  # the white half is half the width

@@ -3,7 +3,7 @@
 Frames are numbered in presentation order from 0, as PySceneDetect numbers them. The scoring pass reads the
 decoder's luma plane directly (no colour conversion) and downscales it with OpenCV; the full-size pass
 decodes only what the chosen frames need, seeking to the last keyframe (I-frame) before a target when that
-skips decoding, and turns them by the container's display rotation.
+skips decoding, and shows them as a player does (square pixels, the container's display rotation).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import bisect
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -105,29 +106,36 @@ def read_frames(path: Path, wanted: list[int], pts: list[int | None], keys: list
                 if start > position:
                     container.seek(pts[start], stream=stream, backward=True)
                 frames = _frames(container, stream, path)
-            found[target], position = _decode_until(frames, target, index_of, position, path)
+            frame, position = _decode_until(frames, target, index_of, position, path)
+            found[target] = upright(frame, stream.sample_aspect_ratio)
     return found
 
 
-def _decode_until(frames, target: int, index_of: dict | None, position: int, path: Path) -> tuple[np.ndarray, int]:
-    """The RGB frame `target` from the decoder `frames`, and the index of the frame after it."""
+def _decode_until(frames, target: int, index_of: dict | None, position: int, path: Path) -> tuple[av.VideoFrame, int]:
+    """The frame `target` from the decoder `frames`, and the index of the frame after it."""
     for frame in frames:
         index = position if index_of is None else index_of.get(frame.pts)
         if index is None:
             continue
         position = index + 1
         if index == target:
-            return upright(frame), position
+            return frame, position
         if index > target:
             break
     raise DataError(f"{path}: frame {target}, seen by the scoring pass, could not be decoded again")
 
 
-def upright(frame: av.VideoFrame) -> np.ndarray:
-    """The frame as RGB (H, W, 3) uint8, turned by the display rotation of its container (a phone stores a
-    portrait video as landscape frames and a rotation), as a player shows it. Only the full-size frames are
-    turned: sharpness and motion do not depend on it."""
+def upright(frame: av.VideoFrame, sample_aspect: Fraction | None) -> np.ndarray:
+    """The frame as RGB (H, W, 3) uint8 as a player shows it: with square pixels (anamorphic DV or DVD footage
+    stores wide frames squeezed, with the stream's `sample_aspect` ratio to stretch them by) and turned by the
+    display rotation of its container (a phone stores a portrait video as landscape frames and a rotation).
+    Only the full-size frames are corrected: sharpness and motion are measured on the frames as stored."""
     rgb = frame.to_ndarray(format="rgb24")
+    if sample_aspect and sample_aspect != 1:
+        width = max(1, round(rgb.shape[1] * sample_aspect))
+        rgb = cv2.resize(
+            rgb, (width, rgb.shape[0]), interpolation=cv2.INTER_AREA if width < rgb.shape[1] else cv2.INTER_CUBIC
+        )
     # `rotation`: degrees counter-clockwise, a multiple of 90 in practice; np.rot90 turns counter-clockwise.
     return np.ascontiguousarray(np.rot90(rgb, round(frame.rotation / 90) % 4))
 
