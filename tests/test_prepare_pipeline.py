@@ -208,3 +208,21 @@ def test_files_deleted_after_a_run_are_made_again_on_the_next(prepared, videos, 
     assert keyframe.is_file() and mask.is_file()
     assert (again.groups, again.shots) == (summary.groups, summary.shots)
     assert (data / "manifest.jsonl").read_bytes() == (out / "manifest.jsonl").read_bytes()
+
+
+def test_a_manifest_that_fails_the_loaders_checks_never_replaces_the_last_one(prepared, videos, tmp_path, monkeypatch):
+    out, _ = prepared
+    data = tmp_path / "data"
+    shutil.copytree(out, data)
+    original = roles.run
+
+    def broken(*args):
+        result = original(*args)
+        result.data["records"][0]["shots"][0]["image"] = "frames/missing.png"
+        return result
+
+    monkeypatch.setattr(roles, "run", broken)
+    with pytest.raises(DataError, match=r"manifest.jsonl:1: .*shots\[0\].image: file not found"):
+        prepare(videos[0], data, _config("roles.max_roles=3"), progress=False)
+    assert (data / "manifest.jsonl").read_bytes() == (out / "manifest.jsonl").read_bytes()
+    assert not list(data.glob(".*.tmp*"))

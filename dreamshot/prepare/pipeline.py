@@ -35,7 +35,13 @@ from dreamshot.prepare.space import prepare_bytes
 from dreamshot.prepare.stage import VideoJob
 from dreamshot.prepare.state import StateStore, digest
 from dreamshot.utils.errors import DataError
-from dreamshot.utils.io import atomic_write_text, check_output_dir, folder_bytes, remove_stale_temporaries
+from dreamshot.utils.io import (
+    atomic_path,
+    atomic_write_text,
+    check_output_dir,
+    folder_bytes,
+    remove_stale_temporaries,
+)
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts")
 # Part of every state digest: raised when what a stage stores changes meaning (2: shots in seconds, not frame
@@ -154,11 +160,17 @@ def _nothing_kept(videos_dir: Path, tally: StageCounts, data: list[dict]) -> Dat
 
 
 def _finish(out_dir: Path, counts: list[StageCounts], outputs: list[dict]) -> PrepareSummary:
-    """Write the manifest (then read it back through the training loader's checks), provenance and report."""
+    """Write the manifest (once it passes the training loader's checks), provenance and report."""
     records = [record for output in outputs for record in output["records"]]
     manifest = out_dir / MANIFEST_NAME
-    atomic_write_text(manifest, "".join(json.dumps(record) + "\n" for record in records))
-    checked = load_manifest(manifest)
+    with atomic_path(manifest) as tmp:
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
+        try:
+            # Checked under its temporary name beside the old one (paths are relative to the folder), so a
+            # manifest the loader refuses never replaces the last good one.
+            checked = load_manifest(tmp)
+        except DataError as e:
+            raise DataError(f"{str(e).replace(str(tmp), str(manifest))} (the manifest was not replaced)") from None
     provenance = [{"id": r["id"], **output["provenance"]} for output in outputs for r in output["records"]]
     atomic_write_text(out_dir / PROVENANCE_NAME, "".join(json.dumps(p) + "\n" for p in provenance))
     shot_count = sum(len(r.shots) for r in checked)
