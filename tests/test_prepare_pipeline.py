@@ -226,3 +226,23 @@ def test_a_manifest_that_fails_the_loaders_checks_never_replaces_the_last_one(pr
         prepare(videos[0], data, _config("roles.max_roles=3"), progress=False)
     assert (data / "manifest.jsonl").read_bytes() == (out / "manifest.jsonl").read_bytes()
     assert not list(data.glob(".*.tmp*"))
+
+
+def test_a_video_that_fails_to_decode_is_dropped_not_the_run(videos, tmp_path, monkeypatch):
+    # A broken download can open and then fail mid-stream: the other videos still make their groups.
+    real = keyframes.decode_luma
+
+    def failing(path, width):
+        if path.stem == "a":
+            raise DataError(f"{path}: decoding failed (Invalid data found when processing input)")
+        return real(path, width)
+
+    monkeypatch.setattr(keyframes, "decode_luma", failing)
+    summary = prepare(videos[0], tmp_path, _config(), progress=False)
+    counts = {c.stage: c for c in summary.counts}
+    assert counts["keyframes"].dropped == {"undecodable video": 1} and counts["roles"].videos == 1
+    assert summary.groups == 2  # video b's two scenes
+    assert (
+        "a.mp4: decoding failed"
+        in json.loads((tmp_path / "state" / "a" / "keyframes.json").read_text())["data"]["error"]
+    )

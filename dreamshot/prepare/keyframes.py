@@ -10,7 +10,8 @@ ties broken towards the sharper frame), among the frames at least `min_relative_
 shot's sharpest, so a blurred frame is never chosen because it happens to be still. Only the chosen frames
 are then decoded again at full size.
 
-Unit: keyframes (one per shot; a shot is never dropped here, the quality stage filters).
+Unit: keyframes (one per shot; a shot is never dropped here, the quality stage filters). A video that fails
+to decode is dropped as undecodable, and the run goes on.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from tqdm import tqdm
 
 from dreamshot.prepare.config import KeyframeConfig, PrepareConfig
 from dreamshot.prepare.files import save_png
-from dreamshot.prepare.stage import StageResult, VideoJob
+from dreamshot.prepare.stage import UNDECODABLE, StageResult, VideoJob, unreadable
 from dreamshot.prepare.video import decode_luma, read_frames
+from dreamshot.utils.errors import DataError
 
 UNIT = "keyframes"
 
@@ -45,10 +47,13 @@ class FrameScores:
 
 
 def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResult:
-    scores = score_frames(job, cfg.keyframes, inputs["curation"]["frames"])
-    shots = frame_ranges(scores.times, inputs["shots"]["shots"])
-    chosen = [choose_keyframe(scores, start, end, cfg.keyframes) for start, end in shots]
-    images = read_frames(job.path, chosen, scores.pts, scores.keys)
+    try:
+        scores = score_frames(job, cfg.keyframes, inputs["curation"]["frames"])
+        shots = frame_ranges(scores.times, inputs["shots"]["shots"])
+        chosen = [choose_keyframe(scores, start, end, cfg.keyframes) for start, end in shots]
+        images = read_frames(job.path, chosen, scores.pts, scores.keys)
+    except DataError as e:  # a video that fails mid-stream (a broken download) is dropped, not the run
+        return unreadable(e, UNDECODABLE)
     keyframes = []
     for number, frame in enumerate(chosen):
         path = job.output("frames", f"shot{number:04d}_f{frame:06d}.png")

@@ -4,7 +4,8 @@ A shot is [start, end) in seconds from the stream's start, not in frames: PyScen
 its times multiplied by the average frame rate, which are not frame indices in a variable-frame-rate video
 (phone footage). Stage 3 turns the times into frame indices with the decoded frames' timestamps.
 
-Unit: shots. Shots shorter than `shots.min_shot_seconds` (flashes, transitions) are dropped.
+Unit: shots. Shots shorter than `shots.min_shot_seconds` (flashes, transitions) are dropped; a video
+PySceneDetect cannot read is dropped as undecodable, and the run goes on.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import scenedetect
 
 from dreamshot.prepare.config import PrepareConfig, ShotsConfig
-from dreamshot.prepare.stage import StageResult, VideoJob
+from dreamshot.prepare.stage import UNDECODABLE, StageResult, VideoJob, unreadable
 from dreamshot.utils.errors import DataError
 
 UNIT = "shots"
@@ -26,7 +27,10 @@ _DETECTORS = {
 
 
 def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResult:
-    shots = detect_shots(job, cfg.shots)
+    try:
+        shots = detect_shots(job, cfg.shots)
+    except DataError as e:
+        return unreadable(e, UNDECODABLE)
     kept = [shot for shot in shots if shot[1] - shot[0] >= cfg.shots.min_shot_seconds]
     dropped = len(shots) - len(kept)
     reasons = {f"shorter than {cfg.shots.min_shot_seconds:g} s": dropped} if dropped else {}

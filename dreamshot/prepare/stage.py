@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dreamshot.utils.errors import DataError
+
+# Drop reason of a video that opens but fails to decode in stage 2 or 3 (a broken download): the run goes on.
+UNDECODABLE = "undecodable video"
+
 
 @dataclass(frozen=True)
 class VideoJob:
@@ -43,6 +48,12 @@ class StageResult:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> StageResult:
         return cls(obj["data"], obj["kept"], obj["dropped"], obj["files"])
+
+
+def unreadable(error: DataError, reason: str) -> StageResult:
+    """The result of a video a stage cannot read: nothing kept, and the fault (one line naming the file) kept
+    for the message of a run that no video gets through."""
+    return StageResult({"error": str(error)}, kept=0, dropped={reason: 1})
 
 
 def count(reasons: list[str]) -> dict[str, int]:
