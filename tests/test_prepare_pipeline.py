@@ -246,3 +246,23 @@ def test_a_video_that_fails_to_decode_is_dropped_not_the_run(videos, tmp_path, m
         "a.mp4: decoding failed"
         in json.loads((tmp_path / "state" / "a" / "keyframes.json").read_text())["data"]["error"]
     )
+
+
+def test_vlm_settings_redo_only_stages_that_ask_the_vlm_and_only_when_they_change_answers(
+    prepared, videos, tmp_path, monkeypatch
+):
+    # Raising vlm.timeout_s after requests timed out must not pay for every video's VLM calls again.
+    out, _ = prepared
+    data = tmp_path / "data"
+    shutil.copytree(out, data)
+    calls = _count_calls(monkeypatch)
+    prepare(videos[0], data, _config("vlm.timeout_s=600", "vlm.max_retries=5", "vlm.model=other"), progress=False)
+    assert all(not ids for ids in calls.values()), "no stage asks the VLM with the offline backends"
+    vlm = ["grouping.judge=vlm", "vlm.endpoint=http://127.0.0.1:9/v1"]
+    offline = pipeline.build_backends(_config())  # the features judge stands in for the VLM's answers
+    prepare(videos[0], data, _config(*vlm), offline, progress=False)
+    calls = _count_calls(monkeypatch)
+    prepare(videos[0], data, _config(*vlm, "vlm.timeout_s=600", "vlm.max_retries=5"), offline, progress=False)
+    assert all(not ids for ids in calls.values())
+    prepare(videos[0], data, _config(*vlm, "vlm.model=other"), offline, progress=False)
+    assert [name for name, ids in calls.items() if ids] == ["grouping", "roles"]

@@ -51,23 +51,37 @@ MANIFEST_NAME = "manifest.jsonl"
 PROVENANCE_NAME = "provenance.jsonl"
 
 
+# The `vlm` settings that change its answers; not how long to wait or how often to ask, so that raising
+# vlm.timeout_s after requests timed out does not pay for every video's questions again.
+VLM_ANSWER_KEYS = ("endpoint", "model", "image_size")
+
+
 @dataclass(frozen=True)
 class Stage:
-    """A pipeline stage: its name, its module (`run(job, inputs, cfg, backends)` and `UNIT`) and the config
-    sections its result depends on."""
+    """A pipeline stage: its name, its module (`run(job, inputs, cfg, backends)` and `UNIT`), the config
+    section its result depends on and, for a stage that may ask the VLM, the setting that selects it."""
 
     name: str
     module: ModuleType
-    sections: tuple[str, ...]
+    section: str
+    vlm_switch: str | None = None
+
+    def settings(self, cfg: PrepareConfig) -> list:
+        """What the stage's result depends on in `cfg`: its section, and the VLM's answer settings when it
+        asks the VLM."""
+        settings = [cfg.section(self.section)]
+        if self.vlm_switch is not None and settings[0][self.vlm_switch] == "vlm":
+            settings.append({key: cfg.section("vlm")[key] for key in VLM_ANSWER_KEYS})
+        return settings
 
 
 STAGES = (
-    Stage("curation", curation, ("curation",)),
-    Stage("shots", shots, ("shots",)),
-    Stage("keyframes", keyframes, ("keyframes",)),
-    Stage("quality", quality, ("quality",)),
-    Stage("grouping", grouping, ("grouping", "vlm")),
-    Stage("roles", roles, ("roles", "vlm")),
+    Stage("curation", curation, "curation"),
+    Stage("shots", shots, "shots"),
+    Stage("keyframes", keyframes, "keyframes"),
+    Stage("quality", quality, "quality"),
+    Stage("grouping", grouping, "grouping", vlm_switch="judge"),
+    Stage("roles", roles, "roles", vlm_switch="annotator"),
 )
 
 
@@ -123,7 +137,7 @@ def prepare(
         tally = StageCounts(stage.name, stage.module.UNIT)
         survivors, unsaved = [], []
         for job in tqdm(jobs, desc=f"{stage.name:<9}", unit="video", disable=not progress):
-            keys[job.id] = digest(stage.name, [cfg.section(s) for s in stage.sections], keys[job.id])
+            keys[job.id] = digest(stage.name, stage.settings(cfg), keys[job.id])
             result = store.load(job.id, stage.name, keys[job.id])
             ran = result is None
             if result is None:
