@@ -65,7 +65,7 @@ def main() -> None:
         duration = frames / args.fps
         job = VideoJob("clip", video.path, folder)
         shots = detect_shots(job, cfg.shots)
-        inputs = {"curation": {"fps": args.fps}, "shots": {"shots": shots}}
+        inputs = {"curation": {"fps": args.fps, "frames": frames}, "shots": {"shots": shots}}
         work = {
             "pyscenedetect": lambda: detect_shots(job, cfg.shots),
             "scoring": lambda: keyframes.score_frames(job, cfg.keyframes),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -141,3 +143,11 @@ def test_config_errors_name_the_key_and_the_file(tmp_path):
         load_prepare_config(bad)
     with pytest.raises(ConfigError, match="missing.yaml"):
         load_prepare_config(tmp_path / "missing.yaml")
+
+
+def test_every_setting_is_in_the_settings_table_of_the_docs():
+    docs = (Path(__file__).parents[1] / "docs" / "prepare.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip().strip("`") for line in docs.splitlines() if line.startswith("| `")}
+    cfg = PrepareConfig()
+    keys = {f"{section}.{key}" for section in asdict(cfg) for key in cfg.section(section)}
+    assert sorted(keys - rows) == []

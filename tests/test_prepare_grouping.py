@@ -50,6 +50,19 @@ def test_long_groups_split_into_equal_consecutive_parts():
     cfg = GroupingConfig(min_shots=2, max_shots=4)
     assert split_group(list(range(9)), cfg) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     assert split_group([5, 6, 7], cfg) == [[5, 6, 7]]
+    assert split_group(list(range(7)), GroupingConfig(min_shots=5, max_shots=6)) == [[0, 1, 2, 3, 4, 5]]
+
+
+@pytest.mark.parametrize(("min_shots", "max_shots"), [(2, 4), (5, 6), (8, 8), (3, 30)])
+def test_split_parts_are_never_under_min_shots(min_shots, max_shots):
+    # Halves of a group just over max_shots are under min_shots when max_shots < 2 * min_shots - 1: parts of
+    # max_shots are kept then, and the rest (under min_shots) dropped.
+    cfg = GroupingConfig(min_shots=min_shots, max_shots=max_shots)
+    for count in range(min_shots, 3 * max_shots + 2):
+        parts = split_group(list(range(count)), cfg)
+        assert all(min_shots <= len(part) <= max_shots for part in parts), (count, parts)
+        kept = [i for part in parts for i in part]
+        assert kept == list(range(len(kept))) and count - len(kept) < min_shots
 
 
 @pytest.fixture(scope="module")

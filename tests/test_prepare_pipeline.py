@@ -191,3 +191,78 @@ def test_paths_that_give_one_video_id_are_an_error_naming_both(tmp_path):
         (videos / name).write_bytes(b"")
     with pytest.raises(DataError, match=r"a_b\.mp4: has the same id 'a_b' as .*a b\.mp4"):
         pipeline.find_videos(videos, tmp_path / "out")
+
+
+def test_files_deleted_after_a_run_are_made_again_on_the_next(prepared, videos, tmp_path, monkeypatch):
+    out, summary = prepared
+    data = tmp_path / "data"
+    shutil.copytree(out, data)
+    keyframe = sorted((data / "frames" / "a").glob("*.png"))[0]
+    mask = sorted((data / "groups" / "sub_b").rglob("*_mask.png"))[0]
+    keyframe.unlink()
+    mask.unlink()
+    calls = _count_calls(monkeypatch)
+    again = prepare(videos[0], data, _config(), progress=False)
+    # Only the stages that wrote the missing files run again, for their video; the rest is read back.
+    assert {name: ids for name, ids in calls.items() if ids} == {"keyframes": ["a"], "roles": ["sub_b"]}
+    assert keyframe.is_file() and mask.is_file()
+    assert (again.groups, again.shots) == (summary.groups, summary.shots)
+    assert (data / "manifest.jsonl").read_bytes() == (out / "manifest.jsonl").read_bytes()
+
+
+def test_a_manifest_that_fails_the_loaders_checks_never_replaces_the_last_one(prepared, videos, tmp_path, monkeypatch):
+    out, _ = prepared
+    data = tmp_path / "data"
+    shutil.copytree(out, data)
+    original = roles.run
+
+    def broken(*args):
+        result = original(*args)
+        result.data["records"][0]["shots"][0]["image"] = "frames/missing.png"
+        return result
+
+    monkeypatch.setattr(roles, "run", broken)
+    with pytest.raises(DataError, match=r"manifest.jsonl:1: .*shots\[0\].image: file not found"):
+        prepare(videos[0], data, _config("roles.max_roles=3"), progress=False)
+    assert (data / "manifest.jsonl").read_bytes() == (out / "manifest.jsonl").read_bytes()
+    assert not list(data.glob(".*.tmp*"))
+
+
+def test_a_video_that_fails_to_decode_is_dropped_not_the_run(videos, tmp_path, monkeypatch):
+    # A broken download can open and then fail mid-stream: the other videos still make their groups.
+    real = keyframes.decode_luma
+
+    def failing(path, width):
+        if path.stem == "a":
+            raise DataError(f"{path}: decoding failed (Invalid data found when processing input)")
+        return real(path, width)
+
+    monkeypatch.setattr(keyframes, "decode_luma", failing)
+    summary = prepare(videos[0], tmp_path, _config(), progress=False)
+    counts = {c.stage: c for c in summary.counts}
+    assert counts["keyframes"].dropped == {"undecodable video": 1} and counts["roles"].videos == 1
+    assert summary.groups == 2  # video b's two scenes
+    assert (
+        "a.mp4: decoding failed"
+        in json.loads((tmp_path / "state" / "a" / "keyframes.json").read_text())["data"]["error"]
+    )
+
+
+def test_vlm_settings_redo_only_stages_that_ask_the_vlm_and_only_when_they_change_answers(
+    prepared, videos, tmp_path, monkeypatch
+):
+    # Raising vlm.timeout_s after requests timed out must not pay for every video's VLM calls again.
+    out, _ = prepared
+    data = tmp_path / "data"
+    shutil.copytree(out, data)
+    calls = _count_calls(monkeypatch)
+    prepare(videos[0], data, _config("vlm.timeout_s=600", "vlm.max_retries=5", "vlm.model=other"), progress=False)
+    assert all(not ids for ids in calls.values()), "no stage asks the VLM with the offline backends"
+    vlm = ["grouping.judge=vlm", "vlm.endpoint=http://127.0.0.1:9/v1"]
+    offline = pipeline.build_backends(_config())  # the features judge stands in for the VLM's answers
+    prepare(videos[0], data, _config(*vlm), offline, progress=False)
+    calls = _count_calls(monkeypatch)
+    prepare(videos[0], data, _config(*vlm, "vlm.timeout_s=600", "vlm.max_retries=5"), offline, progress=False)
+    assert all(not ids for ids in calls.values())
+    prepare(videos[0], data, _config(*vlm, "vlm.model=other"), offline, progress=False)
+    assert [name for name, ids in calls.items() if ids] == ["grouping", "roles"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from dreamshot.prepare.config import CurationConfig, PrepareConfig
-from dreamshot.prepare.stage import StageResult, VideoJob
+from dreamshot.prepare.stage import StageResult, VideoJob, unreadable
 from dreamshot.prepare.video import VideoInfo, probe
 from dreamshot.utils.errors import DataError
 
@@ -19,7 +19,7 @@ def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResul
     try:
         info = probe(job.path)
     except DataError as e:
-        return StageResult({"error": str(e)}, kept=0, dropped={"unreadable": 1})
+        return unreadable(e, "unreadable")
     reason = rejection(info, cfg.curation)
     data = asdict(info)
     if reason is not None:

@@ -6,7 +6,8 @@ None fits no sequence. The windows are merged through their shared keyframes: tw
 in one or more windows are linked when more of those windows put them in one group than apart, groups are
 the linked sets (so a group crosses window borders through the overlap), and a keyframe that most of its
 windows left out is dropped. Groups keep temporal order; groups shorter than `grouping.min_shots` are
-dropped and longer than `grouping.max_shots` split into equal consecutive parts.
+dropped and longer than `grouping.max_shots` split into equal consecutive parts (`split_group`: never
+under `grouping.min_shots`).
 
 Unit: keyframes (kept = keyframes in a group).
 """
@@ -43,10 +44,9 @@ def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResul
     groups, outliers = merge_windows(len(images), spans, labels)
     kept, too_short = [], 0
     for members in groups:
-        if len(members) < cfg.grouping.min_shots:
-            too_short += len(members)
-        else:
-            kept.extend(split_group(members, cfg.grouping))
+        parts = split_group(members, cfg.grouping) if len(members) >= cfg.grouping.min_shots else []
+        kept.extend(parts)
+        too_short += len(members) - sum(map(len, parts))
     data = {"groups": [[keyframes[i] for i in members] for members in kept]}
     dropped = {"fits no sequence": len(outliers), f"group under {cfg.grouping.min_shots} shots": too_short}
     return StageResult(data, kept=sum(map(len, kept)), dropped={k: n for k, n in dropped.items() if n})
@@ -90,9 +90,14 @@ def merge_windows(count: int, spans: list[range], labels: list[list[int | None]]
 
 
 def split_group(members: list[int], cfg: GroupingConfig) -> list[list[int]]:
-    """A group cut into the fewest consecutive parts of at most `max_shots`, of near-equal sizes."""
+    """A group cut into the fewest consecutive parts of at most `max_shots`, of near-equal sizes, none under
+    `min_shots`. When near-equal parts would be under `min_shots` (`max_shots` < 2 * `min_shots` - 1 and a
+    group just over `max_shots`), parts of `max_shots` are kept and the rest, under `min_shots`, is left out."""
     parts = math.ceil(len(members) / cfg.max_shots)
-    return [list(part) for part in np.array_split(members, parts)]
+    if len(members) // parts >= cfg.min_shots:  # the smallest of near-equal parts
+        return [[int(i) for i in part] for part in np.array_split(members, parts)]
+    whole = len(members) // cfg.max_shots
+    return [members[k * cfg.max_shots : (k + 1) * cfg.max_shots] for k in range(whole)]
 
 
 def _root(parent: list[int], i: int) -> int:

@@ -10,7 +10,8 @@ ties broken towards the sharper frame), among the frames at least `min_relative_
 shot's sharpest, so a blurred frame is never chosen because it happens to be still. Only the chosen frames
 are then decoded again at full size.
 
-Unit: keyframes (one per shot; a shot is never dropped here, the quality stage filters).
+Unit: keyframes (one per shot; a shot is never dropped here, the quality stage filters). A video that fails
+to decode is dropped as undecodable, and the run goes on.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from scipy.stats import rankdata
+from tqdm import tqdm
 
 from dreamshot.prepare.config import KeyframeConfig, PrepareConfig
 from dreamshot.prepare.files import save_png
-from dreamshot.prepare.stage import StageResult, VideoJob
+from dreamshot.prepare.stage import UNDECODABLE, StageResult, VideoJob, unreadable
 from dreamshot.prepare.video import decode_luma, read_frames
+from dreamshot.utils.errors import DataError
 
 UNIT = "keyframes"
 
@@ -32,23 +35,25 @@ UNIT = "keyframes"
 @dataclass
 class FrameScores:
     """Per-frame scores of a whole video, frame i at index i. `flow[i]` is the motion from frame i-1 to i
-    (flow[0] = 0); `keys` are the I-frame indices and `pts` the timestamps, for decoding frames again."""
+    (flow[0] = 0); `times` are the presentation times in seconds (to place the shots), `keys` the I-frame
+    indices and `pts` the timestamps (to decode frames again)."""
 
     sharpness: np.ndarray
     contrast: np.ndarray
     flow: np.ndarray
+    times: np.ndarray
     pts: list[int | None]
     keys: list[int]
 
 
 def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResult:
-    scores = score_frames(job, cfg.keyframes)
-    # PySceneDetect may count a frame more than the decoder returns at the end of a stream.
-    total = len(scores.sharpness)
-    shots = [(start, min(end, total)) for start, end in inputs["shots"]["shots"] if start < total]
-    chosen = [choose_keyframe(scores, start, end, cfg.keyframes) for start, end in shots]
-    images = read_frames(job.path, chosen, scores.pts, scores.keys)
-    fps = inputs["curation"]["fps"]
+    try:
+        scores = score_frames(job, cfg.keyframes, inputs["curation"]["frames"])
+        shots = frame_ranges(scores.times, inputs["shots"]["shots"])
+        chosen = [choose_keyframe(scores, start, end, cfg.keyframes) for start, end in shots]
+        images = read_frames(job.path, chosen, scores.pts, scores.keys)
+    except DataError as e:  # a video that fails mid-stream (a broken download) is dropped, not the run
+        return unreadable(e, UNDECODABLE)
     keyframes = []
     for number, frame in enumerate(chosen):
         path = job.output("frames", f"shot{number:04d}_f{frame:06d}.png")
@@ -57,31 +62,48 @@ def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResul
             {
                 "shot": number,
                 "frame": frame,
-                "time": frame / fps,
+                "time": float(scores.times[frame]),
                 "sharpness": float(scores.sharpness[frame]),
                 "contrast": float(scores.contrast[frame]),
                 "motion": float(shot_motion(scores.flow, *shots[number])[frame - shots[number][0]]),
                 "image": path.relative_to(job.out_dir).as_posix(),
             }
         )
-    return StageResult({"keyframes": keyframes}, kept=len(keyframes))
+    return StageResult({"keyframes": keyframes}, kept=len(keyframes), files=[kf["image"] for kf in keyframes])
 
 
-def score_frames(job: VideoJob, cfg: KeyframeConfig) -> FrameScores:
-    """One decoding pass over the video: sharpness, contrast and flow of every frame."""
+def score_frames(job: VideoJob, cfg: KeyframeConfig, total: int | None = None) -> FrameScores:
+    """One decoding pass over the video: sharpness, contrast and flow of every frame (`total`: the frame count
+    the container gives, for the progress bar)."""
     flow_meter = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
-    sharp, contrast, flow, pts, keys = [], [], [], [], []
+    sharp, contrast, flow, times, pts, keys = [], [], [], [], [], []
     previous = None
-    for frame in decode_luma(job.path, cfg.analysis_width):
+    frames = decode_luma(job.path, cfg.analysis_width)
+    bar = tqdm(frames, desc=f"  {job.id}", total=total, unit="frame", leave=False, disable=not job.progress)
+    for frame in bar:
         sharp.append(sharpness(frame.luma))
         contrast.append(float(frame.luma.std()))
         small = cv2.resize(frame.luma, (max(frame.luma.shape[1] // 2, 8), max(frame.luma.shape[0] // 2, 8)))
         flow.append(0.0 if previous is None else flow_magnitude(flow_meter, previous, small))
         previous = small
+        times.append(frame.time)
         pts.append(frame.pts)
         if frame.key:
             keys.append(frame.index)
-    return FrameScores(np.array(sharp), np.array(contrast), np.array(flow), pts, keys)
+    return FrameScores(np.array(sharp), np.array(contrast), np.array(flow), np.array(times), pts, keys)
+
+
+def frame_ranges(times: np.ndarray, shots: list[list[float]]) -> list[tuple[int, int]]:
+    """The [start, end) frame indices of shots given as [start, end) seconds (stage 2): the frames whose
+    presentation time falls in the shot. Shots that hold no decoded frame (PySceneDetect may count past the
+    last frame the decoder returns) are left out."""
+    # PySceneDetect's times are its backend's timestamps, to the microsecond; frames are >= 2 ms apart even at
+    # 500 fps, so 1 ms places a boundary on its frame whatever the rounding.
+    tolerance = 1e-3
+    ranges = [
+        tuple(int(i) for i in np.searchsorted(times, [start - tolerance, end - tolerance])) for start, end in shots
+    ]
+    return [(start, end) for start, end in ranges if start < end]
 
 
 def sharpness(luma: np.ndarray) -> float:

@@ -35,30 +35,53 @@ from dreamshot.prepare.space import prepare_bytes
 from dreamshot.prepare.stage import VideoJob
 from dreamshot.prepare.state import StateStore, digest
 from dreamshot.utils.errors import DataError
-from dreamshot.utils.io import atomic_write_text, check_output_dir, folder_bytes, remove_stale_temporaries
+from dreamshot.utils.io import (
+    atomic_path,
+    atomic_write_text,
+    check_output_dir,
+    folder_bytes,
+    remove_stale_temporaries,
+)
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts")
+# Part of every state digest: raised when what a stage stores changes meaning (2: shots in seconds, not frame
+# numbers), so that state files of an older version are recomputed rather than misread.
+STATE_FORMAT = 2
 MANIFEST_NAME = "manifest.jsonl"
 PROVENANCE_NAME = "provenance.jsonl"
 
 
+# The `vlm` settings that change its answers; not how long to wait or how often to ask, so that raising
+# vlm.timeout_s after requests timed out does not pay for every video's questions again.
+VLM_ANSWER_KEYS = ("endpoint", "model", "image_size")
+
+
 @dataclass(frozen=True)
 class Stage:
-    """A pipeline stage: its name, its module (`run(job, inputs, cfg, backends)` and `UNIT`) and the config
-    sections its result depends on."""
+    """A pipeline stage: its name, its module (`run(job, inputs, cfg, backends)` and `UNIT`), the config
+    section its result depends on and, for a stage that may ask the VLM, the setting that selects it."""
 
     name: str
     module: ModuleType
-    sections: tuple[str, ...]
+    section: str
+    vlm_switch: str | None = None
+
+    def settings(self, cfg: PrepareConfig) -> list:
+        """What the stage's result depends on in `cfg`: its section, and the VLM's answer settings when it
+        asks the VLM."""
+        settings = [cfg.section(self.section)]
+        if self.vlm_switch is not None and settings[0][self.vlm_switch] == "vlm":
+            settings.append({key: cfg.section("vlm")[key] for key in VLM_ANSWER_KEYS})
+        return settings
 
 
 STAGES = (
-    Stage("curation", curation, ("curation",)),
-    Stage("shots", shots, ("shots",)),
-    Stage("keyframes", keyframes, ("keyframes",)),
-    Stage("quality", quality, ("quality",)),
-    Stage("grouping", grouping, ("grouping", "vlm")),
-    Stage("roles", roles, ("roles", "vlm")),
+    Stage("curation", curation, "curation"),
+    Stage("shots", shots, "shots"),
+    Stage("keyframes", keyframes, "keyframes"),
+    Stage("quality", quality, "quality"),
+    Stage("grouping", grouping, "grouping", vlm_switch="judge"),
+    Stage("roles", roles, "roles", vlm_switch="annotator"),
 )
 
 
@@ -72,7 +95,7 @@ class PrepareSummary:
     shots: int
 
 
-def find_videos(videos_dir: Path, out_dir: Path) -> list[VideoJob]:
+def find_videos(videos_dir: Path, out_dir: Path, progress: bool = False) -> list[VideoJob]:
     """The video files under `videos_dir` (recursively, by suffix), sorted, with ids from their relative paths."""
     if not videos_dir.is_dir():
         raise DataError(f"{videos_dir}: not a folder of videos")
@@ -85,7 +108,7 @@ def find_videos(videos_dir: Path, out_dir: Path) -> list[VideoJob]:
         if video_id in seen:
             raise DataError(f"{path}: has the same id {video_id!r} as {seen[video_id]} (rename one)")
         seen[video_id] = path
-        jobs.append(VideoJob(video_id, path, out_dir))
+        jobs.append(VideoJob(video_id, path, out_dir, progress))
     return jobs
 
 
@@ -98,7 +121,7 @@ def prepare(
 ) -> PrepareSummary:
     """Run every stage over the videos of `videos_dir` into `out_dir` (see the module docstring)."""
     out_dir = Path(out_dir).absolute()
-    jobs = find_videos(Path(videos_dir), out_dir)
+    jobs = find_videos(Path(videos_dir), out_dir, progress)
     # Before a model is built or a video decoded; what the folder holds (a resumed run) is not written again.
     need = prepare_bytes(jobs, cfg) - folder_bytes(out_dir)
     check_output_dir(out_dir, "--out", need, f"the keyframes, masks and references of {len(jobs)} videos")
@@ -106,14 +129,15 @@ def prepare(
     _remove_stale_temporaries(out_dir)
     store = StateStore(out_dir)
     inputs: dict[str, dict] = {job.id: {} for job in jobs}
-    # The chain of digests: a video's file identity, then each stage's settings on top of the one before.
-    keys = {job.id: digest(job.path.stat().st_size, job.path.stat().st_mtime_ns) for job in jobs}
+    # The chain of digests: the state format and a video's file identity, then each stage's settings on top of
+    # the one before.
+    keys = {job.id: digest(STATE_FORMAT, job.path.stat().st_size, job.path.stat().st_mtime_ns) for job in jobs}
     counts = []
     for stage in STAGES:
         tally = StageCounts(stage.name, stage.module.UNIT)
         survivors, unsaved = [], []
         for job in tqdm(jobs, desc=f"{stage.name:<9}", unit="video", disable=not progress):
-            keys[job.id] = digest(stage.name, [cfg.section(s) for s in stage.sections], keys[job.id])
+            keys[job.id] = digest(stage.name, stage.settings(cfg), keys[job.id])
             result = store.load(job.id, stage.name, keys[job.id])
             ran = result is None
             if result is None:
@@ -150,11 +174,17 @@ def _nothing_kept(videos_dir: Path, tally: StageCounts, data: list[dict]) -> Dat
 
 
 def _finish(out_dir: Path, counts: list[StageCounts], outputs: list[dict]) -> PrepareSummary:
-    """Write the manifest (then read it back through the training loader's checks), provenance and report."""
+    """Write the manifest (once it passes the training loader's checks), provenance and report."""
     records = [record for output in outputs for record in output["records"]]
     manifest = out_dir / MANIFEST_NAME
-    atomic_write_text(manifest, "".join(json.dumps(record) + "\n" for record in records))
-    checked = load_manifest(manifest)
+    with atomic_path(manifest) as tmp:
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
+        try:
+            # Checked under its temporary name beside the old one (paths are relative to the folder), so a
+            # manifest the loader refuses never replaces the last good one.
+            checked = load_manifest(tmp)
+        except DataError as e:
+            raise DataError(f"{str(e).replace(str(tmp), str(manifest))} (the manifest was not replaced)") from None
     provenance = [{"id": r["id"], **output["provenance"]} for output in outputs for r in output["records"]]
     atomic_write_text(out_dir / PROVENANCE_NAME, "".join(json.dumps(p) + "\n" for p in provenance))
     shot_count = sum(len(r.shots) for r in checked)

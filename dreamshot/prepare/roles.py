@@ -78,7 +78,13 @@ def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResul
         "masks": _provenance(backends.segmenter),
         "text": _provenance(backends.annotator),
     }
-    return StageResult({"records": records, "provenance": provenance}, kept=len(records))
+    return StageResult({"records": records, "provenance": provenance}, kept=len(records), files=_written(records))
+
+
+def _written(records: list[dict]) -> list[str]:
+    """The masks and references of `records` (the shot images are stage 3's)."""
+    files = [path for record in records for ref in record["references"] for path in (ref["image"], ref["mask"])]
+    return files + [path for record in records for shot in record["shots"] for path in shot["masks"].values()]
 
 
 def build_record(job: VideoJob, number: int, group: list[dict], cfg: RolesConfig, backends) -> dict:

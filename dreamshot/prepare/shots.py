@@ -1,6 +1,11 @@
-"""Stage 2, shot detection with PySceneDetect (appendix A.1): frame ranges of the shots of a video.
+"""Stage 2, shot detection with PySceneDetect (appendix A.1): time ranges of the shots of a video.
 
-Unit: shots. Shots shorter than `shots.min_shot_seconds` (flashes, transitions) are dropped.
+A shot is [start, end) in seconds from the stream's start, not in frames: PySceneDetect's frame numbers are
+its times multiplied by the average frame rate, which are not frame indices in a variable-frame-rate video
+(phone footage). Stage 3 turns the times into frame indices with the decoded frames' timestamps.
+
+Unit: shots. Shots shorter than `shots.min_shot_seconds` (flashes, transitions) are dropped; a video
+PySceneDetect cannot read is dropped as undecodable, and the run goes on.
 """
 
 from __future__ import annotations
@@ -8,7 +13,7 @@ from __future__ import annotations
 import scenedetect
 
 from dreamshot.prepare.config import PrepareConfig, ShotsConfig
-from dreamshot.prepare.stage import StageResult, VideoJob
+from dreamshot.prepare.stage import UNDECODABLE, StageResult, VideoJob, unreadable
 from dreamshot.utils.errors import DataError
 
 UNIT = "shots"
@@ -22,17 +27,18 @@ _DETECTORS = {
 
 
 def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResult:
-    fps = inputs["curation"]["fps"]
-    shots = detect_shots(job, cfg.shots)
-    min_frames = cfg.shots.min_shot_seconds * fps
-    kept = [shot for shot in shots if shot[1] - shot[0] >= min_frames]
+    try:
+        shots = detect_shots(job, cfg.shots)
+    except DataError as e:
+        return unreadable(e, UNDECODABLE)
+    kept = [shot for shot in shots if shot[1] - shot[0] >= cfg.shots.min_shot_seconds]
     dropped = len(shots) - len(kept)
     reasons = {f"shorter than {cfg.shots.min_shot_seconds:g} s": dropped} if dropped else {}
     return StageResult({"shots": kept}, kept=len(kept), dropped=reasons)
 
 
-def detect_shots(job: VideoJob, cfg: ShotsConfig) -> list[list[int]]:
-    """[start, end) frame ranges of every shot, covering the whole video."""
+def detect_shots(job: VideoJob, cfg: ShotsConfig) -> list[list[float]]:
+    """[start, end) time ranges in seconds of every shot, covering the whole video."""
     try:
         video = scenedetect.open_video(str(job.path), backend=cfg.backend)
     except scenedetect.VideoOpenFailure as e:
@@ -42,7 +48,7 @@ def detect_shots(job: VideoJob, cfg: ShotsConfig) -> list[list[int]]:
     manager.detect_scenes(video)
     # start_in_scene: a video without a cut is one shot, not none.
     scenes = manager.get_scene_list(start_in_scene=True)
-    return [[start.frame_num, end.frame_num] for start, end in scenes]
+    return [[start.seconds, end.seconds] for start, end in scenes]
 
 
 def make_detector(cfg: ShotsConfig) -> scenedetect.SceneDetector:

@@ -6,14 +6,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dreamshot.utils.errors import DataError
+
+# Drop reason of a video that opens but fails to decode in stage 2 or 3 (a broken download): the run goes on.
+UNDECODABLE = "undecodable video"
+
 
 @dataclass(frozen=True)
 class VideoJob:
-    """One input video: its id (unique in the run, used in file and group names), file and the output folder."""
+    """One input video: its id (unique in the run, used in file and group names), file and the output folder,
+    and whether the stages show progress bars within the video (a film's decoding pass takes minutes)."""
 
     id: str
     path: Path
     out_dir: Path
+    progress: bool = False
 
     def output(self, *parts: str) -> Path:
         """A path under the output folder's `<part>/<video id>/...` tree (e.g. `output("frames", "s001.png")`)."""
@@ -26,19 +33,27 @@ class StageResult:
 
     `data` (JSON-able) is what later stages read; `kept` counts the units that go on (videos, shots,
     keyframes or groups, as the stage says) and `dropped` counts the others by reason. A video with
-    nothing kept stops at that stage.
+    nothing kept stops at that stage. `files` are the files it wrote that later stages or the manifest
+    read (paths relative to the output folder): a stored result missing one of them is made again.
     """
 
     data: dict[str, Any]
     kept: int
     dropped: dict[str, int] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"data": self.data, "kept": self.kept, "dropped": self.dropped}
+        return {"data": self.data, "kept": self.kept, "dropped": self.dropped, "files": self.files}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> StageResult:
-        return cls(obj["data"], obj["kept"], obj["dropped"])
+        return cls(obj["data"], obj["kept"], obj["dropped"], obj["files"])
+
+
+def unreadable(error: DataError, reason: str) -> StageResult:
+    """The result of a video a stage cannot read: nothing kept, and the fault (one line naming the file) kept
+    for the message of a run that no video gets through."""
+    return StageResult({"error": str(error)}, kept=0, dropped={reason: 1})
 
 
 def count(reasons: list[str]) -> dict[str, int]:

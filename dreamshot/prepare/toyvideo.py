@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -17,6 +18,8 @@ import cv2
 import numpy as np
 
 from dreamshot.data.toyworld import SCENES, GroupPlan, ShotPlan, plan_group, render_shot
+
+MILLISECOND = Fraction(1, 1000)
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,18 @@ def render_toy_video(
     max_shots: int = 4,
     metadata: dict[str, str] | None = None,
     crf: int = 18,
+    frame_times: list[float] | None = None,
+    rotation: int = 0,
 ) -> ToyVideo:
     """Write a toy video (H.264 mp4) and return its truth.
 
     `pan`: camera speed in pixels per frame (direction alternates by shot); `blur`: frame index -> Gaussian
     sigma in pixels; `grain`: standard deviation of per-frame noise (makes the stream as costly to decode
     as filmed footage); `metadata`: container tags (e.g. {"creation_time": "2012-01-01"}); `crf`: x264's
-    quality (higher = smaller file).
+    quality (higher = smaller file); `frame_times`: the presentation time in seconds of every frame, for a
+    variable-frame-rate video (None: frame i at i / fps; stored to the millisecond); `rotation`: the display
+    rotation in the container, in degrees counter-clockwise, as a phone stores a portrait video (the frames
+    are encoded as rendered, so a player shows them turned).
     """
     height, width = size
     blur = dict(blur or {})
@@ -96,9 +104,13 @@ def render_toy_video(
             for i in range(shot_frames):
                 offset = round(pan * i) if direction > 0 else travel - round(pan * i)
                 frames.append(canvas[:, offset : offset + width])
-    with _writer(Path(path), size, fps, metadata, crf) as write:
+    if frame_times is not None and len(frame_times) != len(frames):
+        raise ValueError(f"frame_times has {len(frame_times)} times for {len(frames)} frames")
+    with _writer(Path(path), size, fps, metadata, crf, frame_times is not None, rotation) as write:
         for index, frame in enumerate(frames):
-            write(_degrade(frame, blur.get(index, 0.0), grain, rng))
+            write(
+                _degrade(frame, blur.get(index, 0.0), grain, rng), None if frame_times is None else frame_times[index]
+            )
     return ToyVideo(Path(path), fps, shots, scene_of, blur)
 
 
@@ -112,15 +124,29 @@ def _degrade(frame: np.ndarray, sigma: float, grain: float, rng: np.random.Gener
 
 
 class _writer:
-    """Context manager: an H.264 mp4 writer; calling it encodes one RGB frame (H, W, 3) uint8."""
+    """Context manager: an H.264 mp4 writer; calling it encodes one RGB frame (H, W, 3) uint8, at a given time
+    in seconds when `timed` (millisecond timestamps), else at the next 1 / fps."""
 
-    def __init__(self, path: Path, size: tuple[int, int], fps: int, metadata: dict[str, str] | None, crf: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        size: tuple[int, int],
+        fps: int,
+        metadata: dict[str, str] | None,
+        crf: int,
+        timed: bool,
+        rotation: int,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.container = av.open(str(path), "w")
         self.container.metadata.update(metadata or {})
         self.stream = self.container.add_stream("libx264", rate=fps)
         self.stream.height, self.stream.width = size
         self.stream.pix_fmt = "yuv420p"
+        if rotation:
+            self.stream.set_display_rotation(rotation)
+        if timed:
+            self.stream.time_base = self.stream.codec_context.time_base = MILLISECOND
         # A keyframe every 2 s, as web video has; quiet x264 (it prints a summary on stderr otherwise).
         self.stream.options = {
             "preset": "ultrafast",
@@ -132,8 +158,11 @@ class _writer:
     def __enter__(self):
         return self
 
-    def __call__(self, frame: np.ndarray) -> None:
-        self.container.mux(self.stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    def __call__(self, frame: np.ndarray, time: float | None) -> None:
+        video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        if time is not None:
+            video_frame.pts, video_frame.time_base = round(time * 1000), MILLISECOND
+        self.container.mux(self.stream.encode(video_frame))
 
     def __exit__(self, *exc) -> None:
         self.container.mux(self.stream.encode())

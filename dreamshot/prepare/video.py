@@ -3,7 +3,7 @@
 Frames are numbered in presentation order from 0, as PySceneDetect numbers them. The scoring pass reads the
 decoder's luma plane directly (no colour conversion) and downscales it with OpenCV; the full-size pass
 decodes only what the chosen frames need, seeking to the last keyframe (I-frame) before a target when that
-skips decoding.
+skips decoding, and shows them as a player does (square pixels, the container's display rotation).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import bisect
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -42,11 +43,12 @@ class VideoInfo:
 
 @dataclass(frozen=True)
 class LumaFrame:
-    """One decoded frame of the scoring pass: its index, timestamp, whether it is an I-frame, and its luma
-    downscaled, (h, w) uint8."""
+    """One decoded frame of the scoring pass: its index, timestamp, presentation time in seconds from the
+    stream's start, whether it is an I-frame, and its luma downscaled, (h, w) uint8."""
 
     index: int
     pts: int | None
+    time: float
     key: bool
     luma: np.ndarray
 
@@ -76,12 +78,16 @@ def decode_luma(path: Path, width: int) -> Iterator[LumaFrame]:
         stream = _video_stream(container, path)
         # Frame threading: the decoder works ahead on the other core while a frame is scored.
         stream.thread_type = "AUTO"
+        start, rate = stream.start_time or 0, float(stream.average_rate or stream.guessed_rate or 1)
         for index, frame in enumerate(_frames(container, stream, path)):
-            yield LumaFrame(index, frame.pts, frame.key_frame, _luma(frame, width))
+            # From the stream's start, as PySceneDetect's backends count; a frame without a timestamp is placed
+            # at the average rate.
+            time = index / rate if frame.pts is None else float((frame.pts - start) * stream.time_base)
+            yield LumaFrame(index, frame.pts, time, frame.key_frame, _luma(frame, width))
 
 
 def read_frames(path: Path, wanted: list[int], pts: list[int | None], keys: list[int]) -> dict[int, np.ndarray]:
-    """Full-size RGB frames (H, W, 3) uint8 of the frame indices `wanted`.
+    """Full-size RGB frames (H, W, 3) uint8 of the frame indices `wanted`, upright (`upright`).
 
     `pts` (every frame's timestamp) and `keys` (indices of the I-frames, sorted) come from the scoring pass.
     Without timestamps the video is decoded from the start, counting frames.
@@ -100,22 +106,38 @@ def read_frames(path: Path, wanted: list[int], pts: list[int | None], keys: list
                 if start > position:
                     container.seek(pts[start], stream=stream, backward=True)
                 frames = _frames(container, stream, path)
-            found[target], position = _decode_until(frames, target, index_of, position, path)
+            frame, position = _decode_until(frames, target, index_of, position, path)
+            found[target] = upright(frame, stream.sample_aspect_ratio)
     return found
 
 
-def _decode_until(frames, target: int, index_of: dict | None, position: int, path: Path) -> tuple[np.ndarray, int]:
-    """The RGB frame `target` from the decoder `frames`, and the index of the frame after it."""
+def _decode_until(frames, target: int, index_of: dict | None, position: int, path: Path) -> tuple[av.VideoFrame, int]:
+    """The frame `target` from the decoder `frames`, and the index of the frame after it."""
     for frame in frames:
         index = position if index_of is None else index_of.get(frame.pts)
         if index is None:
             continue
         position = index + 1
         if index == target:
-            return frame.to_ndarray(format="rgb24"), position
+            return frame, position
         if index > target:
             break
     raise DataError(f"{path}: frame {target}, seen by the scoring pass, could not be decoded again")
+
+
+def upright(frame: av.VideoFrame, sample_aspect: Fraction | None) -> np.ndarray:
+    """The frame as RGB (H, W, 3) uint8 as a player shows it: with square pixels (anamorphic DV or DVD footage
+    stores wide frames squeezed, with the stream's `sample_aspect` ratio to stretch them by) and turned by the
+    display rotation of its container (a phone stores a portrait video as landscape frames and a rotation).
+    Only the full-size frames are corrected: sharpness and motion are measured on the frames as stored."""
+    rgb = frame.to_ndarray(format="rgb24")
+    if sample_aspect and sample_aspect != 1:
+        width = max(1, round(rgb.shape[1] * sample_aspect))
+        rgb = cv2.resize(
+            rgb, (width, rgb.shape[0]), interpolation=cv2.INTER_AREA if width < rgb.shape[1] else cv2.INTER_CUBIC
+        )
+    # `rotation`: degrees counter-clockwise, a multiple of 90 in practice; np.rot90 turns counter-clockwise.
+    return np.ascontiguousarray(np.rot90(rgb, round(frame.rotation / 90) % 4))
 
 
 def _luma(frame: av.VideoFrame, width: int) -> np.ndarray:
