@@ -1,7 +1,8 @@
 """Trainer strategies: every shipped trainer option builds a strategy DeepSpeed / Lightning accept, impossible
 combinations are config errors, and a DeepSpeed ZeRO-2 / ZeRO-3 run keeps nothing frozen in its checkpoints,
 writes its LoRA as the fp32 master weights of its bf16 mode, exports it without a conversion step and (ZeRO-2)
-encodes its shots with the float32 VAE.
+encodes its shots with the float32 VAE, from pixels its bf16 mode left as loaded; a step regresses the float32
+latents as under DDP.
 
 The DeepSpeed runs are subprocesses executing this file (`python tests/test_strategy.py STAGE OUT [--cpu]`), so
 DeepSpeed's process group and environment variables never leak into the test process. On a CUDA machine they
@@ -11,6 +12,7 @@ lifting Lightning's CUDA-only guard, which checks everything but the CUDA kernel
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -23,12 +25,16 @@ import lightning as L
 import pytest
 import torch
 from deepspeed.runtime.config import DeepSpeedConfig
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from safetensors.torch import load_file
 
 from dreamshot.cli import main
 from dreamshot.config.load import group_options, load_config
 from dreamshot.config.schema import STRATEGIES
+from dreamshot.data.bucketing import StoryboardBatch
+from dreamshot.diffusion.conditioning import BatchPlan
+from dreamshot.diffusion.flow_matching import velocity_target
 from dreamshot.inference.loading import _module_lora
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, EXPORT_FILES
 from dreamshot.training.ema import LoraEma
@@ -40,6 +46,7 @@ from dreamshot.training.strategy import (
     keep_trainable_weights,
     weights_kept,
 )
+from dreamshot.training.train import build_trainer
 from dreamshot.utils.errors import ConfigError
 
 FAST = ["logger=csv", "data.toy.groups=4", "data.val_groups=1", "data.toy.max_shots=3", "data.toy.max_roles=2"]
@@ -140,6 +147,65 @@ def test_weights_kept_undoes_a_cast_without_its_rounding():
     assert all(p.dtype == torch.float32 and torch.equal(p, b) for p, b in zip(parameters, before, strict=True))
 
 
+# --- the batch under DeepSpeed's bf16 mode -------------------------------------------------------------------
+
+
+def _pixel_batch(shots: int = 2, refs: int = 1, size: tuple[int, int] = (32, 32)) -> StoryboardBatch:
+    """One storyboard of 8-bit images, as the loader decodes them (most levels are no bf16 value)."""
+    g = torch.Generator().manual_seed(0)
+
+    def images(count: int) -> torch.Tensor:
+        return torch.randint(0, 256, (1, count, 3, *size), generator=g) / 127.5 - 1
+
+    return StoryboardBatch(
+        ids=["ds"],
+        sources=["synthetic"],
+        shots=images(shots),
+        shot_texts=[[f"shot {n}" for n in range(shots)]],
+        refs=images(refs),
+        ref_texts=[[f"role {k}" for k in range(refs)]],
+        ref_masks=torch.zeros(1, refs, *size),
+        shot_masks=torch.zeros(1, shots, refs, *size),
+    )
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "encoded"])
+def test_deepspeed_bf16_regresses_the_float32_latents(tmp_path, monkeypatch, cached):
+    """A ZeRO-2 step as the Trainer of `trainer=gpu` runs it: the batch through the Trainer's precision plugin, the
+    module cast to bf16 as DeepSpeed's bf16 mode casts it (no autocast), the VAE given its float32 weights back. The
+    target the loss regresses is ε − z_0 of the stored float32 latents (or of the float32 pixels' float32 encoding),
+    exactly as under DDP: Lightning's own DeepSpeedPrecision rounds the batch to bf16 first (z_0 up to 2^-9 off)."""
+    cfg = load_config("smoke", [*FAST, "trainer=gpu", "trainer.compile_blocks=false", f"output_dir={tmp_path}"])
+    # The config refuses DeepSpeed on CPU; Lightning builds its Trainer all the same (devices are checked at setup).
+    cfg.trainer.accelerator, cfg.trainer.devices = "cpu", 1
+    trainer = build_trainer(cfg, tmp_path, [CSVLogger(tmp_path)])
+    module = DreamShotModule(cfg)
+    batch = _pixel_batch()
+    stored = module.adapter.encode_storyboard(batch.shots, batch.refs, batch.shot_texts, batch.ref_texts)
+    if cached:  # as `dreamshot cache` stores them: float32 latents and texts, no images
+        batch = dataclasses.replace(batch, shots=None, refs=None, latents=stored)
+    with weights_kept(module.adapter.vae):  # as `LoraDeepSpeedStrategy.setup` around the engine's cast
+        module.to(torch.bfloat16)
+    module.trainer = trainer  # attached, as in a run
+    targets = []
+
+    def recorded_target(clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        targets.append((clean, noise))
+        return velocity_target(clean, noise)
+
+    monkeypatch.setattr("dreamshot.training.module.velocity_target", recorded_target)
+
+    batch = trainer.precision_plugin.convert_input(batch)
+    plan = BatchPlan("r2s", 0, False, (False,))
+    loss = module.model_step(batch, plan, torch.Generator().manual_seed(0))["loss"]
+
+    ((clean, noise),) = targets
+    assert torch.isfinite(loss)
+    assert clean.dtype == noise.dtype == torch.float32 and torch.equal(clean, stored.shots)
+    exact = noise.double() - stored.shots.double()
+    torch.testing.assert_close(velocity_target(clean, noise).double(), exact, rtol=2**-24, atol=0)
+
+
 # --- the GPU throughput benchmark, dry run ------------------------------------------------------------------
 
 
@@ -192,7 +258,8 @@ VAE_ENCODES = "vae_encodes.json"
 
 class VaeEncodes(L.Callback):
     """Records, for every training-time run of the VAE's encoder, the dtype of its weights and of its input, and
-    whether its weights hold more than bf16 precision (False for weights a bf16 cast rounded)."""
+    whether its weights and its input (the pixels) hold more than bf16 precision (False where a bf16 cast rounded
+    them)."""
 
     def __init__(self) -> None:
         self.runs: list[dict] = []
@@ -206,11 +273,16 @@ class VaeEncodes(L.Callback):
                         "weights": str(weights[0].dtype),
                         "input": str(args[0].dtype),
                         # ZeRO-3 has released its gathered weights by now (empty): nothing to compare there.
-                        "unrounded": any(w.numel() and not torch.equal(w, w.bfloat16().to(w.dtype)) for w in weights),
+                        "unrounded": any(w.numel() and not _bf16_valued(w) for w in weights),
+                        "unrounded_input": not _bf16_valued(args[0]),
                     }
                 )
 
         pl_module.adapter.vae.encoder.register_forward_hook(record)
+
+
+def _bf16_valued(x: torch.Tensor) -> bool:
+    return torch.equal(x, x.bfloat16().to(x.dtype))
 
 
 def _train_with_deepspeed(stage: int, out: Path, on_cpu: bool) -> None:
@@ -343,10 +415,12 @@ def test_deepspeed_lora_copies_hold_the_fp32_master_weights(deepspeed_runs, stag
 def test_deepspeed_zero2_vae_encodes_in_its_float32_weights(deepspeed_runs, stage, device):
     """DeepSpeed's bf16 mode casts the whole module, the frozen VAE's weights included: ZeRO-2 gets them back
     unrounded, so a run without a latent cache encodes its shots and references as sampling and `dreamshot cache`
-    do; ZeRO-3 partitions them, and there they stay bf16 (as the planner counts them)."""
+    do, from the pixels as loaded (no bf16 cast of the batch); ZeRO-3 partitions them, and there they stay bf16 (as
+    the planner counts them)."""
     encodes = json.loads((deepspeed_runs(stage, device).parent / VAE_ENCODES).read_text())
     dtype = str(torch.float32 if stage == 2 else torch.bfloat16)
-    assert encodes and all(run == {"weights": dtype, "input": dtype, "unrounded": stage == 2} for run in encodes)
+    expected = {"weights": dtype, "input": dtype, "unrounded": stage == 2, "unrounded_input": stage == 2}
+    assert encodes and all(run == expected for run in encodes)
 
 
 @pytest.mark.parametrize(("stage", "device"), RUNS)

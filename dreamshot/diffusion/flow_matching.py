@@ -3,10 +3,12 @@
 t in [0, 1] is the noise level: t = 0 is data, t = 1 is noise. The DiT is fed `t * NUM_TRAIN_TIMESTEPS`, as
 Wan's scheduler does.
 
-Under DeepSpeed's bf16 (`trainer=gpu`) Lightning casts every float tensor of a batch to bf16, and the frozen VAE
-runs in bf16 too, so clean latents and noise arrive in bf16. The noising and the velocity target are formed in
-float32 all the same: z_t in bf16 arithmetic would mix with t rounded to bf16 (up to 2^-9 off, while the DiT is
-told t in float32) and round each product, and ε − z_0 in bf16 carries ~0.4% error into the regression target.
+Clean latents come as stored (float32, also under DeepSpeed: `training.strategy.BatchAsStoredPrecision`), or
+encoded by the frozen VAE, which under ZeRO-3 (`trainer=zero3`) runs in bf16: then they, and the noise drawn like
+them, are bf16. The noising and the velocity target are formed in float32 all the same: z_t in bf16 arithmetic would
+mix with t rounded to bf16 (up to 2^-9 off, while the DiT is told t in float32) and round each product, and ε − z_0
+in bf16 carries ~0.4% error into the regression target. z_t enters the DiT in the DiT's dtype
+(`WanAdapter.predict_velocity`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch
 from dreamshot.config.load import to_yaml
 from dreamshot.config.schema import Config
 from dreamshot.data.bucketing import StoryboardBatch
-from dreamshot.diffusion.conditioning import BatchPlan, ComposedBatch, StoryboardLatents, compose, sample_plan
+from dreamshot.diffusion.conditioning import BatchPlan, ComposedBatch, compose, sample_plan
 from dreamshot.diffusion.flow_matching import (
     add_noise,
     dit_timesteps,
@@ -165,9 +165,7 @@ class DreamShotModule(L.LightningModule):
         """
         latents = batch.latents  # from the latent cache (data.cache_dir), else encoded here
         if latents is None:
-            latents = self._as_batch_input(
-                self.adapter.encode_storyboard(batch.shots, batch.refs, batch.shot_texts, batch.ref_texts)
-            )
+            latents = self.adapter.encode_storyboard(batch.shots, batch.refs, batch.shot_texts, batch.ref_texts)
         if racl_weight > 0 or diagnostic:
             # Reference k shows role k only: (B, K, H, W) -> (B, K, R=K, H, W).
             # A copy: the batch's own latents stay without masks for a later step on the same batch without RACL.
@@ -192,13 +190,6 @@ class DreamShotModule(L.LightningModule):
             in_mask, confusion = attention_shares(maps.detach(), *labels.values(), present)
             losses.update(racl_in_mask=in_mask, racl_confusion=confusion)
         return losses
-
-    def _as_batch_input(self, latents: StoryboardLatents) -> StoryboardLatents:
-        """Encoded latents in the dtype cached ones arrive in: through the precision plugin's input cast, as the
-        batch went. DeepSpeed's bf16 mode has no autocast, so its bf16 DiT needs the float32 VAE's latents in bf16;
-        other precisions leave them as they are."""
-        trainer = self._trainer  # None for a module that is not training (tests call model_step on one)
-        return latents if trainer is None else trainer.precision_plugin.convert_input(latents)
 
     def _flow_matching_loss(
         self, composed: ComposedBatch, generator: torch.Generator, capture: RoleCapture | None

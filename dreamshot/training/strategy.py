@@ -5,7 +5,8 @@ default on GPUs, ZeRO-3 available; DDP for GPUs or CPUs).
   (only the LoRA weights and their optimiser state are saved, never the 14B backbone). ZeRO-2 shards the LoRA
   gradients and AdamW state over the GPUs; ZeRO-3 also shards every weight, frozen ones included. DeepSpeed's
   bf16 mode casts the whole module to bf16 and keeps fp32 master weights in its optimiser; under ZeRO-2 the frozen
-  VAE gets its float32 weights back (`LoraDeepSpeedStrategy.setup`), as sampling and the latent cache encode.
+  VAE gets its float32 weights back (`LoraDeepSpeedStrategy.setup`), as sampling and the latent cache encode. The
+  batch reaches the training step as stored (`BatchAsStoredPrecision`), as under DDP.
 - `ddp`: one process per device, started by re-running the command (`torchrun` and SLURM start them
   themselves); `ddp_spawn` forks them from the running process instead (notebooks).
 - `auto`: Lightning's choice (one device: no strategy).
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 from torch import nn
 
@@ -60,6 +62,8 @@ def build_strategy(trainer: TrainerConfig, micro_batch: int) -> Strategy | str:
         strategy = LoraDeepSpeedStrategy(
             trainer.context_parallel,
             stage=stage,
+            # Lightning's connector takes a strategy's own precision plugin over the one it builds from `precision=`.
+            precision_plugin=BatchAsStoredPrecision(trainer.precision),
             exclude_frozen_parameters=True,
             allgather_bucket_size=DEEPSPEED_BUCKET_ELEMENTS,
             reduce_bucket_size=DEEPSPEED_BUCKET_ELEMENTS,
@@ -112,6 +116,20 @@ class HostsContextParallel:
 
 class ContextParallelDDPStrategy(HostsContextParallel, DDPStrategy):
     """Lightning's DDP, hosting the context-parallel groups."""
+
+
+class BatchAsStoredPrecision(DeepSpeedPrecision):
+    """DeepSpeed's precision plugin, leaving the batch as the data loader made it.
+
+    Lightning's casts every floating tensor of a batch to the precision's dtype (bf16) before each step, to
+    feed the module that DeepSpeed's bf16 mode has cast whole and runs without autocast. Here that rounds the data the
+    loss is formed from: the cached float32 latents z_0 of z_t and of the target ε − z_0, and the pixels before the
+    float32 VAE (ZeRO-2) encodes them. So the batch stays as stored, as under DDP's bf16-mixed, and only what enters
+    the DiT is cast to its dtype, at its door (`WanAdapter.predict_velocity`).
+    """
+
+    def convert_input(self, data: Any) -> Any:
+        return data
 
 
 class LoraDeepSpeedStrategy(HostsContextParallel, DeepSpeedStrategy):

@@ -139,7 +139,8 @@ class WanAdapter(nn.Module):
         text: (B, F, L, D), each frame's own text in the same order, or its keys and values projected once
         (`cross_attention_text`, the B × F frames selected). Returns (B, C, F, h, w).
         With `capture`, the captured blocks also fill `capture.maps` with role-attention maps. `rotary`: the
-        layout's RoPE when the caller computed it once (`rotary_emb`).
+        layout's RoPE when the caller computed it once (`rotary_emb`). Latents and text of any float dtype enter
+        the DiT in its own (see `_dit_dtype`).
         """
         _, _, frames, height, width = latents.shape
         if frames != layout.num_frames or text.shape[1] != frames:
@@ -147,16 +148,26 @@ class WanAdapter(nn.Module):
         if rotary is None:
             rotary = self.rotary_emb(layout, (height, width), latents.device)
         _, p_h, p_w = self.patch_size
+        dtype = self._dit_dtype()
         return storyboard_forward(
             self.transformer,
-            latents,
+            latents.to(dtype),
             timesteps,
-            text if isinstance(text, CrossAttentionText) else text.flatten(1, 2),
+            text if isinstance(text, CrossAttentionText) else text.flatten(1, 2).to(dtype),
             rotary,
             gradient_checkpointing=self.gradient_checkpointing,
             block_runner=capture.runner if capture is not None else run_block,
             shard=self.context_parallel.shard(frames, (height // p_h) * (width // p_w)),
         )
+
+    def _dit_dtype(self) -> torch.dtype:
+        """The dtype the DiT takes its latents and text in: its patch embedding's (diffusers' `dtype` property walks
+        every module). DeepSpeed's bf16 mode runs its bf16 DiT without autocast on data as stored (float32 latents,
+        and float32 texts from a float32 umT5's cache: `BatchAsStoredPrecision`): this is their one cast, after z_t
+        and the target are formed. Otherwise it changes no value: a float32 DiT takes float32, texts come in
+        `model.dtype` as the DiT is held, and under bf16 autocast (`ddp`) the patch embedding rounds its input to
+        bf16 all the same."""
+        return self.transformer.patch_embedding.weight.dtype
 
     def lora_state_dict(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         return lora_state_dict(self.transformer, weights)
