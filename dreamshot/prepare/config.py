@@ -28,6 +28,8 @@ OVERLAY_BACKENDS = ("none", "corner_logo")
 JUDGES = ("features", "vlm")
 SEGMENTERS = ("border_colour",)
 ANNOTATORS = ("placeholder", "vlm")
+# Not on / off: YAML reads those as booleans.
+DEINTERLACE = ("auto", "always", "never")
 
 # Bounded values of a prepare config (every number must also be finite: `check_values`).
 PREPARE_RULES: dict[str, Rule] = {
@@ -94,6 +96,10 @@ class KeyframeConfig:
     motion_tolerance: float = 0.002
     # Frames less sharp than this share of their shot's sharpest frame are never keyframes (blur, fades).
     min_relative_sharpness: float = 0.5
+    # Interlaced frames (DVD, TV, camcorders) are scored and stored deinterlaced (FFmpeg's bwdif), since their
+    # combing scores as sharpness: auto (the frames the decoder flags interlaced) | always (every frame, for
+    # footage flagged progressive wrongly) | never.
+    deinterlace: str = "auto"
 
 
 @dataclass
@@ -191,6 +197,7 @@ class PrepareConfig:
         check_key_variable(self.vlm.api_key_env, "vlm.api_key_env")
         _choice(self.shots.detector, DETECTORS, "shots.detector")
         _choice(self.shots.backend, ("opencv", "pyav"), "shots.backend")
+        _choice(self.keyframes.deinterlace, DEINTERLACE, "keyframes.deinterlace")
         _choice(self.quality.aesthetic, AESTHETIC_BACKENDS, "quality.aesthetic")
         _choice(self.quality.overlay, OVERLAY_BACKENDS, "quality.overlay")
         _choice(self.grouping.judge, JUDGES, "grouping.judge")
