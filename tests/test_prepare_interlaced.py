@@ -13,6 +13,7 @@ from dreamshot.prepare import pipeline
 from dreamshot.prepare.config import load_prepare_config
 from dreamshot.prepare.keyframes import choose_keyframe, score_frames
 from dreamshot.prepare.pipeline import prepare
+from dreamshot.prepare.shots import detect_shots, shot_backend
 from dreamshot.prepare.stage import VideoJob
 from dreamshot.prepare.toyvideo import render_toy_video, toy_overrides
 from dreamshot.prepare.video import read_frames
@@ -113,9 +114,7 @@ def test_the_deinterlace_setting_redoes_stage_3_and_the_later_ones(clips, tmp_pa
     folder = tmp_path / "videos"
     folder.mkdir()
     shutil.copy(clips["interlaced"].path, folder)
-    # PySceneDetect's OpenCV backend gets every interlaced frame the same here (OpenCV 5.0's swscale refuses
-    # interlaced frames): no cuts, one group. Its PyAV backend decodes them.
-    overrides = [*toy_overrides(), "shots.backend=pyav"]
+    overrides = toy_overrides()
     prepare(folder, tmp_path / "out", load_prepare_config(overrides=overrides), progress=False)
     ran = []
     for stage in pipeline.STAGES:
@@ -125,6 +124,22 @@ def test_the_deinterlace_setting_redoes_stage_3_and_the_later_ones(clips, tmp_pa
     never = load_prepare_config(overrides=[*overrides, "keyframes.deinterlace=never"])
     prepare(folder, tmp_path / "out", never, progress=False)
     assert ran == ["keyframes", "quality", "grouping", "roles"]
+
+
+def test_the_default_shot_backend_finds_the_cuts_of_an_interlaced_video(clips, tmp_path):
+    # PySceneDetect's OpenCV backend gets every interlaced frame the same here (OpenCV 5.0's swscale refuses
+    # interlaced frames): no cuts, one shot. The default (auto) decodes the flagged video with PyAV instead.
+    assert CFG.shots.backend == "auto"
+    for name in ("interlaced", "progressive", "unflagged"):
+        video = clips[name]
+        found = detect_shots(VideoJob(name, video.path, tmp_path), CFG.shots)
+        assert [start for start, _ in found[1:]] == pytest.approx([cut / video.fps for cut in video.cuts]), name
+    resolved = {name: shot_backend(VideoJob(name, clips[name].path, tmp_path), CFG.shots) for name in clips}
+    assert resolved == {"progressive": "opencv", "interlaced": "pyav", "unflagged": "opencv"}
+    opencv = detect_shots(VideoJob("i", clips["interlaced"].path, tmp_path), replace(CFG.shots, backend="opencv"))
+    assert len(opencv) == 1  # what the old default found: the test could fail
+    with pytest.raises(ConfigError, match="shots.backend must be one of auto, opencv, pyav"):
+        load_prepare_config(overrides=["shots.backend=ffmpeg"])
 
 
 def test_the_deinterlace_setting_is_checked():

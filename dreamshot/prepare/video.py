@@ -82,6 +82,13 @@ def probe(path: Path) -> VideoInfo:
         )
 
 
+def first_frame_interlaced(path: Path) -> bool:
+    """Whether the first decoded frame is flagged interlaced (False for a video without a decodable frame)."""
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        return next((bool(frame.interlaced_frame) for frame in _frames(container, stream, path)), False)
+
+
 def decode_luma(path: Path, width: int, deinterlace: str) -> Iterator[LumaFrame]:
     """Every frame's luma, downscaled to `width` (never upscaled), in presentation order; interlaced frames
     deinterlaced as the mode `deinterlace` (auto | always | never) says."""
