@@ -90,7 +90,7 @@ def test_full_size_frames_are_the_decoded_frames(graded, tmp_path):
         every = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     wanted = [3, 17, 18, 40, len(every) - 1]  # in several GOPs (a keyframe every 16 frames): seeks and runs on
     assert len(scores.keys) > 2
-    frames = read_frames(video.path, wanted, scores.pts, scores.keys)
+    frames = read_frames(video.path, wanted, scores.pts, scores.keys, "auto")
     assert sorted(frames) == wanted
     for index in wanted:
         np.testing.assert_array_equal(frames[index], every[index])
@@ -131,7 +131,7 @@ def test_full_size_frames_are_shown_upright_as_a_player_shows_them(tmp_path, rot
     video = render_toy_video(tmp_path / "phone.mp4", scenes=1, rotation=rotation)
     scores = score_frames(_job(video, tmp_path), CFG.keyframes)
     wanted = [0, 9, video.shots[-1][1] - 1]
-    frames = read_frames(video.path, wanted, scores.pts, scores.keys)
+    frames = read_frames(video.path, wanted, scores.pts, scores.keys, "auto")
     capture = cv2.VideoCapture(str(video.path))
     shown = []
     while (read := capture.read())[0]:
@@ -166,6 +166,6 @@ def test_full_size_frames_of_anamorphic_video_have_square_pixels(tmp_path):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
     scores = score_frames(VideoJob("dv", path, tmp_path), CFG.keyframes)
-    frame = read_frames(path, [2], scores.pts, scores.keys)[2]
+    frame = read_frames(path, [2], scores.pts, scores.keys, "auto")[2]
     assert frame.shape == (96, 160, 3)
     assert frame[:, 4:76].min() > 200 and frame[:, 84:156].max() < 50  # the white half is half the width

@@ -232,10 +232,10 @@ def test_a_video_that_fails_to_decode_is_dropped_not_the_run(videos, tmp_path, m
     # A broken download can open and then fail mid-stream: the other videos still make their groups.
     real = keyframes.decode_luma
 
-    def failing(path, width):
+    def failing(path, *args):
         if path.stem == "a":
             raise DataError(f"{path}: decoding failed (Invalid data found when processing input)")
-        return real(path, width)
+        return real(path, *args)
 
     monkeypatch.setattr(keyframes, "decode_luma", failing)
     summary = prepare(videos[0], tmp_path, _config(), progress=False)

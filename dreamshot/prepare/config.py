@@ -25,9 +25,12 @@ from dreamshot.utils.secrets import check_endpoint, check_key_variable
 DETECTORS = ("content", "adaptive", "threshold", "histogram", "hash")
 AESTHETIC_BACKENDS = ("none", "aesthetic_v25")
 OVERLAY_BACKENDS = ("none", "corner_logo")
+SHOT_BACKENDS = ("auto", "opencv", "pyav")
 JUDGES = ("features", "vlm")
 SEGMENTERS = ("border_colour",)
 ANNOTATORS = ("placeholder", "vlm")
+# Not on / off: YAML reads those as booleans.
+DEINTERLACE = ("auto", "always", "never")
 
 # Bounded values of a prepare config (every number must also be finite: `check_values`).
 PREPARE_RULES: dict[str, Rule] = {
@@ -76,8 +79,9 @@ class ShotsConfig:
     min_scene_len: float = 0.5
     # Shots shorter than this many seconds (flashes, transitions) are dropped.
     min_shot_seconds: float = 1.0
-    # PySceneDetect's decoder: opencv | pyav.
-    backend: str = "opencv"
+    # PySceneDetect's decoder: auto (pyav for a video whose first frame is flagged interlaced, else opencv, which
+    # sees no cut in interlaced video here but is faster) | opencv | pyav.
+    backend: str = "auto"
 
 
 @dataclass
@@ -94,6 +98,10 @@ class KeyframeConfig:
     motion_tolerance: float = 0.002
     # Frames less sharp than this share of their shot's sharpest frame are never keyframes (blur, fades).
     min_relative_sharpness: float = 0.5
+    # Interlaced frames (DVD, TV, camcorders) are scored and stored deinterlaced (FFmpeg's bwdif), since their
+    # combing scores as sharpness: auto (the frames the decoder flags interlaced) | always (every frame, for
+    # footage flagged progressive wrongly) | never.
+    deinterlace: str = "auto"
 
 
 @dataclass
@@ -190,7 +198,8 @@ class PrepareConfig:
         check_endpoint(self.vlm.endpoint, "vlm.endpoint", "vlm.api_key_env")
         check_key_variable(self.vlm.api_key_env, "vlm.api_key_env")
         _choice(self.shots.detector, DETECTORS, "shots.detector")
-        _choice(self.shots.backend, ("opencv", "pyav"), "shots.backend")
+        _choice(self.shots.backend, SHOT_BACKENDS, "shots.backend")
+        _choice(self.keyframes.deinterlace, DEINTERLACE, "keyframes.deinterlace")
         _choice(self.quality.aesthetic, AESTHETIC_BACKENDS, "quality.aesthetic")
         _choice(self.quality.overlay, OVERLAY_BACKENDS, "quality.overlay")
         _choice(self.grouping.judge, JUDGES, "grouping.judge")

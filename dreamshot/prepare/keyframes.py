@@ -1,6 +1,7 @@
 """Stage 3, keyframe extraction (appendix A.1): one keyframe per shot, by sharpness and motion.
 
-Every frame is scored on its luma downscaled to `keyframes.analysis_width`:
+Every frame is scored on its luma downscaled to `keyframes.analysis_width`, interlaced frames deinterlaced
+(`keyframes.deinterlace`; combing scores as sharpness, and the stored keyframes would show it):
 - sharpness, the variance of the Laplacian (higher = sharper);
 - motion, the mean optical-flow magnitude (DIS, at half that width) to its neighbours in the shot, as a
   share of the frame width per frame (lower = steadier, less motion blur).
@@ -51,7 +52,7 @@ def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResul
         scores = score_frames(job, cfg.keyframes, inputs["curation"]["frames"])
         shots = frame_ranges(scores.times, inputs["shots"]["shots"])
         chosen = [choose_keyframe(scores, start, end, cfg.keyframes) for start, end in shots]
-        images = read_frames(job.path, chosen, scores.pts, scores.keys)
+        images = read_frames(job.path, chosen, scores.pts, scores.keys, cfg.keyframes.deinterlace)
     except DataError as e:  # a video that fails mid-stream (a broken download) is dropped, not the run
         return unreadable(e, UNDECODABLE)
     keyframes = []
@@ -78,7 +79,7 @@ def score_frames(job: VideoJob, cfg: KeyframeConfig, total: int | None = None) -
     flow_meter = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
     sharp, contrast, flow, times, pts, keys = [], [], [], [], [], []
     previous = None
-    frames = decode_luma(job.path, cfg.analysis_width)
+    frames = decode_luma(job.path, cfg.analysis_width, cfg.deinterlace)
     bar = tqdm(frames, desc=f"  {job.id}", total=total, unit="frame", leave=False, disable=not job.progress)
     for frame in bar:
         sharp.append(sharpness(frame.luma))

@@ -5,7 +5,9 @@ its times multiplied by the average frame rate, which are not frame indices in a
 (phone footage). Stage 3 turns the times into frame indices with the decoded frames' timestamps.
 
 Unit: shots. Shots shorter than `shots.min_shot_seconds` (flashes, transitions) are dropped; a video
-PySceneDetect cannot read is dropped as undecodable, and the run goes on.
+PySceneDetect cannot read is dropped as undecodable, and the run goes on. The default backend, auto, reads a
+video whose first frame is flagged interlaced with PyAV: OpenCV's decoder gets every interlaced frame the same
+here, so it would see no cut; otherwise OpenCV, which is faster.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import scenedetect
 
 from dreamshot.prepare.config import PrepareConfig, ShotsConfig
 from dreamshot.prepare.stage import UNDECODABLE, StageResult, VideoJob, unreadable
+from dreamshot.prepare.video import first_frame_interlaced
 from dreamshot.utils.errors import DataError
 
 UNIT = "shots"
@@ -40,7 +43,7 @@ def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResul
 def detect_shots(job: VideoJob, cfg: ShotsConfig) -> list[list[float]]:
     """[start, end) time ranges in seconds of every shot, covering the whole video."""
     try:
-        video = scenedetect.open_video(str(job.path), backend=cfg.backend)
+        video = scenedetect.open_video(str(job.path), backend=shot_backend(job, cfg))
     except scenedetect.VideoOpenFailure as e:
         raise DataError(f"{job.path}: PySceneDetect cannot open the video ({e})") from None
     manager = scenedetect.SceneManager()
@@ -49,6 +52,13 @@ def detect_shots(job: VideoJob, cfg: ShotsConfig) -> list[list[float]]:
     # start_in_scene: a video without a cut is one shot, not none.
     scenes = manager.get_scene_list(start_in_scene=True)
     return [[start.seconds, end.seconds] for start, end in scenes]
+
+
+def shot_backend(job: VideoJob, cfg: ShotsConfig) -> str:
+    """PySceneDetect's backend for the video: `shots.backend`, with auto resolved by the first frame's flag."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "pyav" if first_frame_interlaced(job.path) else "opencv"
 
 
 def make_detector(cfg: ShotsConfig) -> scenedetect.SceneDetector:

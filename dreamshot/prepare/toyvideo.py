@@ -1,9 +1,11 @@
 """Toy-world videos with known structure, for the tests and the benchmark of `dreamshot prepare`.
 
 A video strings together the shots of a few toy storyboard groups (one scene each, scenes all different),
-group after group. Every shot is a hard cut, the camera pans sideways at a constant speed inside a shot,
-and chosen frames are blurred with a Gaussian. The returned `ToyVideo` holds the truth: cut frames, the
-scene of every shot, and which frames are blurred.
+group after group. Every shot is a hard cut, the camera pans sideways at a constant speed inside a shot
+(pausing after chosen frames), and chosen frames are blurred with a Gaussian. A video can be interlaced, as
+DVD, TV and camcorder footage is: its odd rows are filmed half a frame later than its even rows, so a pan
+combs every edge. The returned `ToyVideo` holds the truth: cut frames, the scene of every shot, and which
+frames are blurred.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def render_toy_video(
     crf: int = 18,
     frame_times: list[float] | None = None,
     rotation: int = 0,
+    still: set[int] | frozenset[int] = frozenset(),
+    interlaced: bool = False,
+    flag_interlaced: bool = True,
 ) -> ToyVideo:
     """Write a toy video (H.264 mp4) and return its truth.
 
@@ -87,7 +92,11 @@ def render_toy_video(
     quality (higher = smaller file); `frame_times`: the presentation time in seconds of every frame, for a
     variable-frame-rate video (None: frame i at i / fps; stored to the millisecond); `rotation`: the display
     rotation in the container, in degrees counter-clockwise, as a phone stores a portrait video (the frames
-    are encoded as rendered, so a player shows them turned).
+    are encoded as rendered, so a player shows them turned); `still`: frames after which the camera stays put
+    for a frame (an interlaced frame of them has no combing); `interlaced`: each frame is two fields, top field
+    first: the even rows at its time, the odd rows half a frame later (the camera halfway to the next frame),
+    blurred each on its own, as a camera exposes them; `flag_interlaced`: the encoder codes and flags such
+    frames interlaced (x264's MBAFF, top field first), else progressive, as footage whose flags lie.
     """
     height, width = size
     blur = dict(blur or {})
@@ -96,27 +105,43 @@ def render_toy_video(
     for scene, group in enumerate(scene_groups(seed, scenes, max_shots)):
         plan = plan_group(seed, group, 2, max_shots, 2)
         for number, shot in enumerate(cut_shots(plan)):
-            travel = int(np.ceil(pan * shot_frames))
+            first = len(frames)
+            # Camera position (pixels panned) at each frame of the shot and at the frame after its last.
+            places = np.concatenate(
+                [[0.0], np.cumsum([0.0 if first + i in still else pan for i in range(shot_frames)])]
+            )
+            travel = int(np.ceil(places[-1]))
             canvas = render_shot(plan, shot, height, width + travel)[0]
             direction = 1 if number % 2 == 0 else -1
-            shots.append((len(frames), len(frames) + shot_frames))
+            shots.append((first, first + shot_frames))
             scene_of.append(scene)
             for i in range(shot_frames):
-                offset = round(pan * i) if direction > 0 else travel - round(pan * i)
-                frames.append(canvas[:, offset : offset + width])
+                offsets = [places[i], (places[i] + places[i + 1]) / 2] if interlaced else [places[i]]
+                frames.append([canvas[:, _column(p, direction, travel) :][:, :width] for p in offsets])
     if frame_times is not None and len(frame_times) != len(frames):
         raise ValueError(f"frame_times has {len(frame_times)} times for {len(frames)} frames")
-    with _writer(Path(path), size, fps, metadata, crf, frame_times is not None, rotation) as write:
-        for index, frame in enumerate(frames):
+    flags = interlaced and flag_interlaced
+    with _writer(Path(path), size, fps, metadata, crf, frame_times is not None, rotation, flags) as write:
+        for index, fields in enumerate(frames):
             write(
-                _degrade(frame, blur.get(index, 0.0), grain, rng), None if frame_times is None else frame_times[index]
+                _degrade(fields, blur.get(index, 0.0), grain, rng),
+                None if frame_times is None else frame_times[index],
             )
     return ToyVideo(Path(path), fps, shots, scene_of, blur)
 
 
-def _degrade(frame: np.ndarray, sigma: float, grain: float, rng: np.random.Generator) -> np.ndarray:
+def _column(place: float, direction: int, travel: int) -> int:
+    """The canvas column at the frame's left edge, the camera `place` pixels into its pan."""
+    return round(place) if direction > 0 else travel - round(place)
+
+
+def _degrade(fields: list[np.ndarray], sigma: float, grain: float, rng: np.random.Generator) -> np.ndarray:
+    """The frame of its views (one, or the two fields' whole views), blurred and grained."""
     if sigma > 0:
-        frame = cv2.GaussianBlur(frame, (0, 0), sigma)
+        fields = [cv2.GaussianBlur(field, (0, 0), sigma) for field in fields]
+    frame = fields[0].copy()
+    if len(fields) == 2:
+        frame[1::2] = fields[1][1::2]
     if grain > 0:
         noise = rng.normal(0, grain, frame.shape[:2])[..., None]
         frame = np.clip(frame + noise, 0, 255).astype(np.uint8)
@@ -125,7 +150,8 @@ def _degrade(frame: np.ndarray, sigma: float, grain: float, rng: np.random.Gener
 
 class _writer:
     """Context manager: an H.264 mp4 writer; calling it encodes one RGB frame (H, W, 3) uint8, at a given time
-    in seconds when `timed` (millisecond timestamps), else at the next 1 / fps."""
+    in seconds when `timed` (millisecond timestamps), else at the next 1 / fps; coded and flagged interlaced
+    when `interlaced`."""
 
     def __init__(
         self,
@@ -136,6 +162,7 @@ class _writer:
         crf: int,
         timed: bool,
         rotation: int,
+        interlaced: bool,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.container = av.open(str(path), "w")
@@ -148,12 +175,11 @@ class _writer:
         if timed:
             self.stream.time_base = self.stream.codec_context.time_base = MILLISECOND
         # A keyframe every 2 s, as web video has; quiet x264 (it prints a summary on stderr otherwise).
-        self.stream.options = {
-            "preset": "ultrafast",
-            "crf": str(crf),
-            "g": str(2 * fps),
-            "x264-params": "log-level=none",
-        }
+        options = {"preset": "ultrafast", "crf": str(crf), "g": str(2 * fps), "x264-params": "log-level=none"}
+        if interlaced:
+            # Interlaced coding and flags (ilme: motion estimation by field); field order: top first.
+            options |= {"flags": "+ilme+ildct", "field_order": "tt"}
+        self.stream.options = options
 
     def __enter__(self):
         return self

@@ -4,12 +4,18 @@ Frames are numbered in presentation order from 0, as PySceneDetect numbers them.
 decoder's luma plane directly (no colour conversion) and downscales it with OpenCV; the full-size pass
 decodes only what the chosen frames need, seeking to the last keyframe (I-frame) before a target when that
 skips decoding, and shows them as a player does (square pixels, the container's display rotation).
+
+Both passes see interlaced frames (DVD, broadcast TV, camcorders) deinterlaced (`deinterlace`): the two fields
+of a moving picture, taken 1/50 or 1/60 s apart, comb every edge, which scores as sharpness and would be
+stored in the keyframes. FFmpeg's bwdif runs in frame mode, one frame out per frame in, and a frame keeps its
+decoder's index and timestamp, so the shots map onto the same frames either way.
 """
 
 from __future__ import annotations
 
 import bisect
 import re
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,6 +32,10 @@ DATE_KEYS = ("date", "creation_time", "year", "DATE", "YEAR")
 # Pixel formats whose first plane is 8-bit luma, read without conversion (others go through swscale).
 _EIGHT_BIT_LUMA = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12", "nv21", "gray"}
 _YEAR = re.compile(r"\b(1[89]\d\d|2\d\d\d)\b")
+# bwdif's settings per `keyframes.deinterlace` mode (`never` builds no filter). send_frame: one frame per frame
+# (not one per field); parity auto: each frame's field order flag; deint: which frames it changes (the others
+# pass through untouched): those flagged interlaced, or all, for footage whose flags say progressive wrongly.
+_BWDIF = {"auto": "mode=send_frame:parity=auto:deint=interlaced", "always": "mode=send_frame:parity=auto:deint=all"}
 
 
 @dataclass(frozen=True)
@@ -72,22 +82,33 @@ def probe(path: Path) -> VideoInfo:
         )
 
 
-def decode_luma(path: Path, width: int) -> Iterator[LumaFrame]:
-    """Every frame's luma, downscaled to `width` (never upscaled), in presentation order."""
+def first_frame_interlaced(path: Path) -> bool:
+    """Whether the first decoded frame is flagged interlaced (False for a video without a decodable frame)."""
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        return next((bool(frame.interlaced_frame) for frame in _frames(container, stream, path)), False)
+
+
+def decode_luma(path: Path, width: int, deinterlace: str) -> Iterator[LumaFrame]:
+    """Every frame's luma, downscaled to `width` (never upscaled), in presentation order; interlaced frames
+    deinterlaced as the mode `deinterlace` (auto | always | never) says."""
     with _open(path) as container:
         stream = _video_stream(container, path)
         # Frame threading: the decoder works ahead on the other core while a frame is scored.
         stream.thread_type = "AUTO"
         start, rate = stream.start_time or 0, float(stream.average_rate or stream.guessed_rate or 1)
-        for index, frame in enumerate(_frames(container, stream, path)):
+        for index, (frame, picture) in enumerate(_pictures(container, stream, path, deinterlace)):
             # From the stream's start, as PySceneDetect's backends count; a frame without a timestamp is placed
             # at the average rate.
             time = index / rate if frame.pts is None else float((frame.pts - start) * stream.time_base)
-            yield LumaFrame(index, frame.pts, time, frame.key_frame, _luma(frame, width))
+            yield LumaFrame(index, frame.pts, time, frame.key_frame, _luma(picture, width))
 
 
-def read_frames(path: Path, wanted: list[int], pts: list[int | None], keys: list[int]) -> dict[int, np.ndarray]:
-    """Full-size RGB frames (H, W, 3) uint8 of the frame indices `wanted`, upright (`upright`).
+def read_frames(
+    path: Path, wanted: list[int], pts: list[int | None], keys: list[int], deinterlace: str
+) -> dict[int, np.ndarray]:
+    """Full-size RGB frames (H, W, 3) uint8 of the frame indices `wanted`, upright (`upright`), deinterlaced
+    as in the scoring pass.
 
     `pts` (every frame's timestamp) and `keys` (indices of the I-frames, sorted) come from the scoring pass.
     Without timestamps the video is decoded from the start, counting frames.
@@ -98,28 +119,32 @@ def read_frames(path: Path, wanted: list[int], pts: list[int | None], keys: list
     with _open(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
+        # The deinterlacer makes a frame from its neighbours too: the one before it is decoded as well (the next
+        # one always is), so that it comes out as in the scoring pass.
+        before = 0 if deinterlace == "never" else 1
         frames, position = None, 0  # position: index of the next frame the decoder returns
         for target in sorted(set(wanted)):
-            start = keys[bisect.bisect_right(keys, target) - 1] if seekable and keys and keys[0] <= target else 0
+            first = target - before
+            start = keys[bisect.bisect_right(keys, first) - 1] if seekable and keys and keys[0] <= first else 0
             # Seek only where it skips frames: decoding on from `position` reaches the target anyway.
             if frames is None or start > position:
                 if start > position:
                     container.seek(pts[start], stream=stream, backward=True)
-                frames = _frames(container, stream, path)
+                frames = _pictures(container, stream, path, deinterlace)
             frame, position = _decode_until(frames, target, index_of, position, path)
             found[target] = upright(frame, stream.sample_aspect_ratio)
     return found
 
 
 def _decode_until(frames, target: int, index_of: dict | None, position: int, path: Path) -> tuple[av.VideoFrame, int]:
-    """The frame `target` from the decoder `frames`, and the index of the frame after it."""
-    for frame in frames:
+    """The picture of frame `target` from `frames` (`_pictures`), and the index of the frame after it."""
+    for frame, picture in frames:
         index = position if index_of is None else index_of.get(frame.pts)
         if index is None:
             continue
         position = index + 1
         if index == target:
-            return frame, position
+            return picture, position
         if index > target:
             break
     raise DataError(f"{path}: frame {target}, seen by the scoring pass, could not be decoded again")
@@ -172,6 +197,47 @@ def _frames(container, stream, path: Path) -> Iterator[av.VideoFrame]:
         yield from container.decode(stream)
     except av.FFmpegError as e:
         raise DataError(f"{path}: decoding failed ({e})") from None
+
+
+def _pictures(container, stream, path: Path, deinterlace: str) -> Iterator[tuple[av.VideoFrame, av.VideoFrame]]:
+    """Every decoded frame with its picture: the frame deinterlaced (`_BWDIF[deinterlace]`), or itself under
+    `never`. The frame gives the index, timestamp and I-frame flag: the filter's output counts time in half
+    frames, and its first frame waits for the second."""
+    frames = _frames(container, stream, path)
+    if deinterlace == "never":
+        yield from ((frame, frame) for frame in frames)
+        return
+    graph, waiting = None, deque()
+    try:
+        for frame in frames:
+            if graph is None:
+                graph = _deinterlacer(frame, stream, _BWDIF[deinterlace])
+            waiting.append(frame)
+            graph.vpush(frame)
+            yield from _filtered(graph, waiting)
+        if graph is not None:
+            graph.vpush(None)  # end of stream: the last frame has no next one to wait for
+            yield from _filtered(graph, waiting)
+    except av.FFmpegError as e:
+        raise DataError(f"{path}: deinterlacing failed ({e})") from None
+
+
+def _deinterlacer(frame: av.VideoFrame, stream, options: str) -> av.filter.Graph:
+    """A bwdif filter graph for frames like `frame` (its size and pixel format)."""
+    graph = av.filter.Graph()
+    source = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format, time_base=stream.time_base)
+    graph.link_nodes(source, graph.add("bwdif", options), graph.add("buffersink")).configure()
+    return graph
+
+
+def _filtered(graph: av.filter.Graph, waiting: deque) -> Iterator[tuple[av.VideoFrame, av.VideoFrame]]:
+    """The pictures the filter has ready, each with its frame, the oldest of `waiting` (one out per one in)."""
+    while True:
+        try:
+            picture = graph.vpull()
+        except (av.BlockingIOError, av.EOFError):
+            return
+        yield waiting.popleft(), picture
 
 
 def _duration(container, stream) -> float:
