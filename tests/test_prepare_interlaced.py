@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import cv2
 import numpy as np
 import pytest
 
-from dreamshot.prepare import pipeline
+from dreamshot.prepare import keyframes, pipeline, shots
+from dreamshot.prepare import video as video_module
 from dreamshot.prepare.config import load_prepare_config
-from dreamshot.prepare.keyframes import choose_keyframe, score_frames
+from dreamshot.prepare.keyframes import choose_keyframe, full_size_deinterlace, score_frames
 from dreamshot.prepare.pipeline import prepare
 from dreamshot.prepare.shots import detect_shots, shot_backend
 from dreamshot.prepare.stage import VideoJob
 from dreamshot.prepare.toyvideo import render_toy_video, toy_overrides
-from dreamshot.prepare.video import read_frames
+from dreamshot.prepare.video import probe, read_frames
 from dreamshot.utils.errors import ConfigError
 
 CFG = load_prepare_config(overrides=toy_overrides())
@@ -108,6 +109,36 @@ def test_deinterlacing_keeps_every_frame_its_index_and_timestamp(clips, tmp_path
     assert set(wanted) & set(auto.keys)
     for index, frame in read_frames(video.path, wanted, auto.pts, auto.keys, "auto").items():
         np.testing.assert_array_equal(frame, every[index])
+
+
+def test_a_progressive_video_is_read_again_without_the_filter_and_its_extra_frames(clips, tmp_path, monkeypatch):
+    # Under auto the filter changes no progressive frame, but its full-size pass also decodes the frame before
+    # each target: for a target on an I-frame, the whole group of pictures before it. Stage 3 skips both.
+    decoded = []
+    frames = video_module._frames
+    monkeypatch.setattr(video_module, "_frames", lambda *a: (decoded.append(1) or f for f in frames(*a)))
+    job = VideoJob("p", clips["progressive"].path, tmp_path)
+    scores = score_frames(job, CFG.keyframes)
+    assert (
+        not scores.interlaced
+        and score_frames(VideoJob("i", clips["interlaced"].path, tmp_path), CFG.keyframes).interlaced
+    )
+    chosen = scores.keys[1:3]  # targets on I-frames, where the frame before is another group's
+    counts = {}
+    for mode in ("auto", "never"):
+        decoded.clear()
+        images = read_frames(job.path, chosen, scores.pts, scores.keys, mode)
+        counts[mode] = len(decoded)
+        for index, image in images.items():
+            np.testing.assert_array_equal(image, _progressive_frames(clips, [index], tmp_path)[index])
+    assert counts["never"] < counts["auto"]
+    assert full_size_deinterlace(scores, CFG.keyframes) == "never"
+    inputs = {"curation": asdict(probe(job.path))}
+    inputs["shots"] = shots.run(job, inputs, CFG, None).data
+    modes = []
+    monkeypatch.setattr(keyframes, "read_frames", lambda *a: modes.append(a[-1]) or read_frames(*a))
+    keyframes.run(job, inputs, CFG, None)
+    assert modes == ["never"]
 
 
 def test_the_deinterlace_setting_redoes_stage_3_and_the_later_ones(clips, tmp_path, monkeypatch):

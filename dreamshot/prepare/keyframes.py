@@ -37,7 +37,8 @@ UNIT = "keyframes"
 class FrameScores:
     """Per-frame scores of a whole video, frame i at index i. `flow[i]` is the motion from frame i-1 to i
     (flow[0] = 0); `times` are the presentation times in seconds (to place the shots), `keys` the I-frame
-    indices and `pts` the timestamps (to decode frames again)."""
+    indices and `pts` the timestamps (to decode frames again); `interlaced`: whether any frame was flagged
+    interlaced."""
 
     sharpness: np.ndarray
     contrast: np.ndarray
@@ -45,6 +46,7 @@ class FrameScores:
     times: np.ndarray
     pts: list[int | None]
     keys: list[int]
+    interlaced: bool = False
 
 
 def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResult:
@@ -52,7 +54,7 @@ def run(job: VideoJob, inputs: dict, cfg: PrepareConfig, backends) -> StageResul
         scores = score_frames(job, cfg.keyframes, inputs["curation"]["frames"])
         shots = frame_ranges(scores.times, inputs["shots"]["shots"])
         chosen = [choose_keyframe(scores, start, end, cfg.keyframes) for start, end in shots]
-        images = read_frames(job.path, chosen, scores.pts, scores.keys, cfg.keyframes.deinterlace)
+        images = read_frames(job.path, chosen, scores.pts, scores.keys, full_size_deinterlace(scores, cfg.keyframes))
     except DataError as e:  # a video that fails mid-stream (a broken download) is dropped, not the run
         return unreadable(e, UNDECODABLE)
     keyframes = []
@@ -78,7 +80,7 @@ def score_frames(job: VideoJob, cfg: KeyframeConfig, total: int | None = None) -
     the container gives, for the progress bar)."""
     flow_meter = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
     sharp, contrast, flow, times, pts, keys = [], [], [], [], [], []
-    previous = None
+    previous, interlaced = None, False
     frames = decode_luma(job.path, cfg.analysis_width, cfg.deinterlace)
     bar = tqdm(frames, desc=f"  {job.id}", total=total, unit="frame", leave=False, disable=not job.progress)
     for frame in bar:
@@ -89,9 +91,18 @@ def score_frames(job: VideoJob, cfg: KeyframeConfig, total: int | None = None) -
         previous = small
         times.append(frame.time)
         pts.append(frame.pts)
+        interlaced |= frame.interlaced
         if frame.key:
             keys.append(frame.index)
-    return FrameScores(np.array(sharp), np.array(contrast), np.array(flow), np.array(times), pts, keys)
+    return FrameScores(np.array(sharp), np.array(contrast), np.array(flow), np.array(times), pts, keys, interlaced)
+
+
+def full_size_deinterlace(scores: FrameScores, cfg: KeyframeConfig) -> str:
+    """The deinterlace mode of the full-size pass: the scoring pass's, except `never` for a video none of whose
+    frames was flagged interlaced under `auto`, where the filter changes no frame. The filter's pass also decodes
+    the frame before each target, which for a target on an I-frame means the whole group of pictures before it
+    (the sharpest frame of a shot is often its I-frame, coded best)."""
+    return "never" if cfg.deinterlace == "auto" and not scores.interlaced else cfg.deinterlace
 
 
 def frame_ranges(times: np.ndarray, shots: list[list[float]]) -> list[tuple[int, int]]:

@@ -54,12 +54,14 @@ class VideoInfo:
 @dataclass(frozen=True)
 class LumaFrame:
     """One decoded frame of the scoring pass: its index, timestamp, presentation time in seconds from the
-    stream's start, whether it is an I-frame, and its luma downscaled, (h, w) uint8."""
+    stream's start, whether it is an I-frame, whether the decoder flagged it interlaced, and its luma
+    downscaled, (h, w) uint8."""
 
     index: int
     pts: int | None
     time: float
     key: bool
+    interlaced: bool
     luma: np.ndarray
 
 
@@ -101,7 +103,9 @@ def decode_luma(path: Path, width: int, deinterlace: str) -> Iterator[LumaFrame]
             # From the stream's start, as PySceneDetect's backends count; a frame without a timestamp is placed
             # at the average rate.
             time = index / rate if frame.pts is None else float((frame.pts - start) * stream.time_base)
-            yield LumaFrame(index, frame.pts, time, frame.key_frame, _luma(picture, width))
+            yield LumaFrame(
+                index, frame.pts, time, frame.key_frame, bool(frame.interlaced_frame), _luma(picture, width)
+            )
 
 
 def read_frames(
