@@ -3,7 +3,10 @@
 Frames are numbered in presentation order from 0, as PySceneDetect numbers them. The scoring pass reads the
 decoder's luma plane directly (no colour conversion) and downscales it with OpenCV; the full-size pass
 decodes only what the chosen frames need, seeking to the last keyframe (I-frame) before a target when that
-skips decoding, and shows them as a player does (square pixels, the container's display rotation).
+skips decoding, and shows them as a player does (square pixels, the container's display rotation and mirror).
+
+Every pass reads the stream a player plays (`played_stream`), not the file's first video stream, which may be
+cover art or a thumbnail.
 
 Both passes see interlaced frames (DVD, broadcast TV, camcorders) deinterlaced (`deinterlace`): the two fields
 of a moving picture, taken 1/50 or 1/60 s apart, comb every edge, which scores as sharpness and would be
@@ -24,6 +27,8 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+from av.sidedata.sidedata import Type as SideDataType
+from av.stream import Disposition
 
 from dreamshot.utils.errors import DataError
 
@@ -36,6 +41,8 @@ _YEAR = re.compile(r"\b(1[89]\d\d|2\d\d\d)\b")
 # (not one per field); parity auto: each frame's field order flag; deint: which frames it changes (the others
 # pass through untouched): those flagged interlaced, or all, for footage whose flags say progressive wrongly.
 _BWDIF = {"auto": "mode=send_frame:parity=auto:deint=interlaced", "always": "mode=send_frame:parity=auto:deint=all"}
+# Dispositions of a video stream that holds stills, not the video: cover art, thumbnails.
+_STILLS = Disposition.attached_pic | Disposition.timed_thumbnails
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,8 @@ class LumaFrame:
 
 
 def probe(path: Path) -> VideoInfo:
-    """Metadata of the first video stream. Raises DataError when the file is not a readable video."""
+    """Metadata of the played video stream (`played_stream`). Raises DataError when the file is not a readable
+    video."""
     with _open(path) as container:
         stream = _video_stream(container, path)
         rate = float(stream.average_rate or stream.guessed_rate or 0)
@@ -82,6 +90,12 @@ def probe(path: Path) -> VideoInfo:
             bitrate_kbps=bitrate / 1000 if bitrate else None,
             year=_year({**container.metadata, **stream.metadata}),
         )
+
+
+def video_stream_indices(path: Path) -> tuple[int, int]:
+    """The container's indices of the stream a player plays (`played_stream`) and of the first video stream."""
+    with _open(path) as container:
+        return _video_stream(container, path).index, container.streams.video[0].index
 
 
 def first_frame_interlaced(path: Path) -> bool:
@@ -156,17 +170,44 @@ def _decode_until(frames, target: int, index_of: dict | None, position: int, pat
 
 def upright(frame: av.VideoFrame, sample_aspect: Fraction | None) -> np.ndarray:
     """The frame as RGB (H, W, 3) uint8 as a player shows it: with square pixels (anamorphic DV or DVD footage
-    stores wide frames squeezed, with the stream's `sample_aspect` ratio to stretch them by) and turned by the
-    display rotation of its container (a phone stores a portrait video as landscape frames and a rotation).
-    Only the full-size frames are corrected: sharpness and motion are measured on the frames as stored."""
+    stores wide frames squeezed, with the stream's `sample_aspect` ratio to stretch them by), then turned and
+    mirrored by the display matrix of its container (`orientation`: a phone stores a portrait video as landscape
+    frames and a rotation, and a front camera's as mirrored). Only the full-size frames are corrected: sharpness
+    and motion are measured on the frames as stored."""
     rgb = frame.to_ndarray(format="rgb24")
     if sample_aspect and sample_aspect != 1:
         width = max(1, round(rgb.shape[1] * sample_aspect))
         rgb = cv2.resize(
             rgb, (width, rgb.shape[0]), interpolation=cv2.INTER_AREA if width < rgb.shape[1] else cv2.INTER_CUBIC
         )
-    # `rotation`: degrees counter-clockwise, a multiple of 90 in practice; np.rot90 turns counter-clockwise.
-    return np.ascontiguousarray(np.rot90(rgb, round(frame.rotation / 90) % 4))
+    turns, mirrored = orientation(_display_matrix(frame))
+    rgb = np.rot90(rgb, turns)
+    return np.ascontiguousarray(rgb[:, ::-1] if mirrored else rgb)
+
+
+def orientation(matrix: np.ndarray | None) -> tuple[int, bool]:
+    """How a player shows frames under FFmpeg's display matrix `matrix` (9 int32, None: none): turned `turns`
+    quarter turns counter-clockwise (np.rot90's sense), then mirrored left to right when `mirrored`. A matrix
+    whose 2x2 part has a negative determinant mirrors; with its first column negated it is a pure rotation,
+    read as FFmpeg's av_display_rotation_get does. This is FFmpeg's own autorotation (fftools: hflip, vflip and
+    transpose filters) for every multiple of 90 degrees; other angles are rounded to the nearest one."""
+    if matrix is None:
+        return 0, False
+    a, b, c, d = (float(v) for v in (matrix[0], matrix[1], matrix[3], matrix[4]))
+    mirrored = a * d - b * c < 0
+    if mirrored:
+        a, c = -a, -c
+    # av_display_rotation_get: the angle counter-clockwise of the columns scaled to unit length.
+    angle = -np.degrees(np.arctan2(b / np.hypot(b, d), a / np.hypot(a, c)))
+    return round(angle / 90) % 4, mirrored
+
+
+def _display_matrix(frame: av.VideoFrame) -> np.ndarray | None:
+    """The frame's display matrix side data (the decoder copies the stream's onto every frame), or None."""
+    for data in frame.side_data:
+        if data.type == SideDataType.DISPLAYMATRIX:
+            return np.frombuffer(bytes(data), np.int32)
+    return None
 
 
 def _luma(frame: av.VideoFrame, width: int) -> np.ndarray:
@@ -191,9 +232,27 @@ def _open(path: Path):
 
 
 def _video_stream(container, path: Path):
-    if not container.streams.video:
-        raise DataError(f"{path}: has no video stream")
-    return container.streams.video[0]
+    return played_stream(container.streams.video, path)
+
+
+def played_stream(streams, path: Path):
+    """The video stream of `streams` a player plays: not cover art or thumbnails (dispositions attached_pic and
+    timed_thumbnails); of the others, one flagged default (a container's choice) before one that is not, then
+    the most pixels, then the most frames the container counts, then the first. Raises DataError when there is
+    none."""
+    videos = [stream for stream in streams if not stream.disposition & _STILLS]
+    if not videos:
+        kind = "video stream other than cover art" if streams else "video stream"
+        raise DataError(f"{path}: has no {kind}")
+    return max(
+        videos,
+        key=lambda s: (
+            bool(s.disposition & Disposition.default),
+            s.codec_context.width * s.codec_context.height,
+            s.frames,
+            -s.index,
+        ),
+    )
 
 
 def _frames(container, stream, path: Path) -> Iterator[av.VideoFrame]:
