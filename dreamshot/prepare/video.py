@@ -3,7 +3,8 @@
 Frames are numbered in presentation order from 0, as PySceneDetect numbers them. The scoring pass reads the
 decoder's luma plane directly (no colour conversion) and downscales it with OpenCV; the full-size pass
 decodes only what the chosen frames need, seeking to the last keyframe (I-frame) before a target when that
-skips decoding, and shows them as a player does (square pixels, the container's display rotation and mirror).
+skips decoding, and shows them as a player does (square pixels, the container's display rotation and mirror,
+HDR tone-mapped to SDR).
 
 Every pass reads the stream a player plays (`played_stream`), not the file's first video stream, which may be
 cover art or a thumbnail.
@@ -30,6 +31,7 @@ import numpy as np
 from av.sidedata.sidedata import Type as SideDataType
 from av.stream import Disposition
 
+from dreamshot.prepare.hdr import DEFAULT_PEAK, hdr_to_sdr
 from dreamshot.utils.errors import DataError
 
 # Container metadata keys that may carry a release or recording date.
@@ -41,6 +43,9 @@ _YEAR = re.compile(r"\b(1[89]\d\d|2\d\d\d)\b")
 # (not one per field); parity auto: each frame's field order flag; deint: which frames it changes (the others
 # pass through untouched): those flagged interlaced, or all, for footage whose flags say progressive wrongly.
 _BWDIF = {"auto": "mode=send_frame:parity=auto:deint=interlaced", "always": "mode=send_frame:parity=auto:deint=all"}
+# FFmpeg's HDR transfer characteristics (AVColorTransferCharacteristic): SMPTE ST 2084 (PQ), ARIB STD-B67 (HLG).
+_HDR_TRANSFERS = {16: "pq", 18: "hlg"}
+_BT2020_PRIMARIES = 9  # AVCOL_PRI_BT2020
 # Dispositions of a video stream that holds stills, not the video: cover art, thumbnails.
 _STILLS = Disposition.attached_pic | Disposition.timed_thumbnails
 
@@ -137,6 +142,7 @@ def read_frames(
     with _open(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
+        peak = static_peak(path) if stream.codec_context.color_trc in _HDR_TRANSFERS else None
         # The deinterlacer makes a frame from its neighbours too: the one before it is decoded as well (the next
         # one always is), so that it comes out as in the scoring pass.
         before = 0 if deinterlace == "never" else 1
@@ -150,7 +156,7 @@ def read_frames(
                     container.seek(pts[start], stream=stream, backward=True)
                 frames = _pictures(container, stream, path, deinterlace)
             frame, position = _decode_until(frames, target, index_of, position, path)
-            found[target] = upright(frame, stream.sample_aspect_ratio)
+            found[target] = upright(frame, stream.sample_aspect_ratio, peak)
     return found
 
 
@@ -168,13 +174,14 @@ def _decode_until(frames, target: int, index_of: dict | None, position: int, pat
     raise DataError(f"{path}: frame {target}, seen by the scoring pass, could not be decoded again")
 
 
-def upright(frame: av.VideoFrame, sample_aspect: Fraction | None) -> np.ndarray:
+def upright(frame: av.VideoFrame, sample_aspect: Fraction | None, peak: float | None) -> np.ndarray:
     """The frame as RGB (H, W, 3) uint8 as a player shows it: with square pixels (anamorphic DV or DVD footage
     stores wide frames squeezed, with the stream's `sample_aspect` ratio to stretch them by), then turned and
     mirrored by the display matrix of its container (`orientation`: a phone stores a portrait video as landscape
-    frames and a rotation, and a front camera's as mirrored). Only the full-size frames are corrected: sharpness
-    and motion are measured on the frames as stored."""
-    rgb = frame.to_ndarray(format="rgb24")
+    frames and a rotation, and a front camera's as mirrored); an HDR frame tone-mapped to SDR (`_rgb`, `peak`:
+    its video's `static_peak`). Only the full-size frames are corrected: sharpness and motion are measured on the
+    frames as stored."""
+    rgb = _rgb(frame, peak)
     if sample_aspect and sample_aspect != 1:
         width = max(1, round(rgb.shape[1] * sample_aspect))
         rgb = cv2.resize(
@@ -183,6 +190,44 @@ def upright(frame: av.VideoFrame, sample_aspect: Fraction | None) -> np.ndarray:
     turns, mirrored = orientation(_display_matrix(frame))
     rgb = np.rot90(rgb, turns)
     return np.ascontiguousarray(rgb[:, ::-1] if mirrored else rgb)
+
+
+def _rgb(frame: av.VideoFrame, peak: float | None) -> np.ndarray:
+    """The frame as RGB (H, W, 3) uint8; a PQ or HLG (HDR) one decoded to 16 bits and tone-mapped to SDR BT.709
+    (`hdr.hdr_to_sdr`) with the peak light `peak` in cd/m² (None: `hdr.DEFAULT_PEAK` of its transfer)."""
+    transfer = _HDR_TRANSFERS.get(frame.color_trc)
+    if transfer is None:
+        return frame.to_ndarray(format="rgb24")
+    # The frame's own range: swscale takes an unspecified one for limited, and phones also record full range.
+    signal = frame.to_ndarray(format="rgb48le", src_color_range=frame.color_range) / np.float32(65535)
+    bt2020 = frame.color_primaries == _BT2020_PRIMARIES
+    return hdr_to_sdr(signal, transfer, peak or DEFAULT_PEAK[transfer], bt2020)
+
+
+def static_peak(path: Path) -> float | None:
+    """The peak light in cd/m² of the video's HDR static metadata (`signal_peak`), read from its first frame:
+    H.264 and HEVC carry it with some frames only, the first among them (as the stream's own side data does)."""
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        first = next(_frames(container, stream, path), None)
+        return None if first is None else signal_peak(first)
+
+
+def signal_peak(frame: av.VideoFrame) -> float | None:
+    """The frame's peak light in cd/m², as FFmpeg's tonemap reads it: the content light level's MaxCLL, else the
+    mastering display's peak luminance, else None (no metadata)."""
+    data = {item.type: bytes(item) for item in frame.side_data}
+    light = data.get(SideDataType.CONTENT_LIGHT_LEVEL)
+    if light and (max_cll := int(np.frombuffer(light, np.uint32)[0])):
+        return float(max_cll)
+    mastering = data.get(SideDataType.MASTERING_DISPLAY_METADATA)
+    if mastering:
+        # AVMasteringDisplayMetadata: 8 rationals (primaries, white point), min and max luminance, then the flags
+        # has_primaries and has_luminance, all int32.
+        fields = np.frombuffer(mastering, np.int32)
+        if fields[21] and fields[19]:
+            return float(fields[18] / fields[19])
+    return None
 
 
 def orientation(matrix: np.ndarray | None) -> tuple[int, bool]:
