@@ -7,6 +7,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import av
 import numpy as np
 import pytest
 from av.stream import Disposition
@@ -74,6 +75,35 @@ def test_a_video_with_cover_art_first_is_read_from_the_stream_a_player_plays(cov
     assert frame.shape == (96, 160, 3)
     magenta = np.array([255, 0, 255])
     assert np.abs(frame.astype(int) - magenta).sum(axis=-1).min() > 60  # no pixel of the cover
+
+
+def _with_preview_first(video, path: Path) -> Path:
+    """The toy video remuxed into an MKV after a small 3-frame preview stream, the video flagged default."""
+    with av.open(str(video.path)) as source, av.open(str(path), "w") as out:
+        preview = out.add_stream("libx264", rate=1, options={"x264-params": "log-level=none"})
+        preview.width = preview.height = 32
+        preview.pix_fmt, preview.disposition = "yuv420p", NONE
+        main = out.add_stream_from_template(source.streams.video[0])
+        main.disposition = Disposition.default
+        for level in (0, 80, 160):
+            out.mux(preview.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), level, np.uint8), format="rgb24")))
+        out.mux(preview.encode())
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:  # not the demuxer's flush packet
+                packet.stream = main
+                out.mux(packet)
+    return path
+
+
+def test_a_video_after_a_preview_stream_is_read_from_its_default_stream(tmp_path):
+    video = render_toy_video(tmp_path / "plain.mp4", scenes=2)
+    path = _with_preview_first(video, tmp_path / "preview.mkv")
+    info = probe(path)
+    assert (info.width, info.height) == (160, 96)
+    job = VideoJob("preview", path, tmp_path)
+    assert shot_backend(job, CFG.shots) == "pyav"
+    found = detect_shots(job, CFG.shots)
+    assert [start for start, _ in found[1:]] == pytest.approx([cut / video.fps for cut in video.cuts])
 
 
 def test_opencv_backend_refuses_a_video_whose_first_video_stream_is_not_played(covered, tmp_path):

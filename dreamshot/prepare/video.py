@@ -187,7 +187,8 @@ def upright(frame: av.VideoFrame, sample_aspect: Fraction | None, peak: float | 
         rgb = cv2.resize(
             rgb, (width, rgb.shape[0]), interpolation=cv2.INTER_AREA if width < rgb.shape[1] else cv2.INTER_CUBIC
         )
-    turns, mirrored = orientation(_display_matrix(frame))
+    matrix = _side_data(frame, SideDataType.DISPLAYMATRIX)  # the decoder copies the stream's onto every frame
+    turns, mirrored = orientation(None if matrix is None else np.frombuffer(matrix, np.int32))
     rgb = np.rot90(rgb, turns)
     return np.ascontiguousarray(rgb[:, ::-1] if mirrored else rgb)
 
@@ -216,11 +217,10 @@ def static_peak(path: Path) -> float | None:
 def signal_peak(frame: av.VideoFrame) -> float | None:
     """The frame's peak light in cd/m², as FFmpeg's tonemap reads it: the content light level's MaxCLL, else the
     mastering display's peak luminance, else None (no metadata)."""
-    data = {item.type: bytes(item) for item in frame.side_data}
-    light = data.get(SideDataType.CONTENT_LIGHT_LEVEL)
+    light = _side_data(frame, SideDataType.CONTENT_LIGHT_LEVEL)
     if light and (max_cll := int(np.frombuffer(light, np.uint32)[0])):
         return float(max_cll)
-    mastering = data.get(SideDataType.MASTERING_DISPLAY_METADATA)
+    mastering = _side_data(frame, SideDataType.MASTERING_DISPLAY_METADATA)
     if mastering:
         # AVMasteringDisplayMetadata: 8 rationals (primaries, white point), min and max luminance, then the flags
         # has_primaries and has_luminance, all int32.
@@ -247,12 +247,9 @@ def orientation(matrix: np.ndarray | None) -> tuple[int, bool]:
     return round(angle / 90) % 4, mirrored
 
 
-def _display_matrix(frame: av.VideoFrame) -> np.ndarray | None:
-    """The frame's display matrix side data (the decoder copies the stream's onto every frame), or None."""
-    for data in frame.side_data:
-        if data.type == SideDataType.DISPLAYMATRIX:
-            return np.frombuffer(bytes(data), np.int32)
-    return None
+def _side_data(frame: av.VideoFrame, kind: SideDataType) -> bytes | None:
+    """The bytes of the frame's side data of type `kind`, or None."""
+    return next((bytes(data) for data in frame.side_data if data.type == kind), None)
 
 
 def _luma(frame: av.VideoFrame, width: int) -> np.ndarray:
