@@ -266,3 +266,28 @@ def test_vlm_settings_redo_only_stages_that_ask_the_vlm_and_only_when_they_chang
     assert all(not ids for ids in calls.values())
     prepare(videos[0], data, _config(*vlm, "vlm.model=other"), offline, progress=False)
     assert [name for name, ids in calls.items() if ids] == ["grouping", "roles"]
+
+
+def _images(folder) -> set[str]:
+    return {p.relative_to(folder).as_posix() for name in ("frames", "groups") for p in (folder / name).rglob("*.png")}
+
+
+def test_images_of_an_earlier_run_with_other_settings_are_deleted(prepared, videos, tmp_path, capsys):
+    out, _ = prepared
+    data = tmp_path / "data"
+    shutil.copytree(out, data)
+    mine = [data / "frames" / "notes.txt", data / "frames" / "a" / "mine.jpg", data / "elsewhere" / "x.png"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("a user's")
+    before = _images(data)
+    # Motion alone picks other keyframes (stage 3's files are named by frame), so groups get other masks too.
+    assert main(["prepare", str(videos[0]), "--out", str(data), *toy_overrides(), "keyframes.sharpness_weight=0"]) == 0
+    after = _images(data)
+    recorded = {name for path in (data / "state").rglob("*.json") for name in json.loads(path.read_text())["files"]}
+    assert recorded - before, "the setting named no other file: the test could not fail"
+    assert after == recorded  # the earlier run's images that no state records are gone
+    assert f"deleted {len(before - after)} images of earlier runs" in capsys.readouterr().out
+    assert all(path.read_text() == "a user's" for path in mine)
+    assert load_manifest(data / "manifest.jsonl")
+    assert not [p for p in (data / "groups").rglob("*") if p.is_dir() and not any(p.iterdir())]

@@ -26,3 +26,5 @@ def run(args: argparse.Namespace) -> None:
     summary = prepare(args.videos, args.out, cfg, progress=not args.no_progress)
     print(format_table(summary.counts))
     print(f"{summary.manifest}: {summary.groups} groups, {summary.shots} shots")
+    if summary.removed:
+        print(f"deleted {summary.removed} images of earlier runs with other settings")

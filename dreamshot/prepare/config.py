@@ -79,8 +79,9 @@ class ShotsConfig:
     min_scene_len: float = 0.5
     # Shots shorter than this many seconds (flashes, transitions) are dropped.
     min_shot_seconds: float = 1.0
-    # PySceneDetect's decoder: auto (pyav for a video whose first frame is flagged interlaced, else opencv, which
-    # sees no cut in interlaced video here but is faster) | opencv | pyav.
+    # PySceneDetect's decoder: auto (pyav for a video whose first frame is flagged interlaced or whose first video
+    # stream is not the one played, cover art, else opencv, which sees no cut in interlaced video here and reads
+    # only the first video stream, but is faster) | opencv | pyav.
     backend: str = "auto"
 
 

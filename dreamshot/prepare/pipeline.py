@@ -6,8 +6,9 @@ back instead of recomputed when its inputs are unchanged, so an interrupted run 
 and a finished one costs nothing to rerun (it first deletes the temporary files a killed run left). Before
 anything is decoded, the output folder's disk is checked for what the videos may give (`space.py`). A stage
 that no video gets through ends the run with a DataError (there would be no groups); its results are stored
-only once a video has got through it, so a folder with no readable video leaves nothing behind. At the end
-the output folder holds:
+only once a video has got through it, so a folder with no readable video leaves nothing behind. After the
+manifest is written, the images under `frames/` and `groups/` that no state file records are deleted: an
+earlier run's with other settings, which no run can read back. At the end the output folder holds:
 
     manifest.jsonl          the storyboard groups (DESIGN §4 format, checked by the training loader)
     provenance.jsonl        per group: whether its masks and text come from a model or a placeholder
@@ -49,6 +50,8 @@ VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts")
 STATE_FORMAT = 2
 MANIFEST_NAME = "manifest.jsonl"
 PROVENANCE_NAME = "provenance.jsonl"
+# The folders of the stages' images (`StageResult.files`), whose images are the pipeline's own to delete.
+IMAGE_DIRS = ("frames", "groups")
 
 
 # The `vlm` settings that change its answers; not how long to wait or how often to ask, so that raising
@@ -87,12 +90,14 @@ STAGES = (
 
 @dataclass
 class PrepareSummary:
-    """What a run produced: per-stage counts, the manifest and how many groups and shots it holds."""
+    """What a run produced: per-stage counts, the manifest and how many groups and shots it holds, and how many
+    images of earlier runs it deleted (`remove_unrecorded_images`)."""
 
     counts: list[StageCounts]
     manifest: Path
     groups: int
     shots: int
+    removed: int = 0
 
 
 def find_videos(videos_dir: Path, out_dir: Path, progress: bool = False) -> list[VideoJob]:
@@ -155,7 +160,27 @@ def prepare(
             raise _nothing_kept(Path(videos_dir), tally, [inputs[job.id][stage.name] for job in jobs])
         counts.append(tally)
         jobs = survivors
-    return _finish(out_dir, counts, [inputs[job.id]["roles"] for job in jobs])
+    summary = _finish(out_dir, counts, [inputs[job.id]["roles"] for job in jobs])
+    summary.removed = remove_unrecorded_images(out_dir, store.recorded_files())
+    return summary
+
+
+def remove_unrecorded_images(out_dir: Path, recorded: set[str]) -> int:
+    """Delete the PNG files under `IMAGE_DIRS` not in `recorded` (paths relative to `out_dir`), then the folders
+    there left empty; returns how many files. Run after the manifest is written, with every state file's files:
+    an image none records was written by a run with other settings, for a (video, stage) whose state has since
+    been replaced, so no run reads it again. Other files (a user's) and other folders are left alone."""
+    removed = 0
+    for root in (out_dir / name for name in IMAGE_DIRS):
+        for path in sorted(root.rglob("*.png")):
+            if path.is_file() and path.relative_to(out_dir).as_posix() not in recorded:
+                path.unlink()
+                removed += 1
+        # Deepest first, so a group's folder goes before its video's.
+        for folder in sorted((p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    return removed
 
 
 def _remove_stale_temporaries(out_dir: Path) -> None:

@@ -51,5 +51,16 @@ class StateStore:
         result = StageResult.from_json(obj)
         return result if all((self.out_dir / name).is_file() for name in result.files) else None
 
+    def recorded_files(self) -> set[str]:
+        """The files every state file records, whatever its digest (a later run with its settings reads them
+        back): paths relative to the output folder. An unreadable state file records none (its stage runs again)."""
+        names: set[str] = set()
+        for path in self.root.glob("*/*.json"):
+            try:
+                names.update(json.loads(path.read_text())["files"])
+            except (OSError, json.JSONDecodeError, KeyError, TypeError):
+                continue
+        return names
+
     def save(self, video_id: str, stage: str, key: str, result: StageResult) -> None:
         atomic_write_text(self.path(video_id, stage), json.dumps({"digest": key, **result.to_json()}) + "\n")

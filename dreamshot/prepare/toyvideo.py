@@ -4,13 +4,14 @@ A video strings together the shots of a few toy storyboard groups (one scene eac
 group after group. Every shot is a hard cut, the camera pans sideways at a constant speed inside a shot
 (pausing after chosen frames), and chosen frames are blurred with a Gaussian. A video can be interlaced, as
 DVD, TV and camcorder footage is: its odd rows are filmed half a frame later than its even rows, so a pan
-combs every edge. The returned `ToyVideo` holds the truth: cut frames, the scene of every shot, and which
-frames are blurred.
+combs every edge. A video can carry cover art, as its file's first stream. The returned `ToyVideo` holds the
+truth: cut frames, the scene of every shot, and which frames are blurred.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+from av.stream import Disposition
 
 from dreamshot.data.toyworld import SCENES, GroupPlan, ShotPlan, plan_group, render_shot
 
@@ -80,9 +82,11 @@ def render_toy_video(
     crf: int = 18,
     frame_times: list[float] | None = None,
     rotation: int = 0,
+    mirror: bool = False,
     still: set[int] | frozenset[int] = frozenset(),
     interlaced: bool = False,
     flag_interlaced: bool = True,
+    cover_art: bool = False,
 ) -> ToyVideo:
     """Write a toy video (H.264 mp4) and return its truth.
 
@@ -92,11 +96,14 @@ def render_toy_video(
     quality (higher = smaller file); `frame_times`: the presentation time in seconds of every frame, for a
     variable-frame-rate video (None: frame i at i / fps; stored to the millisecond); `rotation`: the display
     rotation in the container, in degrees counter-clockwise, as a phone stores a portrait video (the frames
-    are encoded as rendered, so a player shows them turned); `still`: frames after which the camera stays put
-    for a frame (an interlaced frame of them has no combing); `interlaced`: each frame is two fields, top field
-    first: the even rows at its time, the odd rows half a frame later (the camera halfway to the next frame),
-    blurred each on its own, as a camera exposes them; `flag_interlaced`: the encoder codes and flags such
-    frames interlaced (x264's MBAFF, top field first), else progressive, as footage whose flags lie.
+    are encoded as rendered, so a player shows them turned); `mirror`: the display matrix also mirrors them left
+    to right after the rotation, as a phone stores its front camera's video; `still`: frames after which the
+    camera stays put for a frame (an interlaced frame of them has no combing); `interlaced`: each frame is two
+    fields, top field first: the even rows at its time, the odd rows half a frame later (the camera halfway to
+    the next frame), blurred each on its own, as a camera exposes them; `flag_interlaced`: the encoder codes and
+    flags such frames interlaced (x264's MBAFF, top field first), else progressive, as footage whose flags lie;
+    `cover_art`: the file also holds a flat magenta picture twice the frames' size as an attached picture (an
+    MJPEG video stream with the attached_pic disposition), its first stream.
     """
     height, width = size
     blur = dict(blur or {})
@@ -121,12 +128,15 @@ def render_toy_video(
     if frame_times is not None and len(frame_times) != len(frames):
         raise ValueError(f"frame_times has {len(frame_times)} times for {len(frames)} frames")
     flags = interlaced and flag_interlaced
-    with _writer(Path(path), size, fps, metadata, crf, frame_times is not None, rotation, flags) as write:
+    display = (rotation, mirror)
+    with _writer(Path(path), size, fps, metadata, crf, frame_times is not None, display, flags, cover_art) as write:
         for index, fields in enumerate(frames):
             write(
                 _degrade(fields, blur.get(index, 0.0), grain, rng),
                 None if frame_times is None else frame_times[index],
             )
+    if cover_art:
+        _cover_art_first(Path(path))
     return ToyVideo(Path(path), fps, shots, scene_of, blur)
 
 
@@ -148,10 +158,39 @@ def _degrade(fields: list[np.ndarray], sigma: float, grain: float, rng: np.rando
     return np.ascontiguousarray(frame)
 
 
+def _cover_art_first(path: Path) -> None:
+    """Make the mp4's cover art its first stream. FFmpeg's muxer stores it in the movie's user data after the
+    tracks, and its demuxer numbers streams in the order it reads them, so the user data box is moved before
+    the first track box. The movie box follows the media data, whose offsets therefore stay as they are."""
+    data = path.read_bytes()
+    parts = []
+    for kind, box in _boxes(data):
+        if kind == b"moov":
+            children = _boxes(box[8:])
+            tracks = [i for i, (k, _) in enumerate(children) if k == b"trak"]
+            user = [child for child in children if child[0] == b"udta"]
+            rest = [child for child in children if child[0] != b"udta"]
+            rest[tracks[0] : tracks[0]] = user
+            box = box[:8] + b"".join(child for _, child in rest)
+        parts.append(box)
+    path.write_bytes(b"".join(parts))
+
+
+def _boxes(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The ISO media boxes `data` is made of, each (type, whole box); 32-bit sizes, as FFmpeg writes small files."""
+    boxes, start = [], 0
+    while start < len(data):
+        size, kind = struct.unpack(">I4s", data[start : start + 8])
+        boxes.append((kind, data[start : start + size]))
+        start += size
+    return boxes
+
+
 class _writer:
     """Context manager: an H.264 mp4 writer; calling it encodes one RGB frame (H, W, 3) uint8, at a given time
-    in seconds when `timed` (millisecond timestamps), else at the next 1 / fps; coded and flagged interlaced
-    when `interlaced`."""
+    in seconds when `timed` (millisecond timestamps), else at the next 1 / fps; `display`: the display matrix's
+    rotation (degrees counter-clockwise) and mirror; coded and flagged interlaced when `interlaced`; with a
+    cover picture when `cover_art`."""
 
     def __init__(
         self,
@@ -161,8 +200,9 @@ class _writer:
         metadata: dict[str, str] | None,
         crf: int,
         timed: bool,
-        rotation: int,
+        display: tuple[int, bool],
         interlaced: bool,
+        cover_art: bool,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.container = av.open(str(path), "w")
@@ -170,8 +210,8 @@ class _writer:
         self.stream = self.container.add_stream("libx264", rate=fps)
         self.stream.height, self.stream.width = size
         self.stream.pix_fmt = "yuv420p"
-        if rotation:
-            self.stream.set_display_rotation(rotation)
+        if display != (0, False):
+            self.stream.set_display_rotation(display[0], hflip=display[1])
         if timed:
             self.stream.time_base = self.stream.codec_context.time_base = MILLISECOND
         # A keyframe every 2 s, as web video has; quiet x264 (it prints a summary on stderr otherwise).
@@ -180,6 +220,19 @@ class _writer:
             # Interlaced coding and flags (ilme: motion estimation by field); field order: top first.
             options |= {"flags": "+ilme+ildct", "field_order": "tt"}
         self.stream.options = options
+        if cover_art:
+            self._write_cover(size)
+
+    def _write_cover(self, size: tuple[int, int]) -> None:
+        """One MJPEG picture, flat magenta, twice the frames' size (a rule by pixels alone would choose it)."""
+        cover = self.container.add_stream("mjpeg", rate=1)
+        cover.height, cover.width = 2 * size[0], 2 * size[1]
+        cover.pix_fmt = "yuvj420p"
+        cover.disposition = Disposition.attached_pic
+        picture = np.zeros((cover.height, cover.width, 3), np.uint8)
+        picture[..., 0] = picture[..., 2] = 255
+        frame = av.VideoFrame.from_ndarray(picture, format="rgb24").reformat(format="yuvj420p")
+        self.container.mux(cover.encode(frame) + cover.encode())
 
     def __enter__(self):
         return self

@@ -3,7 +3,11 @@
 Frames are numbered in presentation order from 0, as PySceneDetect numbers them. The scoring pass reads the
 decoder's luma plane directly (no colour conversion) and downscales it with OpenCV; the full-size pass
 decodes only what the chosen frames need, seeking to the last keyframe (I-frame) before a target when that
-skips decoding, and shows them as a player does (square pixels, the container's display rotation).
+skips decoding, and shows them as a player does (square pixels, the container's display rotation and mirror,
+HDR tone-mapped to SDR).
+
+Every pass reads the stream a player plays (`played_stream`), not the file's first video stream, which may be
+cover art or a thumbnail.
 
 Both passes see interlaced frames (DVD, broadcast TV, camcorders) deinterlaced (`deinterlace`): the two fields
 of a moving picture, taken 1/50 or 1/60 s apart, comb every edge, which scores as sharpness and would be
@@ -24,7 +28,10 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+from av.sidedata.sidedata import Type as SideDataType
+from av.stream import Disposition
 
+from dreamshot.prepare.hdr import DEFAULT_PEAK, hdr_to_sdr
 from dreamshot.utils.errors import DataError
 
 # Container metadata keys that may carry a release or recording date.
@@ -36,6 +43,11 @@ _YEAR = re.compile(r"\b(1[89]\d\d|2\d\d\d)\b")
 # (not one per field); parity auto: each frame's field order flag; deint: which frames it changes (the others
 # pass through untouched): those flagged interlaced, or all, for footage whose flags say progressive wrongly.
 _BWDIF = {"auto": "mode=send_frame:parity=auto:deint=interlaced", "always": "mode=send_frame:parity=auto:deint=all"}
+# FFmpeg's HDR transfer characteristics (AVColorTransferCharacteristic): SMPTE ST 2084 (PQ), ARIB STD-B67 (HLG).
+_HDR_TRANSFERS = {16: "pq", 18: "hlg"}
+_BT2020_PRIMARIES = 9  # AVCOL_PRI_BT2020
+# Dispositions of a video stream that holds stills, not the video: cover art, thumbnails.
+_STILLS = Disposition.attached_pic | Disposition.timed_thumbnails
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,8 @@ class LumaFrame:
 
 
 def probe(path: Path) -> VideoInfo:
-    """Metadata of the first video stream. Raises DataError when the file is not a readable video."""
+    """Metadata of the played video stream (`played_stream`). Raises DataError when the file is not a readable
+    video."""
     with _open(path) as container:
         stream = _video_stream(container, path)
         rate = float(stream.average_rate or stream.guessed_rate or 0)
@@ -82,6 +95,12 @@ def probe(path: Path) -> VideoInfo:
             bitrate_kbps=bitrate / 1000 if bitrate else None,
             year=_year({**container.metadata, **stream.metadata}),
         )
+
+
+def video_stream_indices(path: Path) -> tuple[int, int]:
+    """The container's indices of the stream a player plays (`played_stream`) and of the first video stream."""
+    with _open(path) as container:
+        return _video_stream(container, path).index, container.streams.video[0].index
 
 
 def first_frame_interlaced(path: Path) -> bool:
@@ -123,6 +142,7 @@ def read_frames(
     with _open(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
+        peak = static_peak(path) if stream.codec_context.color_trc in _HDR_TRANSFERS else None
         # The deinterlacer makes a frame from its neighbours too: the one before it is decoded as well (the next
         # one always is), so that it comes out as in the scoring pass.
         before = 0 if deinterlace == "never" else 1
@@ -136,7 +156,7 @@ def read_frames(
                     container.seek(pts[start], stream=stream, backward=True)
                 frames = _pictures(container, stream, path, deinterlace)
             frame, position = _decode_until(frames, target, index_of, position, path)
-            found[target] = upright(frame, stream.sample_aspect_ratio)
+            found[target] = upright(frame, stream.sample_aspect_ratio, peak)
     return found
 
 
@@ -154,19 +174,82 @@ def _decode_until(frames, target: int, index_of: dict | None, position: int, pat
     raise DataError(f"{path}: frame {target}, seen by the scoring pass, could not be decoded again")
 
 
-def upright(frame: av.VideoFrame, sample_aspect: Fraction | None) -> np.ndarray:
+def upright(frame: av.VideoFrame, sample_aspect: Fraction | None, peak: float | None) -> np.ndarray:
     """The frame as RGB (H, W, 3) uint8 as a player shows it: with square pixels (anamorphic DV or DVD footage
-    stores wide frames squeezed, with the stream's `sample_aspect` ratio to stretch them by) and turned by the
-    display rotation of its container (a phone stores a portrait video as landscape frames and a rotation).
-    Only the full-size frames are corrected: sharpness and motion are measured on the frames as stored."""
-    rgb = frame.to_ndarray(format="rgb24")
+    stores wide frames squeezed, with the stream's `sample_aspect` ratio to stretch them by), then turned and
+    mirrored by the display matrix of its container (`orientation`: a phone stores a portrait video as landscape
+    frames and a rotation, and a front camera's as mirrored); an HDR frame tone-mapped to SDR (`_rgb`, `peak`:
+    its video's `static_peak`). Only the full-size frames are corrected: sharpness and motion are measured on the
+    frames as stored."""
+    rgb = _rgb(frame, peak)
     if sample_aspect and sample_aspect != 1:
         width = max(1, round(rgb.shape[1] * sample_aspect))
         rgb = cv2.resize(
             rgb, (width, rgb.shape[0]), interpolation=cv2.INTER_AREA if width < rgb.shape[1] else cv2.INTER_CUBIC
         )
-    # `rotation`: degrees counter-clockwise, a multiple of 90 in practice; np.rot90 turns counter-clockwise.
-    return np.ascontiguousarray(np.rot90(rgb, round(frame.rotation / 90) % 4))
+    matrix = _side_data(frame, SideDataType.DISPLAYMATRIX)  # the decoder copies the stream's onto every frame
+    turns, mirrored = orientation(None if matrix is None else np.frombuffer(matrix, np.int32))
+    rgb = np.rot90(rgb, turns)
+    return np.ascontiguousarray(rgb[:, ::-1] if mirrored else rgb)
+
+
+def _rgb(frame: av.VideoFrame, peak: float | None) -> np.ndarray:
+    """The frame as RGB (H, W, 3) uint8; a PQ or HLG (HDR) one decoded to 16 bits and tone-mapped to SDR BT.709
+    (`hdr.hdr_to_sdr`) with the peak light `peak` in cd/m² (None: `hdr.DEFAULT_PEAK` of its transfer)."""
+    transfer = _HDR_TRANSFERS.get(frame.color_trc)
+    if transfer is None:
+        return frame.to_ndarray(format="rgb24")
+    # The frame's own range: swscale takes an unspecified one for limited, and phones also record full range.
+    signal = frame.to_ndarray(format="rgb48le", src_color_range=frame.color_range) / np.float32(65535)
+    bt2020 = frame.color_primaries == _BT2020_PRIMARIES
+    return hdr_to_sdr(signal, transfer, peak or DEFAULT_PEAK[transfer], bt2020)
+
+
+def static_peak(path: Path) -> float | None:
+    """The peak light in cd/m² of the video's HDR static metadata (`signal_peak`), read from its first frame:
+    H.264 and HEVC carry it with some frames only, the first among them (as the stream's own side data does)."""
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        first = next(_frames(container, stream, path), None)
+        return None if first is None else signal_peak(first)
+
+
+def signal_peak(frame: av.VideoFrame) -> float | None:
+    """The frame's peak light in cd/m², as FFmpeg's tonemap reads it: the content light level's MaxCLL, else the
+    mastering display's peak luminance, else None (no metadata)."""
+    light = _side_data(frame, SideDataType.CONTENT_LIGHT_LEVEL)
+    if light and (max_cll := int(np.frombuffer(light, np.uint32)[0])):
+        return float(max_cll)
+    mastering = _side_data(frame, SideDataType.MASTERING_DISPLAY_METADATA)
+    if mastering:
+        # AVMasteringDisplayMetadata: 8 rationals (primaries, white point), min and max luminance, then the flags
+        # has_primaries and has_luminance, all int32.
+        fields = np.frombuffer(mastering, np.int32)
+        if fields[21] and fields[19]:
+            return float(fields[18] / fields[19])
+    return None
+
+
+def orientation(matrix: np.ndarray | None) -> tuple[int, bool]:
+    """How a player shows frames under FFmpeg's display matrix `matrix` (9 int32, None: none): turned `turns`
+    quarter turns counter-clockwise (np.rot90's sense), then mirrored left to right when `mirrored`. A matrix
+    whose 2x2 part has a negative determinant mirrors; with its first column negated it is a pure rotation,
+    read as FFmpeg's av_display_rotation_get does. This is FFmpeg's own autorotation (fftools: hflip, vflip and
+    transpose filters) for every multiple of 90 degrees; other angles are rounded to the nearest one."""
+    if matrix is None:
+        return 0, False
+    a, b, c, d = (float(v) for v in (matrix[0], matrix[1], matrix[3], matrix[4]))
+    mirrored = a * d - b * c < 0
+    if mirrored:
+        a, c = -a, -c
+    # av_display_rotation_get: the angle counter-clockwise of the columns scaled to unit length.
+    angle = -np.degrees(np.arctan2(b / np.hypot(b, d), a / np.hypot(a, c)))
+    return round(angle / 90) % 4, mirrored
+
+
+def _side_data(frame: av.VideoFrame, kind: SideDataType) -> bytes | None:
+    """The bytes of the frame's side data of type `kind`, or None."""
+    return next((bytes(data) for data in frame.side_data if data.type == kind), None)
 
 
 def _luma(frame: av.VideoFrame, width: int) -> np.ndarray:
@@ -191,9 +274,27 @@ def _open(path: Path):
 
 
 def _video_stream(container, path: Path):
-    if not container.streams.video:
-        raise DataError(f"{path}: has no video stream")
-    return container.streams.video[0]
+    return played_stream(container.streams.video, path)
+
+
+def played_stream(streams, path: Path):
+    """The video stream of `streams` a player plays: not cover art or thumbnails (dispositions attached_pic and
+    timed_thumbnails); of the others, one flagged default (a container's choice) before one that is not, then
+    the most pixels, then the most frames the container counts, then the first. Raises DataError when there is
+    none."""
+    videos = [stream for stream in streams if not stream.disposition & _STILLS]
+    if not videos:
+        kind = "video stream other than cover art" if streams else "video stream"
+        raise DataError(f"{path}: has no {kind}")
+    return max(
+        videos,
+        key=lambda s: (
+            bool(s.disposition & Disposition.default),
+            s.codec_context.width * s.codec_context.height,
+            s.frames,
+            -s.index,
+        ),
+    )
 
 
 def _frames(container, stream, path: Path) -> Iterator[av.VideoFrame]:
