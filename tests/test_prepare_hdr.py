@@ -20,7 +20,7 @@ from dreamshot.prepare.hdr import (
 from dreamshot.prepare.keyframes import score_frames
 from dreamshot.prepare.stage import VideoJob
 from dreamshot.prepare.toyvideo import toy_overrides
-from dreamshot.prepare.video import read_frames, static_peak
+from dreamshot.prepare.video import read_frames, reading_corrections, static_peak
 
 CFG = load_prepare_config(overrides=toy_overrides())
 # PQ signal values of 100 and 1000 cd/m² (SMPTE ST 2084's table).
@@ -97,6 +97,7 @@ def test_keyframes_of_hdr_video_are_tone_mapped(tmp_path, trc, signal, params, p
     path = tmp_path / "hdr.mp4"
     _hdr_video(path, trc, signal, params)
     assert static_peak(path) == peak
+    assert reading_corrections(path) == ({16: "pq", 18: "hlg"}[trc],)  # a folder prepared before redoes it
     scores = score_frames(VideoJob("hdr", path, tmp_path), CFG.keyframes)
     frame = read_frames(path, [2], scores.pts, scores.keys, "auto")[2]
     assert frame.shape == (64, 128, 3)

@@ -15,10 +15,12 @@ from av.stream import Disposition
 from dreamshot.prepare import keyframes, shots
 from dreamshot.prepare.config import load_prepare_config
 from dreamshot.prepare.keyframes import score_frames
+from dreamshot.prepare.pipeline import STATE_FORMAT, video_key
 from dreamshot.prepare.shots import detect_shots, shot_backend
 from dreamshot.prepare.stage import VideoJob
+from dreamshot.prepare.state import digest
 from dreamshot.prepare.toyvideo import render_toy_video, toy_overrides
-from dreamshot.prepare.video import orientation, played_stream, probe, read_frames
+from dreamshot.prepare.video import orientation, played_stream, probe, read_frames, reading_corrections
 from dreamshot.utils.errors import DataError
 
 CFG = load_prepare_config(overrides=toy_overrides())
@@ -167,3 +169,17 @@ def test_shot_detection_shows_a_frame_progress_bar_only_when_asked(covered, tmp_
     assert f"0/{frames} [" in err and "\n" not in err  # the bar clears itself when done (leave=False)
     detect_shots(VideoJob("toy", covered.path, tmp_path), CFG.shots, total=frames)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("options", "corrections"),
+    [({}, ()), ({"rotation": 90}, ()), ({"mirror": True}, ("mirrored",)), ({"cover_art": True}, ("stream 1",))],
+)
+def test_only_videos_read_otherwise_than_under_state_format_2_get_new_state_keys(tmp_path, options, corrections):
+    """A folder prepared before the played stream and the mirror were read keeps the stages of every video they do
+    not concern (their keys are format 2's) and redoes those of the others."""
+    path = tmp_path / "clip.mp4"
+    render_toy_video(path, scenes=1, **options)
+    assert reading_corrections(path) == corrections
+    stat = path.stat()
+    assert (video_key(path) == digest(STATE_FORMAT, stat.st_size, stat.st_mtime_ns)) == (not corrections)

@@ -35,6 +35,7 @@ from dreamshot.prepare.report import REPORT_NAME, StageCounts, write_report
 from dreamshot.prepare.space import prepare_bytes
 from dreamshot.prepare.stage import VideoJob
 from dreamshot.prepare.state import StateStore, digest
+from dreamshot.prepare.video import reading_corrections
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.io import (
     atomic_path,
@@ -117,6 +118,14 @@ def find_videos(videos_dir: Path, out_dir: Path, progress: bool = False) -> list
     return jobs
 
 
+def video_key(path: Path) -> str:
+    """The first digest of a video's chain: the state format, the file's size and modification time, and the
+    corrections of its reading made since format 2 (`video.reading_corrections`: none for most videos, whose
+    keys, and so their stored stages, stay those of format 2)."""
+    stat = path.stat()
+    return digest(STATE_FORMAT, stat.st_size, stat.st_mtime_ns, *reading_corrections(path))
+
+
 def prepare(
     videos_dir: str | Path,
     out_dir: str | Path,
@@ -134,9 +143,9 @@ def prepare(
     _remove_stale_temporaries(out_dir)
     store = StateStore(out_dir)
     inputs: dict[str, dict] = {job.id: {} for job in jobs}
-    # The chain of digests: the state format and a video's file identity, then each stage's settings on top of
-    # the one before.
-    keys = {job.id: digest(STATE_FORMAT, job.path.stat().st_size, job.path.stat().st_mtime_ns) for job in jobs}
+    # The chain of digests: the state format, a video's file identity and how it is read, then each stage's
+    # settings on top of the one before.
+    keys = {job.id: video_key(job.path) for job in jobs}
     counts = []
     for stage in STAGES:
         tally = StageCounts(stage.name, stage.module.UNIT)

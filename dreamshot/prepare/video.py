@@ -205,6 +205,29 @@ def _rgb(frame: av.VideoFrame, peak: float | None) -> np.ndarray:
     return hdr_to_sdr(signal, transfer, peak or DEFAULT_PEAK[transfer], bt2020)
 
 
+def reading_corrections(path: Path) -> tuple[str, ...]:
+    """How this video's reading differs from `dreamshot prepare`'s state format 2, which read the first video
+    stream, ignored a display matrix's mirror and stored HDR frames untouched: the played stream's index when it
+    is not the first video stream, "mirrored", the HDR transfer. Empty for a video none of these concern (and
+    for one that cannot be read, which stage 1 drops), so that in the state keys a folder prepared before these
+    corrections redoes the stages of the videos they change, and only theirs."""
+    try:
+        with _open(path) as container:
+            stream = _video_stream(container, path)
+            first = next(_frames(container, stream, path), None)
+            played, first_video = stream.index, container.streams.video[0].index
+    except DataError:
+        return ()
+    corrections = () if played == first_video else (f"stream {played}",)
+    if first is not None:
+        matrix = _side_data(first, SideDataType.DISPLAYMATRIX)
+        if matrix is not None and orientation(np.frombuffer(matrix, np.int32))[1]:
+            corrections += ("mirrored",)
+        if first.color_trc in _HDR_TRANSFERS:
+            corrections += (_HDR_TRANSFERS[first.color_trc],)
+    return corrections
+
+
 def static_peak(path: Path) -> float | None:
     """The peak light in cd/m² of the video's HDR static metadata (`signal_peak`), read from its first frame:
     H.264 and HEVC carry it with some frames only, the first among them (as the stream's own side data does)."""
