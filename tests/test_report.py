@@ -328,3 +328,25 @@ def test_the_training_curves_show_the_racl_loss_and_the_phase_ends():
     assert titles == ["train/loss_fm (EMA 0.9) ↓", "train/loss_racl (EMA 0.9) ↓"]
     for ax in figure.axes:  # the end of phase 1, a vertical line at step 10
         assert any(list(line.get_xdata()) == [10, 10] for line in ax.get_lines())
+
+
+def write_eval_in_mode(folder: Path, mode: str, values: dict[str, float]) -> None:
+    write_results(folder, EvalResults("toy", mode, folder.name, values, {}, {"s": values}, {"s": 3}))
+
+
+def test_evaluations_of_other_modes_are_never_one_column(tmp_path: Path):
+    """A run scored in r2s and one scored in t2s: their values are not comparable, so they are two columns (and no
+    relative change between them), as they are for a run holding both."""
+    write_eval_in_mode(tmp_path / "a", "r2s", {"toy_identity_cross": 0.4})
+    write_eval_in_mode(tmp_path / "b", "t2s", {"toy_identity_cross": 0.2})
+    table = build_table("g", read_runs([tmp_path / "a", tmp_path / "b"]), baseline="a")
+    assert table.metrics == ["toy-r2s/toy_identity_cross", "toy-t2s/toy_identity_cross"]
+    assert table.rows["b"] == {"toy-t2s/toy_identity_cross": 0.2}
+    assert table.relative() == {"b": {}}
+
+
+def test_two_evaluations_of_a_run_in_one_mode_are_named_by_their_folders(tmp_path: Path):
+    run = tmp_path / "run"
+    write_eval_in_mode(run / "eval" / "toy-r2s", "r2s", {"toy_identity_cross": 0.4})
+    write_eval_in_mode(run / "eval" / "toy-r2s-steps10", "r2s", {"toy_identity_cross": 0.3})
+    assert read_run(run).metrics() == {"toy-r2s/toy_identity_cross": 0.4, "toy-r2s-steps10/toy_identity_cross": 0.3}

@@ -1,16 +1,16 @@
 """`dreamshot report GROUP [RUN_DIR ...] [--baseline RUN] [--root outputs] [--out DIR]`: compare a group's runs.
 
-GROUP is an experiment name, whose runs are the folders in `<root>/<GROUP>/` (a sweep's members, or the
-evaluations of an evaluation-time sweep), or a folder of run folders. Given RUN_DIRs, those runs are compared
-instead and GROUP only names the report. Each run contributes its `results.json` values (`dreamshot eval`)
-and its last validation metrics (val/loss, val/racl_in_mask, val/racl_confusion, from the CSV logs every run
-writes, W&B or not). Runs that share a name (one experiment run with different settings) are named by the
-config values that differ; when they differ in `seed`, each setting's runs are also summarised over the seeds
-(mean ± standard deviation, and paired by seed against the baseline's setting). A sweep member without a
-folder and a run without any metric are warnings on stderr and notes under the table; a RUN_DIR that is
-not a run folder, or is named twice, is refused. Writes report.md, report.csv, report.json and plots/*.png into
-`<group folder>/report` (or --out), and logs the table and plots to W&B when the runs' W&B mode (WANDB_MODE,
-else their logger.mode) is online.
+GROUP is an experiment name, whose runs are the folders in `<root>/<GROUP>/` (a sweep's members, or the evaluations
+of an evaluation-time sweep), or a folder of run folders. Given RUN_DIRs, those runs are compared instead and GROUP
+only names the report. Each run contributes its `results.json` values (`dreamshot eval`;
+`<benchmark>-<mode>/<value>` when the runs' evaluations are not all of one benchmark and mode) and its last
+validation metrics (val/loss, val/racl_in_mask, val/racl_confusion, from the CSV logs every run writes, W&B or not).
+Runs that share a name (one experiment run with different settings) are named by the config values that differ; when
+they differ in `seed`, each setting's runs are also summarised over the seeds (mean ± standard deviation, and paired
+by seed against the baseline's setting). A sweep member without a folder and a run without any metric are warnings
+on stderr and notes under the table; a RUN_DIR that is not a run folder, or is named twice, is refused. Writes
+report.md, report.csv, report.json and plots/*.png into `<group folder>/report` (or --out), and logs the table and
+plots to W&B when the runs' W&B mode (WANDB_MODE, else their logger.mode) is online.
 """
 
 from __future__ import annotations

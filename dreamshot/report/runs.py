@@ -80,13 +80,16 @@ class RunRecord:
     def __post_init__(self) -> None:
         self.setting = self.setting or self.name
 
-    def metrics(self) -> dict[str, float]:
-        """Final values: every evaluation value (named `<benchmark>-<mode>/<value>` when the run has several
-        evaluations), each of `TRAINING_METRICS` at the end of every curriculum phase but the last
-        (`val/loss@phase1`), then the last logged value of each of `TRAINING_METRICS`."""
+    def metrics(self, labelled: bool = False) -> dict[str, float]:
+        """Final values: every evaluation value (named `<benchmark>-<mode>/<value>` when `labelled` or the run has
+        several evaluations, and by the evaluation's folder where two of the run's share a benchmark and mode),
+        each of `TRAINING_METRICS` at the end of every curriculum phase but the last (`val/loss@phase1`), then the
+        last logged value of each of `TRAINING_METRICS`."""
         values = {}
+        labels = [record.label for record in self.evals]
         for record in self.evals:
-            prefix = f"{record.label}/" if len(self.evals) > 1 else ""
+            label = record.label if labels.count(record.label) == 1 else record.path.parent.name
+            prefix = f"{label}/" if labelled or len(self.evals) > 1 else ""
             values.update({prefix + name: value for name, value in record.values.items()})
         for phase, end in enumerate(self.phase_ends(), start=1):
             for key in TRAINING_METRICS:

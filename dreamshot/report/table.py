@@ -217,7 +217,10 @@ def build_table(
     names = [run.name for run in runs]
     if baseline is not None and baseline not in names:
         raise ConfigError(f"baseline {baseline!r} is not a run of {group} (runs: {', '.join(names)})")
-    rows = {run.name: run.metrics() for run in runs}
+    # One column per value of one benchmark and mode: runs scored in other modes (r2s, t2s) or on other benchmarks
+    # are labelled apart, never averaged or compared in one column.
+    labelled = len({record.label for run in runs for record in run.evals}) > 1
+    rows = {run.name: run.metrics(labelled) for run in runs}
     keys = swept_keys(runs)
     return ComparisonTable(
         group=group,
