@@ -350,3 +350,24 @@ def test_two_evaluations_of_a_run_in_one_mode_are_named_by_their_folders(tmp_pat
     write_eval_in_mode(run / "eval" / "toy-r2s", "r2s", {"toy_identity_cross": 0.4})
     write_eval_in_mode(run / "eval" / "toy-r2s-steps10", "r2s", {"toy_identity_cross": 0.3})
     assert read_run(run).metrics() == {"toy-r2s/toy_identity_cross": 0.4, "toy-r2s-steps10/toy_identity_cross": 0.3}
+
+
+def test_what_a_resumed_run_trains_again_replaces_every_later_step_of_the_launch_before(tmp_path: Path):
+    """Killed at step 9 with its last checkpoint at step 5, resumed and killed again at step 7: the first launch's
+    steps 6-9 (its validation at 9 among them) are not of the run as it stands, so its final val/loss is step 4's."""
+    validations = [{"step": 4, "val/loss": 4.0}, {"step": 9, "val/loss": 9.0}]
+    write_metrics(tmp_path, 0, [{"step": s, "train/loss": 10.0 + s} for s in range(10)] + validations)
+    write_metrics(tmp_path, 1, [{"step": s, "train/loss": float(s)} for s in (5, 6, 7)])
+    curves = read_curves(tmp_path)
+    assert curves["train/loss"] == {0: 10.0, 1: 11.0, 2: 12.0, 3: 13.0, 4: 14.0, 5: 5.0, 6: 6.0, 7: 7.0}
+    assert curves["val/loss"] == {4: 4.0}
+
+
+def test_a_run_started_over_in_its_folder_shows_none_of_the_run_before(tmp_path: Path):
+    """`trainer.overwrite=true` keeps the folder's csv/ logs: the new run's version starts at step 0 and replaces
+    them, so a 2-step run is not reported with the old run's validation."""
+    write_metrics(
+        tmp_path, 0, [{"step": s, "train/loss": 10.0 + s} for s in range(10)] + [{"step": 9, "val/loss": 9.0}]
+    )
+    write_metrics(tmp_path, 1, [{"step": s, "train/loss": float(s)} for s in (0, 1)])
+    assert read_curves(tmp_path) == {"train/loss": {0: 0.0, 1: 1.0}}
