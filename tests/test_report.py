@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 from dreamshot.cli import main
 from dreamshot.config.load import load_config, sweep_members, to_yaml
 from dreamshot.eval.report import EvalResults, write_results
+from dreamshot.eval.resume import file_sha256
 from dreamshot.report.build import read_report, write_report
 from dreamshot.report.history import read_curves
 from dreamshot.report.plots import loss_curves_figure
@@ -371,3 +373,24 @@ def test_a_run_started_over_in_its_folder_shows_none_of_the_run_before(tmp_path:
     )
     write_metrics(tmp_path, 1, [{"step": s, "train/loss": float(s)} for s in (0, 1)])
     assert read_curves(tmp_path) == {"train/loss": {0: 0.0, 1: 1.0}}
+
+
+def test_an_evaluation_of_weights_the_run_no_longer_has_is_left_out_and_noted(sweep_group: Path, capsys):
+    """with_racl was scored, then trained on (its LoRA changed): the old score is not the run's."""
+    run = sweep_group / "with_racl"
+    lora = run / "lora.safetensors"
+    lora.write_bytes(b"weights of step 4")
+    eval_dir = run / "eval" / "toy-r2s"
+    (eval_dir / "run.json").write_text(json.dumps({"identity": {}, "fingerprint": {"lora_sha256": file_sha256(lora)}}))
+    assert read_run(run).metrics()["toy_identity_cross"] == 0.4
+    lora.write_bytes(b"weights of step 8")
+    record = read_run(run)
+    assert "toy_identity_cross" not in record.metrics() and [e.path.parent for e in record.outdated] == [eval_dir]
+    assert main(["report", "toy_racl_ablation", "--root", str(sweep_group.parent)]) == 0
+    assert f"warning: with_racl: toy-r2s in {eval_dir} left out: its shots were drawn with other weights" in (
+        capsys.readouterr().err
+    )
+    table, _ = read_report(sweep_group / "report")
+    assert "toy_identity_cross" not in table.rows["with_racl"] and "toy_identity_cross" in table.rows["without_racl"]
+    lora.unlink()  # started over, no weights yet: every drawn evaluation is of the run before
+    assert read_run(run).outdated and not read_run(run).evals

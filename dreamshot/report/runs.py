@@ -2,7 +2,9 @@
 
 A run folder is a training run (`config.yaml`, `summary.json`, CSV or offline W&B logs, written by
 `dreamshot train`) or an evaluation (`results.json`, written by `dreamshot eval`); a training run's own
-evaluations are looked for in `<run>/eval/*/results.json`. A group is a folder of run folders: a sweep's
+evaluations are looked for in `<run>/eval/*/results.json`; one whose shots were drawn with other weights than the
+run's own (`run.json`'s fingerprint: the run trained on, or started over, since) is not the run's and is set apart
+(`RunRecord.outdated`). A group is a folder of run folders: a sweep's
 members land in `outputs/<experiment>/<member>`. Its files are read by the rule of every text file a user may
 have edited (`dreamshot.utils.text`: encodings, duplicate YAML keys).
 """
@@ -18,10 +20,11 @@ from typing import Any
 import yaml
 
 from dreamshot.eval.report import RESULTS_JSON
-from dreamshot.inference.loading import RUN_CONFIG
+from dreamshot.eval.resume import RUN_RECORD, weights_sha256
+from dreamshot.inference.loading import RUN_CONFIG, run_weights
 from dreamshot.report.history import last_value, read_curves
 from dreamshot.training.callbacks import SUMMARY_FILE
-from dreamshot.utils.errors import ConfigError, DataError
+from dreamshot.utils.errors import ConfigError, DataError, DreamShotError
 from dreamshot.utils.text import read_text, read_yaml_file
 
 EVAL_DIR = "eval"
@@ -67,7 +70,8 @@ class EvalRecord:
 class RunRecord:
     """A run as the report sees it. `config` holds dotted keys (`racl.weight`): the run's config.yaml, or for an
     evaluation-only folder the overrides of its sweep member. `setting` is its name before `read_runs` tells
-    apart the runs that share one (the same member run with other seeds keeps its setting)."""
+    apart the runs that share one (the same member run with other seeds keeps its setting). `outdated`: the
+    evaluations in its folder of other weights than its own, which none of its values come from."""
 
     name: str
     path: Path
@@ -76,6 +80,7 @@ class RunRecord:
     evals: list[EvalRecord] = field(default_factory=list)
     steps: int | None = None
     setting: str = ""
+    outdated: list[EvalRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.setting = self.setting or self.name
@@ -132,7 +137,8 @@ def read_run(folder: Path, member_overrides: dict[str, list[str]] | None = None)
     summary = folder / SUMMARY_FILE
     steps = _read_steps(summary) if summary.is_file() else None
     evals = [_read_eval(path) for path in _results_files(folder)]
-    return RunRecord(name, folder, config, read_curves(folder), evals, steps)
+    evals, outdated = _by_weights(folder, evals) if (folder / RUN_CONFIG).is_file() else (evals, [])
+    return RunRecord(name, folder, config, read_curves(folder), evals, steps, outdated=outdated)
 
 
 def read_runs(folders: list[Path], member_overrides: dict[str, list[str]] | None = None) -> list[RunRecord]:
@@ -206,6 +212,31 @@ def _read_steps(path: Path) -> int:
 def _results_files(folder: Path) -> list[Path]:
     own = [folder / RESULTS_JSON] if (folder / RESULTS_JSON).is_file() else []
     return own + sorted((folder / EVAL_DIR).glob(f"*/{RESULTS_JSON}"))
+
+
+def _by_weights(run_dir: Path, evals: list[EvalRecord]) -> tuple[list[EvalRecord], list[EvalRecord]]:
+    """A training run's evaluations: (of its weights, of other weights). Other: shots drawn with other LoRA weights
+    than the ones `dreamshot eval --run` scores now (every drawn one when the run has none yet: it started over).
+    One without a drawing record (shots read from a folder, or written before run records) cannot be told apart
+    and counts as the run's."""
+    drawn = [_drawn_with(record.path.parent) for record in evals]
+    if not any(drawn):
+        return evals, []
+    try:
+        current = weights_sha256(run_weights(run_dir))
+    except DreamShotError:
+        current = None
+    other = [sha not in (None, current) for sha in drawn]
+    return [r for r, o in zip(evals, other, strict=True) if not o], [r for r, o in zip(evals, other, strict=True) if o]
+
+
+def _drawn_with(eval_dir: Path) -> str | None:
+    """The SHA-256 of the LoRA weights an evaluation folder's shots were drawn with (its `run.json`), if known."""
+    try:
+        fingerprint = json.loads(read_text(eval_dir / RUN_RECORD, "run record")).get("fingerprint")
+    except (DreamShotError, json.JSONDecodeError, AttributeError):
+        return None
+    return fingerprint.get("lora_sha256") if isinstance(fingerprint, dict) else None
 
 
 def _read_eval(path: Path) -> EvalRecord:

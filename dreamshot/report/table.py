@@ -236,9 +236,16 @@ def build_table(
 
 
 def missing_data(runs: list[RunRecord], members: list[str]) -> list[str]:
-    """What a reader of the table must be told: sweep members with no run folder, runs without any metric."""
+    """What a reader of the table must be told: sweep members with no run folder, evaluations left out as of other
+    weights than their run's, runs without any metric."""
     names = {run.name for run in runs}
     notes = [f"member {m}: no run folder (not run yet, or written elsewhere)" for m in members if m not in names]
+    notes += [
+        f"{run.name}: {record.label} in {record.path.parent} left out: its shots were drawn with other weights than "
+        "the run's (it trained on or started over since); score it again with dreamshot eval --redraw"
+        for run in runs
+        for record in run.outdated
+    ]
     notes += [
         f"{run.name}: no metrics (no results.json, no validation in its csv/ logs) in {run.path}"
         for run in runs
