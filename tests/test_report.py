@@ -394,3 +394,22 @@ def test_an_evaluation_of_weights_the_run_no_longer_has_is_left_out_and_noted(sw
     assert "toy_identity_cross" not in table.rows["with_racl"] and "toy_identity_cross" in table.rows["without_racl"]
     lora.unlink()  # started over, no weights yet: every drawn evaluation is of the run before
     assert read_run(run).outdated and not read_run(run).evals
+
+
+def test_a_sweep_run_with_seeds_keeps_its_member_order_and_its_first_member_as_the_baseline(tmp_path: Path, capsys):
+    """The runs named on the line last member first: the report still lists with_racl first and measures against
+    it, as it does for the sweep's own folders, though every run is named `member (seed=S)`."""
+    folders = []
+    for member in ("without_racl", "with_racl"):
+        for seed in (0, 1):
+            run = tmp_path / f"seed{seed}" / member
+            run.mkdir(parents=True)
+            (run / "config.yaml").write_text(
+                to_yaml(load_config("toy_racl_ablation", [f"seed={seed}", f"output_dir={run}"], member))
+            )
+            write_metrics(run, 0, [{"step": 4, "val/loss": 1.0 + seed}])
+            folders.append(str(run))
+    assert main(["report", "toy_racl_ablation", *folders, "--out", str(tmp_path / "report")]) == 0
+    table, _ = read_report(tmp_path / "report")
+    assert table.baseline == "with_racl (seed=0)"
+    assert [table.settings[run] for run in table.runs] == ["with_racl", "with_racl", "without_racl", "without_racl"]

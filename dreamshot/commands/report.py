@@ -80,13 +80,13 @@ def given_runs(folders: list[Path]) -> list[Path]:
 
 
 def default_baseline(runs: list[RunRecord], members: list[str]) -> str | None:
-    """The sweep's first member among the runs, else the first run; None for a single run."""
+    """The (first) run of the sweep's first member among the runs, else the first run; None for a single run. A
+    member's run is told by its setting: run with several seeds, its runs are named `member (seed=1)`."""
     if len(runs) < 2:
         return None
-    names = [run.name for run in runs]
-    return next((m for m in members if m in names), names[0])
+    return next((run.name for member in members for run in runs if run.setting == member), runs[0].name)
 
 
 def _in_member_order(runs: list[RunRecord], members: list[str]) -> list[RunRecord]:
     """Runs in the order the sweep lists its members (others after them, in folder order)."""
-    return sorted(runs, key=lambda run: members.index(run.name) if run.name in members else len(members))
+    return sorted(runs, key=lambda run: members.index(run.setting) if run.setting in members else len(members))
