@@ -293,7 +293,7 @@ def test_runs_of_one_setting_with_other_seeds_are_summarised_and_paired_against_
     gain, better, pairs = table.paired_over_seeds()["with"]["val/loss"]
     assert gain == pytest.approx(-100 * 0.05 / 0.8) and (better, pairs) == (0, 3)  # lower is better: worse in all
     text = table.to_markdown()
-    assert "| with | 3 | 0.85 ± 0.1 | 0.15 ± 0.04 |" in text and "| with |  | -6.25 (0/3) | +25 (2/3) |" in text
+    assert "| with | 3 | 0.85 ± 0.1 | 0.15 ± 0.04 |" in text and "| with | 3 | -6.25 (0/3) | +25 (2/3) |" in text
 
 
 def test_no_seed_summary_without_two_seeds_of_one_setting():
@@ -413,3 +413,22 @@ def test_a_sweep_run_with_seeds_keeps_its_member_order_and_its_first_member_as_t
     table, _ = read_report(tmp_path / "report")
     assert table.baseline == "with_racl (seed=0)"
     assert [table.settings[run] for run in table.runs] == ["with_racl", "with_racl", "without_racl", "without_racl"]
+
+
+def test_a_setting_is_set_against_the_baseline_over_the_seeds_both_have():
+    """with's seed 2 has no in-mask share (its validation never ran): its mean over seeds 0 and 1 is set against the
+    baseline's over seeds 0 and 1, where it is better in both, not against a mean lifted by the baseline's seed 2."""
+    runs = [
+        seeded_run("without", 0, 0.0, 0.10, 0.80),
+        seeded_run("without", 1, 0.0, 0.12, 0.90),
+        seeded_run("without", 2, 0.0, 0.30, 0.70),
+        seeded_run("with", 0, 0.1, 0.11, 0.85),
+        seeded_run("with", 1, 0.1, 0.13, 0.95),
+        seeded_run("with", 2, 0.1, 0.0, 0.75),
+    ]
+    del runs[-1].curves["val/racl_in_mask"]
+    table = build_table("g", runs, baseline="without (seed=0)")
+    gain, better, pairs = table.paired_over_seeds()["with"]["val/racl_in_mask"]
+    assert gain == pytest.approx(100 * 0.01 / 0.11) and (better, pairs) == (2, 2)
+    assert table.across_seeds()["with"]["val/racl_in_mask"][2] == 2
+    assert "| with | 3 | 0.85 ± 0.1 | 0.12 ± 0.014 (n=2) |" in table.to_markdown()

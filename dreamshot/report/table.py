@@ -140,10 +140,11 @@ class ComparisonTable:
         return summary
 
     def paired_over_seeds(self) -> dict[str, dict[str, tuple[float, int, int]]]:
-        """Setting -> metric -> (relative improvement of its mean over the baseline setting's mean, seeds where it
-        does better than the baseline setting's run of the same seed, seeds both ran), for every setting but the
-        baseline's."""
-        groups, means = self.seed_groups(), self.across_seeds()
+        """Setting -> metric -> (relative improvement of its mean over the baseline setting's mean, both over the
+        seeds that both have the metric for, seeds where it does better than the baseline setting's run of the same
+        seed, those seeds), for every setting but the baseline's. Means over other seeds would set seed noise
+        against the change: a setting missing its worst seed would gain by it."""
+        groups = self.seed_groups()
         base = self._baseline_setting(groups)
         if base is None:
             return {}
@@ -155,15 +156,14 @@ class ComparisonTable:
             pairs = [
                 (run, base_runs[self.swept[run][SEED_KEY]]) for run in runs if self.swept[run][SEED_KEY] in base_runs
             ]
-            paired[setting] = {
-                metric: (
-                    relative_improvement(mean, means[base][metric][0], higher_is_better(metric)),
-                    sum(self._better(metric, run, other) for run, other in pairs),
-                    sum(metric in self.rows[run] and metric in self.rows[other] for run, other in pairs),
-                )
-                for metric, (mean, _, _) in means[setting].items()
-                if metric in means[base]
-            }
+            paired[setting] = {}
+            for metric in self.metrics:
+                both = [(run, other) for run, other in pairs if metric in self.rows[run] and metric in self.rows[other]]
+                if both:
+                    mean = statistics.fmean(self.rows[run][metric] for run, _ in both)
+                    against = statistics.fmean(self.rows[other][metric] for _, other in both)
+                    gain = relative_improvement(mean, against, higher_is_better(metric))
+                    paired[setting][metric] = (gain, sum(self._better(metric, *pair) for pair in both), len(both))
         return paired
 
     def _baseline_setting(self, groups: dict[str, list[str]]) -> str | None:
@@ -183,21 +183,28 @@ class ComparisonTable:
         groups = self.seed_groups()
         headers = ["setting", "seeds", *(_arrow(m) for m in self.metrics)]
         rows = [
-            [setting, str(len(groups[setting])), *(_spread(values.get(m)) for m in self.metrics)]
+            [setting, str(len(groups[setting])), *(_spread(values.get(m), len(groups[setting])) for m in self.metrics)]
             for setting, values in summary.items()
         ]
         text = [
-            "\nAcross seeds (mean ± sample standard deviation over each setting's seeds):\n",
+            "\nAcross seeds (mean ± sample standard deviation over each setting's seeds; (n=k): over the k of them that"
+            " have the metric):\n",
             _markdown(headers, rows),
         ]
         paired = self.paired_over_seeds()
         if paired:
             text.append(
-                f"\nThe mean over the seeds against `{self._baseline_setting(groups)}`'s (%; positive is better), and "
-                "in how many seeds the setting does better than the baseline's run of the same seed:\n"
+                f"\nThe mean over the seeds against `{self._baseline_setting(groups)}`'s over the same seeds (%; "
+                "positive is better), and in how many of those seeds the setting does better than the baseline's run "
+                "of the same seed:\n"
             )
             rows = [
-                [setting, "", *(_paired(values.get(m)) for m in self.metrics)] for setting, values in paired.items()
+                [
+                    setting,
+                    str(max((n for _, _, n in values.values()), default=0)),
+                    *map(_paired, map(values.get, self.metrics)),
+                ]
+                for setting, values in paired.items()
             ]
             text.append(_markdown(headers, rows))
         return text
@@ -301,11 +308,13 @@ def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def _spread(summary: tuple[float, float, int] | None) -> str:
+def _spread(summary: tuple[float, float, int] | None, seeds: int) -> str:
+    """mean ± sd, and the count of seeds it is over when some of the `seeds` lack the metric."""
     if summary is None:
         return "-"
-    mean, sd, _ = summary
-    return _number(mean) if math.isnan(sd) else f"{_number(mean)} ± {sd:.2g}"
+    mean, sd, count = summary
+    text = _number(mean) if math.isnan(sd) else f"{_number(mean)} ± {sd:.2g}"
+    return text if count == seeds else f"{text} (n={count})"
 
 
 def _paired(summary: tuple[float, int, int] | None) -> str:
