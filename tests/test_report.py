@@ -432,3 +432,24 @@ def test_a_setting_is_set_against_the_baseline_over_the_seeds_both_have():
     assert gain == pytest.approx(100 * 0.01 / 0.11) and (better, pairs) == (2, 2)
     assert table.across_seeds()["with"]["val/racl_in_mask"][2] == 2
     assert "| with | 3 | 0.85 ± 0.1 | 0.12 ± 0.014 (n=2) |" in table.to_markdown()
+
+
+def test_with_seeds_each_run_is_measured_against_the_baseline_settings_run_of_its_own_seed(tmp_path: Path):
+    """Against `without (seed=0)` alone, `without (seed=1)` would show a change that is only seed noise, and every
+    `with` run of seed 1 or 2 would carry it; the baseline setting's runs are the baselines, each for its seed."""
+    runs = [
+        seeded_run("without", 0, 0.0, 0.10, 0.80),
+        seeded_run("without", 1, 0.0, 0.20, 0.90),
+        seeded_run("with", 0, 0.1, 0.11, 0.80),
+        seeded_run("with", 1, 0.1, 0.22, 0.90),
+        seeded_run("with", 2, 0.1, 0.30, 0.90),
+    ]
+    table = build_table("g", runs, baseline="without (seed=0)")
+    assert table.relative()["with (seed=1)"]["val/racl_in_mask"] == pytest.approx(10.0)  # not +120% against seed 0
+    assert table.compared_runs() == {"with (seed=0)": "without (seed=0)", "with (seed=1)": "without (seed=1)"}
+    text = table.to_markdown()
+    assert "Relative improvement over `without of the same seed`" in text
+    assert "Not measured (no run of `without of the same seed`): with (seed=2)" in text
+    assert "val/racl_in_mask vs without of the same seed (%)" in table.to_csv()
+    report = write_report("g", runs, tmp_path, "without (seed=0)")
+    assert "relative_improvement" in report.plots

@@ -42,9 +42,9 @@ def relative_improvement_figure(table: ComparisonTable) -> Figure:
         ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(positions, [m if higher_is_better(m) else f"{m} ↓" for m in metrics], rotation=20, ha="right")
-    ax.set_ylabel(f"change vs {table.baseline} (%, positive = better)")
+    ax.set_ylabel(f"change vs {table.compared_against()} (%, positive = better)")
     ax.set_title(
-        f"{table.group}: relative improvement over {table.baseline}\n"
+        f"{table.group}: relative improvement over {table.compared_against()}\n"
         "(↓: lower is better, sign flipped; n/a: the baseline is 0 or near it; no data: a run lacks the metric)",
         fontsize=10,
     )

@@ -63,21 +63,36 @@ class ComparisonTable:
     settings: dict[str, str] = field(default_factory=dict)
 
     def relative(self) -> dict[str, dict[str, float]]:
-        """run -> metric -> relative improvement (%) over the baseline, for every run but the baseline (NaN where
-        the baseline is near 0; a metric either run lacks is left out)."""
-        if self.baseline is None:
-            return {}
-        base = self.rows[self.baseline]
+        """run -> metric -> relative improvement (%) over the run it is measured against (`compared_runs`) (NaN
+        where that run's value is near 0; a metric either run lacks is left out)."""
         scale = {m: max(abs(values[m]) for values in self.rows.values() if m in values) for m in self.metrics}
         return {
             run: {
-                m: relative_improvement(self.rows[run][m], base[m], higher_is_better(m), scale[m])
+                m: relative_improvement(self.rows[run][m], self.rows[base][m], higher_is_better(m), scale[m])
                 for m in self.metrics
-                if m in self.rows[run] and m in base
+                if m in self.rows[run] and m in self.rows[base]
             }
-            for run in self.runs
-            if run != self.baseline
+            for run, base in self.compared_runs().items()
         }
+
+    def compared_runs(self) -> dict[str, str]:
+        """run -> the run its relative improvement is measured against: the baseline, for every run but it; when
+        the baseline's setting ran with several seeds, the baseline setting's run of the run's own seed, for the
+        runs of the other settings (a change against another seed's run would be seed noise)."""
+        if self.baseline is None:
+            return {}
+        groups = self.seed_groups()
+        base = self._baseline_setting(groups)
+        if base is None:
+            return {run: self.baseline for run in self.runs if run != self.baseline}
+        by_seed = {self.swept[run][SEED_KEY]: run for run in groups[base]}
+        others = [run for run in self.runs if run not in groups[base]]
+        return {run: by_seed[self.swept[run][SEED_KEY]] for run in others if self.swept[run][SEED_KEY] in by_seed}
+
+    def compared_against(self) -> str:
+        """What `relative` measures against, in words."""
+        base = self._baseline_setting(self.seed_groups())
+        return f"{self.baseline}" if base is None else f"{base} of the same seed"
 
     def to_markdown(self) -> str:
         """The metric table, then (with a baseline) the relative-improvement table."""
@@ -86,11 +101,14 @@ class ComparisonTable:
         relative = self.relative()
         if relative:
             text.append(
-                f"\nRelative improvement over `{self.baseline}` (%; positive is better, "
+                f"\nRelative improvement over `{self.compared_against()}` (%; positive is better, "
                 "so lower-is-better metrics ↓ are sign-flipped):\n"
             )
             text.append(_markdown(headers, [self._row(run, relative[run], _percent) for run in relative]))
             text.append("\n(-: no value for the run or the baseline; n/a: the baseline is 0 or near it)")
+        unpaired = [run for run in self.runs if run not in relative and run not in self.compared_runs().values()]
+        if relative and unpaired:
+            text.append(f"\nNot measured (no run of `{self.compared_against()}`): {', '.join(unpaired)}")
         text += self._seeds_markdown()
         if self.notes:
             text.append("\nMissing data:\n")
@@ -100,7 +118,7 @@ class ComparisonTable:
     def to_csv(self) -> str:
         """One row per run: swept values, metric values, and `<metric> vs baseline (%)` columns with a baseline."""
         relative = self.relative()
-        relative_columns = [f"{m} vs {self.baseline} (%)" for m in self.metrics] if relative else []
+        relative_columns = [f"{m} vs {self.compared_against()} (%)" for m in self.metrics] if relative else []
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["run", *self.swept_keys, *self.metrics, *relative_columns])
