@@ -453,3 +453,17 @@ def test_with_seeds_each_run_is_measured_against_the_baseline_settings_run_of_it
     assert "val/racl_in_mask vs without of the same seed (%)" in table.to_csv()
     report = write_report("g", runs, tmp_path, "without (seed=0)")
     assert "relative_improvement" in report.plots
+
+
+def test_means_over_different_stories_are_a_note(tmp_path: Path, capsys):
+    """b's identity value is a mean over one story of two (the other's references gave no feature): set against a's
+    mean over both, the table must say so; its style value, over the same stories as a's, needs no note."""
+    scored = {"s1": {"cids_cross": 0.5, "csd_cross": 0.4}, "s2": {"cids_cross": 0.1, "csd_cross": 0.4}}
+    partial = {"s1": {"cids_cross": 0.5, "csd_cross": 0.4}, "s2": {"csd_cross": 0.4}}
+    for name, per_story, cids in (("a", scored, 0.3), ("b", partial, 0.5)):
+        values = {"cids_cross": cids, "csd_cross": 0.4}
+        write_results(tmp_path / name, EvalResults("toy", "r2s", name, values, {}, per_story, {"s1": 3, "s2": 3}))
+    notes = missing_data(read_runs([tmp_path / "a", tmp_path / "b"]), [])
+    assert notes == ["cids_cross: means over different stories (a: 2, b: 1; 1 in all of them)"]
+    assert main(["report", "g", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "r")]) == 0
+    assert "warning: cids_cross: means over different stories" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,7 @@ class RunRecord:
         each of `TRAINING_METRICS` at the end of every curriculum phase but the last (`val/loss@phase1`), then the
         last logged value of each of `TRAINING_METRICS`."""
         values = {}
-        labels = [record.label for record in self.evals]
-        for record in self.evals:
-            label = record.label if labels.count(record.label) == 1 else record.path.parent.name
-            prefix = f"{label}/" if labelled or len(self.evals) > 1 else ""
+        for prefix, record in self._prefixed_evals(labelled):
             values.update({prefix + name: value for name, value in record.values.items()})
         for phase, end in enumerate(self.phase_ends(), start=1):
             for key in TRAINING_METRICS:
@@ -103,6 +101,29 @@ class RunRecord:
                     values[f"{key}{PHASE_MARK}{phase}"] = last_value(before)
         values.update({key: last_value(self.curves[key]) for key in TRAINING_METRICS if self.curves.get(key)})
         return values
+
+    def scored_stories(self, labelled: bool = False) -> dict[str, frozenset[str]]:
+        """Evaluation value (named as in `metrics`) -> the stories its dataset-level mean is over: those with a
+        finite value of it (a story whose references give no identity feature has no CIDS, one the judge could not
+        score no alignment)."""
+        stories = {}
+        for prefix, record in self._prefixed_evals(labelled):
+            for name in record.values if record.per_story else ():  # results written without per-story values
+                scored = (
+                    story for story, values in record.per_story.items() if math.isfinite(values.get(name, math.nan))
+                )
+                stories[prefix + name] = frozenset(scored)
+        return stories
+
+    def _prefixed_evals(self, labelled: bool) -> list[tuple[str, EvalRecord]]:
+        """(prefix of its value names, evaluation) for each evaluation: `<benchmark>-<mode>/` when `labelled` or
+        the run has several, the evaluation's folder instead where two of the run's share a benchmark and mode."""
+        labels = [record.label for record in self.evals]
+        prefixed = []
+        for record in self.evals:
+            label = record.label if labels.count(record.label) == 1 else record.path.parent.name
+            prefixed.append((f"{label}/" if labelled or len(self.evals) > 1 else "", record))
+        return prefixed
 
     def phase_ends(self) -> list[int]:
         """The optimizer steps at which each curriculum phase the run trained past ends (a logged step below a

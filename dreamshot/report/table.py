@@ -242,9 +242,7 @@ def build_table(
     names = [run.name for run in runs]
     if baseline is not None and baseline not in names:
         raise ConfigError(f"baseline {baseline!r} is not a run of {group} (runs: {', '.join(names)})")
-    # One column per value of one benchmark and mode: runs scored in other modes (r2s, t2s) or on other benchmarks
-    # are labelled apart, never averaged or compared in one column.
-    labelled = len({record.label for run in runs for record in run.evals}) > 1
+    labelled = evaluations_labelled(runs)
     rows = {run.name: run.metrics(labelled) for run in runs}
     keys = swept_keys(runs)
     return ComparisonTable(
@@ -260,9 +258,17 @@ def build_table(
     )
 
 
+def evaluations_labelled(runs: list[RunRecord]) -> bool:
+    """Whether the runs' evaluation values are named `<benchmark>-<mode>/<value>` (`RunRecord.metrics`): one column
+    holds the values of one benchmark and mode, so runs scored in other modes (r2s, t2s) or on other benchmarks are
+    labelled apart, never averaged or compared in one column."""
+    return len({record.label for run in runs for record in run.evals}) > 1
+
+
 def missing_data(runs: list[RunRecord], members: list[str]) -> list[str]:
     """What a reader of the table must be told: sweep members with no run folder, evaluations left out as of other
-    weights than their run's, runs without any metric."""
+    weights than their run's, runs without any metric, and evaluation values whose means are over other stories in
+    different runs (`story_mismatches`)."""
     names = {run.name for run in runs}
     notes = [f"member {m}: no run folder (not run yet, or written elsewhere)" for m in members if m not in names]
     notes += [
@@ -276,6 +282,26 @@ def missing_data(runs: list[RunRecord], members: list[str]) -> list[str]:
         for run in runs
         if not run.metrics()
     ]
+    return notes + story_mismatches(runs)
+
+
+def story_mismatches(runs: list[RunRecord]) -> list[str]:
+    """One note per set of evaluation values whose dataset-level means are not over the same stories in every run
+    that has them (a story one run could not score): the runs and their story counts, and the stories they share."""
+    by_value: dict[str, dict[str, frozenset[str]]] = {}
+    for run in runs:
+        for value, stories in run.scored_stories(evaluations_labelled(runs)).items():
+            by_value.setdefault(value, {})[run.name] = stories
+    grouped: dict[tuple, list[str]] = {}
+    for value, stories in by_value.items():
+        if len(set(stories.values())) > 1:
+            grouped.setdefault(tuple(stories.items()), []).append(value)
+    notes = []
+    for key, values in grouped.items():
+        stories = dict(key)
+        shared = len(frozenset.intersection(*stories.values()))
+        counts = ", ".join(f"{run}: {len(scored)}" for run, scored in stories.items())
+        notes.append(f"{', '.join(values)}: means over different stories ({counts}; {shared} in all of them)")
     return notes
 
 
