@@ -20,7 +20,7 @@ from dreamshot.eval.report import EvalResults, write_results
 from dreamshot.eval.resume import file_sha256
 from dreamshot.report.build import read_report, write_report
 from dreamshot.report.history import read_curves
-from dreamshot.report.plots import loss_curves_figure
+from dreamshot.report.plots import guidance_grid_figure, loss_curves_figure
 from dreamshot.report.runs import RunRecord, find_runs, read_run, read_runs
 from dreamshot.report.table import build_table, missing_data, relative_improvement
 from dreamshot.report.wandb_log import log_report, wandb_setting
@@ -467,3 +467,26 @@ def test_means_over_different_stories_are_a_note(tmp_path: Path, capsys):
     assert notes == ["cids_cross: means over different stories (a: 2, b: 1; 1 in all of them)"]
     assert main(["report", "g", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "r")]) == 0
     assert "warning: cids_cross: means over different stories" in capsys.readouterr().err
+
+
+def guidance_run(w1: float, w2: float, seed: int, loss: float, folder: str = "") -> RunRecord:
+    config = {"inference.omega1": w1, "inference.omega2": w2, "seed": seed}
+    name = f"w1_{w1}-w2_{w2} (seed={seed}{folder})"
+    return RunRecord(name, Path(name), config, {"val/loss": {10: loss}})
+
+
+def test_the_guidance_grid_shows_the_mean_of_a_cell_several_seeds_share():
+    runs = [guidance_run(w1, w2, seed, loss) for w1, w2, seed, loss in [(0, 1, 0, 0.8), (0, 1, 1, 0.6), (4, 5, 0, 0.2)]]
+    figure = guidance_grid_figure(build_table("g", runs))
+    texts = {text.get_text(): text.get_color() for text in figure.axes[0].texts}
+    assert set(texts) == {"0.7\n(n=2)", "0.2"}  # not the last seed's 0.6
+    # val/loss is lower-is-better: its best cell is the bright end of the reversed map, so its text is black.
+    assert texts["0.2"] == "black" and texts["0.7\n(n=2)"] == "white"
+
+
+def test_no_guidance_grid_when_runs_that_share_a_cell_are_not_told_apart_by_seed():
+    """Two trained runs' guidance sweeps in one report: their cells would mix the two runs' values."""
+    runs = [guidance_run(0, 1, 0, 0.8, " a"), guidance_run(0, 1, 0, 0.6, " b"), guidance_run(4, 5, 0, 0.2)]
+    for run in runs:
+        del run.config["seed"]
+    assert guidance_grid_figure(build_table("g", runs)) is None
