@@ -267,6 +267,9 @@ def test_the_shot_count_plot_needs_stories_of_two_shot_counts(sweep_group: Path,
     for run in runs:
         run.evals[0].story_shots = {story: 3 for story in run.evals[0].story_shots}
     assert "shot_count" not in write_report("g", runs, tmp_path / "one", "with_racl").plots
+    # Written again where the first report drew it, the figure it no longer has is not left behind as its own.
+    assert not write_report("g", runs, tmp_path / "two", "with_racl").plots.keys() & {"shot_count"}
+    assert not (tmp_path / "two" / "plots" / "shot_count.png").exists()
 
 
 def seeded_run(setting: str, seed: int, weight: float, in_mask: float, loss: float) -> RunRecord:
