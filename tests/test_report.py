@@ -493,3 +493,14 @@ def test_no_guidance_grid_when_runs_that_share_a_cell_are_not_told_apart_by_seed
     for run in runs:
         del run.config["seed"]
     assert guidance_grid_figure(build_table("g", runs)) is None
+
+
+def test_a_log_line_still_being_written_is_not_read(tmp_path: Path):
+    """A run in progress (or killed mid-write): its last row is cut, `0.4` of `0.45`; a file not written yet is
+    no row, not an error."""
+    path = tmp_path / "csv" / "version_0" / "metrics.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text("epoch,step,val/loss\n0,9,0.5\n0,12,0.4")
+    assert read_curves(tmp_path) == {"val/loss": {9: 0.5}}
+    path.write_text("")
+    assert read_curves(tmp_path) == {}

@@ -9,6 +9,7 @@ before it. So every curve is the one the run as it stands trained, finished or n
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
@@ -53,9 +54,15 @@ def _csv_versions(run_dir: Path) -> list[list[tuple[int, dict[str, float]]]]:
 
 def _read_metrics(path: Path) -> list[tuple[int, dict[str, float]]]:
     """(step, {metric: value}) of each row of one metrics.csv; DataError naming the file and line when a row
-    is not Lightning's CSV logger's (no step column, a cell that is not a number)."""
+    is not Lightning's CSV logger's (no step column, a cell that is not a number). Every row the logger writes ends
+    its line: a last line without its end is a row still being written (the run goes on) or cut by a kill, whose
+    cells may be cut short (`0.4` of `0.45`), so it is not read; nor is a file not written yet."""
+    text = path.read_text(encoding="utf-8")
+    complete = text[: text.rfind("\n") + 1]
+    if not complete:
+        return []
     rows = []
-    with path.open(newline="") as f:
+    with io.StringIO(complete, newline="") as f:
         reader = csv.DictReader(f)
         if CSV_STEP not in (reader.fieldnames or []):
             raise DataError(f"{path}: no {CSV_STEP!r} column: not a metrics file of Lightning's CSV logger")
