@@ -504,3 +504,12 @@ def test_a_log_line_still_being_written_is_not_read(tmp_path: Path):
     assert read_curves(tmp_path) == {"val/loss": {9: 0.5}}
     path.write_text("")
     assert read_curves(tmp_path) == {}
+
+
+def test_the_markdown_tables_give_cosine_values_x100_as_eval_and_the_paper_do(sweep_group: Path):
+    table = build_table("toy_racl_ablation", read_runs(find_runs(sweep_group)), baseline="without_racl")
+    text = table.to_markdown()
+    assert "| run | racl.weight | toy_identity_cross ×100 | val/loss ↓ |" in text
+    assert "| with_racl | 0.1 | 40 | 0.9 |" in text  # the in-mask share is a share, not a cosine: as it is
+    assert "| with_racl | 0.1 | +100 |" in text  # a relative change has no unit to scale
+    assert next(csv.DictReader(io.StringIO(table.to_csv())))["toy_identity_cross"] == "0.4"

@@ -115,7 +115,8 @@ def _markdown(table: ComparisonTable, runs: list[RunRecord], plots: dict[str, Pa
         "",
         "## Metrics",
         "",
-        "Final values: evaluation results (`results.json`), then the last logged validation metrics.",
+        "Final values: evaluation results (`results.json`; CIDS, CSD and the toy proxies ×100 as `dreamshot eval` "
+        "prints them, raw in report.csv), then the last logged validation metrics.",
         "",
         table.to_markdown(),
     ]

@@ -11,6 +11,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from dreamshot.eval.report import is_cosine
 from dreamshot.report.runs import PHASE_MARK, TRAINING_METRICS, UNSWEPT, RunRecord
 from dreamshot.utils.errors import ConfigError
 
@@ -97,7 +98,9 @@ class ComparisonTable:
     def to_markdown(self) -> str:
         """The metric table, then (with a baseline) the relative-improvement table."""
         headers = ["run", *self.swept_keys, *(_arrow(m) for m in self.metrics)]
-        text = [_markdown(headers, [self._row(run, self.rows[run], _number) for run in self.runs])]
+        shown = ["run", *self.swept_keys, *(_arrow(m) + (" ×100" if _scale(m) != 1 else "") for m in self.metrics)]
+        scaled = {run: {m: v * _scale(m) for m, v in self.rows[run].items()} for run in self.runs}
+        text = [_markdown(shown, [self._row(run, scaled[run], _number) for run in self.runs])]
         relative = self.relative()
         if relative:
             text.append(
@@ -200,14 +203,19 @@ class ComparisonTable:
             return []
         groups = self.seed_groups()
         headers = ["setting", "seeds", *(_arrow(m) for m in self.metrics)]
+        shown = ["setting", "seeds", *(_arrow(m) + (" ×100" if _scale(m) != 1 else "") for m in self.metrics)]
         rows = [
-            [setting, str(len(groups[setting])), *(_spread(values.get(m), len(groups[setting])) for m in self.metrics)]
+            [
+                setting,
+                str(len(groups[setting])),
+                *(_spread(values.get(m), len(groups[setting]), _scale(m)) for m in self.metrics),
+            ]
             for setting, values in summary.items()
         ]
         text = [
             "\nAcross seeds (mean ± sample standard deviation over each setting's seeds; (n=k): over the k of them that"
             " have the metric):\n",
-            _markdown(headers, rows),
+            _markdown(shown, rows),
         ]
         paired = self.paired_over_seeds()
         if paired:
@@ -323,6 +331,13 @@ def _metric_order(rows: dict[str, dict[str, float]]) -> list[str]:
     return evaluation + at_phase_ends + [m for m in TRAINING_METRICS if m in seen]
 
 
+def _scale(metric: str) -> float:
+    """What the markdown tables multiply a metric by: 100 for the cosine values (CIDS, CSD, the toy proxies), as
+    `dreamshot eval` prints them and the paper's tables give them; the CSV and JSON keep every raw value."""
+    diagnostic = training_diagnostic(metric) in TRAINING_METRICS
+    return 100.0 if not diagnostic and is_cosine(metric.rsplit("/", 1)[-1]) else 1.0
+
+
 def _arrow(metric: str) -> str:
     return metric if higher_is_better(metric) else f"{metric} ↓"
 
@@ -352,11 +367,12 @@ def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def _spread(summary: tuple[float, float, int] | None, seeds: int) -> str:
-    """mean ± sd, and the count of seeds it is over when some of the `seeds` lack the metric."""
+def _spread(summary: tuple[float, float, int] | None, seeds: int, scale: float = 1) -> str:
+    """mean ± sd (times `scale`), and the count of seeds it is over when some of the `seeds` lack the metric."""
     if summary is None:
         return "-"
     mean, sd, count = summary
+    mean, sd = mean * scale, sd * scale
     text = _number(mean) if math.isnan(sd) else f"{_number(mean)} ± {sd:.2g}"
     return text if count == seeds else f"{text} (n={count})"
 
