@@ -197,6 +197,8 @@ def test_report_errors_name_the_folder_and_the_baseline(tmp_path: Path, sweep_gr
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "empty: no run folders" in capsys.readouterr().err
+    assert main(["report", "toy_racl_ablatoin", "--root", str(tmp_path)]) == 2
+    assert "toy_racl_ablatoin: not found (GROUP is an experiment" in capsys.readouterr().err
     assert main(["report", "toy_racl_ablation", "--root", str(sweep_group.parent), "--baseline", "nope"]) == 2
     assert "baseline 'nope' is not a run of toy_racl_ablation" in capsys.readouterr().err
 

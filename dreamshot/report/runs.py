@@ -142,7 +142,13 @@ def find_runs(folder: Path) -> list[Path]:
     """The run folders of a group folder (or the folder itself when it is one run)."""
     if is_run(folder):
         return [folder]
-    runs = sorted(child for child in folder.iterdir() if child.is_dir() and is_run(child)) if folder.is_dir() else []
+    if not folder.is_dir():
+        # A typo in an experiment's name, or a sweep not run yet (nor written under another --root).
+        what = "not a folder" if folder.exists() else "not found"
+        raise ConfigError(
+            f"{folder}: {what} (GROUP is an experiment whose runs are in <root>/GROUP, or a folder of runs)"
+        )
+    runs = sorted(child for child in folder.iterdir() if child.is_dir() and is_run(child))
     if not runs:
         raise ConfigError(f"{folder}: no run folders in it (a run folder holds {RUN_CONFIG} or {RESULTS_JSON})")
     return runs
