@@ -515,3 +515,17 @@ def test_the_markdown_tables_give_cosine_values_x100_as_eval_and_the_paper_do(sw
     assert "| with_racl | 0.1 | 40 | 0.9 |" in text  # the in-mask share is a share, not a cosine: as it is
     assert "| with_racl | 0.1 | +100 |" in text  # a relative change has no unit to scale
     assert next(csv.DictReader(io.StringIO(table.to_csv())))["toy_identity_cross"] == "0.4"
+
+
+def test_an_evaluation_time_sweep_whose_members_scored_other_weights_is_noted(tmp_path: Path):
+    """The trained run was trained on between two members' evaluations: the grid's cells differ by more than ω."""
+    group = tmp_path / "toy_guidance"
+    members = sweep_members("toy_guidance")
+    for member, sha in (("w1_0-w2_1", "a" * 64), ("w1_0-w2_5", "a" * 64), ("w1_4-w2_1", "b" * 64)):
+        write_eval(group / member, {"toy_identity_cross": 0.1}, {"s": 3})
+        (group / member / "run.json").write_text(json.dumps({"identity": {}, "fingerprint": {"lora_sha256": sha}}))
+    notes = missing_data(read_runs(find_runs(group), members), list(members))
+    assert notes[-1] == (
+        "the members scored other LoRA weights (run.json's lora_sha256): w1_0-w2_1, w1_0-w2_5 with aaaaaaaaaaaa; "
+        "w1_4-w2_1 with bbbbbbbbbbbb"
+    )

@@ -10,9 +10,10 @@ they differ in `seed`, each run's relative improvement is against the baseline s
 each setting's runs are also summarised over the seeds (mean ± standard deviation, and paired by seed against the
 baseline's setting). A sweep member without a folder, a run without any metric, and a run's evaluation of other
 weights than its own (it trained on or started over since; left out), and an evaluation value whose runs' means are
-over different stories are warnings on stderr and notes under the table; a RUN_DIR that is not a run folder, or is
-named twice, is refused. Writes report.md, report.csv, report.json and plots/*.png into `<group folder>/report` (or
---out), and logs the table and plots to W&B when the runs' W&B mode (WANDB_MODE, else their logger.mode) is online.
+over different stories, and an evaluation-time sweep whose members scored other weights are warnings on stderr and
+notes under the table; a RUN_DIR that is not a run folder, or is named twice, is refused. Writes report.md,
+report.csv, report.json and plots/*.png into `<group folder>/report` (or --out), and logs the table and plots to W&B
+when the runs' W&B mode (WANDB_MODE, else their logger.mode) is online.
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ UNSWEPT = (
 class EvalRecord:
     """One `results.json`: dataset-level values, each story's values, and each story's scored shot count (the
     benchmark story's shots that the mode draws and scores: `Story.scored_shots`, written by `dreamshot eval`
-    whether the shots were drawn by it or read from another folder)."""
+    whether the shots were drawn by it or read from another folder). `weights_sha256`: the SHA-256 of the LoRA
+    weights its shots were drawn with (`base` for none; its folder's `run.json`), None when unknown."""
 
     path: Path
     benchmark: str
@@ -61,6 +62,7 @@ class EvalRecord:
     values: dict[str, float]
     per_story: dict[str, dict[str, float]]
     story_shots: dict[str, int]
+    weights_sha256: str | None = None
 
     @property
     def label(self) -> str:
@@ -246,7 +248,7 @@ def _by_weights(run_dir: Path, evals: list[EvalRecord]) -> tuple[list[EvalRecord
     than the ones `dreamshot eval --run` scores now (every drawn one when the run has none yet: it started over).
     One without a drawing record (shots read from a folder, or written before run records) cannot be told apart
     and counts as the run's."""
-    drawn = [_drawn_with(record.path.parent) for record in evals]
+    drawn = [record.weights_sha256 for record in evals]
     if not any(drawn):
         return evals, []
     try:
@@ -275,4 +277,4 @@ def _read_eval(path: Path) -> EvalRecord:
         benchmark, mode = body["benchmark"], body["mode"]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: not a results file of `dreamshot eval` ({type(e).__name__}: {e})") from None
-    return EvalRecord(path, benchmark, mode, values, per_story, story_shots)
+    return EvalRecord(path, benchmark, mode, values, per_story, story_shots, _drawn_with(path.parent))

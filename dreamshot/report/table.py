@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dreamshot.eval.report import is_cosine
+from dreamshot.inference.loading import RUN_CONFIG
 from dreamshot.report.runs import PHASE_MARK, TRAINING_METRICS, UNSWEPT, RunRecord
 from dreamshot.utils.errors import ConfigError
 
@@ -290,7 +291,23 @@ def missing_data(runs: list[RunRecord], members: list[str]) -> list[str]:
         for run in runs
         if not run.metrics()
     ]
-    return notes + story_mismatches(runs)
+    return notes + story_mismatches(runs) + (mixed_weights(runs) if members else [])
+
+
+def mixed_weights(runs: list[RunRecord]) -> list[str]:
+    """A note when an evaluation-time sweep's members (evaluation folders, no training of their own) scored other
+    weights: the trained run changed between members, so their differences are not the swept settings' alone."""
+    drawn = {
+        run.name: run.evals[0].weights_sha256 for run in runs if not (run.path / RUN_CONFIG).is_file() and run.evals
+    }
+    by_weights: dict[str, list[str]] = {}
+    for name, sha in drawn.items():
+        if sha is not None:
+            by_weights.setdefault(sha, []).append(name)
+    if len(by_weights) < 2:
+        return []
+    groups = "; ".join(f"{', '.join(names)} with {sha[:12]}" for sha, names in by_weights.items())
+    return [f"the members scored other LoRA weights (run.json's lora_sha256): {groups}"]
 
 
 def story_mismatches(runs: list[RunRecord]) -> list[str]:
