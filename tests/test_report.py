@@ -453,9 +453,9 @@ def test_with_seeds_each_run_is_measured_against_the_baseline_settings_run_of_it
     assert table.relative()["with (seed=1)"]["val/racl_in_mask"] == pytest.approx(10.0)  # not +120% against seed 0
     assert table.compared_runs() == {"with (seed=0)": "without (seed=0)", "with (seed=1)": "without (seed=1)"}
     text = table.to_markdown()
-    assert "Relative improvement over `without of the same seed`" in text
-    assert "Not measured (no run of `without of the same seed`): with (seed=2)" in text
-    assert "val/racl_in_mask vs without of the same seed (%)" in table.to_csv()
+    assert "Relative improvement over `without (same seed)`" in text
+    assert "Not measured (no run of `without (same seed)`): with (seed=2)" in text
+    assert "val/racl_in_mask vs without (same seed) (%)" in table.to_csv()
     report = write_report("g", runs, tmp_path, "without (seed=0)")
     assert "relative_improvement" in report.plots
 

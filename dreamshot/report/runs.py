@@ -111,9 +111,7 @@ class RunRecord:
         stories = {}
         for prefix, record in self._prefixed_evals(labelled):
             for name in record.values if record.per_story else ():  # results written without per-story values
-                scored = (
-                    story for story, values in record.per_story.items() if math.isfinite(values.get(name, math.nan))
-                )
+                scored = (story for story, values in record.per_story.items() if _finite(values.get(name)))
                 stories[prefix + name] = frozenset(scored)
         return stories
 
@@ -134,6 +132,10 @@ class RunRecord:
         ends = list(itertools.accumulate(int(phase["steps"]) for phase in phases))[:-1]
         last_logged = max((max(curve) for curve in self.curves.values() if curve), default=-1)
         return [end for end in ends if last_logged >= end]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def is_run(folder: Path) -> bool:

@@ -92,9 +92,9 @@ class ComparisonTable:
         return {run: by_seed[self.swept[run][SEED_KEY]] for run in others if self.swept[run][SEED_KEY] in by_seed}
 
     def compared_against(self) -> str:
-        """What `relative` measures against, in words."""
+        """What `relative` measures against: the baseline, or `<its setting> (same seed)`."""
         base = self._baseline_setting(self.seed_groups())
-        return f"{self.baseline}" if base is None else f"{base} of the same seed"
+        return f"{self.baseline}" if base is None else f"{base} (same seed)"
 
     def to_markdown(self) -> str:
         """The metric table, then (with a baseline) the relative-improvement table."""
