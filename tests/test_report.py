@@ -418,6 +418,16 @@ def test_a_sweep_run_with_seeds_keeps_its_member_order_and_its_first_member_as_t
     table, _ = read_report(tmp_path / "report")
     assert table.baseline == "with_racl (seed=0)"
     assert [table.settings[run] for run in table.runs] == ["with_racl", "with_racl", "without_racl", "without_racl"]
+    # --baseline names the member: its runs are the baselines, each for its seed.
+    assert (
+        main(["report", "toy_racl_ablation", *folders, "--out", str(tmp_path / "r2"), "--baseline", "without_racl"])
+        == 0
+    )
+    table, _ = read_report(tmp_path / "r2")
+    assert table.baseline == "without_racl (seed=0)" and set(table.relative()) == {
+        "with_racl (seed=0)",
+        "with_racl (seed=1)",
+    }
 
 
 def test_a_setting_is_set_against_the_baseline_over_the_seeds_both_have():

@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, default=Path("outputs"), help="where runs are written (default: outputs)")
     parser.add_argument(
         "--baseline",
-        help="run to measure relative improvement against (default: the sweep's first member, else the first run)",
+        help="run (or member, run with several seeds) to measure relative improvement against (default: the sweep's "
+        "first member, else the first run)",
     )
     parser.add_argument("--out", type=Path, help="report folder (default: <group folder>/report)")
 
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     name = folder.name
     members = sweep_members(name) if name in available_experiments() else {}
     runs = _in_member_order(read_runs(given_runs(args.runs) or find_runs(folder), members), list(members))
-    baseline = args.baseline or default_baseline(runs, list(members))
+    baseline = named_baseline(args.baseline, runs) if args.baseline else default_baseline(runs, list(members))
     out = args.out or folder / REPORT_DIR
     check_output_dir(out, "--out" if args.out else "report folder")
     notes = missing_data(runs, [] if args.runs else list(members))
@@ -79,6 +80,13 @@ def given_runs(folders: list[Path]) -> list[Path]:
             raise ConfigError(f"{folder}: named twice among the runs to compare")
         seen.add(folder.resolve())
     return folders
+
+
+def named_baseline(name: str, runs: list[RunRecord]) -> str:
+    """The run `--baseline` names: a run's name, or a setting's (a member run with several seeds: its first run, so
+    `--baseline without_racl` is the setting whose runs of each seed the others are measured against)."""
+    names = [run.name for run in runs]
+    return name if name in names else next((run.name for run in runs if run.setting == name), name)
 
 
 def default_baseline(runs: list[RunRecord], members: list[str]) -> str | None:
