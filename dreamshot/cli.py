@@ -2,17 +2,23 @@
 
 A `DreamShotError` (bad config, data or weights) is printed as one line on stderr with exit status 2, and
 Ctrl-C as one line with status 130 (what was kept, and how to continue; `train` stops at a SIGTERM the same way,
-status 143); so is a usage error, named with its subcommand. Anything else is a bug and keeps its traceback.
+status 143); so is a usage error, named with its subcommand. A reader that closes the output early (`| head`) ends
+the command quietly with status 141, as SIGPIPE ends a shell tool. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import sys
 from collections.abc import Callable
 
 from dreamshot.utils.errors import DreamShotError, Interrupted
+
+# 128 + SIGPIPE: the status of a shell tool whose reader went away (`dreamshot ... | head`).
+CLOSED_OUTPUT_STATUS = 141
 
 # Subcommand name -> module under dreamshot.commands exposing `add_arguments(parser)` and `run(args)`.
 COMMANDS = {
@@ -59,9 +65,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_reporting(prog: str, command: Callable[[], int | None]) -> int:
     """Run `command`, returning its exit status (None: 0); a `DreamShotError` or Ctrl-C is one line on stderr led
-    by `prog`, as `OneLineParser` leads a usage error, and its exit status is returned."""
+    by `prog`, as `OneLineParser` leads a usage error, and its exit status is returned. A closed stdout ends it
+    quietly (`CLOSED_OUTPUT_STATUS`)."""
     try:
-        return command() or 0
+        status = command() or 0
+        sys.stdout.flush()  # here, not at exit: a reader gone by then is seen below, not as a shutdown traceback
+        return status
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe or socket (a judge endpoint): a bug or a fault to see, not the reader leaving
+        # What is still buffered cannot reach anyone: stdout goes to /dev/null so the exit flush stays silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CLOSED_OUTPUT_STATUS
     except DreamShotError as e:
         label = "" if isinstance(e, Interrupted) else "error: "
         print(f"{prog}: {label}{e}", file=sys.stderr)
@@ -70,6 +85,13 @@ def run_reporting(prog: str, command: Callable[[], int | None]) -> int:
         # Every writer is atomic: what a command finished is kept, and the same command continues from it.
         print(f"{prog}: interrupted; finished work is kept, rerun to continue", file=sys.stderr)
         return Interrupted.exit_status
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader is gone (poll reports an error on a pipe whose read end is closed)."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -1,5 +1,6 @@
 """The `dreamshot` command line: one-line errors with status 2, sweep launch lines."""
 
+import os
 import subprocess
 import sys
 
@@ -146,3 +147,26 @@ def test_python_dash_m_dreamshot_is_the_command_line():
     )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("dreamshot train: error:") and "optim.lrr" in done.stderr
+
+
+@pytest.mark.parametrize("buffered", [False, True], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize(
+    "argv",
+    [["-m", "dreamshot", "train"], ["-m", "dreamshot.report.sweep"]],
+    ids=["dreamshot", "sweep"],
+)
+def test_a_reader_that_closes_early_ends_a_printing_command_quietly(argv, buffered):
+    """`... --print-commands | head`: the reader is gone before the lines are written (its end of the pipe closed
+    before the command prints), and the command ends with SIGPIPE's shell status, no traceback, whether the lines
+    fail as printed (unbuffered) or only at the last flush (buffered)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    command = [sys.executable, *argv, "toy_racl_ablation", "--print-commands"]
+    try:
+        done = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")

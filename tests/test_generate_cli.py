@@ -499,3 +499,28 @@ def test_the_summary_line_names_the_contact_sheet_where_it_is(story, run_dir, tm
     assert main(["generate", str(story), "--run", str(run_dir), "--out", str(tmp_path / "out"), "--steps", "1"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.endswith(f"-> {tmp_path / 'out'} ({SHEET_FILE})") and (tmp_path / "out" / SHEET_FILE).is_file()
+
+
+def test_a_folder_a_re_roll_was_killed_in_says_so_until_the_re_roll_is_run_again(
+    generated, story, run_dir, tmp_path, monkeypatch
+):
+    """Killed after its new take of shot 2 is on disk, before its record: the record still lists take 1 of the
+    earlier seed for shot_02.png, which is now another image. The folder is refused as a storyboard (animate reads
+    it) and by a re-roll that would keep shot 2 as it is, until the re-roll of shot 2 runs again."""
+    out = tmp_path / "out"
+    shutil.copytree(generated, out)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    argv = ["generate", str(story), "--run", str(run_dir), "--out", str(out), "--regenerate"]
+    with monkeypatch.context() as patch:
+        patch.setattr(generate_command, "write_record", killed)
+        assert main([*argv, "2"]) == 130
+    with pytest.raises(DataError, match=r"generation.json: a re-roll of shots 2 stopped before its record"):
+        outputs.storyboard_shots(out)
+    assert main([*argv, "3"]) == 2
+    assert main([*argv, "2"]) == 0
+    assert len(outputs.storyboard_shots(out)) == 3
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert "rerolling" not in record and all("rerolling" not in earlier for earlier in record["history"])

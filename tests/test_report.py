@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -16,9 +17,10 @@ from PIL import Image
 from dreamshot.cli import main
 from dreamshot.config.load import load_config, sweep_members, to_yaml
 from dreamshot.eval.report import EvalResults, write_results
+from dreamshot.eval.resume import file_sha256
 from dreamshot.report.build import read_report, write_report
 from dreamshot.report.history import read_curves
-from dreamshot.report.plots import loss_curves_figure
+from dreamshot.report.plots import guidance_grid_figure, loss_curves_figure
 from dreamshot.report.runs import RunRecord, find_runs, read_run, read_runs
 from dreamshot.report.table import build_table, missing_data, relative_improvement
 from dreamshot.report.wandb_log import log_report, wandb_setting
@@ -195,6 +197,8 @@ def test_report_errors_name_the_folder_and_the_baseline(tmp_path: Path, sweep_gr
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "empty: no run folders" in capsys.readouterr().err
+    assert main(["report", "toy_racl_ablatoin", "--root", str(tmp_path)]) == 2
+    assert "toy_racl_ablatoin: not found (GROUP is an experiment" in capsys.readouterr().err
     assert main(["report", "toy_racl_ablation", "--root", str(sweep_group.parent), "--baseline", "nope"]) == 2
     assert "baseline 'nope' is not a run of toy_racl_ablation" in capsys.readouterr().err
 
@@ -265,6 +269,9 @@ def test_the_shot_count_plot_needs_stories_of_two_shot_counts(sweep_group: Path,
     for run in runs:
         run.evals[0].story_shots = {story: 3 for story in run.evals[0].story_shots}
     assert "shot_count" not in write_report("g", runs, tmp_path / "one", "with_racl").plots
+    # Written again where the first report drew it, the figure it no longer has is not left behind as its own.
+    assert not write_report("g", runs, tmp_path / "two", "with_racl").plots.keys() & {"shot_count"}
+    assert not (tmp_path / "two" / "plots" / "shot_count.png").exists()
 
 
 def seeded_run(setting: str, seed: int, weight: float, in_mask: float, loss: float) -> RunRecord:
@@ -291,7 +298,7 @@ def test_runs_of_one_setting_with_other_seeds_are_summarised_and_paired_against_
     gain, better, pairs = table.paired_over_seeds()["with"]["val/loss"]
     assert gain == pytest.approx(-100 * 0.05 / 0.8) and (better, pairs) == (0, 3)  # lower is better: worse in all
     text = table.to_markdown()
-    assert "| with | 3 | 0.85 ± 0.1 | 0.15 ± 0.04 |" in text and "| with |  | -6.25 (0/3) | +25 (2/3) |" in text
+    assert "| with | 3 | 0.85 ± 0.1 | 0.15 ± 0.04 |" in text and "| with | 3 | -6.25 (0/3) | +25 (2/3) |" in text
 
 
 def test_no_seed_summary_without_two_seeds_of_one_setting():
@@ -328,3 +335,207 @@ def test_the_training_curves_show_the_racl_loss_and_the_phase_ends():
     assert titles == ["train/loss_fm (EMA 0.9) ↓", "train/loss_racl (EMA 0.9) ↓"]
     for ax in figure.axes:  # the end of phase 1, a vertical line at step 10
         assert any(list(line.get_xdata()) == [10, 10] for line in ax.get_lines())
+
+
+def write_eval_in_mode(folder: Path, mode: str, values: dict[str, float]) -> None:
+    write_results(folder, EvalResults("toy", mode, folder.name, values, {}, {"s": values}, {"s": 3}))
+
+
+def test_evaluations_of_other_modes_are_never_one_column(tmp_path: Path):
+    """A run scored in r2s and one scored in t2s: their values are not comparable, so they are two columns (and no
+    relative change between them), as they are for a run holding both."""
+    write_eval_in_mode(tmp_path / "a", "r2s", {"toy_identity_cross": 0.4})
+    write_eval_in_mode(tmp_path / "b", "t2s", {"toy_identity_cross": 0.2})
+    table = build_table("g", read_runs([tmp_path / "a", tmp_path / "b"]), baseline="a")
+    assert table.metrics == ["toy-r2s/toy_identity_cross", "toy-t2s/toy_identity_cross"]
+    assert table.rows["b"] == {"toy-t2s/toy_identity_cross": 0.2}
+    assert table.relative() == {"b": {}}
+
+
+def test_two_evaluations_of_a_run_in_one_mode_are_named_by_their_folders(tmp_path: Path):
+    run = tmp_path / "run"
+    write_eval_in_mode(run / "eval" / "toy-r2s", "r2s", {"toy_identity_cross": 0.4})
+    write_eval_in_mode(run / "eval" / "toy-r2s-steps10", "r2s", {"toy_identity_cross": 0.3})
+    assert read_run(run).metrics() == {"toy-r2s/toy_identity_cross": 0.4, "toy-r2s-steps10/toy_identity_cross": 0.3}
+
+
+def test_what_a_resumed_run_trains_again_replaces_every_later_step_of_the_launch_before(tmp_path: Path):
+    """Killed at step 9 with its last checkpoint at step 5, resumed and killed again at step 7: the first launch's
+    steps 6-9 (its validation at 9 among them) are not of the run as it stands, so its final val/loss is step 4's."""
+    validations = [{"step": 4, "val/loss": 4.0}, {"step": 9, "val/loss": 9.0}]
+    write_metrics(tmp_path, 0, [{"step": s, "train/loss": 10.0 + s} for s in range(10)] + validations)
+    write_metrics(tmp_path, 1, [{"step": s, "train/loss": float(s)} for s in (5, 6, 7)])
+    curves = read_curves(tmp_path)
+    assert curves["train/loss"] == {0: 10.0, 1: 11.0, 2: 12.0, 3: 13.0, 4: 14.0, 5: 5.0, 6: 6.0, 7: 7.0}
+    assert curves["val/loss"] == {4: 4.0}
+
+
+def test_a_run_started_over_in_its_folder_shows_none_of_the_run_before(tmp_path: Path):
+    """`trainer.overwrite=true` keeps the folder's csv/ logs: the new run's version starts at step 0 and replaces
+    them, so a 2-step run is not reported with the old run's validation."""
+    write_metrics(
+        tmp_path, 0, [{"step": s, "train/loss": 10.0 + s} for s in range(10)] + [{"step": 9, "val/loss": 9.0}]
+    )
+    write_metrics(tmp_path, 1, [{"step": s, "train/loss": float(s)} for s in (0, 1)])
+    assert read_curves(tmp_path) == {"train/loss": {0: 0.0, 1: 1.0}}
+
+
+def test_an_evaluation_of_weights_the_run_no_longer_has_is_left_out_and_noted(sweep_group: Path, capsys):
+    """with_racl was scored, then trained on (its LoRA changed): the old score is not the run's."""
+    run = sweep_group / "with_racl"
+    lora = run / "lora.safetensors"
+    lora.write_bytes(b"weights of step 4")
+    eval_dir = run / "eval" / "toy-r2s"
+    (eval_dir / "run.json").write_text(json.dumps({"identity": {}, "fingerprint": {"lora_sha256": file_sha256(lora)}}))
+    assert read_run(run).metrics()["toy_identity_cross"] == 0.4
+    lora.write_bytes(b"weights of step 8")
+    record = read_run(run)
+    assert "toy_identity_cross" not in record.metrics() and [e.path.parent for e in record.outdated] == [eval_dir]
+    assert main(["report", "toy_racl_ablation", "--root", str(sweep_group.parent)]) == 0
+    assert f"warning: with_racl: toy-r2s in {eval_dir} left out: its shots were drawn with other weights" in (
+        capsys.readouterr().err
+    )
+    table, _ = read_report(sweep_group / "report")
+    assert "toy_identity_cross" not in table.rows["with_racl"] and "toy_identity_cross" in table.rows["without_racl"]
+    lora.unlink()  # started over, no weights yet: every drawn evaluation is of the run before
+    assert read_run(run).outdated and not read_run(run).evals
+
+
+def test_a_sweep_run_with_seeds_keeps_its_member_order_and_its_first_member_as_the_baseline(tmp_path: Path, capsys):
+    """The runs named on the line last member first: the report still lists with_racl first and measures against
+    it, as it does for the sweep's own folders, though every run is named `member (seed=S)`."""
+    folders = []
+    for member in ("without_racl", "with_racl"):
+        for seed in (0, 1):
+            run = tmp_path / f"seed{seed}" / member
+            run.mkdir(parents=True)
+            (run / "config.yaml").write_text(
+                to_yaml(load_config("toy_racl_ablation", [f"seed={seed}", f"output_dir={run}"], member))
+            )
+            write_metrics(run, 0, [{"step": 4, "val/loss": 1.0 + seed}])
+            folders.append(str(run))
+    assert main(["report", "toy_racl_ablation", *folders, "--out", str(tmp_path / "report")]) == 0
+    table, _ = read_report(tmp_path / "report")
+    assert table.baseline == "with_racl (seed=0)"
+    assert [table.settings[run] for run in table.runs] == ["with_racl", "with_racl", "without_racl", "without_racl"]
+    # --baseline names the member: its runs are the baselines, each for its seed.
+    assert (
+        main(["report", "toy_racl_ablation", *folders, "--out", str(tmp_path / "r2"), "--baseline", "without_racl"])
+        == 0
+    )
+    table, _ = read_report(tmp_path / "r2")
+    assert table.baseline == "without_racl (seed=0)" and set(table.relative()) == {
+        "with_racl (seed=0)",
+        "with_racl (seed=1)",
+    }
+
+
+def test_a_setting_is_set_against_the_baseline_over_the_seeds_both_have():
+    """with's seed 2 has no in-mask share (its validation never ran): its mean over seeds 0 and 1 is set against the
+    baseline's over seeds 0 and 1, where it is better in both, not against a mean lifted by the baseline's seed 2."""
+    runs = [
+        seeded_run("without", 0, 0.0, 0.10, 0.80),
+        seeded_run("without", 1, 0.0, 0.12, 0.90),
+        seeded_run("without", 2, 0.0, 0.30, 0.70),
+        seeded_run("with", 0, 0.1, 0.11, 0.85),
+        seeded_run("with", 1, 0.1, 0.13, 0.95),
+        seeded_run("with", 2, 0.1, 0.0, 0.75),
+    ]
+    del runs[-1].curves["val/racl_in_mask"]
+    table = build_table("g", runs, baseline="without (seed=0)")
+    gain, better, pairs = table.paired_over_seeds()["with"]["val/racl_in_mask"]
+    assert gain == pytest.approx(100 * 0.01 / 0.11) and (better, pairs) == (2, 2)
+    assert table.across_seeds()["with"]["val/racl_in_mask"][2] == 2
+    assert "| with | 3 | 0.85 ± 0.1 | 0.12 ± 0.014 (n=2) |" in table.to_markdown()
+
+
+def test_with_seeds_each_run_is_measured_against_the_baseline_settings_run_of_its_own_seed(tmp_path: Path):
+    """Against `without (seed=0)` alone, `without (seed=1)` would show a change that is only seed noise, and every
+    `with` run of seed 1 or 2 would carry it; the baseline setting's runs are the baselines, each for its seed."""
+    runs = [
+        seeded_run("without", 0, 0.0, 0.10, 0.80),
+        seeded_run("without", 1, 0.0, 0.20, 0.90),
+        seeded_run("with", 0, 0.1, 0.11, 0.80),
+        seeded_run("with", 1, 0.1, 0.22, 0.90),
+        seeded_run("with", 2, 0.1, 0.30, 0.90),
+    ]
+    table = build_table("g", runs, baseline="without (seed=0)")
+    assert table.relative()["with (seed=1)"]["val/racl_in_mask"] == pytest.approx(10.0)  # not +120% against seed 0
+    assert table.compared_runs() == {"with (seed=0)": "without (seed=0)", "with (seed=1)": "without (seed=1)"}
+    text = table.to_markdown()
+    assert "Relative improvement over `without (same seed)`" in text
+    assert "Not measured (no run of `without (same seed)`): with (seed=2)" in text
+    assert "val/racl_in_mask vs without (same seed) (%)" in table.to_csv()
+    report = write_report("g", runs, tmp_path, "without (seed=0)")
+    assert "relative_improvement" in report.plots
+
+
+def test_means_over_different_stories_are_a_note(tmp_path: Path, capsys):
+    """b's identity value is a mean over one story of two (the other's references gave no feature): set against a's
+    mean over both, the table must say so; its style value, over the same stories as a's, needs no note."""
+    scored = {"s1": {"cids_cross": 0.5, "csd_cross": 0.4}, "s2": {"cids_cross": 0.1, "csd_cross": 0.4}}
+    partial = {"s1": {"cids_cross": 0.5, "csd_cross": 0.4}, "s2": {"csd_cross": 0.4}}
+    for name, per_story, cids in (("a", scored, 0.3), ("b", partial, 0.5)):
+        values = {"cids_cross": cids, "csd_cross": 0.4}
+        write_results(tmp_path / name, EvalResults("toy", "r2s", name, values, {}, per_story, {"s1": 3, "s2": 3}))
+    notes = missing_data(read_runs([tmp_path / "a", tmp_path / "b"]), [])
+    assert notes == ["cids_cross: means over different stories (a: 2, b: 1; 1 in all of them)"]
+    assert main(["report", "g", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "r")]) == 0
+    assert "warning: cids_cross: means over different stories" in capsys.readouterr().err
+
+
+def guidance_run(w1: float, w2: float, seed: int, loss: float, folder: str = "") -> RunRecord:
+    config = {"inference.omega1": w1, "inference.omega2": w2, "seed": seed}
+    name = f"w1_{w1}-w2_{w2} (seed={seed}{folder})"
+    return RunRecord(name, Path(name), config, {"val/loss": {10: loss}})
+
+
+def test_the_guidance_grid_shows_the_mean_of_a_cell_several_seeds_share():
+    runs = [guidance_run(w1, w2, seed, loss) for w1, w2, seed, loss in [(0, 1, 0, 0.8), (0, 1, 1, 0.6), (4, 5, 0, 0.2)]]
+    figure = guidance_grid_figure(build_table("g", runs))
+    texts = {text.get_text(): text.get_color() for text in figure.axes[0].texts}
+    assert set(texts) == {"0.7\n(n=2)", "0.2"}  # not the last seed's 0.6
+    # val/loss is lower-is-better: its best cell is the bright end of the reversed map, so its text is black.
+    assert texts["0.2"] == "black" and texts["0.7\n(n=2)"] == "white"
+
+
+def test_no_guidance_grid_when_runs_that_share_a_cell_are_not_told_apart_by_seed():
+    """Two trained runs' guidance sweeps in one report: their cells would mix the two runs' values."""
+    runs = [guidance_run(0, 1, 0, 0.8, " a"), guidance_run(0, 1, 0, 0.6, " b"), guidance_run(4, 5, 0, 0.2)]
+    for run in runs:
+        del run.config["seed"]
+    assert guidance_grid_figure(build_table("g", runs)) is None
+
+
+def test_a_log_line_still_being_written_is_not_read(tmp_path: Path):
+    """A run in progress (or killed mid-write): its last row is cut, `0.4` of `0.45`; a file not written yet is
+    no row, not an error."""
+    path = tmp_path / "csv" / "version_0" / "metrics.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text("epoch,step,val/loss\n0,9,0.5\n0,12,0.4")
+    assert read_curves(tmp_path) == {"val/loss": {9: 0.5}}
+    path.write_text("")
+    assert read_curves(tmp_path) == {}
+
+
+def test_the_markdown_tables_give_cosine_values_x100_as_eval_and_the_paper_do(sweep_group: Path):
+    table = build_table("toy_racl_ablation", read_runs(find_runs(sweep_group)), baseline="without_racl")
+    text = table.to_markdown()
+    assert "| run | racl.weight | toy_identity_cross ×100 | val/loss ↓ |" in text
+    assert "| with_racl | 0.1 | 40 | 0.9 |" in text  # the in-mask share is a share, not a cosine: as it is
+    assert "| with_racl | 0.1 | +100 |" in text  # a relative change has no unit to scale
+    assert next(csv.DictReader(io.StringIO(table.to_csv())))["toy_identity_cross"] == "0.4"
+
+
+def test_an_evaluation_time_sweep_whose_members_scored_other_weights_is_noted(tmp_path: Path):
+    """The trained run was trained on between two members' evaluations: the grid's cells differ by more than ω."""
+    group = tmp_path / "toy_guidance"
+    members = sweep_members("toy_guidance")
+    for member, sha in (("w1_0-w2_1", "a" * 64), ("w1_0-w2_5", "a" * 64), ("w1_4-w2_1", "b" * 64)):
+        write_eval(group / member, {"toy_identity_cross": 0.1}, {"s": 3})
+        (group / member / "run.json").write_text(json.dumps({"identity": {}, "fingerprint": {"lora_sha256": sha}}))
+    notes = missing_data(read_runs(find_runs(group), members), list(members))
+    assert notes[-1] == (
+        "the members scored other LoRA weights (run.json's lora_sha256): w1_0-w2_1, w1_0-w2_5 with aaaaaaaaaaaa; "
+        "w1_4-w2_1 with bbbbbbbbbbbb"
+    )

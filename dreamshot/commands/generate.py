@@ -54,9 +54,11 @@ from dreamshot.inference.loading import (
     weights_and_config,
 )
 from dreamshot.inference.outputs import (
+    check_rerolls,
     check_same_story,
     keep_earlier_takes,
     load_kept_shots,
+    mark_rerolling,
     read_record,
     remove_earlier_storyboard,
     save_shots,
@@ -129,6 +131,7 @@ def run(args: argparse.Namespace) -> None:
     kept = [n for n in range(1, len(story.shots) + 1) if n not in targets]
     if previous is not None:
         check_same_story(args.out, previous, story, kept, conditions_sha256(story))
+        check_rerolls(args.out, previous, targets)
     takes = _earlier_takes(args.out, targets, size) if previous is not None else None
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size), takes)
     check_trained(cfg.storyboard, request.mode)
@@ -227,6 +230,7 @@ def _write_storyboard(out: Path, drawn: Drawn, previous: dict | None) -> tuple[d
     result = drawn.result
     takes = shot_takes(previous, len(drawn.story.shots))
     if previous is not None:
+        mark_rerolling(out, previous, drawn.targets)
         takes = keep_earlier_takes(out, drawn.targets, takes)
     else:
         remove_earlier_storyboard(out, len(drawn.story.shots))

@@ -138,17 +138,17 @@ def _pad(cell: str, width: int, column: int) -> str:
 
 def _ours(results: EvalResults, name: str) -> str:
     if name in results.values:
-        return _number(name, results.values[name] * 100 if _is_cosine(name) else results.values[name])
+        return _number(name, results.values[name] * 100 if is_cosine(name) else results.values[name])
     return MISSING if name in results.missing else "-"
 
 
-def _is_cosine(name: str) -> bool:
+def is_cosine(name: str) -> bool:
     """Cosine values (CIDS, CSD and the toy proxies) are printed x100."""
     return name in PERCENT or name.startswith("toy_")
 
 
 def _number(name: str, value: float) -> str:
-    return f"{value:.1f}" if _is_cosine(name) else f"{value:.2f}"
+    return f"{value:.1f}" if is_cosine(name) else f"{value:.2f}"
 
 
 def _raw(value: float | None) -> str:

@@ -11,7 +11,11 @@ and which kept, each shot's take) and, under `history`, the records of the calls
 so readers of the layout do not see it); `shot_NN.png` is always the latest take. A whole story drawn into a
 folder replaces the storyboard it held: its record is removed first and written last, and its shots numbered
 past the new story's and its takes are removed. A re-roll keeps shots of the story the folder was drawn from only
-(`check_same_story`). Every file is written atomically.
+(`check_same_story`). Before it moves or writes a shot file, a re-roll marks the folder's record with the shots it
+re-rolls (`rerolling`: `mark_rerolling`), and its own record, written last, drops the mark: a re-roll killed in
+between leaves shot files that are not the takes the record lists (moved to `takes/`, or an unrecorded new take),
+and the mark says so, to `storyboard_shots` (which refuses the folder) and to the next re-roll (which must re-roll
+those shots too). Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from dreamshot.utils.text import read_text
 SHEET_FILE = "sheet/storyboard.png"
 RECORD_FILE = "generation.json"
 TAKES_DIR = "takes"
+# The shots a re-roll that has not written its record yet is drawing again (`mark_rerolling`).
+REROLLING_KEY = "rerolling"
 
 
 def shot_file(index: int) -> str:
@@ -203,9 +209,36 @@ def check_same_story(out_dir: Path, record: dict, story: Story, kept: list[int],
         raise DataError(f"{path}: drawn with references {recorded} (role, prompt), {story.path} has other ones")
 
 
+def mark_rerolling(out_dir: Path, record: dict, shots: list[int]) -> None:
+    """Before a re-roll moves or writes the files of `shots`: the folder's record `record`, marked with them."""
+    atomic_write_text(out_dir / RECORD_FILE, json.dumps({**record, REROLLING_KEY: shots}, indent=2))
+
+
+def check_rerolls(out_dir: Path, record: dict, shots: list[int]) -> None:
+    """DataError unless a re-roll of `shots` re-rolls every shot a re-roll killed before its record left unfinished
+    (its files are not the takes `record` lists, so they cannot be kept as they are)."""
+    unfinished = [n for n in record.get(REROLLING_KEY, []) if n not in shots]
+    if unfinished:
+        raise DataError(
+            f"{out_dir / RECORD_FILE}: a re-roll of shots {_listed(record[REROLLING_KEY])} stopped before its record "
+            f"was written: re-roll {_listed(unfinished)} too (--regenerate {_listed(sorted({*shots, *unfinished}))})"
+        )
+
+
+def _listed(shots: list[int]) -> str:
+    return ",".join(map(str, shots))
+
+
 def storyboard_shots(out_dir: Path) -> list[tuple[Path, str]]:
-    """(image file, annotation) of every shot of the storyboard in `out_dir`, in order."""
+    """(image file, annotation) of every shot of the storyboard in `out_dir`, in order; DataError for a folder a
+    re-roll was killed in (`REROLLING_KEY`), whose shot files are not all the takes its record lists."""
     record, path = read_record(out_dir), out_dir / RECORD_FILE
+    if record.get(REROLLING_KEY):
+        shots = _listed(record[REROLLING_KEY])
+        raise DataError(
+            f"{path}: a re-roll of shots {shots} stopped before its record was written, so those shot files are not "
+            f"the takes it lists: run it again (dreamshot generate ... --regenerate {shots})"
+        )
     shots = []
     for i, shot in enumerate(record["shots"]):
         if not (isinstance(shot, dict) and all(isinstance(shot.get(key), str) for key in ("file", "annotation"))):
@@ -223,7 +256,10 @@ def write_record(out_dir: Path, record: dict, previous: dict | None = None) -> P
     """Write `record` as `generation.json`, keeping `previous` (and its history) under `history`."""
     history = []
     if previous is not None:
-        history = [*previous.get("history", []), {k: v for k, v in previous.items() if k != "history"}]
+        history = [
+            *previous.get("history", []),
+            {k: v for k, v in previous.items() if k not in ("history", REROLLING_KEY)},
+        ]
     path = out_dir / RECORD_FILE
     atomic_write_text(path, json.dumps({**record, "history": history}, indent=2))
     return path

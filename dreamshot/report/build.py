@@ -61,6 +61,9 @@ def write_report(
     table = build_table(group, runs, baseline, notes)
     figures = draw_figures(table, runs)
     plots = {name: _save(figure, out / PLOTS_DIR / f"{name}.png") for name, figure in figures.items()}
+    for name in TITLES.keys() - plots.keys():
+        # An earlier report's figure these runs no longer have the data for: left there, it would pass for theirs.
+        (out / PLOTS_DIR / f"{name}.png").unlink(missing_ok=True)
     markdown, csv_path, json_path = out / REPORT_MD, out / REPORT_CSV, out / REPORT_JSON
     atomic_write_text(markdown, _markdown(table, runs, plots, out))
     atomic_write_text(csv_path, table.to_csv())
@@ -112,7 +115,8 @@ def _markdown(table: ComparisonTable, runs: list[RunRecord], plots: dict[str, Pa
         "",
         "## Metrics",
         "",
-        "Final values: evaluation results (`results.json`), then the last logged validation metrics.",
+        "Final values: evaluation results (`results.json`; CIDS, CSD and the toy proxies ×100 as `dreamshot eval` "
+        "prints them, raw in report.csv), then the last logged validation metrics.",
         "",
         table.to_markdown(),
     ]

@@ -1,11 +1,15 @@
 """A run's logged metrics, step by step, from its CSV logs (`csv/version_N/metrics.csv`, written beside W&B by
 every run: W&B's own `.wandb` log is a format that library owns, and an offline run must be readable without
-syncing). A resumed run adds a version that logs some steps again; the later value of a (step, metric) wins, so
-every curve is the one the finished run stands on."""
+syncing). Each launch adds a version. A resumed run's version starts at its checkpoint's step: what the versions
+before it logged after that step (a killed run's steps past its last checkpoint, or the steps of an earlier
+training, under other settings, that it trains again) is dropped, and the later value of a (step, metric) wins. A
+version starting at the first step logged (`trainer.overwrite`: a run started over in the folder) replaces what came
+before it. So every curve is the one the run as it stands trained, finished or not."""
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
@@ -18,11 +22,14 @@ CSV_STEP = "step"
 def read_curves(run_dir: Path) -> dict[str, dict[int, float]]:
     """metric -> {optimizer step: value} of every metric the run logged (empty when it logged nothing)."""
     curves: dict[str, dict[int, float]] = {}
-    for step, values in _csv_rows(run_dir):
-        for key, value in values.items():
-            if math.isfinite(value):  # NaN: a diagnostic with nothing to measure at that step
-                curves.setdefault(key, {})[step] = value
-    return {key: dict(sorted(points.items())) for key, points in curves.items()}
+    for rows in _csv_versions(run_dir):
+        if rows:
+            curves = _before(curves, min(step for step, _ in rows))
+        for step, values in rows:
+            for key, value in values.items():
+                if math.isfinite(value):  # NaN: a diagnostic with nothing to measure at that step
+                    curves.setdefault(key, {})[step] = value
+    return {key: dict(sorted(points.items())) for key, points in curves.items() if points}
 
 
 def last_value(curve: dict[int, float]) -> float:
@@ -30,16 +37,32 @@ def last_value(curve: dict[int, float]) -> float:
     return curve[max(curve)]
 
 
-def _csv_rows(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
+def _before(curves: dict[str, dict[int, float]], start: int) -> dict[str, dict[int, float]]:
+    """What earlier versions logged up to `start`, the first step of the next version; nothing when `start` is at or
+    before everything they logged (the run started over)."""
+    first = min((min(points) for points in curves.values() if points), default=start)
+    if start <= first:
+        return {}
+    return {key: {step: v for step, v in points.items() if step <= start} for key, points in curves.items()}
+
+
+def _csv_versions(run_dir: Path) -> list[list[tuple[int, dict[str, float]]]]:
+    """The rows of every launch's metrics.csv, in launch order."""
     versions = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
-    return [row for path in versions for row in _read_metrics(path)]
+    return [_read_metrics(path) for path in versions]
 
 
 def _read_metrics(path: Path) -> list[tuple[int, dict[str, float]]]:
     """(step, {metric: value}) of each row of one metrics.csv; DataError naming the file and line when a row
-    is not Lightning's CSV logger's (no step column, a cell that is not a number)."""
+    is not Lightning's CSV logger's (no step column, a cell that is not a number). Every row the logger writes ends
+    its line: a last line without its end is a row still being written (the run goes on) or cut by a kill, whose
+    cells may be cut short (`0.4` of `0.45`), so it is not read; nor is a file not written yet."""
+    text = path.read_text(encoding="utf-8")
+    complete = text[: text.rfind("\n") + 1]
+    if not complete:
+        return []
     rows = []
-    with path.open(newline="") as f:
+    with io.StringIO(complete, newline="") as f:
         reader = csv.DictReader(f)
         if CSV_STEP not in (reader.fieldnames or []):
             raise DataError(f"{path}: no {CSV_STEP!r} column: not a metrics file of Lightning's CSV logger")

@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from dreamshot.report.attention import RoleAttention
 from dreamshot.report.runs import RunRecord
-from dreamshot.report.table import ComparisonTable, higher_is_better
+from dreamshot.report.table import SEED_KEY, ComparisonTable, higher_is_better
 
 # The flow-matching part of the training loss: the total adds λ·L_RACL, so it is not comparable across λ.
 CURVE_KEYS = ("train/loss_fm", "train/loss_racl", "val/loss", "val/racl_in_mask", "val/racl_confusion")
@@ -42,9 +42,9 @@ def relative_improvement_figure(table: ComparisonTable) -> Figure:
         ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(positions, [m if higher_is_better(m) else f"{m} ↓" for m in metrics], rotation=20, ha="right")
-    ax.set_ylabel(f"change vs {table.baseline} (%, positive = better)")
+    ax.set_ylabel(f"change vs {table.compared_against()} (%, positive = better)")
     ax.set_title(
-        f"{table.group}: relative improvement over {table.baseline}\n"
+        f"{table.group}: relative improvement over {table.compared_against()}\n"
         "(↓: lower is better, sign flipped; n/a: the baseline is 0 or near it; no data: a run lacks the metric)",
         fontsize=10,
     )
@@ -86,31 +86,60 @@ def loss_curves_figure(runs: list[RunRecord], group: str, keys: tuple[str, ...] 
 
 
 def guidance_grid_figure(table: ComparisonTable) -> Figure | None:
-    """Paper Fig. 8: one heat map per metric over the (ω1, ω2) values of the runs. None without both swept."""
+    """Paper Fig. 8: one heat map per metric over the (ω1, ω2) values of the runs; a cell several runs share (the
+    same setting with other seeds) holds their mean, marked with their count. None without both swept, or when
+    runs that share a cell are not told apart by their seed alone (two trained runs' grids: one cell would mix
+    them)."""
     if not all(key in table.swept_keys for key in OMEGA_KEYS):
         return None
-    omega1 = sorted({table.swept[run][OMEGA_KEYS[0]] for run in table.runs})
-    omega2 = sorted({table.swept[run][OMEGA_KEYS[1]] for run in table.runs})
+    cells = _guidance_cells(table)
+    if cells is None:
+        return None
+    omega1 = sorted({w1 for w1, _ in cells})
+    omega2 = sorted({w2 for _, w2 in cells})
     fig, axes = _panels(len(table.metrics), (4.4, 3.8))
     for ax, metric in zip(axes, table.metrics, strict=True):
         grid = np.full((len(omega2), len(omega1)), np.nan)
-        for run in table.runs:
-            w1, w2 = (table.swept[run][key] for key in OMEGA_KEYS)
-            grid[omega2.index(w2), omega1.index(w1)] = table.rows[run].get(metric, np.nan)
+        counts = np.zeros_like(grid, dtype=int)
+        for (w1, w2), runs in cells.items():
+            values = [table.rows[run][metric] for run in runs if metric in table.rows[run]]
+            if values:
+                grid[omega2.index(w2), omega1.index(w1)] = np.mean(values)
+                counts[omega2.index(w2), omega1.index(w1)] = len(values)
         image = ax.imshow(grid, origin="lower", cmap="viridis" if higher_is_better(metric) else "viridis_r")
         for (r, c), value in np.ndenumerate(grid):
             if not np.isnan(value):
-                # Dark text on the bright end of the colour map, light text on the dark end.
-                colour = "black" if image.norm(value) > 0.6 else "white"
-                ax.text(c, r, f"{value:.3g}", ha="center", va="center", color=colour, fontsize=8)
+                text = f"{value:.3g}" + (f"\n(n={counts[r, c]})" if counts[r, c] > 1 else "")
+                ax.text(c, r, text, ha="center", va="center", color=_ink(image, value), fontsize=8)
         ax.set_xticks(range(len(omega1)), [f"{w:g}" for w in omega1])
         ax.set_yticks(range(len(omega2)), [f"{w:g}" for w in omega2])
         ax.set_xlabel("ω1 (reference guidance)")
         ax.set_ylabel("ω2 (text guidance)")
-        ax.set_title(metric)
+        ax.set_title(metric if higher_is_better(metric) else f"{metric} ↓")
         fig.colorbar(image, ax=ax, shrink=0.8)
     fig.suptitle(f"{table.group}: metrics over the guidance weights (Eq. 9)")
     return fig
+
+
+def _guidance_cells(table: ComparisonTable) -> dict[tuple[float, float], list[str]] | None:
+    """(ω1, ω2) -> the runs there; None when two runs of a cell differ in anything but their seed, or not in it."""
+    cells: dict[tuple[float, float], list[str]] = defaultdict(list)
+    for run in table.runs:
+        cells[tuple(table.swept[run][key] for key in OMEGA_KEYS)].append(run)
+    rest = [key for key in table.swept_keys if key not in (*OMEGA_KEYS, SEED_KEY)]
+    for runs in cells.values():
+        seeds = [table.swept[run].get(SEED_KEY) for run in runs]
+        settings = {tuple(str(table.swept[run].get(key)) for key in rest) for run in runs}
+        if len(runs) > 1 and (None in seeds or len(set(seeds)) < len(runs) or len(settings) > 1):
+            return None
+    return dict(cells)
+
+
+def _ink(image, value: float) -> str:
+    """Black text on a light cell of the colour map, white on a dark one (by the cell's luminance, so a reversed
+    map gets it right too)."""
+    red, green, blue, _ = image.cmap(image.norm(value))
+    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
 
 
 def shot_count_figure(runs: list[RunRecord], group: str) -> Figure | None:

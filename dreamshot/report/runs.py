@@ -2,7 +2,9 @@
 
 A run folder is a training run (`config.yaml`, `summary.json`, CSV or offline W&B logs, written by
 `dreamshot train`) or an evaluation (`results.json`, written by `dreamshot eval`); a training run's own
-evaluations are looked for in `<run>/eval/*/results.json`. A group is a folder of run folders: a sweep's
+evaluations are looked for in `<run>/eval/*/results.json`; one whose shots were drawn with other weights than the
+run's own (`run.json`'s fingerprint: the run trained on, or started over, since) is not the run's and is set apart
+(`RunRecord.outdated`). A group is a folder of run folders: a sweep's
 members land in `outputs/<experiment>/<member>`. Its files are read by the rule of every text file a user may
 have edited (`dreamshot.utils.text`: encodings, duplicate YAML keys).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +21,11 @@ from typing import Any
 import yaml
 
 from dreamshot.eval.report import RESULTS_JSON
-from dreamshot.inference.loading import RUN_CONFIG
+from dreamshot.eval.resume import RUN_RECORD, weights_sha256
+from dreamshot.inference.loading import RUN_CONFIG, run_weights
 from dreamshot.report.history import last_value, read_curves
 from dreamshot.training.callbacks import SUMMARY_FILE
-from dreamshot.utils.errors import ConfigError, DataError
+from dreamshot.utils.errors import ConfigError, DataError, DreamShotError
 from dreamshot.utils.text import read_text, read_yaml_file
 
 EVAL_DIR = "eval"
@@ -49,7 +53,8 @@ UNSWEPT = (
 class EvalRecord:
     """One `results.json`: dataset-level values, each story's values, and each story's scored shot count (the
     benchmark story's shots that the mode draws and scores: `Story.scored_shots`, written by `dreamshot eval`
-    whether the shots were drawn by it or read from another folder)."""
+    whether the shots were drawn by it or read from another folder). `weights_sha256`: the SHA-256 of the LoRA
+    weights its shots were drawn with (`base` for none; its folder's `run.json`), None when unknown."""
 
     path: Path
     benchmark: str
@@ -57,6 +62,7 @@ class EvalRecord:
     values: dict[str, float]
     per_story: dict[str, dict[str, float]]
     story_shots: dict[str, int]
+    weights_sha256: str | None = None
 
     @property
     def label(self) -> str:
@@ -67,7 +73,8 @@ class EvalRecord:
 class RunRecord:
     """A run as the report sees it. `config` holds dotted keys (`racl.weight`): the run's config.yaml, or for an
     evaluation-only folder the overrides of its sweep member. `setting` is its name before `read_runs` tells
-    apart the runs that share one (the same member run with other seeds keeps its setting)."""
+    apart the runs that share one (the same member run with other seeds keeps its setting). `outdated`: the
+    evaluations in its folder of other weights than its own, which none of its values come from."""
 
     name: str
     path: Path
@@ -76,17 +83,18 @@ class RunRecord:
     evals: list[EvalRecord] = field(default_factory=list)
     steps: int | None = None
     setting: str = ""
+    outdated: list[EvalRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.setting = self.setting or self.name
 
-    def metrics(self) -> dict[str, float]:
-        """Final values: every evaluation value (named `<benchmark>-<mode>/<value>` when the run has several
-        evaluations), each of `TRAINING_METRICS` at the end of every curriculum phase but the last
-        (`val/loss@phase1`), then the last logged value of each of `TRAINING_METRICS`."""
+    def metrics(self, labelled: bool = False) -> dict[str, float]:
+        """Final values: every evaluation value (named `<benchmark>-<mode>/<value>` when `labelled` or the run has
+        several evaluations, and by the evaluation's folder where two of the run's share a benchmark and mode),
+        each of `TRAINING_METRICS` at the end of every curriculum phase but the last (`val/loss@phase1`), then the
+        last logged value of each of `TRAINING_METRICS`."""
         values = {}
-        for record in self.evals:
-            prefix = f"{record.label}/" if len(self.evals) > 1 else ""
+        for prefix, record in self._prefixed_evals(labelled):
             values.update({prefix + name: value for name, value in record.values.items()})
         for phase, end in enumerate(self.phase_ends(), start=1):
             for key in TRAINING_METRICS:
@@ -95,6 +103,27 @@ class RunRecord:
                     values[f"{key}{PHASE_MARK}{phase}"] = last_value(before)
         values.update({key: last_value(self.curves[key]) for key in TRAINING_METRICS if self.curves.get(key)})
         return values
+
+    def scored_stories(self, labelled: bool = False) -> dict[str, frozenset[str]]:
+        """Evaluation value (named as in `metrics`) -> the stories its dataset-level mean is over: those with a
+        finite value of it (a story whose references give no identity feature has no CIDS, one the judge could not
+        score no alignment)."""
+        stories = {}
+        for prefix, record in self._prefixed_evals(labelled):
+            for name in record.values if record.per_story else ():  # results written without per-story values
+                scored = (story for story, values in record.per_story.items() if _finite(values.get(name)))
+                stories[prefix + name] = frozenset(scored)
+        return stories
+
+    def _prefixed_evals(self, labelled: bool) -> list[tuple[str, EvalRecord]]:
+        """(prefix of its value names, evaluation) for each evaluation: `<benchmark>-<mode>/` when `labelled` or
+        the run has several, the evaluation's folder instead where two of the run's share a benchmark and mode."""
+        labels = [record.label for record in self.evals]
+        prefixed = []
+        for record in self.evals:
+            label = record.label if labels.count(record.label) == 1 else record.path.parent.name
+            prefixed.append((f"{label}/" if labelled or len(self.evals) > 1 else "", record))
+        return prefixed
 
     def phase_ends(self) -> list[int]:
         """The optimizer steps at which each curriculum phase the run trained past ends (a logged step below a
@@ -105,6 +134,10 @@ class RunRecord:
         return [end for end in ends if last_logged >= end]
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def is_run(folder: Path) -> bool:
     return (folder / RUN_CONFIG).is_file() or (folder / RESULTS_JSON).is_file()
 
@@ -113,7 +146,13 @@ def find_runs(folder: Path) -> list[Path]:
     """The run folders of a group folder (or the folder itself when it is one run)."""
     if is_run(folder):
         return [folder]
-    runs = sorted(child for child in folder.iterdir() if child.is_dir() and is_run(child)) if folder.is_dir() else []
+    if not folder.is_dir():
+        # A typo in an experiment's name, or a sweep not run yet (nor written under another --root).
+        what = "not a folder" if folder.exists() else "not found"
+        raise ConfigError(
+            f"{folder}: {what} (GROUP is an experiment whose runs are in <root>/GROUP, or a folder of runs)"
+        )
+    runs = sorted(child for child in folder.iterdir() if child.is_dir() and is_run(child))
     if not runs:
         raise ConfigError(f"{folder}: no run folders in it (a run folder holds {RUN_CONFIG} or {RESULTS_JSON})")
     return runs
@@ -129,7 +168,8 @@ def read_run(folder: Path, member_overrides: dict[str, list[str]] | None = None)
     summary = folder / SUMMARY_FILE
     steps = _read_steps(summary) if summary.is_file() else None
     evals = [_read_eval(path) for path in _results_files(folder)]
-    return RunRecord(name, folder, config, read_curves(folder), evals, steps)
+    evals, outdated = _by_weights(folder, evals) if (folder / RUN_CONFIG).is_file() else (evals, [])
+    return RunRecord(name, folder, config, read_curves(folder), evals, steps, outdated=outdated)
 
 
 def read_runs(folders: list[Path], member_overrides: dict[str, list[str]] | None = None) -> list[RunRecord]:
@@ -205,6 +245,31 @@ def _results_files(folder: Path) -> list[Path]:
     return own + sorted((folder / EVAL_DIR).glob(f"*/{RESULTS_JSON}"))
 
 
+def _by_weights(run_dir: Path, evals: list[EvalRecord]) -> tuple[list[EvalRecord], list[EvalRecord]]:
+    """A training run's evaluations: (of its weights, of other weights). Other: shots drawn with other LoRA weights
+    than the ones `dreamshot eval --run` scores now (every drawn one when the run has none yet: it started over).
+    One without a drawing record (shots read from a folder, or written before run records) cannot be told apart
+    and counts as the run's."""
+    drawn = [record.weights_sha256 for record in evals]
+    if not any(drawn):
+        return evals, []
+    try:
+        current = weights_sha256(run_weights(run_dir))
+    except DreamShotError:
+        current = None
+    other = [sha not in (None, current) for sha in drawn]
+    return [r for r, o in zip(evals, other, strict=True) if not o], [r for r, o in zip(evals, other, strict=True) if o]
+
+
+def _drawn_with(eval_dir: Path) -> str | None:
+    """The SHA-256 of the LoRA weights an evaluation folder's shots were drawn with (its `run.json`), if known."""
+    try:
+        fingerprint = json.loads(read_text(eval_dir / RUN_RECORD, "run record")).get("fingerprint")
+    except (DreamShotError, json.JSONDecodeError, AttributeError):
+        return None
+    return fingerprint.get("lora_sha256") if isinstance(fingerprint, dict) else None
+
+
 def _read_eval(path: Path) -> EvalRecord:
     body = _read_json(path, "results file")
     try:
@@ -214,4 +279,4 @@ def _read_eval(path: Path) -> EvalRecord:
         benchmark, mode = body["benchmark"], body["mode"]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: not a results file of `dreamshot eval` ({type(e).__name__}: {e})") from None
-    return EvalRecord(path, benchmark, mode, values, per_story, story_shots)
+    return EvalRecord(path, benchmark, mode, values, per_story, story_shots, _drawn_with(path.parent))

@@ -11,6 +11,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from dreamshot.eval.report import is_cosine
+from dreamshot.inference.loading import RUN_CONFIG
 from dreamshot.report.runs import PHASE_MARK, TRAINING_METRICS, UNSWEPT, RunRecord
 from dreamshot.utils.errors import ConfigError
 
@@ -63,34 +65,54 @@ class ComparisonTable:
     settings: dict[str, str] = field(default_factory=dict)
 
     def relative(self) -> dict[str, dict[str, float]]:
-        """run -> metric -> relative improvement (%) over the baseline, for every run but the baseline (NaN where
-        the baseline is near 0; a metric either run lacks is left out)."""
-        if self.baseline is None:
-            return {}
-        base = self.rows[self.baseline]
+        """run -> metric -> relative improvement (%) over the run it is measured against (`compared_runs`) (NaN
+        where that run's value is near 0; a metric either run lacks is left out)."""
         scale = {m: max(abs(values[m]) for values in self.rows.values() if m in values) for m in self.metrics}
         return {
             run: {
-                m: relative_improvement(self.rows[run][m], base[m], higher_is_better(m), scale[m])
+                m: relative_improvement(self.rows[run][m], self.rows[base][m], higher_is_better(m), scale[m])
                 for m in self.metrics
-                if m in self.rows[run] and m in base
+                if m in self.rows[run] and m in self.rows[base]
             }
-            for run in self.runs
-            if run != self.baseline
+            for run, base in self.compared_runs().items()
         }
+
+    def compared_runs(self) -> dict[str, str]:
+        """run -> the run its relative improvement is measured against: the baseline, for every run but it; when
+        the baseline's setting ran with several seeds, the baseline setting's run of the run's own seed, for the
+        runs of the other settings (a change against another seed's run would be seed noise)."""
+        if self.baseline is None:
+            return {}
+        groups = self.seed_groups()
+        base = self._baseline_setting(groups)
+        if base is None:
+            return {run: self.baseline for run in self.runs if run != self.baseline}
+        by_seed = {self.swept[run][SEED_KEY]: run for run in groups[base]}
+        others = [run for run in self.runs if run not in groups[base]]
+        return {run: by_seed[self.swept[run][SEED_KEY]] for run in others if self.swept[run][SEED_KEY] in by_seed}
+
+    def compared_against(self) -> str:
+        """What `relative` measures against: the baseline, or `<its setting> (same seed)`."""
+        base = self._baseline_setting(self.seed_groups())
+        return f"{self.baseline}" if base is None else f"{base} (same seed)"
 
     def to_markdown(self) -> str:
         """The metric table, then (with a baseline) the relative-improvement table."""
         headers = ["run", *self.swept_keys, *(_arrow(m) for m in self.metrics)]
-        text = [_markdown(headers, [self._row(run, self.rows[run], _number) for run in self.runs])]
+        shown = ["run", *self.swept_keys, *(_arrow(m) + (" ×100" if _scale(m) != 1 else "") for m in self.metrics)]
+        scaled = {run: {m: v * _scale(m) for m, v in self.rows[run].items()} for run in self.runs}
+        text = [_markdown(shown, [self._row(run, scaled[run], _number) for run in self.runs])]
         relative = self.relative()
         if relative:
             text.append(
-                f"\nRelative improvement over `{self.baseline}` (%; positive is better, "
+                f"\nRelative improvement over `{self.compared_against()}` (%; positive is better, "
                 "so lower-is-better metrics ↓ are sign-flipped):\n"
             )
             text.append(_markdown(headers, [self._row(run, relative[run], _percent) for run in relative]))
             text.append("\n(-: no value for the run or the baseline; n/a: the baseline is 0 or near it)")
+        unpaired = [run for run in self.runs if run not in relative and run not in self.compared_runs().values()]
+        if relative and unpaired:
+            text.append(f"\nNot measured (no run of `{self.compared_against()}`): {', '.join(unpaired)}")
         text += self._seeds_markdown()
         if self.notes:
             text.append("\nMissing data:\n")
@@ -100,7 +122,7 @@ class ComparisonTable:
     def to_csv(self) -> str:
         """One row per run: swept values, metric values, and `<metric> vs baseline (%)` columns with a baseline."""
         relative = self.relative()
-        relative_columns = [f"{m} vs {self.baseline} (%)" for m in self.metrics] if relative else []
+        relative_columns = [f"{m} vs {self.compared_against()} (%)" for m in self.metrics] if relative else []
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["run", *self.swept_keys, *self.metrics, *relative_columns])
@@ -140,10 +162,11 @@ class ComparisonTable:
         return summary
 
     def paired_over_seeds(self) -> dict[str, dict[str, tuple[float, int, int]]]:
-        """Setting -> metric -> (relative improvement of its mean over the baseline setting's mean, seeds where it
-        does better than the baseline setting's run of the same seed, seeds both ran), for every setting but the
-        baseline's."""
-        groups, means = self.seed_groups(), self.across_seeds()
+        """Setting -> metric -> (relative improvement of its mean over the baseline setting's mean, both over the
+        seeds that both have the metric for, seeds where it does better than the baseline setting's run of the same
+        seed, those seeds), for every setting but the baseline's. Means over other seeds would set seed noise
+        against the change: a setting missing its worst seed would gain by it."""
+        groups = self.seed_groups()
         base = self._baseline_setting(groups)
         if base is None:
             return {}
@@ -155,15 +178,14 @@ class ComparisonTable:
             pairs = [
                 (run, base_runs[self.swept[run][SEED_KEY]]) for run in runs if self.swept[run][SEED_KEY] in base_runs
             ]
-            paired[setting] = {
-                metric: (
-                    relative_improvement(mean, means[base][metric][0], higher_is_better(metric)),
-                    sum(self._better(metric, run, other) for run, other in pairs),
-                    sum(metric in self.rows[run] and metric in self.rows[other] for run, other in pairs),
-                )
-                for metric, (mean, _, _) in means[setting].items()
-                if metric in means[base]
-            }
+            paired[setting] = {}
+            for metric in self.metrics:
+                both = [(run, other) for run, other in pairs if metric in self.rows[run] and metric in self.rows[other]]
+                if both:
+                    mean = statistics.fmean(self.rows[run][metric] for run, _ in both)
+                    against = statistics.fmean(self.rows[other][metric] for _, other in both)
+                    gain = relative_improvement(mean, against, higher_is_better(metric))
+                    paired[setting][metric] = (gain, sum(self._better(metric, *pair) for pair in both), len(both))
         return paired
 
     def _baseline_setting(self, groups: dict[str, list[str]]) -> str | None:
@@ -182,22 +204,34 @@ class ComparisonTable:
             return []
         groups = self.seed_groups()
         headers = ["setting", "seeds", *(_arrow(m) for m in self.metrics)]
+        shown = ["setting", "seeds", *(_arrow(m) + (" ×100" if _scale(m) != 1 else "") for m in self.metrics)]
         rows = [
-            [setting, str(len(groups[setting])), *(_spread(values.get(m)) for m in self.metrics)]
+            [
+                setting,
+                str(len(groups[setting])),
+                *(_spread(values.get(m), len(groups[setting]), _scale(m)) for m in self.metrics),
+            ]
             for setting, values in summary.items()
         ]
         text = [
-            "\nAcross seeds (mean ± sample standard deviation over each setting's seeds):\n",
-            _markdown(headers, rows),
+            "\nAcross seeds (mean ± sample standard deviation over each setting's seeds; (n=k): over the k of them that"
+            " have the metric):\n",
+            _markdown(shown, rows),
         ]
         paired = self.paired_over_seeds()
         if paired:
             text.append(
-                f"\nThe mean over the seeds against `{self._baseline_setting(groups)}`'s (%; positive is better), and "
-                "in how many seeds the setting does better than the baseline's run of the same seed:\n"
+                f"\nThe mean over the seeds against `{self._baseline_setting(groups)}`'s over the same seeds (%; "
+                "positive is better), and in how many of those seeds the setting does better than the baseline's run "
+                "of the same seed:\n"
             )
             rows = [
-                [setting, "", *(_paired(values.get(m)) for m in self.metrics)] for setting, values in paired.items()
+                [
+                    setting,
+                    str(max((n for _, _, n in values.values()), default=0)),
+                    *map(_paired, map(values.get, self.metrics)),
+                ]
+                for setting, values in paired.items()
             ]
             text.append(_markdown(headers, rows))
         return text
@@ -217,7 +251,8 @@ def build_table(
     names = [run.name for run in runs]
     if baseline is not None and baseline not in names:
         raise ConfigError(f"baseline {baseline!r} is not a run of {group} (runs: {', '.join(names)})")
-    rows = {run.name: run.metrics() for run in runs}
+    labelled = evaluations_labelled(runs)
+    rows = {run.name: run.metrics(labelled) for run in runs}
     keys = swept_keys(runs)
     return ComparisonTable(
         group=group,
@@ -232,15 +267,66 @@ def build_table(
     )
 
 
+def evaluations_labelled(runs: list[RunRecord]) -> bool:
+    """Whether the runs' evaluation values are named `<benchmark>-<mode>/<value>` (`RunRecord.metrics`): one column
+    holds the values of one benchmark and mode, so runs scored in other modes (r2s, t2s) or on other benchmarks are
+    labelled apart, never averaged or compared in one column."""
+    return len({record.label for run in runs for record in run.evals}) > 1
+
+
 def missing_data(runs: list[RunRecord], members: list[str]) -> list[str]:
-    """What a reader of the table must be told: sweep members with no run folder, runs without any metric."""
+    """What a reader of the table must be told: sweep members with no run folder, evaluations left out as of other
+    weights than their run's, runs without any metric, and evaluation values whose means are over other stories in
+    different runs (`story_mismatches`)."""
     names = {run.name for run in runs}
     notes = [f"member {m}: no run folder (not run yet, or written elsewhere)" for m in members if m not in names]
+    notes += [
+        f"{run.name}: {record.label} in {record.path.parent} left out: its shots were drawn with other weights than "
+        "the run's (it trained on or started over since); score it again with dreamshot eval --redraw"
+        for run in runs
+        for record in run.outdated
+    ]
     notes += [
         f"{run.name}: no metrics (no results.json, no validation in its csv/ logs) in {run.path}"
         for run in runs
         if not run.metrics()
     ]
+    return notes + story_mismatches(runs) + (mixed_weights(runs) if members else [])
+
+
+def mixed_weights(runs: list[RunRecord]) -> list[str]:
+    """A note when an evaluation-time sweep's members (evaluation folders, no training of their own) scored other
+    weights: the trained run changed between members, so their differences are not the swept settings' alone."""
+    drawn = {
+        run.name: run.evals[0].weights_sha256 for run in runs if not (run.path / RUN_CONFIG).is_file() and run.evals
+    }
+    by_weights: dict[str, list[str]] = {}
+    for name, sha in drawn.items():
+        if sha is not None:
+            by_weights.setdefault(sha, []).append(name)
+    if len(by_weights) < 2:
+        return []
+    groups = "; ".join(f"{', '.join(names)} with {sha[:12]}" for sha, names in by_weights.items())
+    return [f"the members scored other LoRA weights (run.json's lora_sha256): {groups}"]
+
+
+def story_mismatches(runs: list[RunRecord]) -> list[str]:
+    """One note per set of evaluation values whose dataset-level means are not over the same stories in every run
+    that has them (a story one run could not score): the runs and their story counts, and the stories they share."""
+    by_value: dict[str, dict[str, frozenset[str]]] = {}
+    for run in runs:
+        for value, stories in run.scored_stories(evaluations_labelled(runs)).items():
+            by_value.setdefault(value, {})[run.name] = stories
+    grouped: dict[tuple, list[str]] = {}
+    for value, stories in by_value.items():
+        if len(set(stories.values())) > 1:
+            grouped.setdefault(tuple(stories.items()), []).append(value)
+    notes = []
+    for key, values in grouped.items():
+        stories = dict(key)
+        shared = len(frozenset.intersection(*stories.values()))
+        counts = ", ".join(f"{run}: {len(scored)}" for run, scored in stories.items())
+        notes.append(f"{', '.join(values)}: means over different stories ({counts}; {shared} in all of them)")
     return notes
 
 
@@ -260,6 +346,13 @@ def _metric_order(rows: dict[str, dict[str, float]]) -> list[str]:
     at_phase_ends = [m for m in seen if m not in TRAINING_METRICS and training_diagnostic(m) in TRAINING_METRICS]
     evaluation = [m for m in seen if training_diagnostic(m) not in TRAINING_METRICS]
     return evaluation + at_phase_ends + [m for m in TRAINING_METRICS if m in seen]
+
+
+def _scale(metric: str) -> float:
+    """What the markdown tables multiply a metric by: 100 for the cosine values (CIDS, CSD, the toy proxies), as
+    `dreamshot eval` prints them and the paper's tables give them; the CSV and JSON keep every raw value."""
+    diagnostic = training_diagnostic(metric) in TRAINING_METRICS
+    return 100.0 if not diagnostic and is_cosine(metric.rsplit("/", 1)[-1]) else 1.0
 
 
 def _arrow(metric: str) -> str:
@@ -291,11 +384,14 @@ def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def _spread(summary: tuple[float, float, int] | None) -> str:
+def _spread(summary: tuple[float, float, int] | None, seeds: int, scale: float = 1) -> str:
+    """mean ± sd (times `scale`), and the count of seeds it is over when some of the `seeds` lack the metric."""
     if summary is None:
         return "-"
-    mean, sd, _ = summary
-    return _number(mean) if math.isnan(sd) else f"{_number(mean)} ± {sd:.2g}"
+    mean, sd, count = summary
+    mean, sd = mean * scale, sd * scale
+    text = _number(mean) if math.isnan(sd) else f"{_number(mean)} ± {sd:.2g}"
+    return text if count == seeds else f"{text} (n={count})"
 
 
 def _paired(summary: tuple[float, int, int] | None) -> str:
