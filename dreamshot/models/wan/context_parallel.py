@@ -22,10 +22,11 @@ a rank holds the whole padded sequence for its heads, the padding at its end, so
 `length` keys and values and no mask at all (`_real_keys_forward_op`; the padding queries attend too, their rows
 dropped at the gather; the backward pads the key and value gradients back with zeros). A key mask would be the same
 numbers, but with any mask torch's SDPA cannot use its FlashAttention kernel on a GPU and falls back to the
-memory-efficient one, in every block of every step. Ulysses therefore calls diffusers' templated Ulysses with
-diffusers' native (SDPA) ops wrapped by ours, whatever diffusers' active backend (`DIFFUSERS_ATTN_BACKEND`, native
-unless set; its flash-attn and native-flash backends refuse any mask): SDPA then picks the kernel (FlashAttention
-first on CUDA for bf16 / fp16). Degree 1 keeps the active backend through `dispatch_attention_fn`.
+memory-efficient one, in every block of every step. A padded sequence's Ulysses therefore calls diffusers' templated
+Ulysses with diffusers' native (SDPA) ops wrapped by ours, whatever diffusers' active backend
+(`DIFFUSERS_ATTN_BACKEND`, native unless set; its flash-attn and native-flash backends refuse any mask): SDPA then
+picks the kernel (FlashAttention first on CUDA for bf16 / fp16). A sequence the degree divides, and degree 1, keep
+the active backend through `dispatch_attention_fn`.
 Ring attention cannot take a key mask (diffusers' ring reuses one local mask for every rotated chunk), so
 `attention=ring` requires the degree to divide the tokens per frame: checked when the config loads for training
 (which then also refuses aspect buckets, frames of other sizes), and for any storyboard as its shard is made (a
@@ -288,6 +289,8 @@ class SequenceShard:
         """Self-attention of this rank's queries over the whole sequence. (B, local, H, d) each -> (B, local, H, d)."""
         if self.cp.degree == 1:
             return dispatch_attention_fn(query, key, value, dropout_p=0.0, is_causal=False)
+        if self.cp.attention == "ulysses" and self.padded == self.length:
+            return dispatch_attention_fn(query, key, value, parallel_config=self.cp.parallel_config)
         if self.cp.attention == "ulysses":
             return _templated_context_parallel_attention(
                 query,
