@@ -11,11 +11,13 @@ run in the same processes on a second mesh, with the test support's CPU log-sum-
 from __future__ import annotations
 
 from datetime import timedelta
+from unittest import mock
 
 import cp_support
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from cp_support import context_parallel_group, run_group, sampling_adapter
 
 from dreamshot.config.schema import Config
@@ -141,6 +143,7 @@ def compare_all(cp: ContextParallel) -> dict[str, dict[str, float]]:
         "ulysses sampling": compare_sampling(cp, SIZE),
         "ring step": compare_step(ring, RING_CASES, RING_SIZE),
         "ring sampling": compare_sampling(ring, RING_SIZE),
+        "ulysses kernel": padded_ulysses_kernel(cp),
     }
     return {**differences, "ring kernel calls": cp_support.RING_KERNEL_CALLS[0], "timeouts": group_timeouts(cp)}
 
@@ -200,6 +203,43 @@ def test_two_processes_equal_one_on_an_undivided_sequence(group_differences, cas
 def test_ring_attention_on_two_processes_equals_one(group_differences, case):
     assert all(ranks["ring kernel calls"] > 0 for ranks in group_differences), "the ring never ran"
     _assert_step_equal(group_differences, "ring", case)
+
+
+def padded_ulysses_kernel(cp: ContextParallel) -> dict:
+    """One padded Ulysses attention (15 tokens on 2 ranks, 16 padded), forward and backward: what each SDPA call
+    received (the mask's shape or None, the keys' length), and |CP − one process| of the output on this rank's real
+    tokens and of the query, key and value gradients on all its tokens (zero on the padding)."""
+    shard, g = cp.shard(5, 3), torch.Generator().manual_seed(3)
+    query, key, value, grad_out = (torch.randn(1, 15, 4, 8, generator=g) for _ in range(4))
+    whole = [x.clone().requires_grad_() for x in (query, key, value)]
+    alone = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in whole)).transpose(1, 2)
+    alone.backward(grad_out)
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def recorded(query, key, value, attn_mask=None, **kwargs):
+        calls.append((None if attn_mask is None else tuple(attn_mask.shape), key.shape[-2]))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    local = [shard.tokens(x).requires_grad_() for x in (query, key, value)]
+    with mock.patch.object(F, "scaled_dot_product_attention", recorded):
+        shared = shard.attention(*local)
+        shared.backward(shard.tokens(grad_out))
+    # The padding query attends too: its output row is dropped at the gather.
+    differences = {"output": (shared - shard.tokens(alone)).narrow(1, 0, shard.real).abs().max().item()}
+    for name, mine, its in zip(("query", "key", "value"), local, whole, strict=True):
+        differences[f"{name} gradient"] = (mine.grad - shard.tokens(its.grad)).abs().max().item()
+    return {"calls": calls, "differences": differences}
+
+
+def test_padded_ulysses_attends_the_real_keys_without_a_mask(group_differences):
+    """After Ulysses' all-to-all a rank holds the whole padded sequence for its heads, so the kernel attends the
+    first 15 keys with no mask (with one, torch's SDPA cannot use FlashAttention on a GPU), forward and backward,
+    and equals one process; the padding keys get zero gradient."""
+    for rank, ranks in enumerate(group_differences):
+        kernel = ranks["ulysses kernel"]
+        assert kernel["calls"] == [(None, 15), (None, 15)], f"rank {rank}"
+        for name, difference in kernel["differences"].items():
+            assert difference < TOLERANCE, f"rank {rank}: {name} differs by {difference:.2e}"
 
 
 def test_shards_cover_the_sequence_once():

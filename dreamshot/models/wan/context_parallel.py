@@ -5,19 +5,28 @@ Every rank of a context-parallel (CP) group holds the same storyboard and keeps 
 tokens through the DiT blocks (`SequenceShard`): block inputs, the recomputed block, attention and the
 role-attention capture shrink by the degree; everything per token that the blocks read (modulation, RoPE, the
 frames' texts) is sliced with the tokens. What needs other ranks' tokens goes through an engine:
-- self-attention: diffusers' attention dispatch with its `ParallelConfig` (`TemplatedUlyssesAttention`: all-to-all
-  to all tokens × degree-th of the heads, the attention kernel, all-to-all back; or `TemplatedRingAttention`);
+- self-attention: diffusers' context-parallel attention with its `ParallelConfig` (`TemplatedUlyssesAttention`:
+  all-to-all to all tokens × degree-th of the heads, the attention kernel, all-to-all back; or
+  `TemplatedRingAttention`);
 - the role-attention capture (RACL): each rank scores its own role query rows against every key (gathered with
   torch's differentiable functional all-gather) and the partial maps, sums over rows, are summed over the group
   (functional all-reduce): the same maps as one process, since a map is a weighted sum of per-row softmaxes;
 - the prediction: gathered back to the whole sequence (functional all-gather) at the output head.
 Shot-wise cross-attention needs no communication: a rank's tokens attend to their own frames' texts only.
 
-A sequence the degree does not divide is padded at its end with zero tokens, and the padding is masked out of
-self-attention as keys (after Ulysses' all-to-all a rank holds every token for its heads, so each rank builds the
-one key mask of the whole padded sequence), dropped from the gathered prediction (so from the loss) and never a role
-token (so from RACL). Padding rather than refusing: a storyboard's length is the data's (shots × tokens per frame),
-so a refusal would stop a run on the first odd storyboard, while the cost of padding is at most degree − 1 tokens.
+A sequence the degree does not divide is padded at its end with zero tokens, kept out of self-attention as keys,
+dropped from the gathered prediction (so from the loss) and never a role token (so from RACL). Padding rather than
+refusing: a storyboard's length is the data's (shots × tokens per frame), so a refusal would stop a run on the first
+odd storyboard, while the cost of padding is at most degree − 1 tokens. Keys without a mask: after Ulysses' all-to-all
+a rank holds the whole padded sequence for its heads, the padding at its end, so the kernel attends the first
+`length` keys and values and no mask at all (`_real_keys_forward_op`; the padding queries attend too, their rows
+dropped at the gather; the backward pads the key and value gradients back with zeros). A key mask would be the same
+numbers, but with any mask torch's SDPA cannot use its FlashAttention kernel on a GPU and falls back to the
+memory-efficient one, in every block of every step. A padded sequence's Ulysses therefore calls diffusers' templated
+Ulysses with diffusers' native (SDPA) ops wrapped by ours, whatever diffusers' active backend
+(`DIFFUSERS_ATTN_BACKEND`, native unless set; its flash-attn and native-flash backends refuse any mask): SDPA then
+picks the kernel (FlashAttention first on CUDA for bf16 / fp16). A sequence the degree divides, and degree 1, keep
+the active backend through `dispatch_attention_fn`.
 Ring attention cannot take a key mask (diffusers' ring reuses one local mask for every rotated chunk), so
 `attention=ring` requires the degree to divide the tokens per frame: checked when the config loads for training
 (which then also refuses aspect buckets, frames of other sizes), and for any storyboard as its shard is made (a
@@ -42,8 +51,9 @@ one-process run takes this same path.
 Why diffusers' attention-level context parallelism (`ContextParallelConfig`, `dispatch_attention_fn`):
 - it is where Wan's attention already goes (`WanAttnProcessor` and our processors call `dispatch_attention_fn`),
   offers Ulysses and ring with backward passes, and runs over gloo on CPU, so two CPU processes can be compared
-  with one: Ulysses with the native kernel; ring with a kernel that returns the log-sum-exp, which on CPU only the
-  tests supply (tests/cp_support.py, on torch's CPU flash kernel), while a run uses diffusers' cuDNN ops (CUDA).
+  with one: Ulysses with the native (SDPA) ops, as on GPUs; ring with a kernel that returns the log-sum-exp, which
+  on CPU only the tests supply (tests/cp_support.py, on torch's CPU flash kernel), while a run uses diffusers' cuDNN
+  ops (CUDA).
   Its model-level hooks (`enable_parallelism`, Wan's `_cp_plan`) are not used: they split the arguments of
   diffusers' `WanTransformer3DModel.forward` and of its `rope` module, neither of which our storyboard forward calls
   (positions and per-frame timesteps are ours), split in equal chunks only (no padding), and
@@ -73,7 +83,13 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from diffusers.models._modeling_parallel import ContextParallelConfig as DiffusersContextParallel
 from diffusers.models._modeling_parallel import ParallelConfig
-from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+from diffusers.models.attention_dispatch import (
+    AttentionBackendName,
+    _native_attention_backward_op,
+    _native_attention_forward_op,
+    _templated_context_parallel_attention,
+    dispatch_attention_fn,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dreamshot.config.schema import ContextParallelConfig
@@ -273,18 +289,23 @@ class SequenceShard:
         """Self-attention of this rank's queries over the whole sequence. (B, local, H, d) each -> (B, local, H, d)."""
         if self.cp.degree == 1:
             return dispatch_attention_fn(query, key, value, dropout_p=0.0, is_causal=False)
-        mask = None
-        if self.padded > self.length:
-            mask = torch.arange(self.padded, device=query.device) < self.length
-            mask = mask.view(1, 1, 1, -1)
+        if self.cp.attention == "ulysses" and self.padded == self.length:
+            return dispatch_attention_fn(query, key, value, parallel_config=self.cp.parallel_config)
         if self.cp.attention == "ulysses":
-            return dispatch_attention_fn(query, key, value, attn_mask=mask, parallel_config=self.cp.parallel_config)
+            return _templated_context_parallel_attention(
+                query,
+                key,
+                value,
+                forward_op=functools.partial(_real_keys_forward_op, length=self.length),
+                backward_op=_real_keys_backward_op,
+                _parallel_config=self.cp.parallel_config,
+            )
         # diffusers' ring backward reads its saved tensors once, then once more per key/value chunk in the kernel's
         # backward op; non-reentrant checkpointing allows one read. Kept as plain references they can be read again,
         # at the cost of holding this rank's query, key, value and output per block through the forward.
         with torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
             return dispatch_attention_fn(
-                query, key, value, attn_mask=mask, backend=RING_BACKEND, parallel_config=self.cp.parallel_config
+                query, key, value, backend=RING_BACKEND, parallel_config=self.cp.parallel_config
             )
 
     def whole_frames(self, query: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
@@ -339,6 +360,24 @@ class SequenceShard:
                     processor.shard = None
 
         return run
+
+
+def _real_keys_forward_op(ctx, query, key, value, attn_mask, *args, length: int, **kwargs) -> torch.Tensor:
+    """diffusers' native (SDPA) forward op, in Ulysses after the all-to-all ((B, padded, H/degree, d) each), over
+    the first `length` keys and values only: the rest is padding. `attn_mask` is None (`SequenceShard.attention`
+    passes none), so on CUDA SDPA may pick FlashAttention, which takes no mask. The padding queries attend too; their
+    rows are dropped at the gather."""
+    ctx.padded = key.shape[1]
+    real_key, real_value = key.narrow(1, 0, length), value.narrow(1, 0, length)
+    return _native_attention_forward_op(ctx, query, real_key, real_value, attn_mask, *args, **kwargs)
+
+
+def _real_keys_backward_op(ctx, grad_out, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """diffusers' native backward op; the gradients of the real keys and values padded back with zeros to the
+    padded sequence that Ulysses' all-to-all sends back (the padding keys never attended: zero gradient)."""
+    grad_query, grad_key, grad_value = _native_attention_backward_op(ctx, grad_out, *args, **kwargs)
+    pad = (0, 0, 0, 0, 0, ctx.padded - grad_key.shape[1])
+    return grad_query, F.pad(grad_key, pad), F.pad(grad_value, pad)
 
 
 def _kept(x: torch.Tensor) -> torch.Tensor:
