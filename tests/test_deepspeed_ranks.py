@@ -28,6 +28,7 @@ from test_strategy import (
     _fp32_masters,
     _recorded,
     _run_on_deepspeeds_cpu_accelerator,
+    assert_holds_the_average,
     assert_is_the_masters_ema,
 )
 
@@ -145,13 +146,17 @@ def _average(model_states: dict) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_each_rank_averages_its_fragment_of_the_fp32_masters(runs, stage):
     """The EMA under ZeRO: each rank keeps the average of its own fragment of each fp32 master (no collective per
-    step), and the run's LoRA file is the EMA of the whole masters, recorded after every step."""
+    step), and the run's LoRA file is the EMA of the whole masters, recorded after every step, as each rank's module
+    copies are at the end."""
     run = runs(stage)
     recorded = _recorded(run.parent)
     assert len(recorded) == RANKS
     masters = recorded[0]["masters"]
     assert len(masters) == STEPS + 1
-    assert_is_the_masters_ema(load_file(run / EXPORT_FILES["peft"]), masters)
+    exported = load_file(run / EXPORT_FILES["peft"])
+    assert_is_the_masters_ema(exported, masters)
+    for rank in recorded:  # the average replaced each rank's module copies too
+        assert_holds_the_average(rank["module"], exported)
     sizes = [_module_lora(rank["averaged"]) for rank in recorded]
     assert all(sum(size[key] for size in sizes) == value.numel() for key, value in masters[0].items())
     whole = sum(value.numel() for value in masters[0].values())

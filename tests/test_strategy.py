@@ -296,9 +296,10 @@ EMA_DECAY = 0.5
 
 class MastersAndEma(L.Callback):
     """Records the LoRA's fp32 master weights (peft names, as DeepSpeed assembles them from the ranks' partitions:
-    every rank takes part) when training starts and after every optimizer step, and how many elements of each
-    weight this rank's `LoraEma` averages; each rank writes them to `<folder>/masters_rank<R>.pt`. After the
-    run's own callbacks: the EMA has started, and at the end it has not been cleared."""
+    every rank takes part) when training starts and after every optimizer step, how many elements of each weight
+    this rank's `LoraEma` averages, and the module's (bf16) LoRA once training has ended; each rank writes them to
+    `<folder>/masters_rank<R>.pt`. After the run's own callbacks: the EMA has started, and at the end it has put
+    the average in place but kept its state."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -316,9 +317,18 @@ class MastersAndEma(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: DreamShotModule) -> None:
         (ema,) = (callback for callback in trainer.callbacks if isinstance(callback, LoraEma))
         averaged = {name: value.numel() for name, value in ema.average.items()}
-        torch.save(
-            {"masters": self.masters, "averaged": averaged}, self.folder / f"masters_rank{trainer.global_rank}.pt"
-        )
+        module = _module_copies(pl_module)
+        path = self.folder / f"masters_rank{trainer.global_rank}.pt"
+        torch.save({"masters": self.masters, "averaged": averaged, "module": module}, path)
+
+
+def _module_copies(pl_module: DreamShotModule) -> dict[str, torch.Tensor]:
+    """The module's LoRA weights (peft names), gathered where ZeRO-3 has partitioned them (every rank takes part)."""
+    from deepspeed.runtime.zero import GatheredParameters
+
+    trainable = {name: p for name, p in pl_module.adapter.transformer.named_parameters() if p.requires_grad}
+    with GatheredParameters(list(trainable.values())):  # a no-op for weights DeepSpeed has not partitioned
+        return pl_module.adapter.lora_state_dict({name: p.detach().clone() for name, p in trainable.items()})
 
 
 def _recorded(folder: Path) -> list[dict]:
@@ -344,6 +354,13 @@ def assert_is_the_masters_ema(found: dict[str, torch.Tensor], masters: list[dict
         torch.testing.assert_close(
             found[key].double(), value, rtol=1e-6, atol=1e-9, msg=lambda m, key=key: f"{key}: {m}"
         )
+
+
+def assert_holds_the_average(module: dict[str, torch.Tensor], average: dict[str, torch.Tensor]) -> None:
+    """The module's bf16 LoRA is the (float32) average, rounded."""
+    assert module.keys() == average.keys()
+    for key, value in average.items():
+        assert module[key].dtype == torch.bfloat16 and torch.equal(module[key], value.bfloat16()), key
 
 
 def _train_with_deepspeed(stage: int, out: Path, on_cpu: bool) -> None:
@@ -474,11 +491,13 @@ def test_deepspeed_lora_copies_hold_the_fp32_master_weights(deepspeed_runs, stag
 def test_deepspeed_ema_averages_the_fp32_masters(deepspeed_runs, stage, device):
     """Under DeepSpeed's bf16 mode the average follows the fp32 masters, not the module's bf16 copies of them: the
     run's LoRA file (the average at the end) and its last checkpoint's average are the EMA of the masters recorded
-    after every step."""
+    after every step, and the module's copies end as the average too."""
     run = deepspeed_runs(stage, device)
     (recorded,) = _recorded(run.parent)
     assert len(recorded["masters"]) == STEPS + 1
-    assert_is_the_masters_ema(load_file(run / EXPORT_FILES["peft"]), recorded["masters"])
+    exported = load_file(run / EXPORT_FILES["peft"])
+    assert_is_the_masters_ema(exported, recorded["masters"])
+    assert_holds_the_average(recorded["module"], exported)
     average = _model_states(run / "checkpoints" / "last.ckpt")["callbacks"][LoraEma.__qualname__]["average"]
     assert_is_the_masters_ema(_module_lora(average), recorded["masters"])
 
