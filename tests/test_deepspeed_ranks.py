@@ -1,9 +1,10 @@
 """DeepSpeed with two ranks, on its CPU accelerator (gloo): ZeRO splits the LoRA's fp32 master weights between the
 ranks, so the paths only several ranks exercise really run. The run's LoRA files and each checkpoint's LoRA copy
-are the masters assembled from both ranks' partitions (`callbacks.gathered_lora`); with `optim.ema_decay` the
+are the masters assembled from both ranks' partitions (`callbacks.gathered_lora`); with `optim.ema_decay` each
+rank averages its own fragment of each master, the checkpoints hold the average assembled whole, and at the end the
 average is written into both ranks' masters before the export (`LoraEma`); both ranks write a checkpoint folder
 that rank 0 commits whole (`LoraDeepSpeedStrategy.save_checkpoint`), and a two-rank run resumed from it reaches
-the uninterrupted run.
+the uninterrupted run, its average included.
 
 The runs are subprocesses executing this file, `python tests/test_deepspeed_ranks.py STAGE OUT [CKPT]` (Lightning's
 launcher starts rank 1 by running the same command again), through tests/test_strategy.py's CPU shim.
@@ -19,7 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_strategy import FAST, TRAINER_OF_STAGE, _fp32_masters, _run_on_deepspeeds_cpu_accelerator
+from test_strategy import (
+    EMA_DECAY,
+    FAST,
+    TRAINER_OF_STAGE,
+    MastersAndEma,
+    _fp32_masters,
+    _recorded,
+    _run_on_deepspeeds_cpu_accelerator,
+    assert_holds_the_average,
+    assert_is_the_masters_ema,
+)
 
 from dreamshot.inference.loading import _module_lora
 from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, EXPORT_FILES
@@ -47,8 +58,7 @@ def _train(stage: int, out: Path, ckpt_path: str | None) -> None:
             f"trainer.checkpoint_every_n_steps={EVERY}",
             "trainer.val_check_interval=100",
             f"output_dir={out}",
-            # ZeRO-3 refuses an average (a rank holds a shard of each weight).
-            *(["optim.ema_decay=0.5"] if stage == 2 else []),
+            f"optim.ema_decay={EMA_DECAY}",
             *([f"trainer.ckpt_path={ckpt_path}"] if ckpt_path else []),
         ],
     )
@@ -62,7 +72,7 @@ def _train(stage: int, out: Path, ckpt_path: str | None) -> None:
         return strategy
 
     train_module.build_strategy = build
-    train_module.train(cfg)
+    train_module.train(cfg, callbacks=[MastersAndEma(out.parent)])
 
 
 def _launch(stage: int, out: Path, ckpt_path: Path | None = None) -> Path:
@@ -119,21 +129,47 @@ def test_two_ranks_split_the_masters_and_assemble_them_for_the_lora_copies(runs,
     assert all(0 < numel < total for numel in partitions) and sum(partitions) >= total
     for states in model:  # ZeRO-3: each rank's model states hold the copy it assembled
         _assert_equal(states[CHECKPOINT_LORA_KEY], masters)
-    average = model[0]["callbacks"].get(LoraEma.__qualname__, {}).get("average")
-    assert bool(average) == (stage == 2)
-    if average:
-        average = _module_lora(average)
-        assert any(not torch.equal(average[key], masters[key]) for key in masters), "the average is the masters"
-    # With the average: both ranks wrote their part of it into their masters, which the export assembles.
-    _assert_equal(load_file(run / EXPORT_FILES["peft"]), average or masters)
+    # The average assembled whole (ZeRO-3: in each rank's model states, which that rank resumes from).
+    average = _module_lora(_average(model[0]))
+    assert any(not torch.equal(average[key], masters[key]) for key in masters), "the average is the masters"
+    for states in model[1:]:
+        _assert_equal(_module_lora(_average(states)), average)
+    # Both ranks wrote their part of it into their masters, which the export assembles.
+    _assert_equal(load_file(run / EXPORT_FILES["peft"]), average)
+
+
+def _average(model_states: dict) -> dict[str, torch.Tensor]:
+    return model_states["callbacks"][LoraEma.__qualname__]["average"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_each_rank_averages_its_fragment_of_the_fp32_masters(runs, stage):
+    """The EMA under ZeRO: each rank keeps the average of its own fragment of each fp32 master (no collective per
+    step), and the run's LoRA file is the EMA of the whole masters, recorded after every step, as each rank's module
+    copies are at the end."""
+    run = runs(stage)
+    recorded = _recorded(run.parent)
+    assert len(recorded) == RANKS
+    masters = recorded[0]["masters"]
+    assert len(masters) == STEPS + 1
+    exported = load_file(run / EXPORT_FILES["peft"])
+    assert_is_the_masters_ema(exported, masters)
+    for rank in recorded:  # the average replaced each rank's module copies too
+        assert_holds_the_average(rank["module"], exported)
+    sizes = [_module_lora(rank["averaged"]) for rank in recorded]
+    assert all(sum(size[key] for size in sizes) == value.numel() for key, value in masters[0].items())
+    whole = sum(value.numel() for value in masters[0].values())
+    assert all(0 < sum(size.values()) < whole for size in sizes)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_two_rank_run_resumed_from_its_checkpoint_reaches_the_uninterrupted_run(runs, stage, tmp_path):
-    """Resumed from the step-2 checkpoint of the same config in another folder. Bit for bit: on CPU both runs
-    reduce in the same order, and steps 3 and 4 move each LoRA weight by about 2e-4, which a bf16 tolerance would
-    forgive whatever the resume had restored."""
+    """Resumed from the step-2 checkpoint of the same config in another folder: its weights and its average (each
+    rank's fragment cut from the whole average the checkpoint holds). Bit for bit: on CPU both runs reduce in the
+    same order, and steps 3 and 4 move each LoRA weight by about 2e-4, which a bf16 tolerance would forgive
+    whatever the resume had restored."""
     whole = runs(stage)
     resumed = _launch(stage, tmp_path / "run", ckpt_path=whole / "checkpoints" / f"step{EVERY:06d}.ckpt")
     last = resumed / "checkpoints" / "last.ckpt"
@@ -142,6 +178,7 @@ def test_a_two_rank_run_resumed_from_its_checkpoint_reaches_the_uninterrupted_ru
     assert model["global_step"] == STEPS
     expected = _rank_states(whole / "checkpoints" / "last.ckpt", "model_states")[0]
     _assert_equal(model[CHECKPOINT_LORA_KEY], expected[CHECKPOINT_LORA_KEY])
+    _assert_equal(_average(model), _average(expected))
     _assert_equal(load_file(resumed / EXPORT_FILES["peft"]), load_file(whole / EXPORT_FILES["peft"]))
 
 

@@ -36,7 +36,7 @@ from dreamshot.data.bucketing import StoryboardBatch
 from dreamshot.diffusion.conditioning import BatchPlan
 from dreamshot.diffusion.flow_matching import velocity_target
 from dreamshot.inference.loading import _module_lora
-from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, EXPORT_FILES
+from dreamshot.training.callbacks import CHECKPOINT_LORA_KEY, EXPORT_FILES, gathered_lora
 from dreamshot.training.ema import LoraEma
 from dreamshot.training.module import DreamShotModule
 from dreamshot.training.strategy import (
@@ -110,7 +110,6 @@ def test_ddp_strategy_settings():
         *(
             (["trainer=gpu", "trainer.strategy=deepspeed_stage_3", "trainer.compile_blocks=false", setting], key)
             for setting, key in (
-                ("optim.ema_decay=0.9", "optim.ema_decay is not supported with"),
                 ("trainer.sample.every_n_steps=2", "trainer.sample.every_n_steps is not supported with"),
                 ("eval.callback.enabled=true", "eval.callback.enabled is not supported with"),
             )
@@ -120,6 +119,12 @@ def test_ddp_strategy_settings():
 def test_impossible_trainer_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("smoke", overrides)
+
+
+def test_zero3_keeps_an_average_of_the_weights():
+    """Each ZeRO-3 rank averages its own partition of each master weight (`training/ema.py`)."""
+    zero3 = ["trainer=gpu", "trainer.strategy=deepspeed_stage_3", "trainer.compile_blocks=false"]
+    assert load_config("smoke", [*zero3, "optim.ema_decay=0.9"]).optim.ema_decay == 0.9
 
 
 def test_checkpointed_state_keeps_only_trainable_weights():
@@ -285,6 +290,79 @@ def _bf16_valued(x: torch.Tensor) -> bool:
     return torch.equal(x, x.bfloat16().to(x.dtype))
 
 
+# The decay of the runs' `optim.ema_decay`.
+EMA_DECAY = 0.5
+
+
+class MastersAndEma(L.Callback):
+    """Records the LoRA's fp32 master weights (peft names, as DeepSpeed assembles them from the ranks' partitions:
+    every rank takes part) when training starts and after every optimizer step, how many elements of each weight
+    this rank's `LoraEma` averages, and the module's (bf16) LoRA once training has ended; each rank writes them to
+    `<folder>/masters_rank<R>.pt`. After the run's own callbacks: the EMA has started, and at the end it has put
+    the average in place but kept its state."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.masters: list[dict[str, torch.Tensor]] = []
+        self._step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: DreamShotModule) -> None:
+        self.masters, self._step = [gathered_lora(trainer, pl_module.adapter)], trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: DreamShotModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self._step:
+            self.masters.append(gathered_lora(trainer, pl_module.adapter))
+            self._step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: DreamShotModule) -> None:
+        (ema,) = (callback for callback in trainer.callbacks if isinstance(callback, LoraEma))
+        averaged = {name: value.numel() for name, value in ema.average.items()}
+        module = _module_copies(pl_module)
+        path = self.folder / f"masters_rank{trainer.global_rank}.pt"
+        torch.save({"masters": self.masters, "averaged": averaged, "module": module}, path)
+
+
+def _module_copies(pl_module: DreamShotModule) -> dict[str, torch.Tensor]:
+    """The module's LoRA weights (peft names), gathered where ZeRO-3 has partitioned them (every rank takes part)."""
+    from deepspeed.runtime.zero import GatheredParameters
+
+    trainable = {name: p for name, p in pl_module.adapter.transformer.named_parameters() if p.requires_grad}
+    with GatheredParameters(list(trainable.values())):  # a no-op for weights DeepSpeed has not partitioned
+        return pl_module.adapter.lora_state_dict({name: p.detach().clone() for name, p in trainable.items()})
+
+
+def _recorded(folder: Path) -> list[dict]:
+    """What `MastersAndEma` wrote into `folder`, rank 0's first."""
+    return [torch.load(path, weights_only=True) for path in sorted(folder.glob("masters_rank*.pt"))]
+
+
+def _ema_of(masters: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The EMA of the recorded masters in float64: starting at the first, then one update per optimizer step."""
+    average = {key: value.double() for key, value in masters[0].items()}
+    for step in masters[1:]:
+        average = {key: EMA_DECAY * value + (1 - EMA_DECAY) * step[key].double() for key, value in average.items()}
+    return average
+
+
+def assert_is_the_masters_ema(found: dict[str, torch.Tensor], masters: list[dict[str, torch.Tensor]]) -> None:
+    """`found` (float32) is the EMA of the fp32 masters, to float32's precision: an average of their bf16 copies is
+    off by their rounding (2^-9 relative), and misses the updates below bf16's resolution."""
+    expected = _ema_of(masters)
+    assert found.keys() == expected.keys()
+    for key, value in expected.items():
+        assert found[key].dtype == torch.float32
+        torch.testing.assert_close(
+            found[key].double(), value, rtol=1e-6, atol=1e-9, msg=lambda m, key=key: f"{key}: {m}"
+        )
+
+
+def assert_holds_the_average(module: dict[str, torch.Tensor], average: dict[str, torch.Tensor]) -> None:
+    """The module's bf16 LoRA is the (float32) average, rounded."""
+    assert module.keys() == average.keys()
+    for key, value in average.items():
+        assert module[key].dtype == torch.bfloat16 and torch.equal(module[key], value.bfloat16()), key
+
+
 def _train_with_deepspeed(stage: int, out: Path, on_cpu: bool) -> None:
     from dreamshot.config.load import to_yaml
     from dreamshot.training import train as train_module
@@ -300,8 +378,8 @@ def _train_with_deepspeed(stage: int, out: Path, on_cpu: bool) -> None:
             f"trainer.checkpoint_every_n_steps={STEPS}",
             "trainer.val_check_interval=100",
             f"output_dir={out}",
-            # The average replaces the master weights at the end (ZeRO-3 refuses one: a rank holds a shard).
-            *(["optim.ema_decay=0.5"] if stage == 2 else []),
+            # The average (of the fp32 masters, each rank its fragment) replaces the master weights at the end.
+            f"optim.ema_decay={EMA_DECAY}",
         ],
     )
     gpu_config = to_yaml(cfg)
@@ -318,7 +396,7 @@ def _train_with_deepspeed(stage: int, out: Path, on_cpu: bool) -> None:
     if on_cpu:
         cfg.trainer.accelerator = "cpu"
     encodes = VaeEncodes()
-    train_module.train(cfg, callbacks=[encodes])
+    train_module.train(cfg, callbacks=[encodes, MastersAndEma(out.parent)])
     # The run's config as a GPU run writes it (the CPU emulation changed the accelerator).
     atomic_write_text(out / "config.yaml", gpu_config)
     atomic_write_text(out.parent / VAE_ENCODES, json.dumps(encodes.runs))
@@ -392,8 +470,8 @@ def _fp32_masters(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("stage", "device"), RUNS)
 def test_deepspeed_lora_copies_hold_the_fp32_master_weights(deepspeed_runs, stage, device):
     """DeepSpeed's bf16 mode trains fp32 master weights in its optimiser and keeps bf16-rounded copies in the
-    module: the checkpoint's gathered LoRA holds the masters, and so do the run's files (with optim.ema_decay,
-    the ZeRO-2 run's, their average, which replaced the masters at the end)."""
+    module: the checkpoint's gathered LoRA holds the masters, and the run's files their average (optim.ema_decay),
+    which replaced the masters at the end."""
     run = deepspeed_runs(stage, device)
     last = run / "checkpoints" / "last.ckpt"
     states, masters = _model_states(last), _fp32_masters(last)
@@ -403,12 +481,25 @@ def test_deepspeed_lora_copies_hold_the_fp32_master_weights(deepspeed_runs, stag
     gathered = states[CHECKPOINT_LORA_KEY]
     assert gathered.keys() == masters.keys()
     assert all(gathered[key].dtype == torch.float32 and torch.equal(gathered[key], masters[key]) for key in masters)
-    average = states["callbacks"].get(LoraEma.__qualname__, {}).get("average")
-    assert bool(average) == (stage == 2)
-    expected = _module_lora(average) if average else masters
+    expected = _module_lora(states["callbacks"][LoraEma.__qualname__]["average"])
     exported = load_file(run / EXPORT_FILES["peft"])
     assert exported.keys() == expected.keys()
     assert all(exported[key].dtype == torch.float32 and torch.equal(exported[key], expected[key]) for key in expected)
+
+
+@pytest.mark.parametrize(("stage", "device"), RUNS)
+def test_deepspeed_ema_averages_the_fp32_masters(deepspeed_runs, stage, device):
+    """Under DeepSpeed's bf16 mode the average follows the fp32 masters, not the module's bf16 copies of them: the
+    run's LoRA file (the average at the end) and its last checkpoint's average are the EMA of the masters recorded
+    after every step, and the module's copies end as the average too."""
+    run = deepspeed_runs(stage, device)
+    (recorded,) = _recorded(run.parent)
+    assert len(recorded["masters"]) == STEPS + 1
+    exported = load_file(run / EXPORT_FILES["peft"])
+    assert_is_the_masters_ema(exported, recorded["masters"])
+    assert_holds_the_average(recorded["module"], exported)
+    average = _model_states(run / "checkpoints" / "last.ckpt")["callbacks"][LoraEma.__qualname__]["average"]
+    assert_is_the_masters_ema(_module_lora(average), recorded["masters"])
 
 
 @pytest.mark.parametrize(("stage", "device"), RUNS)

@@ -235,6 +235,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     # Exponential moving average of the LoRA weights, updated every optimizer step (0: off; e.g. 0.999). On, the
     # run's LoRA files hold the averaged weights; checkpoints keep both (resume continues the average).
+    # Under DeepSpeed it averages the fp32 master weights, each rank its own fragment of them (ZeRO-2 and 3).
     ema_decay: float = 0.0
 
 
@@ -610,7 +611,7 @@ class Config:
         _check_curriculum(self)
         _check_trainer(self.trainer)
         _check_context_parallel(self)
-        _check_schedule_averaging_samples(self)
+        _check_schedule_and_samples(self)
         head_dim = self.model.transformer.attention_head_dim
         if head_dim % 2 or head_dim < 6:
             raise ConfigError(
@@ -692,19 +693,19 @@ def _check_context_parallel(cfg: Config) -> None:
                 )
 
 
-def _check_schedule_averaging_samples(cfg: Config) -> None:
+def _check_schedule_and_samples(cfg: Config) -> None:
     optim, trainer, sample = cfg.optim, cfg.trainer, cfg.trainer.sample
     _check_choice(optim.schedule, ("constant", "linear", "cosine"), "optim.schedule")
     if sample.every_n_steps and sample.story is None and cfg.data.val_groups < 1:
         raise ConfigError("trainer.sample draws the first validation storyboard: set data.val_groups >= 1 or a story")
     if trainer.strategy == "deepspeed_stage_3":
-        # A ZeRO-3 rank holds a flat shard of each weight (no average to keep of it), and a forward drawn by rank 0's
-        # group alone (a sample, the storyboard metrics) would wait for the other ranks to gather the weights.
+        # A forward drawn by rank 0's group alone (a sample, the storyboard metrics) would wait for the other ranks
+        # to gather the weights.
         drawn = (
             ("trainer.sample.every_n_steps", sample.every_n_steps),
             ("eval.callback.enabled", cfg.eval.callback.enabled),
         )
-        for key, on in (("optim.ema_decay", optim.ema_decay), *drawn):
+        for key, on in drawn:
             if on:
                 raise ConfigError(f"{key} is not supported with trainer.strategy=deepspeed_stage_3")
 
