@@ -276,8 +276,8 @@ def evaluations_labelled(runs: list[RunRecord]) -> bool:
 
 def missing_data(runs: list[RunRecord], members: list[str]) -> list[str]:
     """What a reader of the table must be told: sweep members with no run folder, evaluations left out as of other
-    weights than their run's, runs without any metric, and evaluation values whose means are over other stories in
-    different runs (`story_mismatches`)."""
+    weights than their run's or of another drawing than their folder records, runs without any metric, and
+    evaluation values whose means are over other stories in different runs (`story_mismatches`)."""
     names = {run.name for run in runs}
     notes = [f"member {m}: no run folder (not run yet, or written elsewhere)" for m in members if m not in names]
     notes += [
@@ -285,6 +285,12 @@ def missing_data(runs: list[RunRecord], members: list[str]) -> list[str]:
         "the run's (it trained on or started over since); score it again with dreamshot eval --redraw"
         for run in runs
         for record in run.outdated
+    ]
+    notes += [
+        f"{run.name}: {record.label} in {record.path.parent} left out: its results.json scored another drawing than "
+        "the folder's run.json records (an evaluation drawing anew stopped before its results); run it again"
+        for run in runs
+        for record in run.stale
     ]
     notes += [
         f"{run.name}: no metrics (no results.json, no validation in its csv/ logs) in {run.path}"
