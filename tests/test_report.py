@@ -559,3 +559,14 @@ def test_results_of_another_drawing_than_their_folders_run_json_are_left_out_and
         f"w1_0-w2_5: toy-r2s in {group / 'w1_0-w2_5'} left out: its results.json scored another drawing than the "
         "folder's run.json records (an evaluation drawing anew stopped before its results); run it again"
     ) in missing_data(list(runs.values()), list(members))
+
+
+def test_a_metric_that_could_not_be_computed_reads_so_not_as_a_baseline_near_0(sweep_group: Path):
+    """A NaN in results.json (no story had a value of it) is neither `nan` in the table nor an `n/a` change."""
+    nan = {"toy_identity_cross": math.nan}
+    write_eval(sweep_group / "without_racl" / "eval" / "toy-r2s", nan, {"story-a": 2, "story-b": 4})
+    table = build_table("toy_racl_ablation", read_runs(find_runs(sweep_group)), baseline="without_racl")
+    text = table.to_markdown()
+    assert "| nan |" not in text and "| without_racl | 0.0 | not computed |" in text
+    assert "toy_identity_cross" not in table.relative()["with_racl"]
+    assert "| with_racl | 0.1 | - |" in text and "or one not computed; n/a: the baseline is 0 or near it" in text
