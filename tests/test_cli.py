@@ -1,12 +1,15 @@
 """The `dreamshot` command line: one-line errors with status 2, sweep launch lines."""
 
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
 
 from dreamshot.cli import COMMANDS, build_parser, main, parse_with_overrides
+from dreamshot.config.load import load_config
+from dreamshot.report.sweep import sweep_commands
 
 
 def test_config_fault_is_one_line_with_status_2(capsys):
@@ -19,9 +22,23 @@ def test_print_commands_gives_one_line_per_sweep_member(capsys):
     assert main(["train", "toy_racl_ablation", "trainer.max_steps=200", "--print-commands"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [
-        "dreamshot train toy_racl_ablation trainer.max_steps=200 --member with_racl",
-        "dreamshot train toy_racl_ablation trainer.max_steps=200 --member without_racl",
+        "dreamshot train toy_racl_ablation trainer.max_steps=200 trainer.ckpt_path=last --member with_racl",
+        "dreamshot train toy_racl_ablation trainer.max_steps=200 trainer.ckpt_path=last --member without_racl",
     ]
+
+
+def test_printed_launch_lines_resume_as_the_sweeps_do(capsys):
+    """A requeued cluster job runs its line again: without `trainer.ckpt_path=last` its folder would hold another
+    run and the relaunch be refused. Each line is the sweep's own, and one that says how to start keeps it."""
+    for overrides in ([], ["trainer.overwrite=true"], ["trainer.ckpt_path=/runs/a/checkpoints/last.ckpt"]):
+        assert main(["train", "toy_racl_ablation", *overrides, "--print-commands"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines == [shlex.join(["dreamshot", *argv]) for argv in sweep_commands("toy_racl_ablation", overrides)]
+        assert all(("trainer.ckpt_path=last" in line) == (not overrides) for line in lines)
+    assert main(["train", "toy_dreamshot", "--print-commands"]) == 0  # a single run: one line, resuming too
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line == "dreamshot train toy_dreamshot trainer.ckpt_path=last"
+    assert load_config("toy_dreamshot", shlex.split(line)[3:]).trainer.ckpt_path == "last"
 
 
 def test_a_command_imports_only_its_own_module():
@@ -56,7 +73,7 @@ def test_overrides_are_taken_anywhere_on_the_line(capsys):
     argv.append("seed=3")
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == (
-        "dreamshot train toy_racl_ablation trainer.max_steps=200 seed=3 --member with_racl"
+        "dreamshot train toy_racl_ablation trainer.max_steps=200 seed=3 trainer.ckpt_path=last --member with_racl"
     )
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "smoke", "--bogus", "seed=3"])
@@ -170,3 +187,25 @@ def test_a_reader_that_closes_early_ends_a_printing_command_quietly(argv, buffer
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+@pytest.mark.slow
+def test_a_printed_launch_line_run_again_resumes_its_run(tmp_path, capsys):
+    """The requeued job: the printed line, run a second time in the folder the first one trained, resumes (and
+    trains no further) instead of being refused as a folder holding another run."""
+    tiny = [
+        "curriculum=[]",
+        "trainer.max_steps=2",
+        "trainer.checkpoint_every_n_steps=2",
+        "trainer.val_check_interval=2",
+    ]
+    tiny += ["data.toy.groups=3", "data.val_groups=1", "data.resolution=[32,48]", "data.toy.image_size=[32,48]"]
+    tiny += ["logger.backend=csv", f"output_dir={tmp_path / 'run'}"]
+    assert main(["train", "toy_dreamshot", *tiny, "--print-commands"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    argv = shlex.split(line)[1:]
+    assert main(argv) == 0
+    lora = (tmp_path / "run" / "lora.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "lora.safetensors").read_bytes() == lora

@@ -265,6 +265,26 @@ def test_another_config_is_refused_then_redrawn_never_mixed(tmp_path, monkeypatc
     assert _results(out)["per_story"] == _results(fresh)["per_story"]
 
 
+def test_a_redraw_stopped_mid_way_leaves_no_results_of_the_old_drawing(tmp_path, monkeypatch):
+    """results.json records the drawing it scored (run.json's fingerprint); a --redraw removes the old results
+    before its record names the new drawing, so one stopped mid-way leaves no old values beside the new record."""
+    out = tmp_path / "eval"
+    assert _eval(out, PROXY) == 0
+    assert _results(out)["fingerprint"] == json.loads((out / RUN_RECORD).read_text())["fingerprint"]
+    original = runner._draw
+
+    def stopped(*args):
+        raise KeyboardInterrupt  # Ctrl-C while the first story of the new drawing is drawn
+
+    monkeypatch.setattr(runner, "_draw", stopped)
+    assert _eval(out, [*PROXY, "inference.steps=3"], "--redraw") == 130
+    assert json.loads((out / RUN_RECORD).read_text())["fingerprint"]["inference"]["steps"] == 3
+    assert not (out / "results.json").exists() and not (out / "results.csv").exists()
+    monkeypatch.setattr(runner, "_draw", original)
+    assert _eval(out, [*PROXY, "inference.steps=3"], "--redraw") == 0
+    assert _results(out)["fingerprint"]["inference"]["steps"] == 3
+
+
 def test_a_changed_or_unrecorded_story_is_drawn_again(tmp_path, monkeypatch):
     out = tmp_path / "eval"
     drawn = _record_draws(monkeypatch)

@@ -539,3 +539,34 @@ def test_an_evaluation_time_sweep_whose_members_scored_other_weights_is_noted(tm
         "the members scored other LoRA weights (run.json's lora_sha256): w1_0-w2_1, w1_0-w2_5 with aaaaaaaaaaaa; "
         "w1_4-w2_1 with bbbbbbbbbbbb"
     )
+
+
+def test_results_of_another_drawing_than_their_folders_run_json_are_left_out_and_noted(tmp_path: Path):
+    """An evaluation-only member re-scored with --redraw and stopped before its results: run.json names the new
+    drawing, results.json (which records the drawing it scored) the old one; its values are not of the record."""
+    group = tmp_path / "toy_guidance"
+    members = sweep_members("toy_guidance")
+    for member, scored in (("w1_0-w2_1", "a" * 64), ("w1_0-w2_5", "b" * 64)):
+        results = EvalResults("toy", "r2s", member, {"toy_identity_cross": 0.1}, {}, {"s": {}}, {"s": 3})
+        results.extra["fingerprint"] = {"lora_sha256": scored}
+        write_results(group / member, results)
+        (group / member / "run.json").write_text(json.dumps({"identity": {}, "fingerprint": {"lora_sha256": "a" * 64}}))
+    runs = {run.name: run for run in read_runs(find_runs(group), members)}
+    assert runs["w1_0-w2_1"].evals[0].weights_sha256 == "a" * 64 and not runs["w1_0-w2_1"].stale
+    stale = runs["w1_0-w2_5"]
+    assert not stale.evals and [record.path.parent for record in stale.stale] == [group / "w1_0-w2_5"]
+    assert (
+        f"w1_0-w2_5: toy-r2s in {group / 'w1_0-w2_5'} left out: its results.json scored another drawing than the "
+        "folder's run.json records (an evaluation drawing anew stopped before its results); run it again"
+    ) in missing_data(list(runs.values()), list(members))
+
+
+def test_a_metric_that_could_not_be_computed_reads_so_not_as_a_baseline_near_0(sweep_group: Path):
+    """A NaN in results.json (no story had a value of it) is neither `nan` in the table nor an `n/a` change."""
+    nan = {"toy_identity_cross": math.nan}
+    write_eval(sweep_group / "without_racl" / "eval" / "toy-r2s", nan, {"story-a": 2, "story-b": 4})
+    table = build_table("toy_racl_ablation", read_runs(find_runs(sweep_group)), baseline="without_racl")
+    text = table.to_markdown()
+    assert "| nan |" not in text and "| without_racl | 0.0 | not computed |" in text
+    assert "toy_identity_cross" not in table.relative()["with_racl"]
+    assert "| with_racl | 0.1 | - |" in text and "or one not computed; n/a: the baseline is 0 or near it" in text

@@ -23,6 +23,14 @@ from dreamshot.config.load import (
 from dreamshot.config.schema import Config
 from dreamshot.utils.errors import ConfigError
 
+# Every launch line resumes, so the same line serves a requeued (preempted) cluster job and a sweep run again after
+# a failed or killed member: a finished run restores its last step and trains no further, a killed one continues
+# from its checkpoint, one not started yet starts (`trainer.ckpt_path=last` is a fresh run in a folder without a
+# checkpoint). Without it a relaunch is refused: its folder holds another run (`run_folder.check_fresh_start`).
+# Left out when the command line says how to start itself.
+RESUME = "trainer.ckpt_path=last"
+_START_KEYS = ("trainer.ckpt_path", "trainer.overwrite")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_experiment_arguments(parser)
@@ -67,9 +75,14 @@ def training_runs(experiment: str, overrides: list[str], member: str | None = No
 
 def launch_lines(experiment: str, overrides: list[str], member: str | None = None) -> list[str]:
     """`dreamshot train` command lines, one per run of the experiment (or of `member`)."""
-    base = ["dreamshot", "train", experiment, *overrides]
-    members = [member] if member else list(sweep_members(experiment))
-    return [shlex.join([*base, "--member", m]) for m in members] or [shlex.join(base)]
+    members = [member] if member else list(sweep_members(experiment)) or [None]
+    return [shlex.join(["dreamshot", *train_command(experiment, overrides, m)]) for m in members]
+
+
+def train_command(experiment: str, overrides: list[str], member: str | None = None) -> list[str]:
+    """The `dreamshot train` argument list of one run (`member` of a sweep, or the experiment), resuming (`RESUME`)."""
+    resume = [] if any(item.split("=", 1)[0] in _START_KEYS for item in overrides) else [RESUME]
+    return ["train", experiment, *overrides, *resume, *(["--member", member] if member else [])]
 
 
 def report(cfg: Config, out: Path) -> None:

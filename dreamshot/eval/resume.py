@@ -3,7 +3,10 @@
 - `<out>/run.json` (`RUN_RECORD`) names what the folder is the results of (`identity`: the command, the
   benchmark and its data, the mode, the folder scored) and what drew its shots (`fingerprint`). A folder of
   another benchmark, mode or scored folder is refused with one line before anything is written; one drawn with
-  another fingerprint too, unless `--redraw` asks to replace its stories.
+  another fingerprint too, unless `--redraw` asks to replace its stories. A run that writes another fingerprint
+  removes the folder's results.json / results.csv first: they scored the old drawing. results.json records the
+  fingerprint it scored too, so a reader tells results of another drawing from the record's
+  (`dreamshot.report.runs`).
 - `<story folder>/generation.json` (`STORY_RECORD`, written last, atomically, after every shot file) records
   the drawing fingerprint, the digest of the story's inputs and the SHA-256 of every file drawn. A story is
   complete when its record has this run's fingerprint and story digest and every file still has its hash;
@@ -27,7 +30,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dreamshot.config.schema import Config
-from dreamshot.eval.report import RESULTS_JSON
+from dreamshot.eval.report import RESULTS_CSV, RESULTS_JSON
 from dreamshot.inference.outputs import RECORD_FILE, SHEET_FILE, shot_index
 from dreamshot.utils.errors import DataError
 from dreamshot.utils.io import atomic_write_text, remove_stale_temporaries
@@ -35,6 +38,11 @@ from dreamshot.utils.io import atomic_write_text, remove_stale_temporaries
 RUN_RECORD = "run.json"
 STORY_RECORD = RECORD_FILE
 RESUME_KEY = "resume"
+# The drawing's fingerprint, in run.json and in results.json (what the results scored; None: a folder read).
+FINGERPRINT_KEY = "fingerprint"
+# The results of a run (results.json, the completion mark a report reads, first), removed before a run of another
+# drawing writes its record.
+SUPERSEDED_RESULTS = (RESULTS_JSON, RESULTS_CSV)
 
 
 def file_sha256(path: Path) -> str:
@@ -129,7 +137,7 @@ class ResultsFolder:
                 f"{self.record_path}: a results folder of {_describe(theirs)}, not of {_describe(self.identity)} "
                 f"({key}: {_value(theirs, key)} there, {_value(self.identity, key)} here): choose another --out"
             )
-        drawn = record.get("fingerprint")
+        drawn = record.get(FINGERPRINT_KEY)
         if self.fingerprint is not None and drawn != self.fingerprint and not redraw:
             key = first_difference(drawn or {}, self.fingerprint)
             raise DataError(
@@ -138,8 +146,15 @@ class ResultsFolder:
             )
 
     def write(self) -> None:
+        """The run record, after the results of another drawing are removed (`--redraw`, or results without a
+        record): removed first, a kill in between leaves no results beside the new record that they did not
+        score; the new results are written at the end of the run."""
         self.out.mkdir(parents=True, exist_ok=True)
-        record = {"identity": self.identity, "fingerprint": self.fingerprint}
+        record = {"identity": self.identity, FINGERPRINT_KEY: self.fingerprint}
+        held = self._read()
+        if held is None or held.get(FINGERPRINT_KEY) != self.fingerprint:
+            for name in SUPERSEDED_RESULTS:
+                (self.out / name).unlink(missing_ok=True)
         atomic_write_text(self.record_path, json.dumps(record, indent=2))
 
     def _read(self) -> dict | None:

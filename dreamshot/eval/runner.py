@@ -9,7 +9,8 @@ Output folder:
 <out>/features/                                            extracted features per image (feature_cache.py)
 <out>/logs/rank<r>.log                                     each rank's log of the stories it drew
 <out>/judge_cache.jsonl                                    the judge's answers (unless eval.judge.cache is set)
-<out>/results.json, <out>/results.csv                      dataset-level and per-story values
+<out>/results.json, <out>/results.csv                      dataset-level and per-story values (json: and the
+                                                           fingerprint of the shots it scored)
 ```
 
 Under torchrun the stories are spread over the ranks (`sharding.py`): the ones left to draw by drawing cost
@@ -37,7 +38,7 @@ from dreamshot.eval.feature_cache import FEATURES_DIR, FeatureCache
 from dreamshot.eval.generation import draw_story, read_story_shots, story_for_mode, story_shot_files, write_story
 from dreamshot.eval.reading import open_as_published
 from dreamshot.eval.report import EvalResults, describe, log_tables, write_results
-from dreamshot.eval.resume import ResultsFolder, drawing_fingerprint, eval_identity, story_digest
+from dreamshot.eval.resume import FINGERPRINT_KEY, ResultsFolder, drawing_fingerprint, eval_identity, story_digest
 from dreamshot.eval.sharding import Ranks, share_of
 from dreamshot.eval.story_metrics import AlignmentMetric, StorySample
 from dreamshot.eval.suite import MetricSuite, build_suite
@@ -94,6 +95,7 @@ def evaluate(
         draw_stories(jobs, fingerprint, ranks, out, load_pipeline, draw)
     _score_share(suite, cache, bench, shots_dir, ev.mode, ranks)
     results = _merged_results(suite, bench, cfg, label, ranks)
+    results.extra[FINGERPRINT_KEY] = fingerprint  # what these values scored: run.json's, unless since replaced
     if ranks.is_main:
         write_results(out, results)
         if cfg.logger.backend == "wandb":

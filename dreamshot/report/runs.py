@@ -4,7 +4,8 @@ A run folder is a training run (`config.yaml`, `summary.json`, CSV or offline W&
 `dreamshot train`) or an evaluation (`results.json`, written by `dreamshot eval`); a training run's own
 evaluations are looked for in `<run>/eval/*/results.json`; one whose shots were drawn with other weights than the
 run's own (`run.json`'s fingerprint: the run trained on, or started over, since) is not the run's and is set apart
-(`RunRecord.outdated`). A group is a folder of run folders: a sweep's
+(`RunRecord.outdated`); results.json scoring another drawing than its folder's run.json records (an interrupted
+`--redraw`) are set apart too (`RunRecord.stale`). A group is a folder of run folders: a sweep's
 members land in `outputs/<experiment>/<member>`. Its files are read by the rule of every text file a user may
 have edited (`dreamshot.utils.text`: encodings, duplicate YAML keys).
 """
@@ -21,7 +22,7 @@ from typing import Any
 import yaml
 
 from dreamshot.eval.report import RESULTS_JSON
-from dreamshot.eval.resume import RUN_RECORD, weights_sha256
+from dreamshot.eval.resume import FINGERPRINT_KEY, RUN_RECORD, weights_sha256
 from dreamshot.inference.loading import RUN_CONFIG, run_weights
 from dreamshot.report.history import last_value, read_curves
 from dreamshot.training.callbacks import SUMMARY_FILE
@@ -54,7 +55,8 @@ class EvalRecord:
     """One `results.json`: dataset-level values, each story's values, and each story's scored shot count (the
     benchmark story's shots that the mode draws and scores: `Story.scored_shots`, written by `dreamshot eval`
     whether the shots were drawn by it or read from another folder). `weights_sha256`: the SHA-256 of the LoRA
-    weights its shots were drawn with (`base` for none; its folder's `run.json`), None when unknown."""
+    weights its shots were drawn with (`base` for none; the fingerprint results.json records, else its folder's
+    `run.json`'s), None when unknown."""
 
     path: Path
     benchmark: str
@@ -63,6 +65,9 @@ class EvalRecord:
     per_story: dict[str, dict[str, float]]
     story_shots: dict[str, int]
     weights_sha256: str | None = None
+    # Its results.json scored another drawing than its folder's run.json records: an evaluation that drew anew
+    # (`--redraw`) stopped before its results, or results copied in from elsewhere.
+    stale: bool = False
 
     @property
     def label(self) -> str:
@@ -74,7 +79,8 @@ class RunRecord:
     """A run as the report sees it. `config` holds dotted keys (`racl.weight`): the run's config.yaml, or for an
     evaluation-only folder the overrides of its sweep member. `setting` is its name before `read_runs` tells
     apart the runs that share one (the same member run with other seeds keeps its setting). `outdated`: the
-    evaluations in its folder of other weights than its own, which none of its values come from."""
+    evaluations in its folder of other weights than its own, `stale`: those whose results scored another drawing
+    than their run.json records (`EvalRecord.stale`); none of its values come from either."""
 
     name: str
     path: Path
@@ -84,6 +90,7 @@ class RunRecord:
     steps: int | None = None
     setting: str = ""
     outdated: list[EvalRecord] = field(default_factory=list)
+    stale: list[EvalRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.setting = self.setting or self.name
@@ -167,9 +174,10 @@ def read_run(folder: Path, member_overrides: dict[str, list[str]] | None = None)
         config = parse_overrides(member_overrides[name])
     summary = folder / SUMMARY_FILE
     steps = _read_steps(summary) if summary.is_file() else None
-    evals = [_read_eval(path) for path in _results_files(folder)]
+    read = [_read_eval(path) for path in _results_files(folder)]
+    evals, stale = [r for r in read if not r.stale], [r for r in read if r.stale]
     evals, outdated = _by_weights(folder, evals) if (folder / RUN_CONFIG).is_file() else (evals, [])
-    return RunRecord(name, folder, config, read_curves(folder), evals, steps, outdated=outdated)
+    return RunRecord(name, folder, config, read_curves(folder), evals, steps, outdated=outdated, stale=stale)
 
 
 def read_runs(folders: list[Path], member_overrides: dict[str, list[str]] | None = None) -> list[RunRecord]:
@@ -261,12 +269,16 @@ def _by_weights(run_dir: Path, evals: list[EvalRecord]) -> tuple[list[EvalRecord
     return [r for r, o in zip(evals, other, strict=True) if not o], [r for r, o in zip(evals, other, strict=True) if o]
 
 
-def _drawn_with(eval_dir: Path) -> str | None:
-    """The SHA-256 of the LoRA weights an evaluation folder's shots were drawn with (its `run.json`), if known."""
+def _recorded_drawing(eval_dir: Path) -> dict | None:
+    """The fingerprint of the drawing an evaluation folder's `run.json` records (None: none, or shots read)."""
     try:
-        fingerprint = json.loads(read_text(eval_dir / RUN_RECORD, "run record")).get("fingerprint")
+        fingerprint = json.loads(read_text(eval_dir / RUN_RECORD, "run record")).get(FINGERPRINT_KEY)
     except (DreamShotError, json.JSONDecodeError, AttributeError):
         return None
+    return fingerprint if isinstance(fingerprint, dict) else None
+
+
+def _lora_sha256(fingerprint: Any) -> str | None:
     return fingerprint.get("lora_sha256") if isinstance(fingerprint, dict) else None
 
 
@@ -279,4 +291,8 @@ def _read_eval(path: Path) -> EvalRecord:
         benchmark, mode = body["benchmark"], body["mode"]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: not a results file of `dreamshot eval` ({type(e).__name__}: {e})") from None
-    return EvalRecord(path, benchmark, mode, values, per_story, story_shots, _drawn_with(path.parent))
+    recorded = _recorded_drawing(path.parent)
+    # Results written before they named their drawing are taken as of the record's.
+    scored = body.get(FINGERPRINT_KEY) if FINGERPRINT_KEY in body else recorded
+    stale = scored != recorded
+    return EvalRecord(path, benchmark, mode, values, per_story, story_shots, _lora_sha256(scored), stale)

@@ -6,7 +6,8 @@
 - a training experiment (a sweep or a single run): `dreamshot train EXPERIMENT ... trainer.ckpt_path=last
   --member M` per member, each a W&B run in the experiment's group (`dreamshot.config.load`); with `--eval BENCH`
   every member's run folder is then scored: `dreamshot eval BENCH --run <run> --out <run>/eval/<bench>-<mode>`.
-  Run again, the sweep continues where it stopped (`RESUME`; the evaluations draw only what they miss).
+  Run again, the sweep continues where it stopped (`dreamshot.commands.train.RESUME`; the evaluations draw only
+  what they miss).
 - an evaluation-time experiment (tagged `eval_time`: its members override only `inference.*` / `eval.*`, e.g.
   the ω1 / ω2 guidance grid) trains nothing: each member scores the trained run `--run DIR` with
   `dreamshot eval`, its evaluation settings passed as overrides, into the member's `output_dir`, named, tagged
@@ -29,6 +30,7 @@ import yaml
 
 from dreamshot.cli import OneLineParser, parse_with_overrides, run_reporting
 from dreamshot.commands import add_experiment_arguments
+from dreamshot.commands.train import train_command
 from dreamshot.config.load import EVAL_TIME_TAG, compose, is_eval_time, load_config, sweep_members
 from dreamshot.config.schema import EVAL_BENCHMARKS, Config
 from dreamshot.inference.loading import run_weights
@@ -38,12 +40,6 @@ from dreamshot.utils.errors import ConfigError, DreamShotError
 # Config sections an evaluation-time run may change: everything else is the trained run's.
 EVAL_TIME_SECTIONS = ("inference", "eval")
 _EVAL_TIME_PREFIXES = tuple(f"{section}." for section in EVAL_TIME_SECTIONS)
-# Every training line resumes, so a sweep run again after a failed or killed member continues: a finished member
-# restores its last step and trains no further, a killed one continues from its checkpoint, one not started yet
-# starts (`trainer.ckpt_path=last` is a fresh run in a folder without a checkpoint). Left out when the command line
-# says how to start itself.
-RESUME = "trainer.ckpt_path=last"
-_START_KEYS = ("trainer.ckpt_path", "trainer.overwrite")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,9 +98,8 @@ def sweep_commands(
             for cfg, name in zip(configs, names, strict=True)
         ]
     commands = []
-    resume = [] if any(item.split("=", 1)[0] in _START_KEYS for item in overrides) else [RESUME]
     for cfg, name in zip(configs, names, strict=True):
-        commands.append(["train", experiment, *overrides, *resume, *(["--member", name] if name else [])])
+        commands.append(train_command(experiment, overrides, name))
         if benchmark:
             out = Path(cfg.output_dir)
             folder = out / EVAL_DIR / f"{benchmark}-{cfg.eval.mode}"

@@ -34,6 +34,8 @@ def training_diagnostic(metric: str) -> str:
 # relative change: a value of 0 against a baseline of 1e-9 is not "-100%".
 NEAR_ZERO_ABSOLUTE = 1e-6
 NEAR_ZERO_RELATIVE = 1e-3
+# A NaN value (results.json, a validation): the metric could not be computed, e.g. no story had a value of it.
+NOT_COMPUTED = "not computed"
 # The config key whose runs a report also summarises over (`ComparisonTable.across_seeds`).
 SEED_KEY = "seed"
 
@@ -66,13 +68,17 @@ class ComparisonTable:
 
     def relative(self) -> dict[str, dict[str, float]]:
         """run -> metric -> relative improvement (%) over the run it is measured against (`compared_runs`) (NaN
-        where that run's value is near 0; a metric either run lacks is left out)."""
-        scale = {m: max(abs(values[m]) for values in self.rows.values() if m in values) for m in self.metrics}
+        where that run's value is near 0; a metric either run lacks, or has as NaN, is left out: a NaN is a value
+        that could not be computed, not a baseline near 0)."""
+        finite = {run: {m: v for m, v in values.items() if not math.isnan(v)} for run, values in self.rows.items()}
+        scale = {
+            m: max((abs(values[m]) for values in finite.values() if m in values), default=0.0) for m in self.metrics
+        }
         return {
             run: {
-                m: relative_improvement(self.rows[run][m], self.rows[base][m], higher_is_better(m), scale[m])
+                m: relative_improvement(finite[run][m], finite[base][m], higher_is_better(m), scale[m])
                 for m in self.metrics
-                if m in self.rows[run] and m in self.rows[base]
+                if m in finite[run] and m in finite[base]
             }
             for run, base in self.compared_runs().items()
         }
@@ -109,7 +115,9 @@ class ComparisonTable:
                 "so lower-is-better metrics ↓ are sign-flipped):\n"
             )
             text.append(_markdown(headers, [self._row(run, relative[run], _percent) for run in relative]))
-            text.append("\n(-: no value for the run or the baseline; n/a: the baseline is 0 or near it)")
+            text.append(
+                f"\n(-: no value for the run or the baseline, or one {NOT_COMPUTED}; n/a: the baseline is 0 or near it)"
+            )
         unpaired = [run for run in self.runs if run not in relative and run not in self.compared_runs().values()]
         if relative and unpaired:
             text.append(f"\nNot measured (no run of `{self.compared_against()}`): {', '.join(unpaired)}")
@@ -276,8 +284,8 @@ def evaluations_labelled(runs: list[RunRecord]) -> bool:
 
 def missing_data(runs: list[RunRecord], members: list[str]) -> list[str]:
     """What a reader of the table must be told: sweep members with no run folder, evaluations left out as of other
-    weights than their run's, runs without any metric, and evaluation values whose means are over other stories in
-    different runs (`story_mismatches`)."""
+    weights than their run's or of another drawing than their folder records, runs without any metric, and
+    evaluation values whose means are over other stories in different runs (`story_mismatches`)."""
     names = {run.name for run in runs}
     notes = [f"member {m}: no run folder (not run yet, or written elsewhere)" for m in members if m not in names]
     notes += [
@@ -285,6 +293,12 @@ def missing_data(runs: list[RunRecord], members: list[str]) -> list[str]:
         "the run's (it trained on or started over since); score it again with dreamshot eval --redraw"
         for run in runs
         for record in run.outdated
+    ]
+    notes += [
+        f"{run.name}: {record.label} in {record.path.parent} left out: its results.json scored another drawing than "
+        "the folder's run.json records (an evaluation drawing anew stopped before its results); run it again"
+        for run in runs
+        for record in run.stale
     ]
     notes += [
         f"{run.name}: no metrics (no results.json, no validation in its csv/ logs) in {run.path}"
@@ -371,7 +385,9 @@ def _cell(value: Any) -> str:
 
 
 def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    if value is None:
+        return "-"
+    return NOT_COMPUTED if math.isnan(value) else f"{value:.4g}"
 
 
 def _percent(value: float | None) -> str:
