@@ -72,20 +72,22 @@ def detect_shots(job: VideoJob, cfg: ShotsConfig, total: int | None = None) -> l
 
 def open_video(job: VideoJob, cfg: ShotsConfig) -> scenedetect.VideoStream:
     """PySceneDetect's reader of the played stream, with the backend `shot_backend` picks."""
-    backend = shot_backend(job, cfg)
+    streams = video_stream_indices(job.path)
+    backend = shot_backend(job, cfg, streams)
     try:
         if backend == "opencv":
             return scenedetect.open_video(str(job.path), backend="opencv")
-        return PlayedStreamAv(job.path)
+        return PlayedStreamAv(job.path, streams[0])
     except scenedetect.VideoOpenFailure as e:
         raise DataError(f"{job.path}: PySceneDetect cannot open the video ({e})") from None
 
 
-def shot_backend(job: VideoJob, cfg: ShotsConfig) -> str:
+def shot_backend(job: VideoJob, cfg: ShotsConfig, streams: tuple[int, int] | None = None) -> str:
     """PySceneDetect's backend for the video: `shots.backend`, with auto resolved to pyav when OpenCV would read
     another stream than the played one or the first frame is flagged interlaced, else opencv. Raises
-    OpenCvStreamError for opencv when it would read another stream."""
-    played, first = video_stream_indices(job.path)
+    OpenCvStreamError for opencv when it would read another stream. `streams`: `video.video_stream_indices` of
+    the video, where the caller has them already."""
+    played, first = streams or video_stream_indices(job.path)
     if cfg.backend == "opencv" and played != first:
         raise OpenCvStreamError(
             f"{job.path}: shots.backend opencv reads the first video stream (#{first}), not the one a player plays "
@@ -97,14 +99,13 @@ def shot_backend(job: VideoJob, cfg: ShotsConfig) -> str:
 
 
 class PlayedStreamAv(VideoStreamAv):
-    """PySceneDetect's PyAV backend on the stream a player plays (`video.played_stream`). Its own reads the first
-    video stream,
-    named in two places, both replaced here: the stream it asks for times and sizes (`_video_stream`), and the
-    decoder that `read` makes with `decode(video=0)`, swapped for one of this stream before it decodes anything
-    (a decoder is a generator: it starts on its first `next`)."""
+    """PySceneDetect's PyAV backend on the stream of index `index`, the one a player plays (`video.played_stream`).
+    Its own reads the first video stream, named in two places, both replaced here: the stream it asks for times
+    and sizes (`_video_stream`), and the decoder that `read` makes with `decode(video=0)`, swapped for one of
+    this stream before it decodes anything (a decoder is a generator: it starts on its first `next`)."""
 
-    def __init__(self, path: Path) -> None:
-        self._index = video_stream_indices(path)[0]  # before VideoStreamAv's constructor, which reads the stream
+    def __init__(self, path: Path, index: int) -> None:
+        self._index = index  # before VideoStreamAv's constructor, which reads the stream
         # suppress_output: FFmpeg's log stays as PyAV leaves it, silent (PySceneDetect's default would restore
         # FFmpeg's own, which prints on stderr for the rest of the process). Its deadlock caveat is for threading.
         super().__init__(str(path), suppress_output=True)
