@@ -108,6 +108,15 @@ def test_ddp_strategy_settings():
         (["trainer.num_nodes=0"], "trainer.num_nodes must be >= 1"),
         (["trainer=gpu", "trainer.strategy=deepspeed_stage_3"], "trainer.compile_blocks is not supported with"),
         *(
+            (setting, f"trainer.precision={precision} with trainer.strategy={strategy} trains the LoRA in 16 bits")
+            for precision in ("bf16-true", "16-true")
+            for strategy, setting in (
+                ("auto", [f"trainer.precision={precision}"]),
+                ("ddp", ["trainer=ddp", "trainer.accelerator=cpu", f"trainer.precision={precision}"]),
+                ("ddp_spawn", ["trainer=ddp_cpu", "trainer.strategy=ddp_spawn", f"trainer.precision={precision}"]),
+            )
+        ),
+        *(
             (["trainer=gpu", "trainer.strategy=deepspeed_stage_3", "trainer.compile_blocks=false", setting], key)
             for setting, key in (
                 ("trainer.sample.every_n_steps=2", "trainer.sample.every_n_steps is not supported with"),
@@ -119,6 +128,12 @@ def test_ddp_strategy_settings():
 def test_impossible_trainer_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("smoke", overrides)
+
+
+@pytest.mark.parametrize("option", ["gpu", "zero3"])
+def test_deepspeed_takes_half_true_precision(option):
+    """DeepSpeed keeps fp32 masters of the LoRA whatever the precision's name (`_check_half_weights`)."""
+    assert _trainer(f"trainer={option}", "trainer.precision=bf16-true").precision == "bf16-true"
 
 
 def test_zero3_keeps_an_average_of_the_weights():
