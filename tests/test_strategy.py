@@ -312,7 +312,8 @@ EMA_DECAY = 0.5
 class MastersAndEma(L.Callback):
     """Records the LoRA's fp32 master weights (peft names, as DeepSpeed assembles them from the ranks' partitions:
     every rank takes part) when training starts and after every optimizer step, how many elements of each weight
-    this rank's `LoraEma` averages, and the module's (bf16) LoRA once training has ended; each rank writes them to
+    this rank's `LoraEma` averages, the trainable weights ZeRO-3 keeps whole on every rank (persistent), and the
+    module's (bf16) LoRA once training has ended; each rank writes them to
     `<folder>/masters_rank<R>.pt`. After the run's own callbacks: the EMA has started, and at the end it has put
     the average in place but kept its state."""
 
@@ -333,8 +334,15 @@ class MastersAndEma(L.Callback):
         (ema,) = (callback for callback in trainer.callbacks if isinstance(callback, LoraEma))
         averaged = {name: value.numel() for name, value in ema.average.items()}
         module = _module_copies(pl_module)
+        persistent = [name for name, p in pl_module.named_parameters() if p.requires_grad and _persistent(p)]
         path = self.folder / f"masters_rank{trainer.global_rank}.pt"
-        torch.save({"masters": self.masters, "averaged": averaged, "module": module}, path)
+        record = {"masters": self.masters, "averaged": averaged, "module": module, "persistent": persistent}
+        torch.save(record, path)
+
+
+def _persistent(parameter: torch.nn.Parameter) -> bool:
+    """ZeRO-3 keeps the weight whole on every rank (below `stage3_param_persistence_threshold`)."""
+    return getattr(parameter, "ds_persist", False)
 
 
 def _module_copies(pl_module: DreamShotModule) -> dict[str, torch.Tensor]:
