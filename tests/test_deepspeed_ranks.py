@@ -4,9 +4,12 @@ are the masters assembled from both ranks' partitions (`callbacks.gathered_lora`
 rank averages its own fragment of each master, the checkpoints hold the average assembled whole, and at the end the
 average is written into both ranks' masters before the export (`LoraEma`); both ranks write a checkpoint folder
 that rank 0 commits whole (`LoraDeepSpeedStrategy.save_checkpoint`), and a two-rank run resumed from it reaches
-the uninterrupted run, its average included.
+the uninterrupted run, its average included. ZeRO-3 runs twice: with every weight partitioned (persistence threshold
+0), and under DeepSpeed's default `stage3_param_persistence_threshold`, which leaves the tiny model's small weights
+whole on every rank (persistent) while their fp32 masters stay split, as a full-size run's biases and norms are.
 
-The runs are subprocesses executing this file, `python tests/test_deepspeed_ranks.py STAGE OUT [CKPT]` (Lightning's
+The runs are subprocesses executing this file, `python tests/test_deepspeed_ranks.py STAGE THRESHOLD OUT [CKPT]`
+(THRESHOLD: a persistence threshold, or `default` for DeepSpeed's; Lightning's
 launcher starts rank 1 by running the same command again), through tests/test_strategy.py's CPU shim.
 """
 
@@ -39,10 +42,15 @@ from dreamshot.training.strategy import build_strategy
 
 RANKS = 2
 STEPS, EVERY = 4, 2
+# The runs: (ZeRO stage, ZeRO-3's persistence threshold, None for DeepSpeed's default).
+PARTITIONED = [(2, 0), (3, 0)]
+RUN_KINDS = pytest.mark.parametrize(
+    ("stage", "threshold"), [*PARTITIONED, (3, None)], ids=["zero2", "zero3", "zero3-persistent"]
+)
 CHECKPOINTS = ["last.ckpt", *(f"step{step:06d}.ckpt" for step in range(EVERY, STEPS + 1, EVERY))]
 
 
-def _train(stage: int, out: Path, ckpt_path: str | None) -> None:
+def _train(stage: int, threshold: int | None, out: Path, ckpt_path: str | None) -> None:
     from dreamshot.config.load import load_config
     from dreamshot.training import train as train_module
 
@@ -66,8 +74,8 @@ def _train(stage: int, out: Path, ckpt_path: str | None) -> None:
 
     def build(trainer, micro_batch):
         strategy = build_strategy(trainer, micro_batch)
-        # Partition even the tiny model's weights, so ZeRO-3 really gathers them.
-        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        if threshold is not None:  # 0: partition even the tiny model's weights, so ZeRO-3 really gathers them
+            strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
         _run_on_deepspeeds_cpu_accelerator(strategy)
         return strategy
 
@@ -75,8 +83,9 @@ def _train(stage: int, out: Path, ckpt_path: str | None) -> None:
     train_module.train(cfg, callbacks=[MastersAndEma(out.parent)])
 
 
-def _launch(stage: int, out: Path, ckpt_path: Path | None = None) -> Path:
-    command = [sys.executable, __file__, str(stage), str(out), *([str(ckpt_path)] if ckpt_path else [])]
+def _launch(stage: int, threshold: int | None, out: Path, ckpt_path: Path | None = None) -> Path:
+    setting = "default" if threshold is None else str(threshold)
+    command = [sys.executable, __file__, str(stage), setting, str(out), *([str(ckpt_path)] if ckpt_path else [])]
     # One thread per rank: the two share the machine's cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
@@ -86,13 +95,14 @@ def _launch(stage: int, out: Path, ckpt_path: Path | None = None) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Run folders of the two-rank trainings, made on first use, keyed by ZeRO stage."""
-    made: dict[int, Path] = {}
+    """Run folders of the two-rank trainings, made on first use, keyed by (ZeRO stage, persistence threshold)."""
+    made: dict[tuple[int, int | None], Path] = {}
 
-    def run(stage: int) -> Path:
-        if stage not in made:
-            made[stage] = _launch(stage, tmp_path_factory.mktemp(f"zero{stage}") / "run")
-        return made[stage]
+    def run(stage: int, threshold: int | None) -> Path:
+        if (stage, threshold) not in made:
+            folder = tmp_path_factory.mktemp(f"zero{stage}_{threshold}")
+            made[stage, threshold] = _launch(stage, threshold, folder / "run")
+        return made[stage, threshold]
 
     return run
 
@@ -110,9 +120,9 @@ def _assert_equal(found: dict[str, torch.Tensor], expected: dict[str, torch.Tens
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_split_the_masters_and_assemble_them_for_the_lora_copies(runs, stage):
-    run = runs(stage)
+@RUN_KINDS
+def test_two_ranks_split_the_masters_and_assemble_them_for_the_lora_copies(runs, stage, threshold):
+    run = runs(stage, threshold)
     last = run / "checkpoints" / "last.ckpt"
     # Both ranks' shards committed by rank 0, nothing half-written left beside them.
     assert sorted(path.name for path in last.parent.iterdir()) == CHECKPOINTS
@@ -143,12 +153,12 @@ def _average(model_states: dict) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_each_rank_averages_its_fragment_of_the_fp32_masters(runs, stage):
+@RUN_KINDS
+def test_each_rank_averages_its_fragment_of_the_fp32_masters(runs, stage, threshold):
     """The EMA under ZeRO: each rank keeps the average of its own fragment of each fp32 master (no collective per
     step), and the run's LoRA file is the EMA of the whole masters, recorded after every step, as each rank's module
-    copies are at the end."""
-    run = runs(stage)
+    copies are at the end; ZeRO-3's persistent weights too (their fp32 masters are split like the others)."""
+    run = runs(stage, threshold)
     recorded = _recorded(run.parent)
     assert len(recorded) == RANKS
     masters = recorded[0]["masters"]
@@ -161,17 +171,20 @@ def test_each_rank_averages_its_fragment_of_the_fp32_masters(runs, stage):
     assert all(sum(size[key] for size in sizes) == value.numel() for key, value in masters[0].items())
     whole = sum(value.numel() for value in masters[0].values())
     assert all(0 < sum(size.values()) < whole for size in sizes)
+    # Under DeepSpeed's default threshold the tiny model's LoRA weights are all persistent, else none is.
+    persistent = [set(_module_lora(dict.fromkeys(rank["persistent"])).keys()) for rank in recorded]
+    assert all(names == (masters[0].keys() if threshold is None else set()) for names in persistent)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_a_two_rank_run_resumed_from_its_checkpoint_reaches_the_uninterrupted_run(runs, stage, tmp_path):
+@pytest.mark.parametrize(("stage", "threshold"), PARTITIONED, ids=["zero2", "zero3"])
+def test_a_two_rank_run_resumed_from_its_checkpoint_reaches_the_uninterrupted_run(runs, stage, threshold, tmp_path):
     """Resumed from the step-2 checkpoint of the same config in another folder: its weights and its average (each
     rank's fragment cut from the whole average the checkpoint holds). Bit for bit: on CPU both runs reduce in the
     same order, and steps 3 and 4 move each LoRA weight by about 2e-4, which a bf16 tolerance would forgive
     whatever the resume had restored."""
-    whole = runs(stage)
-    resumed = _launch(stage, tmp_path / "run", ckpt_path=whole / "checkpoints" / f"step{EVERY:06d}.ckpt")
+    whole = runs(stage, threshold)
+    resumed = _launch(stage, threshold, tmp_path / "run", ckpt_path=whole / "checkpoints" / f"step{EVERY:06d}.ckpt")
     last = resumed / "checkpoints" / "last.ckpt"
     assert sorted(path.name for path in last.parent.iterdir()) == CHECKPOINTS[:1] + CHECKPOINTS[2:]
     model = _rank_states(last, "model_states")[0]
@@ -183,4 +196,5 @@ def test_a_two_rank_run_resumed_from_its_checkpoint_reaches_the_uninterrupted_ru
 
 
 if __name__ == "__main__":
-    _train(int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    stage, setting, out, *ckpt = sys.argv[1:]
+    _train(int(stage), None if setting == "default" else int(setting), Path(out), ckpt[0] if ckpt else None)

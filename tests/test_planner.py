@@ -26,6 +26,7 @@ from dreamshot.planner.flops import (
     training_flops,
 )
 from dreamshot.planner.memory import activation_memory, block_saved_bytes, racl_bytes, state_memory
+from dreamshot.planner.plan import config_training
 from dreamshot.planner.shape import ModelShape, model_shape
 from dreamshot.planner.workload import Training, Workload, parse_resolution, tokens_per_frame, zero_stage
 from dreamshot.utils.errors import ConfigError
@@ -201,6 +202,26 @@ def test_state_dtypes_follow_model_dtype_and_deepspeed_precision():
     assert zero3 == {"DiT weights": 2000, "LoRA weights": 400, "LoRA gradients": 400, "optimiser state": 800}
     # One GPU shards nothing, whatever the stage.
     assert _state(Training(1, 3, model_bytes=2))["LoRA gradients"] == 1600
+
+
+def test_the_lora_ema_is_counted_as_each_rank_holds_it():
+    """`LoraEma` keeps a float32 average: of the whole LoRA without ZeRO, of this rank's fragment of the fp32
+    masters under ZeRO-1/2/3 (`training/ema.py`); a config without optim.ema_decay has no such row."""
+    ema = {stage: _state(Training(8, stage, model_bytes=2, ema=True))["LoRA EMA"] for stage in range(4)}
+    assert ema == {0: 800 * 4, 1: 400, 2: 400, 3: 400}
+    assert _state(Training(1, 2, model_bytes=2, ema=True))["LoRA EMA"] == 800 * 4
+    assert "LoRA EMA" not in _state(Training(8, 2, model_bytes=2))
+    # What the config turns on, and the plan prints.
+    assert config_training(load_config("smoke", ["optim.ema_decay=0.999"])).ema
+    assert not config_training(load_config("smoke")).ema
+
+
+def test_plan_prints_the_ema_of_a_config_that_keeps_one(capsys):
+    argv = ["plan", "smoke", "model=wan14b", "model.lora.rank=256", "--zero", "2", "--gpus", "8", "--no-encoders"]
+    assert main([*argv, "optim.ema_decay=0.999"]) == 0
+    # 1,226,833,920 LoRA parameters × 4 B ÷ 8 GPUs.
+    (row,) = (line for line in capsys.readouterr().out.splitlines() if "LoRA EMA" in line)
+    assert "fp32 average (optim.ema_decay), sharded /8" in row and "0.571" in row
 
 
 def test_vae_weights_are_bf16_only_under_zero3s_bf16_mode():

@@ -108,6 +108,15 @@ def test_ddp_strategy_settings():
         (["trainer.num_nodes=0"], "trainer.num_nodes must be >= 1"),
         (["trainer=gpu", "trainer.strategy=deepspeed_stage_3"], "trainer.compile_blocks is not supported with"),
         *(
+            (setting, f"trainer.precision={precision} with trainer.strategy={strategy} trains the LoRA in 16 bits")
+            for precision in ("bf16-true", "16-true")
+            for strategy, setting in (
+                ("auto", [f"trainer.precision={precision}"]),
+                ("ddp", ["trainer=ddp", "trainer.accelerator=cpu", f"trainer.precision={precision}"]),
+                ("ddp_spawn", ["trainer=ddp_cpu", "trainer.strategy=ddp_spawn", f"trainer.precision={precision}"]),
+            )
+        ),
+        *(
             (["trainer=gpu", "trainer.strategy=deepspeed_stage_3", "trainer.compile_blocks=false", setting], key)
             for setting, key in (
                 ("trainer.sample.every_n_steps=2", "trainer.sample.every_n_steps is not supported with"),
@@ -119,6 +128,12 @@ def test_ddp_strategy_settings():
 def test_impossible_trainer_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("smoke", overrides)
+
+
+@pytest.mark.parametrize("option", ["gpu", "zero3"])
+def test_deepspeed_takes_half_true_precision(option):
+    """DeepSpeed keeps fp32 masters of the LoRA whatever the precision's name (`_check_half_weights`)."""
+    assert _trainer(f"trainer={option}", "trainer.precision=bf16-true").precision == "bf16-true"
 
 
 def test_zero3_keeps_an_average_of_the_weights():
@@ -297,7 +312,8 @@ EMA_DECAY = 0.5
 class MastersAndEma(L.Callback):
     """Records the LoRA's fp32 master weights (peft names, as DeepSpeed assembles them from the ranks' partitions:
     every rank takes part) when training starts and after every optimizer step, how many elements of each weight
-    this rank's `LoraEma` averages, and the module's (bf16) LoRA once training has ended; each rank writes them to
+    this rank's `LoraEma` averages, the trainable weights ZeRO-3 keeps whole on every rank (persistent), and the
+    module's (bf16) LoRA once training has ended; each rank writes them to
     `<folder>/masters_rank<R>.pt`. After the run's own callbacks: the EMA has started, and at the end it has put
     the average in place but kept its state."""
 
@@ -318,8 +334,15 @@ class MastersAndEma(L.Callback):
         (ema,) = (callback for callback in trainer.callbacks if isinstance(callback, LoraEma))
         averaged = {name: value.numel() for name, value in ema.average.items()}
         module = _module_copies(pl_module)
+        persistent = [name for name, p in pl_module.named_parameters() if p.requires_grad and _persistent(p)]
         path = self.folder / f"masters_rank{trainer.global_rank}.pt"
-        torch.save({"masters": self.masters, "averaged": averaged, "module": module}, path)
+        record = {"masters": self.masters, "averaged": averaged, "module": module, "persistent": persistent}
+        torch.save(record, path)
+
+
+def _persistent(parameter: torch.nn.Parameter) -> bool:
+    """ZeRO-3 keeps the weight whole on every rank (below `stage3_param_persistence_threshold`)."""
+    return getattr(parameter, "ds_persist", False)
 
 
 def _module_copies(pl_module: DreamShotModule) -> dict[str, torch.Tensor]:

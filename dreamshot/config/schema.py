@@ -292,6 +292,7 @@ class TrainerConfig:
     # built by dreamshot/training/strategy.py.
     strategy: str = "auto"
     # One of PRECISIONS (Lightning's names): 32-true | 16-mixed | bf16-mixed | 16-true | bf16-true | 64-true.
+    # 16-true / bf16-true need a deepspeed strategy (fp32 masters), where they mean bf16-mixed (`_check_half_weights`).
     precision: str = "32-true"
     gradient_checkpointing: bool = False
     # torch.compile the DiT blocks (a block capturing role attention runs eagerly for that call): fuses their
@@ -624,6 +625,7 @@ def _check_trainer(trainer: TrainerConfig) -> None:
     _check_choice(trainer.strategy, STRATEGIES, "trainer.strategy")
     _check_choice(trainer.accelerator, ACCELERATORS, "trainer.accelerator")
     _check_choice(trainer.precision, PRECISIONS, "trainer.precision")
+    _check_half_weights(trainer)
     if trainer.strategy.startswith("deepspeed") and trainer.accelerator not in ("gpu", "cuda"):
         raise ConfigError(
             f"trainer.strategy={trainer.strategy} runs on CUDA GPUs only: set trainer.accelerator=gpu "
@@ -639,6 +641,28 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         raise ConfigError(
             "trainer.compile_blocks is not supported with trainer.strategy=deepspeed_stage_3: "
             "set trainer.compile_blocks=false (trainer=zero3 does)"
+        )
+
+
+def _check_half_weights(trainer: TrainerConfig) -> None:
+    """Refuse `16-true` / `bf16-true` without DeepSpeed.
+
+    There Lightning's HalfPrecision casts the whole module and every float tensor of each batch to 16 bits, and
+    AdamW updates the LoRA weights in place with no fp32 master: an update under half a weight's bf16 spacing is
+    rounded away, and AdamW moves a weight by about lr (1e-4) a step, the spacing of a bf16 weight of 0.02 (8e-5),
+    so many updates are lost and the EMA averages rounded weights. It would also round the cached float32 latents
+    z_0 the loss regresses, and cast the frozen VAE and umT5 that the latent cache and sampling run in float32.
+    It saves nothing a run needs: the frozen backbone is already stored in `model.dtype`, and `bf16-mixed` runs
+    the matmuls in bf16 too (autocast) with the LoRA in fp32. DeepSpeed's bf16 mode casts the module either way
+    and keeps fp32 masters in its optimiser, so there `-true` trains as `-mixed` does.
+    """
+    if trainer.precision in ("16-true", "bf16-true") and not trainer.strategy.startswith("deepspeed"):
+        mixed = trainer.precision.replace("true", "mixed")
+        raise ConfigError(
+            f"trainer.precision={trainer.precision} with trainer.strategy={trainer.strategy} trains the LoRA in "
+            f"16 bits with no fp32 master weights: use trainer.precision={mixed} (model.dtype=bfloat16 keeps the "
+            "frozen backbone in bf16), or a deepspeed strategy",
+            key="trainer.precision",
         )
 
 

@@ -17,6 +17,9 @@ Model state (`state_memory`):
                      keeps its own fp32 master partition next to m and v, 12 B/param ÷ N: a copy of the bf16
                      weights in bf16 mode, and a clone even of fp32 weights under ZeRO-1/2; only ZeRO-3 with
                      fp32 weights updates their partitions in place (8 B/param ÷ N).
+  LoRA EMA           with optim.ema_decay, `LoraEma`'s float32 average: P_lora × 4, of the module's weights
+                     without ZeRO; under ZeRO (1/2/3) of this rank's fragment of the fp32 masters, ÷ N. The
+                     checkpoint's whole average is assembled one weight at a time and kept on the host.
 
 Activations (`activation_memory`): what autograd keeps for backward, from the tensors a Wan block saves
 (`block_saved_bytes`, checked against a real block in tests/test_planner.py). Without checkpointing every
@@ -86,6 +89,8 @@ def state_memory(shape: ModelShape, training: Training, encoders: bool = True) -
     master = stage >= 1 and not (stage >= 3 and lora_bytes == FP32)
     states, note = (3, "AdamW m, v + fp32 master") if master else (2, "AdamW m, v, fp32")
     items["optimiser state"] = _sharded(lora * states * FP32, n, stage >= 1, note)
+    if training.ema:
+        items["LoRA EMA"] = _sharded(lora * FP32, n, stage >= 1, "fp32 average (optim.ema_decay)")
     return items
 
 

@@ -93,6 +93,7 @@ def config_training(cfg: Config, world_size: int | None = None, zero: int | None
         accumulate=cfg.trainer.accumulate_grad_batches,
         model_bytes=2 if cfg.model.dtype == "bfloat16" else 4,
         half_precision="16" in cfg.trainer.precision,
+        ema=bool(cfg.optim.ema_decay),  # as train.py adds LoraEma
     )
 
 

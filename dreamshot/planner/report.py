@@ -28,8 +28,9 @@ Assumptions
     the weights are their own master (16 B/param). DeepSpeed's bf16 mode (ZeRO + 16-bit precision) casts every
     parameter, LoRA's included, to bf16 and keeps its own fp32 master next to m, v (2 + 2 + 12 B/param);
     ZeRO-1/2 clone a master even of fp32 weights, ZeRO-3 updates fp32 partitions in place. 16-bit precision
-    without DeepSpeed is taken as bf16-mixed (autocast), not bf16-true (which would cast LoRA to bf16).
-    DeepSpeed's fp32 gradient partition made at the optimiser step is not counted.
+    without DeepSpeed is bf16-mixed (autocast): the config refuses 16-true / bf16-true there.
+    DeepSpeed's fp32 gradient partition made at the optimiser step is not counted. optim.ema_decay adds an fp32
+    average of the LoRA (4 B/param): whole without ZeRO, each GPU its fragment of the masters under ZeRO (/N).
   Frames: the largest sample (all shots + all references); t2s samples have no reference frames.
   Text: every frame carries model.text_len tokens, its zero padding included. A smaller text_len cuts the
     cross-attention cost but is not free with pretrained weights: Wan attends to its padding (it does not mask

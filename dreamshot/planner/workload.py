@@ -81,9 +81,11 @@ class Training:
     # Bytes per frozen weight of model.dtype (unless DeepSpeed casts them).
     model_bytes: int = 2
     # trainer.precision is 16-bit: under DeepSpeed the whole module, LoRA and encoders included, is cast to bf16;
-    # without DeepSpeed Lightning runs the forward under bf16 autocast ("bf16-mixed"; "bf16-true", which would
-    # cast the module instead, is not modelled).
+    # without DeepSpeed Lightning runs the forward under bf16 autocast ("bf16-mixed"; the config refuses "-true"
+    # there, `config.schema._check_half_weights`).
     half_precision: bool = True
+    # optim.ema_decay is on: `LoraEma` keeps a float32 average of the LoRA beside it.
+    ema: bool = False
 
     @property
     def deepspeed_half(self) -> bool:
