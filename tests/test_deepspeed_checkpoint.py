@@ -22,10 +22,10 @@ from dreamshot.commands.export import source_weights
 from dreamshot.config.load import load_config
 from dreamshot.config.schema import ContextParallelConfig
 from dreamshot.inference.loading import RUN_CONFIG, run_weights
-from dreamshot.training import strategy as strategy_module
 from dreamshot.training.resume import read_resume, resume_path
-from dreamshot.training.strategy import LoraDeepSpeedStrategy, backup_folder, build_strategy, partial_folder
+from dreamshot.training.strategy import LoraDeepSpeedStrategy, build_strategy
 from dreamshot.training.train import _intact
+from dreamshot.utils.io import backup_folder, partial_folder
 
 MODEL_STATES = "checkpoint/mp_rank_00_model_states.pt"
 OPTIM_STATES = "checkpoint/zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -103,10 +103,10 @@ def test_a_save_killed_between_its_renames_is_read_from_the_backup(tmp_path, mon
             raise Killed
         rename(source, target)
 
-    monkeypatch.setattr(strategy_module.os, "rename", killed_after_the_first)
+    monkeypatch.setattr(os, "rename", killed_after_the_first)
     with pytest.raises(Killed):
         strategy.save_checkpoint({"global_step": 4}, last)
-    monkeypatch.setattr(strategy_module.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)
     assert not last.exists()
     backup = backup_folder(last)
     assert _last(out) == backup and _steps(backup) == (2, 2)

@@ -8,6 +8,8 @@ import csv
 import io
 import json
 import math
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -17,12 +19,12 @@ from PIL import Image
 from dreamshot.cli import main
 from dreamshot.config.load import load_config, sweep_members, to_yaml
 from dreamshot.eval.report import EvalResults, write_results
-from dreamshot.eval.resume import file_sha256
+from dreamshot.eval.resume import FINGERPRINT_KEY, file_sha256
 from dreamshot.report.build import read_report, write_report
 from dreamshot.report.history import read_curves
 from dreamshot.report.plots import guidance_grid_figure, loss_curves_figure
 from dreamshot.report.runs import RunRecord, find_runs, read_run, read_runs
-from dreamshot.report.table import build_table, missing_data, relative_improvement
+from dreamshot.report.table import ComparisonTable, build_table, missing_data, relative_improvement
 from dreamshot.report.wandb_log import log_report, wandb_setting
 from dreamshot.utils.errors import DataError
 
@@ -38,10 +40,14 @@ def write_metrics(run: Path, version: int, rows: list[dict]) -> None:
         writer.writerows({"epoch": 0, **row} for row in rows)
 
 
-def write_eval(folder: Path, values: dict[str, float], story_shots: dict[str, int]) -> None:
-    """results.json as `dreamshot eval` writes it."""
+def write_eval(
+    folder: Path, values: dict[str, float], story_shots: dict[str, int], fingerprint: dict | None = None
+) -> None:
+    """results.json as `dreamshot eval` writes it, naming the drawing it scored (None: shots read from a folder)."""
     per_story = {story: {name: value + 0.01 * n for name, value in values.items()} for story, n in story_shots.items()}
-    write_results(folder, EvalResults("toy", "r2s", folder.name, values, {"aes": "not set"}, per_story, story_shots))
+    extra = {FINGERPRINT_KEY: fingerprint}
+    results = EvalResults("toy", "r2s", folder.name, values, {"aes": "not set"}, per_story, story_shots, extra)
+    write_results(folder, results)
 
 
 def settled(read, size: int, timeout: float = 20.0):
@@ -338,7 +344,8 @@ def test_the_training_curves_show_the_racl_loss_and_the_phase_ends():
 
 
 def write_eval_in_mode(folder: Path, mode: str, values: dict[str, float]) -> None:
-    write_results(folder, EvalResults("toy", mode, folder.name, values, {}, {"s": values}, {"s": 3}))
+    read_shots = {FINGERPRINT_KEY: None}
+    write_results(folder, EvalResults("toy", mode, folder.name, values, {}, {"s": values}, {"s": 3}, read_shots))
 
 
 def test_evaluations_of_other_modes_are_never_one_column(tmp_path: Path):
@@ -386,7 +393,9 @@ def test_an_evaluation_of_weights_the_run_no_longer_has_is_left_out_and_noted(sw
     lora = run / "lora.safetensors"
     lora.write_bytes(b"weights of step 4")
     eval_dir = run / "eval" / "toy-r2s"
-    (eval_dir / "run.json").write_text(json.dumps({"identity": {}, "fingerprint": {"lora_sha256": file_sha256(lora)}}))
+    drawing = {"lora_sha256": file_sha256(lora)}
+    write_eval(eval_dir, {"toy_identity_cross": 0.4}, {"story-a": 2, "story-b": 4}, drawing)
+    (eval_dir / "run.json").write_text(json.dumps({"identity": {}, "fingerprint": drawing}))
     assert read_run(run).metrics()["toy_identity_cross"] == 0.4
     lora.write_bytes(b"weights of step 8")
     record = read_run(run)
@@ -477,7 +486,8 @@ def test_means_over_different_stories_are_a_note(tmp_path: Path, capsys):
     partial = {"s1": {"cids_cross": 0.5, "csd_cross": 0.4}, "s2": {"csd_cross": 0.4}}
     for name, per_story, cids in (("a", scored, 0.3), ("b", partial, 0.5)):
         values = {"cids_cross": cids, "csd_cross": 0.4}
-        write_results(tmp_path / name, EvalResults("toy", "r2s", name, values, {}, per_story, {"s1": 3, "s2": 3}))
+        results = EvalResults("toy", "r2s", name, values, {}, per_story, {"s1": 3, "s2": 3}, {FINGERPRINT_KEY: None})
+        write_results(tmp_path / name, results)
     notes = missing_data(read_runs([tmp_path / "a", tmp_path / "b"]), [])
     assert notes == ["cids_cross: means over different stories (a: 2, b: 1; 1 in all of them)"]
     assert main(["report", "g", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "r")]) == 0
@@ -532,7 +542,7 @@ def test_an_evaluation_time_sweep_whose_members_scored_other_weights_is_noted(tm
     group = tmp_path / "toy_guidance"
     members = sweep_members("toy_guidance")
     for member, sha in (("w1_0-w2_1", "a" * 64), ("w1_0-w2_5", "a" * 64), ("w1_4-w2_1", "b" * 64)):
-        write_eval(group / member, {"toy_identity_cross": 0.1}, {"s": 3})
+        write_eval(group / member, {"toy_identity_cross": 0.1}, {"s": 3}, {"lora_sha256": sha})
         (group / member / "run.json").write_text(json.dumps({"identity": {}, "fingerprint": {"lora_sha256": sha}}))
     notes = missing_data(read_runs(find_runs(group), members), list(members))
     assert notes[-1] == (
@@ -570,3 +580,113 @@ def test_a_metric_that_could_not_be_computed_reads_so_not_as_a_baseline_near_0(s
     assert "| nan |" not in text and "| without_racl | 0.0 | not computed |" in text
     assert "toy_identity_cross" not in table.relative()["with_racl"]
     assert "| with_racl | 0.1 | - |" in text and "or one not computed; n/a: the baseline is 0 or near it" in text
+
+
+def test_a_runs_steps_are_its_summarys_only_while_no_later_launch_logged(sweep_group: Path):
+    """summary.json is written at the end of a launch: resumed since (to train a longer curriculum), the run's steps
+    are the ones its logs show, marked unfinished; a run a live process trains is in progress, whatever its folder
+    holds; a summary without its launch's name counts while the logs go no further than its steps."""
+    run = sweep_group / "with_racl"
+    planned = load_config(run / "config.yaml").trainer.max_steps
+    (run / "summary.json").write_text(json.dumps({"steps": 4, "metrics": str(run / "csv/version_0/metrics.csv")}))
+    write_metrics(run, 1, [{"step": s, "train/loss": 1.0} for s in range(4, 8)])
+    resumed = read_run(run)
+    assert resumed.steps == 8 and resumed.training == "unfinished"
+    assert resumed.described_steps() == f"8 of {planned}, unfinished"
+    assert main(["report", "toy_racl_ablation", "--root", str(sweep_group.parent)]) == 0
+    markdown = (sweep_group / "report" / "report.md").read_text()
+    assert f"| 8 of {planned}, unfinished | toy-r2s |" in markdown
+    assert f"with_racl: its training has not finished (steps: 8 of {planned}, unfinished)" in markdown
+    # The resumed launch finished: its summary names it.
+    (run / "summary.json").write_text(json.dumps({"steps": 8, "metrics": str(run / "csv/version_1/metrics.csv")}))
+    assert (read_run(run).steps, read_run(run).training) == (8, "")
+    # Resumed again once it had finished, it ended at once and logged nothing: still finished.
+    (run / "summary.json").write_text(json.dumps({"steps": 8, "metrics": str(run / "csv/version_2/metrics.csv")}))
+    assert (read_run(run).steps, read_run(run).training) == (8, "")
+    lock = {"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}
+    (run / "run.lock").write_text(json.dumps(lock))
+    assert (read_run(run).steps, read_run(run).training) == (8, "in progress")
+    (run / "run.lock").unlink()
+    (run / "summary.json").write_text('{"steps": 4}')
+    assert (read_run(run).steps, read_run(run).training) == (8, "unfinished")
+    (run / "summary.json").unlink()  # killed before its first end: no summary at all
+    assert (read_run(run).steps, read_run(run).training) == (8, "unfinished")
+
+
+def test_a_report_is_replaced_whole_or_not_at_all_and_keeps_the_folders_other_files(
+    sweep_group: Path, tmp_path: Path, monkeypatch
+):
+    runs = read_runs(find_runs(sweep_group))
+    out = tmp_path / "report"
+    write_report("g", runs, out, "with_racl")
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    (out / "wandb" / "run-1").mkdir(parents=True)
+    (out / "wandb" / "run-1" / "run.wandb").write_text("a logged report")
+    (out / "notes.txt").write_text("mine")
+
+    def fail(self):
+        raise OSError("disk full")
+
+    # The table and the plots are drawn, and the csv cannot be written: nothing of the new report is in place.
+    monkeypatch.setattr(ComparisonTable, "to_csv", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_report("g", runs, out, "without_racl")
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["outputs", "report"]  # no partial folder left
+    monkeypatch.undo()
+    for run in runs:
+        run.evals[0].story_shots = {story: 3 for story in run.evals[0].story_shots}  # no shot-count plot now
+    report = write_report("g", runs, out, "without_racl")
+    assert "baseline: without_racl" in report.markdown.read_text()
+    assert not (out / "plots" / "shot_count.png").exists() and (out / "plots" / "loss_curves.png").is_file()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "wandb" / "run-1" / "run.wandb").read_text() == "a logged report"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["outputs", "report"]
+
+
+def test_the_training_curves_mark_only_the_phase_ends_each_plotted_run_crossed():
+    """Phases of 10, 5 and 5 steps: `long` trained all three, `short` stopped in the second; `long`'s validation
+    was logged from step 12 on only."""
+    curriculum = [{"steps": 10}, {"steps": 5}, {"steps": 5}]
+    long = RunRecord(
+        "long",
+        Path("long"),
+        {"curriculum": curriculum},
+        {"train/loss_fm": {s: 1.0 for s in range(20)}, "val/loss": {12: 0.9, 19: 0.8}},
+    )
+    short = RunRecord(
+        "short", Path("short"), {"curriculum": curriculum}, {"train/loss_fm": {s: 1.0 for s in range(12)}}
+    )
+    figure = loss_curves_figure([long, short], "g")
+    train, val = figure.axes[:2]
+
+    def phase_ends(ax) -> list[tuple[float, str]]:
+        colours = {line.get_label(): line.get_color() for line in ax.get_lines()}
+        names = {colour: name for name, colour in colours.items() if name in ("long", "short")}
+        vertical = [line for line in ax.get_lines() if len(set(line.get_xdata())) == 1 and len(line.get_xdata()) == 2]
+        return sorted((line.get_xdata()[0], names.get(line.get_color(), line.get_color())) for line in vertical)
+
+    assert phase_ends(train) == [(10, "long"), (10, "short"), (15, "long")]
+    assert phase_ends(val) == [(15, "long")]  # step 10 is before its first point
+
+
+def test_results_that_do_not_name_their_drawing_are_shown_marked_and_noted(sweep_group: Path, capsys):
+    """A results.json of an older `dreamshot eval` (no fingerprint in it) beside the run.json of a drawing: whether it
+    scored that drawing cannot be told (an older --redraw left the results before it), so its values stay in the
+    table, as of the record's weights, but the report says what is not known."""
+    eval_dir = sweep_group / "with_racl" / "eval" / "toy-r2s"
+    results = eval_dir / "results.json"
+    body = json.loads(results.read_text())
+    del body[FINGERPRINT_KEY]
+    results.write_text(json.dumps(body))
+    lora = sweep_group / "with_racl" / "lora.safetensors"
+    lora.write_bytes(b"weights of step 4")
+    (eval_dir / "run.json").write_text(json.dumps({"identity": {}, "fingerprint": {"lora_sha256": file_sha256(lora)}}))
+    assert main(["report", "toy_racl_ablation", "--root", str(sweep_group.parent)]) == 0
+    assert f"warning: with_racl: toy-r2s in {eval_dir}: drawing unknown: its results.json" in capsys.readouterr().err
+    markdown = (sweep_group / "report" / "report.md").read_text()
+    assert "| 4 | toy-r2s (drawing unknown) |" in markdown and "| 4 | toy-r2s |" in markdown  # without_racl's
+    table, _ = read_report(sweep_group / "report")
+    assert table.rows["with_racl"]["toy_identity_cross"] == 0.4
+    (record,) = read_run(sweep_group / "with_racl").evals
+    assert not record.drawing_known and record.weights_sha256 == file_sha256(lora)

@@ -17,6 +17,7 @@ from dreamshot.config.load import available_experiments, load_config, load_runs,
 from dreamshot.inference.loading import RUN_CONFIG
 from dreamshot.report import sweep
 from dreamshot.report.build import read_report
+from dreamshot.report.runs import read_run
 from dreamshot.report.sweep import EVAL_TIME_TAG, is_eval_time, main, sweep_commands
 from dreamshot.training.callbacks import LORA_FILE
 from dreamshot.utils.errors import ConfigError, Interrupted
@@ -220,6 +221,11 @@ def test_a_two_member_toy_sweep_trains_scores_and_reports(tmp_path: Path, monkey
     lora = (group / "with_racl" / "lora.safetensors").read_bytes()
     assert main(["toy_racl_ablation", *tiny_wandb, "--eval", "toy"]) == 0
     assert (group / "with_racl" / "lora.safetensors").read_bytes() == lora
+    # Their resumed launches ended at once: the runs are still finished, at the steps they trained.
+    assert cli_main(["report", "toy_racl_ablation"]) == 0
+    steps = {run: read_run(group / run).steps for run in own_val_loss}
+    assert steps == {run: load_config(group / run / "config.yaml").trainer.max_steps for run in own_val_loss}
+    assert "unfinished" not in (group / "report" / "report.md").read_text()
 
 
 def test_a_sweep_resumes_its_members_unless_the_command_line_says_how_to_start():

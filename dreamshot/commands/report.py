@@ -8,12 +8,15 @@ validation metrics (val/loss, val/racl_in_mask, val/racl_confusion, from the CSV
 Runs that share a name (one experiment run with different settings) are named by the config values that differ; when
 they differ in `seed`, each run's relative improvement is against the baseline setting's run of its own seed, and
 each setting's runs are also summarised over the seeds (mean ± standard deviation, and paired by seed against the
-baseline's setting). A sweep member without a folder, a run without any metric, and a run's evaluation of other
-weights than its own (it trained on or started over since; left out), and an evaluation value whose runs' means are
-over different stories, and an evaluation-time sweep whose members scored other weights are warnings on stderr and
-notes under the table; a RUN_DIR that is not a run folder, or is named twice, is refused. Writes report.md,
-report.csv, report.json and plots/*.png into `<group folder>/report` (or --out), and logs the table and plots to W&B
-when the runs' W&B mode (WANDB_MODE, else their logger.mode) is online.
+baseline's setting). A sweep member without a folder, a run without any metric, a run whose training has not
+finished (still training, stopped, or resumed since its summary.json: its steps are the ones its logs show), a run's
+evaluation of other weights than its own (it trained on or started over since; left out), an evaluation whose
+results.json does not name the drawing it scored (an older `dreamshot eval`: shown, marked), an evaluation value
+whose runs' means are over different stories, and an evaluation-time sweep whose members scored other weights are
+warnings on stderr and notes under the table; a RUN_DIR that is not a run folder, or is named twice, is refused.
+Writes report.md, report.csv, report.json and plots/*.png into `<group folder>/report` (or --out), replacing that
+folder whole (other files in it are kept: `dreamshot.report.build`), and logs the table and plots to W&B when the
+runs' W&B mode (WANDB_MODE, else their logger.mode) is online.
 """
 
 from __future__ import annotations

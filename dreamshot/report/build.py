@@ -9,11 +9,18 @@
 <out>/plots/guidance_grid.png           when the runs sweep inference.omega1 and inference.omega2 (paper Fig. 8)
 <out>/plots/loss_curves.png             when the runs logged training curves
 ```
+
+The files are one unit: written into a hidden sibling folder (`.<out>.partial`) and put in place of the old report
+folder by renames (`utils.io.commit_folder`), so a kill or an error leaves the old report or the new one, never a mix
+(nor an earlier report's plot these runs no longer draw). What else the old folder holds (W&B's `wandb/` of a logged
+report, a user's own files) is kept: hard-linked into the new folder before the swap.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +35,7 @@ from dreamshot.report.plots import (
 from dreamshot.report.runs import RunRecord
 from dreamshot.report.table import ComparisonTable, build_table
 from dreamshot.utils.errors import ConfigError
-from dreamshot.utils.io import atomic_path, atomic_write_text
+from dreamshot.utils.io import commit_folder, partial_folder, remove_path
 
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
@@ -40,6 +47,8 @@ TITLES = {
     "guidance_grid": "Guidance weights ω1 / ω2",
     "loss_curves": "Training curves",
 }
+# The entries of a report folder that a report writes; the others are the folder's own, kept when it is replaced.
+REPORT_ENTRIES = (REPORT_MD, REPORT_CSV, REPORT_JSON, PLOTS_DIR)
 
 
 @dataclass
@@ -60,16 +69,33 @@ def write_report(
     `notes` (what is missing) go under the table."""
     table = build_table(group, runs, baseline, notes)
     figures = draw_figures(table, runs)
-    plots = {name: _save(figure, out / PLOTS_DIR / f"{name}.png") for name, figure in figures.items()}
-    for name in TITLES.keys() - plots.keys():
-        # An earlier report's figure these runs no longer have the data for: left there, it would pass for theirs.
-        (out / PLOTS_DIR / f"{name}.png").unlink(missing_ok=True)
-    markdown, csv_path, json_path = out / REPORT_MD, out / REPORT_CSV, out / REPORT_JSON
-    atomic_write_text(markdown, _markdown(table, runs, plots, out))
-    atomic_write_text(csv_path, table.to_csv())
-    listed = {name: path.relative_to(out).as_posix() for name, path in plots.items()}
-    atomic_write_text(json_path, json.dumps({"table": asdict(table), "plots": listed}, indent=2))
-    return Report(table, markdown, csv_path, json_path, plots)
+    final = out.resolve()  # a folder named `.` or through a symlink: the folder itself is replaced
+    written = partial_folder(final)
+    remove_path(written)  # left by a report killed while it was written
+    try:
+        plots = _write_files(written, table, runs, figures)
+        _keep_folder_files(final, written)
+        commit_folder(written, final)
+    finally:
+        remove_path(written)  # an error on the way: the old report stays as it was
+    paths = {name: out / path for name, path in plots.items()}
+    return Report(table, out / REPORT_MD, out / REPORT_CSV, out / REPORT_JSON, paths)
+
+
+def _write_files(
+    folder: Path, table: ComparisonTable, runs: list[RunRecord], figures: dict[str, Figure]
+) -> dict[str, Path]:
+    """Write the report's files into the new folder `folder`; the plots' paths (name -> path relative to it)."""
+    folder.mkdir(parents=True)
+    plots = {name: Path(PLOTS_DIR) / f"{name}.png" for name in figures}
+    for name, figure in figures.items():
+        (folder / PLOTS_DIR).mkdir(exist_ok=True)
+        figure.savefig(folder / plots[name], format="png", dpi=120)
+    (folder / REPORT_MD).write_text(_markdown(table, runs, plots), encoding="utf-8")
+    (folder / REPORT_CSV).write_text(table.to_csv(), encoding="utf-8")
+    listed = {name: path.as_posix() for name, path in plots.items()}
+    (folder / REPORT_JSON).write_text(json.dumps({"table": asdict(table), "plots": listed}, indent=2), encoding="utf-8")
+    return plots
 
 
 def read_report(out: Path) -> tuple[ComparisonTable, dict[str, Path]]:
@@ -92,13 +118,31 @@ def draw_figures(table: ComparisonTable, runs: list[RunRecord]) -> dict[str, Fig
     return {name: figure for name, figure in figures.items() if figure is not None}
 
 
-def _save(figure: Figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-    return path
+def _keep_folder_files(old: Path, new: Path) -> None:
+    """Hard-link into the new report folder what the old one holds besides a report (copied where the filesystem
+    has no hard links), so that replacing the folder loses none of it."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if entry.name in REPORT_ENTRIES:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+        else:
+            _link_or_copy(entry, new / entry.name)
 
 
-def _markdown(table: ComparisonTable, runs: list[RunRecord], plots: dict[str, Path], out: Path) -> str:
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _markdown(table: ComparisonTable, runs: list[RunRecord], plots: dict[str, Path]) -> str:
+    """`plots`: name -> PNG path relative to the report folder."""
     swept = ", ".join(table.swept_keys) or "nothing (the runs share every config value)"
     lines = [
         f"# {table.group}",
@@ -108,8 +152,8 @@ def _markdown(table: ComparisonTable, runs: list[RunRecord], plots: dict[str, Pa
         "| run | folder | steps | evaluations |",
         "|---|---|---:|---|",
         *(
-            f"| {run.name} | `{run.path}` | {run.steps if run.steps is not None else '-'} | "
-            f"{', '.join(e.label for e in run.evals) or '-'} |"
+            f"| {run.name} | `{run.path}` | {run.described_steps()} | "
+            f"{', '.join(e.described() for e in run.evals) or '-'} |"
             for run in runs
         ),
         "",
@@ -121,5 +165,5 @@ def _markdown(table: ComparisonTable, runs: list[RunRecord], plots: dict[str, Pa
         table.to_markdown(),
     ]
     for name, path in plots.items():
-        lines += ["", f"## {TITLES[name]}", "", f"![{name}]({path.relative_to(out).as_posix()})"]
+        lines += ["", f"## {TITLES[name]}", "", f"![{name}]({path.as_posix()})"]
     return "\n".join(lines) + "\n"

@@ -32,6 +32,25 @@ def read_curves(run_dir: Path) -> dict[str, dict[int, float]]:
     return {key: dict(sorted(points.items())) for key, points in curves.items() if points}
 
 
+def logged_steps(curves: dict[str, dict[int, float]]) -> int | None:
+    """The optimizer steps the curves show taken (None: nothing logged). Lightning logs a step's values, and a
+    validation after it, under the count of the steps before it: the first step's at 0."""
+    last = max((max(curve) for curve in curves.values() if curve), default=None)
+    return None if last is None else last + 1
+
+
+def latest_launch(run_dir: Path) -> int | None:
+    """N of the CSV log folder `csv/version_N` of the run's latest launch that logged anything (None: none did)."""
+    files = _metrics_files(run_dir)
+    return launch_number(files[-1]) if files else None
+
+
+def launch_number(path: Path) -> int | None:
+    """N of a launch's `csv/version_N/metrics.csv` (None: not such a path)."""
+    number = path.parent.name.removeprefix("version_")
+    return int(number) if path.parent.name.startswith("version_") and number.isdigit() else None
+
+
 def last_value(curve: dict[int, float]) -> float:
     """The value at the curve's last step."""
     return curve[max(curve)]
@@ -48,8 +67,13 @@ def _before(curves: dict[str, dict[int, float]], start: int) -> dict[str, dict[i
 
 def _csv_versions(run_dir: Path) -> list[list[tuple[int, dict[str, float]]]]:
     """The rows of every launch's metrics.csv, in launch order."""
-    versions = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
-    return [_read_metrics(path) for path in versions]
+    return [_read_metrics(path) for path in _metrics_files(run_dir)]
+
+
+def _metrics_files(run_dir: Path) -> list[Path]:
+    """Every launch's metrics.csv, in launch order."""
+    files = [path for path in (run_dir / "csv").glob("version_*/metrics.csv") if launch_number(path) is not None]
+    return sorted(files, key=launch_number)
 
 
 def _read_metrics(path: Path) -> list[tuple[int, dict[str, float]]]:

@@ -54,22 +54,22 @@ def relative_improvement_figure(table: ComparisonTable) -> Figure:
 
 
 def loss_curves_figure(runs: list[RunRecord], group: str, keys: tuple[str, ...] = CURVE_KEYS) -> Figure | None:
-    """One panel per logged key (training losses smoothed, validation metrics as logged), one line per run, the
-    curriculum's phase ends dotted. None when no run logged any of `keys`."""
+    """One panel per logged key (training losses smoothed, validation metrics as logged), one line per run, and
+    dotted in the run's colour each curriculum phase end that the line crosses (not a phase the run never reached,
+    nor one outside the steps the panel plots). None when no run logged any of `keys`."""
     keys = tuple(key for key in keys if any(run.curves.get(key) for run in runs))
     if not keys:
         return None
     fig = Figure(figsize=(4.2 * len(keys), 3.8), layout="constrained")
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     colours = _colours(len(runs))
-    phase_ends = sorted({end for run in runs for end in run.phase_ends()})
     for ax, key in zip(axes, keys, strict=True):
-        for end in phase_ends:
-            ax.axvline(end, color="grey", linestyle=":", linewidth=1)
         for run, colour in zip(runs, colours, strict=True):
             curve = run.curves.get(key)
             if not curve:
                 continue
+            for end in run.crossed_phase_ends(key):
+                ax.axvline(end, color=colour, linestyle=":", linewidth=1)
             steps, values = np.array(list(curve)), np.array(list(curve.values()))
             if key.startswith("train/"):
                 ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)

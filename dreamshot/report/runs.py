@@ -5,9 +5,13 @@ A run folder is a training run (`config.yaml`, `summary.json`, CSV or offline W&
 evaluations are looked for in `<run>/eval/*/results.json`; one whose shots were drawn with other weights than the
 run's own (`run.json`'s fingerprint: the run trained on, or started over, since) is not the run's and is set apart
 (`RunRecord.outdated`); results.json scoring another drawing than its folder's run.json records (an interrupted
-`--redraw`) are set apart too (`RunRecord.stale`). A group is a folder of run folders: a sweep's
-members land in `outputs/<experiment>/<member>`. Its files are read by the rule of every text file a user may
-have edited (`dreamshot.utils.text`: encodings, duplicate YAML keys).
+`--redraw`) are set apart too (`RunRecord.stale`). results.json written before results named their drawing are
+shown, marked as of an unknown drawing (`EvalRecord.drawing_known`). A training run's steps are its summary.json's
+when that summary is of the run as it stands (written at the end of its latest launch); a run still training,
+stopped before its end or resumed since its summary gets the steps its CSV logs show instead, marked
+(`RunRecord.training`). A group is a folder of run folders: a sweep's members land in
+`outputs/<experiment>/<member>`. Its files are read by the rule of every text file a user may have edited
+(`dreamshot.utils.text`: encodings, duplicate YAML keys).
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ import yaml
 from dreamshot.eval.report import RESULTS_JSON
 from dreamshot.eval.resume import FINGERPRINT_KEY, RUN_RECORD, weights_sha256
 from dreamshot.inference.loading import RUN_CONFIG, run_weights
-from dreamshot.report.history import last_value, read_curves
+from dreamshot.report.history import last_value, latest_launch, launch_number, logged_steps, read_curves
 from dreamshot.training.callbacks import SUMMARY_FILE
+from dreamshot.training.run_folder import RunLock
 from dreamshot.utils.errors import ConfigError, DataError, DreamShotError
 from dreamshot.utils.text import read_text, read_yaml_file
 
 EVAL_DIR = "eval"
+# `RunRecord.training` of a training run that has not finished: a live run holds its folder, or none does.
+IN_PROGRESS = "in progress"
+UNFINISHED = "unfinished"
 # Training diagnostics a report compares when a run has no evaluation results (DESIGN §2, RACL).
 TRAINING_METRICS = ("val/loss", "val/racl_in_mask", "val/racl_confusion")
 # `<diagnostic>@phase<i>`: the diagnostic's last validation in curriculum phase i (1-based) of a run with several
@@ -68,10 +76,18 @@ class EvalRecord:
     # Its results.json scored another drawing than its folder's run.json records: an evaluation that drew anew
     # (`--redraw`) stopped before its results, or results copied in from elsewhere.
     stale: bool = False
+    # False: its results.json was written before results named the drawing they scored, so whether it scored the
+    # shots its folder's run.json records (an older `--redraw` left results of the drawing before) cannot be told.
+    # Its values are shown, as of the record's drawing (its weights), and marked.
+    drawing_known: bool = True
 
     @property
     def label(self) -> str:
         return f"{self.benchmark}-{self.mode}"
+
+    def described(self) -> str:
+        """Its label, marked when its drawing is unknown."""
+        return self.label if self.drawing_known else f"{self.label} (drawing unknown)"
 
 
 @dataclass
@@ -80,7 +96,9 @@ class RunRecord:
     evaluation-only folder the overrides of its sweep member. `setting` is its name before `read_runs` tells
     apart the runs that share one (the same member run with other seeds keeps its setting). `outdated`: the
     evaluations in its folder of other weights than its own, `stale`: those whose results scored another drawing
-    than their run.json records (`EvalRecord.stale`); none of its values come from either."""
+    than their run.json records (`EvalRecord.stale`); none of its values come from either. `steps`: the optimizer
+    steps it trained, `training`: "" when it finished (or trained nothing), `IN_PROGRESS` or `UNFINISHED` when its
+    steps are the ones its logs show so far."""
 
     name: str
     path: Path
@@ -91,9 +109,18 @@ class RunRecord:
     setting: str = ""
     outdated: list[EvalRecord] = field(default_factory=list)
     stale: list[EvalRecord] = field(default_factory=list)
+    training: str = ""
 
     def __post_init__(self) -> None:
         self.setting = self.setting or self.name
+
+    def described_steps(self) -> str:
+        """The steps as the report shows them: `1800`, `700 of 1800, in progress`, `-` unknown."""
+        steps = "-" if self.steps is None else str(self.steps)
+        if not self.training:
+            return steps
+        planned = self.config.get("trainer.max_steps")
+        return f"{steps} of {planned}, {self.training}" if planned is not None else f"{steps}, {self.training}"
 
     def metrics(self, labelled: bool = False) -> dict[str, float]:
         """Final values: every evaluation value (named `<benchmark>-<mode>/<value>` when `labelled` or the run has
@@ -134,11 +161,23 @@ class RunRecord:
 
     def phase_ends(self) -> list[int]:
         """The optimizer steps at which each curriculum phase the run trained past ends (a logged step below a
-        phase's end was taken in it): the cumulative `curriculum.N.steps` of the run's config, but the last."""
-        phases = self.config.get("curriculum") or []
-        ends = list(itertools.accumulate(int(phase["steps"]) for phase in phases))[:-1]
+        phase's end was taken in it)."""
         last_logged = max((max(curve) for curve in self.curves.values() if curve), default=-1)
-        return [end for end in ends if last_logged >= end]
+        return [end for end in self._curriculum_ends() if last_logged >= end]
+
+    def crossed_phase_ends(self, key: str) -> list[int]:
+        """Of `phase_ends`, those within the steps the run's curve of `key` spans: a value logged at step s is of
+        the (s + 1)-th optimizer step, so a curve logged from a to b spans the steps after a through b + 1 (a RACL
+        loss logged up to its phase's last step reaches that phase's end)."""
+        curve = self.curves.get(key)
+        if not curve:
+            return []
+        return [end for end in self.phase_ends() if min(curve) < end <= max(curve) + 1]
+
+    def _curriculum_ends(self) -> list[int]:
+        """The cumulative `curriculum.N.steps` of the run's config, but the last (the run's end)."""
+        phases = self.config.get("curriculum") or []
+        return list(itertools.accumulate(int(phase["steps"]) for phase in phases))[:-1]
 
 
 def _finite(value: Any) -> bool:
@@ -172,12 +211,36 @@ def read_run(folder: Path, member_overrides: dict[str, list[str]] | None = None)
     name = str(config["name"]).rsplit("/", 1)[-1] if "name" in config else folder.name
     if not config and member_overrides and name in member_overrides:
         config = parse_overrides(member_overrides[name])
-    summary = folder / SUMMARY_FILE
-    steps = _read_steps(summary) if summary.is_file() else None
+    curves = read_curves(folder)
+    trained = (folder / RUN_CONFIG).is_file()
+    steps, training = _training_progress(folder, curves) if trained else (None, "")
     read = [_read_eval(path) for path in _results_files(folder)]
     evals, stale = [r for r in read if not r.stale], [r for r in read if r.stale]
-    evals, outdated = _by_weights(folder, evals) if (folder / RUN_CONFIG).is_file() else (evals, [])
-    return RunRecord(name, folder, config, read_curves(folder), evals, steps, outdated=outdated, stale=stale)
+    evals, outdated = _by_weights(folder, evals) if trained else (evals, [])
+    return RunRecord(name, folder, config, curves, evals, steps, outdated=outdated, stale=stale, training=training)
+
+
+def _training_progress(folder: Path, curves: dict[str, dict[int, float]]) -> tuple[int | None, str]:
+    """(optimizer steps, `RunRecord.training`) of a training run. summary.json is written at the end of a launch
+    and names that launch's CSV log: it is the run's own unless a later launch logged since (a resumed run's stays
+    from the launch before; one without the name is the run's while the logs go no further than its steps).
+    Otherwise, and while a live run holds the folder, the steps are the ones the logs show (flushed every 100
+    steps, so a run in progress may be further)."""
+    logged = logged_steps(curves)
+    if RunLock(folder).held():
+        return logged, IN_PROGRESS
+    summary = folder / SUMMARY_FILE
+    if summary.is_file():
+        steps, launch = _read_summary(summary)
+        if _summary_current(steps, launch, latest_launch(folder), logged):
+            return steps, ""
+    return logged, UNFINISHED
+
+
+def _summary_current(steps: int, launch: int | None, latest: int | None, logged: int | None) -> bool:
+    if launch is not None and latest is not None:
+        return launch >= latest  # a launch that resumed a finished run and ended at once logged nothing
+    return logged is None or logged <= steps
 
 
 def read_runs(folders: list[Path], member_overrides: dict[str, list[str]] | None = None) -> list[RunRecord]:
@@ -239,12 +302,14 @@ def _read_json(path: Path, what: str) -> Any:
         raise DataError(f"{path}: {what} is not valid JSON ({e})") from None
 
 
-def _read_steps(path: Path) -> int:
-    """The optimizer steps a finished run trained, from its summary.json."""
+def _read_summary(path: Path) -> tuple[int, int | None]:
+    """(optimizer steps, N of the CSV log `csv/version_N` of the launch that wrote it, None when unnamed) of a run's
+    summary.json."""
     body = _read_json(path, "run summary")
     try:
-        return int(body["steps"])
-    except (KeyError, TypeError, ValueError) as e:
+        metrics = body.get("metrics")
+        return int(body["steps"]), launch_number(Path(metrics)) if isinstance(metrics, str) else None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: not a run summary of `dreamshot train` ({type(e).__name__}: {e})") from None
 
 
@@ -292,7 +357,8 @@ def _read_eval(path: Path) -> EvalRecord:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: not a results file of `dreamshot eval` ({type(e).__name__}: {e})") from None
     recorded = _recorded_drawing(path.parent)
-    # Results written before they named their drawing are taken as of the record's.
-    scored = body.get(FINGERPRINT_KEY) if FINGERPRINT_KEY in body else recorded
+    known = FINGERPRINT_KEY in body
+    # Results written before they named their drawing: taken as of the record's, and marked.
+    scored = body[FINGERPRINT_KEY] if known else recorded
     stale = scored != recorded
-    return EvalRecord(path, benchmark, mode, values, per_story, story_shots, _lora_sha256(scored), stale)
+    return EvalRecord(path, benchmark, mode, values, per_story, story_shots, _lora_sha256(scored), stale, known)

@@ -284,8 +284,9 @@ def evaluations_labelled(runs: list[RunRecord]) -> bool:
 
 def missing_data(runs: list[RunRecord], members: list[str]) -> list[str]:
     """What a reader of the table must be told: sweep members with no run folder, evaluations left out as of other
-    weights than their run's or of another drawing than their folder records, runs without any metric, and
-    evaluation values whose means are over other stories in different runs (`story_mismatches`)."""
+    weights than their run's or of another drawing than their folder records, runs without any metric, runs whose
+    training has not finished, evaluations that do not name the drawing they scored, and evaluation values whose
+    means are over other stories in different runs (`story_mismatches`)."""
     names = {run.name for run in runs}
     notes = [f"member {m}: no run folder (not run yet, or written elsewhere)" for m in members if m not in names]
     notes += [
@@ -304,6 +305,20 @@ def missing_data(runs: list[RunRecord], members: list[str]) -> list[str]:
         f"{run.name}: no metrics (no results.json, no validation in its csv/ logs) in {run.path}"
         for run in runs
         if not run.metrics()
+    ]
+    notes += [
+        f"{run.name}: its training has not finished (steps: {run.described_steps()}): its values are the last it "
+        "logged, not those of its end"
+        for run in runs
+        if run.training and run.metrics()
+    ]
+    notes += [
+        f"{run.name}: {record.label} in {record.path.parent}: drawing unknown: its results.json, written by an older "
+        "dreamshot eval, does not name the shots it scored, which may not be the ones its folder holds now; run the "
+        "same dreamshot eval again to score and name them (complete stories are not drawn again)"
+        for run in runs
+        for record in run.evals
+        if not record.drawing_known
     ]
     return notes + story_mismatches(runs) + (mixed_weights(runs) if members else [])
 

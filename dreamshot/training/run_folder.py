@@ -38,13 +38,17 @@ class RunLock:
     def check(self) -> None:
         """Raise a DreamShotError if a live run holds the folder (writes nothing)."""
         owner = self._owner()
-        if owner is None or self._stale(owner):
+        if not self._live(owner):
             return
         raise DreamShotError(
             f"output_dir {self.out} is in use by another run (pid {owner.get('pid')} on {owner.get('host')} since "
             f"{owner.get('started')}): wait for it to end or choose another output_dir (if no run uses the folder "
             f"any more, delete {self.path})"
         )
+
+    def held(self) -> bool:
+        """Whether a live run holds the folder (a run on another host counts as live: it cannot be checked)."""
+        return self._live(self._owner())
 
     def __enter__(self) -> RunLock:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -78,6 +82,9 @@ class RunLock:
         except (OSError, ValueError):
             return {}  # half written by a process killed as it took the lock: stale
         return owner if isinstance(owner, dict) else {}
+
+    def _live(self, owner: dict[str, Any] | None) -> bool:
+        return owner is not None and not self._stale(owner)
 
     @staticmethod
     def _stale(owner: dict[str, Any]) -> bool:

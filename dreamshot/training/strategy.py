@@ -24,7 +24,6 @@ its module docstring). The mesh's groups get the strategy's `timeout`, as Lightn
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -39,17 +38,13 @@ from torch import nn
 from dreamshot.config.schema import ContextParallelConfig, TrainerConfig
 from dreamshot.models.wan.context_parallel import ContextParallel, build_mesh
 from dreamshot.planner.workload import zero_stage
+from dreamshot.utils.io import PARTIAL_SUFFIX, backup_folder, commit_folder, partial_folder
 
 # Elements per DeepSpeed reduce / all-gather bucket (Lightning's default is 2e8). With overlap_comm DeepSpeed keeps
 # about 4.5× both buckets in flight: 5e7 bf16 elements cost ~0.9 GB per GPU instead of ~3.6 GB, and the LoRA
 # gradients of the 14B model (1.2e9 at rank 256) still go out in ~25 collectives.
 DEEPSPEED_BUCKET_ELEMENTS = 50_000_000
 DDP_START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn"}
-# A DeepSpeed checkpoint folder `x.ckpt` is written as `.x.ckpt.partial`, and the `x.ckpt` it replaces waits as
-# `.x.ckpt.old` while the new one is renamed into place (`commit_folder`). Hidden names that no checkpoint listing
-# matches (`step*.ckpt`, `last*.ckpt`, `hpc_ckpt_*.ckpt`), and not `.tmp`: the file cleanup unlinks those.
-PARTIAL_SUFFIX = ".partial"
-BACKUP_SUFFIX = ".old"
 
 
 def build_strategy(trainer: TrainerConfig, micro_batch: int) -> Strategy | str:
@@ -192,16 +187,6 @@ def weights_kept(module: nn.Module) -> Iterator[None]:
         parameter.data = weight.to(parameter.device)
 
 
-def partial_folder(path: Path) -> Path:
-    """Where the checkpoint folder `path` is written before it is renamed into place."""
-    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-
-
-def backup_folder(path: Path) -> Path:
-    """Where the checkpoint `path` waits while a new one is renamed into its place."""
-    return path.with_name(f".{path.name}{BACKUP_SUFFIX}")
-
-
 def intact_checkpoint(path: Path) -> Path:
     """`path`, or its backup when the save replacing it was killed between its two renames (`commit_folder`)."""
     backup = backup_folder(path)
@@ -213,29 +198,6 @@ def remove_partial_folders(folder: Path) -> None:
     for stale in folder.glob(f".*{PARTIAL_SUFFIX}"):
         if stale.is_dir():
             shutil.rmtree(stale)
-
-
-def commit_folder(written: Path, final: Path) -> None:
-    """Put the whole folder `written` in place of `final` (a checkpoint file or folder, or nothing) by renames,
-    so that at every moment `final` or, between the renames, its backup is a whole checkpoint."""
-    # As `utils.io.atomic_path` does for a file: on disk before its name says it is whole.
-    for file in written.rglob("*"):
-        if file.is_file():
-            with open(file, "rb+") as f:
-                os.fsync(f.fileno())
-    backup = backup_folder(final)
-    if final.exists():
-        _remove(backup)  # a stale one (killed while removing it): `final` is whole
-        os.rename(final, backup)
-    os.rename(written, final)
-    _remove(backup)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def keep_trainable_weights(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

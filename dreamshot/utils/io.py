@@ -1,5 +1,6 @@
-"""Atomic file writes (a crash leaves either the old file or the new one, never half of one), and the check that
-an output folder can take a command's files, made before the command works."""
+"""Atomic file writes (a crash leaves either the old file or the new one, never half of one), folders put in place
+whole (`commit_folder`: a DeepSpeed checkpoint, a report), and the check that an output folder can take a command's
+files, made before the command works."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from pathlib import Path
 from dreamshot.utils.errors import DreamShotError
 
 TEMP_SUFFIX = ".tmp"
+# A folder `x` is written as `.x.partial`, and the `x` it replaces waits as `.x.old` while the new one is renamed into
+# place (`commit_folder`). Hidden names that no checkpoint listing matches (`step*.ckpt`, `last*.ckpt`,
+# `hpc_ckpt_*.ckpt`), and not `.tmp`: the file cleanup unlinks those.
+PARTIAL_SUFFIX = ".partial"
+BACKUP_SUFFIX = ".old"
 
 
 @contextlib.contextmanager
@@ -38,6 +44,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def partial_folder(path: Path) -> Path:
+    """Where the folder `path` is written before it is renamed into place (`commit_folder`)."""
+    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+
+
+def backup_folder(path: Path) -> Path:
+    """Where the folder `path` waits while a new one is renamed into its place (`commit_folder`)."""
+    return path.with_name(f".{path.name}{BACKUP_SUFFIX}")
+
+
+def commit_folder(written: Path, final: Path) -> None:
+    """Put the whole folder `written` in place of `final` (a file or folder, or nothing) by renames, so that at
+    every moment `final` or, between the renames, its backup is whole."""
+    # As `atomic_path` does for a file: on disk before its name says it is whole.
+    for file in written.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+    backup = backup_folder(final)
+    if final.exists():
+        remove_path(backup)  # a stale one (killed while removing it): `final` is whole
+        os.rename(final, backup)
+    os.rename(written, final)
+    remove_path(backup)
+
+
+def remove_path(path: Path) -> None:
+    """Delete the file or folder `path` (nothing when there is none)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
