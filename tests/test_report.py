@@ -690,3 +690,14 @@ def test_results_that_do_not_name_their_drawing_are_shown_marked_and_noted(sweep
     assert table.rows["with_racl"]["toy_identity_cross"] == 0.4
     (record,) = read_run(sweep_group / "with_racl").evals
     assert not record.drawing_known and record.weights_sha256 == file_sha256(lora)
+
+
+@pytest.mark.parametrize("where", ["group", "root", "run"])
+def test_a_report_folder_holding_a_run_is_refused_before_anything_moves(sweep_group: Path, where, capsys):
+    """The report folder is replaced whole: `--out` naming the group folder (or a folder above it, or a run's own)
+    would move the runs, one maybe still training, out from under their processes."""
+    out = {"group": sweep_group, "root": sweep_group.parent, "run": sweep_group / "with_racl"}[where]
+    before = sorted(path for path in sweep_group.parent.rglob("*"))
+    assert main(["report", str(sweep_group), "--out", str(out)]) == 2
+    assert "the report folder holds the run folder" in capsys.readouterr().err
+    assert sorted(path for path in sweep_group.parent.rglob("*")) == before

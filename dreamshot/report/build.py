@@ -67,9 +67,10 @@ def write_report(
 ) -> Report:
     """Compare `runs` (relative improvement against the run named `baseline`) and write the report into `out`;
     `notes` (what is missing) go under the table."""
+    final = out.resolve()  # a folder named `.` or through a symlink: the folder itself is replaced
+    _check_holds_no_run(final, runs)
     table = build_table(group, runs, baseline, notes)
     figures = draw_figures(table, runs)
-    final = out.resolve()  # a folder named `.` or through a symlink: the folder itself is replaced
     written = partial_folder(final)
     remove_path(written)  # left by a report killed while it was written
     try:
@@ -80,6 +81,17 @@ def write_report(
         remove_path(written)  # an error on the way: the old report stays as it was
     paths = {name: out / path for name, path in plots.items()}
     return Report(table, out / REPORT_MD, out / REPORT_CSV, out / REPORT_JSON, paths)
+
+
+def _check_holds_no_run(folder: Path, runs: list[RunRecord]) -> None:
+    """Refuse a report folder that holds one of the runs (`--out` naming the group folder, say): replacing it whole
+    would move a run still training, and the files it writes, out from under it."""
+    inside = [run.path for run in runs if run.path.resolve().is_relative_to(folder)]
+    if inside:
+        raise ConfigError(
+            f"{folder}: the report folder holds the run folder {inside[0]}; give the report a folder of its own "
+            "(the default: <group folder>/report)"
+        )
 
 
 def _write_files(
