@@ -37,6 +37,7 @@ from dreamshot.eval.sharding import Ranks, assign, balance
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.planner.sampling import DrawingCost, drawing_cost, gpu_hours
 from dreamshot.planner.shape import model_shape
+from dreamshot.utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "tests" / "data" / "vistorybench" / "weights"
@@ -468,6 +469,38 @@ def test_the_bar_counts_every_rank_and_its_eta_follows_the_cost(tmp_path):
         # Half the FLOPs in 20 s: 20 s left, whatever the shot counts.
         assert progress.eta(done, elapsed=20.0) == 20.0
     assert "story a: 4 shots drawn" in (tmp_path / LOGS_DIR / "rank0.log").read_text()
+
+
+def _gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def _torchrun_rank(monkeypatch, local_rank: int, local_world: int) -> Ranks:
+    """The Ranks of a process torchrun started (its process group taken as joined)."""
+    env = {"RANK": local_rank, "WORLD_SIZE": local_world, "LOCAL_RANK": local_rank, "LOCAL_WORLD_SIZE": local_world}
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    return Ranks.from_environment("cuda")
+
+
+def test_a_gpu_index_for_every_process_of_a_node_is_refused(monkeypatch):
+    """eval.device=cuda:0 under torchrun would put all eight processes on GPU 0 (each story then out of memory)."""
+    _gpus(monkeypatch, 8)
+    with pytest.raises(ConfigError, match="8 processes of this node would all use that one GPU"):
+        _torchrun_rank(monkeypatch, 3, 8).device(torch.device("cuda:0"))
+    assert _torchrun_rank(monkeypatch, 3, 8).device(torch.device("cuda")) == torch.device("cuda", 3)
+
+
+def test_a_process_that_sees_one_gpu_takes_it(monkeypatch):
+    """srun binding one GPU to each task: every process sees its GPU as cuda:0, whatever its LOCAL_RANK."""
+    _gpus(monkeypatch, 1)
+    ranks = _torchrun_rank(monkeypatch, 3, 8)
+    assert ranks.device(torch.device("cuda")) == torch.device("cuda", 0)
+    _gpus(monkeypatch, 2)
+    with pytest.raises(ConfigError, match="LOCAL_RANK 3, but this process sees 2 CUDA device"):
+        ranks.device(torch.device("cuda"))
 
 
 if __name__ == "__main__":
