@@ -50,6 +50,17 @@ def test_side_by_side_table_prints_the_published_rows_and_ours():
     assert sum(line.startswith("missing") for line in lines) == 1
 
 
+def test_a_run_on_other_stories_than_the_published_rows_says_so():
+    """ViStoryBench's lite split (20 stories) printed beside Tab. 2, measured on the full 80: not comparable."""
+    lite = _results()
+    lite.story_shots = {f"{i:02d}": 10 for i in range(20)}
+    assert "note: the published rows score 80 stories, this run 20: not the same stories" in describe(lite)
+    full = _results()
+    full.story_shots = {f"{i:02d}": 10 for i in range(80)}
+    assert "note:" not in describe(full)
+    assert "note:" not in describe(_results("toy"))  # no published rows, nothing to compare with
+
+
 def test_missing_values_sharing_a_reason_are_listed_together():
     reasons = {"cids_cross": "eval.clip.weights is not set", "cids_self": "eval.clip.weights is not set", "aes": "x"}
     assert missing_line(reasons) == "missing: cids_cross, cids_self (eval.clip.weights is not set); aes (x)"

@@ -88,6 +88,12 @@ def describe(results: EvalResults) -> str:
         f"{results.benchmark} / {results.mode}: {len(results.per_story)} stories, {results.shots} shots ({source})",
         format_table(*comparison(results)),
     ]
+    if table and len(results.story_shots) != table.stories:
+        # E.g. ViStoryBench's lite split, or a test file of one's own: the paper's rows scored other stories.
+        text.append(
+            f"note: the published rows score {table.stories} stories, this run {len(results.story_shots)}: "
+            "not the same stories, so not comparable row for row"
+        )
     if results.missing:
         text.append(missing_line(results.missing))
     return "\n".join(text)
