@@ -65,12 +65,14 @@ class ScoredStory:
 class StoryMetric(Metric):
     """Mean over stories of the values `score(sample)` returns (a value a story lacks is left out of its mean).
 
-    `failure` says why the metric has no values at all for this run (set by `score`; it outlives `reset`).
+    `failure` says why the metric has no values at all for this run (set by `score`; it outlives `reset`);
+    `why_absent` why a value no story has is missing from `compute` (not a failure: every story left it out).
     """
 
     full_state_update = False
     higher_is_better = True
     failure: str | None = None
+    why_absent = "no story has a value"
 
     def __init__(self, names: tuple[str, ...]) -> None:
         super().__init__(sync_on_compute=False)
@@ -111,6 +113,8 @@ class IdentityMetric(StoryMetric):
     """CIDS (`prefix` "cids"; "toy_identity" for the toy proxy): `<prefix>_cross` and `<prefix>_self`, the
     story means over ALL its characters (one never found scores 0 and stays in the mean). A story with a
     character whose references give no feature has no value (ViStoryBench's CIDS fails on it)."""
+
+    why_absent = "every story has a character whose references give no feature (see the warnings)"
 
     def __init__(self, matcher: CharacterMatcher, prefix: str = "cids") -> None:
         super().__init__((f"{prefix}_cross", f"{prefix}_self"))
@@ -181,6 +185,11 @@ class AlignmentMetric(StoryMetric):
     the judge cannot answer (`JudgeUnavailable`) the metric fails for the run: no question is asked after it,
     and every alignment value is missing with the reason (never a score of 0).
     """
+
+    why_absent = (
+        "no shot of any story could score a listed character: none found in its crops (no detection, or for "
+        "realistic humans no face), or no character listed"
+    )
 
     def __init__(self, judge: Judge, matcher: CharacterMatcher | None) -> None:
         dims = ALIGNMENT_DIMENSIONS if matcher is not None else ALIGNMENT_DIMENSIONS[:3]

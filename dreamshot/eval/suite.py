@@ -64,7 +64,7 @@ VALUE_NAMES = {
 @dataclass
 class MetricSuite:
     """The metrics of one evaluation, and the value names that are missing at build time (name -> reason);
-    `missing_values()` adds those of metrics that failed during the run."""
+    `missing_values()` adds those of metrics that failed during the run, and those no story has."""
 
     metrics: dict[str, StoryMetric] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
@@ -78,7 +78,10 @@ class MetricSuite:
 
     def missing_values(self) -> dict[str, str]:
         failed = {name: m.failure for m in self.metrics.values() if m.failure is not None for name in m.names}
-        return {**self.missing, **failed}
+        computed = self.compute()
+        # A value every story left out (a failure says why instead, when there is one).
+        absent = {name: m.why_absent for m in self.metrics.values() for name in m.names if name not in computed}
+        return {**self.missing, **absent, **failed}
 
     def per_story(self) -> dict[str, dict[str, float]]:
         stories: dict[str, dict[str, float]] = {}
