@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -211,6 +212,14 @@ def test_each_rank_logs_the_stories_it_drew(killed_and_resumed):
         if event["event"] == "done":
             assert f"story {event['story']}: " in logs[event["rank"]]
     assert "drawing" in run["killed_log"]
+
+
+def test_each_rank_logs_the_stories_it_scored(killed_and_resumed):
+    """Scoring (hours, with the judge) leaves a line per story in the rank's log: its bar shows on a terminal only."""
+    run = killed_and_resumed
+    logs = "".join((run["out"] / "logs" / f"rank{rank}.log").read_text() for rank in (0, 1))
+    for story in {s for share in run["shares"] for s in share}:
+        assert len(re.findall(rf"story {re.escape(story)}: \d+ shots scored in", logs)) == 1, story
 
 
 def test_a_rescore_runs_no_encoder_and_loads_no_model(one_process, tmp_path, monkeypatch):
