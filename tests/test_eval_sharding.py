@@ -250,6 +250,27 @@ def _record_draws(monkeypatch) -> list[str]:
     return drawn
 
 
+def test_the_extractors_wait_on_the_cpu_while_the_model_draws(tmp_path, monkeypatch):
+    """CLIP, CSD, SigLIP and GroundingDINO (about 5 GB) are built before drawing, so that a wrong weight file stops
+    the run at once, but reach the run's device only once the drawing is done: its GPU memory is the model's.
+    (`cpu:0` stands for the run's GPU here: it differs from the `cpu` the extractors wait on.)"""
+    events = []
+    build, draw = runner.build_suite, runner._draw
+
+    def recording_build(cfg, bench, work_dir, device, cache=None):
+        suite = build(cfg, bench, work_dir, device, cache)
+        events.append(("built on", device))
+        monkeypatch.setattr(suite, "to", lambda to: events.append(("moved to", to)), raising=False)
+        return suite
+
+    monkeypatch.setattr(runner, "build_suite", recording_build)
+    monkeypatch.setattr(runner, "_draw", lambda *args: events.append("draw") or draw(*args))
+    assert _eval(tmp_path / "eval", [*BASE, *ENCODERS], "--device", "cpu:0") == 0
+    last_draw = max(i for i, event in enumerate(events) if event == "draw")
+    assert events[0] == ("built on", torch.device("cpu"))
+    assert ("moved to", torch.device("cpu", 0)) in events[last_draw:]
+
+
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -85,7 +85,8 @@ def evaluate(
     bench = ranks.decide(lambda: _load_benchmark(cfg, out, size, drawing=load_pipeline is not None))
     shots_dir = outputs or out / SHOTS_DIR
     cache = FeatureCache(out / FEATURES_DIR)
-    suite = build_suite(ev, bench, out, device, cache)
+    # Built (and so checked) now, but kept on the CPU while the model draws: the GPU's memory is the drawing's.
+    suite = build_suite(ev, bench, out, device if load_pipeline is None else torch.device("cpu"), cache)
     if outputs is not None:
         ranks.decide(lambda: check_outputs(outputs, bench, ev.mode))
     jobs = draw_jobs(cfg, bench, shots_dir, size, steps) if load_pipeline is not None else []
@@ -97,6 +98,7 @@ def evaluate(
             return _draw(pipeline, stories[job.id], job, cfg, size, label)
 
         draw_stories(jobs, fingerprint, ranks, out, load_pipeline, draw)
+        suite.to(device)
     _score_share(suite, cache, bench, shots_dir, ev.mode, ranks, out)
     results = _merged_results(suite, bench, cfg, label, ranks)
     results.extra[FINGERPRINT_KEY] = fingerprint  # what these values scored: run.json's, unless since replaced
