@@ -188,6 +188,18 @@ def test_a_character_whose_references_give_no_feature_leaves_the_story_out_of_ci
     assert "story s1: no CIDS" in caplog.text and "'bo'" in caplog.text
 
 
+def test_a_character_with_only_references_cids_does_not_read_is_named_with_why(tmp_path, caplog):
+    """ViStoryBench's CIDS globs `.jpg` only: a character with `.png` references alone drops the story from CIDS,
+    and the warning says so rather than blaming the features."""
+    story = _story(tmp_path)
+    png_only = BenchCharacter("bo", "Bo", "non_human", "Bo: blue", story.characters["bo"].images, cids_images=())
+    story = BenchStory("s1", {**story.characters, "bo": png_only}, story.shots[:1])
+    shots = {1: Image.open(_image(tmp_path / "s1.png", RED, BLUE)).convert("RGB")}
+    matcher = CharacterMatcher(GivenCrops(), {"general": TableEncoder({RED: unit(1, 0, 0), GREEN: unit(0, 0, 1)})})
+    assert matcher.match(story, shots).unusable == ["bo"]
+    assert "'bo' has no .jpg reference image, the only kind ViStoryBench's CIDS reads (1 of other kinds)" in caplog.text
+
+
 def test_story_metric_is_the_plain_mean_over_stories():
     class Fixed(StoryMetric):
         def score(self, sample):
