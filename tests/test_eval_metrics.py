@@ -216,6 +216,20 @@ def test_story_metric_is_the_plain_mean_over_stories():
     assert metric.per_story == {} and metric.count.sum() == 0
 
 
+def test_a_nan_story_value_is_left_out_of_the_mean_with_a_warning_not_averaged_in(caplog):
+    class Degenerate(StoryMetric):
+        def score(self, sample):
+            return {"x": math.nan if sample.story.id == "bad" else 2.0, "y": 1.0}
+
+    metric = Degenerate(("x", "y"))
+    for story_id in ("a", "bad", "b"):
+        metric.update(StorySample(BenchStory(story_id, {}, (BenchShot(1, "", "", "", "", ()),)), {}))
+    values = metric.compute()
+    assert values["x"].item() == 2.0 and values["y"].item() == 1.0
+    assert metric.per_story["bad"] == {"y": 1.0}
+    assert "story bad: x is nan, left out of the mean" in caplog.text
+
+
 def test_style_metric_uses_first_reference_of_listed_characters(tmp_path):
     table = {RED: unit(1, 0, 0), BLUE: unit(0, 1, 0), GREEN: unit(0, 0, 1)}
     base = _story(tmp_path)

@@ -9,6 +9,7 @@ by their per-story values, not by syncing states: a story scored elsewhere is gi
 from __future__ import annotations
 
 import logging
+import math
 from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Mapping
@@ -89,7 +90,7 @@ class StoryMetric(Metric):
         if isinstance(sample, ScoredStory):
             story, values = sample.story, sample.values
         else:
-            story, values = sample.story.id, self.score(sample)
+            story, values = sample.story.id, finite_values(sample.story.id, self.score(sample))
         if self.failure is not None:
             self.per_story = {}
             return
@@ -107,6 +108,15 @@ class StoryMetric(Metric):
     def reset(self) -> None:
         super().reset()
         self.per_story = {}
+
+
+def finite_values(story: str, values: dict[str, float]) -> dict[str, float]:
+    """`values` without the NaN / infinite ones (an extractor's degenerate output), each named in a warning: a story
+    without a value is left out of its mean (and counted out in the results), never averaged in as NaN."""
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if bad:
+        log.warning("story %s: %s, left out of the mean", story, ", ".join(f"{k} is {v}" for k, v in bad.items()))
+    return {name: value for name, value in values.items() if name not in bad}
 
 
 class IdentityMetric(StoryMetric):
