@@ -22,6 +22,7 @@ from dreamshot.eval import runner
 from dreamshot.eval.benchmarks import load_benchmark
 from dreamshot.eval.callback import CALLBACK_DIR, StoryboardMetrics
 from dreamshot.eval.runner import evaluation_bytes
+from dreamshot.eval.suite import MetricSuite
 from dreamshot.inference.loading import build_adapter
 from dreamshot.inference.outputs import SHEET_FILE
 from dreamshot.training.module import DreamShotModule
@@ -137,7 +138,7 @@ def test_faults_are_one_line_errors(tmp_path, capsys):
     assert err.startswith("dreamshot eval: error: ") and str(missing) in err and "eval.csd.weights" in err
 
 
-def test_validation_callback_logs_metrics_and_storyboards(tmp_path):
+def test_validation_callback_logs_metrics_and_storyboards(tmp_path, monkeypatch):
     callback_cfg = ["enabled=true", "every_n_steps=2", "steps=1", "stories=1"]
     cfg = load_config(None, [*SMALL, *(f"eval.callback.{item}" for item in callback_cfg)])  # fmt: skip
     logger = CSVLogger(tmp_path, name="csv", version=0)
@@ -147,7 +148,14 @@ def test_validation_callback_logs_metrics_and_storyboards(tmp_path):
 
     module = DreamShotModule(cfg)
     callback = StoryboardMetrics(cfg, tmp_path)
-    logged = []
+    logged, moves = [], []
+    to = getattr(MetricSuite, "to", None)
+
+    def record(suite, device):
+        moves.append(device)
+        to(suite, device)
+
+    monkeypatch.setattr(MetricSuite, "to", record, raising=False)
 
     class Trainer:
         global_step = 1
@@ -165,6 +173,8 @@ def test_validation_callback_logs_metrics_and_storyboards(tmp_path):
     assert step == 2 and {f"eval/{name}" for name in TOY_VALUES} == set(metrics)
     assert (tmp_path / CALLBACK_DIR / "step000002.png").is_file()
     assert module.adapter.training  # put back in training mode
+    # The extractors wait on the CPU and visit the training's device only to score (rank 0's memory is training's).
+    assert moves == [module.device, torch.device("cpu")]
 
 
 def test_the_default_results_folder_names_what_is_scored(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from dreamshot.eval.benchmarks.types import BenchCharacter, BenchShot, BenchStor
 from dreamshot.eval.identity import Match, StoryMatches
 from dreamshot.eval.judge import AnswerCache, JudgeUnavailable, build_judge, parse_score
 from dreamshot.eval.story_metrics import AlignmentMetric, StorySample
+from dreamshot.eval.suite import MetricSuite
 
 KEY = "sk-loopback-secret"
 
@@ -258,6 +259,20 @@ def test_a_story_without_evaluated_shots_has_no_single_character_value_and_align
     values = {k: v.item() for k, v in metric.compute().items()}
     assert values["alignment_scene"] == 3 and values["alignment_single_character_action"] == 1
     assert values["alignment"] == pytest.approx((3 + 4 + 4 + 1) / 4)
+
+
+def test_single_character_action_no_story_has_is_missing_with_the_reason_not_left_blank():
+    """No shot of any story scored a character (e.g. the detector found nothing anywhere): the table must say why
+    single-character action and Alignment have no value, not print a bare '-'."""
+    characters = {"a": BenchCharacter("a", "A", "non_human", "a", ())}
+    story = BenchStory("s", characters, (BenchShot(1, "p", "scene", "cam", "act", ("a",)),))
+    judge = ScriptedJudge({("scene", None): 4, ("camera", None): 4, ("character_action", None): 4})
+    suite = MetricSuite({"alignment": AlignmentMetric(judge, GivenMatches(StoryMatches(matches={"a": []})))})
+    suite.update(StorySample(story, {1: _image()}))
+    missing = suite.missing_values()
+    assert set(missing) == {"alignment_single_character_action", "alignment"}
+    assert "no shot of any story could score a listed character" in missing["alignment"]
+    assert set(suite.compute()) == {"alignment_scene", "alignment_camera", "alignment_character_action"}
 
 
 def test_alignment_without_character_crops_has_three_dimensions(tmp_path):

@@ -188,6 +188,18 @@ def test_a_character_whose_references_give_no_feature_leaves_the_story_out_of_ci
     assert "story s1: no CIDS" in caplog.text and "'bo'" in caplog.text
 
 
+def test_a_character_with_only_references_cids_does_not_read_is_named_with_why(tmp_path, caplog):
+    """ViStoryBench's CIDS globs `.jpg` only: a character with `.png` references alone drops the story from CIDS,
+    and the warning says so rather than blaming the features."""
+    story = _story(tmp_path)
+    png_only = BenchCharacter("bo", "Bo", "non_human", "Bo: blue", story.characters["bo"].images, cids_images=())
+    story = BenchStory("s1", {**story.characters, "bo": png_only}, story.shots[:1])
+    shots = {1: Image.open(_image(tmp_path / "s1.png", RED, BLUE)).convert("RGB")}
+    matcher = CharacterMatcher(GivenCrops(), {"general": TableEncoder({RED: unit(1, 0, 0), GREEN: unit(0, 0, 1)})})
+    assert matcher.match(story, shots).unusable == ["bo"]
+    assert "'bo' has no .jpg reference image, the only kind ViStoryBench's CIDS reads (1 of other kinds)" in caplog.text
+
+
 def test_story_metric_is_the_plain_mean_over_stories():
     class Fixed(StoryMetric):
         def score(self, sample):
@@ -202,6 +214,20 @@ def test_story_metric_is_the_plain_mean_over_stories():
     assert set(metric.per_story) == {"s0", "s1", "s5"}
     metric.reset()
     assert metric.per_story == {} and metric.count.sum() == 0
+
+
+def test_a_nan_story_value_is_left_out_of_the_mean_with_a_warning_not_averaged_in(caplog):
+    class Degenerate(StoryMetric):
+        def score(self, sample):
+            return {"x": math.nan if sample.story.id == "bad" else 2.0, "y": 1.0}
+
+    metric = Degenerate(("x", "y"))
+    for story_id in ("a", "bad", "b"):
+        metric.update(StorySample(BenchStory(story_id, {}, (BenchShot(1, "", "", "", "", ()),)), {}))
+    values = metric.compute()
+    assert values["x"].item() == 2.0 and values["y"].item() == 1.0
+    assert metric.per_story["bad"] == {"y": 1.0}
+    assert "story bad: x is nan, left out of the mean" in caplog.text
 
 
 def test_style_metric_uses_first_reference_of_listed_characters(tmp_path):

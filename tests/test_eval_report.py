@@ -50,6 +50,32 @@ def test_side_by_side_table_prints_the_published_rows_and_ours():
     assert sum(line.startswith("missing") for line in lines) == 1
 
 
+def test_a_run_on_other_stories_than_the_published_rows_says_so():
+    """ViStoryBench's lite split (20 stories) printed beside Tab. 2, measured on the full 80: not comparable."""
+    lite = _results()
+    lite.story_shots = {f"{i:02d}": 10 for i in range(20)}
+    assert "note: the published rows score 80 stories, this run 20: not the same stories" in describe(lite)
+    full = _results()
+    full.story_shots = {f"{i:02d}": 10 for i in range(80)}
+    assert "published rows score" not in describe(full)
+    assert "published rows score" not in describe(_results("toy"))  # no published rows, nothing to compare with
+
+
+def test_a_value_averaging_fewer_stories_than_were_scored_says_over_how_many():
+    """A story whose references give no feature has no CIDS (as ViStoryBench): the table says the mean is of fewer."""
+    results = _results()
+    results.values = {"cids_self": 0.62, "cids_cross": 0.5, "aes": 5.1, "alignment": 3.0}
+    results.missing = {}
+    results.per_story = {"01": {"cids_self": 0.6, "cids_cross": 0.5, "aes": 5.0}, "08": {"aes": 5.2}}
+    text = describe(results)
+    assert "note: of the 2 stories, these values average only cids_self 1, cids_cross 1 (the others" in text
+    metrics = results.to_json()["metrics"]
+    assert (metrics["cids_cross"]["stories"], metrics["aes"]["stories"]) == (1, 2)
+    assert metrics["alignment"] == {"value": 3.0}  # the mean of the dimensions' means, not of stories
+    results.per_story["08"].update(cids_self=0.64, cids_cross=0.4)
+    assert "average only" not in describe(results)
+
+
 def test_missing_values_sharing_a_reason_are_listed_together():
     reasons = {"cids_cross": "eval.clip.weights is not set", "cids_self": "eval.clip.weights is not set", "aes": "x"}
     assert missing_line(reasons) == "missing: cids_cross, cids_self (eval.clip.weights is not set); aes (x)"
@@ -84,7 +110,7 @@ def test_toy_table_has_no_published_rows_but_all_our_values():
 def test_results_files(tmp_path):
     json_path, csv_path = write_results(tmp_path, _results())
     body = json.loads(json_path.read_text())
-    assert body["metrics"]["cids_cross"] == {"value": 0.4846}
+    assert body["metrics"]["cids_cross"] == {"value": 0.4846, "stories": 1}
     assert body["metrics"]["alignment"] == {"status": "missing", "reason": "eval.judge.endpoint is not set"}
     assert (body["stories"], body["shots"], body["mode"]) == (2, 9, "r2s")
     rows = list(csv.reader(csv_path.open()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from dreamshot.eval.sharding import Ranks, assign, balance
 from dreamshot.models.wan.adapter import WanAdapter
 from dreamshot.planner.sampling import DrawingCost, drawing_cost, gpu_hours
 from dreamshot.planner.shape import model_shape
+from dreamshot.utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "tests" / "data" / "vistorybench" / "weights"
@@ -212,6 +214,14 @@ def test_each_rank_logs_the_stories_it_drew(killed_and_resumed):
     assert "drawing" in run["killed_log"]
 
 
+def test_each_rank_logs_the_stories_it_scored(killed_and_resumed):
+    """Scoring (hours, with the judge) leaves a line per story in the rank's log: its bar shows on a terminal only."""
+    run = killed_and_resumed
+    logs = "".join((run["out"] / "logs" / f"rank{rank}.log").read_text() for rank in (0, 1))
+    for story in {s for share in run["shares"] for s in share}:
+        assert len(re.findall(rf"story {re.escape(story)}: \d+ shots scored in", logs)) == 1, story
+
+
 def test_a_rescore_runs_no_encoder_and_loads_no_model(one_process, tmp_path, monkeypatch):
     out = tmp_path / "eval"
     subprocess.run(["cp", "-r", str(one_process), str(out)], check=True)
@@ -238,6 +248,27 @@ def _record_draws(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(runner, "_draw", draw)
     return drawn
+
+
+def test_the_extractors_wait_on_the_cpu_while_the_model_draws(tmp_path, monkeypatch):
+    """CLIP, CSD, SigLIP and GroundingDINO (about 5 GB) are built before drawing, so that a wrong weight file stops
+    the run at once, but reach the run's device only once the drawing is done: its GPU memory is the model's.
+    (`cpu:0` stands for the run's GPU here: it differs from the `cpu` the extractors wait on.)"""
+    events = []
+    build, draw = runner.build_suite, runner._draw
+
+    def recording_build(cfg, bench, work_dir, device, cache=None):
+        suite = build(cfg, bench, work_dir, device, cache)
+        events.append(("built on", device))
+        monkeypatch.setattr(suite, "to", lambda to: events.append(("moved to", to)), raising=False)
+        return suite
+
+    monkeypatch.setattr(runner, "build_suite", recording_build)
+    monkeypatch.setattr(runner, "_draw", lambda *args: events.append("draw") or draw(*args))
+    assert _eval(tmp_path / "eval", [*BASE, *ENCODERS], "--device", "cpu:0") == 0
+    last_draw = max(i for i, event in enumerate(events) if event == "draw")
+    assert events[0] == ("built on", torch.device("cpu"))
+    assert ("moved to", torch.device("cpu", 0)) in events[last_draw:]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -468,6 +499,38 @@ def test_the_bar_counts_every_rank_and_its_eta_follows_the_cost(tmp_path):
         # Half the FLOPs in 20 s: 20 s left, whatever the shot counts.
         assert progress.eta(done, elapsed=20.0) == 20.0
     assert "story a: 4 shots drawn" in (tmp_path / LOGS_DIR / "rank0.log").read_text()
+
+
+def _gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def _torchrun_rank(monkeypatch, local_rank: int, local_world: int) -> Ranks:
+    """The Ranks of a process torchrun started (its process group taken as joined)."""
+    env = {"RANK": local_rank, "WORLD_SIZE": local_world, "LOCAL_RANK": local_rank, "LOCAL_WORLD_SIZE": local_world}
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    return Ranks.from_environment("cuda")
+
+
+def test_a_gpu_index_for_every_process_of_a_node_is_refused(monkeypatch):
+    """eval.device=cuda:0 under torchrun would put all eight processes on GPU 0 (each story then out of memory)."""
+    _gpus(monkeypatch, 8)
+    with pytest.raises(ConfigError, match="8 processes of this node would all use that one GPU"):
+        _torchrun_rank(monkeypatch, 3, 8).device(torch.device("cuda:0"))
+    assert _torchrun_rank(monkeypatch, 3, 8).device(torch.device("cuda")) == torch.device("cuda", 3)
+
+
+def test_a_process_that_sees_one_gpu_takes_it(monkeypatch):
+    """srun binding one GPU to each task: every process sees its GPU as cuda:0, whatever its LOCAL_RANK."""
+    _gpus(monkeypatch, 1)
+    ranks = _torchrun_rank(monkeypatch, 3, 8)
+    assert ranks.device(torch.device("cuda")) == torch.device("cuda", 0)
+    _gpus(monkeypatch, 2)
+    with pytest.raises(ConfigError, match="LOCAL_RANK 3, but this process sees 2 CUDA device"):
+        ranks.device(torch.device("cuda"))
 
 
 if __name__ == "__main__":

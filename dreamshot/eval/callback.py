@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
@@ -31,6 +32,7 @@ class StoryboardMetrics(L.Callback):
         self.folder = Path(output_dir) / CALLBACK_DIR
         self.stories = None
         self.suite = None
+        self.device = torch.device("cpu")
         self.last_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -79,17 +81,20 @@ class StoryboardMetrics(L.Callback):
         """The metric values of the drawn stories and their contact sheets stacked."""
         from dreamshot.eval.story_metrics import StorySample
 
+        # The extractors visit the training's device only to score: between evaluations its memory is training's.
+        self.suite.to(self.device)
         try:
             for story, (shots, _) in zip(self.stories, draws, strict=True):
                 self.suite.update(StorySample(story, shots))
             values = self.suite.compute()
         finally:
             self.suite.reset()
+            self.suite.to(torch.device("cpu"))
         return values, stack_vertically([sheet for _, sheet in draws])
 
     def _setup(self, pl_module: L.LightningModule, global_rank: int) -> None:
         """The stories, loaded (the toy benchmark written) by rank 0 and shared with its context-parallel group,
-        and on rank 0 the metric suite (its weights load there only)."""
+        and on rank 0 the metric suite (its weights load there only, on the CPU until `score`)."""
         if self.stories is not None:
             return
         from dreamshot.eval.benchmarks import load_benchmark
@@ -99,7 +104,8 @@ class StoryboardMetrics(L.Callback):
         if global_rank == 0:
             bench = load_benchmark(self.cfg.eval, self.folder)
             stories = [bench.stories[: self.cfg.eval.callback.stories]]
-            self.suite = build_suite(self.cfg.eval, bench, self.folder, pl_module.device)
+            self.device = pl_module.device
+            self.suite = build_suite(self.cfg.eval, bench, self.folder, torch.device("cpu"))
         group = pl_module.adapter.context_parallel
         if group.degree > 1:
             dist.broadcast_object_list(stories, group=group.group, group_src=0)

@@ -74,11 +74,8 @@ class CharacterMatcher:
             result.references[key] = self.reference_features(character)
             result.matches[key] = []
         if result.unusable:
-            log.warning(
-                "story %s: no CIDS or single-character action (as ViStoryBench): no feature in any reference of %s",
-                story.id,
-                ", ".join(repr(key) for key in result.unusable),
-            )
+            reasons = "; ".join(self.why_unusable(story.characters[key]) for key in result.unusable)
+            log.warning("story %s: no CIDS or single-character action (as ViStoryBench): %s", story.id, reasons)
             return result
         for shot in story.shots:
             if shot.index in shots:
@@ -88,6 +85,18 @@ class CharacterMatcher:
                     for key, match in matched.items():
                         result.matches[key].append(match)
         return result
+
+    def why_unusable(self, character: BenchCharacter) -> str:
+        """Why `character`'s references give no feature, for the warning."""
+        if not character.identity_images:
+            if character.images:  # only ViStoryBench's CIDS reads fewer files than the references (`.jpg`)
+                return (
+                    f"{character.key!r} has no .jpg reference image, the only kind ViStoryBench's CIDS reads "
+                    f"({len(character.images)} of other kinds)"
+                )
+            return f"{character.key!r} has no reference image"
+        no_face = " (no face found in them)" if self.encoder_kind(character) == "face" else ""
+        return f"no feature in any reference of {character.key!r}{no_face}"
 
     def reference_features(self, character: BenchCharacter) -> torch.Tensor:
         """(R, D) features of the character's reference crops ((0, 0) without reference images)."""

@@ -1,6 +1,6 @@
 """Progress of a sharded drawing: one log file per rank, and on rank 0 one bar over every rank's stories.
 
-Every rank logs each story it draws to `<out>/logs/rank<r>.log` and keeps its counts in
+Every rank logs each story it draws (and, in `runner`, scores) to `<out>/logs/rank<r>.log` and keeps its counts in
 `<out>/logs/rank<r>.progress.json` (stories, shots and FLOPs drawn, under the run's token), which rank 0 reads
 about once a second to draw the bar: shots done of all ranks, shots/s, stories done, and the ETA. The ETA
 divides the FLOPs left by the FLOPs per second measured so far, so a 30-shot story counts for what it costs;
@@ -14,6 +14,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -24,6 +26,25 @@ from dreamshot.utils.io import atomic_write_text
 LOGS_DIR = "logs"
 POLL_SECONDS = 1.0
 log = logging.getLogger("dreamshot")
+
+
+@contextmanager
+def rank_log(out: Path, ranks: Ranks) -> Iterator[None]:
+    """While open, this rank's INFO lines of the `dreamshot` loggers go to `<out>/logs/rank<r>.log` (appended): a
+    run's progress in a file, where a bar shows only on a terminal."""
+    folder = out / LOGS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / f"rank{ranks.rank}.log")
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank {ranks.rank} %(levelname)s %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(level)
 
 
 class Progress:
@@ -38,17 +59,12 @@ class Progress:
         self.totals = {"stories": stories, "shots": shots, "flops": flops}
         self.planned_seconds = planned_seconds
         self.done = {"stories": 0, "shots": 0, "flops": 0.0}
-        self._handler: logging.Handler | None = None
-        self._level = log.level
+        self._log = rank_log(out, ranks)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Progress:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._handler = logging.FileHandler(self.folder / f"rank{self.ranks.rank}.log")
-        self._handler.setFormatter(logging.Formatter(f"%(asctime)s rank {self.ranks.rank} %(levelname)s %(message)s"))
-        log.addHandler(self._handler)
-        log.setLevel(logging.INFO)
+        self._log.__enter__()
         self._write()
         if self.ranks.is_main:
             self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -66,9 +82,7 @@ class Progress:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        log.removeHandler(self._handler)
-        self._handler.close()
-        log.setLevel(self._level)
+        self._log.__exit__(*exc)
 
     def _write(self) -> None:
         body = {"token": self.token, **self.done}

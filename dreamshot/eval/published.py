@@ -24,6 +24,8 @@ class PublishedTable:
     source: str
     columns: tuple[str, ...]
     rows: dict[str, tuple[float, ...]]
+    # The stories the rows were measured on (paper §5.1): the DreamShot test set's 100, ViStoryBench's full 80.
+    stories: int
 
 
 PUBLISHED = {
@@ -40,6 +42,7 @@ PUBLISHED = {
             "Last-Pos (Tab. 3)": (43.5, 43.5, 65.3, 43.4, 5.53, 3.26),
             "w/o RACL (Tab. 3)": (46.7, 48.3, 64.2, 43.7, 5.49, 3.26),
         },
+        stories=100,
     ),
     ("dreamshot_test", "t2s"): PublishedTable(
         "paper Tab. 1 (DreamShot test set, Text-to-Shot)",
@@ -50,6 +53,7 @@ PUBLISHED = {
             "Story2Board": (44.4, 62.6, 5.27, 2.95),
             "DreamShot": (46.8, 65.4, 5.46, 3.22),
         },
+        stories=100,
     ),
     ("dreamshot_test", "s2s"): PublishedTable(
         "paper Tab. 1 (DreamShot test set, Shot-to-Shot)",
@@ -59,6 +63,7 @@ PUBLISHED = {
             "UNO": (36.7, 55.8, 5.12, 3.28),
             "DreamShot": (40.4, 62.3, 5.46, 3.31),
         },
+        stories=100,
     ),
     ("vistorybench", "r2s"): PublishedTable(
         "paper Tab. 2 (ViStoryBench, Reference-to-Shot)",
@@ -71,6 +76,7 @@ PUBLISHED = {
             "QwenImage": (57.4, 47.5, 59.3, 38.1, 5.50, 3.28),
             "DreamShot": (65.6, 60.2, 61.8, 43.9, 5.40, 3.37),
         },
+        stories=80,
     ),
 }
 

@@ -16,6 +16,8 @@ from dreamshot.utils.io import atomic_write_text
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 MISSING = "missing"
+# Not a mean over stories: the mean of the four alignment dimensions' dataset-level means.
+NOT_STORY_MEANS = frozenset({"alignment"})
 
 
 @dataclass
@@ -37,8 +39,21 @@ class EvalResults:
     def shots(self) -> int:
         return sum(self.story_shots.values())
 
+    def stories_with(self, name: str) -> int:
+        """How many stories the dataset-level value `name` averages: those with a value of their own (e.g. a
+        story whose character references give no feature has no CIDS, as in ViStoryBench)."""
+        return sum(name in values for values in self.per_story.values())
+
+    def partial_values(self) -> dict[str, int]:
+        """The story means over fewer stories than the run scored, and over how many."""
+        counts = {name: self.stories_with(name) for name in self.values if name not in NOT_STORY_MEANS}
+        return {name: count for name, count in counts.items() if count < len(self.story_shots)}
+
     def to_json(self) -> dict[str, Any]:
-        metrics: dict[str, Any] = {name: {"value": value} for name, value in self.values.items()}
+        metrics: dict[str, Any] = {
+            name: {"value": value} if name in NOT_STORY_MEANS else {"value": value, "stories": self.stories_with(name)}
+            for name, value in self.values.items()
+        }
         metrics.update({name: {"status": MISSING, "reason": reason} for name, reason in self.missing.items()})
         return {
             "benchmark": self.benchmark,
@@ -88,6 +103,19 @@ def describe(results: EvalResults) -> str:
         f"{results.benchmark} / {results.mode}: {len(results.per_story)} stories, {results.shots} shots ({source})",
         format_table(*comparison(results)),
     ]
+    if table and len(results.story_shots) != table.stories:
+        # E.g. ViStoryBench's lite split, or a test file of one's own: the paper's rows scored other stories.
+        text.append(
+            f"note: the published rows score {table.stories} stories, this run {len(results.story_shots)}: "
+            "not the same stories, so not comparable row for row"
+        )
+    partial = results.partial_values()
+    if partial:
+        counts = ", ".join(f"{name} {count}" for name, count in partial.items())
+        text.append(
+            f"note: of the {len(results.story_shots)} stories, these values average only {counts} (the others have "
+            "none: see the warnings above)"
+        )
     if results.missing:
         text.append(missing_line(results.missing))
     return "\n".join(text)

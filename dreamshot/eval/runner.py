@@ -20,7 +20,9 @@ benchmark's order and writes the results, equal to a one-process run's. One proc
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +38,7 @@ from dreamshot.eval.cost import story_costs
 from dreamshot.eval.drawing import DrawJob, draw_stories
 from dreamshot.eval.feature_cache import FEATURES_DIR, FeatureCache
 from dreamshot.eval.generation import draw_story, read_story_shots, story_for_mode, story_shot_files, write_story
+from dreamshot.eval.progress import rank_log
 from dreamshot.eval.reading import open_as_published
 from dreamshot.eval.report import EvalResults, describe, log_tables, write_results
 from dreamshot.eval.resume import FINGERPRINT_KEY, ResultsFolder, drawing_fingerprint, eval_identity, story_digest
@@ -49,6 +52,7 @@ from dreamshot.utils.errors import DataError
 from dreamshot.utils.io import check_output_dir, folder_bytes
 
 SHOTS_DIR = "shots"
+log = logging.getLogger(__name__)
 
 
 def evaluate(
@@ -81,7 +85,8 @@ def evaluate(
     bench = ranks.decide(lambda: _load_benchmark(cfg, out, size, drawing=load_pipeline is not None))
     shots_dir = outputs or out / SHOTS_DIR
     cache = FeatureCache(out / FEATURES_DIR)
-    suite = build_suite(ev, bench, out, device, cache)
+    # Built (and so checked) now, but kept on the CPU while the model draws: the GPU's memory is the drawing's.
+    suite = build_suite(ev, bench, out, device if load_pipeline is None else torch.device("cpu"), cache)
     if outputs is not None:
         ranks.decide(lambda: check_outputs(outputs, bench, ev.mode))
     jobs = draw_jobs(cfg, bench, shots_dir, size, steps) if load_pipeline is not None else []
@@ -93,7 +98,8 @@ def evaluate(
             return _draw(pipeline, stories[job.id], job, cfg, size, label)
 
         draw_stories(jobs, fingerprint, ranks, out, load_pipeline, draw)
-    _score_share(suite, cache, bench, shots_dir, ev.mode, ranks)
+        suite.to(device)
+    _score_share(suite, cache, bench, shots_dir, ev.mode, ranks, out)
     results = _merged_results(suite, bench, cfg, label, ranks)
     results.extra[FINGERPRINT_KEY] = fingerprint  # what these values scored: run.json's, unless since replaced
     if ranks.is_main:
@@ -186,16 +192,24 @@ def check_outputs(outputs: Path, bench: Benchmark, mode: str) -> None:
 
 
 def _score_share(
-    suite: MetricSuite, cache: FeatureCache, bench: Benchmark, shots_dir: Path, mode: str, ranks: Ranks
+    suite: MetricSuite, cache: FeatureCache, bench: Benchmark, shots_dir: Path, mode: str, ranks: Ranks, out: Path
 ) -> None:
-    """Score this rank's share of the stories (balanced by shot count); features are cached per story."""
+    """Score this rank's share of the stories (balanced by shot count), each logged to the rank's log; features
+    are cached per story."""
     stories = {story.id: story for story in bench.stories}
     mine = share_of(ranks, {story.id: float(len(story.scored_shots(mode))) for story in bench.stories})
     # A bar only on a terminal (disable=None): in a log file it is noise, and an error stays one line.
-    for story_id in tqdm(mine, desc=f"scoring {bench.name}", disable=None if ranks.is_main else True):
-        story = stories[story_id]
-        suite.update(StorySample(story, read_story_shots(shots_dir, story, mode)))
-        cache.flush(story.id)
+    bar = tqdm(mine, desc=f"scoring {bench.name}", disable=None if ranks.is_main else True)
+    with rank_log(out, ranks):
+        for done, story_id in enumerate(bar, start=1):
+            story, start = stories[story_id], time.perf_counter()
+            sample = StorySample(story, read_story_shots(shots_dir, story, mode))
+            suite.update(sample)
+            cache.flush(story.id)
+            seconds = time.perf_counter() - start
+            log.info(
+                "story %s: %d shots scored in %.1f s (%d of %d)", story.id, len(sample.shots), seconds, done, len(mine)
+            )
 
 
 def _merged_results(suite: MetricSuite, bench: Benchmark, cfg: Config, label: str, ranks: Ranks) -> EvalResults:

@@ -2,8 +2,9 @@
 
 Launch: `torchrun --nproc-per-node 8 -m dreamshot.cli eval ...` (or `generate FOLDER`), one process per GPU;
 several nodes add `--nnodes`, `--rdzv-backend c10d --rdzv-endpoint HEAD:29500` and need the output folder on
-a shared filesystem. `Ranks.from_environment` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK (SLURM's srun
-works when its tasks export the same variables and MASTER_ADDR / MASTER_PORT) and joins the process group:
+a shared filesystem. `Ranks.from_environment` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK /
+LOCAL_WORLD_SIZE (SLURM's srun works when its tasks export the first three and MASTER_ADDR / MASTER_PORT) and
+joins the process group:
 gloo for the collectives of the runner (Python objects: `broadcast_object_list`, `all_gather_object`),
 plus nccl for CUDA tensors where CUDA is used. Without those variables a run is one process of a world of one,
 and takes the same path: the same plan, the same assignment, the same merge, with collectives of one.
@@ -28,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from dreamshot.utils import errors
-from dreamshot.utils.errors import DreamShotError
+from dreamshot.utils.devices import cuda_device_count
+from dreamshot.utils.errors import ConfigError, DreamShotError
 
 T = TypeVar("T")
 # A rank that finished its share waits at the next collective for the slowest one; with a balanced plan that is
@@ -40,8 +42,10 @@ class Ranks:
     """This process's rank among `world` evaluation processes (`local_rank` on its node) and the collectives
     the runner uses (on picklable Python objects: plans, benchmarks, per-story values)."""
 
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0) -> None:
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, local_world: int = 1) -> None:
         self.rank, self.world, self.local_rank = rank, world, local_rank
+        # Processes on this node (torchrun's LOCAL_WORLD_SIZE; 1 where a launcher does not say).
+        self.local_world = local_world
 
     @classmethod
     def from_environment(cls, device_type: str) -> Ranks:
@@ -49,7 +53,8 @@ class Ranks:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls()
-        ranks = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        ranks = cls(int(os.environ["RANK"]), world, local_rank, local_world)
         if not dist.is_initialized():
             backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
@@ -60,10 +65,27 @@ class Ranks:
         return self.rank == 0
 
     def device(self, requested: torch.device) -> torch.device:
-        """The device of this rank: `cuda` without an index is this node's GPU number `local_rank`."""
-        if requested.type == "cuda" and requested.index is None:
-            return torch.device("cuda", self.local_rank)
-        return requested
+        """The device of this rank: `cuda` without an index is this node's GPU number `local_rank`, or the one
+        GPU a process sees (srun binding one GPU to each task). A GPU index for several processes of one node
+        is refused: they would all draw on that one GPU."""
+        if requested.type != "cuda":
+            return requested
+        if requested.index is not None:
+            if self.local_world > 1:
+                raise ConfigError(
+                    f"--device / eval.device {requested}: the {self.local_world} processes of this node would all "
+                    "use that one GPU; use cuda (each process takes GPU LOCAL_RANK)"
+                )
+            return requested
+        visible = cuda_device_count()
+        if visible == 1:
+            return torch.device("cuda", 0)
+        if self.local_rank >= visible:
+            raise ConfigError(
+                f"LOCAL_RANK {self.local_rank}, but this process sees {visible} CUDA device(s): start at most "
+                f"{visible} processes per node (torchrun --nproc-per-node)"
+            )
+        return torch.device("cuda", self.local_rank)
 
     def decide(self, decision: Callable[[], T]) -> T:
         """Rank 0 runs `decision` and every rank gets its result; a DreamShotError it raises is raised on every

@@ -9,6 +9,7 @@ by their per-story values, not by syncing states: a story scored elsewhere is gi
 from __future__ import annotations
 
 import logging
+import math
 from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Mapping
@@ -65,12 +66,14 @@ class ScoredStory:
 class StoryMetric(Metric):
     """Mean over stories of the values `score(sample)` returns (a value a story lacks is left out of its mean).
 
-    `failure` says why the metric has no values at all for this run (set by `score`; it outlives `reset`).
+    `failure` says why the metric has no values at all for this run (set by `score`; it outlives `reset`);
+    `why_absent` why a value no story has is missing from `compute` (not a failure: every story left it out).
     """
 
     full_state_update = False
     higher_is_better = True
     failure: str | None = None
+    why_absent = "no story has a value"
 
     def __init__(self, names: tuple[str, ...]) -> None:
         super().__init__(sync_on_compute=False)
@@ -87,7 +90,7 @@ class StoryMetric(Metric):
         if isinstance(sample, ScoredStory):
             story, values = sample.story, sample.values
         else:
-            story, values = sample.story.id, self.score(sample)
+            story, values = sample.story.id, finite_values(sample.story.id, self.score(sample))
         if self.failure is not None:
             self.per_story = {}
             return
@@ -107,10 +110,21 @@ class StoryMetric(Metric):
         self.per_story = {}
 
 
+def finite_values(story: str, values: dict[str, float]) -> dict[str, float]:
+    """`values` without the NaN / infinite ones (an extractor's degenerate output), each named in a warning: a story
+    without a value is left out of its mean (and counted out in the results), never averaged in as NaN."""
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if bad:
+        log.warning("story %s: %s, left out of the mean", story, ", ".join(f"{k} is {v}" for k, v in bad.items()))
+    return {name: value for name, value in values.items() if name not in bad}
+
+
 class IdentityMetric(StoryMetric):
     """CIDS (`prefix` "cids"; "toy_identity" for the toy proxy): `<prefix>_cross` and `<prefix>_self`, the
     story means over ALL its characters (one never found scores 0 and stays in the mean). A story with a
     character whose references give no feature has no value (ViStoryBench's CIDS fails on it)."""
+
+    why_absent = "every story has a character whose references give no feature (see the warnings)"
 
     def __init__(self, matcher: CharacterMatcher, prefix: str = "cids") -> None:
         super().__init__((f"{prefix}_cross", f"{prefix}_self"))
@@ -181,6 +195,11 @@ class AlignmentMetric(StoryMetric):
     the judge cannot answer (`JudgeUnavailable`) the metric fails for the run: no question is asked after it,
     and every alignment value is missing with the reason (never a score of 0).
     """
+
+    why_absent = (
+        "no shot of any story could score a listed character: none found in its crops (no detection, or for "
+        "realistic humans no face), or no character listed"
+    )
 
     def __init__(self, judge: Judge, matcher: CharacterMatcher | None) -> None:
         dims = ALIGNMENT_DIMENSIONS if matcher is not None else ALIGNMENT_DIMENSIONS[:3]

@@ -10,10 +10,12 @@ With a `FeatureCache` every extractor (encoders and the detector) reads it befor
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from dreamshot.config.schema import DetectorConfig, EvalConfig
@@ -64,10 +66,17 @@ VALUE_NAMES = {
 @dataclass
 class MetricSuite:
     """The metrics of one evaluation, and the value names that are missing at build time (name -> reason);
-    `missing_values()` adds those of metrics that failed during the run."""
+    `missing_values()` adds those of metrics that failed during the run, and those no story has."""
 
     metrics: dict[str, StoryMetric] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
+    # The extractors' torch models, for `to`.
+    models: list[nn.Module] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> None:
+        """Move the extractors to `device` (ONNX face models stay on CPU)."""
+        for model in self.models:
+            model.to(device)
 
     def update(self, sample: StorySample) -> None:
         for metric in self.metrics.values():
@@ -78,7 +87,10 @@ class MetricSuite:
 
     def missing_values(self) -> dict[str, str]:
         failed = {name: m.failure for m in self.metrics.values() if m.failure is not None for name in m.names}
-        return {**self.missing, **failed}
+        computed = self.compute()
+        # A value every story left out (a failure says why instead, when there is one).
+        absent = {name: m.why_absent for m in self.metrics.values() for name in m.names if name not in computed}
+        return {**self.missing, **absent, **failed}
 
     def per_story(self) -> dict[str, dict[str, float]]:
         stories: dict[str, dict[str, float]] = {}
@@ -128,16 +140,22 @@ def crop_mode(cfg: EvalConfig, bench: Benchmark) -> str:
 def build_suite(
     cfg: EvalConfig, bench: Benchmark, work_dir: Path, device: torch.device, cache: FeatureCache | None = None
 ) -> MetricSuite:
-    """Load the extractors and build the metrics (weights stay on `device`; ONNX face models on CPU)."""
+    """Load the extractors and build the metrics (weights on `device`, `MetricSuite.to` moves them; ONNX face
+    models on CPU)."""
     suite = MetricSuite()
+
+    def place(model: nn.Module) -> nn.Module:
+        suite.models.append(model)
+        return model.to(device)
+
     wanted = list(dict.fromkeys(cfg.metrics))
     cached = _Cached(cache)
     with tqdm(total=len(wanted), desc="loading metrics", leave=False, disable=None) as bar:
         with_matcher = {"cids", "alignment"} & set(wanted)
-        matcher, why_not = _identity_matcher(cfg, bench, device, cached) if with_matcher else (None, "")
+        matcher, why_not = _identity_matcher(cfg, bench, place, cached) if with_matcher else (None, "")
         for name in wanted:
             bar.set_postfix_str(name)
-            reason = _add_metric(suite, name, cfg, bench, work_dir, device, matcher, why_not, cached)
+            reason = _add_metric(suite, name, cfg, bench, work_dir, place, matcher, why_not, cached)
             if reason:
                 suite.missing.update({value: reason for value in VALUE_NAMES[name] if value not in _names(suite)})
             bar.update()
@@ -150,7 +168,7 @@ def _add_metric(
     cfg: EvalConfig,
     bench: Benchmark,
     work_dir: Path,
-    device: torch.device,
+    place: Callable[[nn.Module], nn.Module],
     matcher: CharacterMatcher | None,
     why_not: str,
     cached: _Cached,
@@ -163,12 +181,12 @@ def _add_metric(
     elif name == "csd":
         if cfg.csd.weights is None:
             return "eval.csd.weights is not set"
-        encoder = load_csd_encoder(cfg.csd).to(device)
+        encoder = place(load_csd_encoder(cfg.csd))
         suite.metrics[name] = StyleMetric(cached(encoder, "csd", {"arch": cfg.csd.arch}, [cfg.csd.weights]))
     elif name == "aes":
         if cfg.aes.siglip is None or cfg.aes.head is None:
             return "eval.aes.siglip and eval.aes.head must both be set"
-        scorer = load_aesthetic_scorer(cfg.aes).to(device)
+        scorer = place(load_aesthetic_scorer(cfg.aes))
         suite.metrics[name] = AestheticMetric(cached(scorer, "aes", {}, [cfg.aes.siglip, cfg.aes.head]))
     elif name == "alignment":
         if cfg.judge.endpoint is None:
@@ -185,7 +203,7 @@ def _add_metric(
 
 
 def _identity_matcher(
-    cfg: EvalConfig, bench: Benchmark, device: torch.device, cached: _Cached
+    cfg: EvalConfig, bench: Benchmark, place: Callable[[nn.Module], nn.Module], cached: _Cached
 ) -> tuple[CharacterMatcher | None, str]:
     """The CIDS matcher, or None and the config key(s) to set."""
     tags = {c.tag for c in bench.characters()}
@@ -201,7 +219,7 @@ def _identity_matcher(
         return None, f"{', '.join(unset)} not set"
     encoders = {}
     if tags - {FACE_TAG}:
-        clip = load_clip_encoder(cfg.clip).to(device)
+        clip = place(load_clip_encoder(cfg.clip))
         encoders["general"] = cached(clip, "clip", {"arch": cfg.clip.arch}, [cfg.clip.weights])
     if FACE_TAG in tags:
         face = cfg.face
@@ -211,7 +229,7 @@ def _identity_matcher(
             _warn_face_ensemble(cfg, bench)
     if mode == "masks":
         return CharacterMatcher(MaskCrops(), encoders), ""
-    detector = cached.detector(load_detector(cfg.detector).to(device), cfg.detector)
+    detector = cached.detector(place(load_detector(cfg.detector)), cfg.detector)
     return CharacterMatcher(DetectorCrops(detector), encoders), ""
 
 
