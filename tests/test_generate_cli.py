@@ -225,6 +225,28 @@ def test_a_re_roll_killed_before_its_record_never_overwrites_a_take(generated, s
     assert [shot["take"] for shot in json.loads((out / RECORD_FILE).read_text())["shots"]] == [1, 3, 1]
 
 
+@pytest.mark.parametrize("killed_in", ["save_shots", "write_record"])
+def test_a_re_roll_run_again_after_a_kill_draws_what_the_re_roll_would_have(
+    killed_in, generated, story, run_dir, tmp_path, monkeypatch
+):
+    """Killed after it moved shot 2's take to takes/ (before or after writing its new take): run again, the re-roll
+    encodes the kept shots with the take the record lists, not with its own half-finished one or none."""
+    argv = ["generate", str(story), "--run", str(run_dir), "--regenerate", "2", "--out"]
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    shutil.copytree(generated, uninterrupted)
+    shutil.copytree(generated, resumed)
+    assert main([*argv, str(uninterrupted)]) == 0
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(generate_command, killed_in, killed)
+        assert main([*argv, str(resumed)]) == 130
+    assert main([*argv, str(resumed)]) == 0
+    assert (resumed / shot_file(2)).read_bytes() == (uninterrupted / shot_file(2)).read_bytes()
+
+
 def test_a_whole_story_drawn_into_a_used_folder_leaves_no_shot_of_the_storyboard_before(generated, run_dir, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(generated, out)

@@ -60,6 +60,7 @@ from dreamshot.inference.outputs import (
     load_kept_shots,
     mark_rerolling,
     read_record,
+    recorded_take,
     remove_earlier_storyboard,
     save_shots,
     shot_file,
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
     if previous is not None:
         check_same_story(args.out, previous, story, kept, conditions_sha256(story))
         check_rerolls(args.out, previous, targets)
-    takes = _earlier_takes(args.out, targets, size) if previous is not None else None
+    takes = _earlier_takes(args.out, previous, targets, size) if previous is not None else None
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size), takes)
     check_trained(cfg.storyboard, request.mode)
     steps = args.steps if args.steps is not None else story.steps
@@ -241,12 +242,12 @@ def _write_storyboard(out: Path, drawn: Drawn, previous: dict | None) -> tuple[d
     return _record(drawn, takes), sheet
 
 
-def _earlier_takes(out: Path, targets: list[int], size: tuple[int, int]) -> torch.Tensor | None:
-    """The current images of the shots a re-roll draws again (the kept shots' context in the shot stream), or
-    None when one is missing (a re-roll killed before it wrote them)."""
-    if not all((out / shot_file(n)).is_file() for n in targets):
+def _earlier_takes(out: Path, record: dict, targets: list[int], size: tuple[int, int]) -> torch.Tensor | None:
+    """The takes `record` lists of the shots a re-roll draws again (the kept shots' context in the shot stream;
+    `recorded_take`: also after a re-roll killed before its record), or None when one is missing."""
+    if not all(recorded_take(out, record, n).is_file() for n in targets):
         return None
-    return load_kept_shots(out, targets, size)
+    return load_kept_shots(out, targets, size, record)
 
 
 def _targets(story: Story, regenerate: list[int] | None) -> list[int]:

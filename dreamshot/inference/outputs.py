@@ -79,11 +79,14 @@ def save_shots(out_dir: Path, indices: list[int], images: torch.Tensor) -> None:
         save_png(to_image(pixels), out_dir / shot_file(index))
 
 
-def load_kept_shots(out_dir: Path, indices: list[int], size: tuple[int, int]) -> torch.Tensor:
-    """The shot files of `indices` as (len(indices), 3, H, W) in [-1, 1]; each must be `size` (H, W) already."""
+def load_kept_shots(
+    out_dir: Path, indices: list[int], size: tuple[int, int], record: dict | None = None
+) -> torch.Tensor:
+    """The shot files of `indices` as (len(indices), 3, H, W) in [-1, 1]; each must be `size` (H, W) already.
+    With `record`, the takes it lists (`recorded_take`)."""
     shots = []
     for index in indices:
-        path = out_dir / shot_file(index)
+        path = out_dir / shot_file(index) if record is None else recorded_take(out_dir, record, index)
         if not path.is_file():
             raise DataError(f"{path}: kept shot {index} not found (--regenerate needs the folder of an earlier run)")
         with Image.open(path) as image:
@@ -106,6 +109,17 @@ def shot_takes(record: dict | None, count: int) -> dict[int, int]:
         if isinstance(shot, dict) and shot.get("index") in takes:
             takes[shot["index"]] = int(shot.get("take", 1))
     return takes
+
+
+def recorded_take(out_dir: Path, record: dict, index: int) -> Path:
+    """The file of the take of shot `index` that the folder's `record` lists: its shot file, unless a re-roll killed
+    before its record (`mark_rerolling`) had moved that take to takes/ already (the shot file is then that re-roll's
+    unrecorded take, or missing). A re-roll run again after a kill so encodes the kept shots as the killed one did."""
+    if index in record.get(REROLLING_KEY, []):
+        moved = out_dir / TAKES_DIR / take_file(index, shot_takes(record, len(record["shots"]))[index])
+        if moved.is_file():
+            return moved
+    return out_dir / shot_file(index)
 
 
 def keep_earlier_takes(out_dir: Path, indices: list[int], takes: dict[int, int]) -> dict[int, int]:
