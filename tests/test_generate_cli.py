@@ -487,6 +487,15 @@ def test_too_little_space_for_the_storyboard_is_reported_before_the_model_is_bui
     assert not (tmp_path / "out").exists()
 
 
+def test_the_recorded_config_samples_with_the_seed_and_steps_that_ran(story, run_dir, tmp_path):
+    # The story sets seed 0 and the run's config 2 steps; the command line's take precedence, and so in the record.
+    out = tmp_path / "out"
+    assert main(["generate", str(story), "--run", str(run_dir), "--out", str(out), "--seed", "7", "--steps", "1"]) == 0
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert (record["seed"], record["steps"]) == (7, 1)
+    assert (record["config"]["inference"]["seed"], record["config"]["inference"]["steps"]) == (7, 1)
+
+
 def _folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 

@@ -31,7 +31,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -299,5 +299,13 @@ def _record(drawn: Drawn, takes: dict[int, int]) -> dict:
         "references": [{**asdict(ref), "image": str(ref.image)} for ref in story.references],
         "timings": {"steps_s": result.step_seconds, "total_s": result.total_seconds},
         "preset": {"name": preset, "overrides": preset_overrides(preset)} if preset else None,
-        "config": OmegaConf.to_container(OmegaConf.structured(drawn.cfg), resolve=True),
+        "config": OmegaConf.to_container(OmegaConf.structured(_config_that_ran(drawn)), resolve=True),
     }
+
+
+def _config_that_ran(drawn: Drawn) -> Config:
+    """`drawn.cfg` with the seed and steps the storyboard was drawn with (`--seed`, a re-roll's, a story's take
+    precedence over `inference`'s), so that the recorded config draws it again."""
+    result = drawn.result
+    inference = replace(drawn.cfg.inference, seed=result.seed, steps=len(result.step_seconds))
+    return replace(drawn.cfg, inference=inference)
