@@ -15,7 +15,8 @@ past the new story's and its takes are removed. A re-roll keeps shots of the sto
 re-rolls (`rerolling`: `mark_rerolling`), and its own record, written last, drops the mark: a re-roll killed in
 between leaves shot files that are not the takes the record lists (moved to `takes/`, or an unrecorded new take),
 and the mark says so, to `storyboard_shots` (which refuses the folder) and to the next re-roll (which must re-roll
-those shots too). Every file is written atomically.
+those shots too, and takes their recorded takes from `takes/` as the kept shots' context: `recorded_take`). Every
+file is written atomically.
 """
 
 from __future__ import annotations
