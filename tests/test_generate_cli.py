@@ -529,6 +529,22 @@ def test_a_preset_picks_the_sampler_setting_and_the_record_says_which(story, run
     assert json.loads((generated / RECORD_FILE).read_text())["preset"] is None
 
 
+@pytest.mark.parametrize("cache", ["none", "taylorseer"])
+def test_a_cache_hook_named_after_a_preset_runs_with_its_own_options(cache, story, run_dir, tmp_path):
+    # fast's {threshold: 0.1} are FirstBlockCache's options: with another hook they were refused, naming a key
+    # the command line never set.
+    out = tmp_path / "out"
+    argv = ["generate", str(story), "--run", str(run_dir), "--out", str(out), "--preset", "fast", "--steps", "2"]
+    assert main([*argv, f"inference.cache={cache}"]) == 0
+    saved = json.loads((out / RECORD_FILE).read_text())
+    inference = saved["config"]["inference"]
+    assert (inference["cache"], inference["cache_options"], inference["guidance_fraction"]) == (cache, {}, 0.5)
+    assert saved["preset"] == {
+        "name": "fast",
+        "overrides": ["inference.cache=first_block", "inference.guidance_fraction=0.5"],
+    }
+
+
 def test_the_summary_line_names_the_contact_sheet_where_it_is(story, run_dir, tmp_path, capsys):
     assert main(["generate", str(story), "--run", str(run_dir), "--out", str(tmp_path / "out"), "--steps", "1"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]

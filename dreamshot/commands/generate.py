@@ -18,7 +18,8 @@ Precedence (also in `--help`): the noise seed is `--seed`, else (re-roll) the pr
 story's `seed`, else `inference.seed`; the steps are `--steps`, else the story's `steps`, else
 `inference.steps`; the shot size is the story's height/width, else `data.resolution`. `--preset exact|fast` sets
 the sampler to a measured setting (`dreamshot/inference/presets.py`) before the command line's overrides apply;
-`generation.json` records it (`preset`: its name and overrides; the resolved values under `config.inference`).
+`generation.json` records it (`preset`: its name and the overrides of it that applied: with `inference.cache` on the
+command line, not its cache options; the resolved values under `config.inference`).
 
 With `inference.context_parallel.degree=N`, N processes started by torchrun draw the storyboard together, each
 holding 1/N of its tokens (`torchrun --nproc-per-node N -m dreamshot.cli generate STORY
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> None:
     if not writer:
         return
 
-    drawn = Drawn(story, cfg, result, weights, targets, kept, size, args.preset)
+    drawn = Drawn(story, cfg, result, weights, targets, kept, size, _preset_record(args))
     record, sheet = _write_storyboard(args.out, drawn, previous)
     write_record(args.out, record, previous)
     shots = ", ".join(map(str, targets))
@@ -195,7 +196,7 @@ def _run_folder(args: argparse.Namespace) -> None:
     def draw_into(pipeline: StoryboardPipeline, story: Story, out: Path, seed: int, steps: int, size) -> dict:
         result = pipeline(story_request(story, size), seed=seed, steps=steps, progress=False)
         targets = list(range(1, len(story.shots) + 1))
-        drawn = Drawn(story, pipeline.config, result, weights, targets, [], size, args.preset)
+        drawn = Drawn(story, pipeline.config, result, weights, targets, [], size, _preset_record(args))
         return _write_storyboard(out, drawn, None)[0]
 
     try:
@@ -208,11 +209,17 @@ def _run_folder(args: argparse.Namespace) -> None:
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     """The command line's config overrides, after those of `--preset`."""
-    return [*(preset_overrides(args.preset) if args.preset else []), *args.overrides]
+    return [*(preset_overrides(args.preset, args.overrides) if args.preset else []), *args.overrides]
+
+
+def _preset_record(args: argparse.Namespace) -> dict | None:
+    """What `generation.json` records of `--preset`: its name and the overrides of it that applied."""
+    return {"name": args.preset, "overrides": preset_overrides(args.preset, args.overrides)} if args.preset else None
 
 
 class Drawn(NamedTuple):
-    """A story drawn: what `generation.json` records. `targets`: the shots drawn; `kept`: those read back."""
+    """A story drawn: what `generation.json` records. `targets`: the shots drawn; `kept`: those read back;
+    `preset`: `_preset_record`."""
 
     story: Story
     cfg: Config
@@ -221,7 +228,7 @@ class Drawn(NamedTuple):
     targets: list[int]
     kept: list[int]
     size: tuple[int, int]
-    preset: str | None
+    preset: dict | None
 
 
 def _write_storyboard(out: Path, drawn: Drawn, previous: dict | None) -> tuple[dict, Path]:
@@ -298,7 +305,7 @@ def _record(drawn: Drawn, takes: dict[int, int]) -> dict:
         ],
         "references": [{**asdict(ref), "image": str(ref.image)} for ref in story.references],
         "timings": {"steps_s": result.step_seconds, "total_s": result.total_seconds},
-        "preset": {"name": preset, "overrides": preset_overrides(preset)} if preset else None,
+        "preset": preset,
         "config": OmegaConf.to_container(OmegaConf.structured(_config_that_ran(drawn)), resolve=True),
     }
 
