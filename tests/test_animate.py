@@ -117,6 +117,16 @@ def test_frames_must_be_4k_plus_1(storyboard, tmp_path):
         main(["animate", str(storyboard), "--i2v", str(tmp_path), "--out", str(tmp_path / "v.mp4"), "--frames", "6"])
 
 
+@pytest.mark.parametrize(("option", "value"), [("--steps", "0"), ("--fps", "0"), ("--seed", "-1")])
+def test_a_value_the_clips_or_the_video_cannot_take_is_refused_before_anything_runs(
+    option, value, storyboard, tmp_path, capsys
+):
+    # 0 steps would decode each clip's noise as it is; 0 fps fails in ffmpeg once every clip is drawn.
+    with pytest.raises(SystemExit):
+        main(["animate", str(storyboard), "--i2v", str(tmp_path), "--out", str(tmp_path / "v.mp4"), option, value])
+    assert f"argument {option}: expected" in capsys.readouterr().err
+
+
 def test_write_video_round_trip(tmp_path):
     clips = [np.full((3, HEIGHT, WIDTH, 3), value, dtype=np.uint8) for value in (30, 220)]
     path = tmp_path / "clip.mp4"

@@ -225,6 +225,28 @@ def test_a_re_roll_killed_before_its_record_never_overwrites_a_take(generated, s
     assert [shot["take"] for shot in json.loads((out / RECORD_FILE).read_text())["shots"]] == [1, 3, 1]
 
 
+@pytest.mark.parametrize("killed_in", ["save_shots", "write_record"])
+def test_a_re_roll_run_again_after_a_kill_draws_what_the_re_roll_would_have(
+    killed_in, generated, story, run_dir, tmp_path, monkeypatch
+):
+    """Killed after it moved shot 2's take to takes/ (before or after writing its new take): run again, the re-roll
+    encodes the kept shots with the take the record lists, not with its own half-finished one or none."""
+    argv = ["generate", str(story), "--run", str(run_dir), "--regenerate", "2", "--out"]
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    shutil.copytree(generated, uninterrupted)
+    shutil.copytree(generated, resumed)
+    assert main([*argv, str(uninterrupted)]) == 0
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(generate_command, killed_in, killed)
+        assert main([*argv, str(resumed)]) == 130
+    assert main([*argv, str(resumed)]) == 0
+    assert (resumed / shot_file(2)).read_bytes() == (uninterrupted / shot_file(2)).read_bytes()
+
+
 def test_a_whole_story_drawn_into_a_used_folder_leaves_no_shot_of_the_storyboard_before(generated, run_dir, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(generated, out)
@@ -395,6 +417,9 @@ def _drop(key: str):
         (_drop("shots"), "shots"),
         (_set("shots", []), "shots"),
         (_set("shots.2.annotation", 3), "shots[2].annotation"),
+        (_set("shots.1.annotation", " "), "shots[1].annotation"),
+        (_set("references.0.prompt", ""), "references[0].prompt"),
+        (_set("previous_shots", [{"image": "refs/role1.png", "annotation": ""}]), "previous_shots[0].annotation"),
         (_set("shots.1.image", "a.png"), "shots[1].image"),
         (_set("shots.0", "just a string"), "shots[0]"),
         (_set("references", {"role": "x"}), "references"),
@@ -465,6 +490,15 @@ def test_too_little_space_for_the_storyboard_is_reported_before_the_model_is_bui
     assert not (tmp_path / "out").exists()
 
 
+def test_the_recorded_config_samples_with_the_seed_and_steps_that_ran(story, run_dir, tmp_path):
+    # The story sets seed 0 and the run's config 2 steps; the command line's take precedence, and so in the record.
+    out = tmp_path / "out"
+    assert main(["generate", str(story), "--run", str(run_dir), "--out", str(out), "--seed", "7", "--steps", "1"]) == 0
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert (record["seed"], record["steps"]) == (7, 1)
+    assert (record["config"]["inference"]["seed"], record["config"]["inference"]["steps"]) == (7, 1)
+
+
 def _folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
@@ -493,6 +527,22 @@ def test_a_preset_picks_the_sampler_setting_and_the_record_says_which(story, run
     saved = json.loads((out / RECORD_FILE).read_text())
     assert saved["preset"]["name"] == "exact" and saved["config"]["inference"]["cache"] == "none"
     assert json.loads((generated / RECORD_FILE).read_text())["preset"] is None
+
+
+@pytest.mark.parametrize("cache", ["none", "taylorseer"])
+def test_a_cache_hook_named_after_a_preset_runs_with_its_own_options(cache, story, run_dir, tmp_path):
+    # fast's {threshold: 0.1} are FirstBlockCache's options: with another hook they were refused, naming a key
+    # the command line never set.
+    out = tmp_path / "out"
+    argv = ["generate", str(story), "--run", str(run_dir), "--out", str(out), "--preset", "fast", "--steps", "2"]
+    assert main([*argv, f"inference.cache={cache}"]) == 0
+    saved = json.loads((out / RECORD_FILE).read_text())
+    inference = saved["config"]["inference"]
+    assert (inference["cache"], inference["cache_options"], inference["guidance_fraction"]) == (cache, {}, 0.5)
+    assert saved["preset"] == {
+        "name": "fast",
+        "overrides": ["inference.cache=first_block", "inference.guidance_fraction=0.5"],
+    }
 
 
 def test_the_summary_line_names_the_contact_sheet_where_it_is(story, run_dir, tmp_path, capsys):

@@ -172,13 +172,24 @@ def test_compiled_sampling_draws_what_eager_sampling_draws(trained_adapter):
     torch.testing.assert_close(draw(compiled, cfg), draw(eager, config()), rtol=1e-5, atol=1e-5)
 
 
-def test_four_unipc_steps_at_shift_5_are_the_step_distilled_schedule():
+@pytest.mark.parametrize("name", ["unipc", "euler"])
+def test_four_steps_at_shift_5_are_the_step_distilled_schedule(name):
     """The few-step schedule of a step-distilled Wan LoRA (lightx2v's: timesteps 1000, 750, 500, 250 before the
-    shift of 5) is inference.steps=4, inference.shift=5 with the default scheduler: no key of its own."""
-    scheduler = build_scheduler("unipc", 5.0)
+    shift of 5) is inference.steps=4, inference.shift=5 with either scheduler: no key of its own."""
+    scheduler = build_scheduler(name, 5.0)
     scheduler.set_timesteps(4)
     unshifted = np.array([1.0, 0.75, 0.5, 0.25])
     np.testing.assert_allclose(scheduler.sigmas[:-1].numpy(), 5 * unshifted / (1 + 4 * unshifted), atol=1e-3)
+    assert scheduler.sigmas[-1] == 0
+
+
+@pytest.mark.parametrize("steps", [4, 50])
+def test_euler_steps_through_the_sigmas_of_wans_unipc_and_tells_the_dit_each(steps):
+    unipc, euler = build_scheduler("unipc", 3.0), build_scheduler("euler", 3.0)
+    unipc.set_timesteps(steps)
+    euler.set_timesteps(steps)
+    torch.testing.assert_close(euler.sigmas, unipc.sigmas.float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(euler.timesteps, euler.sigmas[:-1] * 1000)
 
 
 @pytest.mark.parametrize(

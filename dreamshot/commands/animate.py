@@ -15,6 +15,7 @@ import torch
 from dreamshot.inference.animate import ClipSettings, animate_shots, check_shot_sizes, load_i2v_pipeline, write_video
 from dreamshot.inference.outputs import storyboard_shots
 from dreamshot.inference.story import open_rgb
+from dreamshot.utils.arguments import positive_int, seed_value
 from dreamshot.utils.devices import pick_device
 from dreamshot.utils.errors import DreamShotError
 from dreamshot.utils.io import check_output_dir
@@ -27,11 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--i2v", type=Path, required=True, help="local diffusers-format Wan2.1 I2V folder")
     parser.add_argument("--out", type=Path, required=True, help="the mp4 to write")
     parser.add_argument("--frames", type=clip_length, default=ClipSettings.num_frames, help="frames per shot (4k+1)")
-    parser.add_argument("--steps", type=int, default=ClipSettings.steps, help="sampler steps per clip")
+    parser.add_argument("--steps", type=positive_int, default=ClipSettings.steps, help="sampler steps per clip")
     parser.add_argument("--guidance", type=float, default=ClipSettings.guidance_scale, help="CFG scale")
     parser.add_argument("--negative-prompt", default=ClipSettings.negative_prompt)
-    parser.add_argument("--seed", type=int, default=ClipSettings.seed, help="clip n uses seed + n - 1")
-    parser.add_argument("--fps", type=int, default=16, help="frame rate of the video (Wan2.1 draws 16 fps)")
+    parser.add_argument("--seed", type=seed_value, default=ClipSettings.seed, help="clip n uses seed + n - 1")
+    parser.add_argument("--fps", type=positive_int, default=16, help="frame rate of the video (Wan2.1 draws 16 fps)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="DiT / umT5 dtype (default: bf16 on cuda)")
 

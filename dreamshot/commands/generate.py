@@ -18,7 +18,8 @@ Precedence (also in `--help`): the noise seed is `--seed`, else (re-roll) the pr
 story's `seed`, else `inference.seed`; the steps are `--steps`, else the story's `steps`, else
 `inference.steps`; the shot size is the story's height/width, else `data.resolution`. `--preset exact|fast` sets
 the sampler to a measured setting (`dreamshot/inference/presets.py`) before the command line's overrides apply;
-`generation.json` records it (`preset`: its name and overrides; the resolved values under `config.inference`).
+`generation.json` records it (`preset`: its name and the overrides of it that applied: with `inference.cache` on the
+command line, not its cache options; the resolved values under `config.inference`).
 
 With `inference.context_parallel.degree=N`, N processes started by torchrun draw the storyboard together, each
 holding 1/N of its tokens (`torchrun --nproc-per-node N -m dreamshot.cli generate STORY
@@ -31,7 +32,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,6 +61,7 @@ from dreamshot.inference.outputs import (
     load_kept_shots,
     mark_rerolling,
     read_record,
+    recorded_take,
     remove_earlier_storyboard,
     save_shots,
     shot_file,
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> None:
     if previous is not None:
         check_same_story(args.out, previous, story, kept, conditions_sha256(story))
         check_rerolls(args.out, previous, targets)
-    takes = _earlier_takes(args.out, targets, size) if previous is not None else None
+    takes = _earlier_takes(args.out, previous, targets, size) if previous is not None else None
     request = story_request(story, size, targets, load_kept_shots(args.out, kept, size), takes)
     check_trained(cfg.storyboard, request.mode)
     steps = args.steps if args.steps is not None else story.steps
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> None:
     if not writer:
         return
 
-    drawn = Drawn(story, cfg, result, weights, targets, kept, size, args.preset)
+    drawn = Drawn(story, cfg, result, weights, targets, kept, size, _preset_record(args))
     record, sheet = _write_storyboard(args.out, drawn, previous)
     write_record(args.out, record, previous)
     shots = ", ".join(map(str, targets))
@@ -194,7 +196,7 @@ def _run_folder(args: argparse.Namespace) -> None:
     def draw_into(pipeline: StoryboardPipeline, story: Story, out: Path, seed: int, steps: int, size) -> dict:
         result = pipeline(story_request(story, size), seed=seed, steps=steps, progress=False)
         targets = list(range(1, len(story.shots) + 1))
-        drawn = Drawn(story, pipeline.config, result, weights, targets, [], size, args.preset)
+        drawn = Drawn(story, pipeline.config, result, weights, targets, [], size, _preset_record(args))
         return _write_storyboard(out, drawn, None)[0]
 
     try:
@@ -207,11 +209,17 @@ def _run_folder(args: argparse.Namespace) -> None:
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     """The command line's config overrides, after those of `--preset`."""
-    return [*(preset_overrides(args.preset) if args.preset else []), *args.overrides]
+    return [*(preset_overrides(args.preset, args.overrides) if args.preset else []), *args.overrides]
+
+
+def _preset_record(args: argparse.Namespace) -> dict | None:
+    """What `generation.json` records of `--preset`: its name and the overrides of it that applied."""
+    return {"name": args.preset, "overrides": preset_overrides(args.preset, args.overrides)} if args.preset else None
 
 
 class Drawn(NamedTuple):
-    """A story drawn: what `generation.json` records. `targets`: the shots drawn; `kept`: those read back."""
+    """A story drawn: what `generation.json` records. `targets`: the shots drawn; `kept`: those read back;
+    `preset`: `_preset_record`."""
 
     story: Story
     cfg: Config
@@ -220,7 +228,7 @@ class Drawn(NamedTuple):
     targets: list[int]
     kept: list[int]
     size: tuple[int, int]
-    preset: str | None
+    preset: dict | None
 
 
 def _write_storyboard(out: Path, drawn: Drawn, previous: dict | None) -> tuple[dict, Path]:
@@ -241,12 +249,12 @@ def _write_storyboard(out: Path, drawn: Drawn, previous: dict | None) -> tuple[d
     return _record(drawn, takes), sheet
 
 
-def _earlier_takes(out: Path, targets: list[int], size: tuple[int, int]) -> torch.Tensor | None:
-    """The current images of the shots a re-roll draws again (the kept shots' context in the shot stream), or
-    None when one is missing (a re-roll killed before it wrote them)."""
-    if not all((out / shot_file(n)).is_file() for n in targets):
+def _earlier_takes(out: Path, record: dict, targets: list[int], size: tuple[int, int]) -> torch.Tensor | None:
+    """The takes `record` lists of the shots a re-roll draws again (the kept shots' context in the shot stream;
+    `recorded_take`: also after a re-roll killed before its record), or None when one is missing."""
+    if not all(recorded_take(out, record, n).is_file() for n in targets):
         return None
-    return load_kept_shots(out, targets, size)
+    return load_kept_shots(out, targets, size, record)
 
 
 def _targets(story: Story, regenerate: list[int] | None) -> list[int]:
@@ -297,6 +305,14 @@ def _record(drawn: Drawn, takes: dict[int, int]) -> dict:
         ],
         "references": [{**asdict(ref), "image": str(ref.image)} for ref in story.references],
         "timings": {"steps_s": result.step_seconds, "total_s": result.total_seconds},
-        "preset": {"name": preset, "overrides": preset_overrides(preset)} if preset else None,
-        "config": OmegaConf.to_container(OmegaConf.structured(drawn.cfg), resolve=True),
+        "preset": preset,
+        "config": OmegaConf.to_container(OmegaConf.structured(_config_that_ran(drawn)), resolve=True),
     }
+
+
+def _config_that_ran(drawn: Drawn) -> Config:
+    """`drawn.cfg` with the seed and steps the storyboard was drawn with (`--seed`, a re-roll's, a story's take
+    precedence over `inference`'s), so that the recorded config draws it again."""
+    result = drawn.result
+    inference = replace(drawn.cfg.inference, seed=result.seed, steps=len(result.step_seconds))
+    return replace(drawn.cfg, inference=inference)

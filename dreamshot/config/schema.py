@@ -347,7 +347,7 @@ class InferenceConfig:
 
     # Sampler steps (Wan uses 50).
     steps: int = 50
-    # unipc (Wan's default flow-matching solver) | euler.
+    # unipc (Wan's default flow-matching solver) | euler (on the same sigmas as unipc).
     scheduler: str = "unipc"
     # The sampler's timestep shift (Wan: 3.0 at 480p, 5.0 at 720p); training's shift is `diffusion.shift`.
     shift: float = 3.0

@@ -15,7 +15,8 @@ past the new story's and its takes are removed. A re-roll keeps shots of the sto
 re-rolls (`rerolling`: `mark_rerolling`), and its own record, written last, drops the mark: a re-roll killed in
 between leaves shot files that are not the takes the record lists (moved to `takes/`, or an unrecorded new take),
 and the mark says so, to `storyboard_shots` (which refuses the folder) and to the next re-roll (which must re-roll
-those shots too). Every file is written atomically.
+those shots too, and takes their recorded takes from `takes/` as the kept shots' context: `recorded_take`). Every
+file is written atomically.
 """
 
 from __future__ import annotations
@@ -79,11 +80,14 @@ def save_shots(out_dir: Path, indices: list[int], images: torch.Tensor) -> None:
         save_png(to_image(pixels), out_dir / shot_file(index))
 
 
-def load_kept_shots(out_dir: Path, indices: list[int], size: tuple[int, int]) -> torch.Tensor:
-    """The shot files of `indices` as (len(indices), 3, H, W) in [-1, 1]; each must be `size` (H, W) already."""
+def load_kept_shots(
+    out_dir: Path, indices: list[int], size: tuple[int, int], record: dict | None = None
+) -> torch.Tensor:
+    """The shot files of `indices` as (len(indices), 3, H, W) in [-1, 1]; each must be `size` (H, W) already.
+    With `record`, the takes it lists (`recorded_take`)."""
     shots = []
     for index in indices:
-        path = out_dir / shot_file(index)
+        path = out_dir / shot_file(index) if record is None else recorded_take(out_dir, record, index)
         if not path.is_file():
             raise DataError(f"{path}: kept shot {index} not found (--regenerate needs the folder of an earlier run)")
         with Image.open(path) as image:
@@ -106,6 +110,17 @@ def shot_takes(record: dict | None, count: int) -> dict[int, int]:
         if isinstance(shot, dict) and shot.get("index") in takes:
             takes[shot["index"]] = int(shot.get("take", 1))
     return takes
+
+
+def recorded_take(out_dir: Path, record: dict, index: int) -> Path:
+    """The file of the take of shot `index` that the folder's `record` lists: its shot file, unless a re-roll killed
+    before its record (`mark_rerolling`) had moved that take to takes/ already (the shot file is then that re-roll's
+    unrecorded take, or missing). A re-roll run again after a kill so encodes the kept shots as the killed one did."""
+    if index in record.get(REROLLING_KEY, []):
+        moved = out_dir / TAKES_DIR / take_file(index, shot_takes(record, len(record["shots"]))[index])
+        if moved.is_file():
+            return moved
+    return out_dir / shot_file(index)
 
 
 def keep_earlier_takes(out_dir: Path, indices: list[int], takes: dict[int, int]) -> dict[int, int]:

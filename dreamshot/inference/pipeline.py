@@ -32,6 +32,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from tqdm.auto import tqdm
@@ -154,10 +155,22 @@ class EncodedRequest:
         return torch.full((len(self.shot_positions),), self.texts.shape[1] - 1)
 
 
+class WanEulerScheduler(FlowMatchEulerDiscreteScheduler):
+    """diffusers' flow-matching Euler on the sigmas Wan2.1's UniPC steps through: N steps at
+    linspace(1, 1/1000, N + 1)[:-1], shifted, then 0. diffusers' own grid puts N points from 1 down to its sigma_min,
+    which is shifted already, and shifts them again: its last step starts near zero noise (4 steps at shift 5:
+    1, 0.91, 0.72, 0.024 instead of 1, 0.94, 0.83, 0.63), so a few-step schedule loses a step."""
+
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+        if sigmas is None and timesteps is None and num_inference_steps is not None:
+            sigmas = np.linspace(1, 1 / NUM_TRAIN_TIMESTEPS, num_inference_steps + 1)[:-1]
+        super().set_timesteps(num_inference_steps, device, sigmas, mu, timesteps)
+
+
 def build_scheduler(name: str, shift: float):
-    """Wan's flow-matching sampler: UniPC set up as Wan2.1's shipped scheduler config, or Euler."""
+    """Wan's flow-matching sampler: UniPC set up as Wan2.1's shipped scheduler config, or Euler on its sigmas."""
     if name == "euler":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+        return WanEulerScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
     return UniPCMultistepScheduler(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         prediction_type="flow_prediction",

@@ -1,8 +1,9 @@
 """`dreamshot generate --preset NAME`: a sampler setting measured in benchmarks/sampling.py, as config overrides.
 
 A preset's overrides apply after the run's config (or `--config`) and before the command line's, so
-`--preset fast inference.steps=30` is the fast setting at 30 steps. `generation.json` records the preset and the
-`inference` settings it resolved to.
+`--preset fast inference.steps=30` is the fast setting at 30 steps. A command line that picks the cache hook itself
+(`--preset fast inference.cache=none`) drops the preset's cache options, which are options of the preset's hook.
+`generation.json` records the preset's overrides that applied and the `inference` settings they resolved to.
 
 - `exact`: the exact sampler, whatever the run's config sets for the opt-in approximations: guidance on every
   step, no cache hook. (Its exact savings — the text keys and values once per storyboard, the LoRA folded into the
@@ -14,7 +15,11 @@ A preset's overrides apply after the run's config (or `--config`) and before the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dreamshot.utils.errors import ConfigError
+
+CACHE_KEY, CACHE_OPTIONS_KEY = "inference.cache", "inference.cache_options"
 
 PRESETS = {
     "exact": ["inference.cache=none", "inference.cache_options={}", "inference.guidance_fraction=1.0"],
@@ -26,8 +31,15 @@ PRESETS = {
 }
 
 
-def preset_overrides(name: str) -> list[str]:
-    """The config overrides of preset `name` (ConfigError naming `--preset` for an unknown one)."""
+def preset_overrides(name: str, command_line: Sequence[str] = ()) -> list[str]:
+    """The config overrides of preset `name` (ConfigError naming `--preset` for an unknown one) that apply before
+    the `command_line` overrides: all of them, less the cache options when the command line sets the cache hook."""
     if name not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {name!r} (presets: {', '.join(PRESETS)})")
-    return list(PRESETS[name])
+    if CACHE_KEY not in {_key(item) for item in command_line}:
+        return list(PRESETS[name])
+    return [item for item in PRESETS[name] if _key(item) != CACHE_OPTIONS_KEY]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0]

@@ -85,16 +85,16 @@ def load_story(path: str | os.PathLike) -> Story:
     root = path.absolute().parent
     where.reject_unknown(body, _TOP_FIELDS)
     references = [
-        StoryRole(where.identifier(item, "role", at), _image(item, root, where, at), where.get(item, "prompt", str, at))
+        StoryRole(where.identifier(item, "role", at), _image(item, root, where, at), _text(item, "prompt", where, at))
         for at, item in _objects(body, "references", _REFERENCE_FIELDS, where)
     ]
     where.reject_duplicates([ref.role for ref in references], "references", "role")
     previous = [
-        StoryShot(where.get(item, "annotation", str, at), _image(item, root, where, at))
+        StoryShot(_text(item, "annotation", where, at), _image(item, root, where, at))
         for at, item in _objects(body, "previous_shots", _PREVIOUS_FIELDS, where)
     ]
     shots = [
-        StoryShot(where.get(item, "annotation", str, at)) for at, item in _objects(body, "shots", _SHOT_FIELDS, where)
+        StoryShot(_text(item, "annotation", where, at)) for at, item in _objects(body, "shots", _SHOT_FIELDS, where)
     ]
     if not shots:
         raise where.error("shots", "a story needs at least one shot to draw")
@@ -224,6 +224,15 @@ def _objects(body: dict[str, Any], key: str, known: tuple[str, ...], where: Wher
 
 def _image(item: dict[str, Any], root: Path, where: Where, at: str) -> Path:
     return where.existing_file(where.get(item, "image", str, at), root, f"{at}.image")
+
+
+def _text(item: dict[str, Any], key: str, where: Where, at: str) -> str:
+    """A prompt or annotation. A blank one is a slip: the frame would be drawn from no text (and with the default,
+    empty negative prompt its text guidance would vanish: v_c = v_r)."""
+    value = where.get(item, key, str, at)
+    if not value.strip():
+        raise where.error(f"{at}.{key}", "must not be blank")
+    return value
 
 
 def _integer(body: dict[str, Any], key: str, minimum: int, where: Where, maximum: int = INT64_MAX) -> int | None:
