@@ -316,6 +316,25 @@ def test_make_help_lists_every_target():
     assert sorted(targets - described) == []
 
 
+def make_recipe(target: str) -> list[str]:
+    """The command lines of a Makefile target's recipe."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    (recipe,) = re.findall(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", makefile, flags=re.M)
+    return [line.strip() for line in recipe.splitlines()]
+
+
+def test_make_demo_scores_into_a_folder_the_report_reads_as_the_runs(tmp_path):
+    """The README: `make demo` scores the toy benchmark into its run's `eval/`, where `dreamshot report` reads a run's
+    evaluations (one folder per evaluation below `eval/`, as `make sweep`'s `--eval` writes them)."""
+    from dreamshot.report.runs import _results_files
+
+    (line,) = [line for line in make_recipe("demo") if "dreamshot eval" in line]
+    run, out = (tmp_path / re.search(rf"{flag} (\S+)", line)[1] for flag in ("--run", "--out"))
+    (out / "results.json").parent.mkdir(parents=True)
+    (out / "results.json").write_text("{}", encoding="utf-8")
+    assert _results_files(run) == [out / "results.json"]
+
+
 def test_every_make_call_in_the_docs_exists():
     targets, variables = makefile_names()
     wrong = [
