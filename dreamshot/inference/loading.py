@@ -161,7 +161,7 @@ def check_sampling(cfg: Config, steps: int | None = None) -> LoraWeights | None:
 
 def check_steps(settings: InferenceConfig, steps: int, where: str) -> None:
     """Refuse a step count whose UniPC schedule repeats a timestep, before a model is built: diffusers' UniPC
-    rounds its timesteps to integers, under a flow shift the first ones crowd below 1000 (at shift 3 from 340
+    rounds its timesteps to integers, under a flow shift the first ones crowd below 1000 (at shift 3 from 334
     steps), and it stops on a repeated one with an AssertionError mid-sampling. Euler's timesteps stay apart."""
     if settings.scheduler != "unipc":
         return
