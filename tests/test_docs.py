@@ -2,11 +2,16 @@
 - every dotted key in a code span or block whose first part is a section of the run `Config` (`trainer.max_steps`,
   `curriculum.0.steps`, `logger.*`) is a field of the schema, and one of a `dreamshot prepare` section
   (`shots.threshold`) a field of `PrepareConfig`; so is every key the package's messages and help texts name;
-- every option of a `dreamshot <command>` line is an option of that command's parser, and every `make` line names a
-  Makefile target and variables the Makefile (or the script it runs) reads;
+- every `dreamshot <command>` line names a subcommand and only options of its parser, every `python benchmarks/x.py` /
+  `python -m dreamshot.module` line only options that script declares, every `group=option` (`trainer=gpu`) a file
+  of conf/, and every `make` line a Makefile target and variables the Makefile (or the script it runs) reads; `make
+  help` describes every target, and `make demo` scores where `dreamshot report` reads a run's evaluations;
 - every relative link resolves (file, and heading or `<a id>` anchor), every repository path and `tests/x.py::test`
   exists, every experiment named as one is in experiments/;
-- the lists the README gives in full stay full (the resume-safe keys, the experiments) and its counts true."""
+- the lists the docs give in full stay full (the resume-safe keys, the experiments, the config group options,
+  docs/prepare.md's settings with their defaults) and their counts true;
+- the figures the docs quote from `dreamshot plan` (per-GPU memory, longest storyboards, context-parallel traffic)
+  are what it prints."""
 
 from __future__ import annotations
 
@@ -466,6 +471,57 @@ def test_the_readme_experiment_table_names_every_shipped_experiment():
     assert sorted(unnamed) == []
     twins = {name for name in table if f"toy_{name}" in EXPERIMENTS}
     assert twins >= {name for name in table - {"smoke", "demo", "toy_*"} if not name.startswith("toy_")}
+
+
+# --- config group options ----------------------------------------------------------------------------------------
+
+CONF_GROUPS = sorted(path.name for path in (ROOT / "conf").iterdir() if path.is_dir())
+# `trainer=gpu`, `model=wan14b`: a base group option chosen on the command line (not `trainer.devices=8`).
+GROUP_OPTION = re.compile(rf"(?<![\w.$-])({'|'.join(CONF_GROUPS)})=([\w.-]+)")
+
+
+def missing_group_options(text: str) -> list[str]:
+    """`group=option` choices in the code of `text` that conf/ has no `<group>/<option>.yaml` for."""
+    return [
+        f"{group}={option}"
+        for span in code_spans(text)
+        for group, option in GROUP_OPTION.findall(span)
+        if not (ROOT / "conf" / group / f"{option}.yaml").is_file()
+    ]
+
+
+def readme_group_options(readme: str) -> dict[str, set[str]]:
+    """The options the README's config section lists per base group: "`model` (`tiny`, `wan1_3b`, `wan14b`), ..."."""
+    listing = readme.split("one option per base group in `conf/`", 1)[1].split("chosen by", 1)[0]
+    return {
+        group: set(re.findall(r"`(\w+)`", options))
+        for group, options in re.findall(rf"`({'|'.join(CONF_GROUPS)})` \(([^()]*)\)", listing)
+    }
+
+
+def test_the_group_option_check_finds_an_option_conf_lacks():
+    text = "`trainer=gpu`, `trainer=zero2`, `trainer.devices=8`\n```\ndreamshot train dreamshot model=wan13b\n```\n"
+    assert missing_group_options(text) == ["model=wan13b", "trainer=zero2"]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(doc.relative_to(ROOT)) for doc in DOCS])
+def test_every_group_option_in_the_docs_exists(doc):
+    assert missing_group_options(doc.read_text(encoding="utf-8")) == []
+
+
+def shipped_group_options() -> dict[str, set[str]]:
+    return {group: {path.stem for path in (ROOT / "conf" / group).glob("*.yaml")} for group in CONF_GROUPS}
+
+
+def test_the_readme_lists_every_config_group_option():
+    assert readme_group_options((ROOT / "README.md").read_text(encoding="utf-8")) == shipped_group_options()
+
+
+def test_the_multinode_preset_table_lists_every_trainer_option():
+    doc = (ROOT / "docs" / "multinode.md").read_text(encoding="utf-8")
+    (table,) = [t for t in markdown_tables(doc) if t and "`trainer=`" in t[0]]
+    listed = {re.match(r"`(\w+)`", row["`trainer=`"])[1] for row in table}
+    assert listed == shipped_group_options()["trainer"]
 
 
 # --- lists and counts the README gives ---------------------------------------------------------------------------
