@@ -26,7 +26,7 @@ setup: $(STAMP) ## Create .venv and install DreamShot (skipped when pyproject.to
 demo: $(STAMP) ## Tiny Wan on the toy world, CPU: train a LoRA (loss trend), draw a storyboard, score the toy benchmark
 	$(BIN)/dreamshot train demo $(ARGS)
 	$(BIN)/dreamshot generate examples/story.yaml --run outputs/demo --out outputs/demo/storyboard
-	$(BIN)/dreamshot eval toy --run outputs/demo --out outputs/demo/eval --redraw
+	$(BIN)/dreamshot eval toy --run outputs/demo --out outputs/demo/eval/toy-r2s --redraw
 
 train: $(STAMP) ## Train an experiment: make train EXP=smoke ARGS='trainer.max_steps=10'
 	$(BIN)/dreamshot train $(EXP) $(ARGS)

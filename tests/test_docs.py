@@ -2,17 +2,26 @@
 - every dotted key in a code span or block whose first part is a section of the run `Config` (`trainer.max_steps`,
   `curriculum.0.steps`, `logger.*`) is a field of the schema, and one of a `dreamshot prepare` section
   (`shots.threshold`) a field of `PrepareConfig`; so is every key the package's messages and help texts name;
-- every option of a `dreamshot <command>` line is an option of that command's parser, and every `make` line names a
-  Makefile target and variables the Makefile (or the script it runs) reads;
+- every `dreamshot <command>` line names a subcommand and only options of its parser, every `python benchmarks/x.py` /
+  `python -m dreamshot.module` line only options that script declares, every `group=option` (`trainer=gpu`) a file
+  of conf/, and every `make` line a Makefile target and variables the Makefile (or the script it runs) reads; `make
+  help` describes every target, and `make demo` scores where `dreamshot report` reads a run's evaluations;
 - every relative link resolves (file, and heading or `<a id>` anchor), every repository path and `tests/x.py::test`
   exists, every experiment named as one is in experiments/;
-- the lists the README gives in full stay full (the resume-safe keys, the experiments) and its counts true."""
+- the lists the docs give in full stay full (the resume-safe keys, the experiments, the config group options,
+  docs/prepare.md's settings with their defaults) and their counts true;
+- the figures the docs quote from `dreamshot plan` (per-GPU memory, longest storyboards, context-parallel traffic)
+  are what it prints."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
+import functools
+import io
 import re
+import shlex
 import types
 import typing
 from pathlib import Path
@@ -166,13 +175,43 @@ MAKE_LINE = re.compile(r"\bmake ([a-z][\w-]*)((?:(?!\bdreamshot\b|\bmake\b)[^\n#
 MAKE_VARIABLE = re.compile(r"(?<![\w.-])([A-Z][A-Z0-9_]*)=")
 
 
+def command_lines(text: str) -> list[tuple[str, str]]:
+    """(command, the rest of its line) of every `dreamshot` command line in the code of `text`."""
+    return [line for span in code_spans(text) for line in COMMAND_LINE.findall(span.replace("\\\n", " "))]
+
+
 def command_options(text: str) -> list[tuple[str, str]]:
     """(command, option) of every option written on a `dreamshot` command line in the code of `text`."""
+    return [(command, option) for command, rest in command_lines(text) for option in OPTION.findall(rest)]
+
+
+# `python benchmarks/x.py ...` or `python -m dreamshot.some.module ...` (not the CLI: COMMAND_LINE reads that).
+SCRIPT_LINE = re.compile(
+    r"\bpython (?:-m )?(benchmarks/\w+\.py|dreamshot(?:\.(?!cli\b)\w+)+)((?:(?!\bpython\b|\bmake\b)[^\n#])*)"
+)
+
+
+def script_options(text: str) -> list[tuple[str, str]]:
+    """(script file, option) of every option written on a `python benchmarks/...` or `python -m dreamshot....`
+    line in the code of `text`."""
     found = []
     for span in code_spans(text):
-        for command, rest in COMMAND_LINE.findall(span.replace("\\\n", " ")):
-            found += [(command, option) for option in OPTION.findall(rest)]
+        for script, rest in SCRIPT_LINE.findall(span.replace("\\\n", " ")):
+            path = script if script.endswith(".py") else script.replace(".", "/") + ".py"
+            found += [(path, option) for option in OPTION.findall(rest)]
     return found
+
+
+def declared_options(script: Path) -> set[str]:
+    """The option strings a script's own `add_argument` calls declare (read from its source: running a benchmark's
+    `--help` imports torch; a helper it calls from elsewhere, `add_experiment_arguments`, adds positionals only)."""
+    return {
+        arg.value
+        for node in ast.walk(ast.parse(script.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument"
+        for arg in node.args
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("--")
+    }
 
 
 def make_calls(text: str) -> list[tuple[str, list[str]]]:
@@ -231,6 +270,74 @@ def test_every_command_option_in_the_docs_exists():
         if command in options and option not in options[command]
     ]
     assert wrong == []
+
+
+def test_the_command_check_finds_a_command_and_a_script_option_that_do_not_exist():
+    from dreamshot.cli import COMMANDS
+
+    text = (
+        "`dreamshot evaluate toy --run outputs/demo` and `dreamshot plan dreamshot`;\n"
+        "```\nOMP_NUM_THREADS=1 python benchmarks/peers.py --steps 20 --sampel-calls 6  # --not-this\n"
+        "python -m dreamshot.report.sweep toy_reproduction --eval toy\n```\n"
+    )
+    assert [command for command, _ in command_lines(text) if command not in COMMANDS] == ["evaluate"]
+    assert script_options(text) == [
+        ("benchmarks/peers.py", "--steps"),
+        ("benchmarks/peers.py", "--sampel-calls"),
+        ("dreamshot/report/sweep.py", "--eval"),
+    ]
+    wrong = [option for script, option in script_options(text) if option not in declared_options(ROOT / script)]
+    assert wrong == ["--sampel-calls"]
+
+
+def test_every_command_in_the_docs_exists():
+    from dreamshot.cli import COMMANDS
+
+    wrong = [
+        f"{doc.relative_to(ROOT)}: dreamshot {command}"
+        for doc in DOCS
+        for command, _ in command_lines(doc.read_text(encoding="utf-8"))
+        if command not in COMMANDS
+    ]
+    assert wrong == []
+
+
+def test_every_script_option_in_the_docs_exists():
+    """`python benchmarks/x.py --flag` and `python -m dreamshot.module --flag`: the script declares the flag."""
+    wrong = [
+        f"{doc.relative_to(ROOT)}: python {script} {option}"
+        for doc in DOCS
+        for script, option in script_options(doc.read_text(encoding="utf-8"))
+        if not (ROOT / script).exists() or option not in declared_options(ROOT / script)
+    ]
+    assert wrong == []
+
+
+def test_make_help_lists_every_target():
+    """The README says `make help` lists every target: it prints the targets with a `## ` description."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    targets, _ = makefile_names()
+    described = set(re.findall(r"^([a-z][\w-]*):.*## ", makefile, flags=re.M))
+    assert sorted(targets - described) == []
+
+
+def make_recipe(target: str) -> list[str]:
+    """The command lines of a Makefile target's recipe."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    (recipe,) = re.findall(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", makefile, flags=re.M)
+    return [line.strip() for line in recipe.splitlines()]
+
+
+def test_make_demo_scores_into_a_folder_the_report_reads_as_the_runs(tmp_path):
+    """The README: `make demo` scores the toy benchmark into its run's `eval/`, where `dreamshot report` reads a run's
+    evaluations (one folder per evaluation below `eval/`, as `make sweep`'s `--eval` writes them)."""
+    from dreamshot.report.runs import _results_files
+
+    (line,) = [line for line in make_recipe("demo") if "dreamshot eval" in line]
+    run, out = (tmp_path / re.search(rf"{flag} (\S+)", line)[1] for flag in ("--run", "--out"))
+    (out / "results.json").parent.mkdir(parents=True)
+    (out / "results.json").write_text("{}", encoding="utf-8")
+    assert _results_files(run) == [out / "results.json"]
 
 
 def test_every_make_call_in_the_docs_exists():
@@ -366,6 +473,57 @@ def test_the_readme_experiment_table_names_every_shipped_experiment():
     assert twins >= {name for name in table - {"smoke", "demo", "toy_*"} if not name.startswith("toy_")}
 
 
+# --- config group options ----------------------------------------------------------------------------------------
+
+CONF_GROUPS = sorted(path.name for path in (ROOT / "conf").iterdir() if path.is_dir())
+# `trainer=gpu`, `model=wan14b`: a base group option chosen on the command line (not `trainer.devices=8`).
+GROUP_OPTION = re.compile(rf"(?<![\w.$-])({'|'.join(CONF_GROUPS)})=([\w.-]+)")
+
+
+def missing_group_options(text: str) -> list[str]:
+    """`group=option` choices in the code of `text` that conf/ has no `<group>/<option>.yaml` for."""
+    return [
+        f"{group}={option}"
+        for span in code_spans(text)
+        for group, option in GROUP_OPTION.findall(span)
+        if not (ROOT / "conf" / group / f"{option}.yaml").is_file()
+    ]
+
+
+def readme_group_options(readme: str) -> dict[str, set[str]]:
+    """The options the README's config section lists per base group: "`model` (`tiny`, `wan1_3b`, `wan14b`), ..."."""
+    listing = readme.split("one option per base group in `conf/`", 1)[1].split("chosen by", 1)[0]
+    return {
+        group: set(re.findall(r"`(\w+)`", options))
+        for group, options in re.findall(rf"`({'|'.join(CONF_GROUPS)})` \(([^()]*)\)", listing)
+    }
+
+
+def test_the_group_option_check_finds_an_option_conf_lacks():
+    text = "`trainer=gpu`, `trainer=zero2`, `trainer.devices=8`\n```\ndreamshot train dreamshot model=wan13b\n```\n"
+    assert missing_group_options(text) == ["model=wan13b", "trainer=zero2"]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(doc.relative_to(ROOT)) for doc in DOCS])
+def test_every_group_option_in_the_docs_exists(doc):
+    assert missing_group_options(doc.read_text(encoding="utf-8")) == []
+
+
+def shipped_group_options() -> dict[str, set[str]]:
+    return {group: {path.stem for path in (ROOT / "conf" / group).glob("*.yaml")} for group in CONF_GROUPS}
+
+
+def test_the_readme_lists_every_config_group_option():
+    assert readme_group_options((ROOT / "README.md").read_text(encoding="utf-8")) == shipped_group_options()
+
+
+def test_the_multinode_preset_table_lists_every_trainer_option():
+    doc = (ROOT / "docs" / "multinode.md").read_text(encoding="utf-8")
+    (table,) = [t for t in markdown_tables(doc) if t and "`trainer=`" in t[0]]
+    listed = {re.match(r"`(\w+)`", row["`trainer=`"])[1] for row in table}
+    assert listed == shipped_group_options()["trainer"]
+
+
 # --- lists and counts the README gives ---------------------------------------------------------------------------
 
 
@@ -383,6 +541,176 @@ def test_the_readme_fault_corpus_count_holds():
         r"holds a corpus of over (\d+) malformed inputs", (ROOT / "README.md").read_text(encoding="utf-8")
     )
     assert int(claim) <= len(cases)
+
+
+# --- figures the docs quote from `dreamshot plan` ---------------------------------------------------------------
+
+
+@functools.cache
+def plan_output(command: str) -> str:
+    """What a `dreamshot plan ...` command line prints."""
+    from dreamshot.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(shlex.split(command)[1:]) == 0
+    return printed.getvalue()
+
+
+def plan_memory(out: str) -> list[float]:
+    """Per planned phase, the GiB per GPU of the first (checkpointing) column of its memory table."""
+    return [float(re.search(r"^  total +([\d.]+)", part, flags=re.M)[1]) for part in out.split("Memory per GPU")[1:]]
+
+
+def plan_figure(out: str, pattern: str) -> float:
+    """The number `pattern`'s group reads from the plan (the figure of its first match)."""
+    return float(re.search(pattern, out, flags=re.M)[1])
+
+
+PLAN_LONGEST = r"^Longest storyboard in [\d.]+ GiB .*: (\d+) shots"
+# The figures written in prose: (doc, pattern of the claim, the plan it quotes, what each of its groups reads).
+PLAN_CLAIMS = [
+    (
+        "README.md",
+        r"predicts ([\d.]+) GiB per GPU in the 192p RACL phase and ([\d.]+) GiB at 480p",
+        "dreamshot plan dreamshot",
+        [lambda out: plan_memory(out)[0], lambda out: plan_memory(out)[1]],
+    ),
+    (
+        "docs/multinode.md",
+        r"plans at ([\d.]+) GiB per GPU on 8 GPUs, ([\d.]+) GiB of it umT5's weights",
+        "dreamshot plan dreamshot",
+        [lambda out: plan_memory(out)[1], lambda out: plan_figure(out, r"^  umT5 weights +([\d.]+)")],
+    ),
+    (
+        "docs/multinode.md",
+        r"plans at ([\d.]+) GiB per GPU for 30 shots\s+\+ 4 references \(53,040 tokens\)"
+        r" and fits no more than (\d+) shots",
+        "dreamshot plan dreamshot --phase 2 --refs 4 --shots 30",
+        [lambda out: plan_memory(out)[0], lambda out: plan_figure(out, PLAN_LONGEST)],
+    ),
+    (
+        "docs/multinode.md",
+        r"about ([\d.]+) GiB per GPU for 14B, 30 shots \+ 4 references at CP 4",
+        "dreamshot plan dreamshot --phase 2 --refs 4 --shots 30 --context-parallel 4 "
+        "trainer.context_parallel.attention=ring",
+        [lambda out: plan_figure(out, r"^  ring attention kept +([\d.]+)")],
+    ),
+    (
+        "docs/multinode.md",
+        r"The 1.3B model fits\s+(\d+) shots without CP",
+        "dreamshot plan dreamshot --phase 2 --refs 4 model=wan1_3b",
+        [lambda out: plan_figure(out, PLAN_LONGEST)],
+    ),
+]
+
+
+def plan_claim_mismatches(text: str, pattern: str, command: str, reads: list) -> list[str]:
+    (claim,) = re.findall(pattern, text)
+    shown = [claim] if isinstance(claim, str) else list(claim)
+    out = plan_output(command)
+    return [f"{s} (plan: {read(out)})" for s, read in zip(shown, reads, strict=True) if not agrees(s, read(out))]
+
+
+def context_parallel_table_mismatches(doc: str) -> list[str]:
+    """docs/multinode.md's degree table against the plan command written above it, at each degree."""
+    (command,) = re.findall(r"`(dreamshot plan [^`]*--shots S --context-parallel N)`", doc)
+    (table,) = [t for t in markdown_tables(doc) if t and "14B, 480p, 4 references" in t[0]]
+    rows = {row["14B, 480p, 4 references"].split(",")[0].split(" (")[0]: row for row in table}
+    wrong = []
+    for column in [name for name in table[0] if name.startswith("CP ")]:
+        degree = column.removeprefix("CP ")
+        out = plan_output(
+            command.replace("--shots S", "--shots 30").replace("--context-parallel N", f"--context-parallel {degree}")
+        )
+        cells = {
+            "per GPU": (rows["per GPU"][column], [plan_memory(out)[0]]),
+            "longest storyboard in 80 GiB": (
+                rows["longest storyboard in 80 GiB"][column],
+                [plan_figure(out, PLAN_LONGEST)],
+            ),
+        }
+        if column != "CP 1":  # one GPU per storyboard sends nothing
+            traffic = re.search(r"^  ulysses attention .*? ([\d.]+) +([\d.]+)$", out, flags=re.M)
+            cells["Ulysses traffic per GPU step"] = (
+                rows["Ulysses traffic per GPU step"][column],
+                [float(traffic[1]), float(traffic[2])],
+            )
+        for row, (cell, values) in cells.items():
+            shown = NUMBER.findall(cell.replace(",", ""))
+            if len(shown) != len(values) or not all(map(agrees, shown, values)):
+                wrong.append(f"{row} / {column}: {cell} (plan: {values})")
+    return wrong
+
+
+@pytest.mark.parametrize(
+    "doc, pattern, command, reads", PLAN_CLAIMS, ids=[f"{claim[0]}-{i}" for i, claim in enumerate(PLAN_CLAIMS)]
+)
+def test_every_planner_figure_in_the_docs_is_what_plan_prints(doc, pattern, command, reads):
+    assert plan_claim_mismatches((ROOT / doc).read_text(encoding="utf-8"), pattern, command, reads) == []
+
+
+def test_the_context_parallel_table_is_what_plan_prints():
+    doc = (ROOT / "docs" / "multinode.md").read_text(encoding="utf-8")
+    assert context_parallel_table_mismatches(doc) == []
+
+
+def test_the_planner_checks_find_a_wrong_figure():
+    doc = (ROOT / "docs" / "multinode.md").read_text(encoding="utf-8")
+    broken = doc.replace("| 77.6 GiB | 59.8 GiB |", "| 77.6 GiB | 58.8 GiB |").replace("| 140 shots |", "| 150 shots |")
+    assert context_parallel_table_mismatches(broken) == [
+        "per GPU / CP 2: 58.8 GiB (plan: [59.822])",
+        "longest storyboard in 80 GiB / CP 4: 150 shots (plan: [140.0])",
+    ]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").replace("predicts 44.1 GiB", "predicts 41.1 GiB")
+    assert plan_claim_mismatches(readme, *PLAN_CLAIMS[0][1:]) == ["41.1 (plan: 44.092)"]
+
+
+# --- docs/prepare.md's settings table against PrepareConfig --------------------------------------------------------
+
+
+def schema_defaults(root: type, prefix: str = "") -> dict[str, typing.Any]:
+    """Every scalar setting of a config dataclass, `section.key` -> its default."""
+    defaults = {}
+    for spec in dataclasses.fields(root):
+        value = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+        if dataclasses.is_dataclass(value):
+            defaults |= schema_defaults(type(value), f"{prefix}{spec.name}.")
+        else:
+            defaults[f"{prefix}{spec.name}"] = value
+    return defaults
+
+
+def settings_table_mismatches(doc: str, root: type) -> list[str]:
+    """Rows of the doc's `| setting | default | meaning |` table whose default is not the schema's, and the settings
+    of `root` that neither it nor another table's `setting` column names (the Backends table lists the choices)."""
+    tables = [table for table in markdown_tables(doc) if table and "setting" in table[0]]
+    (settings,) = [table for table in tables if "default" in table[0]]
+    defaults = schema_defaults(root)
+    wrong = []
+    for row in settings:
+        key, shown = row["setting"].strip("`"), row["default"].strip("`")
+        if key not in defaults or yaml.safe_load(shown) != defaults[key]:
+            wrong.append(f"{key}: {shown} (schema: {defaults.get(key, 'no such setting')})")
+    named = {row["setting"].strip("`") for table in tables for row in table}
+    return wrong + [f"{key}: not in the tables" for key in defaults if key not in named]
+
+
+def test_the_settings_table_check_finds_a_wrong_default_and_a_missing_setting():
+    doc = (ROOT / "docs" / "prepare.md").read_text(encoding="utf-8")
+    assert settings_table_mismatches(doc, PrepareConfig) == []
+    broken = doc.replace("| `grouping.window` | 8 |", "| `grouping.window` | 6 |")
+    broken = re.sub(r"^\| `vlm\.timeout_s` .*\n", "", broken, flags=re.M)
+    assert settings_table_mismatches(broken, PrepareConfig) == [
+        "grouping.window: 6 (schema: 8)",
+        "vlm.timeout_s: not in the tables",
+    ]
+
+
+def test_the_prepare_settings_table_is_the_config():
+    """docs/prepare.md gives "every setting, its default and its unit": each default is PrepareConfig's."""
+    doc = (ROOT / "docs" / "prepare.md").read_text(encoding="utf-8")
+    assert settings_table_mismatches(doc, PrepareConfig) == []
 
 
 # --- the README's toy reproduction table against the report it cites ----------------------------------------------

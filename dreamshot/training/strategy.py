@@ -8,7 +8,8 @@ default on GPUs, ZeRO-3 available; DDP for GPUs or CPUs).
   VAE gets its float32 weights back (`LoraDeepSpeedStrategy.setup`), as sampling and the latent cache encode. The
   batch reaches the training step as stored (`BatchAsStoredPrecision`), as under DDP.
 - `ddp`: one process per device, started by re-running the command (`torchrun` and SLURM start them
-  themselves); `ddp_spawn` forks them from the running process instead (notebooks).
+  themselves); `ddp_spawn` starts them from the running process instead (multiprocessing's `spawn`, for a run
+  called from Python; Lightning refuses it in a Jupyter notebook).
 - `auto`: Lightning's choice (one device: no strategy).
 The names and the rules they must obey (DeepSpeed needs CUDA GPUs) are checked when the config loads
 (`config/schema.py`).
