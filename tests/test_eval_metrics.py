@@ -174,6 +174,26 @@ def test_identity_metric_assigns_by_hungarian_and_averages_over_all_characters(t
     assert values["cids_self"].item() == pytest.approx((1 + half + 0) / 3)
 
 
+def test_a_character_listed_only_in_unscored_shots_is_not_in_the_cids_mean(tmp_path):
+    """In s2s the given shots are not scored: cy, listed only in the given shot 1, was never asked of the drawn
+    shots 2 and 3, so its 0 stays out of the story mean; a character listed in no shot at all stays in it (as in
+    ViStoryBench, which means over every character)."""
+    table = {RED: unit(1, 0, 0), BLUE: unit(0, 1, 0), GREEN: unit(0, 0, 1)}
+    base = _story(tmp_path)
+    given = BenchShot(1, "shot 1", "s", "c", "a", ("cy",))
+    drawn = tuple(BenchShot(i, f"shot {i}", "s", "c", "a", ("ana", "bo")) for i in (2, 3))
+    story = BenchStory("s1", base.characters, (given, *drawn))
+    shots = {i: Image.open(_image(tmp_path / f"s{i}.png", RED, BLUE)).convert("RGB") for i in (2, 3)}
+    matcher = CharacterMatcher(GivenCrops(), {"general": TableEncoder(table)})
+    metric = IdentityMetric(matcher)
+    metric.update(StorySample(story, shots))
+    assert metric.compute()["cids_cross"].item() == pytest.approx(1.0)  # ana and bo, each found as itself
+    listed_nowhere = BenchStory("s1", base.characters, drawn)
+    metric = IdentityMetric(matcher)
+    metric.update(StorySample(listed_nowhere, shots))
+    assert metric.compute()["cids_cross"].item() == pytest.approx(2 / 3)
+
+
 def test_a_character_whose_references_give_no_feature_leaves_the_story_out_of_cids(tmp_path, caplog):
     # A face character with no face in any reference: the published code's assertion fails, the story is skipped.
     table = {RED: unit(1, 0, 0), BLUE: torch.zeros(3), GREEN: unit(0, 0, 1)}

@@ -121,7 +121,8 @@ def finite_values(story: str, values: dict[str, float]) -> dict[str, float]:
 
 class IdentityMetric(StoryMetric):
     """CIDS (`prefix` "cids"; "toy_identity" for the toy proxy): `<prefix>_cross` and `<prefix>_self`, the
-    story means over ALL its characters (one never found scores 0 and stays in the mean). A story with a
+    story means over ALL its characters (one never found scores 0 and stays in the mean; `scored_characters`:
+    one listed only in unscored shots, an s2s story's given ones, is not among them). A story with a
     character whose references give no feature has no value (ViStoryBench's CIDS fails on it)."""
 
     why_absent = "every story has a character whose references give no feature (see the warnings)"
@@ -135,12 +136,22 @@ class IdentityMetric(StoryMetric):
         if found.unusable:
             return {}
         scores = []
-        for key in sample.story.characters:
+        for key in scored_characters(sample):
             matched = [m.feature for m in found.matches[key]]
             features = torch.stack(matched) if matched else torch.zeros(0, 0)
             scores.append(character_identity(features, found.references[key]))
         story = story_identity(scores)
         return dict(zip(self.names, (story.cross, story.self), strict=True))
+
+
+def scored_characters(sample: StorySample) -> list[str]:
+    """The story's characters a CIDS mean is over: all of them (one listed in no shot too, as in ViStoryBench),
+    except those listed only in shots that are not scored (an s2s story's given shots): the drawn shots were never
+    asked to show them, so their 0 would measure the story's split, not the model."""
+    story = sample.story
+    listed = {key for shot in story.shots for key in shot.characters}
+    in_scored = {key for shot in story.shots if shot.index in sample.shots for key in shot.characters}
+    return [key for key in story.characters if key in in_scored or key not in listed]
 
 
 class StyleMetric(StoryMetric):
