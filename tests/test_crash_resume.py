@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreamshot.config.load import load_config
+from dreamshot.data.datamodule import StoryboardLoader
 from dreamshot.training.train import train
 from dreamshot.utils.errors import Interrupted, Terminated
 
@@ -157,6 +158,18 @@ def test_sigterm_to_the_job_saves_the_step_exits_143_and_resume_matches(straight
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step >= 2
     assert not (out / "run.lock").exists() and not (out / "lora.safetensors").exists()
     _resume_and_compare(out, straight)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_data_worker_outlives_the_stop_signals_the_training_process_handles(signum):
+    """Ctrl-C reaches the whole foreground group and a scheduler's SIGTERM the whole job: a worker that died of it
+    would fail the step the training process finishes before it saves ("worker exited unexpectedly", or at once in
+    a validation pass), as the slow Ctrl-C test below did when its signal came during a validation."""
+    iterator = iter(StoryboardLoader(list(range(20)), batch_size=1, num_workers=1))
+    next(iterator)
+    os.kill(iterator._workers[0].pid, signum)
+    time.sleep(0.5)
+    assert len(list(iterator)) == 19
 
 
 @pytest.mark.slow

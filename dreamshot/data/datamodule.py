@@ -43,6 +43,8 @@ from dreamshot.utils.errors import ConfigError
 MANIFEST_SHA256 = "manifest_sha256"
 # Data-pass ids of phase p are p * PASS_STRIDE + q: distinct shuffles and shot windows in every pass.
 PASS_STRIDE = 100_000
+# Stop signals a data worker leaves to the training process (`StoryboardLoader`).
+WORKER_IGNORED_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class StoryboardDataModule(L.LightningDataModule):
@@ -289,26 +291,29 @@ class EpochBatches:
 
 
 class StoryboardLoader(DataLoader):
-    """A DataLoader whose workers outlive SIGTERM. A scheduler sends it to every process of a job (SLURM signals
-    the whole job step), and the training process, which finishes its step and saves first (`SaveOnInterrupt`),
-    ends its workers itself; a worker killed by it would end the run with a DataLoader error instead. A worker
-    inherits the signal mask of the process that starts it: SIGTERM is blocked while workers start, so one that
-    comes before a worker has set it aside (torch's own worker handler would die of it) waits and is ignored."""
+    """A DataLoader whose workers outlive SIGTERM and SIGINT. A scheduler sends SIGTERM to every process of a job
+    (SLURM signals the whole job step), and a terminal's Ctrl-C sends SIGINT to its whole foreground group; the
+    training process, which finishes its step and saves first (`SaveOnInterrupt`), ends its workers itself. A
+    worker stopped by the signal would end the run with a DataLoader error instead ("worker exited unexpectedly"
+    once the batches it had queued are used, or at once in a validation pass). A worker inherits the signal mask
+    of the process that starts it: both are blocked while workers start, so one that comes before a worker has set
+    it aside (torch's own worker handler would die of it) waits and is ignored."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, worker_init_fn=_ignore_sigterm, **kwargs)
+        super().__init__(*args, worker_init_fn=_ignore_stop_signals, **kwargs)
 
     def __iter__(self) -> Iterator:
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
         try:
             return super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+def _ignore_stop_signals(worker_id: int) -> None:
+    for signum in WORKER_IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
 
 
 class ResumableLoader(StoryboardLoader):
