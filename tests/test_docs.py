@@ -725,13 +725,13 @@ TOY_ROWS = {
     "at the end of the RACL phase: with RACL (λ = 0.1)": ("with_racl", "@phase1"),
     "at the end of the RACL phase: with against without": ("with_racl", "@phase1"),
 }
-# README column -> (report columns, scale): the toy proxies are printed ×100.
+# README column -> report columns (the toy proxies' means headed `<name> ×100`, as the report prints them).
 TOY_COLUMNS = {
-    "val/loss ↓": (["val/loss{} ↓"], 1),
-    "val/racl_in_mask": (["val/racl_in_mask{}"], 1),
-    "val/racl_confusion ↓": (["val/racl_confusion{} ↓"], 1),
-    "toy identity cross / self": (["toy_identity_cross", "toy_identity_self"], 100),
-    "toy style cross / self": (["toy_style_cross", "toy_style_self"], 100),
+    "val/loss ↓": ["val/loss{} ↓"],
+    "val/racl_in_mask": ["val/racl_in_mask{}"],
+    "val/racl_confusion ↓": ["val/racl_confusion{} ↓"],
+    "toy identity cross / self": ["toy_identity_cross", "toy_identity_self"],
+    "toy style cross / self": ["toy_style_cross", "toy_style_self"],
 }
 
 
@@ -765,19 +765,21 @@ def toy_table_mismatches(readme: str, report: str) -> list[str]:
         label = next(name for name in TOY_ROWS if row["run"].startswith(name))
         setting, phase = TOY_ROWS[label]
         is_change = "against" in label
-        for column, (sources, scale) in TOY_COLUMNS.items():
+        for column, sources in TOY_COLUMNS.items():
             if not row[column]:
                 continue
-            cells = [(changes if is_change else means)[setting][source.format(phase)] for source in sources]
+            report_row = (changes if is_change else means)[setting]
+            names = [source.format(phase) for source in sources]
+            cells = [report_row[name] if name in report_row else report_row[f"{name} ×100"] for name in names]
             if is_change:  # "+2.4% / −0.1%, 2 and 2 of 3" against "+2.43 (2/3)", "-0.149 (2/3)"
                 percents, counts = row[column].split(",")
                 expected = [numbers(cell) for cell in cells]  # [change, seeds better, seeds]
                 shown = NUMBER.findall(percents)
                 ok = len(shown) == len(expected) and all(agrees(s, e[0]) for s, e in zip(shown, expected, strict=True))
                 ok &= [int(n) for n in numbers(counts)[:-1]] == [int(e[1]) for e in expected]
-            else:  # "0.63 ± 0.18 / 51.2 ± 1.8" against "0.006323 ± 0.0018", "0.512 ± 0.018"
+            else:  # "0.63 ± 0.18 / 51.2 ± 1.8" against "0.6323 ± 0.18", "51.2 ± 1.8"
                 shown = NUMBER.findall(row[column])
-                expected = [n * scale for cell in cells for n in numbers(cell)]
+                expected = [n for cell in cells for n in numbers(cell)]
                 ok = len(shown) == len(expected) and all(map(agrees, shown, expected))
             if not ok:
                 wrong.append(f"{label} / {column}: {row[column]} (report: {' ; '.join(cells)})")
@@ -788,7 +790,7 @@ def test_the_toy_table_check_finds_a_wrong_sign():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     report = (toy_report_folder(readme) / "report.md").read_text(encoding="utf-8")
     assert toy_table_mismatches(readme, report) == []
-    flipped = readme.replace("| +11.8%, 1 of 3 |", "| −11.8%, 1 of 3 |")
+    flipped = readme.replace("| +14.2%, 2 of 3 |", "| −14.2%, 2 of 3 |")
     assert flipped != readme and len(toy_table_mismatches(flipped, report)) == 1
 
 
